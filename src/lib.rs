@@ -1,0 +1,16 @@
+//! T-LoRA core: pure functions over `tch::Tensor`.
+//!
+//! - [`schedule`]: the timestep-dependent rank r(t).
+//! - [`init`]: orthogonal (SVD) initialisation of the adapter factors.
+//! - [`kernel`]: forward and backward of the masked, rank-adaptive low-rank update.
+//! - [`format`]: the adapter file (safetensors + JSON metadata), written atomically.
+//!
+//! Nothing here knows about Python; the bindings live in `python.rs` behind the `python` feature.
+
+pub mod format;
+pub mod init;
+pub mod kernel;
+pub mod schedule;
+
+#[cfg(feature = "python")]
+mod python;
