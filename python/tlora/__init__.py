@@ -1,0 +1,20 @@
+"""tlora: T-LoRA (timestep-dependent low-rank adaptation) for diffusers models.
+
+    import tlora
+    adapter = tlora.inject(pipe.unet, rank=64)   # ranks follow each forward's timestep
+    tlora.save(pipe.unet, "concept.safetensors")
+    tlora.load(other_unet, "concept.safetensors")
+    adapter.remove()
+"""
+
+# torch must be imported before the native module: wrapping a tensor needs torch's Python types.
+import torch  # noqa: F401
+
+from . import _native  # noqa: E402
+from .adapter import Adapter, adapter_of, inject, rank_schedule  # noqa: E402
+from .config import AdapterConfig  # noqa: E402
+from .io import load, read, save  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["Adapter", "AdapterConfig", "adapter_of", "inject", "load", "rank_schedule", "read", "save", "__version__"]

@@ -1,0 +1,26 @@
+"""Type stubs for the Rust extension (src/python.rs)."""
+
+from typing import Sequence
+
+import torch
+
+def rank_schedule(timesteps: torch.Tensor, rank: int, min_rank: int, exponent: float, num_train_timesteps: float) -> torch.Tensor: ...
+def orthogonal_init(
+    out_features: int, in_features: int, rank: int, component: str, seed: int, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+def gaussian(rows: int, cols: int, std: float, seed: int) -> torch.Tensor: ...
+def lowrank_forward(
+    x: torch.Tensor, factors: Sequence[torch.Tensor], ranks: Sequence[int] | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+def lowrank_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    factors: Sequence[torch.Tensor],
+    ranks: Sequence[int] | None,
+    scale: float,
+    needs: Sequence[bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]: ...
+def dense_update(factors: Sequence[torch.Tensor], rank: int | None, scale: float) -> torch.Tensor: ...
+def save_file(path: str, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None: ...
+def load_file(path: str) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]: ...

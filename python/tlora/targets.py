@@ -1,0 +1,65 @@
+"""Which modules of a model an adapter patches."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Sequence
+
+from torch import nn
+
+from .config import DEFAULT_TARGETS
+
+
+def _matches(name: str, targets: Sequence[str] | str) -> bool:
+    if isinstance(targets, str):  # a regular expression over the full module path, as in PEFT
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets: Sequence[str] | str | None) -> list[str]:
+    """Full paths of the `nn.Linear` modules that `targets` selects (suffixes or one regex).
+
+    Raises ValueError when nothing matches (naming close candidates) or when a matched module is
+    not an `nn.Linear`.
+    """
+    targets = DEFAULT_TARGETS if targets is None else targets
+    if not isinstance(targets, str):
+        targets = list(targets)
+        if not targets:
+            raise ValueError("target_modules is empty: name at least one module suffix, e.g. ['to_q', 'to_v']")
+    names, wrong_type = [], []
+    for name, module in model.named_modules():
+        if not name or not _matches(name, targets):
+            continue
+        if type(module) is nn.Linear:
+            names.append(name)
+        elif not list(module.children()) and not _is_adapted(module):
+            wrong_type.append(f"{name} ({type(module).__name__})")
+    if wrong_type:
+        raise ValueError(
+            "target_modules selects modules that are not nn.Linear, which T-LoRA cannot adapt: "
+            + ", ".join(wrong_type[:5]) + ("" if len(wrong_type) <= 5 else f" and {len(wrong_type) - 5} more")
+        )
+    if not names:
+        raise ValueError(_no_match_message(model, targets))
+    return names
+
+
+def _is_adapted(module: nn.Module) -> bool:
+    from .layer import TLoraLinear
+
+    return isinstance(module, TLoraLinear)
+
+
+def _no_match_message(model: nn.Module, targets: Sequence[str] | str) -> str:
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    suffixes = sorted({".".join(n.split(".")[-k:]) for n in linear for k in (1, 2)})
+    wanted = [targets] if isinstance(targets, str) else targets
+    close = sorted({c for t in wanted for c in difflib.get_close_matches(t, suffixes, n=4, cutoff=0.5)})
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    examples = ", ".join(sorted({n.split(".")[-1] for n in linear})[:12])
+    return (
+        f"target_modules {targets!r} matches no nn.Linear in {type(model).__name__}.{hint} "
+        f"Linear layers here end in: {examples or '(none)'}."
+    )
