@@ -18,6 +18,7 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
         Kind::BFloat16 => Dtype::BF16,
         Kind::Int64 => Dtype::I64,
         Kind::Int => Dtype::I32,
+        Kind::Uint8 => Dtype::U8,
         other => bail!("cannot store a tensor of dtype {other:?}"),
     })
 }
@@ -30,6 +31,7 @@ fn kind_of(dtype: Dtype) -> Result<Kind> {
         Dtype::BF16 => Kind::BFloat16,
         Dtype::I64 => Kind::Int64,
         Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
         other => bail!("tensor dtype {other:?} is not supported in an adapter file"),
     })
 }

@@ -1,0 +1,101 @@
+"""Training checkpoints: `checkpoint-N/` folders holding the adapter, the optimizer state, the RNG
+state and the step, all as safetensors + JSON (never pickle).
+
+A checkpoint is written into a temporary folder and renamed into place as a whole, so a folder
+named `checkpoint-N` is always complete; a crash or a full disk leaves older checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _native
+from .adapter import Adapter
+from .io import save as save_adapter
+
+_NAME = re.compile(r"checkpoint-(\d+)$")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[list[tuple[str, torch.Tensor]], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = [], {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors.append((f"state.{idx}.{key}", value.detach().cpu().contiguous()))
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(out: Path, step: int, adapter: Adapter, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator, extra: dict[str, Any]) -> Path:
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_adapter(adapter, tmp / "adapter.safetensors", extra=extra)
+        tensors, meta = _optimizer_tensors(optimizer)
+        tensors.append(("rng.generator", generator.get_state()))
+        _native.save_file(str(tmp / "state.safetensors"), tensors, {"optimizer": json.dumps(meta)})
+        write_json(tmp / "state.json", {"step": step})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := _NAME.search(p.name)) and p.is_dir()]
+    return max(found)[1] if found else None
+
+
+def load_checkpoint(ckpt: Path, adapter: Adapter, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
+    """Restore adapter weights, optimizer and RNG from `ckpt`; returns its step."""
+    from .io import read
+
+    tensors, _ = read(ckpt / "adapter.safetensors")
+    own = adapter.state_dict()
+    if set(tensors) != set(own):
+        raise ValueError(f"{ckpt} belongs to another adapter (different modules or variant)")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v)
+    raw, meta = _native.load_file(str(ckpt / "state.safetensors"))
+    state_tensors = dict(raw)
+    opt_meta = json.loads(meta["optimizer"])
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in state_tensors.items():
+        if key.startswith("state."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in opt_meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
+    generator.set_state(state_tensors["rng.generator"])
+    return int(json.loads((ckpt / "state.json").read_text())["step"])

@@ -1,0 +1,112 @@
+"""The `tlora` command line. Each subcommand is a thin wrapper over the Python API of the same name."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DESCRIPTION = """\
+T-LoRA: customize a text-to-image diffusion model from ONE image without overfitting.
+High-noise timesteps train only a few ranks, so the adapter learns the subject, not the photo's
+layout and background.
+
+  tlora demo                                  fine-tune the bundled tiny model, LoRA vs T-LoRA
+  tlora train --model M --image dog.jpg --token sks --class-name dog --out runs/dog
+  tlora generate --model M --adapter runs/dog/adapter.safetensors --prompt "a {} on a beach" --out out/
+  tlora info runs/dog/adapter.safetensors     what an adapter file holds
+"""
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train an adapter from one image",
+                       description="Train a T-LoRA adapter on one photo of a subject (paper defaults).")
+    p.add_argument("--model", required=True, help="local diffusers folder or hub id (SD 1.x/2.x, SD-XL, FLUX)")
+    p.add_argument("--image", help="the training photo")
+    p.add_argument("--image-dir", help="a folder of photos instead of one")
+    p.add_argument("--token", required=True, help="rare word that will name the subject, e.g. sks")
+    p.add_argument("--class-name", required=True, help="the subject's class, e.g. dog")
+    p.add_argument("--out", required=True, help="output folder (adapter, checkpoints, samples, logs)")
+    p.add_argument("--variant", default="tlora", choices=["tlora", "vanilla", "lora"])
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--min-rank", type=int, default=None, help="rank at t = T (default rank // 2)")
+    p.add_argument("--rank-exponent", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=None, help="default 800 (tlora), 500 (vanilla, lora)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--validation-prompts", default="",
+                   help='"#"-separated prompts with {} for the concept, e.g. "a {} in the jungle#a {} on a beach"')
+    p.add_argument("--mask", help="subject mask (white = subject): the loss sees only these pixels")
+    p.add_argument("--prior-dir", help="class images for DreamBooth prior preservation")
+    p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--target-modules", nargs="+", default=None, help="module name suffixes to adapt")
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="sample images with an adapter",
+                       description="Sample a stock diffusers pipeline with a T-LoRA adapter.")
+    p.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="adapter .safetensors file")
+    p.add_argument("--prompt", action="append", required=True, help='prompt with {} for the concept; repeatable')
+    p.add_argument("-n", type=int, default=4, help="images per prompt")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (SD-XL 25, FLUX 28)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (SD-XL 5.0, FLUX 3.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--out", required=True, help="output folder for PNGs and grid.png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _generate_parser(sub)
+    info = sub.add_parser("info", help="show an adapter file's settings and modules")
+    info.add_argument("adapter")
+    from .demo import add_parser as add_demo
+
+    add_demo(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train import TrainConfig, train
+
+            opts = {k: v for k, v in vars(args).items() if k != "command"}
+            opts["validation_prompts"] = [p for p in opts["validation_prompts"].split("#") if p.strip()]
+            path = train(TrainConfig(**opts))
+            print(f"adapter written to {path}")
+        elif args.command == "generate":
+            from .generate import generate
+
+            path = generate(args.model, args.adapter, args.prompt, args.out, n=args.n, steps=args.steps,
+                            guidance=args.guidance, seed=args.seed, height=args.height, width=args.width)
+            print(f"images written to {path.parent} (grid: {path})")
+        elif args.command == "info":
+            from .io import read
+
+            tensors, meta = read(args.adapter)
+            n = sum(t.numel() for k, t in tensors.items() if not k.endswith(("0",)))
+            print(json.dumps({k: v for k, v in meta.items() if k != "modules"}, indent=2))
+            print(f"{len(meta['modules'])} adapted modules, {n:,} trainable values")
+        elif args.command == "demo":
+            from .demo import run
+
+            run(args)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"tlora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""`tlora.generate(...)` and the `tlora generate` command: sample a stock diffusers pipeline with
+an adapter injected, write PNGs and one grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .images import grid
+from .io import load, read
+from .pipelines import family_of, load_pipeline
+
+
+def fill(prompt: str, concept: str) -> str:
+    if "{}" not in prompt:
+        raise ValueError(f"prompt {prompt!r} has no {{}} where the concept ({concept!r}) goes")
+    return prompt.replace("{}", concept)
+
+
+def sample_grid(pipe, prompts: Sequence[str], concept: str, out: Path, n: int = 1, steps: int = 25,
+                guidance: float = 5.0, seed: int = 0, size: tuple[int, int] | None = None) -> Path:
+    """Render n images per prompt ({} -> concept) into `out`; returns the grid's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, prompt in enumerate(tqdm(prompts, desc="sample", leave=False)):
+        text = fill(prompt, concept)
+        gen = torch.Generator().manual_seed(seed + i)
+        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gen, num_images_per_prompt=n)
+        if size:
+            kwargs.update(height=size[0], width=size[1])
+        result = pipe(text, **kwargs).images
+        for j, img in enumerate(result):
+            img.save(out / f"{i:02d}-{j}.png")
+        images.extend(result)
+    path = out / "grid.png"
+    grid(images, cols=n if n > 1 else None).save(path)
+    return path
+
+
+def generate(model: str, adapter: str, prompts: Sequence[str], out: str, n: int = 4, steps: int | None = None,
+             guidance: float | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
+             device: str | None = None) -> Path:
+    """Sample `n` images per prompt with the adapter; `{}` in a prompt becomes 'token class' from the
+    adapter's metadata. Returns the grid's path."""
+    _, meta = read(adapter)
+    extra = meta["config"].get("extra", {})
+    if "token" not in extra:
+        raise ValueError(f"{adapter} has no concept token in its metadata; write the concept into the prompt yourself")
+    concept = f"{extra['token']} {extra['class_name']}"
+    for p in prompts:
+        fill(p, concept)  # fail early, before loading the model
+    pipe = load_pipeline(model)
+    if device:
+        pipe.to(device)
+    fam = family_of(pipe)
+    load(fam.denoiser, adapter)
+    side = fam.default_resolution()
+    size = (height or side, width or side) if (height or width) else None
+    return sample_grid(pipe, prompts, concept, Path(out), n=n, steps=steps or fam.default_steps,
+                       guidance=fam.default_guidance if guidance is None else guidance, seed=seed, size=size)
