@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
             opts = {k: v for k, v in vars(args).items() if k != "command"}
             opts["validation_prompts"] = [p for p in opts["validation_prompts"].split("#") if p.strip()]
-            path = train(TrainConfig(**opts))
-            print(f"adapter written to {path}")
+            result = train(TrainConfig(**opts))
+            print(f"adapter written to {result.adapter_path}")
         elif args.command == "generate":
             from .generate import generate
 

@@ -44,7 +44,7 @@ def run(args) -> None:
     for variant in ("lora", "tlora"):
         tic = time.perf_counter()
         adapter = train(model=str(model), image=str(image), token="sks", class_name="toy", out=str(out / variant),
-                        variant=variant, rank=4, steps=args.steps, lr=1e-3, checkpoint_every=args.steps, seed=0)
+                        variant=variant, rank=4, steps=args.steps, lr=1e-3, checkpoint_every=args.steps, seed=0).adapter_path
         losses = [json.loads(line)["loss"] for line in (out / variant / "loss.jsonl").read_text().splitlines()]
         path = generate(str(model), str(adapter), ["a {} on a beach", "a {} in the snow"], str(out / variant / "samples"),
                         n=2, steps=10, guidance=5.0, seed=rng.integers(1 << 30).item())

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .adapter import inject
+from .adapter import Adapter, inject
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json
 from .images import list_images, load_image, load_mask
 from .io import save as save_adapter
@@ -85,9 +85,16 @@ def _check_writable(out: Path) -> None:
         raise PermissionError(f"output folder {out} is not writable ({e.strerror}): choose another --out") from None
 
 
-def train(config: TrainConfig | None = None, **kwargs) -> Path:
-    """Train an adapter; returns the path of the final `adapter.safetensors`. Takes a TrainConfig
-    or its fields as keyword arguments (the same options as `tlora train`)."""
+@dataclass
+class TrainResult:
+    adapter_path: Path  # the final adapter.safetensors (written by the main process)
+    adapter: "Adapter"  # the trained adapter, still injected into pipe's denoiser
+    pipe: object  # the loaded pipeline, ready to sample with the adapter
+
+
+def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
+    """Train an adapter. Takes a TrainConfig or its fields as keyword arguments (the same options
+    as `tlora train`)."""
     from accelerate import Accelerator
 
     cfg = config or TrainConfig(**kwargs)
@@ -183,7 +190,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> Path:
     if acc.is_main_process:
         save_adapter(adapter, final)
     acc.end_training()
-    return final
+    return TrainResult(final, adapter, pipe)
 
 
 def _truncate_log(path: Path, step: int) -> None:

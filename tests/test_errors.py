@@ -1,0 +1,355 @@
+"""Bad input: each case raises the right error type with a message that names the problem, and
+leaves the model exactly as it was (same tensors, same module types, same adapter, same hooks)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import tlora
+from tlora.adapter import adapter_of
+from tlora.layer import LowRankUpdate
+
+
+class Attn(nn.Module):
+    def __init__(self, dim: int = 16, out: int | None = None):
+        super().__init__()
+        self.to_q = nn.Linear(dim, out or dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, 8)
+        self.norm = nn.LayerNorm(dim)
+
+
+class Model(nn.Module):
+    """Two attention blocks under `blocks.*.attn`, called with (x, timestep) like a denoiser."""
+
+    def __init__(self, dim: int = 16, out: int | None = None):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Module() for _ in range(2)])
+        for b in self.blocks:
+            b.attn = Attn(dim, out)
+        self.proj_out = nn.Linear(dim, dim)
+
+    def forward(self, x, timestep=None):
+        h = x
+        for b in self.blocks:
+            h = b.attn.to_q(b.attn.norm(h)) if b.attn.to_q.out_features == h.shape[-1] else h
+        return self.proj_out(h)
+
+
+class OtherModel(Model):
+    """Same layout, another class: an adapter file records the class it was made for."""
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "types": [(n, type(m)) for n, m in model.named_modules()],
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "adapter": adapter_of(model),
+        "pre_hooks": len(model._forward_pre_hooks),
+    }
+
+
+def assert_untouched(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["types"] == before["types"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["adapter"] is before["adapter"]
+    assert after["pre_hooks"] == before["pre_hooks"]
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for k, v in before["tensors"].items():
+        assert torch.equal(after["tensors"][k], v), k
+
+
+def raises_and_untouched(model, exc, fragment, fn, *args, **kwargs):
+    before = snapshot(model)
+    with pytest.raises(exc, match=fragment) as info:
+        fn(*args, **kwargs)
+    assert_untouched(model, before)
+    return str(info.value)
+
+
+# ---- inject ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(rank=0), r"rank must be an integer >= 1, got 0"),
+    (dict(rank=-3), r"rank must be an integer >= 1"),
+    (dict(rank=4, min_rank=5), r"min_rank must be an integer in 1\.\.rank \(4\), got 5"),
+    (dict(rank=4, min_rank=0), r"min_rank must be an integer in 1\.\.rank"),
+    (dict(variant="dora"), r"unknown variant 'dora': choose one of tlora, vanilla, lora"),
+    (dict(init="first"), r"unknown init 'first': choose one of principal, middle, last"),
+    (dict(init_from="noise"), r"unknown init_from 'noise'"),
+    (dict(rank_exponent=0.0), r"rank_exponent must be > 0"),
+    (dict(rank_exponent=-1.0), r"rank_exponent must be > 0"),
+    (dict(variant="lora", min_rank=2, rank=4), r"variant 'lora' has no timestep mask"),
+    (dict(variant="vanilla", init="principal"), r"init/init_from apply to variant 'tlora' only"),
+    (dict(lora_alpha=0.0), r"lora_alpha must be > 0"),
+    (dict(num_train_timesteps=0), r"num_train_timesteps must be an integer >= 1"),
+    (dict(timestep_scale=-1.0), r"timestep_scale must be > 0"),
+])
+def test_inject_bad_config(kwargs, fragment):
+    model = Model()
+    raises_and_untouched(model, ValueError, fragment, tlora.inject, model, **{"rank": 4, **kwargs})
+
+
+def test_rank_larger_than_a_target_names_the_module():
+    # to_v is 16 -> 8, so rank 12 fits to_q and to_k but not to_v; nothing may be swapped in.
+    model = Model()
+    msg = raises_and_untouched(model, ValueError, r"rank 12 is larger than module 'blocks\.0\.attn\.to_v' allows",
+                               tlora.inject, model, rank=12, target_modules=["to_q", "to_v"])
+    assert "8 x 16, at most 8" in msg
+
+
+def test_target_matching_nothing_suggests_close_names():
+    model = Model()
+    msg = raises_and_untouched(model, ValueError, r"target_modules \['to_qq'\] matches no nn\.Linear in Model",
+                               tlora.inject, model, rank=4, target_modules=["to_qq"])
+    assert "Close names:" in msg and "to_q" in msg.split("Close names:")[1]
+    msg = raises_and_untouched(model, ValueError, r"matches no nn\.Linear", tlora.inject, model,
+                               rank=4, target_modules=r".*\.to_z")
+    assert "proj_out" in msg  # lists what the Linear layers are called
+
+
+def test_target_that_is_not_linear():
+    model = Model()
+    raises_and_untouched(model, ValueError, r"not nn\.Linear.*blocks\.0\.attn\.norm \(LayerNorm\)",
+                         tlora.inject, model, rank=4, target_modules=["norm"])
+
+
+def test_empty_target_list():
+    model = Model()
+    raises_and_untouched(model, ValueError, r"target_modules is empty", tlora.inject, model, rank=4, target_modules=[])
+
+
+def test_inject_twice():
+    model = Model()
+    first = tlora.inject(model, rank=4)
+    msg = raises_and_untouched(model, ValueError, r"already has a tlora adapter \(tlora, rank 4\)",
+                               tlora.inject, model, rank=2, target_modules=["proj_out"])
+    assert "remove()" in msg
+    assert adapter_of(model) is first
+    first.remove()
+    with pytest.raises(ValueError, match="already removed"):
+        first.remove()
+    tlora.inject(model, rank=2)  # allowed again after remove
+
+
+# ---- forward -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def adapted():
+    model = Model()
+    tlora.inject(model, rank=4, target_modules=["to_q"])
+    return model
+
+
+@pytest.mark.parametrize("timestep,exc,fragment", [
+    (float("nan"), ValueError, r"timestep is NaN"),
+    (torch.tensor([10.0, float("nan"), 3.0]), ValueError, r"NaN"),
+    (-1, ValueError, r"timestep -1 is outside \[0, 1000\]"),
+    (torch.tensor([5, -2, 5]), ValueError, r"outside \[0, 1000\]"),
+    (1001, ValueError, r"timestep 1001 is outside \[0, 1000\]"),
+    (torch.tensor([2, 3]), ValueError, r"got 2 timesteps for a batch of 3: pass one timestep, or one per sample"),
+    (torch.tensor([2, 3, 4, 5]), ValueError, r"got 4 timesteps for a batch of 3"),
+    (torch.zeros(3, 1), ValueError, r"timestep must be a number or a 1-D tensor, got shape \(3, 1\)"),
+])
+def test_bad_timestep(adapted, timestep, exc, fragment):
+    x = torch.randn(3, 5, 16)
+    raises_and_untouched(adapted, exc, fragment, adapted, x, timestep)
+    # The failed call leaves the adapter usable.
+    out = adapted(x, torch.tensor([0, 500, 1000]))
+    assert out.shape == (3, 5, 16)
+
+
+def test_forward_without_timestep(adapted):
+    x = torch.randn(2, 5, 16)
+    raises_and_untouched(adapted, ValueError, r"Model\.forward was called without a timestep.*adapter\.timestep",
+                         adapted, x)
+    with adapter_of(adapted).timestep(100):
+        assert adapted(x).shape == (2, 5, 16)
+
+
+def test_bad_rank_block(adapted):
+    with pytest.raises(ValueError, match=r"rank 5 is outside 1\.\.4"):
+        with adapter_of(adapted).rank(5):
+            pass
+
+
+@pytest.mark.parametrize("x,ranks,fragment", [
+    (torch.randn(3, 5, 12), [4], r"input shape \[3, 5, 12\] does not end in in_features = 16"),
+    (torch.randint(0, 3, (3, 5, 16)), [4], r"input dtype Int64 is not supported"),
+    (torch.randn(3, 5, 16), [5], r"rank 5 is outside 1..=4"),
+    (torch.randn(3, 5, 16), [0], r"rank 0 is outside 1..=4"),
+    (torch.randn(3, 5, 16), [], r"ranks must not be empty"),
+    (torch.randn(3, 5, 16), [4, 2], r"got 2 per-sample ranks for an input of shape \[3, 5, 16\]"),
+])
+def test_kernel_rejects_bad_input(adapted, x, ranks, fragment):
+    layer = adapted.blocks[0].attn.to_q
+    before = snapshot(adapted)
+    with pytest.raises(ValueError, match=fragment):
+        LowRankUpdate.apply(x, ranks, 1.0, 3, *layer.factors())
+    assert_untouched(adapted, before)
+
+
+def test_kernel_rejects_mismatched_factors():
+    p, lam, q = torch.randn(8, 4), torch.randn(4), torch.randn(4, 6)
+    with pytest.raises(ValueError, match=r"Q has 3 rows but P has 4 columns"):
+        LowRankUpdate.apply(torch.randn(2, 6), None, 1.0, 3, p, lam, q[:3], p, lam, q[:3])
+    with pytest.raises(ValueError, match=r"lam0 must have shape \[4\]"):
+        LowRankUpdate.apply(torch.randn(2, 6), None, 1.0, 3, p, lam, q, p, lam[:2], q)
+    with pytest.raises(ValueError, match=r"expected 6 factors .* or 2 \(down, up\), got 3"):
+        LowRankUpdate.apply(torch.randn(2, 6), None, 1.0, 3, p, lam, q)
+
+
+# ---- adapter files -----------------------------------------------------------------------------
+
+def _make_adapter_file(path, model=None):
+    src = model if model is not None else Model()
+    adapter = tlora.inject(src, rank=4, target_modules=["to_q", "to_k"])
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return tlora.save(src, path, extra={"token": "sks"})
+
+
+@pytest.fixture
+def saved(tmp_path):
+    return _make_adapter_file(tmp_path / "a.safetensors")
+
+
+def _load_fails(model, path, exc, fragment):
+    return raises_and_untouched(model, exc, fragment, tlora.load, model, path)
+
+
+def test_good_file_loads(tmp_path):
+    # The baseline the failing cases differ from: the same layers, the same outputs.
+    src = Model()
+    model = copy.deepcopy(src)
+    path = _make_adapter_file(tmp_path / "a.safetensors", src)
+    adapter = tlora.load(model, path)
+    assert sorted(adapter.layers) == ["blocks.0.attn.to_k", "blocks.0.attn.to_q", "blocks.1.attn.to_k", "blocks.1.attn.to_q"]
+    assert adapter.config.extra == {"token": "sks"}
+    x, t = torch.randn(2, 3, 16), torch.tensor([100, 900])
+    with torch.no_grad():
+        assert not torch.equal(src(x, t), adapter.remove()(x, t))  # the adapter changes the output
+        adapter = tlora.load(model, path)
+        assert torch.equal(model(x, t), src(x, t))
+
+
+def test_truncated_file(saved):
+    data = saved.read_bytes()
+    saved.write_bytes(data[: len(data) - 17])
+    _load_fails(Model(), saved, ValueError, r"not a valid safetensors file \(truncated or another format\)")
+
+
+def test_file_cut_inside_header(saved):
+    saved.write_bytes(saved.read_bytes()[:20])
+    _load_fails(Model(), saved, ValueError, r"not a valid safetensors file")
+
+
+def test_not_safetensors(tmp_path):
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
+    _load_fails(Model(), path, ValueError, r"not a valid safetensors file")
+
+
+@pytest.mark.parametrize("name", ["adapter.pt", "adapter.bin", "adapter.ckpt"])
+def test_pickle_path_is_refused_without_reading(tmp_path, name):
+    path = tmp_path / name
+    torch.save({"w": torch.zeros(2)}, path)
+    msg = _load_fails(Model(), path, ValueError, r"pickle-based checkpoint, which tlora never loads")
+    assert "safetensors.torch.save_file" in msg
+
+
+def test_missing_file(tmp_path):
+    _load_fails(Model(), tmp_path / "nope.safetensors", FileNotFoundError, r"nope\.safetensors")
+
+
+def test_safetensors_without_tlora_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "lora.safetensors"
+    save_file({"blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 16)}, str(path))
+    _load_fails(Model(), path, ValueError, r"no 'tlora' metadata: it is a safetensors file, but not a tlora adapter")
+
+
+def _rewrite(path, edit_meta=None, edit_tensors=None, raw_meta=None):
+    """Re-save an adapter file with its metadata or tensors changed (safetensors' own writer)."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["tlora"])
+    tensors = load_file(str(path))
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, str(path), metadata={"tlora": raw_meta if raw_meta is not None else json.dumps(meta)})
+
+
+def test_unknown_format_version(saved):
+    _rewrite(saved, edit_meta=lambda m: m.update(format_version=99))
+    msg = _load_fails(Model(), saved, ValueError, r"adapter format version 99; this tlora reads version 1")
+    assert "upgrade tlora" in msg
+
+
+def test_metadata_not_json(saved):
+    _rewrite(saved, raw_meta="{not json")
+    _load_fails(Model(), saved, ValueError, r"'tlora' metadata is not valid JSON")
+
+
+def test_made_for_another_model_class(saved):
+    _load_fails(OtherModel(), saved, ValueError, r"was made for a Model, not a OtherModel")
+
+
+def test_module_shape_mismatch(saved):
+    msg = _load_fails(Model(out=24), saved, ValueError,
+                      r"made for a different model: module 'blocks\.0\.attn\.to_q' is 24 x 16 here but 16 x 16 in the file")
+    assert "to_k" not in msg
+
+
+def test_module_missing_from_model(saved):
+    _rewrite(saved, edit_meta=lambda m: m["modules"].update({"blocks.2.attn.to_q": [16, 16]}))
+    _load_fails(Model(), saved, ValueError, r"adapts module 'blocks\.2\.attn\.to_q', which does not exist in this Model")
+
+
+def test_tensor_with_wrong_shape(saved):
+    def shrink(t):
+        t["blocks.1.attn.to_k.q"] = t["blocks.1.attn.to_k.q"][:3].contiguous()
+
+    _rewrite(saved, edit_tensors=shrink)
+    _load_fails(Model(), saved, ValueError, r"tensor blocks\.1\.attn\.to_k\.q is shape \(3, 16\), expected shape \(4, 16\)")
+
+
+def test_tensor_missing(saved):
+    _rewrite(saved, edit_tensors=lambda t: t.pop("blocks.0.attn.to_q.lam0"))
+    _load_fails(Model(), saved, ValueError, r"tensor blocks\.0\.attn\.to_q\.lam0 is missing")
+
+
+def test_extra_tensor(saved):
+    _rewrite(saved, edit_tensors=lambda t: t.update({"blocks.0.attn.to_v.q": torch.zeros(4, 16)}))
+    _load_fails(Model(), saved, ValueError, r"tensors that belong to no adapted module: blocks\.0\.attn\.to_v\.q")
+
+
+def test_load_into_model_that_already_has_an_adapter(saved):
+    model = Model()
+    tlora.inject(model, rank=2, target_modules=["proj_out"])
+    _load_fails(model, saved, ValueError, r"already has a tlora adapter")
+
+
+def test_save_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"Model has no tlora adapter to save"):
+        tlora.save(Model(), tmp_path / "a.safetensors")
+    model = Model()
+    tlora.inject(model, rank=4)
+    with pytest.raises(ValueError, match=r"adapter files are \.safetensors; got 'a\.pt'"):
+        tlora.save(model, tmp_path / "a.pt")
+    with pytest.raises(ValueError, match=r"cannot write .*: folder .*missing does not exist"):
+        tlora.save(model, tmp_path / "missing" / "a.safetensors")
+    assert list(tmp_path.iterdir()) == []
