@@ -49,7 +49,10 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[list[tuple[str, torc
 
 
 def save_checkpoint(out: Path, step: int, adapter: Adapter, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator, extra: dict[str, Any]) -> Path:
+                    generator: torch.Generator, extra: dict[str, Any],
+                    generator_states: list[torch.Tensor] | None = None) -> Path:
+    """`generator_states`: under DDP, every process's generator state (index = process index), so
+    that each process resumes its own random stream."""
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -58,6 +61,8 @@ def save_checkpoint(out: Path, step: int, adapter: Adapter, optimizer: torch.opt
         save_adapter(adapter, tmp / "adapter.safetensors", extra=extra)
         tensors, meta = _optimizer_tensors(optimizer)
         tensors.append(("rng.generator", generator.get_state()))
+        for i, state in enumerate(generator_states or []):
+            tensors.append((f"rng.generator.{i}", state.cpu().contiguous()))
         _native.save_file(str(tmp / "state.safetensors"), tensors, {"optimizer": json.dumps(meta)})
         write_json(tmp / "state.json", {"step": step})
         if final.exists():
@@ -70,12 +75,17 @@ def save_checkpoint(out: Path, step: int, adapter: Adapter, optimizer: torch.opt
 
 
 def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint; temporary folders of checkpoints cut short are removed."""
+    for stale in out.glob(".checkpoint-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := _NAME.search(p.name)) and p.is_dir()]
     return max(found)[1] if found else None
 
 
-def load_checkpoint(ckpt: Path, adapter: Adapter, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
-    """Restore adapter weights, optimizer and RNG from `ckpt`; returns its step."""
+def load_checkpoint(ckpt: Path, adapter: Adapter, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                    process_index: int = 0) -> int:
+    """Restore adapter weights, optimizer and RNG (this process's own, when the checkpoint has one
+    per process) from `ckpt`; returns its step."""
     from .io import read
 
     tensors, _ = read(ckpt / "adapter.safetensors")
@@ -97,5 +107,5 @@ def load_checkpoint(ckpt: Path, adapter: Adapter, optimizer: torch.optim.Optimiz
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
-    generator.set_state(state_tensors["rng.generator"])
+    generator.set_state(state_tensors.get(f"rng.generator.{process_index}", state_tensors["rng.generator"]))
     return int(json.loads((ckpt / "state.json").read_text())["step"])

@@ -40,6 +40,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--validation-prompts", default="",
                    help='"#"-separated prompts with {} for the concept, e.g. "a {} in the jungle#a {} on a beach"')
+    p.add_argument("--validation-steps", type=int, default=None, help="denoising steps of validation samples")
     p.add_argument("--mask", help="subject mask (white = subject): the loss sees only these pixels")
     p.add_argument("--prior-dir", help="class images for DreamBooth prior preservation")
     p.add_argument("--prior-weight", type=float, default=1.0)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run
 
             run(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, OSError) as e:  # OSError: missing files, permissions, a full disk
         print(f"tlora {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -137,7 +137,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
     start = 0
     if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
-        start = load_checkpoint(ckpt, adapter, optimizer, gen)
+        start = load_checkpoint(ckpt, adapter, optimizer, gen, acc.process_index)
         acc.print(f"resuming from {ckpt} (step {start})")
     loss_log = out / "loss.jsonl"
     if acc.is_main_process:
@@ -176,9 +176,11 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
             with open(loss_log, "a") as f:
                 f.write(json.dumps({"step": done, "loss": value, "seconds": round(time.perf_counter() - tic, 4)}) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            # Every process draws its own timesteps: keep all their RNG states, not just the main one's.
+            gen_states = list(acc.gather(gen.get_state()[None].to(acc.device)).cpu()) if acc.num_processes > 1 else None
             acc.wait_for_everyone()
             if acc.is_main_process:
-                ckpt = save_checkpoint(out, done, adapter, optimizer, gen, adapter.config.extra)
+                ckpt = save_checkpoint(out, done, adapter, optimizer, gen, adapter.config.extra, gen_states)
                 if cfg.validation_prompts:
                     from .generate import sample_grid
 

@@ -1,0 +1,488 @@
+"""`tlora train` / `tlora generate` and the Python API `tlora.train.train` / `tlora.generate.generate`,
+end to end on the tiny offline SD, SD-XL and FLUX pipelines (16x16 px images).
+
+Covers: training lowers the denoising loss on the image; the output folder's layout (checkpoints,
+validation samples, config, loss log); generation; resuming (after a SIGKILL, after a full disk)
+equals an uninterrupted run bit for bit; bad input fails with a clear message and writes nothing;
+DDP (2 gloo CPU processes) trains one adapter and writes every file once.
+
+Everything runs with one intra-op thread, in this process and in the subprocesses: results are then
+bitwise reproducible across processes (the resume tests compare a killed subprocess's checkpoint
+with in-process runs), and the tiny models step in milliseconds even when other work shares the CPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+try:
+    from tlora.tiny import save_tiny_pipeline
+except ImportError:
+    from tiny_models import save_tiny_pipeline
+
+import tlora.checkpoint
+from tlora import cli
+from tlora.generate import generate
+from tlora.images import load_image
+from tlora.io import read
+from tlora.pipelines import family_of
+from tlora.train import train
+
+KINDS = ("sd", "sdxl", "flux")
+PROMPT = "a photo of sks dog"
+COMMON = ["--token", "sks", "--class-name", "dog", "--resolution", "16", "--rank", "4", "--lr", "3e-2", "--seed", "0"]
+# Settings of the resume tests' shared uninterrupted reference run.
+RESUME_STEPS, RESUME_EVERY = 12, 4
+
+
+# ---- fixtures and helpers ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """The three tiny diffusers folders, built once."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {kind: save_tiny_pipeline(kind, root / kind) for kind in KINDS}
+
+
+@pytest.fixture(scope="session")
+def image(tmp_path_factory) -> Path:
+    """A 16x16 RGB photo: a yellow disc on a colour gradient."""
+    y, x = np.mgrid[0:16, 0:16]
+    a = np.zeros((16, 16, 3), np.uint8)
+    a[..., 0], a[..., 1], a[..., 2] = x * 16, y * 16, 90
+    a[(x - 8) ** 2 + (y - 8) ** 2 < 20] = (255, 255, 0)
+    path = tmp_path_factory.mktemp("images") / "dog.png"
+    Image.fromarray(a).save(path)
+    return path
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    for key in [k for k in env if k.startswith("ACCELERATE_")]:
+        del env[key]
+    return env
+
+
+def train_args(model: Path, image: Path, out: Path, steps: int, every: int, *extra: str) -> list[str]:
+    return ["train", "--model", str(model), "--image", str(image), "--out", str(out), *COMMON,
+            "--steps", str(steps), "--checkpoint-every", str(every), *extra]
+
+
+def log_entries(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+
+
+def assert_same_tensors(a: Path, b: Path) -> None:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys() and ta
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{k} differs between {a} and {b}"
+
+
+def written_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+
+
+@torch.no_grad()
+def denoising_loss(pipe, image: Path, n: int = 64) -> float:
+    """The training objective on fixed draws: n evenly spaced timesteps, seeded latents and noise."""
+    fam = family_of(pipe)
+    mean, std = fam.encode_image(load_image(image, 16))
+    cond = fam.encode_prompt(PROMPT, 16)
+    g = torch.Generator().manual_seed(1234)
+    total = 0.0
+    for i in range(n):
+        t = torch.tensor([int((i + 0.5) * fam.num_train_timesteps / n)])
+        latents = mean + std * torch.randn(mean.shape, generator=g)
+        noised = fam.noise(latents, torch.randn(mean.shape, generator=g), t)
+        total += F.mse_loss(fam.predict(fam.denoiser, noised, cond), noised.target).item()
+    return total / n
+
+
+# ---- training and generation, per model family ------------------------------------------------
+
+# Steps at lr 3e-2 and rank 4 for a clear fall of the denoising loss (about 14%, 6% and 10%): the
+# tiny SD-XL UNet has few attention layers to adapt, and FLUX's target (noise - latents) keeps the
+# tiny VAE's large latent variance, so their losses fall more slowly.
+STEPS = {"sd": 60, "sdxl": 120, "flux": 120}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_then_generate(kind, models, image, tmp_path, capsys):
+    out = tmp_path / "run"
+    steps = STEPS[kind]
+    every = steps // 3
+    result = train(model=str(models[kind]), image=str(image), token="sks", class_name="dog", out=str(out),
+                   resolution=16, rank=4, lr=3e-2, steps=steps, checkpoint_every=every, seed=0,
+                   validation_prompts=["a {} on a beach", "a {} in the snow"], validation_steps=2)
+
+    # The adapter learned the image: the denoising loss on fixed draws falls against the base model.
+    after = denoising_loss(result.pipe, image)
+    result.adapter.remove()
+    before = denoising_loss(result.pipe, image)
+    assert after < 0.96 * before, f"{kind}: denoising loss {before:.4f} -> {after:.4f}"
+
+    # Output folder layout.
+    assert result.adapter_path == out / "adapter.safetensors" and result.adapter_path.is_file()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["steps"] == steps and cfg["resolution"] == 16 and cfg["adapter"]["rank"] == 4
+    log = log_entries(out)
+    assert [e["step"] for e in log] == list(range(1, steps + 1))
+    assert all(np.isfinite(e["loss"]) for e in log)
+    checkpoints = [every, 2 * every, steps]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["adapter.safetensors", "config.json", "loss.jsonl",
+                                                           *(f"checkpoint-{n}" for n in checkpoints)])
+    for n in checkpoints:
+        ckpt = out / f"checkpoint-{n}"
+        assert {p.name for p in ckpt.iterdir()} == {"adapter.safetensors", "state.safetensors", "state.json", "samples"}
+        assert json.loads((ckpt / "state.json").read_text())["step"] == n
+        samples = ckpt / "samples"
+        assert sorted(p.name for p in samples.iterdir()) == ["00-0.png", "01-0.png", "grid.png"]
+        assert Image.open(samples / "00-0.png").size == (16, 16)
+        assert Image.open(samples / "grid.png").size == (32, 16)  # 2 images side by side
+    assert_same_tensors(out / f"checkpoint-{steps}" / "adapter.safetensors", out / "adapter.safetensors")
+    tensors, meta = read(out / "adapter.safetensors")
+    assert meta["config"]["extra"]["token"] == "sks" and meta["config"]["extra"]["family"] == kind
+    trained = {k: v.detach() for k, v in result.adapter.state_dict().items()}
+    assert tensors.keys() == trained.keys() and all(torch.equal(tensors[k], trained[k]) for k in tensors)
+
+    # `tlora generate`: n PNGs per prompt and a grid.
+    gen_out = tmp_path / "samples"
+    rc = cli.main(["generate", "--model", str(models[kind]), "--adapter", str(out / "adapter.safetensors"),
+                   "--prompt", "a {} on a beach", "--prompt", "a {} in the snow", "-n", "2", "--steps", "2",
+                   "--height", "16", "--width", "16", "--out", str(gen_out)])
+    assert rc == 0, capsys.readouterr().err
+    assert "grid.png" in capsys.readouterr().out
+    assert sorted(p.name for p in gen_out.iterdir()) == ["00-0.png", "00-1.png", "01-0.png", "01-1.png", "grid.png"]
+    assert all(Image.open(gen_out / f"0{i}-{j}.png").size == (16, 16) for i in (0, 1) for j in (0, 1))
+    assert Image.open(gen_out / "grid.png").size == (32, 32)  # n=2 columns, 2 prompts
+
+    # The Python API, with an earlier checkpoint's adapter: it is applied, so the image differs.
+    grid = generate(str(models[kind]), str(out / f"checkpoint-{every}" / "adapter.safetensors"), ["a {} on a beach"],
+                    str(tmp_path / "early"), n=2, steps=2, height=16, width=16)
+    assert grid == tmp_path / "early" / "grid.png" and grid.is_file()
+    early = np.asarray(Image.open(tmp_path / "early" / "00-0.png"), dtype=np.int16)
+    final = np.asarray(Image.open(gen_out / "00-0.png"), dtype=np.int16)
+    assert np.abs(early - final).max() > 0
+
+
+def test_cli_train_validation_prompts_and_resume_continues_log(models, image, tmp_path, capsys):
+    out = tmp_path / "run"
+    prompts = ["--validation-prompts", "a {} on a beach#a {} in the snow"]
+    assert cli.main(train_args(models["sd"], image, out, 6, 3, *prompts)) == 0
+    assert f"adapter written to {out / 'adapter.safetensors'}" in capsys.readouterr().out
+    first = (out / "loss.jsonl").read_text()
+    assert [e["step"] for e in log_entries(out)] == [1, 2, 3, 4, 5, 6]
+    for n in (3, 6):
+        assert sorted(p.name for p in (out / f"checkpoint-{n}" / "samples").iterdir()) == ["00-0.png", "01-0.png", "grid.png"]
+
+    # Resume from checkpoint-6 to 9 steps: the log goes on at step 7, the first 6 lines untouched.
+    assert cli.main(train_args(models["sd"], image, out, 9, 3, *prompts, "--resume")) == 0
+    assert "resuming from" in capsys.readouterr().out
+    text = (out / "loss.jsonl").read_text()
+    assert text.startswith(first)
+    assert [e["step"] for e in log_entries(out)] == list(range(1, 10))
+    assert json.loads((out / "checkpoint-9" / "state.json").read_text())["step"] == 9
+
+    # Resuming a finished run trains nothing and leaves the log as it was.
+    assert cli.main(train_args(models["sd"], image, out, 9, 3, "--resume")) == 0
+    assert (out / "loss.jsonl").read_text() == text
+
+
+# ---- resuming equals an uninterrupted run -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference_run(models, image, tmp_path_factory) -> Path:
+    """An uninterrupted 12-step run (checkpoints at 4, 8, 12) that the resumed runs must equal."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert cli.main(train_args(models["sd"], image, out, RESUME_STEPS, RESUME_EVERY)) == 0
+    return out
+
+
+def assert_equals_reference(out: Path, reference: Path) -> None:
+    assert_same_tensors(out / "adapter.safetensors", reference / "adapter.safetensors")
+    for n in range(RESUME_EVERY, RESUME_STEPS + 1, RESUME_EVERY):
+        assert_same_tensors(out / f"checkpoint-{n}" / "adapter.safetensors", reference / f"checkpoint-{n}" / "adapter.safetensors")
+        assert_same_tensors(out / f"checkpoint-{n}" / "state.safetensors", reference / f"checkpoint-{n}" / "state.safetensors")
+    ours, theirs = log_entries(out), log_entries(reference)
+    assert [e["step"] for e in ours] == list(range(1, RESUME_STEPS + 1))  # no step twice
+    assert [e["loss"] for e in ours] == [e["loss"] for e in theirs]
+
+
+KILLABLE = textwrap.dedent("""
+    # `python -m tlora.cli`, except that the training loop blocks (writing MARKER first) before
+    # step BLOCK_AT, so the test can SIGKILL it at a known point instead of racing it.
+    import os, sys, time
+    import tlora.train
+    from tlora.cli import main
+
+    BLOCK_AT, MARKER = int(os.environ["TLORA_TEST_BLOCK_AT"]), os.environ["TLORA_TEST_MARKER"]
+    _tqdm = tlora.train.tqdm
+
+    class BlockingBar:
+        def __init__(self, *args, **kwargs):
+            self.bar = _tqdm(*args, **kwargs)
+
+        def __iter__(self):
+            for step in self.bar:
+                if step + 1 == BLOCK_AT:
+                    open(MARKER, "w").close()
+                    time.sleep(600)
+                yield step
+
+        def __getattr__(self, name):
+            return getattr(self.bar, name)
+
+    tlora.train.tqdm = BlockingBar
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(models, image, reference_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    script, marker = tmp_path / "killable.py", tmp_path / "blocked"
+    script.write_text(KILLABLE)
+    env = dict(subprocess_env(), TLORA_TEST_BLOCK_AT="11", TLORA_TEST_MARKER=str(marker))
+    log = tmp_path / "killed.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, str(script), *train_args(models["sd"], image, out, RESUME_STEPS, RESUME_EVERY)],
+                                env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), f"the run never reached step 11 (exit {proc.poll()}):\n{log.read_text()[-5000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    # Killed after step 10: checkpoints 4 and 8, a log two steps ahead of them, no final adapter.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert [e["step"] for e in log_entries(out)] == list(range(1, 11))
+    assert not (out / "adapter.safetensors").exists()
+
+    assert cli.main(train_args(models["sd"], image, out, RESUME_STEPS, RESUME_EVERY, "--resume")) == 0
+    assert f"resuming from {out / 'checkpoint-8'} (step 8)" in capsys.readouterr().out
+    assert_equals_reference(out, reference_run)
+
+
+def test_disk_full_during_checkpoint_keeps_the_previous_one(models, image, reference_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_save = tlora.checkpoint._native.save_file
+    attempts = []
+
+    def save_file(path, *args, **kwargs):
+        # The second checkpoint's optimizer state, after its adapter file went into the temp folder.
+        if Path(path).parent.name.startswith(".checkpoint-8") and Path(path).name == "state.safetensors":
+            attempts.append(path)
+            raise OSError(28, "No space left on device")
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(tlora.checkpoint._native, "save_file", save_file)
+    rc = cli.main(train_args(models["sd"], image, out, RESUME_STEPS, RESUME_EVERY))
+    err = capsys.readouterr().err
+    assert attempts, "the failing write was never attempted"
+    assert rc == 2 and "No space left on device" in err, err
+    monkeypatch.undo()
+
+    # checkpoint-4 survives intact; no temp folder, no checkpoint-8, no final adapter.
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4", "config.json", "loss.jsonl"]
+    assert json.loads((out / "checkpoint-4" / "state.json").read_text())["step"] == 4
+    for name in ("adapter.safetensors", "state.safetensors"):
+        assert_same_tensors(out / "checkpoint-4" / name, reference_run / "checkpoint-4" / name)
+
+    # With room on the disk again, resuming from it finishes the same run as the uninterrupted one.
+    assert cli.main(train_args(models["sd"], image, out, RESUME_STEPS, RESUME_EVERY, "--resume")) == 0
+    assert f"resuming from {out / 'checkpoint-4'} (step 4)" in capsys.readouterr().out
+    assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint-")]
+    assert_equals_reference(out, reference_run)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def _tiny_image(folder: Path) -> Path:
+    path = folder / "tiny.png"
+    Image.new("RGB", (3, 3), "red").save(path)
+    return path
+
+
+def _text_as_png(folder: Path) -> Path:
+    path = folder / "notes.png"
+    path.write_text("this is not an image\n")
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing image", "unreadable image", "tiny image", "missing vae",
+                                  "prompt without {}", "zero steps", "out under a file"])
+def test_bad_input_is_a_clear_error_and_writes_nothing(case, models, image, tmp_path, capsys):
+    out = tmp_path / "run"
+    model, img, extra = models["sd"], image, []
+    if case == "missing image":
+        img = tmp_path / "nope.png"
+        fragments = [str(img), "does not exist"]
+    elif case == "unreadable image":
+        img = _text_as_png(tmp_path)
+        fragments = [str(img), "cannot be read as an image"]
+    elif case == "tiny image":
+        img = _tiny_image(tmp_path)
+        fragments = ["3x3", "at least 16 px"]
+    elif case == "missing vae":
+        model = tmp_path / "model"
+        shutil.copytree(models["sd"], model)
+        shutil.rmtree(model / "vae")
+        fragments = ["missing component 'vae'"]
+    elif case == "prompt without {}":
+        extra = ["--validation-prompts", "a {} on a beach#a dog in the snow"]
+        fragments = ["'a dog in the snow' has no {}"]
+    elif case == "zero steps":
+        fragments = ["--steps must be >= 1, got 0"]
+    else:  # the output folder's parent is a regular file
+        blocker = tmp_path / "blocker"
+        blocker.write_text("keep me")
+        out = blocker / "run"
+        fragments = [str(out), "not writable"]
+    args = train_args(model, img, out, 1, 1, *extra)
+    if case == "zero steps":
+        args[args.index("--steps") + 1] = "0"
+
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    message = err.strip().splitlines()[-1]  # the last line, after any progress bars
+    assert message.startswith("tlora train: error:"), err
+    for fragment in fragments:
+        assert fragment in message, message
+    assert written_files(out) == []
+    if case == "out under a file":
+        assert (tmp_path / "blocker").read_text() == "keep me"
+
+
+def _write_mode(folder: Path, mode: str) -> Path:
+    y, x = np.mgrid[0:16, 0:16]
+    path = folder / f"photo-{mode.replace(';', '')}.png"
+    if mode == "L":
+        img = Image.fromarray((x * 16).astype(np.uint8), "L")
+    elif mode == "RGBA":
+        a = np.zeros((16, 16, 4), np.uint8)
+        a[..., 0], a[..., 3] = 200, (y * 16).astype(np.uint8)  # half-transparent red
+        img = Image.fromarray(a, "RGBA")
+    else:
+        img = Image.fromarray((x * 4000 + y * 10).astype(np.uint16))
+    img.save(path)
+    assert Image.open(path).mode == mode
+    return path
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16"])
+def test_greyscale_rgba_and_16bit_images_are_accepted(mode, models, tmp_path, capsys):
+    path = _write_mode(tmp_path, mode)
+    pixels = load_image(path, 16)
+    assert pixels.shape == (1, 3, 16, 16) and pixels.min() >= -1 and pixels.max() <= 1
+    if mode in ("L", "I;16"):  # the left-to-right gradient survives conversion (16 bits rescaled, not clipped)
+        assert bool((pixels[0].mean(dim=(0, 1)).diff() > 0).all())
+    if mode == "I;16":  # rescaled to the full 8-bit range
+        assert pixels.max() - pixels.min() > 1.9
+    if mode == "RGBA":  # transparent pixels on white
+        assert torch.allclose(pixels[0, :, 0, 0], torch.ones(3), atol=1 / 127.5)
+
+    out = tmp_path / "run"
+    rc = cli.main(train_args(models["sd"], path, out, 1, 1))
+    assert rc == 0, capsys.readouterr().err
+    assert [e["step"] for e in log_entries(out)] == [1]
+    assert (out / "adapter.safetensors").is_file() and (out / "checkpoint-1" / "state.json").is_file()
+
+
+# ---- DDP --------------------------------------------------------------------------------------
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys
+    from accelerate import PartialState
+    from safetensors.torch import save_file
+    from tlora.train import train
+
+    model, image, out, ranks, steps, resume = sys.argv[1:7]
+    result = train(model=model, image=image, token="sks", class_name="dog", out=out, resolution=16, rank=4,
+                   lr=3e-2, steps=int(steps), checkpoint_every=2, seed=0, resume=resume == "1")
+    index = PartialState().process_index
+    save_file({k: v.detach().cpu().contiguous() for k, v in result.adapter.state_dict().items()},
+              f"{ranks}/rank{index}.safetensors")
+""")
+
+
+def launch_ddp(tmp_path: Path, model: Path, image: Path, out: Path, ranks: Path, steps: int, resume: bool = False) -> None:
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    ranks.mkdir(parents=True, exist_ok=True)
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(script), str(model), str(image), str(out), str(ranks), str(steps), "1" if resume else "0"]
+    env = dict(subprocess_env(), ACCELERATE_USE_CPU="true")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(models, image, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("ddp")
+    launch_ddp(root, models["sd"], image, root / "run", root / "ranks", 4)
+    return root / "run", root / "ranks"
+
+
+def test_ddp_two_processes_train_one_adapter(ddp_run, models, image, tmp_path):
+    out, ranks = ddp_run
+    r0, r1 = ranks / "rank0.safetensors", ranks / "rank1.safetensors"
+    assert r0.is_file() and r1.is_file()
+    assert_same_tensors(r0, r1)  # gradients were averaged: both replicas hold the same adapter
+    assert_same_tensors(r0, out / "adapter.safetensors")
+    # The main process alone wrote the files: one adapter, one set of checkpoints, one log line per step.
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "checkpoint-2", "checkpoint-4",
+                                                    "config.json", "loss.jsonl"]
+    assert [e["step"] for e in log_entries(out)] == [1, 2, 3, 4]
+    for n in (2, 4):
+        assert {p.name for p in (out / f"checkpoint-{n}").iterdir()} == {"adapter.safetensors", "state.safetensors", "state.json"}
+
+    # Both processes contributed (each draws its own timesteps): the result differs from one process's run.
+    single = tmp_path / "single"
+    train(model=str(models["sd"]), image=str(image), token="sks", class_name="dog", out=str(single), resolution=16,
+          rank=4, lr=3e-2, steps=4, checkpoint_every=2, seed=0)
+    a, b = load_file(str(single / "adapter.safetensors")), load_file(str(r0))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_resume_equals_uninterrupted_ddp_run(ddp_run, models, image, tmp_path):
+    """Each process resumes its own random stream (the checkpoint keeps every process's RNG)."""
+    reference, _ = ddp_run
+    out, ranks = tmp_path / "run", tmp_path / "ranks"
+    launch_ddp(tmp_path, models["sd"], image, out, ranks, 2)
+    launch_ddp(tmp_path, models["sd"], image, out, ranks, 4, resume=True)
+    assert_same_tensors(ranks / "rank0.safetensors", ranks / "rank1.safetensors")
+    assert_same_tensors(out / "adapter.safetensors", reference / "adapter.safetensors")
+    assert [e["loss"] for e in log_entries(out)] == [e["loss"] for e in log_entries(reference)]
