@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .images import grid
@@ -20,23 +21,30 @@ def fill(prompt: str, concept: str) -> str:
     return prompt.replace("{}", concept)
 
 
-def sample_grid(pipe, prompts: Sequence[str], concept: str, out: Path, n: int = 1, steps: int = 25,
-                guidance: float = 5.0, seed: int = 0, size: tuple[int, int] | None = None) -> Path:
-    """Render n images per prompt ({} -> concept) into `out`; returns the grid's path."""
-    out.mkdir(parents=True, exist_ok=True)
-    images = []
-    for i, prompt in enumerate(tqdm(prompts, desc="sample", leave=False)):
-        text = fill(prompt, concept)
-        gen = torch.Generator().manual_seed(seed + i)
-        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, generator=gen, num_images_per_prompt=n)
+def sample_images(pipe, texts: Sequence[str], n: int = 1, steps: int = 25, guidance: float = 5.0, seed: int = 0,
+                  size: tuple[int, int] | None = None, desc: str = "sample") -> list[list[Image.Image]]:
+    """n images for each finished prompt (no {} left), seeded per prompt so that methods compare
+    on the same noise."""
+    rows = []
+    for i, text in enumerate(tqdm(texts, desc=desc, leave=False)):
+        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n,
+                      generator=torch.Generator().manual_seed(seed + i))
         if size:
             kwargs.update(height=size[0], width=size[1])
-        result = pipe(text, **kwargs).images
-        for j, img in enumerate(result):
+        rows.append(pipe(text, **kwargs).images)
+    return rows
+
+
+def sample_grid(pipe, prompts: Sequence[str], concept: str, out: Path, n: int = 1, steps: int = 25,
+                guidance: float = 5.0, seed: int = 0, size: tuple[int, int] | None = None) -> Path:
+    """Render n images per prompt ({} -> concept) into `out` as PNGs; returns the grid's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sample_images(pipe, [fill(p, concept) for p in prompts], n, steps, guidance, seed, size)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
             img.save(out / f"{i:02d}-{j}.png")
-        images.extend(result)
     path = out / "grid.png"
-    grid(images, cols=n if n > 1 else None).save(path)
+    grid([img for row in rows for img in row], cols=n if n > 1 else None).save(path)
     return path
 
 

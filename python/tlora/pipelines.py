@@ -46,7 +46,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
     from diffusers import DiffusionPipeline
 
     check_model_folder(model)
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     family_of(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -143,7 +143,7 @@ def evaluate(folder: Path, n: int, seed: int, steps: int = 25) -> dict:
 
     from . import metrics
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(seed)
     bg_ok = pos_ok = 0
@@ -162,10 +162,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-steps", type=int, default=1500)
-    ap.add_argument("--steps", type=int, default=4000, help="UNet + text encoder steps")
+    ap.add_argument("--vae-steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-samples", type=int, default=200)
     args = ap.parse_args(argv)
     from diffusers import StableDiffusionPipeline

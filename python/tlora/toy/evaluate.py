@@ -1,0 +1,87 @@
+"""Fine-tune the bundled toy model on one concept image and score the samples from pixels.
+
+Shared by `tlora demo` and `benches/quality.py`, so both measure the same thing: for every
+evaluation prompt (new position, new background) n samples are scored for concept fidelity,
+prompt alignment and diversity, then averaged over prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import metrics
+from .concepts import EVAL_PROMPTS, Concept
+
+MODEL_DIR = Path(__file__).parent / "model"
+
+# Fine-tuning settings for the toy model (32x32 scenes, attention layers 32 and 64 wide).
+TOY_RANK = 16
+TOY_STEPS = 400
+TOY_LR = 1e-3
+
+
+@dataclass
+class Run:
+    method: str
+    scores: dict[str, float]
+    rows: list[list[Image.Image]]  # samples, one row per evaluation prompt
+    seconds: float
+
+
+METHODS = {
+    # name: (variant, min_rank as a function of rank)
+    "LoRA": ("lora", lambda r: r),
+    "Vanilla T-LoRA": ("vanilla", lambda r: max(1, r // 2)),
+    "Ortho-LoRA": ("tlora", lambda r: r),
+    "T-LoRA": ("tlora", lambda r: max(1, r // 2)),
+}
+
+
+def model_dir() -> Path:
+    if not (MODEL_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(f"the bundled toy model is missing from {MODEL_DIR}: "
+                                "reinstall tlora, or rebuild it with python -m tlora.toy.pretrain")
+    return MODEL_DIR
+
+
+def score_rows(rows: list[list[Image.Image]], concept: Concept) -> dict[str, float]:
+    per_prompt = [metrics.score([np.asarray(i) for i in row], concept, target) for row, target in zip(rows, EVAL_PROMPTS)]
+    return {k: float(np.mean([s[k] for s in per_prompt])) for k in per_prompt[0]}
+
+
+def sample_base(concept: Concept, n: int, seed: int, steps: int = 25, guidance: float = 5.0) -> Run:
+    """The pretrained model without an adapter: it does not know the concept."""
+    import time
+
+    from ..generate import sample_images
+    from ..pipelines import load_pipeline
+
+    tic = time.perf_counter()
+    pipe = load_pipeline(str(model_dir()))
+    rows = sample_images(pipe, [p.text(concept) for p in EVAL_PROMPTS], n, steps, guidance, seed, desc="base")
+    return Run("base model", score_rows(rows, concept), rows, time.perf_counter() - tic)
+
+
+def finetune(concept: Concept, method: str, out: Path, rank: int = TOY_RANK, steps: int = TOY_STEPS,
+             lr: float = TOY_LR, seed: int = 0, n: int = 4, sample_steps: int = 25, guidance: float = 5.0) -> Run:
+    """Train `method` on the concept's one image, then sample and score the evaluation prompts."""
+    import time
+
+    from ..generate import sample_images
+    from ..train import train
+
+    variant, min_rank = METHODS[method]
+    out.mkdir(parents=True, exist_ok=True)
+    image = out / "concept.png"
+    Image.fromarray(concept.training_image()).save(image)
+    tic = time.perf_counter()
+    result = train(model=str(model_dir()), image=str(image), token=concept.token, class_name=concept.class_word,
+                   out=str(out / method.replace(" ", "-").lower()), variant=variant, rank=rank,
+                   min_rank=min_rank(rank), steps=steps, lr=lr, resolution=32, checkpoint_every=steps, seed=seed)
+    rows = sample_images(result.pipe, [p.text(concept) for p in EVAL_PROMPTS], n, sample_steps, guidance, seed,
+                         desc=f"sample {method}")
+    return Run(method, score_rows(rows, concept), rows, time.perf_counter() - tic)
