@@ -29,7 +29,9 @@ test-python: install
 test: test-rust test-python
 
 bench: install
+	$(BIN)/python -m pip install -q -e ".[bench]" --no-build-isolation
 	$(BIN)/python benches/speed.py --quick
+	$(BIN)/python benches/quality.py
 
 clean:
 	rm -rf target $(VENV) python/tlora/*.so

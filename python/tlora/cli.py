@@ -15,6 +15,7 @@ layout and background.
   tlora train --model M --image dog.jpg --token sks --class-name dog --out runs/dog
   tlora generate --model M --adapter runs/dog/adapter.safetensors --prompt "a {} on a beach" --out out/
   tlora info runs/dog/adapter.safetensors     what an adapter file holds
+  tlora export --adapter A --format diffusers --out lora.safetensors   bake into a static LoRA
 """
 
 
@@ -63,6 +64,20 @@ def _generate_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder for PNGs and grid.png")
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="bake an adapter into a static LoRA (diffusers, peft, kohya)",
+                       description="Bake a T-LoRA adapter at one rank into a standard LoRA that stock loaders read. "
+                                   "A static LoRA uses that rank at every timestep: the per-timestep ranks are lost.")
+    p.add_argument("--adapter", required=True, help="tlora adapter .safetensors file")
+    p.add_argument("--format", required=True, choices=["diffusers", "peft", "kohya"],
+                   help="diffusers: pipe.load_lora_weights(file); peft: PeftModel.from_pretrained(denoiser, folder); "
+                        "kohya: lora_unet_* keys (SD/SD-XL UNets)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--timestep", type=float, default=None, help="bake rank r(t), t on the training scale 0..T")
+    which.add_argument("--rank", type=int, default=None, help="bake this rank (default: full rank, r(0))")
+    p.add_argument("--out", required=True, help=".safetensors file (peft: a folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     info = sub.add_parser("info", help="show an adapter file's settings and modules")
     info.add_argument("adapter")
+    _export_parser(sub)
     from .demo import add_parser as add_demo
 
     add_demo(sub)
@@ -99,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             n = sum(t.numel() for k, t in tensors.items() if not k.endswith(("0",)))
             print(json.dumps({k: v for k, v in meta.items() if k != "modules"}, indent=2))
             print(f"{len(meta['modules'])} adapted modules, {n:,} trainable values")
+        elif args.command == "export":
+            from .interop import export
+
+            result = export(args.adapter, args.out, format=args.format, timestep=args.timestep, rank=args.rank)
+            where = f"{result.path} and {result.config_path}" if result.config_path else str(result.path)
+            print(f"{args.format} LoRA of rank {result.lora_rank} ({result.modules} modules) written to {where}")
+            print(f"note: {result.note}")
         elif args.command == "demo":
             from .demo import run
 

@@ -42,16 +42,25 @@ def save(model_or_adapter: nn.Module | Adapter, path: str | os.PathLike, extra: 
     return path
 
 
-def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and check an adapter file: (tensors, metadata). Raises ValueError naming the problem."""
-    path = Path(path)
+def refuse_pickle(path: Path) -> None:
+    """Raise (without opening the file) for pickle-based checkpoints, saying how to convert them."""
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl"):
         raise ValueError(
             f"{path.name} is a pickle-based checkpoint, which tlora never loads (unpickling can run code). "
             "Convert it where you trust it: torch.load(f, weights_only=True), then "
             "safetensors.torch.save_file(state_dict, 'adapter.safetensors')"
         )
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and check an adapter file: (tensors, metadata). Raises ValueError naming the problem."""
+    path = Path(path)
+    refuse_pickle(path)
     tensors, raw = _native.load_file(str(path))
+    return _checked(path, tensors, raw)
+
+
+def _checked(path: Path, tensors, raw: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if METADATA_KEY not in raw:
         raise ValueError(f"{path} has no {METADATA_KEY!r} metadata: it is a safetensors file, but not a tlora adapter")
     try:
@@ -71,9 +80,17 @@ def load(model: nn.Module, path: str | os.PathLike, device: torch.device | str |
     """Inject the adapter stored at `path` into `model` and load its weights.
 
     Every name and shape is checked before the model is touched: on any error the model is left
-    exactly as it was.
+    exactly as it was. A safetensors file without tlora metadata is read as another tool's T-LoRA
+    checkpoint (the reference code's or LyCORIS's) by `tlora.interop.import_adapter`.
     """
-    tensors, meta = read(path)
+    path = Path(path)
+    refuse_pickle(path)
+    tensors, raw = _native.load_file(str(path))
+    if METADATA_KEY not in raw:
+        from .interop import import_adapter
+
+        return import_adapter(model, path, device=device)
+    tensors, meta = _checked(path, tensors, raw)
     config = AdapterConfig.from_dict(meta["config"])
     made_for = meta.get("base_model")
     if made_for != type(model).__name__:
