@@ -71,22 +71,36 @@ fn gaussian(rows: i64, cols: i64, std: f64, seed: u64) -> PyResult<PyTensor> {
     Ok(PyTensor(t.to_kind(tch::Kind::Float)))
 }
 
-/// (delta, h): the adapter's output and the intermediate needed by `lowrank_backward`.
+/// (delta, h, d, u): the adapter's output, and the intermediate and operands that
+/// `lowrank_backward` needs.
 #[pyfunction]
 #[pyo3(signature = (x, factors, ranks, scale))]
-fn lowrank_forward(py: Python<'_>, x: PyTensor, factors: Vec<PyTensor>, ranks: Option<Vec<i64>>, scale: f64) -> PyResult<(PyTensor, PyTensor)> {
+fn lowrank_forward(py: Python<'_>, x: PyTensor, factors: Vec<PyTensor>, ranks: Option<Vec<i64>>, scale: f64) -> PyResult<(PyTensor, PyTensor, PyTensor, PyTensor)> {
     let (x, factors) = (x.0, owned(factors));
-    let (delta, h) = py
-        .allow_threads(move || kernel::forward(&x, &factors_of(&factors)?, ranks.as_deref(), scale))
+    let (delta, s) = py
+        .allow_threads(move || kernel::forward_saving(&x, &factors_of(&factors)?, ranks.as_deref(), scale, None))
         .map_err(to_py)?;
-    Ok((PyTensor(delta), PyTensor(h)))
+    Ok((PyTensor(delta.expect("delta")), PyTensor(s.h), PyTensor(s.d), PyTensor(s.u)))
+}
+
+/// Adds the adapter's output for x into `y` (the base layer's output, same rows) in place;
+/// returns (h, d, u) for `lowrank_backward`.
+#[pyfunction]
+#[pyo3(signature = (y, x, factors, ranks, scale))]
+fn lowrank_forward_add(py: Python<'_>, y: PyTensor, x: PyTensor, factors: Vec<PyTensor>, ranks: Option<Vec<i64>>, scale: f64) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
+    let (y, x, factors) = (y.0, x.0, owned(factors));
+    let (_, s) = py
+        .allow_threads(move || kernel::forward_saving(&x, &factors_of(&factors)?, ranks.as_deref(), scale, Some(&y)))
+        .map_err(to_py)?;
+    Ok((PyTensor(s.h), PyTensor(s.d), PyTensor(s.u)))
 }
 
 type Grads4 = (Option<PyTensor>, Option<PyTensor>, Option<PyTensor>, Option<PyTensor>);
 
-/// Gradients (input, factor 0, 1, 2) of `lowrank_forward`; `needs` says which to compute.
+/// Gradients (input, factor 0, 1, 2) of `lowrank_forward`; `needs` says which to compute. `d` and
+/// `u` are the operands the forward returned (rebuilt from the factors when omitted).
 #[pyfunction]
-#[pyo3(signature = (grad, x, h, factors, ranks, scale, needs))]
+#[pyo3(signature = (grad, x, h, factors, ranks, scale, needs, d=None, u=None))]
 #[allow(clippy::too_many_arguments)]
 fn lowrank_backward(
     py: Python<'_>,
@@ -97,10 +111,69 @@ fn lowrank_backward(
     ranks: Option<Vec<i64>>,
     scale: f64,
     needs: [bool; 4],
+    d: Option<PyTensor>,
+    u: Option<PyTensor>,
 ) -> PyResult<Grads4> {
     let (grad, x, h, factors) = (grad.0, x.0, h.0, owned(factors));
+    let ops = match (d, u) {
+        (Some(d), Some(u)) => Some((d.0, u.0)),
+        (None, None) => None,
+        _ => return Err(PyValueError::new_err("pass both d and u, or neither")),
+    };
     let g = py
-        .allow_threads(move || kernel::backward(&grad, &x, &h, &factors_of(&factors)?, ranks.as_deref(), scale, needs))
+        .allow_threads(move || {
+            let f = factors_of(&factors)?;
+            match ops {
+                Some((d, u)) => kernel::backward_saved(&grad, &x, &kernel::Saved { h, d, u }, &f, ranks.as_deref(), scale, needs),
+                None => kernel::backward(&grad, &x, &h, &f, ranks.as_deref(), scale, needs),
+            }
+        })
+        .map_err(to_py)?;
+    let [a, b, c] = g.factors;
+    Ok((g.input.map(PyTensor), a.map(PyTensor), b.map(PyTensor), c.map(PyTensor)))
+}
+
+/// T-LoRA's training forward with the frozen branch folded into the base weight: (y, h, d, u)
+/// with y the base layer's output plus the update (float32 or float64).
+#[pyfunction]
+#[pyo3(signature = (x, weight, bias, factors, ranks, scale))]
+fn lowrank_split_forward(
+    py: Python<'_>,
+    x: PyTensor,
+    weight: PyTensor,
+    bias: Option<PyTensor>,
+    factors: Vec<PyTensor>,
+    ranks: Option<Vec<i64>>,
+    scale: f64,
+) -> PyResult<(PyTensor, PyTensor, PyTensor, PyTensor)> {
+    let (x, weight, bias, factors) = (x.0, weight.0, bias.map(|b| b.0), owned(factors));
+    let (y, s) = py
+        .allow_threads(move || kernel::forward_split(&x, &weight, bias.as_ref(), &factors_of(&factors)?, ranks.as_deref(), scale))
+        .map_err(to_py)?;
+    Ok((PyTensor(y), PyTensor(s.h), PyTensor(s.d), PyTensor(s.u)))
+}
+
+/// Gradients (input, P, lam, Q) of `lowrank_split_forward`; `needs` says which to compute.
+#[pyfunction]
+#[pyo3(signature = (grad, x, h, d, u, weight, factors, ranks, scale, needs))]
+#[allow(clippy::too_many_arguments)]
+fn lowrank_split_backward(
+    py: Python<'_>,
+    grad: PyTensor,
+    x: PyTensor,
+    h: PyTensor,
+    d: PyTensor,
+    u: PyTensor,
+    weight: PyTensor,
+    factors: Vec<PyTensor>,
+    ranks: Option<Vec<i64>>,
+    scale: f64,
+    needs: [bool; 4],
+) -> PyResult<Grads4> {
+    let (grad, x, weight, factors) = (grad.0, x.0, weight.0, owned(factors));
+    let saved = kernel::Saved { h: h.0, d: d.0, u: u.0 };
+    let g = py
+        .allow_threads(move || kernel::backward_split(&grad, &x, &saved, &weight, &factors_of(&factors)?, ranks.as_deref(), scale, needs))
         .map_err(to_py)?;
     let [a, b, c] = g.factors;
     Ok((g.input.map(PyTensor), a.map(PyTensor), b.map(PyTensor), c.map(PyTensor)))
@@ -109,9 +182,22 @@ fn lowrank_backward(
 /// The dense weight update (out x in) at one rank (None: full rank).
 #[pyfunction]
 #[pyo3(signature = (factors, rank, scale))]
-fn dense_update(factors: Vec<PyTensor>, rank: Option<i64>, scale: f64) -> PyResult<PyTensor> {
+fn dense_update(py: Python<'_>, factors: Vec<PyTensor>, rank: Option<i64>, scale: f64) -> PyResult<PyTensor> {
     let factors = owned(factors);
-    factors_of(&factors).and_then(|f| kernel::dense_update(&f, rank, scale)).map(PyTensor).map_err(to_py)
+    py.allow_threads(move || factors_of(&factors).and_then(|f| kernel::dense_update(&f, rank, scale)))
+        .map(PyTensor)
+        .map_err(to_py)
+}
+
+/// The folded weight W + dW at one rank (None: full rank), in the wider of the weight's and the
+/// factors' dtypes.
+#[pyfunction]
+#[pyo3(signature = (weight, factors, rank, scale))]
+fn fold_weight(py: Python<'_>, weight: PyTensor, factors: Vec<PyTensor>, rank: Option<i64>, scale: f64) -> PyResult<PyTensor> {
+    let (weight, factors) = (weight.0, owned(factors));
+    py.allow_threads(move || factors_of(&factors).and_then(|f| kernel::fold(&weight, &f, rank, scale)))
+        .map(PyTensor)
+        .map_err(to_py)
 }
 
 /// Writes tensors and string metadata to a safetensors file, atomically.
@@ -134,8 +220,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(orthogonal_init, m)?)?;
     m.add_function(wrap_pyfunction!(gaussian, m)?)?;
     m.add_function(wrap_pyfunction!(lowrank_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(lowrank_forward_add, m)?)?;
     m.add_function(wrap_pyfunction!(lowrank_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(lowrank_split_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(lowrank_split_backward, m)?)?;
     m.add_function(wrap_pyfunction!(dense_update, m)?)?;
+    m.add_function(wrap_pyfunction!(fold_weight, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
     m.add_function(wrap_pyfunction!(load_file, m)?)?;
     Ok(())

@@ -1,6 +1,7 @@
 """T-LoRA inside real (tiny, offline) diffusers models and pipelines: SD, SD-XL and FLUX.
 
-The ranks the kernels use are observed by wrapping `tlora.layer._native.lowrank_forward`, and the
+The ranks the kernels use are observed by wrapping `tlora.layer._native.lowrank_forward` and
+`lowrank_forward_add` (with the folding fast path of inference switched off), and the
 expected ranks are computed here, independently of the package, from the scheduler's timesteps:
 r(t) = floor(((T - t) / T) * (r - r_min)) + r_min with T = 1000.
 """
@@ -129,15 +130,26 @@ class RankRecorder:
         self.calls: list[list[int] | None] = []
         self.forwards: list[list] = []
         self.batches: list[int] = []
-        original = tlora.layer._native.lowrank_forward
+        # Every forward must reach the factored kernels: no folded weights (inference fast path).
+        monkeypatch.setattr(tlora.layer, "FAST_PATH", False)
 
-        def recording(x, factors, ranks, scale):
+        def record(ranks):
             self.calls.append(None if ranks is None else [int(r) for r in ranks])
             if self.forwards:
                 self.forwards[-1].append(self.calls[-1])
-            return original(x, factors, ranks, scale)
+
+        forward, forward_add = tlora.layer._native.lowrank_forward, tlora.layer._native.lowrank_forward_add
+
+        def recording(x, factors, ranks, scale):
+            record(ranks)
+            return forward(x, factors, ranks, scale)
+
+        def recording_add(y, x, factors, ranks, scale):
+            record(ranks)
+            return forward_add(y, x, factors, ranks, scale)
 
         monkeypatch.setattr(tlora.layer._native, "lowrank_forward", recording)
+        monkeypatch.setattr(tlora.layer._native, "lowrank_forward_add", recording_add)
 
     def watch(self, model) -> None:
         def start(module, args, kwargs):

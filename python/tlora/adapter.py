@@ -247,6 +247,7 @@ class Adapter:
         if getattr(self.model, _ATTR, None) is not self:
             raise ValueError("this adapter was already removed from its model")
         self._hook.remove()
+        self.state.fold_cache.clear()
         for m in self._ckpt_modules:
             func = getattr(m, "_gradient_checkpointing_func", None)
             if getattr(func, "_tlora_wrapped", False):

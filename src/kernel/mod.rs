@@ -3,18 +3,29 @@
 //! Every variant is a low-rank product evaluated on the active ranks only:
 //!
 //! ```text
-//! delta(x) = ((x D^T) * G) U^T          D: k' x in,  U: out x k',  G: gains (per sample or shared)
+//! delta(x) = ((x D^T) * M) U'^T        D: k' x in,  U' = U diag(G): out x k',  M: per-sample 0/1 mask
 //! ```
 //!
-//! - `Ortho` (T-LoRA): D = [Q_k; Q0_k], U = [P_k, P0_k], G = scale * [lam_k * m, -lam0_k * m].
+//! - `Ortho` (T-LoRA): D = [Q_k; Q0_k], U = [P_k, P0_k], G = scale * [lam_k, -lam0_k].
 //!   The trainable and the frozen branch share one matmul each way, and the frozen copy makes the
 //!   update exactly zero at initialisation.
-//! - `Plain` (Vanilla T-LoRA and LoRA): D = A_k, U = B_k, G = scale * m.
+//! - `Plain` (Vanilla T-LoRA and LoRA): D = A_k, U = B_k, G = scale.
 //!
-//! k is the largest rank in the batch; samples with a smaller rank r_b get the mask
-//! m[b, j] = (j < r_b) on the small k'-wide intermediate, never on the weights. Gradients are
-//! returned only for the input and the trainable factors, padded with zeros to the full rank r
-//! (the inactive ranks receive exactly zero gradient).
+//! The gains are folded into the small U (out x k') once per call instead of scaling the
+//! (tokens x k') intermediate. k is the largest rank in the batch; samples with a smaller rank r_b
+//! get the mask M[b, j] = (j < r_b) on the intermediate, never on the weights; a batch with one
+//! shared rank has no mask at all.
+//!
+//! The forward keeps for the backward only the trainable branch's (masked) intermediate
+//! (tokens x k), since the frozen branch's half is not needed by any gradient, and the operands
+//! D and U' so that the backward does not rebuild them. It can add its output into the base
+//! layer's output in place ([`forward_into`]). Gradients are returned only for the input and the
+//! trainable factors, padded with zeros to the full rank r (the inactive ranks receive exactly
+//! zero gradient).
+//!
+//! Two folds trade the tokens-long products of a branch for one (out x in) product per rank:
+//! [`forward_split`] / [`backward_split`] fold T-LoRA's frozen branch into the base weight for
+//! training (float32/float64), and [`fold`] folds the whole update for inference.
 
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
@@ -57,6 +68,20 @@ impl Factors<'_> {
             }
         }
     }
+
+    fn kind(&self) -> Kind {
+        match self {
+            Factors::Ortho { p, .. } => p.kind(),
+            Factors::Plain { down, .. } => down.kind(),
+        }
+    }
+
+    fn device(&self) -> Device {
+        match self {
+            Factors::Ortho { p, .. } => p.device(),
+            Factors::Plain { down, .. } => down.device(),
+        }
+    }
 }
 
 /// The per-call rank layout, resolved against the input.
@@ -68,7 +93,9 @@ struct Active {
 }
 
 fn resolve_ranks(ranks: Option<&[i64]>, r: i64, x: &Tensor) -> Result<Active> {
-    let Some(ranks) = ranks else { return Ok(Active { k: r, mask: None }) };
+    let Some(ranks) = ranks else {
+        return Ok(Active { k: r, mask: None });
+    };
     ensure!(!ranks.is_empty(), "ranks must not be empty");
     for &rb in ranks {
         ensure!((1..=r).contains(&rb), "rank {rb} is outside 1..={r}");
@@ -79,57 +106,71 @@ fn resolve_ranks(ranks: Option<&[i64]>, r: i64, x: &Tensor) -> Result<Active> {
     }
     let batch = x.size().first().copied().unwrap_or(0);
     if x.dim() < 2 || batch != ranks.len() as i64 {
-        bail!(
-            "got {} per-sample ranks for an input of shape {:?}: the input's first dimension must be the batch",
-            ranks.len(),
-            x.size()
-        );
+        bail!("got {} per-sample ranks for an input of shape {:?}: the input's first dimension must be the batch", ranks.len(), x.size());
     }
     let cols = Tensor::arange(k, (Kind::Int64, Device::Cpu)).unsqueeze(0);
     let mask = cols.lt_tensor(&Tensor::from_slice(ranks).unsqueeze(1));
     Ok(Active { k, mask: Some(mask) })
 }
 
-/// The low-rank operands for the active ranks, in the compute dtype and device of `x`:
-/// (D, U, gain) where gain broadcasts against x D^T.
-fn operands(f: &Factors, act: &Active, scale: f64, x: &Tensor) -> (Tensor, Tensor, Tensor) {
-    let (kind, dev) = (x.kind(), x.device());
-    let k = act.k;
-    // Per-sample gains have shape (B, 1, ..., 1, k') so that they broadcast over tokens.
-    let per_sample = |g: Tensor| -> Tensor {
-        match &act.mask {
-            None => g,
-            Some(m) => {
-                let reps = g.size()[0] / k;
-                let m = m.to_device(dev).to_kind(Kind::Float).repeat([1, reps]);
-                let mut shape = vec![m.size()[0]];
-                shape.extend(std::iter::repeat(1).take(x.dim() - 2));
-                shape.push(g.size()[0]);
-                (m * g.unsqueeze(0)).reshape(&shape)
-            }
-        }
-    };
-    let (d, u, g) = match f {
+impl Active {
+    /// The mask for a (..., width) intermediate of `x` (width a multiple of k: the mask repeats
+    /// for the frozen branch), shaped (B, 1, ..., 1, width) to broadcast over tokens.
+    fn mask_like(&self, x: &Tensor, width: i64) -> Option<Tensor> {
+        let m = self.mask.as_ref()?;
+        let m = cast(&m.to_device(x.device()), x.kind());
+        let m = if width == self.k { m } else { m.repeat([1, width / self.k]) };
+        let mut shape = vec![m.size()[0]];
+        shape.extend(std::iter::repeat_n(1, x.dim() - 2));
+        shape.push(width);
+        Some(m.reshape(&shape))
+    }
+}
+
+/// `t` in `kind`, without a dispatch when it already is.
+fn cast(t: &Tensor, kind: Kind) -> Tensor {
+    if t.kind() == kind {
+        t.shallow_clone()
+    } else {
+        t.to_kind(kind)
+    }
+}
+
+/// The first `k` entries of `t` along `dim`, without a dispatch when that is all of it.
+fn head(t: &Tensor, dim: i64, k: i64) -> Tensor {
+    if t.size()[dim as usize] == k {
+        t.shallow_clone()
+    } else {
+        t.narrow(dim, 0, k)
+    }
+}
+
+/// The low-rank operands for the active ranks k, in `kind`: (D, U') with the gains folded into
+/// U' = U diag(G), so that delta = (x D^T) U'^T for a batch with one rank.
+fn operands(f: &Factors, k: i64, scale: f64, kind: Kind) -> (Tensor, Tensor) {
+    match f {
         Factors::Ortho { p, lam, q, p0, lam0, q0 } => {
-            let d = Tensor::cat(&[q.narrow(0, 0, k), q0.narrow(0, 0, k)], 0);
-            let u = Tensor::cat(&[p.narrow(1, 0, k), p0.narrow(1, 0, k)], 1);
-            let g = Tensor::cat(&[lam.narrow(0, 0, k), -lam0.narrow(0, 0, k)], 0) * scale;
-            (d, u, per_sample(g))
+            let d = Tensor::cat(&[head(q, 0, k), head(q0, 0, k)], 0);
+            let g = Tensor::cat(&[head(lam, 0, k) * scale, head(lam0, 0, k) * -scale], 0);
+            let mut u = Tensor::cat(&[head(p, 1, k), head(p0, 1, k)], 1);
+            let _ = u.g_mul_(&g.unsqueeze(0));
+            (cast(&d, kind), cast(&u, kind))
         }
         Factors::Plain { down, up } => {
-            let g = Tensor::full([k], scale, (Kind::Float, dev));
-            (down.narrow(0, 0, k), up.narrow(1, 0, k), per_sample(g))
+            let u = head(up, 1, k);
+            let u = if scale == 1.0 { u } else { u * scale };
+            (cast(&head(down, 0, k), kind), cast(&u, kind))
         }
-    };
-    (d.to_kind(kind), u.to_kind(kind), g.to_kind(kind))
+    }
 }
 
 fn check_input(x: &Tensor, f: &Factors, in_f: i64) -> Result<()> {
-    let dev = match f {
-        Factors::Ortho { p, .. } => p.device(),
-        Factors::Plain { down, .. } => down.device(),
-    };
-    ensure!(dev == x.device(), "the adapter is on {dev:?} but the input is on {:?}: move the model after inject, or inject after moving it", x.device());
+    let dev = f.device();
+    ensure!(
+        dev == x.device(),
+        "the adapter is on {dev:?} but the input is on {:?}: move the model after inject, or inject after moving it",
+        x.device()
+    );
     ensure!(
         matches!(x.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double),
         "input dtype {:?} is not supported: use float32, float16, bfloat16 or float64",
@@ -139,24 +180,89 @@ fn check_input(x: &Tensor, f: &Factors, in_f: i64) -> Result<()> {
     Ok(())
 }
 
-/// Forward: returns (delta, h) with delta = the adapter's output (to add to the base layer's),
-/// shape (..., out), and h = x D^T, the (..., k') intermediate that [`backward`] needs.
-pub fn forward(x: &Tensor, f: &Factors, ranks: Option<&[i64]>, scale: f64) -> Result<(Tensor, Tensor)> {
-    let (r, in_f, _) = f.dims()?;
-    check_input(x, f, in_f)?;
-    let act = resolve_ranks(ranks, r, x)?;
-    let (d, u, g) = operands(f, &act, scale, x);
-    let h = x.matmul(&d.tr());
-    let delta = (&h * &g).matmul(&u.tr());
-    Ok((delta, h))
+/// What the backward needs from a forward: the trainable branch's (masked) intermediate h
+/// (..., k) and the operands D (k' x in) and U' (out x k') in the compute dtype, so that the
+/// backward does not rebuild them.
+pub struct Saved {
+    pub h: Tensor,
+    pub d: Tensor,
+    pub u: Tensor,
 }
 
-/// Backward of [`forward`] given the gradient of delta. `needs` = (input, factor 0, 1, 2) says
-/// which gradients to compute; frozen tensors never get one.
-pub fn backward(
+/// Forward: h = (x D^T) * M and its product with U'^T, added into `acc` in place when given
+/// (the base layer's output, dtype of x: shape (..., out), or the same rows flattened to 2-D),
+/// else returned as delta.
+pub fn forward_saving(x: &Tensor, f: &Factors, ranks: Option<&[i64]>, scale: f64, acc: Option<&Tensor>) -> Result<(Option<Tensor>, Saved)> {
+    let (r, in_f, out_f) = f.dims()?;
+    check_input(x, f, in_f)?;
+    let act = resolve_ranks(ranks, r, x)?;
+    let (d, u) = operands(f, act.k, scale, x.kind());
+    let kk = d.size()[0];
+    let mut h = x.matmul(&d.tr());
+    if let Some(m) = act.mask_like(x, kk) {
+        let _ = h.g_mul_(&m);
+    }
+    let delta = match acc {
+        None => Some(h.matmul(&u.tr())),
+        Some(y) => {
+            let rows = if in_f == 0 { 0 } else { x.numel() as i64 / in_f };
+            ensure!(
+                y.kind() == x.kind()
+                    && y.device() == x.device()
+                    && y.dim() >= 1
+                    && y.size()[y.dim() - 1] == out_f
+                    && y.numel() as i64 == rows * out_f,
+                "the output to add into has shape {:?} ({:?}), expected {rows} rows of {out_f} features ({:?})",
+                y.size(),
+                y.kind(),
+                x.kind()
+            );
+            if y.is_contiguous() {
+                let mut y2 = y.view([-1, out_f]);
+                let _ = y2.addmm_(&h.reshape([-1, kk]), &u.tr());
+            } else {
+                let mut y = y.shallow_clone();
+                let _ = y.g_add_(&h.matmul(&u.tr()));
+            }
+            None
+        }
+    };
+    // The frozen half of h is not needed by the backward: keep a compact copy of the trainable half.
+    let h = if kk > act.k { h.narrow(-1, 0, act.k).contiguous() } else { h };
+    Ok((delta, Saved { h, d, u }))
+}
+
+/// Forward: returns (delta, h) with delta = the adapter's output (to add to the base layer's),
+/// shape (..., out), and h the (..., k) intermediate of the trainable branch that [`backward`]
+/// needs (masked per sample when the batch mixes ranks).
+pub fn forward(x: &Tensor, f: &Factors, ranks: Option<&[i64]>, scale: f64) -> Result<(Tensor, Tensor)> {
+    let (delta, saved) = forward_saving(x, f, ranks, scale, None)?;
+    Ok((delta.expect("delta"), saved.h))
+}
+
+/// [`forward`] that adds the update into `y` (the base layer's output, shape (..., out), dtype of
+/// x) in place instead of allocating delta. Returns h.
+pub fn forward_into(y: &Tensor, x: &Tensor, f: &Factors, ranks: Option<&[i64]>, scale: f64) -> Result<Tensor> {
+    Ok(forward_saving(x, f, ranks, scale, Some(y))?.1.h)
+}
+
+/// Backward of [`forward`] given the gradient of delta and the h it returned. `needs` = (input,
+/// factor 0, 1, 2) says which gradients to compute; frozen tensors never get one.
+pub fn backward(grad: &Tensor, x: &Tensor, h: &Tensor, f: &Factors, ranks: Option<&[i64]>, scale: f64, needs: [bool; 4]) -> Result<Grads> {
+    backward_impl(grad, x, h, None, f, ranks, scale, needs)
+}
+
+/// [`backward`] with the operands a [`forward_saving`] kept.
+pub fn backward_saved(grad: &Tensor, x: &Tensor, saved: &Saved, f: &Factors, ranks: Option<&[i64]>, scale: f64, needs: [bool; 4]) -> Result<Grads> {
+    backward_impl(grad, x, &saved.h, Some((&saved.d, &saved.u)), f, ranks, scale, needs)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_impl(
     grad: &Tensor,
     x: &Tensor,
     h: &Tensor,
+    ops: Option<(&Tensor, &Tensor)>,
     f: &Factors,
     ranks: Option<&[i64]>,
     scale: f64,
@@ -166,60 +272,101 @@ pub fn backward(
     check_input(x, f, in_f)?;
     let act = resolve_ranks(ranks, r, x)?;
     let k = act.k;
-    let (d, u, g) = operands(f, &act, scale, x);
-    let grad = grad.to_kind(x.kind());
-    let kk = d.size()[0];
+    ensure!(h.size().last() == Some(&k), "saved intermediate has shape {:?}, expected (..., {k})", h.size());
+    let (d, u) = match ops {
+        Some((d, u)) => {
+            let kk = d.size()[0];
+            ensure!(
+                d.size() == [kk, in_f] && u.size() == [out_f, kk] && (kk == k || kk == 2 * k) && d.kind() == x.kind() && u.kind() == x.kind(),
+                "saved operands have shapes {:?} and {:?} ({:?}), expected ({k} or {}) x {in_f} and {out_f} x ({k} or {}) ({:?})",
+                d.size(),
+                u.size(),
+                d.kind(),
+                2 * k,
+                2 * k,
+                x.kind()
+            );
+            (d.shallow_clone(), u.shallow_clone())
+        }
+        None => operands(f, k, scale, x.kind()),
+    };
+    // The gradient of an output that was added into a flattened (rows, out) tensor: back to x's rows.
+    let mut lead = x.size();
+    lead.pop();
+    let rows: i64 = lead.iter().product();
+    ensure!(
+        grad.dim() >= 1 && grad.size()[grad.dim() - 1] == out_f && grad.numel() as i64 == rows * out_f,
+        "gradient shape {:?} does not match {rows} rows of {out_f} features",
+        grad.size()
+    );
+    let grad = if grad.dim() == x.dim() {
+        cast(grad, x.kind())
+    } else {
+        lead.push(out_f);
+        cast(&grad.reshape(&lead), x.kind())
+    };
     let flat = |t: &Tensor, cols: i64| t.reshape([-1, cols]);
-    // gv = dL/d(h * g); gh = dL/dh.
-    let gv = grad.matmul(&u);
-    let gh = &gv * &g;
-    let input = if needs[0] { Some(gh.matmul(&d)) } else { None };
+    // Accumulate half-precision reductions in float32.
+    let acc = if x.kind() == Kind::Double { Kind::Double } else { Kind::Float };
 
     // Full-rank gradient with zeros for the ranks this call did not use.
     let pad = |g_k: Tensor, like: &Tensor, dim: i64| -> Tensor {
+        let g_k = cast(&g_k, like.kind());
         if k == r {
-            return g_k.to_kind(like.kind());
+            return g_k;
         }
-        let full = Tensor::zeros(like.size(), (like.kind(), like.device()));
-        full.narrow(dim, 0, k).copy_(&g_k);
-        full
+        // constant_pad_nd lists (before, after) pairs from the last dimension backwards.
+        let mut widths = vec![0i64; 2 * (like.dim() - dim as usize)];
+        widths[2 * (like.dim() - 1 - dim as usize) + 1] = r - k;
+        g_k.constant_pad_nd(&widths)
     };
-    let grad_f = flat(&grad, out_f);
-    let h_train = h.narrow(-1, 0, k);
-    let gh_train = gh.narrow(-1, 0, k);
+    // gh = dL/dh (masked): over both branches when the input needs a gradient, else only over the
+    // trainable columns (the frozen branch only feeds the input's gradient).
+    let trains_d = match f {
+        Factors::Ortho { .. } => needs[3],
+        Factors::Plain { .. } => needs[1],
+    };
+    let gh = if needs[0] || trains_d {
+        let width = if needs[0] { d.size()[0] } else { k };
+        let mut gh = grad.matmul(&head(&u, 1, width));
+        if let Some(m) = act.mask_like(x, width) {
+            let _ = gh.g_mul_(&m);
+        }
+        Some(gh)
+    } else {
+        None
+    };
+    let input = if needs[0] { gh.as_ref().map(|gh| gh.matmul(&d)) } else { None };
+    let grad_d = |gh: &Tensor| flat(&gh.narrow(-1, 0, k), k).tr().matmul(&flat(x, in_f));
+
     let mut factors: [Option<Tensor>; 3] = [None, None, None];
     match f {
         Factors::Ortho { p, lam, q, .. } => {
-            if needs[1] {
-                let v_train = &h_train * g.narrow(-1, 0, k);
-                factors[0] = Some(pad(grad_f.tr().matmul(&flat(&v_train, k)), p, 1));
-            }
-            if needs[2] {
-                // d delta / d lam_j = scale * m[b, j] * h_j * gv_j, summed over samples and tokens.
-                // Accumulate half-precision products in float32.
-                let acc = if x.kind() == Kind::Double { Kind::Double } else { Kind::Float };
-                let prod = (gv.narrow(-1, 0, k) * &h_train).to_kind(acc);
-                let glam = match &act.mask {
-                    None => flat(&prod, k).sum_dim_intlist(0, false, acc),
-                    Some(m) => {
-                        let per_b = prod.reshape([m.size()[0], -1, k]).sum_dim_intlist(1, false, acc);
-                        (per_b * m.to_device(x.device()).to_kind(acc)).sum_dim_intlist(0, false, acc)
-                    }
-                } * scale;
-                factors[1] = Some(pad(glam, lam, 0));
+            if needs[1] || needs[2] {
+                // G = grad^T h (out x k) serves both: dP = G diag(scale lam), and
+                // dlam_j = scale * sum_o P[o, j] G[o, j] (the mask is already in h).
+                let g_mat = cast(&flat(&grad, out_f).tr().matmul(&flat(h, k)), acc);
+                if needs[2] {
+                    let glam = (&g_mat * cast(&head(p, 1, k), acc)).sum_dim_intlist(0, false, acc) * scale;
+                    factors[1] = Some(pad(glam, lam, 0));
+                }
+                if needs[1] {
+                    let gain = cast(&head(lam, 0, k), acc) * scale;
+                    factors[0] = Some(pad(g_mat * gain.unsqueeze(0), p, 1));
+                }
             }
             if needs[3] {
-                factors[2] = Some(pad(flat(&gh_train, k).tr().matmul(&flat(x, in_f)), q, 0));
+                factors[2] = Some(pad(grad_d(gh.as_ref().unwrap()), q, 0));
             }
         }
         Factors::Plain { down, up } => {
-            debug_assert_eq!(kk, k);
             if needs[1] {
-                factors[0] = Some(pad(flat(&gh, k).tr().matmul(&flat(x, in_f)), down, 0));
+                factors[0] = Some(pad(grad_d(gh.as_ref().unwrap()), down, 0));
             }
             if needs[2] {
-                let v = h * &g;
-                factors[1] = Some(pad(grad_f.tr().matmul(&flat(&v, k)), up, 1));
+                let g_mat = flat(&grad, out_f).tr().matmul(&flat(h, k));
+                let g_mat = if scale == 1.0 { g_mat } else { cast(&g_mat, acc) * scale };
+                factors[1] = Some(pad(g_mat, up, 1));
             }
         }
     }
@@ -228,18 +375,158 @@ pub fn backward(
 
 /// The dense update dW = U diag(G) D for one rank (no batch), in the factors' dtype: what [`forward`]
 /// computes for every sample of rank `rank`, as a weight matrix (out x in). Used to fold the
-/// adapter into a layer's weight and as the reference in tests.
+/// adapter into a layer's weight (inference fast path) and as the reference in tests.
 pub fn dense_update(f: &Factors, rank: Option<i64>, scale: f64) -> Result<Tensor> {
-    let (r, in_f, _) = f.dims()?;
-    let like = match f {
-        Factors::Ortho { p, .. } => p,
-        Factors::Plain { down, .. } => down,
+    let (r, _, _) = f.dims()?;
+    let k = rank.unwrap_or(r);
+    ensure!((1..=r).contains(&k), "rank {k} is outside 1..={r}");
+    let kind = match f {
+        Factors::Ortho { p, .. } => p.kind(),
+        Factors::Plain { down, .. } => down.kind(),
     };
-    let probe = Tensor::zeros([1, in_f], (like.kind(), like.device()));
-    let ranks = rank.map(|k| vec![k]);
-    let act = resolve_ranks(ranks.as_deref(), r, &probe)?;
-    let (d, u, g) = operands(f, &act, scale, &probe);
-    Ok((u * g.unsqueeze(0)).matmul(&d))
+    let (d, u) = operands(f, k, scale, kind);
+    Ok(u.matmul(&d))
+}
+
+/// The base weight with T-LoRA's frozen branch at rank k folded in, W - scale P0_k diag(lam0_k) Q0_k,
+/// in the weight's dtype.
+fn frozen_folded(weight: &Tensor, p0: &Tensor, lam0: &Tensor, q0: &Tensor, k: i64, scale: f64) -> Tensor {
+    let kind = weight.kind();
+    let u0 = head(p0, 1, k) * (head(lam0, 0, k) * -scale).unsqueeze(0);
+    weight.addmm(&cast(&u0, kind), &cast(&head(q0, 0, k), kind))
+}
+
+fn check_base(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, in_f: i64, out_f: i64) -> Result<()> {
+    ensure!(weight.size() == [out_f, in_f], "weight has shape {:?}, expected [{out_f}, {in_f}]", weight.size());
+    ensure!(
+        weight.kind() == x.kind() && matches!(x.kind(), Kind::Float | Kind::Double) && weight.device() == x.device(),
+        "the split forward needs a float32 or float64 input of the weight's dtype and device, got {:?} on {:?} for {:?} on {:?}",
+        x.kind(),
+        x.device(),
+        weight.kind(),
+        weight.device()
+    );
+    if let Some(b) = bias {
+        ensure!(b.size() == [out_f] && b.kind() == x.kind(), "bias has shape {:?} ({:?}), expected [{out_f}]", b.size(), b.kind());
+    }
+    Ok(())
+}
+
+/// Runs `f(rows of sample b, folded weight of its rank)` for every sample of a batch: one call over
+/// all rows when the batch shares one rank, else one call per sample (weights folded once per rank).
+fn for_each_rank(
+    rows: i64,
+    ranks: &[i64],
+    mixed: bool,
+    k: i64,
+    fold: impl Fn(i64) -> Tensor,
+    mut f: impl FnMut(i64, i64, &Tensor),
+) {
+    if !mixed {
+        f(0, rows, &fold(k));
+        return;
+    }
+    let per = rows / ranks.len() as i64;
+    let mut folded: Vec<(i64, Tensor)> = Vec::new();
+    for (b, &rb) in ranks.iter().enumerate() {
+        if !folded.iter().any(|(kb, _)| *kb == rb) {
+            folded.push((rb, fold(rb)));
+        }
+        let w = &folded.iter().find(|(kb, _)| *kb == rb).unwrap().1;
+        f(b as i64 * per, per, w);
+    }
+}
+
+/// T-LoRA's training forward with the frozen branch folded into the base layer: the base layer's
+/// output plus the update, y = x (W - s P0_k diag(lam0_k) Q0_k)^T + b + s ((x Q_k^T) * M) diag(lam_k) P_k^T,
+/// each sample with the weight of its own rank. The same sum as base + [`forward`] (float32 or
+/// float64 only: the fold rounds in the weight's dtype), and cheaper when
+/// tokens (in + out) > (distinct ranks) in out: the frozen branch then costs one fold per rank
+/// instead of two tokens-long products each way. Returns y (shape (..., out)) and what
+/// [`backward_split`] needs (the operands of the trainable branch only).
+pub fn forward_split(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    f: &Factors,
+    ranks: Option<&[i64]>,
+    scale: f64,
+) -> Result<(Tensor, Saved)> {
+    let Factors::Ortho { p, lam, q, p0, lam0, q0 } = f else { bail!("the split forward is for T-LoRA (orthogonal) factors") };
+    let (r, in_f, out_f) = f.dims()?;
+    check_input(x, f, in_f)?;
+    check_base(x, weight, bias, in_f, out_f)?;
+    let act = resolve_ranks(ranks, r, x)?;
+    let (k, kind) = (act.k, x.kind());
+    let d = cast(&head(q, 0, k), kind);
+    let u = cast(&(head(p, 1, k) * (head(lam, 0, k) * scale).unsqueeze(0)), kind);
+    let rows = x.numel() as i64 / in_f;
+    let x2 = x.reshape([rows, in_f]);
+    let y = Tensor::empty([rows, out_f], (kind, x.device()));
+    let per_sample = ranks.unwrap_or(&[]);
+    for_each_rank(rows, per_sample, act.mask.is_some(), k, |kb| frozen_folded(weight, p0, lam0, q0, kb, scale), |start, n, w| {
+        let (xb, yb) = (x2.narrow(0, start, n), y.narrow(0, start, n));
+        let _ = match bias {
+            Some(b) => b.addmm_out(&yb, &xb, &w.tr()),
+            None => xb.mm_out(&yb, &w.tr()),
+        };
+    });
+    let mut h = x.matmul(&d.tr());
+    if let Some(m) = act.mask_like(x, k) {
+        let _ = h.g_mul_(&m);
+    }
+    let mut y2 = y.shallow_clone();
+    let _ = y2.addmm_(&h.reshape([rows, k]), &u.tr());
+    let mut shape = x.size();
+    shape.pop();
+    shape.push(out_f);
+    Ok((y.view(shape.as_slice()), Saved { h, d, u }))
+}
+
+/// Backward of [`forward_split`]: the input's gradient through the folded base weights and the
+/// trainable branch, and the trainable factors' gradients (as [`backward`]).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_split(
+    grad: &Tensor,
+    x: &Tensor,
+    saved: &Saved,
+    weight: &Tensor,
+    f: &Factors,
+    ranks: Option<&[i64]>,
+    scale: f64,
+    needs: [bool; 4],
+) -> Result<Grads> {
+    let Factors::Ortho { p0, lam0, q0, .. } = f else { bail!("the split backward is for T-LoRA (orthogonal) factors") };
+    let (r, in_f, out_f) = f.dims()?;
+    check_base(x, weight, None, in_f, out_f)?;
+    let mut g = backward_impl(grad, x, &saved.h, Some((&saved.d, &saved.u)), f, ranks, scale, needs)?;
+    if let Some(gx) = &g.input {
+        let act = resolve_ranks(ranks, r, x)?;
+        let rows = x.numel() as i64 / in_f;
+        let grad2 = cast(grad, x.kind()).reshape([rows, out_f]);
+        let gx2 = gx.reshape([rows, in_f]);
+        for_each_rank(rows, ranks.unwrap_or(&[]), act.mask.is_some(), act.k, |kb| frozen_folded(weight, p0, lam0, q0, kb, scale), |start, n, w| {
+            let mut gb = gx2.narrow(0, start, n);
+            let _ = gb.addmm_(&grad2.narrow(0, start, n), w);
+        });
+        // reshape may have copied a non-contiguous gradient: hand back what was accumulated into.
+        g.input = Some(gx2.view(x.size().as_slice()));
+    }
+    Ok(g)
+}
+
+/// The folded weight W + dW at one rank (None: full rank) in one fused multiply-add, computed in
+/// the wider of the weight's and the factors' dtypes: what the base layer plus [`forward`] compute
+/// for every sample of that rank, as one weight (the inference fast path).
+pub fn fold(weight: &Tensor, f: &Factors, rank: Option<i64>, scale: f64) -> Result<Tensor> {
+    let (r, in_f, out_f) = f.dims()?;
+    let k = rank.unwrap_or(r);
+    ensure!((1..=r).contains(&k), "rank {k} is outside 1..={r}");
+    ensure!(weight.size() == [out_f, in_f], "weight has shape {:?}, expected [{out_f}, {in_f}]", weight.size());
+    ensure!(weight.device() == f.device(), "the weight is on {:?} but the adapter is on {:?}", weight.device(), f.device());
+    let kind = if weight.kind() == Kind::Double || f.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+    let (d, u) = operands(f, k, scale, kind);
+    Ok(cast(weight, kind).addmm(&u, &d))
 }
 
 #[cfg(test)]

@@ -223,3 +223,118 @@ fn bad_arguments_are_named() {
     let f = Factors::Ortho { p: &w.p, lam: &w.lam, q: &bad_q, p0: &w.p0, lam0: &w.lam0, q0: &w.q0 };
     assert!(err(forward(&x, &f, None, 1.0)).contains("Q has 3 rows"));
 }
+
+#[test]
+fn forward_into_adds_in_place() {
+    let w = Ortho::new(6, 5, 4, 80);
+    for ranks in [vec![4], vec![3, 1]] {
+        let x = seeded(&[2, 3, 5], 81);
+        let (delta, h) = forward(&x, &w.factors(), Some(&ranks), 0.5).unwrap();
+        let base = seeded(&[2, 3, 6], 82);
+        let y = base.copy();
+        let h2 = forward_into(&y, &x, &w.factors(), Some(&ranks), 0.5).unwrap();
+        assert!(max_rel(&y, &(&base + &delta)) < 1e-12, "{ranks:?}");
+        assert!(max_rel(&h2, &h) < 1e-15);
+        // The same rows flattened to 2-D (how the layer calls it), and a non-contiguous output.
+        let flat = base.copy().reshape([6, 6]);
+        let _ = forward_into(&flat, &x, &w.factors(), Some(&ranks), 0.5).unwrap();
+        assert!(max_rel(&flat.reshape([2, 3, 6]), &(&base + &delta)) < 1e-12);
+        let yt = base.transpose(0, 1).contiguous().transpose(0, 1);
+        assert!(!yt.is_contiguous());
+        let _ = forward_into(&yt, &x, &w.factors(), Some(&ranks), 0.5).unwrap();
+        assert!(max_rel(&yt, &(&base + &delta)) < 1e-12);
+    }
+    let x = seeded(&[2, 3, 5], 83);
+    let bad = Tensor::zeros([2, 3, 7], F64);
+    assert!(forward_into(&bad, &x, &w.factors(), None, 1.0).is_err());
+    assert!(forward_into(&Tensor::zeros([5, 6], F64), &x, &w.factors(), None, 1.0).is_err());
+}
+
+#[test]
+fn saved_operands_and_gradient_subsets_match_the_full_backward() {
+    let w = Ortho::new(7, 6, 5, 90);
+    let x = seeded(&[3, 4, 6], 91);
+    let gout = seeded(&[3, 4, 7], 92);
+    for ranks in [vec![5], vec![3], vec![2, 5, 4]] {
+        let (_, h) = forward(&x, &w.factors(), Some(&ranks), 1.25).unwrap();
+        let all = backward(&gout, &x, &h, &w.factors(), Some(&ranks), 1.25, [true; 4]).unwrap();
+        let (_, saved) = forward_saving(&x, &w.factors(), Some(&ranks), 1.25, None).unwrap();
+        // A (rows, out) gradient, as the layer's flattened output receives it.
+        let flat_grad = gout.reshape([12, 7]);
+        let needs_list = [[true; 4], [false, true, true, true], [false, false, false, true], [true, false, false, false], [false, true, false, false]];
+        for needs in needs_list {
+            for some in [
+                backward(&gout, &x, &h, &w.factors(), Some(&ranks), 1.25, needs).unwrap(),
+                backward_saved(&flat_grad, &x, &saved, &w.factors(), Some(&ranks), 1.25, needs).unwrap(),
+            ] {
+                assert_eq!(some.input.is_some(), needs[0]);
+                if let Some(gx) = &some.input {
+                    assert!(max_rel(gx, all.input.as_ref().unwrap()) < 1e-14);
+                }
+                for i in 0..3 {
+                    assert_eq!(some.factors[i].is_some(), needs[i + 1]);
+                    if let Some(g) = &some.factors[i] {
+                        assert!(max_rel(g, all.factors[i].as_ref().unwrap()) < 1e-14, "{ranks:?} {needs:?} {i}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fold_is_weight_plus_dense_update() {
+    let w = Ortho::new(6, 5, 4, 100);
+    let weight = seeded(&[6, 5], 101);
+    for k in [None, Some(1), Some(3)] {
+        let folded = fold(&weight, &w.factors(), k, 0.75).unwrap();
+        let want = &weight + dense_update(&w.factors(), k, 0.75).unwrap();
+        assert!(max_rel(&folded, &want) < 1e-14);
+    }
+    // Half-precision weights fold in float32.
+    let cast = |t: &Tensor| t.to_kind(Kind::Float);
+    let (p, lam, q, p0, lam0, q0) = (cast(&w.p), cast(&w.lam), cast(&w.q), cast(&w.p0), cast(&w.lam0), cast(&w.q0));
+    let f = Factors::Ortho { p: &p, lam: &lam, q: &q, p0: &p0, lam0: &lam0, q0: &q0 };
+    assert_eq!(fold(&weight.to_kind(Kind::Half), &f, Some(2), 1.0).unwrap().kind(), Kind::Float);
+    assert!(fold(&weight, &w.factors(), Some(5), 1.0).is_err());
+    assert!(fold(&seeded(&[5, 6], 102), &w.factors(), None, 1.0).is_err());
+}
+
+#[test]
+fn split_forward_and_backward_match_base_plus_update() {
+    let (b, n, in_f, out_f, r) = (3, 4, 7, 6, 4);
+    let w = Ortho::new(out_f, in_f, r, 110);
+    let weight = seeded(&[out_f, in_f], 111);
+    let bias = seeded(&[out_f], 112);
+    let x = seeded(&[b, n, in_f], 113);
+    let gout = seeded(&[b, n, out_f], 114);
+    for ranks in [None, Some(vec![4]), Some(vec![2]), Some(vec![4, 1, 3]), Some(vec![2, 2, 3])] {
+        for with_bias in [true, false] {
+            let bias = if with_bias { Some(&bias) } else { None };
+            let (y, saved) = forward_split(&x, &weight, bias, &w.factors(), ranks.as_deref(), 0.75).unwrap();
+            let (delta, h) = forward(&x, &w.factors(), ranks.as_deref(), 0.75).unwrap();
+            let want = x.linear(&weight, bias) + &delta;
+            assert_eq!(y.size(), want.size());
+            assert!(max_rel(&y, &want) < 1e-12, "{ranks:?}");
+            let all = backward(&gout, &x, &h, &w.factors(), ranks.as_deref(), 0.75, [true; 4]).unwrap();
+            let gx_want = all.input.as_ref().unwrap() + gout.matmul(&weight);
+            for needs in [[true; 4], [false, true, true, true], [true, false, false, false]] {
+                let g = backward_split(&gout, &x, &saved, &weight, &w.factors(), ranks.as_deref(), 0.75, needs).unwrap();
+                assert_eq!(g.input.is_some(), needs[0]);
+                if let Some(gx) = &g.input {
+                    assert!(max_rel(gx, &gx_want) < 1e-12, "dx {ranks:?}");
+                }
+                for i in 0..3 {
+                    if let Some(gf) = &g.factors[i] {
+                        assert!(max_rel(gf, all.factors[i].as_ref().unwrap()) < 1e-12, "{ranks:?} {i}");
+                    }
+                }
+            }
+        }
+    }
+    let plain_down = seeded(&[r, in_f], 115);
+    let plain_up = seeded(&[out_f, r], 116);
+    let plain = Factors::Plain { down: &plain_down, up: &plain_up };
+    assert!(forward_split(&x, &weight, None, &plain, None, 1.0).is_err());
+    assert!(forward_split(&x.to_kind(Kind::Float), &weight, None, &w.factors(), None, 1.0).is_err());
+}
