@@ -381,3 +381,47 @@ def test_static_lora_is_not_imported(tmp_path):
     with pytest.raises(ValueError, match=r"static LoRA .* pipe\.load_lora_weights"):
         tlora.load(model, result.path)
     assert adapter_of(model) is None
+
+
+def test_cli_import_writes_a_tlora_file(tmp_path, capsys):
+    from tlora.cli import main
+    from tlora.tiny import save_tiny_pipeline
+
+    folder = save_tiny_pipeline("sdxl", tmp_path / "model")  # its UNet is tiny_denoiser("sdxl")
+    source = tiny_denoiser("sdxl")
+    adapter = tlora.inject(source, rank=R, min_rank=1)
+    perturb(adapter)
+    ref = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(reference_layout(adapter), str(ref))
+    out = tmp_path / "imported.safetensors"
+    assert main(["import", "--adapter", str(ref), "--model", str(folder), "--out", str(out), "--min-rank", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "tlora adapter of rank 4 (min rank 1" in printed and "reference T-LoRA code" in printed and str(out) in printed
+    tensors, meta = tlora.read(out)  # tlora's own format now
+    assert meta["base_model"] == "UNet2DConditionModel" and meta["config"]["min_rank"] == 1
+    assert set(meta["modules"]) == set(adapter.layers)
+    target = tiny_denoiser("sdxl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tlora file: no guessing of r_min
+        tlora.load(target, out)
+    for t in ([0], [999], [100, 900]):
+        assert rel(run("sdxl", target, t), run("sdxl", source, t)) < TOL
+
+    # Errors are reported like the other subcommands': exit status 2, one line, nothing written.
+    adapter.remove()
+    static = interop.export(out, tmp_path / "static.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    assert main(["import", "--adapter", str(static.path), "--model", str(folder), "--out", str(bad)]) == 2
+    assert "static LoRA" in capsys.readouterr().err and not bad.exists()
+
+
+def test_import_file_from_lycoris(lycoris_source, tmp_path):
+    source, mods = lycoris_source
+    state = {f"{m.lora_name}.{k}": v.detach().clone() for m in mods for k, v in nn.Module.state_dict(m).items()}
+    path = tmp_path / "lycoris.safetensors"
+    save_file(state, str(path))
+    adapter, out = interop.import_file(path, tiny_denoiser("sd"), tmp_path / "tlora.safetensors", min_rank=2)
+    assert out.exists() and adapter.config.scale == 0.5
+    target = tiny_denoiser("sd")
+    tlora.load(target, out)
+    assert rel(run("sd", target, 600), lycoris_run("sd", source, 600, 2)) < TOL

@@ -13,7 +13,7 @@ from torch import nn
 from . import _native
 from .config import TIMESTEP_SCALE_BY_CLASS, AdapterConfig
 from .layer import RankState, TLoraLinear
-from .targets import find_targets
+from .targets import find_targets, linear_at
 
 _ATTR = "_tlora_adapter"
 
@@ -76,7 +76,7 @@ def inject_config(model: nn.Module, config: AdapterConfig, module_names: Sequenc
     names = list(module_names) if module_names is not None else find_targets(model, config.target_modules)
     modules = dict(model.named_modules())
     for name in names:
-        base = modules.get(name)
+        _, base = linear_at(modules, name)
         if type(base) is not nn.Linear:
             raise ValueError(f"module {name!r} is {'missing' if base is None else type(base).__name__}, expected nn.Linear")
         limit = min(base.in_features, base.out_features)
@@ -86,9 +86,10 @@ def inject_config(model: nn.Module, config: AdapterConfig, module_names: Sequenc
                 f"{base.in_features}, at most {limit}): lower rank or leave this module out of target_modules"
             )
     state = RankState()
-    built = {n: factors[n] if factors is not None else _init_factors(modules[n], n, config) for n in names}
+    bases = {n: linear_at(modules, n)[1] for n in names}
+    built = {n: factors[n] if factors is not None else _init_factors(bases[n], n, config) for n in names}
     # From here on nothing can fail for a reason the user controls: swap the modules in.
-    return Adapter(model, config, {n: (modules[n], built[n]) for n in names}, state)
+    return Adapter(model, config, {n: (bases[n], built[n]) for n in names}, state)
 
 
 def _module_seed(seed: int, name: str) -> int:
@@ -119,10 +120,13 @@ class Adapter:
         self.config = config
         self.state = state
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        # Keyed by the adapted module's name; inside a PEFT LoRA layer the patch sits at
+        # `<name>.base_layer`, and the files keep the plain name.
         self.layers: dict[str, TLoraLinear] = {}
+        modules = dict(model.named_modules())
         for name, (base, factors) in parts.items():
             layer = TLoraLinear(base, config, state, {k: v.float() for k, v in factors.items()})
-            _set_submodule(model, name, layer)
+            _set_submodule(model, linear_at(modules, name)[0], layer)
             self.layers[name] = layer
         own = {id(p) for p in self._own_parameters()}
         for p in model.parameters():
@@ -175,6 +179,9 @@ class Adapter:
         values = ranks.tolist()
         return values[:1] if all(v == values[0] for v in values) else values
 
+    # Under torch.compile the hook runs outside the graph (the ranks become Python ints that the
+    # layers' ops take as constants: one graph break per forward, one graph per set of ranks).
+    @torch.compiler.disable
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._wrap_checkpointing()
         if self.state.pinned:
@@ -252,8 +259,12 @@ class Adapter:
             func = getattr(m, "_gradient_checkpointing_func", None)
             if getattr(func, "_tlora_wrapped", False):
                 m._gradient_checkpointing_func = func._tlora_original
+        # Each layer where it is now (a PEFT layer around it may have been added or unloaded since).
+        where = {id(m): n for n, m in self.model.named_modules(remove_duplicate=False)}
         for name, layer in self.layers.items():
-            _set_submodule(self.model, name, layer.base_layer)
+            path = where.get(id(layer))
+            if path is not None:
+                _set_submodule(self.model, path, layer.base_layer)
         for name, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
         delattr(self.model, _ATTR)

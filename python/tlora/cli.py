@@ -16,6 +16,7 @@ layout and background.
   tlora generate --model M --adapter runs/dog/adapter.safetensors --prompt "a {} on a beach" --out out/
   tlora info runs/dog/adapter.safetensors     what an adapter file holds
   tlora export --adapter A --format diffusers --out lora.safetensors   bake into a static LoRA
+  tlora import --adapter ref.safetensors --model M --out tlora.safetensors   read another tool's T-LoRA
 """
 
 
@@ -78,6 +79,21 @@ def _export_parser(sub) -> None:
     p.add_argument("--out", required=True, help=".safetensors file (peft: a folder)")
 
 
+def _import_parser(sub) -> None:
+    p = sub.add_parser("import", help="convert a reference-code or LyCORIS T-LoRA file to a tlora adapter",
+                       description="Read a T-LoRA checkpoint of the reference code (SD-XL processor weights) or a "
+                                   "LyCORIS tlora state dict (safetensors only) and write it as a tlora adapter file.")
+    p.add_argument("--adapter", required=True, help="the other tool's .safetensors file")
+    p.add_argument("--model", required=True, help="the base model it was trained on (diffusers folder or hub id)")
+    p.add_argument("--out", required=True, help="tlora adapter .safetensors file to write")
+    p.add_argument("--min-rank", type=int, default=None, help="rank at t = T (default: the file's metadata, else rank // 2)")
+    p.add_argument("--rank-exponent", type=float, default=None, help="default: the file's metadata, else 1.0")
+    p.add_argument("--num-train-timesteps", type=int, default=None, help="default: the file's metadata, else 1000")
+    p.add_argument("--reconstruct-base", action="store_true",
+                   help="LyCORIS files without base_q/base_p/base_lambda: rebuild them from the model's weights "
+                        "(right only for LyCORIS's default init)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show an adapter file's settings and modules")
     info.add_argument("adapter")
     _export_parser(sub)
+    _import_parser(sub)
     from .demo import add_parser as add_demo
 
     add_demo(sub)
@@ -122,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             where = f"{result.path} and {result.config_path}" if result.config_path else str(result.path)
             print(f"{args.format} LoRA of rank {result.lora_rank} ({result.modules} modules) written to {where}")
             print(f"note: {result.note}")
+        elif args.command == "import":
+            from .interop import import_file
+
+            adapter, out = import_file(args.adapter, args.model, args.out, min_rank=args.min_rank,
+                                       rank_exponent=args.rank_exponent, num_train_timesteps=args.num_train_timesteps,
+                                       reconstruct_base=args.reconstruct_base)
+            c = adapter.config
+            print(f"{c.variant} adapter of rank {c.rank} (min rank {c.min_rank}, {len(adapter.layers)} modules) "
+                  f"from {c.extra.get('imported_from', 'a tlora file')} written to {out}")
         elif args.command == "demo":
             from .demo import run
 

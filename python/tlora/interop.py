@@ -44,6 +44,7 @@ from torch import nn
 from . import _native
 from .adapter import Adapter, adapter_of, inject_config, rank_schedule
 from .config import AdapterConfig
+from .targets import linear_at
 
 FORMATS = ("diffusers", "peft", "kohya")
 EXPORT_METADATA_KEY = "tlora_export"
@@ -292,7 +293,8 @@ def import_adapter(model: nn.Module, path: str | os.PathLike, device: torch.devi
             f"{existing.config.rank}); call adapter.remove() before importing another"
         )
     tensors = dict(raw_tensors)
-    linear = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    all_modules = dict(model.named_modules())
+    linear = {n: m for n in all_modules if type(m := linear_at(all_modules, n)[1]) is nn.Linear}
 
     if any(_REF_KEY.match(k) for k in tensors):
         source = "reference T-LoRA code"
@@ -352,6 +354,27 @@ def import_adapter(model: nn.Module, path: str | os.PathLike, device: torch.devi
         dev = device if device is not None else linear[name].weight.device
         factors[name] = {k: modules[name][k].float().contiguous().to(dev) for k in keys}
     return inject_config(model, config, module_names=names, factors=factors)
+
+
+def import_file(adapter_path: str | os.PathLike, model: str | nn.Module, out_path: str | os.PathLike,
+                **options: Any) -> tuple[Adapter, Path]:
+    """Convert another tool's T-LoRA file into a tlora adapter file (what `tlora import` runs).
+
+    `model`: the base denoiser, or a diffusers folder / hub id whose `unet/` or `transformer/` is
+    loaded. `options` go to `import_adapter`. The adapter is written to `out_path` and stays
+    injected in the model; returns (adapter, path written).
+    """
+    from .io import save
+
+    out = Path(out_path)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"adapter files are .safetensors; got {out.name!r}")
+    if not isinstance(model, nn.Module):
+        from .pipelines import load_denoiser
+
+        model = load_denoiser(str(model))
+    adapter = import_adapter(model, adapter_path, **options)
+    return adapter, save(adapter, out)
 
 
 def _parse_reference(path: Path, tensors: dict[str, torch.Tensor]):
@@ -502,4 +525,4 @@ def _unknown_layout(path: Path, tensors: dict[str, torch.Tensor]) -> str:
             f"...) or of LyCORIS (lycoris_<module>.q_layer.weight ...). First keys: {', '.join(keys[:4]) or '(none)'}")
 
 
-__all__ = ["ExportResult", "FORMATS", "export", "import_adapter"]
+__all__ = ["ExportResult", "FORMATS", "export", "import_adapter", "import_file"]

@@ -14,6 +14,7 @@ from torch import nn
 from . import _native
 from .adapter import Adapter, adapter_of, inject_config
 from .config import AdapterConfig
+from .targets import linear_at
 
 FORMAT_VERSION = 1
 METADATA_KEY = "tlora"
@@ -100,7 +101,7 @@ def load(model: nn.Module, path: str | os.PathLike, device: torch.device | str |
     keys = ("p", "lam", "q", "p0", "lam0", "q0") if config.variant == "tlora" else ("down", "up")
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for name in names:
-        base = modules.get(name)
+        base = linear_at(modules, name)[1]
         if type(base) is not nn.Linear:
             what = "does not exist" if base is None else f"is a {type(base).__name__}, not nn.Linear"
             raise ValueError(f"{path} adapts module {name!r}, which {what} in this {type(model).__name__}")

@@ -168,6 +168,60 @@ class SplitLowRank(torch.autograd.Function):
         return (gx, None, None, None, None, gp, glam, gq, *none[8:])
 
 
+# ---- torch.compile ----------------------------------------------------------------------------
+# Dynamo cannot trace into the extension's functions, so under `torch.compile` the update runs
+# through these custom ops (with fake kernels for tracing and a registered backward): the adapted
+# layers then compile into the model's graph instead of breaking it. The forward saves nothing but
+# its inputs; the backward recomputes the kernels' intermediates (one down-projection). Eager
+# calls keep the autograd.Functions above, which save them.
+
+@torch.library.custom_op("tlora::lowrank_delta", mutates_args=())
+def _lowrank_delta(x: torch.Tensor, factors: list[torch.Tensor], ranks: list[int] | None, scale: float) -> torch.Tensor:
+    return _native.lowrank_forward(x, factors, ranks, scale)[0]
+
+
+@_lowrank_delta.register_fake
+def _(x, factors, ranks, scale):
+    out_f = factors[0].shape[0] if len(factors) == 6 else factors[1].shape[0]
+    return x.new_empty((*x.shape[:-1], out_f))
+
+
+@torch.library.custom_op("tlora::lowrank_delta_backward", mutates_args=())
+def _lowrank_delta_backward(grad: torch.Tensor, x: torch.Tensor, factors: list[torch.Tensor], ranks: list[int] | None,
+                            scale: float, needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, h, d, u = _native.lowrank_forward(x, factors, ranks, scale)
+    grads = _native.lowrank_backward(grad.contiguous(), x, h, factors, ranks, scale, needs, d, u)
+    # Custom ops return tensors: an empty one stands for "not computed".
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)  # type: ignore[return-value]
+
+
+@_lowrank_delta_backward.register_fake
+def _(grad, x, factors, ranks, scale, needs):
+    like = [x, *factors[:3]]
+    return tuple(torch.empty_like(like[i]) if i < len(like) and needs[i] else x.new_empty(0) for i in range(4))
+
+
+def _delta_setup_context(ctx, inputs, output):
+    x, factors, ranks, scale = inputs
+    ctx.save_for_backward(x, *factors)
+    ctx.ranks, ctx.scale = ranks, scale
+
+
+def _delta_backward(ctx, grad):
+    x, *factors = ctx.saved_tensors
+    n_trainable = 3 if len(factors) == 6 else 2
+    needs_x, needs_f = ctx.needs_input_grad[0], list(ctx.needs_input_grad[1])
+    needs = [bool(needs_x)] + [bool(needs_f[i]) if i < n_trainable else False for i in range(3)]
+    if not any(needs):
+        return None, [None] * len(factors), None, None
+    gx, *gf = _lowrank_delta_backward(grad, x, factors, ctx.ranks, ctx.scale, needs)
+    factor_grads = [gf[i] if i < n_trainable and needs[1 + i] else None for i in range(len(factors))]
+    return (gx if needs[0] else None), factor_grads, None, None
+
+
+_lowrank_delta.register_autograd(_delta_backward, setup_context=_delta_setup_context)
+
+
 def _plain_linear(base: nn.Module) -> bool:
     """Whether calling `base` is exactly F.linear(x, weight, bias): no hooks, no patched forward
     (e.g. accelerate's offloading), so that a function may use its weight directly."""
@@ -245,6 +299,8 @@ class TLoraLinear(nn.Module):
         ranks = self.state.ranks if config.masked else None
         factors = self.factors()
         base = self._modules["base_layer"]
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(x, ranks, factors, base)
         if torch.is_grad_enabled() and (x.requires_grad or any(f.requires_grad for f in factors)
                                         or any(p.requires_grad for p in base._parameters.values() if p is not None)):
             if self._folded:  # training: the factors are about to change
@@ -268,6 +324,20 @@ class TLoraLinear(nn.Module):
             with torch.autocast(device, enabled=False):
                 return self._add_update(y, x, ranks, factors, in_place)
         return self._add_update(y, x, ranks, factors, in_place)
+
+    def _compiled_forward(self, x: torch.Tensor, ranks: list[int] | None, factors: list[torch.Tensor],
+                          base: nn.Module) -> torch.Tensor:
+        """The factored path as custom ops that torch.compile traces (no folding, no split: the
+        fold cache keys on data pointers and in-place versions, which a graph cannot check)."""
+        y = base(x)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))
+            with torch.autocast(device, enabled=False):
+                delta = _lowrank_delta(x, factors, ranks, self.config.scale)
+        else:
+            delta = _lowrank_delta(x, factors, ranks, self.config.scale)
+        return y + delta.to(y.dtype)
 
     def _add_update(self, y: torch.Tensor, x: torch.Tensor, ranks: list[int] | None, factors: list[torch.Tensor],
                     in_place: bool) -> torch.Tensor:

@@ -52,6 +52,23 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
     return pipe
 
 
+def load_denoiser(model: str) -> nn.Module:
+    """Only the denoiser (`unet/` or `transformer/`) of a local diffusers folder or hub id, float32."""
+    from diffusers import AutoModel
+
+    check_model_folder(model)
+    local = Path(model).exists()
+    errors = []
+    for sub in ("unet", "transformer"):
+        if local and not (Path(model) / sub).is_dir():
+            continue
+        try:
+            return AutoModel.from_pretrained(model, subfolder=sub).eval()
+        except OSError as e:  # a hub id without this subfolder
+            errors.append(str(e).splitlines()[0])
+    raise ValueError(f"{model} has no unet/ or transformer/ denoiser" + (f" ({errors[-1]})" if errors else ""))
+
+
 def family_of(pipe) -> "Family":
     name = type(pipe).__name__
     key = SUPPORTED.get(name)

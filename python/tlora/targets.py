@@ -17,6 +17,24 @@ def _matches(name: str, targets: Sequence[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def wrapped_linear(module: nn.Module | None) -> nn.Linear | None:
+    """The `nn.Linear` inside another tool's adapter layer: PEFT's LoRA layers (what diffusers'
+    `load_lora_weights` and `add_adapter` install) keep the original layer as `base_layer` and call
+    it, so T-LoRA adapts that layer and both updates apply. None for anything else."""
+    if module is None or type(module) is nn.Linear or _is_adapted(module):
+        return None
+    base = getattr(module, "base_layer", None)
+    return base if type(base) is nn.Linear else None
+
+
+def linear_at(modules: dict[str, nn.Module], name: str) -> tuple[str, nn.Module | None]:
+    """(path, module) of the layer T-LoRA patches for the module called `name`: the module itself,
+    or `name.base_layer` inside a PEFT LoRA layer."""
+    module = modules.get(name)
+    inner = wrapped_linear(module)
+    return (f"{name}.base_layer", inner) if inner is not None else (name, module)
+
+
 def find_targets(model: nn.Module, targets: Sequence[str] | str | None) -> list[str]:
     """Full paths of the `nn.Linear` modules that `targets` selects (suffixes or one regex).
 
@@ -32,7 +50,7 @@ def find_targets(model: nn.Module, targets: Sequence[str] | str | None) -> list[
     for name, module in model.named_modules():
         if not name or not _matches(name, targets):
             continue
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear or wrapped_linear(module) is not None:
             names.append(name)
         elif not list(module.children()) and not _is_adapted(module):
             wrong_type.append(f"{name} ({type(module).__name__})")
@@ -43,7 +61,9 @@ def find_targets(model: nn.Module, targets: Sequence[str] | str | None) -> list[
         )
     if not names:
         raise ValueError(_no_match_message(model, targets))
-    return names
+    # A regex may select both a PEFT layer and its base_layer: they are one target.
+    taken = set(names)
+    return [n for n in names if not (n.endswith(".base_layer") and n[: -len(".base_layer")] in taken)]
 
 
 def _is_adapted(module: nn.Module) -> bool:
