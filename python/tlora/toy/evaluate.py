@@ -61,10 +61,11 @@ def autoencoder_ceiling(concept: Concept) -> float:
     from diffusers import AutoencoderKL
 
     from .concepts import render_concept
+    from .pretrain import to_unit
 
     vae = AutoencoderKL.from_pretrained(model_dir() / "vae", dtype=torch.float32)
     renders = np.stack([render_concept(concept, p.position, p.background) for p in EVAL_PROMPTS])
-    x = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = to_unit(torch.from_numpy(renders).permute(0, 3, 1, 2))
     with torch.no_grad():
         y = vae.decode(vae.encode(x).latent_dist.mean).sample
     decoded = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()

@@ -60,13 +60,6 @@ def build_components(seed: int):
     return tokenizer, vae, text_encoder, unet, scheduler
 
 
-def scenes(rng: np.random.Generator, n: int, split: str = "train"):
-    batch = [world.sample_scene(rng, split=split) for _ in range(n)]
-    pixels = np.stack([world.render(s, rng) for s in batch])
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return x, [world.caption(s) for s in batch], batch
-
-
 CHUNK = 1024  # scenes per independently seeded chunk: the dataset does not depend on --workers
 
 
@@ -107,6 +100,7 @@ def render_dataset(seed: int, n: int, workers: int) -> tuple[torch.Tensor, list[
 
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (n, 3, h, w) pixels to the autoencoder's [-1, 1] range."""
     return pixels.float() / 127.5 - 1.0
 
 
@@ -132,7 +126,7 @@ def patterned(rng: np.random.Generator, n: int) -> torch.Tensor:
             on = ((xx % period) < period // 2 + 1) & ((yy % period) < period // 2 + 1)
         out[i][box & on] = c[1]
         out[i][box & ~on] = c[2]
-    return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return to_unit(torch.from_numpy(out).permute(0, 3, 1, 2))
 
 
 class Budget:
