@@ -30,8 +30,10 @@ test: test-rust test-python
 
 bench: install
 	$(BIN)/python -m pip install -q -e ".[bench]" --no-build-isolation
+	LD_LIBRARY_PATH="$$($(BIN)/python -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')" \
+		cargo bench --bench kernels
 	$(BIN)/python benches/speed.py --quick
-	$(BIN)/python benches/quality.py
+	$(BIN)/python benches/quality.py --workers 2
 
 clean:
 	rm -rf target $(VENV) python/tlora/*.so
