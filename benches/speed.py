@@ -2,13 +2,16 @@
 (not in CI).
 
     python benches/speed.py [--quick] [--out bench-results] [--only layer,train,sample,memory,scaling]
+                            [--layer-batch 2]
 
 a. layer: one adapted linear layer, forward + backward, SD-XL shapes (tokens 1024 and 4096 per
    sample, in/out 640 and 1280, cross-attention in 2048), rank 64 (r_min 32), batch 2 with
    per-sample timesteps uniform on [0, 1000): tlora T-LoRA, tlora LoRA, PEFT LoRA at the same
    rank, the paper's equations in plain PyTorch (two full-rank branches times the mask),
    LyCORIS's TLoraModule (default and bypass mode; it takes one mask per batch, so it gets the
-   batch's largest rank) and the bare layer.
+   batch's largest rank) and the bare layer; tlora-factored is tlora T-LoRA with the frozen
+   branch computed next to the trainable one instead of folded. --layer-batch 1: one timestep.
+   benches/kernels.rs (criterion) times the same case on the Rust kernels alone.
 b. train: a training step (forward, epsilon loss, backward, AdamW) of a small UNet with SD-XL's
    block structure (UNet2DConditionModel, text_time embedding, DownBlock2D then two cross-attention
    levels, transformer layers per block scaled down from SD-XL's (1, 2, 10)) at 64x64 and 128x128
@@ -126,11 +129,10 @@ def lycoris_layer(lin: nn.Linear, r: int, r_min: int, bypass: bool):
     return forward, params
 
 
-def bench_layer(tokens: int, in_f: int, out_f: int, r: int, repeats: int, lycoris: bool) -> dict:
+def bench_layer(tokens: int, in_f: int, out_f: int, r: int, repeats: int, lycoris: bool, batch: int = 2) -> dict:
     from peft import LoraConfig, inject_adapter_in_model
 
     torch.manual_seed(0)
-    batch = 2
     x = torch.randn(batch, tokens, in_f)
     results = {}
 
@@ -156,6 +158,14 @@ def bench_layer(tokens: int, in_f: int, out_f: int, r: int, repeats: int, lycori
             for p in ad.parameters():
                 p.add_(0.01 * torch.randn_like(p))
         results[f"tlora-{variant}"] = run(lambda xi, t, m=m: m(xi, t), ad.parameters())
+        if variant == "tlora":
+            # The same adapter with the frozen branch computed next to the trainable one instead
+            # of folded into the weight: shows what the split rule (layer._split_pays) chose over.
+            tlora.layer.SPLIT_FROZEN = False
+            try:
+                results["tlora-factored"] = run(lambda xi, t, m=m: m(xi, t), ad.parameters())
+            finally:
+                tlora.layer.SPLIT_FROZEN = True
     pm = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["to_q"], init_lora_weights="gaussian"),
                                  Holder(linear()))
     results["peft-lora"] = run(lambda xi, t: pm(xi, t), [p for p in pm.parameters() if p.requires_grad])
@@ -171,15 +181,15 @@ def bench_layer(tokens: int, in_f: int, out_f: int, r: int, repeats: int, lycori
     return results
 
 
-def layer_section(quick: bool) -> list[dict]:
+def layer_section(quick: bool, batch: int = 2) -> list[dict]:
     repeats = 5 if quick else 15
     shapes = [(1024, 640, 640), (1024, 2048, 1280)] if quick else [
         (t, i, o) for t in (1024, 4096) for i, o in ((640, 640), (1280, 1280), (2048, 640), (2048, 1280))]
     rows = []
     for tokens, in_f, out_f in shapes:
-        res = bench_layer(tokens, in_f, out_f, 64, repeats, lycoris=True)
+        res = bench_layer(tokens, in_f, out_f, 64, repeats, lycoris=True, batch=batch)
         bare = res["bare"]
-        row = {"tokens": tokens, "in": in_f, "out": out_f, "rank": 64, **{k: v * 1e3 for k, v in res.items()},
+        row = {"batch": batch, "tokens": tokens, "in": in_f, "out": out_f, "rank": 64, **{k: v * 1e3 for k, v in res.items()},
                "overhead_vs_reference": (res["tlora-tlora"] - bare) / (res["reference"] - bare),
                "tlora_vs_peft": res["tlora-tlora"] / res["peft-lora"],
                "tlora_vs_bare": res["tlora-tlora"] / bare}
@@ -505,6 +515,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats (< 3 minutes on 2 cores)")
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--only", default="layer,train,sample,memory,scaling", help="comma-separated sections")
+    ap.add_argument("--layer-batch", type=int, default=2, help="batch of case a (samples with their own timesteps)")
     ap.add_argument("--rewrite", action="store_true", help="rewrite speed.md from the speed.json in --out")
     ap.add_argument("--memory-case", help=argparse.SUPPRESS)
     ap.add_argument("--latent", type=int, help=argparse.SUPPRESS)
@@ -526,7 +537,7 @@ def main() -> None:
     results: dict = {"info": info, "quick": args.quick, "unet": {k: list(v) if isinstance(v, tuple) else v
                                                                 for k, v in UNET.items()}}
     if "layer" in only:
-        results["layer"] = layer_section(args.quick)
+        results["layer"] = layer_section(args.quick, args.layer_batch)
     if "train" in only:
         results["train"] = train_section(args.quick, latents)
     if "sample" in only:
@@ -545,8 +556,8 @@ def write_outputs(results: dict, out: Path) -> None:
     (out / "speed.json").write_text(json.dumps(results, indent=2))
     parts = [f"Machine: {json.dumps(info)}; quick={quick}; {results['seconds']:.0f} s\n"]
     if "layer" in results:
-        parts.append("### a. One layer, forward + backward, ms (median); batch 2, per-sample timesteps\n\n" + md_table(
-            results["layer"], ["tokens", "in", "out", "bare", "tlora-tlora", "tlora-lora", "peft-lora", "reference",
+        parts.append("### a. One layer, forward + backward, ms (median); per-sample timesteps\n\n" + md_table(
+            results["layer"], ["batch", "tokens", "in", "out", "bare", "tlora-tlora", "tlora-factored", "tlora-lora", "peft-lora", "reference",
                                "lycoris", "lycoris-bypass", "overhead_vs_reference", "tlora_vs_peft", "tlora_vs_bare"]))
     if "train" in results:
         parts.append(f"### b. Training step (batch 1, AdamW), ms (median of interleaved rounds); UNet {UNET}\n\n" + md_table(

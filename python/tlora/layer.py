@@ -7,8 +7,9 @@ Three paths compute the same output:
   (used whenever a gradient is needed);
 - in training, for T-LoRA in float32/float64 with many tokens, the same sum with the frozen branch
   folded into the base weight, `x (W - s P0_k Λ0_k Q0_k)^T + b + s x Q_k^T Λ_k P_k^T`
-  (`SplitLowRank`): the frozen branch then costs one fold of in*out per rank instead of
-  tokens*(in + out) products both ways (`SPLIT_FROZEN = False` turns it off; half-precision
+  (`SplitLowRank`): the frozen branch then costs one fold of in*out per rank (a batch of mixed
+  ranks extends one fold in place, smallest rank first) instead of tokens*(in + out) products both
+  ways, chosen when tokens * (in + out) > 2 * in * out (`SPLIT_FROZEN = False` turns it off; half-precision
   training keeps the factored path, where the two branches cancel exactly at initialisation);
 - the inference fast path: when no gradient is needed (`torch.is_grad_enabled()` is False, or
   neither the input, the factors nor the base layer require grad), the update is folded into the
@@ -353,8 +354,9 @@ class TLoraLinear(nn.Module):
 
     def _split_pays(self, x: torch.Tensor, ranks: list[int] | None, base: nn.Module) -> bool:
         """Whether SplitLowRank applies (float32/64, frozen plain base layer, valid ranks) and is
-        cheaper: folding the frozen branch costs in*out per distinct rank and saves
-        tokens*(in + out) each way."""
+        cheaper: folding the frozen branch costs in*out*k_max each way (mixed ranks extend one
+        fold in place, smallest rank first) and saves tokens*(in + out)*k_max each way; the fold
+        also writes a whole weight, so it is taken from twice the break-even point."""
         w = base._parameters["weight"]
         if (x.dtype not in (torch.float32, torch.float64) or w.dtype != x.dtype or x.device != w.device
                 or x.dim() == 0 or torch.is_autocast_enabled(x.device.type) or not _plain_linear(base)):
@@ -366,14 +368,15 @@ class TLoraLinear(nn.Module):
         if x.shape[-1] != in_f:
             return False
         r = self.config.rank
-        distinct = 1
         if ranks is not None:
             if any(not 1 <= k <= r for k in ranks):
                 return False
-            distinct = len(set(ranks))
-            if distinct > 1 and (x.dim() < 2 or x.shape[0] != len(ranks)):
+            if len(set(ranks)) > 1 and (x.dim() < 2 or x.shape[0] != len(ranks)):
                 return False
-        return (x.numel() // in_f) * (in_f + out_f) > distinct * in_f * out_f
+        # By FLOPs the fold pays from tokens*(in + out) > in*out, but it also writes a whole weight
+        # each way and splits the base matmul per sample: measured on CPU (benches/RESULTS.md, case
+        # a) the factored path is as fast or faster up to about twice that.
+        return (x.numel() // in_f) * (in_f + out_f) > 2 * in_f * out_f
 
     # ---- inference fast path ---------------------------------------------------------------
     def _folded_forward(self, x: torch.Tensor, ranks: list[int] | None, factors: list[torch.Tensor],

@@ -388,12 +388,11 @@ pub fn dense_update(f: &Factors, rank: Option<i64>, scale: f64) -> Result<Tensor
     Ok(u.matmul(&d))
 }
 
-/// The base weight with T-LoRA's frozen branch at rank k folded in, W - scale P0_k diag(lam0_k) Q0_k,
-/// in the weight's dtype.
-fn frozen_folded(weight: &Tensor, p0: &Tensor, lam0: &Tensor, q0: &Tensor, k: i64, scale: f64) -> Tensor {
-    let kind = weight.kind();
-    let u0 = head(p0, 1, k) * (head(lam0, 0, k) * -scale).unsqueeze(0);
-    weight.addmm(&cast(&u0, kind), &cast(&head(q0, 0, k), kind))
+/// The frozen branch's ranks `from..to` as the addmm operands (-scale P0 diag(lam0), Q0) in `kind`.
+fn frozen_operands(frozen: &Frozen, from: i64, to: i64, kind: Kind) -> (Tensor, Tensor) {
+    let Frozen { p0, lam0, q0, scale } = *frozen;
+    let u0 = p0.narrow(1, from, to - from) * (lam0.narrow(0, from, to - from) * -scale).unsqueeze(0);
+    (cast(&u0, kind), cast(&q0.narrow(0, from, to - from), kind))
 }
 
 fn check_base(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, in_f: i64, out_f: i64) -> Result<()> {
@@ -412,37 +411,51 @@ fn check_base(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, in_f: i64, out
     Ok(())
 }
 
-/// Runs `f(rows of sample b, folded weight of its rank)` for every sample of a batch: one call over
-/// all rows when the batch shares one rank, else one call per sample (weights folded once per rank).
-fn for_each_rank(
-    rows: i64,
-    ranks: &[i64],
-    mixed: bool,
-    k: i64,
-    fold: impl Fn(i64) -> Tensor,
-    mut f: impl FnMut(i64, i64, &Tensor),
-) {
+/// The frozen factors (P0, lam0, Q0) and scale of a split call.
+struct Frozen<'a> {
+    p0: &'a Tensor,
+    lam0: &'a Tensor,
+    q0: &'a Tensor,
+    scale: f64,
+}
+
+/// Runs `f(first row, rows, W - frozen branch at the rows' rank)` over a batch: one call over all
+/// rows when the batch shares one rank k, else one call per sample. Mixed ranks are visited in
+/// increasing order with one weight buffer that each larger rank extends in place by its extra
+/// ranks, so a step folds k_max ranks in all instead of the sum of the distinct ranks.
+fn for_each_rank(rows: i64, ranks: &[i64], mixed: bool, k: i64, weight: &Tensor, frozen: &Frozen, mut f: impl FnMut(i64, i64, &Tensor)) {
+    let kind = weight.kind();
     if !mixed {
-        f(0, rows, &fold(k));
+        let (u0, q0) = frozen_operands(frozen, 0, k, kind);
+        f(0, rows, &weight.addmm(&u0, &q0));
         return;
     }
     let per = rows / ranks.len() as i64;
-    let mut folded: Vec<(i64, Tensor)> = Vec::new();
-    for (b, &rb) in ranks.iter().enumerate() {
-        if !folded.iter().any(|(kb, _)| *kb == rb) {
-            folded.push((rb, fold(rb)));
+    let mut distinct = ranks.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let (u0, q0) = frozen_operands(frozen, 0, distinct[0], kind);
+    let mut w = weight.addmm(&u0, &q0);
+    let mut folded = distinct[0];
+    for kb in distinct {
+        if kb > folded {
+            // Every sample that needed the smaller rank has been computed: extend the fold in place.
+            let (u0, q0) = frozen_operands(frozen, folded, kb, kind);
+            let _ = w.addmm_(&u0, &q0);
+            folded = kb;
         }
-        let w = &folded.iter().find(|(kb, _)| *kb == rb).unwrap().1;
-        f(b as i64 * per, per, w);
+        for (b, _) in ranks.iter().enumerate().filter(|(_, &rb)| rb == kb) {
+            f(b as i64 * per, per, &w);
+        }
     }
 }
 
 /// T-LoRA's training forward with the frozen branch folded into the base layer: the base layer's
 /// output plus the update, y = x (W - s P0_k diag(lam0_k) Q0_k)^T + b + s ((x Q_k^T) * M) diag(lam_k) P_k^T,
 /// each sample with the weight of its own rank. The same sum as base + [`forward`] (float32 or
-/// float64 only: the fold rounds in the weight's dtype), and cheaper when
-/// tokens (in + out) > (distinct ranks) in out: the frozen branch then costs one fold per rank
-/// instead of two tokens-long products each way. Returns y (shape (..., out)) and what
+/// float64 only: the fold rounds in the weight's dtype), and cheaper when tokens (in + out) is
+/// well above in out: the frozen branch then costs one fold of k_max ranks (mixed ranks extend it
+/// in place) instead of two tokens-long products each way. Returns y (shape (..., out)) and what
 /// [`backward_split`] needs (the operands of the trainable branch only).
 pub fn forward_split(
     x: &Tensor,
@@ -464,7 +477,8 @@ pub fn forward_split(
     let x2 = x.reshape([rows, in_f]);
     let y = Tensor::empty([rows, out_f], (kind, x.device()));
     let per_sample = ranks.unwrap_or(&[]);
-    for_each_rank(rows, per_sample, act.mask.is_some(), k, |kb| frozen_folded(weight, p0, lam0, q0, kb, scale), |start, n, w| {
+    let frozen = Frozen { p0, lam0, q0, scale };
+    for_each_rank(rows, per_sample, act.mask.is_some(), k, weight, &frozen, |start, n, w| {
         let (xb, yb) = (x2.narrow(0, start, n), y.narrow(0, start, n));
         let _ = match bias {
             Some(b) => b.addmm_out(&yb, &xb, &w.tr()),
@@ -505,7 +519,8 @@ pub fn backward_split(
         let rows = x.numel() as i64 / in_f;
         let grad2 = cast(grad, x.kind()).reshape([rows, out_f]);
         let gx2 = gx.reshape([rows, in_f]);
-        for_each_rank(rows, ranks.unwrap_or(&[]), act.mask.is_some(), act.k, |kb| frozen_folded(weight, p0, lam0, q0, kb, scale), |start, n, w| {
+        let frozen = Frozen { p0, lam0, q0, scale };
+        for_each_rank(rows, ranks.unwrap_or(&[]), act.mask.is_some(), act.k, weight, &frozen, |start, n, w| {
             let mut gb = gx2.narrow(0, start, n);
             let _ = gb.addmm_(&grad2.narrow(0, start, n), w);
         });
