@@ -63,7 +63,7 @@ def paired(cells: list[dict], a: str = "T-LoRA", b: str = "LoRA") -> str:
     """a minus b on the same concept, rank and seed: the per-run differences separate the methods
     better than the means, whose spread is mostly the concepts'."""
     by = {(c["method"], c["rank"], c["concept"], c["seed"]): c["scores"] for c in cells}
-    lines = [f"| rank | Δ fidelity ({a} − {b}) | Δ alignment | {a} aligns better | n |", "|---|---|---|---|---|"]
+    lines = [f"| rank | Δ fidelity ({a} − {b}) | Δ alignment | {a} aligns better |", "|---|---|---|---|"]
     for r in sorted({c["rank"] for c in cells}):
         pairs = [(by[k], by[(b, *k[1:])]) for k in by if k[0] == a and k[1] == r and (b, *k[1:]) in by]
         if not pairs:
