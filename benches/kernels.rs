@@ -134,7 +134,8 @@ impl Layer {
             .lt_tensor(&Tensor::from_slice(ranks).unsqueeze(1))
             .to_kind(Kind::Float)
             .unsqueeze(1);
-        let branch = |p: &Tensor, lam: &Tensor, q: &Tensor| (x.matmul(&q.tr()) * &mask * lam).matmul(&p.tr()) * SCALE;
+        // The scale goes on the r gains, not on the tokens x out product, as a careful plain version would.
+        let branch = |p: &Tensor, lam: &Tensor, q: &Tensor| (x.matmul(&q.tr()) * &mask * (lam * SCALE)).matmul(&p.tr());
         let y = x.linear(&self.w, Some(&self.b)) + branch(&p, &lam, &q) - branch(&self.p0, &self.lam0, &self.q0);
         Tensor::run_backward(&[self.loss(&y)], &[&x, &p, &lam, &q], false, false)
     }
