@@ -10,7 +10,10 @@ a. layer: one adapted linear layer, forward + backward, SD-XL shapes (tokens 102
    rank, the paper's equations in plain PyTorch (two full-rank branches times the mask),
    LyCORIS's TLoraModule (default and bypass mode; it takes one mask per batch, so it gets the
    batch's largest rank) and the bare layer; tlora-factored is tlora T-LoRA with the frozen
-   branch computed next to the trainable one instead of folded. --layer-batch 1: one timestep.
+   branch computed next to the trainable one instead of folded, tlora-unstaged with the split
+   path but no cached r_min stage (FOLD_CACHE_BYTES = 0). Methods are timed round-robin (one
+   step each per round, median of the rounds) with a dense upstream gradient. --layer-batch 1:
+   one timestep.
    benches/kernels.rs (criterion) times the same case on the Rust kernels alone.
 b. train: a training step (forward, epsilon loss, backward, AdamW) of a small UNet with SD-XL's
    block structure (UNet2DConditionModel, text_time embedding, DownBlock2D then two cross-attention
@@ -65,6 +68,21 @@ def median_time(fn, repeats: int, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - tic)
     return statistics.median(times)
+
+
+def interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured round-robin so that drifts of the machine hit
+    every case alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            tic = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - tic)
+    return times
 
 
 class Cycle:
@@ -134,51 +152,62 @@ def bench_layer(tokens: int, in_f: int, out_f: int, r: int, repeats: int, lycori
 
     torch.manual_seed(0)
     x = torch.randn(batch, tokens, in_f)
-    results = {}
+    # A dense upstream gradient, as a layer inside a network gets (the gradient of a plain .sum()
+    # is an expanded stride-0 tensor that every product would first have to copy).
+    gout = torch.randn(batch, tokens, out_f)
+    steps = {}
 
-    def run(fn, params):
+    def add(name, fn, params, **switches):
+        """One forward + backward of `fn` per call, with tlora.layer's module switches set."""
         cyc = Cycle(batch)
 
         def step():
-            xi = x.clone().requires_grad_(True)
-            fn(xi, cyc.next()).sum().backward()
+            saved = {k: getattr(tlora.layer, k) for k in switches}
+            for k, v in switches.items():
+                setattr(tlora.layer, k, v)
+            try:
+                xi = x.clone().requires_grad_(True)
+                fn(xi, cyc.next()).backward(gout)
+            finally:
+                for k, v in saved.items():
+                    setattr(tlora.layer, k, v)
             for p in params:
                 p.grad = None
-        return median_time(step, repeats)
+        steps[name] = step
 
     def linear():
         return nn.Linear(in_f, out_f).requires_grad_(False)
 
     base = linear()
-    results["bare"] = run(lambda xi, t: base(xi), [])
-    for variant in ("tlora", "lora"):
+    add("bare", lambda xi, t: base(xi), [])
+    for variant, switches in (("tlora", {}), ("lora", {}),
+                              # The frozen branch computed next to the trainable one instead of
+                              # folded into the weight: what the split rule (layer._split_plan) chose over.
+                              ("factored", {"SPLIT_FROZEN": False}),
+                              # The split path with no room to cache the r_min stage (folded from W each step).
+                              ("unstaged", {"FOLD_CACHE_BYTES": 0})):
         m = Holder(linear())
-        ad = tlora.inject(m, rank=r, variant=variant)
+        ad = tlora.inject(m, rank=r, variant="lora" if variant == "lora" else "tlora")
         with torch.no_grad():
             for p in ad.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        results[f"tlora-{variant}"] = run(lambda xi, t, m=m: m(xi, t), ad.parameters())
-        if variant == "tlora":
-            # The same adapter with the frozen branch computed next to the trainable one instead
-            # of folded into the weight: shows what the split rule (layer._split_pays) chose over.
-            tlora.layer.SPLIT_FROZEN = False
-            try:
-                results["tlora-factored"] = run(lambda xi, t, m=m: m(xi, t), ad.parameters())
-            finally:
-                tlora.layer.SPLIT_FROZEN = True
+        add(f"tlora-{variant}", lambda xi, t, m=m: m(xi, t), list(ad.parameters()), **switches)
     pm = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["to_q"], init_lora_weights="gaussian"),
                                  Holder(linear()))
-    results["peft-lora"] = run(lambda xi, t: pm(xi, t), [p for p in pm.parameters() if p.requires_grad])
+    add("peft-lora", lambda xi, t: pm(xi, t), [p for p in pm.parameters() if p.requires_grad])
     ref, ref_params = reference_layer(linear(), r, r // 2)
-    results["reference"] = run(ref, ref_params)
+    add("reference", ref, ref_params)
+    if lycoris:
+        for bypass in (False, True):
+            fn, params = lycoris_layer(linear(), r, r // 2, bypass)
+            add("lycoris-bypass" if bypass else "lycoris", fn, params)
+    # Round-robin, so that drifts of the machine hit every method alike; the median of the rounds.
+    times = interleaved(steps, repeats, warmup=2)
     if lycoris:
         from lycoris.modules.tlora import clear_timestep_mask
 
-        for bypass in (False, True):
-            fn, params = lycoris_layer(linear(), r, r // 2, bypass)
-            results["lycoris-bypass" if bypass else "lycoris"] = run(fn, params)
-            clear_timestep_mask()
-    return results
+        clear_timestep_mask()
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def layer_section(quick: bool, batch: int = 2) -> list[dict]:
@@ -270,21 +299,6 @@ def train_step_fn(case: str, latent: int, batch: int = 1):
             opt.zero_grad(set_to_none=True)
 
     return step
-
-
-def interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, measured round-robin so that drifts of the machine hit
-    every case alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            tic = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - tic)
-    return times
 
 
 def train_section(quick: bool, latents) -> list[dict]:
@@ -449,10 +463,12 @@ def scaling_section(quick: bool) -> list[dict]:
         torch.manual_seed(0)
         x = torch.randn(1, tokens, dim)
 
+        gout = torch.randn(*x.shape[:-1], dim)
+
         def run(fn, params):
             def step():
                 xi = x.clone().requires_grad_(True)
-                fn(xi).sum().backward()
+                fn(xi).backward(gout)
                 for p in params:
                     p.grad = None
             return median_time(step, repeats)
@@ -557,7 +573,7 @@ def write_outputs(results: dict, out: Path) -> None:
     parts = [f"Machine: {json.dumps(info)}; quick={quick}; {results['seconds']:.0f} s\n"]
     if "layer" in results:
         parts.append("### a. One layer, forward + backward, ms (median); per-sample timesteps\n\n" + md_table(
-            results["layer"], ["batch", "tokens", "in", "out", "bare", "tlora-tlora", "tlora-factored", "tlora-lora", "peft-lora", "reference",
+            results["layer"], ["batch", "tokens", "in", "out", "bare", "tlora-tlora", "tlora-factored", "tlora-unstaged", "tlora-lora", "peft-lora", "reference",
                                "lycoris", "lycoris-bypass", "overhead_vs_reference", "tlora_vs_peft", "tlora_vs_bare"]))
     if "train" in results:
         parts.append(f"### b. Training step (batch 1, AdamW), ms (median of interleaved rounds); UNet {UNET}\n\n" + md_table(

@@ -133,10 +133,12 @@ fn lowrank_backward(
     Ok((g.input.map(PyTensor), a.map(PyTensor), b.map(PyTensor), c.map(PyTensor)))
 }
 
-/// T-LoRA's training forward with the frozen branch folded into the base weight: (y, h, d, u)
-/// with y the base layer's output plus the update (float32 or float64).
+/// T-LoRA's training forward with the frozen branch's first `stage_rank` ranks folded into the
+/// base weight (`staged`: that fold from `fold_frozen`, else folded here): (y, h, d, u) with y the
+/// base layer's output plus the update (float32 or float64).
 #[pyfunction]
-#[pyo3(signature = (x, weight, bias, factors, ranks, scale))]
+#[pyo3(signature = (x, weight, bias, factors, ranks, scale, stage_rank=0, staged=None))]
+#[allow(clippy::too_many_arguments)]
 fn lowrank_split_forward(
     py: Python<'_>,
     x: PyTensor,
@@ -145,17 +147,22 @@ fn lowrank_split_forward(
     factors: Vec<PyTensor>,
     ranks: Option<Vec<i64>>,
     scale: f64,
+    stage_rank: i64,
+    staged: Option<PyTensor>,
 ) -> PyResult<(PyTensor, PyTensor, PyTensor, PyTensor)> {
-    let (x, weight, bias, factors) = (x.0, weight.0, bias.map(|b| b.0), owned(factors));
+    let (x, weight, bias, factors, staged) = (x.0, weight.0, bias.map(|b| b.0), owned(factors), staged.map(|t| t.0));
     let (y, s) = py
-        .allow_threads(move || kernel::forward_split(&x, &weight, bias.as_ref(), &factors_of(&factors)?, ranks.as_deref(), scale))
+        .allow_threads(move || {
+            let stage = kernel::Stage { rank: stage_rank, folded: staged.as_ref() };
+            kernel::forward_split(&x, &weight, bias.as_ref(), &factors_of(&factors)?, ranks.as_deref(), scale, stage)
+        })
         .map_err(to_py)?;
     Ok((PyTensor(y), PyTensor(s.h), PyTensor(s.d), PyTensor(s.u)))
 }
 
 /// Gradients (input, P, lam, Q) of `lowrank_split_forward`; `needs` says which to compute.
 #[pyfunction]
-#[pyo3(signature = (grad, x, h, d, u, weight, factors, ranks, scale, needs))]
+#[pyo3(signature = (grad, x, h, d, u, weight, factors, ranks, scale, needs, stage_rank=0, staged=None))]
 #[allow(clippy::too_many_arguments)]
 fn lowrank_split_backward(
     py: Python<'_>,
@@ -169,11 +176,16 @@ fn lowrank_split_backward(
     ranks: Option<Vec<i64>>,
     scale: f64,
     needs: [bool; 4],
+    stage_rank: i64,
+    staged: Option<PyTensor>,
 ) -> PyResult<Grads4> {
-    let (grad, x, weight, factors) = (grad.0, x.0, weight.0, owned(factors));
+    let (grad, x, weight, factors, staged) = (grad.0, x.0, weight.0, owned(factors), staged.map(|t| t.0));
     let saved = kernel::Saved { h: h.0, d: d.0, u: u.0 };
     let g = py
-        .allow_threads(move || kernel::backward_split(&grad, &x, &saved, &weight, &factors_of(&factors)?, ranks.as_deref(), scale, needs))
+        .allow_threads(move || {
+            let stage = kernel::Stage { rank: stage_rank, folded: staged.as_ref() };
+            kernel::backward_split(&grad, &x, &saved, &weight, &factors_of(&factors)?, ranks.as_deref(), scale, needs, stage)
+        })
         .map_err(to_py)?;
     let [a, b, c] = g.factors;
     Ok((g.input.map(PyTensor), a.map(PyTensor), b.map(PyTensor), c.map(PyTensor)))
@@ -196,6 +208,17 @@ fn dense_update(py: Python<'_>, factors: Vec<PyTensor>, rank: Option<i64>, scale
 fn fold_weight(py: Python<'_>, weight: PyTensor, factors: Vec<PyTensor>, rank: Option<i64>, scale: f64) -> PyResult<PyTensor> {
     let (weight, factors) = (weight.0, owned(factors));
     py.allow_threads(move || factors_of(&factors).and_then(|f| kernel::fold(&weight, &f, rank, scale)))
+        .map(PyTensor)
+        .map_err(to_py)
+}
+
+/// W minus T-LoRA's frozen branch at its first `rank` ranks, in the weight's dtype: the stage a
+/// split call takes (the same fold it does without one, so results are bitwise equal).
+#[pyfunction]
+#[pyo3(signature = (weight, factors, rank, scale))]
+fn fold_frozen(py: Python<'_>, weight: PyTensor, factors: Vec<PyTensor>, rank: i64, scale: f64) -> PyResult<PyTensor> {
+    let (weight, factors) = (weight.0, owned(factors));
+    py.allow_threads(move || factors_of(&factors).and_then(|f| kernel::fold_frozen(&weight, &f, rank, scale)))
         .map(PyTensor)
         .map_err(to_py)
 }
@@ -226,6 +249,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lowrank_split_backward, m)?)?;
     m.add_function(wrap_pyfunction!(dense_update, m)?)?;
     m.add_function(wrap_pyfunction!(fold_weight, m)?)?;
+    m.add_function(wrap_pyfunction!(fold_frozen, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
     m.add_function(wrap_pyfunction!(load_file, m)?)?;
     Ok(())

@@ -75,6 +75,10 @@ def calls(monkeypatch):
     return Calls(monkeypatch)
 
 
+def inference_folds(adapter) -> int:
+    return sum(len(layer._folded) for layer in adapter.layers.values())
+
+
 def factored(fn):
     """fn() with the fast path switched off."""
     saved = tlora.layer.FAST_PATH
@@ -250,9 +254,11 @@ def test_cache_invalidated_by_optimizer_step(calls):
     with torch.no_grad():
         before = model(x, t)
     assert len(adapter.state.fold_cache) == 1
-    # A training step: the forward with gradients drops the layer's folded weights at once.
+    # A training step: the forward with gradients drops the layer's folded weights at once (what
+    # stays is the training stage of the frozen branch, which depends on frozen tensors only).
     model(x, torch.tensor([900])).square().mean().backward()
-    assert len(adapter.state.fold_cache) == 0 and adapter.state.fold_cache.nbytes == 0
+    assert inference_folds(adapter) == 0
+    assert [key[0] for key in adapter.layers["to_q"]._staged] == ["stage"] and len(adapter.state.fold_cache) == 1
     opt.step()
     with torch.no_grad():
         after = model(x, t)
@@ -271,7 +277,7 @@ def test_cache_invalidated_by_optimizer_step(calls):
             got = model(x, t)
             want = factored(lambda: model(x, t))
         assert rel_err(got, want) < RTOL
-    assert len(adapter.state.fold_cache) == 1  # stale entries are dropped, not kept
+    assert inference_folds(adapter) == 1  # stale entries are dropped, not kept
 
 
 def test_cache_is_bounded(monkeypatch, calls):
@@ -343,17 +349,22 @@ def _train_step(model, adapter, x, t):
     return out.detach(), grads
 
 
-class SplitCalls:
-    def __init__(self, monkeypatch):
+class NativeCalls:
+    """Counts the calls of one native function."""
+
+    def __init__(self, monkeypatch, name: str):
         self.n = 0
-        native = tlora.layer._native
-        fwd = native.lowrank_split_forward
+        original = getattr(tlora.layer._native, name)
 
-        def split_forward(*a):
+        def counted(*a):
             self.n += 1
-            return fwd(*a)
+            return original(*a)
 
-        monkeypatch.setattr(native, "lowrank_split_forward", split_forward)
+        monkeypatch.setattr(tlora.layer._native, name, counted)
+
+
+def split_calls(monkeypatch) -> NativeCalls:
+    return NativeCalls(monkeypatch, "lowrank_split_forward")
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
@@ -368,7 +379,7 @@ def test_split_training_path_matches_factored(dtype, tol, timesteps, bias, monke
     perturb(adapter)
     x = torch.randn(3, 40, 32, dtype=dtype)
     t = None if timesteps is None else torch.tensor(timesteps)
-    calls = SplitCalls(monkeypatch)
+    calls = split_calls(monkeypatch)
     ctx = adapter.rank(8) if t is None else contextlib.nullcontext()
     with ctx:
         out, grads = _train_step(model, adapter, x, t)
@@ -386,7 +397,7 @@ def test_split_only_where_exact_and_cheaper(monkeypatch):
     model = Holder(64, 64)
     adapter = inject(model)
     perturb(adapter)
-    calls = SplitCalls(monkeypatch)
+    calls = split_calls(monkeypatch)
     t = torch.tensor([200])
 
     def step(x, **kw):
@@ -404,3 +415,99 @@ def test_split_only_where_exact_and_cheaper(monkeypatch):
     model.to_q.base_layer.weight.requires_grad_(True)
     assert step(torch.randn(2, 64, 64)) == 0  # the base weight needs its own gradient
     assert model.to_q.base_layer.weight.grad is not None
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.to_q = nn.Linear(width, width)
+        self.to_k = nn.Linear(width, width)
+
+    def forward(self, x, timestep=None):
+        return self.to_k(self.to_q(x))
+
+
+@contextlib.contextmanager
+def layer_settings(**values):
+    """tlora.layer's module switches set to `values` inside the block."""
+    saved = {name: getattr(tlora.layer, name) for name in values}
+    for name, value in values.items():
+        setattr(tlora.layer, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(tlora.layer, name, value)
+
+
+def test_split_stage_is_cached_and_changes_nothing(monkeypatch):
+    """The frozen branch's r_min stage is built once per run and cached; results are bitwise those
+    of the same step with the stage computed on the spot (no cache), and match the factored path."""
+    torch.manual_seed(12)
+    model = TwoLayers()
+    adapter = inject(model)
+    perturb(adapter)
+    x = torch.randn(3, 64, 64)
+    stages, calls = NativeCalls(monkeypatch, "fold_frozen"), split_calls(monkeypatch)
+    for i, t in enumerate(([900, 10, 500], [999, 999, 999], [0, 0, 0])):
+        t = torch.tensor(t)
+        split_before = calls.n
+        _train_step(model, adapter, x, t)
+        cached = _train_step(model, adapter, x, t)
+        assert calls.n == split_before + 4  # both layers took the split path, twice
+        assert stages.n == 2 * (i + 1)  # one stage per layer, built by the first step only
+        assert all(len(layer._staged) == 1 for layer in adapter.layers.values())
+        adapter.state.fold_cache.clear()
+        with layer_settings(FOLD_CACHE_BYTES=0):
+            spot = _train_step(model, adapter, x, t)
+        assert calls.n == split_before + 6 and len(adapter.state.fold_cache) == 0
+        with layer_settings(SPLIT_FROZEN=False):
+            want = _train_step(model, adapter, x, t)
+        assert stages.n == 2 * (i + 1)
+        assert torch.equal(cached[0], spot[0]) and all(torch.equal(a, b) for a, b in zip(cached[1], spot[1]))
+        assert rel_err(cached[0], want[0]) < RTOL
+        assert all(rel_err(a, b) < RTOL for a, b in zip(cached[1], want[1]))
+
+
+def test_split_stage_follows_the_frozen_tensors(monkeypatch):
+    """A stage is rebuilt when the base weight or a frozen factor changes, skipped for ranks below
+    r_min, and a full cache keeps the stages it has instead of evicting them (no thrashing)."""
+    torch.manual_seed(13)
+    model = TwoLayers()
+    adapter = inject(model)
+    perturb(adapter)
+    x = torch.randn(2, 64, 64)
+    t = torch.tensor([300])
+    stages = NativeCalls(monkeypatch, "fold_frozen")
+
+    def check():
+        got = _train_step(model, adapter, x, t)
+        with layer_settings(SPLIT_FROZEN=False):
+            want = _train_step(model, adapter, x, t)
+        assert rel_err(got[0], want[0]) < RTOL and all(rel_err(a, b) < RTOL for a, b in zip(got[1], want[1]))
+
+    check()
+    assert stages.n == 2
+    layer = adapter.layers["to_q"]
+    for edit in (lambda: layer.lam0.mul_(1.5), lambda: layer.q0.add_(0.01), lambda: layer.base_layer.weight.add_(0.1)):
+        with torch.no_grad():
+            edit()
+        before = stages.n
+        check()
+        assert stages.n == before + 1  # only the edited layer's stage is rebuilt
+    assert len(adapter.state.fold_cache) == 2  # the stale stage was replaced, not kept
+    # A rank pinned below r_min cannot use the stage: the factored path, still exact.
+    calls = split_calls(monkeypatch)
+    with adapter.rank(1):
+        check()
+    assert calls.n == 0
+
+    # Room for one stage: the first layer keeps it, the second computes its stage on the spot each
+    # step (bitwise the same), and nothing is evicted and rebuilt step after step.
+    adapter.state.fold_cache.clear()
+    one = 64 * 64 * 4
+    with layer_settings(FOLD_CACHE_BYTES=one):
+        before = stages.n
+        for _ in range(3):
+            check()
+        assert stages.n == before + 1 and len(adapter.state.fold_cache) == 1

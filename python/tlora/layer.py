@@ -5,12 +5,14 @@ Three paths compute the same output:
 
 - the factored path, `base(x) + scale * ((x D^T) * m) U^T` on the active ranks, differentiable
   (used whenever a gradient is needed);
-- in training, for T-LoRA in float32/float64 with many tokens, the same sum with the frozen branch
-  folded into the base weight, `x (W - s P0_k Λ0_k Q0_k)^T + b + s x Q_k^T Λ_k P_k^T`
-  (`SplitLowRank`): the frozen branch then costs one fold of in*out per rank (a batch of mixed
-  ranks extends one fold in place, smallest rank first) instead of tokens*(in + out) products both
-  ways, chosen when tokens * (in + out) > 2 * in * out (`SPLIT_FROZEN = False` turns it off; half-precision
-  training keeps the factored path, where the two branches cancel exactly at initialisation);
+- in training, for T-LoRA in float32/float64 with many tokens, the same sum with the frozen
+  branch's first r_min ranks folded into the base weight (the stage W_s = W - s P0 Λ0 Q0 at r_min
+  ranks), `x W_s^T + b + s x [Q_k; Q0_{r_min..k}]^T [Λ_k P_k, -Λ0 P0_{r_min..k}]^T`
+  (`SplitLowRank`): every timestep uses at least r_min ranks and W_s never changes during a run,
+  so it is kept in the fold cache when there is room, and the frozen branch then costs only its
+  k - r_min ranks above the stage. Chosen by `_split_plan` (`SPLIT_FROZEN = False` turns it off;
+  half-precision training keeps the factored path, where the two branches cancel exactly at
+  initialisation);
 - the inference fast path: when no gradient is needed (`torch.is_grad_enabled()` is False, or
   neither the input, the factors nor the base layer require grad), the update is folded into the
   weight, W_k = W + dW_k for each rank k the batch uses, and y = x W_k^T + b costs what the bare
@@ -18,12 +20,13 @@ Three paths compute the same output:
   factored update) or when its folded weight is already cached. A batch whose samples use
   different ranks is computed group by group (one group per rank).
 
-Folded weights are cached per adapter (shared by its layers) in a least-recently-used cache of at
-most `FOLD_CACHE_BYTES` bytes (default 1 GiB; 0 turns caching off, folding still happens). An entry
-is used only while the base weight and every factor are the very tensors it was built from, at
-the same in-place version (`Tensor._version`, `data_ptr()`): optimizer steps, `load_state_dict`,
-`copy_` under `no_grad`, `.to()` all invalidate it, and a layer drops all its folded weights as soon
-as one is stale or a forward needs gradients. Writes through `.data` bypass version counters:
+Folded weights (and the training stages) are cached per adapter (shared by its layers) in a
+least-recently-used cache of at most `FOLD_CACHE_BYTES` bytes (default 1 GiB; 0 turns caching off,
+folding still happens). An entry is used only while the base weight and every factor it depends on
+are the very tensors it was built from, at the same in-place version (`Tensor._version`,
+`data_ptr()`): optimizer steps, `load_state_dict`, `copy_` under `no_grad`, `.to()` all invalidate
+it, and a layer drops all its inference folds as soon as one is stale or a forward needs
+gradients. Writes through `.data` bypass version counters:
 after those, call `adapter.state.fold_cache.clear()`. `FAST_PATH = False` turns the fast path off
 (every forward takes the factored path).
 """
@@ -50,8 +53,11 @@ _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class FoldCache:
-    """Folded weights W + dW_k of the layers of one adapter, least recently used first out, at most
-    `FOLD_CACHE_BYTES` bytes in all (read when an entry is added)."""
+    """Folded weights of the layers of one adapter, least recently used first out, at most
+    `FOLD_CACHE_BYTES` bytes in all (read when an entry is added). Two kinds share the budget: the
+    inference fast path's W + dW_k (in each layer's `_folded`, keyed by (rank, device, dtype)) and
+    the training stages W - s P0 Λ0 Q0 at r_min ranks (in `_staged`, keyed by ("stage", rank,
+    device, dtype))."""
 
     def __init__(self) -> None:
         self._lru: OrderedDict[tuple, tuple["TLoraLinear", int]] = OrderedDict()
@@ -60,35 +66,45 @@ class FoldCache:
     def __len__(self) -> int:
         return len(self._lru)
 
+    @staticmethod
+    def _store(layer: "TLoraLinear", key: tuple) -> dict:
+        return layer._staged if key[0] == "stage" else layer._folded
+
     def get(self, layer: "TLoraLinear", key: tuple) -> torch.Tensor | None:
-        w = layer._folded.get(key)
+        w = self._store(layer, key).get(key)
         if w is not None:
             self._lru.move_to_end((id(layer), key))
         return w
 
-    def put(self, layer: "TLoraLinear", key: tuple, w: torch.Tensor) -> None:
+    def put(self, layer: "TLoraLinear", key: tuple, w: torch.Tensor, evict: bool = True) -> bool:
+        """Adds an entry, evicting the least recently used ones to make room (`evict`), or only if
+        it fits as things are: a training run visits every layer once per step, so evicting would
+        drop exactly the entry the next step needs first, while a full cache keeps a fixed subset."""
         size = w.numel() * w.element_size()
         budget = FOLD_CACHE_BYTES
-        if size > budget:
-            return
+        if size > budget or (not evict and self.nbytes + size > budget):
+            return False
         while self._lru and self.nbytes + size > budget:
             (_, old_key), (old_layer, old_size) = self._lru.popitem(last=False)
-            old_layer._folded.pop(old_key, None)
+            self._store(old_layer, old_key).pop(old_key, None)
             self.nbytes -= old_size
-        layer._folded[key] = w
+        self._store(layer, key)[key] = w
         self._lru[(id(layer), key)] = (layer, size)
         self.nbytes += size
+        return True
 
-    def drop(self, layer: "TLoraLinear") -> None:
-        """Forget every folded weight of one layer."""
-        for key in layer._folded:
+    def drop(self, layer: "TLoraLinear", stages: bool = False) -> None:
+        """Forget one layer's inference folds (`stages`: its training stages instead)."""
+        store = layer._staged if stages else layer._folded
+        for key in store:
             _, size = self._lru.pop((id(layer), key))
             self.nbytes -= size
-        layer._folded.clear()
+        store.clear()
 
     def clear(self) -> None:
         for layer, _ in list(self._lru.values()):
             layer._folded.clear()
+            layer._staged.clear()
         self._lru.clear()
         self.nbytes = 0
 
@@ -145,28 +161,30 @@ class LowRankAdd(torch.autograd.Function):
 
 class SplitLowRank(torch.autograd.Function):
     """T-LoRA in training, float32/float64: the base layer and the update in one function, with the
-    frozen branch folded into the base weight per rank, y = x (W - s P0_k Λ0_k Q0_k)^T + b
-    + s x Q_k^T Λ_k P_k^T (the same sum as base + update). Differentiable in x and P, lam, Q; the
-    base weight and bias must be frozen."""
+    frozen branch's first `stage_rank` ranks folded into the base weight (W_s: `staged`, cached,
+    or folded on the spot with bitwise the same result) and its ranks stage_rank..k next to the
+    trainable ones: the same sum as base + update. Differentiable in x and P, lam, Q; the base
+    weight and bias must be frozen."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, ranks, scale, *factors):  # type: ignore[override]
-        y, h, d, u = _native.lowrank_split_forward(x, weight, bias, list(factors), ranks, scale)
-        ctx.save_for_backward(x, h, d, u, weight, *factors)
-        ctx.ranks, ctx.scale = ranks, scale
+    def forward(ctx, x, weight, bias, ranks, scale, stage_rank, staged, *factors):  # type: ignore[override]
+        y, h, d, u = _native.lowrank_split_forward(x, weight, bias, list(factors), ranks, scale, stage_rank, staged)
+        ctx.save_for_backward(x, h, d, u, weight, staged, *factors)
+        ctx.ranks, ctx.scale, ctx.stage_rank = ranks, scale, stage_rank
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        x, h, d, u, weight, *factors = ctx.saved_tensors
+        x, h, d, u, weight, staged, *factors = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        wanted = [needs[0], needs[5], needs[6], needs[7]]
-        none = (None,) * (5 + len(factors))
+        wanted = [needs[0], needs[7], needs[8], needs[9]]
+        none = (None,) * (7 + len(factors))
         if not any(wanted):
             return none
-        gx, gp, glam, gq = _native.lowrank_split_backward(grad, x, h, d, u, weight, factors, ctx.ranks, ctx.scale, wanted)
-        return (gx, None, None, None, None, gp, glam, gq, *none[8:])
+        gx, gp, glam, gq = _native.lowrank_split_backward(grad, x, h, d, u, weight, factors, ctx.ranks, ctx.scale,
+                                                          wanted, ctx.stage_rank, staged)
+        return (gx, *none[1:7], gp, glam, gq, *none[10:])
 
 
 # ---- torch.compile ----------------------------------------------------------------------------
@@ -264,9 +282,12 @@ class TLoraLinear(nn.Module):
         else:
             self.down = nn.Parameter(factors["down"])
             self.up = nn.Parameter(factors["up"])
-        # Inference fast path: folded weights by (rank, device, dtype), valid for `_folded_for`.
+        # Inference fast path: folded weights by (rank, device, dtype), valid for `_folded_for`;
+        # training: the frozen branch's stage (at most one entry), valid for `_staged_for`.
         self._folded: dict[tuple, torch.Tensor] = {}
         self._folded_for: tuple | None = None
+        self._staged: dict[tuple, torch.Tensor] = {}
+        self._staged_for: tuple | None = None
 
     # The base layer's attributes, for code that inspects `attn.to_q.weight` and the like.
     @property
@@ -306,9 +327,10 @@ class TLoraLinear(nn.Module):
                                         or any(p.requires_grad for p in base._parameters.values() if p is not None)):
             if self._folded:  # training: the factors are about to change
                 self.state.fold_cache.drop(self)
-            if SPLIT_FROZEN and config.variant == "tlora" and self._split_pays(x, ranks, base):
+            plan = self._split_plan(x, ranks, factors, base) if SPLIT_FROZEN and config.variant == "tlora" else None
+            if plan is not None:
                 w, b = base._parameters["weight"], base._parameters["bias"]
-                return SplitLowRank.apply(x, w, b, ranks, config.scale, *factors)
+                return SplitLowRank.apply(x, w, b, ranks, config.scale, *plan, *factors)
         elif FAST_PATH:
             y = self._folded_forward(x, ranks, factors, base)
             if y is not None:
@@ -352,31 +374,65 @@ class TLoraLinear(nn.Module):
             y = y.view(*x.shape[:-1], y.shape[-1])
         return y + delta.to(y.dtype)
 
-    def _split_pays(self, x: torch.Tensor, ranks: list[int] | None, base: nn.Module) -> bool:
-        """Whether SplitLowRank applies (float32/64, frozen plain base layer, valid ranks) and is
-        cheaper: folding the frozen branch costs in*out*k_max each way (mixed ranks extend one
-        fold in place, smallest rank first) and saves tokens*(in + out)*k_max each way; the fold
-        also writes a whole weight, so it is taken from twice the break-even point."""
+    def _split_plan(self, x: torch.Tensor, ranks: list[int] | None, factors: list[torch.Tensor],
+                    base: nn.Module) -> tuple[int, torch.Tensor | None] | None:
+        """(stage rank, cached stage or None) when SplitLowRank applies (float32/64, frozen plain
+        base layer, valid ranks, none below r_min) and is cheaper than the factored path, else
+        None.
+
+        The stage W_s = W - s P0 Λ0 Q0 at r_min ranks replaces the base weight, and the frozen
+        branch then costs only its ranks r_min..k in the factored products. Every timestep uses at
+        least r_min ranks and W and the frozen factors never change, so W_s is kept for the run in
+        the fold cache when it has room: the r_min frozen ranks then cost nothing per step. It is
+        kept for layers where folding pays by FLOPs at all, tokens*(in + out) > in*out (the
+        frozen products it replaces cost tokens*(in + out) per rank each way, a fold in*out);
+        without room it is folded on the spot each way (bitwise the same result), which also
+        writes a whole weight: taken from twice that break-even, where it measured faster on CPU
+        (benches/RESULTS.md, case a)."""
         w = base._parameters["weight"]
         if (x.dtype not in (torch.float32, torch.float64) or w.dtype != x.dtype or x.device != w.device
                 or x.dim() == 0 or torch.is_autocast_enabled(x.device.type) or not _plain_linear(base)):
-            return False
+            return None
         b = base._parameters["bias"]
         if w.requires_grad or (b is not None and b.requires_grad):
-            return False
+            return None
         out_f, in_f = w.shape
         if x.shape[-1] != in_f:
-            return False
-        r = self.config.rank
+            return None
+        r, stage_rank = self.config.rank, self.config.min_rank
         if ranks is not None:
-            if any(not 1 <= k <= r for k in ranks):
-                return False
+            if any(not stage_rank <= k <= r for k in ranks):
+                return None  # (a rank pinned below r_min: the factored path)
             if len(set(ranks)) > 1 and (x.dim() < 2 or x.shape[0] != len(ranks)):
-                return False
-        # By FLOPs the fold pays from tokens*(in + out) > in*out, but it also writes a whole weight
-        # each way and splits the base matmul per sample: measured on CPU (benches/RESULTS.md, case
-        # a) the factored path is as fast or faster up to about twice that.
-        return (x.numel() // in_f) * (in_f + out_f) > 2 * in_f * out_f
+                return None
+        per_rank = (x.numel() // in_f) * (in_f + out_f)
+        if per_rank <= in_f * out_f:
+            return None
+        staged = self._stage(w, factors, stage_rank)
+        if staged is not None:
+            return stage_rank, staged
+        return (stage_rank, None) if per_rank > 2 * in_f * out_f else None
+
+    def _stage(self, w: torch.Tensor, factors: list[torch.Tensor], rank: int) -> torch.Tensor | None:
+        """The cached W - s P0 Λ0 Q0 at `rank` ranks, built and cached if the fold cache has room
+        (without evicting anything), else None. Valid while W and the frozen factors are the same
+        tensors at the same in-place version."""
+        cache = self.state.fold_cache
+        valid = _fold_validity(w, factors[3:])
+        if valid is None:
+            return None
+        key = ("stage", rank, w.device, w.dtype)
+        if valid != self._staged_for:
+            if self._staged:
+                cache.drop(self, stages=True)
+            self._staged_for = valid
+        staged = cache.get(self, key) if self._staged else None
+        if staged is None and cache.nbytes + w.numel() * w.element_size() <= FOLD_CACHE_BYTES:
+            with torch.no_grad():
+                staged = _native.fold_frozen(w.detach(), [f.detach() for f in factors], rank, self.config.scale)
+            if not cache.put(self, key, staged, evict=False):
+                return None
+        return staged
 
     # ---- inference fast path ---------------------------------------------------------------
     def _folded_forward(self, x: torch.Tensor, ranks: list[int] | None, factors: list[torch.Tensor],

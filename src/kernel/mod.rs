@@ -23,9 +23,10 @@
 //! trainable factors, padded with zeros to the full rank r (the inactive ranks receive exactly
 //! zero gradient).
 //!
-//! Two folds trade the tokens-long products of a branch for one (out x in) product per rank:
-//! [`forward_split`] / [`backward_split`] fold T-LoRA's frozen branch into the base weight for
-//! training (float32/float64), and [`fold`] folds the whole update for inference.
+//! Two folds trade tokens-long products for (out x in) ones: [`forward_split`] /
+//! [`backward_split`] fold the first ranks of T-LoRA's frozen branch into the base weight for
+//! training (float32/float64; a [`Stage`], which the caller can keep for a whole run), and
+//! [`fold`] folds the whole update for inference.
 
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
@@ -114,12 +115,14 @@ fn resolve_ranks(ranks: Option<&[i64]>, r: i64, x: &Tensor) -> Result<Active> {
 }
 
 impl Active {
-    /// The mask for a (..., width) intermediate of `x` (width a multiple of k: the mask repeats
-    /// for the frozen branch), shaped (B, 1, ..., 1, width) to broadcast over tokens.
+    /// The mask for a (..., width) intermediate of `x`, shaped (B, 1, ..., 1, width) to broadcast
+    /// over tokens. Width k: the trainable ranks; k + (k - s): followed by the frozen ranks s..k
+    /// (s = 0: the whole frozen branch, the mask repeated).
     fn mask_like(&self, x: &Tensor, width: i64) -> Option<Tensor> {
         let m = self.mask.as_ref()?;
         let m = cast(&m.to_device(x.device()), x.kind());
-        let m = if width == self.k { m } else { m.repeat([1, width / self.k]) };
+        let k = self.k;
+        let m = if width == k { m } else { Tensor::cat(&[&m, &m.narrow(1, 2 * k - width, width - k)], 1) };
         let mut shape = vec![m.size()[0]];
         shape.extend(std::iter::repeat_n(1, x.dim() - 2));
         shape.push(width);
@@ -146,13 +149,20 @@ fn head(t: &Tensor, dim: i64, k: i64) -> Tensor {
 }
 
 /// The low-rank operands for the active ranks k, in `kind`: (D, U') with the gains folded into
-/// U' = U diag(G), so that delta = (x D^T) U'^T for a batch with one rank.
-fn operands(f: &Factors, k: i64, scale: f64, kind: Kind) -> (Tensor, Tensor) {
+/// U' = U diag(G), so that delta = (x D^T) U'^T for a batch with one rank. For T-LoRA, the frozen
+/// branch's ranks `frozen_from..k` follow the trainable ones (the ranks below `frozen_from` are
+/// folded into the base weight by the caller: a [`Stage`]).
+fn operands(f: &Factors, k: i64, frozen_from: i64, scale: f64, kind: Kind) -> (Tensor, Tensor) {
     match f {
         Factors::Ortho { p, lam, q, p0, lam0, q0 } => {
-            let d = Tensor::cat(&[head(q, 0, k), head(q0, 0, k)], 0);
-            let g = Tensor::cat(&[head(lam, 0, k) * scale, head(lam0, 0, k) * -scale], 0);
-            let mut u = Tensor::cat(&[head(p, 1, k), head(p0, 1, k)], 1);
+            let n0 = k - frozen_from;
+            if n0 == 0 {
+                let u = head(p, 1, k) * (head(lam, 0, k) * scale).unsqueeze(0);
+                return (cast(&head(q, 0, k), kind), cast(&u, kind));
+            }
+            let d = Tensor::cat(&[head(q, 0, k), q0.narrow(0, frozen_from, n0)], 0);
+            let g = Tensor::cat(&[head(lam, 0, k) * scale, lam0.narrow(0, frozen_from, n0) * -scale], 0);
+            let mut u = Tensor::cat(&[head(p, 1, k), p0.narrow(1, frozen_from, n0)], 1);
             let _ = u.g_mul_(&g.unsqueeze(0));
             (cast(&d, kind), cast(&u, kind))
         }
@@ -193,10 +203,16 @@ pub struct Saved {
 /// (the base layer's output, dtype of x: shape (..., out), or the same rows flattened to 2-D),
 /// else returned as delta.
 pub fn forward_saving(x: &Tensor, f: &Factors, ranks: Option<&[i64]>, scale: f64, acc: Option<&Tensor>) -> Result<(Option<Tensor>, Saved)> {
+    forward_saving_from(x, f, ranks, scale, acc, 0)
+}
+
+/// [`forward_saving`] with T-LoRA's frozen branch from rank `frozen_from` on (the ranks below it
+/// are in the weight the caller's base output was computed with).
+fn forward_saving_from(x: &Tensor, f: &Factors, ranks: Option<&[i64]>, scale: f64, acc: Option<&Tensor>, frozen_from: i64) -> Result<(Option<Tensor>, Saved)> {
     let (r, in_f, out_f) = f.dims()?;
     check_input(x, f, in_f)?;
     let act = resolve_ranks(ranks, r, x)?;
-    let (d, u) = operands(f, act.k, scale, x.kind());
+    let (d, u) = operands(f, act.k, frozen_from.min(act.k), scale, x.kind());
     let kk = d.size()[0];
     let mut h = x.matmul(&d.tr());
     if let Some(m) = act.mask_like(x, kk) {
@@ -277,8 +293,8 @@ fn backward_impl(
         Some((d, u)) => {
             let kk = d.size()[0];
             ensure!(
-                d.size() == [kk, in_f] && u.size() == [out_f, kk] && (kk == k || kk == 2 * k) && d.kind() == x.kind() && u.kind() == x.kind(),
-                "saved operands have shapes {:?} and {:?} ({:?}), expected ({k} or {}) x {in_f} and {out_f} x ({k} or {}) ({:?})",
+                d.size() == [kk, in_f] && u.size() == [out_f, kk] && (k..=2 * k).contains(&kk) && d.kind() == x.kind() && u.kind() == x.kind(),
+                "saved operands have shapes {:?} and {:?} ({:?}), expected ({k} to {}) x {in_f} and {out_f} x ({k} to {}) ({:?})",
                 d.size(),
                 u.size(),
                 d.kind(),
@@ -288,7 +304,7 @@ fn backward_impl(
             );
             (d.shallow_clone(), u.shallow_clone())
         }
-        None => operands(f, k, scale, x.kind()),
+        None => operands(f, k, 0, scale, x.kind()),
     };
     // The gradient of an output that was added into a flattened (rows, out) tensor: back to x's rows.
     let mut lead = x.size();
@@ -384,15 +400,8 @@ pub fn dense_update(f: &Factors, rank: Option<i64>, scale: f64) -> Result<Tensor
         Factors::Ortho { p, .. } => p.kind(),
         Factors::Plain { down, .. } => down.kind(),
     };
-    let (d, u) = operands(f, k, scale, kind);
+    let (d, u) = operands(f, k, 0, scale, kind);
     Ok(u.matmul(&d))
-}
-
-/// The frozen branch's ranks `from..to` as the addmm operands (-scale P0 diag(lam0), Q0) in `kind`.
-fn frozen_operands(frozen: &Frozen, from: i64, to: i64, kind: Kind) -> (Tensor, Tensor) {
-    let Frozen { p0, lam0, q0, scale } = *frozen;
-    let u0 = p0.narrow(1, from, to - from) * (lam0.narrow(0, from, to - from) * -scale).unsqueeze(0);
-    (cast(&u0, kind), cast(&q0.narrow(0, from, to - from), kind))
 }
 
 fn check_base(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, in_f: i64, out_f: i64) -> Result<()> {
@@ -411,52 +420,73 @@ fn check_base(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, in_f: i64, out
     Ok(())
 }
 
-/// The frozen factors (P0, lam0, Q0) and scale of a split call.
-struct Frozen<'a> {
-    p0: &'a Tensor,
-    lam0: &'a Tensor,
-    q0: &'a Tensor,
-    scale: f64,
+/// The frozen branch's first `rank` ranks folded into the base weight, W_s = W - s P0_rank
+/// diag(lam0_rank) Q0_rank ([`fold_frozen`]): a split call computes x W_s^T + b and the update's
+/// trainable ranks together with the frozen ranks `rank..k` only. `folded` is W_s when the caller
+/// keeps it (W and the frozen factors never change during a run, and every timestep uses at least
+/// r_min ranks: one fold per run), else it is folded on the spot (each way), with bitwise the same
+/// result. `rank` 0: nothing folded (the factored computation).
+#[derive(Clone, Copy, Default)]
+pub struct Stage<'a> {
+    pub rank: i64,
+    pub folded: Option<&'a Tensor>,
 }
 
-/// Runs `f(first row, rows, W - frozen branch at the rows' rank)` over a batch: one call over all
-/// rows when the batch shares one rank k, else one call per sample. Mixed ranks are visited in
-/// increasing order with one weight buffer that each larger rank extends in place by its extra
-/// ranks, so a step folds k_max ranks in all instead of the sum of the distinct ranks.
-fn for_each_rank(rows: i64, ranks: &[i64], mixed: bool, k: i64, weight: &Tensor, frozen: &Frozen, mut f: impl FnMut(i64, i64, &Tensor)) {
-    let kind = weight.kind();
-    if !mixed {
-        let (u0, q0) = frozen_operands(frozen, 0, k, kind);
-        f(0, rows, &weight.addmm(&u0, &q0));
-        return;
-    }
-    let per = rows / ranks.len() as i64;
-    let mut distinct = ranks.to_vec();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let (u0, q0) = frozen_operands(frozen, 0, distinct[0], kind);
-    let mut w = weight.addmm(&u0, &q0);
-    let mut folded = distinct[0];
-    for kb in distinct {
-        if kb > folded {
-            // Every sample that needed the smaller rank has been computed: extend the fold in place.
-            let (u0, q0) = frozen_operands(frozen, folded, kb, kind);
-            let _ = w.addmm_(&u0, &q0);
-            folded = kb;
+/// W - s P0_rank diag(lam0_rank) Q0_rank in the weight's dtype: the [`Stage`] of this rank.
+pub fn fold_frozen(weight: &Tensor, f: &Factors, rank: i64, scale: f64) -> Result<Tensor> {
+    let Factors::Ortho { p0, lam0, q0, .. } = f else { bail!("only T-LoRA (orthogonal) factors have a frozen branch") };
+    let (r, in_f, out_f) = f.dims()?;
+    ensure!((1..=r).contains(&rank), "rank {rank} is outside 1..={r}");
+    ensure!(weight.size() == [out_f, in_f], "weight has shape {:?}, expected [{out_f}, {in_f}]", weight.size());
+    ensure!(
+        matches!(weight.kind(), Kind::Float | Kind::Double) && weight.device() == p0.device(),
+        "the frozen fold needs a float32 or float64 weight on the adapter's device, got {:?} on {:?}",
+        weight.kind(),
+        weight.device()
+    );
+    let u0 = p0.narrow(1, 0, rank) * (lam0.narrow(0, 0, rank) * -scale).unsqueeze(0);
+    Ok(weight.addmm(&cast(&u0, weight.kind()), &cast(&q0.narrow(0, 0, rank), weight.kind())))
+}
+
+/// The stage's weight W_s for a call whose smallest rank is `k_min` (W itself for rank 0).
+fn stage_weight(stage: &Stage, weight: &Tensor, f: &Factors, k_min: i64, scale: f64) -> Result<Tensor> {
+    let (r, _, _) = f.dims()?;
+    ensure!((0..=r).contains(&stage.rank), "stage rank {} is outside 0..={r}", stage.rank);
+    ensure!(
+        stage.rank <= k_min,
+        "the stage folds {} frozen ranks but a sample uses only {k_min}: pass a stage of at most the smallest rank",
+        stage.rank
+    );
+    match stage.folded {
+        Some(w) => {
+            ensure!(stage.rank > 0, "a folded stage needs its rank (> 0)");
+            ensure!(
+                w.size() == weight.size() && w.kind() == weight.kind() && w.device() == weight.device(),
+                "the folded stage has shape {:?} ({:?} on {:?}), expected the weight's {:?} ({:?} on {:?})",
+                w.size(),
+                w.kind(),
+                w.device(),
+                weight.size(),
+                weight.kind(),
+                weight.device()
+            );
+            Ok(w.shallow_clone())
         }
-        for (b, _) in ranks.iter().enumerate().filter(|(_, &rb)| rb == kb) {
-            f(b as i64 * per, per, &w);
-        }
+        None if stage.rank == 0 => Ok(weight.shallow_clone()),
+        None => fold_frozen(weight, f, stage.rank, scale),
     }
 }
 
-/// T-LoRA's training forward with the frozen branch folded into the base layer: the base layer's
-/// output plus the update, y = x (W - s P0_k diag(lam0_k) Q0_k)^T + b + s ((x Q_k^T) * M) diag(lam_k) P_k^T,
-/// each sample with the weight of its own rank. The same sum as base + [`forward`] (float32 or
-/// float64 only: the fold rounds in the weight's dtype), and cheaper when tokens (in + out) is
-/// well above in out: the frozen branch then costs one fold of k_max ranks (mixed ranks extend it
-/// in place) instead of two tokens-long products each way. Returns y (shape (..., out)) and what
-/// [`backward_split`] needs (the operands of the trainable branch only).
+fn smallest_rank(ranks: Option<&[i64]>, r: i64) -> i64 {
+    ranks.and_then(|rs| rs.iter().copied().min()).unwrap_or(r)
+}
+
+/// T-LoRA's training forward with the frozen branch's first ranks folded into the base weight:
+/// y = x W_s^T + b + s ((x [Q_k; Q0_{rank..k}]^T) * M) [P_k diag(lam_k), -P0_{rank..k} diag(lam0_{rank..k})]^T
+/// with W_s the [`Stage`]: the same sum as base + [`forward`] (float32 or float64 only: the fold
+/// rounds in the weight's dtype, so the two branches no longer cancel bit for bit). With the stage
+/// kept for a run, a step costs the trainable branch plus k - rank frozen ranks, with no
+/// weight-sized temporaries. Returns y (shape (..., out)) and what [`backward_split`] needs.
 pub fn forward_split(
     x: &Tensor,
     weight: &Tensor,
@@ -464,41 +494,28 @@ pub fn forward_split(
     f: &Factors,
     ranks: Option<&[i64]>,
     scale: f64,
+    stage: Stage,
 ) -> Result<(Tensor, Saved)> {
-    let Factors::Ortho { p, lam, q, p0, lam0, q0 } = f else { bail!("the split forward is for T-LoRA (orthogonal) factors") };
+    ensure!(matches!(f, Factors::Ortho { .. }), "the split forward is for T-LoRA (orthogonal) factors");
     let (r, in_f, out_f) = f.dims()?;
     check_input(x, f, in_f)?;
     check_base(x, weight, bias, in_f, out_f)?;
-    let act = resolve_ranks(ranks, r, x)?;
-    let (k, kind) = (act.k, x.kind());
-    let d = cast(&head(q, 0, k), kind);
-    let u = cast(&(head(p, 1, k) * (head(lam, 0, k) * scale).unsqueeze(0)), kind);
+    let ws = stage_weight(&stage, weight, f, smallest_rank(ranks, r), scale)?;
     let rows = x.numel() as i64 / in_f;
     let x2 = x.reshape([rows, in_f]);
-    let y = Tensor::empty([rows, out_f], (kind, x.device()));
-    let per_sample = ranks.unwrap_or(&[]);
-    let frozen = Frozen { p0, lam0, q0, scale };
-    for_each_rank(rows, per_sample, act.mask.is_some(), k, weight, &frozen, |start, n, w| {
-        let (xb, yb) = (x2.narrow(0, start, n), y.narrow(0, start, n));
-        let _ = match bias {
-            Some(b) => b.addmm_out(&yb, &xb, &w.tr()),
-            None => xb.mm_out(&yb, &w.tr()),
-        };
-    });
-    let mut h = x.matmul(&d.tr());
-    if let Some(m) = act.mask_like(x, k) {
-        let _ = h.g_mul_(&m);
-    }
-    let mut y2 = y.shallow_clone();
-    let _ = y2.addmm_(&h.reshape([rows, k]), &u.tr());
+    let y = match bias {
+        Some(b) => b.addmm(&x2, &ws.tr()),
+        None => x2.mm(&ws.tr()),
+    };
+    let (_, saved) = forward_saving_from(x, f, ranks, scale, Some(&y), stage.rank)?;
     let mut shape = x.size();
     shape.pop();
     shape.push(out_f);
-    Ok((y.view(shape.as_slice()), Saved { h, d, u }))
+    Ok((y.view(shape.as_slice()), saved))
 }
 
-/// Backward of [`forward_split`]: the input's gradient through the folded base weights and the
-/// trainable branch, and the trainable factors' gradients (as [`backward`]).
+/// Backward of [`forward_split`] (the same `stage`): the input's gradient through W_s and the
+/// update's products, and the trainable factors' gradients (as [`backward`]).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_split(
     grad: &Tensor,
@@ -509,21 +526,18 @@ pub fn backward_split(
     ranks: Option<&[i64]>,
     scale: f64,
     needs: [bool; 4],
+    stage: Stage,
 ) -> Result<Grads> {
-    let Factors::Ortho { p0, lam0, q0, .. } = f else { bail!("the split backward is for T-LoRA (orthogonal) factors") };
+    ensure!(matches!(f, Factors::Ortho { .. }), "the split backward is for T-LoRA (orthogonal) factors");
     let (r, in_f, out_f) = f.dims()?;
     check_base(x, weight, None, in_f, out_f)?;
+    let ws = if needs[0] { Some(stage_weight(&stage, weight, f, smallest_rank(ranks, r), scale)?) } else { None };
     let mut g = backward_impl(grad, x, &saved.h, Some((&saved.d, &saved.u)), f, ranks, scale, needs)?;
-    if let Some(gx) = &g.input {
-        let act = resolve_ranks(ranks, r, x)?;
+    if let (Some(gx), Some(ws)) = (&g.input, ws) {
         let rows = x.numel() as i64 / in_f;
         let grad2 = cast(grad, x.kind()).reshape([rows, out_f]);
-        let gx2 = gx.reshape([rows, in_f]);
-        let frozen = Frozen { p0, lam0, q0, scale };
-        for_each_rank(rows, ranks.unwrap_or(&[]), act.mask.is_some(), act.k, weight, &frozen, |start, n, w| {
-            let mut gb = gx2.narrow(0, start, n);
-            let _ = gb.addmm_(&grad2.narrow(0, start, n), w);
-        });
+        let mut gx2 = gx.reshape([rows, in_f]);
+        let _ = gx2.addmm_(&grad2, &ws);
         // reshape may have copied a non-contiguous gradient: hand back what was accumulated into.
         g.input = Some(gx2.view(x.size().as_slice()));
     }
@@ -540,7 +554,7 @@ pub fn fold(weight: &Tensor, f: &Factors, rank: Option<i64>, scale: f64) -> Resu
     ensure!(weight.size() == [out_f, in_f], "weight has shape {:?}, expected [{out_f}, {in_f}]", weight.size());
     ensure!(weight.device() == f.device(), "the weight is on {:?} but the adapter is on {:?}", weight.device(), f.device());
     let kind = if weight.kind() == Kind::Double || f.kind() == Kind::Double { Kind::Double } else { Kind::Float };
-    let (d, u) = operands(f, k, scale, kind);
+    let (d, u) = operands(f, k, 0, scale, kind);
     Ok(cast(weight, kind).addmm(&u, &d))
 }
 

@@ -308,33 +308,60 @@ fn split_forward_and_backward_match_base_plus_update() {
     let bias = seeded(&[out_f], 112);
     let x = seeded(&[b, n, in_f], 113);
     let gout = seeded(&[b, n, out_f], 114);
-    for ranks in [None, Some(vec![4]), Some(vec![2]), Some(vec![4, 1, 3]), Some(vec![2, 2, 3])] {
+    let staged = fold_frozen(&weight, &w.factors(), 2, 0.75).unwrap();
+    let stages = [Stage::default(), Stage { rank: 2, folded: None }, Stage { rank: 2, folded: Some(&staged) }];
+    for ranks in [None, Some(vec![4]), Some(vec![2]), Some(vec![4, 1, 3]), Some(vec![2, 2, 3]), Some(vec![3, 4, 2])] {
         for with_bias in [true, false] {
             let bias = if with_bias { Some(&bias) } else { None };
-            let (y, saved) = forward_split(&x, &weight, bias, &w.factors(), ranks.as_deref(), 0.75).unwrap();
             let (delta, h) = forward(&x, &w.factors(), ranks.as_deref(), 0.75).unwrap();
             let want = x.linear(&weight, bias) + &delta;
-            assert_eq!(y.size(), want.size());
-            assert!(max_rel(&y, &want) < 1e-12, "{ranks:?}");
             let all = backward(&gout, &x, &h, &w.factors(), ranks.as_deref(), 0.75, [true; 4]).unwrap();
             let gx_want = all.input.as_ref().unwrap() + gout.matmul(&weight);
-            for needs in [[true; 4], [false, true, true, true], [true, false, false, false]] {
-                let g = backward_split(&gout, &x, &saved, &weight, &w.factors(), ranks.as_deref(), 0.75, needs).unwrap();
-                assert_eq!(g.input.is_some(), needs[0]);
-                if let Some(gx) = &g.input {
-                    assert!(max_rel(gx, &gx_want) < 1e-12, "dx {ranks:?}");
+            // (y, dx) of the stage computed on the spot, which the precomputed stage must equal bitwise.
+            let mut on_the_spot: Option<(Tensor, Tensor)> = None;
+            for stage in stages {
+                if ranks.as_ref().is_some_and(|rs| rs.iter().any(|&rb| rb < stage.rank)) {
+                    // A stage may not fold ranks that a sample does not use.
+                    assert!(forward_split(&x, &weight, bias, &w.factors(), ranks.as_deref(), 0.75, stage).is_err());
+                    continue;
                 }
-                for i in 0..3 {
-                    if let Some(gf) = &g.factors[i] {
-                        assert!(max_rel(gf, all.factors[i].as_ref().unwrap()) < 1e-12, "{ranks:?} {i}");
+                let (y, saved) = forward_split(&x, &weight, bias, &w.factors(), ranks.as_deref(), 0.75, stage).unwrap();
+                assert_eq!(y.size(), want.size());
+                assert!(max_rel(&y, &want) < 1e-12, "{ranks:?}");
+                for needs in [[true; 4], [false, true, true, true], [true, false, false, false]] {
+                    let g = backward_split(&gout, &x, &saved, &weight, &w.factors(), ranks.as_deref(), 0.75, needs, stage).unwrap();
+                    assert_eq!(g.input.is_some(), needs[0]);
+                    if let Some(gx) = &g.input {
+                        assert!(max_rel(gx, &gx_want) < 1e-12, "dx {ranks:?}");
+                        if stage.rank == 2 && needs == [true; 4] {
+                            match &on_the_spot {
+                                None => on_the_spot = Some((y.copy(), gx.copy())),
+                                Some((y0, gx0)) => assert!(y.equal(y0) && gx.equal(gx0), "cached stage differs {ranks:?}"),
+                            }
+                        }
+                    }
+                    for i in 0..3 {
+                        if let Some(gf) = &g.factors[i] {
+                            assert!(max_rel(gf, all.factors[i].as_ref().unwrap()) < 1e-12, "{ranks:?} {i}");
+                        }
                     }
                 }
             }
+            let staged_ok = ranks.as_ref().is_none_or(|rs| rs.iter().all(|&rb| rb >= 2));
+            assert_eq!(on_the_spot.is_some(), staged_ok);
         }
     }
     let plain_down = seeded(&[r, in_f], 115);
     let plain_up = seeded(&[out_f, r], 116);
     let plain = Factors::Plain { down: &plain_down, up: &plain_up };
-    assert!(forward_split(&x, &weight, None, &plain, None, 1.0).is_err());
-    assert!(forward_split(&x.to_kind(Kind::Float), &weight, None, &w.factors(), None, 1.0).is_err());
+    let none = Stage::default();
+    assert!(forward_split(&x, &weight, None, &plain, None, 1.0, none).is_err());
+    assert!(forward_split(&x.to_kind(Kind::Float), &weight, None, &w.factors(), None, 1.0, none).is_err());
+    // A stage of the wrong shape or rank, and frozen folds the factors cannot have, are refused.
+    let bad = seeded(&[out_f, in_f + 1], 117);
+    assert!(forward_split(&x, &weight, None, &w.factors(), None, 1.0, Stage { rank: 2, folded: Some(&bad) }).is_err());
+    assert!(forward_split(&x, &weight, None, &w.factors(), None, 1.0, Stage { rank: r + 1, folded: None }).is_err());
+    assert!(fold_frozen(&weight, &plain, 2, 1.0).is_err());
+    assert!(fold_frozen(&weight, &w.factors(), r + 1, 1.0).is_err());
+    assert!(fold_frozen(&bad, &w.factors(), 2, 1.0).is_err());
 }
