@@ -389,7 +389,9 @@ def test_split_training_path_matches_factored(dtype, tol, timesteps, bias, monke
         assert calls.n == 1
     assert rel_err(out, want) < tol
     for got, ref in zip(grads, want_grads):
-        assert got.dtype == ref.dtype and rel_err(got, ref) < tol
+        # The factors are float32 even in a float64 model: their gradients are rounded to float32
+        # (a batch of mixed ranks sums them sample by sample), so they are held to float32's bound.
+        assert got.dtype == ref.dtype and rel_err(got, ref) < (tol if got.dtype == torch.float64 else 1e-5)
 
 
 def test_split_only_where_exact_and_cheaper(monkeypatch):

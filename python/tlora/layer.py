@@ -10,7 +10,8 @@ Three paths compute the same output:
   ranks), `x W_s^T + b + s x [Q_k; Q0_{r_min..k}]^T [Λ_k P_k, -Λ0 P0_{r_min..k}]^T`
   (`SplitLowRank`): every timestep uses at least r_min ranks and W_s never changes during a run,
   so it is kept in the fold cache when there is room, and the frozen branch then costs only its
-  k - r_min ranks above the stage. Chosen by `_split_plan` (`SPLIT_FROZEN = False` turns it off;
+  k - r_min ranks above the stage. A batch of mixed ranks shares the base product and runs each
+  sample's low-rank products at its own rank. Chosen by `_split_plan` (`SPLIT_FROZEN = False` turns it off;
   half-precision training keeps the factored path, where the two branches cancel exactly at
   initialisation);
 - the inference fast path: when no gradient is needed (`torch.is_grad_enabled()` is False, or

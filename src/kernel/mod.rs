@@ -25,7 +25,8 @@
 //!
 //! Two folds trade tokens-long products for (out x in) ones: [`forward_split`] /
 //! [`backward_split`] fold the first ranks of T-LoRA's frozen branch into the base weight for
-//! training (float32/float64; a [`Stage`], which the caller can keep for a whole run), and
+//! training (float32/float64; a [`Stage`], which the caller can keep for a whole run; a batch of
+//! mixed ranks runs each sample's products at its own rank there, with no masked columns), and
 //! [`fold`] folds the whole update for inference.
 
 use anyhow::{bail, ensure, Result};
@@ -265,12 +266,12 @@ pub fn forward_into(y: &Tensor, x: &Tensor, f: &Factors, ranks: Option<&[i64]>, 
 /// Backward of [`forward`] given the gradient of delta and the h it returned. `needs` = (input,
 /// factor 0, 1, 2) says which gradients to compute; frozen tensors never get one.
 pub fn backward(grad: &Tensor, x: &Tensor, h: &Tensor, f: &Factors, ranks: Option<&[i64]>, scale: f64, needs: [bool; 4]) -> Result<Grads> {
-    backward_impl(grad, x, h, None, f, ranks, scale, needs)
+    backward_impl(grad, x, h, None, f, ranks, scale, needs, None)
 }
 
 /// [`backward`] with the operands a [`forward_saving`] kept.
 pub fn backward_saved(grad: &Tensor, x: &Tensor, saved: &Saved, f: &Factors, ranks: Option<&[i64]>, scale: f64, needs: [bool; 4]) -> Result<Grads> {
-    backward_impl(grad, x, &saved.h, Some((&saved.d, &saved.u)), f, ranks, scale, needs)
+    backward_impl(grad, x, &saved.h, Some((&saved.d, &saved.u)), f, ranks, scale, needs, None)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -283,6 +284,7 @@ fn backward_impl(
     ranks: Option<&[i64]>,
     scale: f64,
     needs: [bool; 4],
+    input_into: Option<&Tensor>,
 ) -> Result<Grads> {
     let (r, in_f, out_f) = f.dims()?;
     check_input(x, f, in_f)?;
@@ -352,7 +354,16 @@ fn backward_impl(
     } else {
         None
     };
-    let input = if needs[0] { gh.as_ref().map(|gh| gh.matmul(&d)) } else { None };
+    // The input's gradient, or (`input_into`: the (rows, in) gradient computed so far) added into it.
+    let input = match (needs[0], gh.as_ref(), input_into) {
+        (true, Some(gh), Some(acc)) => {
+            let mut acc = acc.shallow_clone();
+            let _ = acc.addmm_(&flat(gh, d.size()[0]), &d);
+            None
+        }
+        (true, Some(gh), None) => Some(gh.matmul(&d)),
+        _ => None,
+    };
     let grad_d = |gh: &Tensor| flat(&gh.narrow(-1, 0, k), k).tr().matmul(&flat(x, in_f));
 
     let mut factors: [Option<Tensor>; 3] = [None, None, None];
@@ -500,6 +511,7 @@ pub fn forward_split(
     let (r, in_f, out_f) = f.dims()?;
     check_input(x, f, in_f)?;
     check_base(x, weight, bias, in_f, out_f)?;
+    let act = resolve_ranks(ranks, r, x)?;
     let ws = stage_weight(&stage, weight, f, smallest_rank(ranks, r), scale)?;
     let rows = x.numel() as i64 / in_f;
     let x2 = x.reshape([rows, in_f]);
@@ -507,11 +519,39 @@ pub fn forward_split(
         Some(b) => b.addmm(&x2, &ws.tr()),
         None => x2.mm(&ws.tr()),
     };
-    let (_, saved) = forward_saving_from(x, f, ranks, scale, Some(&y), stage.rank)?;
     let mut shape = x.size();
     shape.pop();
     shape.push(out_f);
+    let saved = match (ranks, act.mask.is_some()) {
+        (Some(ranks), true) => {
+            // Mixed ranks: each sample's products at its own rank rather than all at the largest
+            // with masked columns. h keeps each sample's intermediate, zero beyond its rank.
+            let per = rows / ranks.len() as i64;
+            let (d, u) = operands(f, act.k, stage.rank, scale, x.kind());
+            let h = Tensor::zeros([ranks.len() as i64, per, act.k], (x.kind(), x.device()));
+            for (b, &kb) in ranks.iter().enumerate() {
+                let (xb, yb) = (x2.narrow(0, b as i64 * per, per), y.narrow(0, b as i64 * per, per));
+                let (_, sb) = forward_saving_from(&xb, f, Some(&[kb]), scale, Some(&yb), stage.rank)?;
+                let _ = h.get(b as i64).narrow(1, 0, kb).copy_(&sb.h);
+            }
+            let mut h_shape = x.size();
+            h_shape.pop();
+            h_shape.push(act.k);
+            Saved { h: h.view(h_shape.as_slice()), d, u }
+        }
+        _ => forward_saving_from(x, f, ranks, scale, Some(&y), stage.rank)?.1,
+    };
     Ok((y.view(shape.as_slice()), saved))
+}
+
+/// The operands of one sample of rank `kb` within the operands (D, U') built for the largest rank
+/// `k` with the frozen ranks from `from` on: the trainable rows 0..kb and the frozen rows from..kb.
+fn sample_operands(d: &Tensor, u: &Tensor, k: i64, kb: i64, from: i64) -> (Tensor, Tensor) {
+    let (db, ub) = (d.narrow(0, 0, kb), u.narrow(1, 0, kb));
+    if kb <= from {
+        return (db, ub);
+    }
+    (Tensor::cat(&[&db, &d.narrow(0, k, kb - from)], 0), Tensor::cat(&[&ub, &u.narrow(1, k, kb - from)], 1))
 }
 
 /// Backward of [`forward_split`] (the same `stage`): the input's gradient through W_s and the
@@ -532,7 +572,11 @@ pub fn backward_split(
     let (r, in_f, out_f) = f.dims()?;
     check_base(x, weight, None, in_f, out_f)?;
     let ws = if needs[0] { Some(stage_weight(&stage, weight, f, smallest_rank(ranks, r), scale)?) } else { None };
-    let mut g = backward_impl(grad, x, &saved.h, Some((&saved.d, &saved.u)), f, ranks, scale, needs)?;
+    let act = resolve_ranks(ranks, r, x)?;
+    if let (Some(ranks), true) = (ranks, act.mask.is_some()) {
+        return backward_split_per_sample(grad, x, saved, ws.as_ref(), f, ranks, act.k, scale, needs, stage.rank);
+    }
+    let mut g = backward_impl(grad, x, &saved.h, Some((&saved.d, &saved.u)), f, ranks, scale, needs, None)?;
     if let (Some(gx), Some(ws)) = (&g.input, ws) {
         let rows = x.numel() as i64 / in_f;
         let grad2 = cast(grad, x.kind()).reshape([rows, out_f]);
@@ -542,6 +586,52 @@ pub fn backward_split(
         g.input = Some(gx2.view(x.size().as_slice()));
     }
     Ok(g)
+}
+
+/// [`backward_split`] of a batch of mixed ranks, sample by sample as [`forward_split`] ran it:
+/// the input's gradient is the base product over all rows plus each sample's own update products
+/// added into its rows; the factors' gradients are summed over the samples.
+#[allow(clippy::too_many_arguments)]
+fn backward_split_per_sample(
+    grad: &Tensor,
+    x: &Tensor,
+    saved: &Saved,
+    ws: Option<&Tensor>,
+    f: &Factors,
+    ranks: &[i64],
+    k: i64,
+    scale: f64,
+    needs: [bool; 4],
+    from: i64,
+) -> Result<Grads> {
+    let (_, in_f, out_f) = f.dims()?;
+    let rows = x.numel() as i64 / in_f;
+    let per = rows / ranks.len() as i64;
+    let (x2, grad2) = (x.reshape([rows, in_f]), cast(grad, x.kind()).reshape([rows, out_f]));
+    let h = saved.h.reshape([ranks.len() as i64, per, k]);
+    ensure!(
+        saved.d.size()[0] == 2 * k - from && saved.u.size()[1] == 2 * k - from,
+        "saved operands have {} and {} ranks, expected {} (rank {k}, frozen ranks from {from})",
+        saved.d.size()[0],
+        saved.u.size()[1],
+        2 * k - from
+    );
+    let gx = ws.map(|ws| grad2.mm(ws));
+    let mut factors: [Option<Tensor>; 3] = [None, None, None];
+    for (b, &kb) in ranks.iter().enumerate() {
+        let start = b as i64 * per;
+        let (db, ub) = sample_operands(&saved.d, &saved.u, k, kb, from);
+        let hb = h.get(b as i64).narrow(1, 0, kb);
+        let gxb = gx.as_ref().map(|gx| gx.narrow(0, start, per));
+        let gb = backward_impl(&grad2.narrow(0, start, per), &x2.narrow(0, start, per), &hb, Some((&db, &ub)), f, Some(&[kb]), scale, needs, gxb.as_ref())?;
+        for (sum, part) in factors.iter_mut().zip(gb.factors) {
+            *sum = match (sum.take(), part) {
+                (Some(s), Some(p)) => Some(s + p),
+                (s, p) => s.or(p),
+            };
+        }
+    }
+    Ok(Grads { input: gx.map(|gx| gx.view(x.size().as_slice())), factors })
 }
 
 /// The folded weight W + dW at one rank (None: full rank) in one fused multiply-add, computed in
