@@ -19,8 +19,10 @@ b. train: a training step (forward, epsilon loss, backward, AdamW) of a small UN
    block structure (UNet2DConditionModel, text_time embedding, DownBlock2D then two cross-attention
    levels, transformer layers per block scaled down from SD-XL's (1, 2, 10)) at 64x64 and 128x128
    latents (SD-XL's token counts at 512 and 1024 pixels): tlora T-LoRA vs PEFT LoRA set up as
-   diffusers' DreamBooth LoRA script does vs the bare model (forward + backward to the input).
-   The adapters' rank is scaled with the widths (rank / width as rank 64 on SD-XL).
+   diffusers' DreamBooth LoRA script does vs the reference implementation's way (attention
+   processors adding full-rank branches times the mask, passed through cross_attention_kwargs, to
+   q, k, v and out, with a materialised softmax attention) vs the bare model (forward + backward
+   to the input). The adapters' rank is scaled with the widths (rank / width as rank 64 on SD-XL).
 c. sample: 25 denoising steps with classifier-free guidance (batch 2) on that UNet, per-step time:
    bare, tlora (fast path: first run folds, second run reuses the cache), tlora with the fast
    path switched off, PEFT LoRA (unmerged).
@@ -263,6 +265,65 @@ def unet_inputs(batch: int, latent: int, seed: int = 0) -> dict:
     }
 
 
+class ReferenceProcessor(nn.Module):
+    """The reference implementation's way, written for this benchmark: an attention processor per
+    attention module that adds T-LoRA's two full-rank branches times the rank mask to q, k, v and
+    out (the mask arrives through `cross_attention_kwargs`) and computes attention with a
+    materialised softmax (`get_attention_scores` + bmm), as diffusers' plain AttnProcessor does."""
+
+    PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
+
+    def __init__(self, attn, r: int):
+        super().__init__()
+        self.trainable = nn.ParameterDict()
+        self.frozen = {}
+        for name in self.PROJECTIONS:
+            lin = attn.to_out[0] if name == "to_out" else getattr(attn, name)
+            out_f, in_f = lin.weight.shape
+            # Orthonormal factors (the values do not matter for timing); frozen copies subtracted.
+            p = torch.linalg.qr(torch.randn(out_f, r))[0]
+            q = torch.linalg.qr(torch.randn(in_f, r))[0].T.contiguous()
+            lam = torch.rand(r) * 0.01
+            self.trainable[name + "_p"] = nn.Parameter(p.clone())
+            self.trainable[name + "_lam"] = nn.Parameter(lam.clone())
+            self.trainable[name + "_q"] = nn.Parameter(q.clone())
+            self.frozen[name] = (p, lam, q)
+
+    def delta(self, name: str, x, mask):
+        p, lam, q = (self.trainable[name + s] for s in ("_p", "_lam", "_q"))
+        p0, lam0, q0 = self.frozen[name]
+        return ((x @ q.T) * lam * mask) @ p.T - ((x @ q0.T) * lam0 * mask) @ p0.T
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 sigma_mask=None, **kwargs):
+        residual = hidden_states
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            ctx = attn.norm_encoder_hidden_states(ctx)
+        q = attn.to_q(hidden_states) + self.delta("to_q", hidden_states, sigma_mask)
+        k = attn.to_k(ctx) + self.delta("to_k", ctx, sigma_mask)
+        v = attn.to_v(ctx) + self.delta("to_v", ctx, sigma_mask)
+        q, k, v = attn.head_to_batch_dim(q), attn.head_to_batch_dim(k), attn.head_to_batch_dim(v)
+        probs = attn.get_attention_scores(q, k, None)
+        h = attn.batch_to_head_dim(torch.bmm(probs, v))
+        h = attn.to_out[0](h) + self.delta("to_out", h, sigma_mask)
+        h = attn.to_out[1](h)
+        if attn.residual_connection:
+            h = h + residual
+        return h / attn.rescale_output_factor
+
+
+def reference_setup(unet, r: int) -> list:
+    """Installs a ReferenceProcessor on every attention module; returns its trainable parameters."""
+    procs = {}
+    for name, proc in unet.attn_processors.items():
+        attn = unet.get_submodule(name.rsplit(".processor", 1)[0])
+        procs[name] = ReferenceProcessor(attn, r)
+    params = [p for proc in procs.values() for p in proc.parameters()]
+    unet.set_attn_processor(procs)  # (empties the dict)
+    return params
+
+
 def setup(case: str, unet):
     """Adapt `unet` for `case`; returns the trainable parameters (None for the bare model)."""
     r = UNET["rank"]
@@ -270,6 +331,8 @@ def setup(case: str, unet):
         return None
     if case == "tlora":
         return tlora.inject(unet, rank=r, min_rank=r // 2, target_modules=TARGETS).parameters()
+    if case == "reference":
+        return reference_setup(unet, r)
     if case == "peft":
         from peft import LoraConfig
 
@@ -287,12 +350,20 @@ def train_step_fn(case: str, latent: int, batch: int = 1):
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4) if params is not None else None
     cyc = Cycle(batch)
 
+    r = UNET["rank"]
+
     def step():
         sample = inputs["sample"]
         if opt is None:
             sample = sample.clone().requires_grad_(True)
-        pred = unet(sample, cyc.next(), inputs["encoder_hidden_states"],
-                    added_cond_kwargs=inputs["added_cond_kwargs"]).sample
+        t = cyc.next()
+        kwargs = {}
+        if case == "reference":
+            # The rank mask for this step's timesteps, passed to the processors as the reference does.
+            ranks = tlora.rank_schedule(t, r, r // 2)
+            kwargs["cross_attention_kwargs"] = {"sigma_mask": (torch.arange(r)[None, :] < ranks[:, None]).float()[:, None, :]}
+        pred = unet(sample, t, inputs["encoder_hidden_states"],
+                    added_cond_kwargs=inputs["added_cond_kwargs"], **kwargs).sample
         F.mse_loss(pred, noise).backward()
         if opt is not None:
             opt.step()
@@ -305,10 +376,11 @@ def train_section(quick: bool, latents) -> list[dict]:
     rounds = 4 if quick else 10
     rows = []
     for latent in latents:
-        times = interleaved({case: train_step_fn(case, latent) for case in ("bare", "peft", "tlora")}, rounds)
+        times = interleaved({case: train_step_fn(case, latent) for case in ("bare", "peft", "tlora", "reference")}, rounds)
         res = {k: statistics.median(v) for k, v in times.items()}
         row = {"latent": latent, **{k: v * 1e3 for k, v in res.items()},
-               "tlora_vs_peft": res["tlora"] / res["peft"], "peft_vs_bare": res["peft"] / res["bare"],
+               "tlora_vs_peft": res["tlora"] / res["peft"], "tlora_vs_reference": res["tlora"] / res["reference"],
+               "reference_vs_peft": res["reference"] / res["peft"], "peft_vs_bare": res["peft"] / res["bare"],
                "tlora_vs_bare": res["tlora"] / res["bare"], "rounds": rounds}
         rows.append(row)
         print("train", json.dumps(row), flush=True)
@@ -409,15 +481,17 @@ def memory_section(latents) -> list[dict]:
     rows = []
     for latent in latents:
         res = {}
-        for case in ("bare", "peft", "tlora"):
-            proc = subprocess.run([sys.executable, __file__, "--memory-case", case, "--latent", str(latent)],
+        for case in ("bare", "peft", "tlora", "reference"):
+            proc = subprocess.run([sys.executable, __file__, "--memory-case", case, "--latent", str(latent),
+                                   "--train-rank", str(UNET["rank"])],
                                   capture_output=True, text=True, check=True)
             res[case] = json.loads(proc.stdout.strip().splitlines()[-1])
         row = {"latent": latent,
                **{f"{c}_peak_rss_mb": res[c]["peak_rss_mb"] for c in res},
                **{f"{c}_step_peak_mb": res[c]["step_peak_mb"] for c in res},
                "tlora_vs_peft_peak_rss": res["tlora"]["peak_rss_mb"] / res["peft"]["peak_rss_mb"],
-               "tlora_vs_peft_step_peak": res["tlora"]["step_peak_mb"] / res["peft"]["step_peak_mb"]}
+               "tlora_vs_peft_step_peak": res["tlora"]["step_peak_mb"] / res["peft"]["step_peak_mb"],
+               "tlora_vs_reference_peak_rss": res["tlora"]["peak_rss_mb"] / res["reference"]["peak_rss_mb"]}
         if "cuda_max_allocated_mb" in res["tlora"]:
             row.update({f"{c}_cuda_max_allocated_mb": res[c]["cuda_max_allocated_mb"] for c in res})
         rows.append(row)
@@ -532,10 +606,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--only", default="layer,train,sample,memory,scaling", help="comma-separated sections")
     ap.add_argument("--layer-batch", type=int, default=2, help="batch of case a (samples with their own timesteps)")
+    ap.add_argument("--train-rank", type=int, default=UNET["rank"],
+                    help="adapter rank of cases b and d (default: scaled with the widths as rank 64 on SD-XL)")
     ap.add_argument("--rewrite", action="store_true", help="rewrite speed.md from the speed.json in --out")
     ap.add_argument("--memory-case", help=argparse.SUPPRESS)
     ap.add_argument("--latent", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    UNET["rank"] = args.train_rank
     if args.memory_case:
         print(json.dumps(memory_case(args.memory_case, args.latent)))
         return
@@ -577,7 +654,8 @@ def write_outputs(results: dict, out: Path) -> None:
                                "lycoris", "lycoris-bypass", "overhead_vs_reference", "tlora_vs_peft", "tlora_vs_bare"]))
     if "train" in results:
         parts.append(f"### b. Training step (batch 1, AdamW), ms (median of interleaved rounds); UNet {UNET}\n\n" + md_table(
-            results["train"], ["latent", "bare", "peft", "tlora", "tlora_vs_peft", "peft_vs_bare", "tlora_vs_bare"]))
+            results["train"], ["latent", "bare", "peft", "tlora", "reference", "tlora_vs_peft", "tlora_vs_reference",
+                                "reference_vs_peft", "peft_vs_bare", "tlora_vs_bare"]))
     if "sample" in results:
         parts.append("### c. Sampling, 25 steps with CFG (batch 2), ms per step (best of the rounds)\n\n" + md_table(
             results["sample"], ["latent", "bare", "tlora", "tlora-cached", "tlora-factored", "peft", "tlora_vs_bare",
@@ -587,7 +665,8 @@ def write_outputs(results: dict, out: Path) -> None:
                      "built, and that peak minus the RSS before the first step), MB\n\n" + md_table(
             results["memory"], ["latent", "bare_peak_rss_mb", "peft_peak_rss_mb", "tlora_peak_rss_mb",
                                 "bare_step_peak_mb", "peft_step_peak_mb", "tlora_step_peak_mb",
-                                "tlora_vs_peft_peak_rss", "tlora_vs_peft_step_peak"]))
+                                "reference_peak_rss_mb", "tlora_vs_peft_peak_rss", "tlora_vs_peft_step_peak",
+                                "tlora_vs_reference_peak_rss"]))
     if "scaling" in results:
         parts.append("### e. Adapter cost (minus bare) of one layer, forward + backward, full rank\n\n" + md_table(
             results["scaling"], ["tokens", "dim", "rank", "bare_ms", "tlora_adapter_ms", "peft_adapter_ms",
