@@ -116,14 +116,13 @@ fn resolve_ranks(ranks: Option<&[i64]>, r: i64, x: &Tensor) -> Result<Active> {
 }
 
 impl Active {
-    /// The mask for a (..., width) intermediate of `x`, shaped (B, 1, ..., 1, width) to broadcast
-    /// over tokens. Width k: the trainable ranks; k + (k - s): followed by the frozen ranks s..k
-    /// (s = 0: the whole frozen branch, the mask repeated).
+    /// The mask for a (..., width) intermediate of `x` (width k, or 2k: the mask repeats for the
+    /// whole frozen branch; a split call with a stage runs mixed ranks sample by sample, unmasked),
+    /// shaped (B, 1, ..., 1, width) to broadcast over tokens.
     fn mask_like(&self, x: &Tensor, width: i64) -> Option<Tensor> {
         let m = self.mask.as_ref()?;
         let m = cast(&m.to_device(x.device()), x.kind());
-        let k = self.k;
-        let m = if width == k { m } else { Tensor::cat(&[&m, &m.narrow(1, 2 * k - width, width - k)], 1) };
+        let m = if width == self.k { m } else { m.repeat([1, width / self.k]) };
         let mut shape = vec![m.size()[0]];
         shape.extend(std::iter::repeat_n(1, x.dim() - 2));
         shape.push(width);
