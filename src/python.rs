@@ -7,11 +7,13 @@ use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// Maps an error to ValueError, or to OSError / FileNotFoundError when the root cause is I/O.
 fn to_py(err: anyhow::Error) -> PyErr {
-    let msg = format!("{err:#}");
+    // libtorch appends its C++ stack to messages: users need the first part only.
+    let full = format!("{err:#}");
+    let msg = full.split("\nException raised from").next().unwrap_or(&full).trim_end().to_string();
     match err.root_cause().downcast_ref::<std::io::Error>() {
         Some(io) if io.kind() == std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
         Some(_) => PyOSError::new_err(msg),
@@ -27,6 +29,24 @@ fn factors_of(tensors: &[Tensor]) -> anyhow::Result<kernel::Factors<'_>> {
     }
 }
 
+/// Runs `work` without the GIL and turns both its errors and any panic (a libtorch error surfacing
+/// through a non-fallible tch call) into Python exceptions: nothing unwinds into Python as
+/// `PanicException`.
+fn run<T: Send>(py: Python<'_>, work: impl FnOnce() -> anyhow::Result<T> + Send) -> PyResult<T> {
+    py.allow_threads(move || match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(anyhow::anyhow!("tlora's native code refused its input: {msg}"))
+        }
+    })
+    .map_err(to_py)
+}
+
 /// Unwraps the tensors so that they can move into a closure that runs without the GIL
 /// (tch tensors are Send but not Sync, so they are moved, not borrowed).
 fn owned(tensors: Vec<PyTensor>) -> Vec<Tensor> {
@@ -35,9 +55,13 @@ fn owned(tensors: Vec<PyTensor>) -> Vec<Tensor> {
 
 /// r(t) for every timestep: an int64 CPU tensor of the same shape.
 #[pyfunction]
-fn rank_schedule(timesteps: PyTensor, rank: i64, min_rank: i64, exponent: f64, num_train_timesteps: f64) -> PyResult<PyTensor> {
-    let s = schedule::RankSchedule::new(rank, min_rank, exponent, num_train_timesteps).map_err(to_py)?;
-    s.ranks(&timesteps).map(PyTensor).map_err(to_py)
+fn rank_schedule(py: Python<'_>, timesteps: PyTensor, rank: i64, min_rank: i64, exponent: f64, num_train_timesteps: f64) -> PyResult<PyTensor> {
+    let t = timesteps.0;
+    run(py, move || {
+        kernel::check_device(&t, "the timestep tensor")?;
+        schedule::RankSchedule::new(rank, min_rank, exponent, num_train_timesteps)?.ranks(&t)
+    })
+    .map(PyTensor)
 }
 
 /// (P, lam, Q) from the SVD of `weight`, or of a seeded N(0, (1/rank)^2) matrix of shape
@@ -55,138 +79,101 @@ fn orthogonal_init(
 ) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
     let comp: init::Component = component.parse().map_err(to_py)?;
     let weight = weight.map(|w| w.0);
-    let f = py
-        .allow_threads(move || match &weight {
-            Some(w) => init::orthogonal_factors(w, rank, comp),
-            None => init::orthogonal_random(out_features, in_features, rank, comp, seed),
-        })
-        .map_err(to_py)?;
+    let f = run(py, move || match &weight {
+        Some(w) => {
+            kernel::check_device(w, "the weight to decompose")?;
+            init::orthogonal_factors(w, rank, comp)
+        }
+        None => init::orthogonal_random(out_features, in_features, rank, comp, seed),
+    })?;
     Ok((PyTensor(f.p), PyTensor(f.lam), PyTensor(f.q)))
 }
 
 /// A seeded Gaussian matrix (float32, CPU) that does not touch torch's global generator.
 #[pyfunction]
-fn gaussian(rows: i64, cols: i64, std: f64, seed: u64) -> PyResult<PyTensor> {
-    let t = init::seeded_gaussian(rows, cols, std, seed).map_err(to_py)?;
-    Ok(PyTensor(t.to_kind(tch::Kind::Float)))
+fn gaussian(py: Python<'_>, rows: i64, cols: i64, std: f64, seed: u64) -> PyResult<PyTensor> {
+    run(py, move || Ok(init::seeded_gaussian(rows, cols, std, seed)?.f_to_kind(Kind::Float)?)).map(PyTensor)
 }
 
-/// (delta, h, d, u): the adapter's output, and the intermediate and operands that
-/// `lowrank_backward` needs.
-#[pyfunction]
-#[pyo3(signature = (x, factors, ranks, scale))]
-fn lowrank_forward(py: Python<'_>, x: PyTensor, factors: Vec<PyTensor>, ranks: Option<Vec<i64>>, scale: f64) -> PyResult<(PyTensor, PyTensor, PyTensor, PyTensor)> {
-    let (x, factors) = (x.0, owned(factors));
-    let (delta, s) = py
-        .allow_threads(move || kernel::forward_saving(&x, &factors_of(&factors)?, ranks.as_deref(), scale, None))
-        .map_err(to_py)?;
-    Ok((PyTensor(delta.expect("delta")), PyTensor(s.h), PyTensor(s.d), PyTensor(s.u)))
+fn kind_of(dtype: &str) -> anyhow::Result<Kind> {
+    Ok(match dtype {
+        "float32" => Kind::Float,
+        "float64" => Kind::Double,
+        "float16" => Kind::Half,
+        "bfloat16" => Kind::BFloat16,
+        other => anyhow::bail!("compute dtype {other:?} is not supported: use float32, float16, bfloat16 or float64"),
+    })
 }
 
-/// Adds the adapter's output for x into `y` (the base layer's output, same rows) in place;
-/// returns (h, d, u) for `lowrank_backward`.
+/// P0 diag(lam0): T-LoRA's frozen product (U's frozen block is its negative).
 #[pyfunction]
-#[pyo3(signature = (y, x, factors, ranks, scale))]
-fn lowrank_forward_add(py: Python<'_>, y: PyTensor, x: PyTensor, factors: Vec<PyTensor>, ranks: Option<Vec<i64>>, scale: f64) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
-    let (y, x, factors) = (y.0, x.0, owned(factors));
-    let (_, s) = py
-        .allow_threads(move || kernel::forward_saving(&x, &factors_of(&factors)?, ranks.as_deref(), scale, Some(&y)))
-        .map_err(to_py)?;
-    Ok((PyTensor(s.h), PyTensor(s.d), PyTensor(s.u)))
+fn frozen_block(py: Python<'_>, p0: PyTensor, lam0: PyTensor) -> PyResult<PyTensor> {
+    let (p0, lam0) = (p0.0, lam0.0);
+    run(py, move || {
+        kernel::check_device(&p0, "P0")?;
+        kernel::frozen_block(&p0, &lam0)
+    })
+    .map(PyTensor)
+}
+
+/// (D, U): the operands at full rank in `dtype`, fresh, or written into the buffers `d_buf` and
+/// `u_buf` (T-LoRA; `write_frozen`: also write the frozen block).
+#[pyfunction]
+#[pyo3(signature = (factors, frozen, dtype, d_buf=None, u_buf=None, write_frozen=true))]
+fn lowrank_operands(
+    py: Python<'_>,
+    factors: Vec<PyTensor>,
+    frozen: Option<PyTensor>,
+    dtype: &str,
+    d_buf: Option<PyTensor>,
+    u_buf: Option<PyTensor>,
+    write_frozen: bool,
+) -> PyResult<(PyTensor, PyTensor)> {
+    let (factors, nf) = (owned(factors), frozen.map(|t| t.0));
+    let bufs = match (d_buf, u_buf) {
+        (Some(d), Some(u)) => Some((d.0, u.0)),
+        (None, None) => None,
+        _ => return Err(PyValueError::new_err("pass both d_buf and u_buf, or neither")),
+    };
+    let dtype = dtype.to_string();
+    let ops = run(py, move || {
+        let kind = kind_of(&dtype)?;
+        let scratch = bufs.as_ref().map(|(d, u)| kernel::Scratch { d, u, write_frozen });
+        kernel::operands(&factors_of(&factors)?, nf.as_ref(), kind, scratch)
+    })?;
+    Ok((PyTensor(ops.d), PyTensor(ops.u)))
+}
+
+/// (delta, h): delta = ((x D^T) * mask) U^T, or None when it was added into `acc` in place (the
+/// base layer's output, same rows); h is what `lowrank_backward` needs.
+#[pyfunction]
+#[pyo3(signature = (x, d, u, mask=None, acc=None))]
+fn lowrank_forward(py: Python<'_>, x: PyTensor, d: PyTensor, u: PyTensor, mask: Option<PyTensor>, acc: Option<PyTensor>) -> PyResult<(Option<PyTensor>, PyTensor)> {
+    let (x, ops, mask, acc) = (x.0, kernel::Operands { d: d.0, u: u.0 }, mask.map(|t| t.0), acc.map(|t| t.0));
+    let (delta, h) = run(py, move || kernel::forward(&x, &ops, mask.as_ref(), acc.as_ref()))?;
+    Ok((delta.map(PyTensor), PyTensor(h)))
 }
 
 type Grads4 = (Option<PyTensor>, Option<PyTensor>, Option<PyTensor>, Option<PyTensor>);
 
-/// Gradients (input, factor 0, 1, 2) of `lowrank_forward`; `needs` says which to compute. `d` and
-/// `u` are the operands the forward returned (rebuilt from the factors when omitted).
+/// Gradients (input, factor 0, 1, 2) of `lowrank_forward`; `needs` says which to compute.
 #[pyfunction]
-#[pyo3(signature = (grad, x, h, factors, ranks, scale, needs, d=None, u=None))]
+#[pyo3(signature = (grad, x, h, d, u, mask, factors, needs))]
 #[allow(clippy::too_many_arguments)]
 fn lowrank_backward(
     py: Python<'_>,
     grad: PyTensor,
     x: PyTensor,
     h: PyTensor,
-    factors: Vec<PyTensor>,
-    ranks: Option<Vec<i64>>,
-    scale: f64,
-    needs: [bool; 4],
-    d: Option<PyTensor>,
-    u: Option<PyTensor>,
-) -> PyResult<Grads4> {
-    let (grad, x, h, factors) = (grad.0, x.0, h.0, owned(factors));
-    let ops = match (d, u) {
-        (Some(d), Some(u)) => Some((d.0, u.0)),
-        (None, None) => None,
-        _ => return Err(PyValueError::new_err("pass both d and u, or neither")),
-    };
-    let g = py
-        .allow_threads(move || {
-            let f = factors_of(&factors)?;
-            match ops {
-                Some((d, u)) => kernel::backward_saved(&grad, &x, &kernel::Saved { h, d, u }, &f, ranks.as_deref(), scale, needs),
-                None => kernel::backward(&grad, &x, &h, &f, ranks.as_deref(), scale, needs),
-            }
-        })
-        .map_err(to_py)?;
-    let [a, b, c] = g.factors;
-    Ok((g.input.map(PyTensor), a.map(PyTensor), b.map(PyTensor), c.map(PyTensor)))
-}
-
-/// T-LoRA's training forward with the frozen branch's first `stage_rank` ranks folded into the
-/// base weight (`staged`: that fold from `fold_frozen`, else folded here): (y, h, d, u) with y the
-/// base layer's output plus the update (float32 or float64).
-#[pyfunction]
-#[pyo3(signature = (x, weight, bias, factors, ranks, scale, stage_rank=0, staged=None))]
-#[allow(clippy::too_many_arguments)]
-fn lowrank_split_forward(
-    py: Python<'_>,
-    x: PyTensor,
-    weight: PyTensor,
-    bias: Option<PyTensor>,
-    factors: Vec<PyTensor>,
-    ranks: Option<Vec<i64>>,
-    scale: f64,
-    stage_rank: i64,
-    staged: Option<PyTensor>,
-) -> PyResult<(PyTensor, PyTensor, PyTensor, PyTensor)> {
-    let (x, weight, bias, factors, staged) = (x.0, weight.0, bias.map(|b| b.0), owned(factors), staged.map(|t| t.0));
-    let (y, s) = py
-        .allow_threads(move || {
-            let stage = kernel::Stage { rank: stage_rank, folded: staged.as_ref() };
-            kernel::forward_split(&x, &weight, bias.as_ref(), &factors_of(&factors)?, ranks.as_deref(), scale, stage)
-        })
-        .map_err(to_py)?;
-    Ok((PyTensor(y), PyTensor(s.h), PyTensor(s.d), PyTensor(s.u)))
-}
-
-/// Gradients (input, P, lam, Q) of `lowrank_split_forward`; `needs` says which to compute.
-#[pyfunction]
-#[pyo3(signature = (grad, x, h, d, u, weight, factors, ranks, scale, needs, stage_rank=0, staged=None))]
-#[allow(clippy::too_many_arguments)]
-fn lowrank_split_backward(
-    py: Python<'_>,
-    grad: PyTensor,
-    x: PyTensor,
-    h: PyTensor,
     d: PyTensor,
     u: PyTensor,
-    weight: PyTensor,
+    mask: Option<PyTensor>,
     factors: Vec<PyTensor>,
-    ranks: Option<Vec<i64>>,
-    scale: f64,
     needs: [bool; 4],
-    stage_rank: i64,
-    staged: Option<PyTensor>,
 ) -> PyResult<Grads4> {
-    let (grad, x, weight, factors, staged) = (grad.0, x.0, weight.0, owned(factors), staged.map(|t| t.0));
-    let saved = kernel::Saved { h: h.0, d: d.0, u: u.0 };
-    let g = py
-        .allow_threads(move || {
-            let stage = kernel::Stage { rank: stage_rank, folded: staged.as_ref() };
-            kernel::backward_split(&grad, &x, &saved, &weight, &factors_of(&factors)?, ranks.as_deref(), scale, needs, stage)
-        })
-        .map_err(to_py)?;
+    let (grad, x, h, factors) = (grad.0, x.0, h.0, owned(factors));
+    let (ops, mask) = (kernel::Operands { d: d.0, u: u.0 }, mask.map(|t| t.0));
+    let g = run(py, move || kernel::backward(&grad, &x, &h, &ops, mask.as_ref(), &factors_of(&factors)?, needs))?;
     let [a, b, c] = g.factors;
     Ok((g.input.map(PyTensor), a.map(PyTensor), b.map(PyTensor), c.map(PyTensor)))
 }
@@ -196,60 +183,46 @@ fn lowrank_split_backward(
 #[pyo3(signature = (factors, rank, scale))]
 fn dense_update(py: Python<'_>, factors: Vec<PyTensor>, rank: Option<i64>, scale: f64) -> PyResult<PyTensor> {
     let factors = owned(factors);
-    py.allow_threads(move || factors_of(&factors).and_then(|f| kernel::dense_update(&f, rank, scale)))
-        .map(PyTensor)
-        .map_err(to_py)
+    run(py, move || kernel::dense_update(&factors_of(&factors)?, rank, scale)).map(PyTensor)
 }
 
-/// The folded weight W + dW at one rank (None: full rank), in the wider of the weight's and the
-/// factors' dtypes.
+/// The folded weight W + dW at one rank (None: full rank), in float32 (float64 when the weight or
+/// the factors are).
 #[pyfunction]
 #[pyo3(signature = (weight, factors, rank, scale))]
 fn fold_weight(py: Python<'_>, weight: PyTensor, factors: Vec<PyTensor>, rank: Option<i64>, scale: f64) -> PyResult<PyTensor> {
     let (weight, factors) = (weight.0, owned(factors));
-    py.allow_threads(move || factors_of(&factors).and_then(|f| kernel::fold(&weight, &f, rank, scale)))
-        .map(PyTensor)
-        .map_err(to_py)
-}
-
-/// W minus T-LoRA's frozen branch at its first `rank` ranks, in the weight's dtype: the stage a
-/// split call takes (the same fold it does without one, so results are bitwise equal).
-#[pyfunction]
-#[pyo3(signature = (weight, factors, rank, scale))]
-fn fold_frozen(py: Python<'_>, weight: PyTensor, factors: Vec<PyTensor>, rank: i64, scale: f64) -> PyResult<PyTensor> {
-    let (weight, factors) = (weight.0, owned(factors));
-    py.allow_threads(move || factors_of(&factors).and_then(|f| kernel::fold_frozen(&weight, &f, rank, scale)))
-        .map(PyTensor)
-        .map_err(to_py)
+    run(py, move || kernel::fold(&weight, &factors_of(&factors)?, rank, scale)).map(PyTensor)
 }
 
 /// Writes tensors and string metadata to a safetensors file, atomically.
 #[pyfunction]
 fn save_file(py: Python<'_>, path: PathBuf, tensors: Vec<(String, PyTensor)>, metadata: HashMap<String, String>) -> PyResult<()> {
     let tensors: Vec<(String, Tensor)> = tensors.into_iter().map(|(n, t)| (n, t.0)).collect();
-    py.allow_threads(move || format::write(&path, &tensors, &metadata)).map_err(to_py)
+    run(py, move || format::write(&path, &tensors, &metadata))
 }
 
 /// Reads a safetensors file: ([(name, tensor)] in file order, metadata).
 #[pyfunction]
 fn load_file(py: Python<'_>, path: PathBuf) -> PyResult<(Vec<(String, PyTensor)>, HashMap<String, String>)> {
-    let (tensors, meta) = py.allow_threads(move || format::read(&path)).map_err(to_py)?;
+    let (tensors, meta) = run(py, move || format::read(&path))?;
     Ok((tensors.into_iter().map(|(n, t)| (n, PyTensor(t))).collect(), meta))
 }
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Panics are caught and raised as Python exceptions with their message (see `run`); the
+    // default hook would also print them to stderr.
+    std::panic::set_hook(Box::new(|_| {}));
     m.add_function(wrap_pyfunction!(rank_schedule, m)?)?;
     m.add_function(wrap_pyfunction!(orthogonal_init, m)?)?;
     m.add_function(wrap_pyfunction!(gaussian, m)?)?;
+    m.add_function(wrap_pyfunction!(frozen_block, m)?)?;
+    m.add_function(wrap_pyfunction!(lowrank_operands, m)?)?;
     m.add_function(wrap_pyfunction!(lowrank_forward, m)?)?;
-    m.add_function(wrap_pyfunction!(lowrank_forward_add, m)?)?;
     m.add_function(wrap_pyfunction!(lowrank_backward, m)?)?;
-    m.add_function(wrap_pyfunction!(lowrank_split_forward, m)?)?;
-    m.add_function(wrap_pyfunction!(lowrank_split_backward, m)?)?;
     m.add_function(wrap_pyfunction!(dense_update, m)?)?;
     m.add_function(wrap_pyfunction!(fold_weight, m)?)?;
-    m.add_function(wrap_pyfunction!(fold_frozen, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
     m.add_function(wrap_pyfunction!(load_file, m)?)?;
     Ok(())

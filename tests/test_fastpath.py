@@ -35,10 +35,19 @@ def perturb(adapter, seed: int = 1, std: float = 0.1) -> None:
         p.add_(torch.randn(p.shape, generator=g) * std)
 
 
+# The adapter the test works on and the fold cache budget its `cache_mode` asks for.
+_LAST: list = [None]
+_BUDGET: list = [None]
+
+
 def inject(model, variant: str = "tlora", **kw):
     if variant == "lora":
-        return tlora.inject(model, rank=8, variant="lora", **kw)
-    return tlora.inject(model, rank=8, min_rank=2, variant=variant, **kw)
+        adapter = tlora.inject(model, rank=8, variant="lora", **kw)
+    else:
+        adapter = tlora.inject(model, rank=8, min_rank=2, variant=variant, **kw)
+    adapter.state.fold_cache.budget = _BUDGET[0]
+    _LAST[0] = adapter
+    return adapter
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,7 +60,7 @@ class Calls:
     def __init__(self, monkeypatch):
         self.fold = self.factored = 0
         native = tlora.layer._native
-        fold, fwd, fwd_add = native.fold_weight, native.lowrank_forward, native.lowrank_forward_add
+        fold, fwd = native.fold_weight, native.lowrank_forward
 
         def fold_weight(*a):
             self.fold += 1
@@ -61,13 +70,8 @@ class Calls:
             self.factored += 1
             return fwd(*a)
 
-        def lowrank_forward_add(*a):
-            self.factored += 1
-            return fwd_add(*a)
-
         monkeypatch.setattr(native, "fold_weight", fold_weight)
         monkeypatch.setattr(native, "lowrank_forward", lowrank_forward)
-        monkeypatch.setattr(native, "lowrank_forward_add", lowrank_forward_add)
 
 
 @pytest.fixture
@@ -80,19 +84,27 @@ def inference_folds(adapter) -> int:
 
 
 def factored(fn):
-    """fn() with the fast path switched off."""
-    saved = tlora.layer.FAST_PATH
-    tlora.layer.FAST_PATH = False
+    """fn() with the fast path of the test's adapter switched off."""
+    state = _LAST[0].state
+    saved = state.fast_path
+    state.fast_path = False
     try:
         return fn()
     finally:
-        tlora.layer.FAST_PATH = saved
+        state.fast_path = saved
+
+
+@pytest.fixture(autouse=True)
+def _reset_budget():
+    _BUDGET[0] = None
+    yield
+    _BUDGET[0] = None
 
 
 @pytest.fixture(params=["cache", "no-cache"])
-def cache_mode(request, monkeypatch):
+def cache_mode(request):
     if request.param == "no-cache":
-        monkeypatch.setattr(tlora.layer, "FOLD_CACHE_BYTES", 0)
+        _BUDGET[0] = 0
     return request.param
 
 
@@ -231,12 +243,12 @@ def test_gradients_unaffected(variant, calls):
         model = Holder()
         adapter = inject(model, variant)
         perturb(adapter)
-        tlora.layer.FAST_PATH = fast
+        adapter.state.fast_path = fast
         try:
             xi = x.clone().requires_grad_(True)
             model(xi, t).square().sum().backward()
         finally:
-            tlora.layer.FAST_PATH = True
+            adapter.state.fast_path = True
         grads[fast] = [xi.grad] + [p.grad for p in adapter.parameters()]
     assert calls.fold == 0
     for a, b in zip(grads[True], grads[False]):
@@ -254,11 +266,9 @@ def test_cache_invalidated_by_optimizer_step(calls):
     with torch.no_grad():
         before = model(x, t)
     assert len(adapter.state.fold_cache) == 1
-    # A training step: the forward with gradients drops the layer's folded weights at once (what
-    # stays is the training stage of the frozen branch, which depends on frozen tensors only).
+    # A training step: the forward with gradients drops the layer's folded weights at once.
     model(x, torch.tensor([900])).square().mean().backward()
-    assert inference_folds(adapter) == 0
-    assert [key[0] for key in adapter.layers["to_q"]._staged] == ["stage"] and len(adapter.state.fold_cache) == 1
+    assert inference_folds(adapter) == 0 and len(adapter.state.fold_cache) == 0
     opt.step()
     with torch.no_grad():
         after = model(x, t)
@@ -280,28 +290,66 @@ def test_cache_invalidated_by_optimizer_step(calls):
     assert inference_folds(adapter) == 1  # stale entries are dropped, not kept
 
 
-def test_cache_is_bounded(monkeypatch, calls):
+def test_cache_is_bounded_and_never_thrashes(calls):
+    """A full cache keeps what it has and folds the rest on the spot: a repeated sweep over more
+    ranks than fit re-folds only those that do not fit (LRU eviction would re-fold every one)."""
     torch.manual_seed(8)
     model = Holder()
     adapter = inject(model)
     perturb(adapter)
     one = 32 * 24 * 4
-    monkeypatch.setattr(tlora.layer, "FOLD_CACHE_BYTES", 3 * one)
+    adapter.state.fold_cache.budget = 3 * one
     x = torch.randn(2, 40, 32)
     cache = adapter.state.fold_cache
+    sweep = (0, 200, 400, 600, 800)  # five distinct ranks (8, 7, 6, 4, 3)
     with torch.no_grad():
-        for t in (0, 200, 400, 600, 800):
+        for t in sweep:
             model(x, torch.tensor([t]))
             assert cache.nbytes <= 3 * one
-        assert len(cache) == 3 and calls.fold == 5
-        # least recently used first out: 400, 600, 800 are kept
-        model(x, torch.tensor([800]))
-        assert calls.fold == 5
-        got = model(x, torch.tensor([0]))
-        assert calls.fold == 6
-        assert rel_err(got, factored(lambda: model(x, torch.tensor([0])))) < RTOL
+        assert len(cache) == 3 and calls.fold == 5 and cache.stores == 3 and cache.misses == 2
+        for t in sweep:
+            model(x, torch.tensor([t]))
+        # The first three stay; only the two that never fit are folded again.
+        assert calls.fold == 7 and cache.hits == 3 and cache.misses == 4 and len(cache) == 3
+        got = model(x, torch.tensor([800]))
+        assert rel_err(got, factored(lambda: model(x, torch.tensor([800])))) < RTOL
+    assert cache.stats()["entries"] == 3
     adapter.remove()
     assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_many_layers_over_budget_refold_only_the_overflow(calls):
+    """The issue's case: room for 8 of 10 layers. Per sampling step LRU re-folded all 10; now 2."""
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.ModuleDict({"to_q": nn.Linear(32, 32)}) for _ in range(10))
+
+        def forward(self, x, timestep=None):
+            for block in self.layers:
+                x = block["to_q"](x)
+            return x
+
+    torch.manual_seed(9)
+    model = Stack()
+    adapter = inject(model)
+    perturb(adapter)
+    adapter.state.fold_cache.budget = 8 * 32 * 32 * 4
+    x = torch.randn(2, 40, 32)
+    with torch.no_grad():
+        model(x, torch.tensor([500]))
+        first = calls.fold
+        model(x, torch.tensor([500]))
+    assert first == 10 and calls.fold - first == 2
+    assert adapter.state.fold_cache.hits == 8
+
+
+def test_default_budget_is_per_device():
+    cache = tlora.layer.FoldCache()
+    assert cache.budget_for(torch.device("cpu")) == 1 << 30
+    cache.budget = 123
+    assert cache.budget_for(torch.device("cpu")) == 123
 
 
 # ---- a stock pipeline --------------------------------------------------------------------------
@@ -334,182 +382,3 @@ def test_sd_pipeline_images_match_factored_path(variant, cache_mode, calls):
     adapter.remove()
     bare = sample()
     assert not np.allclose(bare, got, rtol=1e-3, atol=1e-3)
-
-
-# ---- training: the frozen branch folded into the base weight (SplitLowRank) ---------------------
-
-def _train_step(model, adapter, x, t):
-    xi = x.clone().requires_grad_(True)
-    out = model(xi, t)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=out.dtype)
-    (out * g).sum().backward()
-    grads = [xi.grad] + [p.grad.clone() for p in adapter.parameters()]
-    for p in adapter.parameters():
-        p.grad = None
-    return out.detach(), grads
-
-
-class NativeCalls:
-    """Counts the calls of one native function."""
-
-    def __init__(self, monkeypatch, name: str):
-        self.n = 0
-        original = getattr(tlora.layer._native, name)
-
-        def counted(*a):
-            self.n += 1
-            return original(*a)
-
-        monkeypatch.setattr(tlora.layer._native, name, counted)
-
-
-def split_calls(monkeypatch) -> NativeCalls:
-    return NativeCalls(monkeypatch, "lowrank_split_forward")
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-@pytest.mark.parametrize("timesteps", [[300], [0, 999, 500], [999, 999, 10], None])
-@pytest.mark.parametrize("bias", [True, False])
-def test_split_training_path_matches_factored(dtype, tol, timesteps, bias, monkeypatch):
-    torch.manual_seed(9)
-    model = Holder()
-    model.to_q = nn.Linear(32, 24, bias=bias)
-    model.to(dtype)
-    adapter = inject(model, lora_alpha=4.0)
-    perturb(adapter)
-    x = torch.randn(3, 40, 32, dtype=dtype)
-    t = None if timesteps is None else torch.tensor(timesteps)
-    calls = split_calls(monkeypatch)
-    ctx = adapter.rank(8) if t is None else contextlib.nullcontext()
-    with ctx:
-        out, grads = _train_step(model, adapter, x, t)
-        assert calls.n == 1
-        monkeypatch.setattr(tlora.layer, "SPLIT_FROZEN", False)
-        want, want_grads = _train_step(model, adapter, x, t)
-        assert calls.n == 1
-    assert rel_err(out, want) < tol
-    for got, ref in zip(grads, want_grads):
-        # The factors are float32 even in a float64 model: their gradients are rounded to float32
-        # (a batch of mixed ranks sums them sample by sample), so they are held to float32's bound.
-        assert got.dtype == ref.dtype and rel_err(got, ref) < (tol if got.dtype == torch.float64 else 1e-5)
-
-
-def test_split_only_where_exact_and_cheaper(monkeypatch):
-    torch.manual_seed(10)
-    model = Holder(64, 64)
-    adapter = inject(model)
-    perturb(adapter)
-    calls = split_calls(monkeypatch)
-    t = torch.tensor([200])
-
-    def step(x, **kw):
-        before = calls.n
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kw.get("autocast", False)):
-            model(x.clone().requires_grad_(True), t).float().sum().backward()
-        return calls.n - before
-
-    assert step(torch.randn(2, 64, 64)) == 1
-    assert step(torch.randn(2, 8, 64)) == 0  # 16 tokens * 128 < 64 * 64: the factored update is cheaper
-    assert step(torch.randn(2, 64, 64), autocast=True) == 0  # half precision: the branches must cancel exactly
-    handle = model.to_q.base_layer.register_forward_hook(lambda *a: None)
-    assert step(torch.randn(2, 64, 64)) == 0  # the base layer must run as itself
-    handle.remove()
-    model.to_q.base_layer.weight.requires_grad_(True)
-    assert step(torch.randn(2, 64, 64)) == 0  # the base weight needs its own gradient
-    assert model.to_q.base_layer.weight.grad is not None
-
-
-class TwoLayers(nn.Module):
-    def __init__(self, width: int = 64):
-        super().__init__()
-        self.to_q = nn.Linear(width, width)
-        self.to_k = nn.Linear(width, width)
-
-    def forward(self, x, timestep=None):
-        return self.to_k(self.to_q(x))
-
-
-@contextlib.contextmanager
-def layer_settings(**values):
-    """tlora.layer's module switches set to `values` inside the block."""
-    saved = {name: getattr(tlora.layer, name) for name in values}
-    for name, value in values.items():
-        setattr(tlora.layer, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(tlora.layer, name, value)
-
-
-def test_split_stage_is_cached_and_changes_nothing(monkeypatch):
-    """The frozen branch's r_min stage is built once per run and cached; results are bitwise those
-    of the same step with the stage computed on the spot (no cache), and match the factored path."""
-    torch.manual_seed(12)
-    model = TwoLayers()
-    adapter = inject(model)
-    perturb(adapter)
-    x = torch.randn(3, 64, 64)
-    stages, calls = NativeCalls(monkeypatch, "fold_frozen"), split_calls(monkeypatch)
-    for i, t in enumerate(([900, 10, 500], [999, 999, 999], [0, 0, 0])):
-        t = torch.tensor(t)
-        split_before = calls.n
-        _train_step(model, adapter, x, t)
-        cached = _train_step(model, adapter, x, t)
-        assert calls.n == split_before + 4  # both layers took the split path, twice
-        assert stages.n == 2 * (i + 1)  # one stage per layer, built by the first step only
-        assert all(len(layer._staged) == 1 for layer in adapter.layers.values())
-        adapter.state.fold_cache.clear()
-        with layer_settings(FOLD_CACHE_BYTES=0):
-            spot = _train_step(model, adapter, x, t)
-        assert calls.n == split_before + 6 and len(adapter.state.fold_cache) == 0
-        with layer_settings(SPLIT_FROZEN=False):
-            want = _train_step(model, adapter, x, t)
-        assert stages.n == 2 * (i + 1)
-        assert torch.equal(cached[0], spot[0]) and all(torch.equal(a, b) for a, b in zip(cached[1], spot[1]))
-        assert rel_err(cached[0], want[0]) < RTOL
-        assert all(rel_err(a, b) < RTOL for a, b in zip(cached[1], want[1]))
-
-
-def test_split_stage_follows_the_frozen_tensors(monkeypatch):
-    """A stage is rebuilt when the base weight or a frozen factor changes, skipped for ranks below
-    r_min, and a full cache keeps the stages it has instead of evicting them (no thrashing)."""
-    torch.manual_seed(13)
-    model = TwoLayers()
-    adapter = inject(model)
-    perturb(adapter)
-    x = torch.randn(2, 64, 64)
-    t = torch.tensor([300])
-    stages = NativeCalls(monkeypatch, "fold_frozen")
-
-    def check():
-        got = _train_step(model, adapter, x, t)
-        with layer_settings(SPLIT_FROZEN=False):
-            want = _train_step(model, adapter, x, t)
-        assert rel_err(got[0], want[0]) < RTOL and all(rel_err(a, b) < RTOL for a, b in zip(got[1], want[1]))
-
-    check()
-    assert stages.n == 2
-    layer = adapter.layers["to_q"]
-    for edit in (lambda: layer.lam0.mul_(1.5), lambda: layer.q0.add_(0.01), lambda: layer.base_layer.weight.add_(0.1)):
-        with torch.no_grad():
-            edit()
-        before = stages.n
-        check()
-        assert stages.n == before + 1  # only the edited layer's stage is rebuilt
-    assert len(adapter.state.fold_cache) == 2  # the stale stage was replaced, not kept
-    # A rank pinned below r_min cannot use the stage: the factored path, still exact.
-    calls = split_calls(monkeypatch)
-    with adapter.rank(1):
-        check()
-    assert calls.n == 0
-
-    # Room for one stage: the first layer keeps it, the second computes its stage on the spot each
-    # step (bitwise the same), and nothing is evicted and rebuilt step after step.
-    adapter.state.fold_cache.clear()
-    one = 64 * 64 * 4
-    with layer_settings(FOLD_CACHE_BYTES=one):
-        before = stages.n
-        for _ in range(3):
-            check()
-        assert stages.n == before + 1 and len(adapter.state.fold_cache) == 1

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import tlora
-from tlora.layer import LowRankUpdate
+from tlora.layer import lowrank_update
 
 T = 1000
 
@@ -200,7 +200,7 @@ def test_lowrank_update_float64(case):
     x = torch.randn(*prefix, in_f, generator=gen, dtype=torch.float64, requires_grad=True)
     factors = [f[k] for k in ORDER[variant]]
 
-    out = LowRankUpdate.apply(x, ranks, scale, len(trainable), *factors)
+    out = lowrank_update(x, factors, ranks, scale)
     assert out.dtype == torch.float64 and out.shape == (*prefix, out_f)
     g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     grads = torch.autograd.grad((out * g).sum(), [x, *(f[k] for k in trainable)])
@@ -231,7 +231,7 @@ def test_gradcheck(case):
     inputs = (x, *(f[k].requires_grad_(True) for k in trainable))
 
     def fn(x, *train):
-        return LowRankUpdate.apply(x, ranks, scale, len(trainable), *train, *(f[k] for k in frozen))
+        return lowrank_update(x, [*train, *(f[k] for k in frozen)], ranks, scale)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -241,7 +241,7 @@ def test_lowrank_update_only_x_requires_grad():
     gen = torch.Generator().manual_seed(1)
     f = random_factors("tlora", 5, 6, 4, gen)
     x = torch.randn(2, 3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    out = LowRankUpdate.apply(x, [4, 2], 1.0, 3, *(f[k] for k in ORDER["tlora"]))
+    out = lowrank_update(x, [f[k] for k in ORDER["tlora"]], [4, 2], 1.0)
     (gx,) = torch.autograd.grad(out.sum(), [x])
     xr = x.detach().clone().requires_grad_(True)
     (gr,) = torch.autograd.grad(ref_update("tlora", xr, f, [4, 2], 4, 1.0).sum(), [xr])

@@ -1,7 +1,7 @@
 """T-LoRA inside real (tiny, offline) diffusers models and pipelines: SD, SD-XL and FLUX.
 
-The ranks the kernels use are observed by wrapping `tlora.layer._native.lowrank_forward` and
-`lowrank_forward_add` (with the folding fast path of inference switched off), and the
+The ranks the kernels use are read off the rank mask that `tlora.layer._native.lowrank_forward`
+receives (with the folding fast path of inference switched off), and the
 expected ranks are computed here, independently of the package, from the scheduler's timesteps:
 r(t) = floor(((T - t) / T) * (r - r_min)) + r_min with T = 1000.
 """
@@ -131,25 +131,20 @@ class RankRecorder:
         self.forwards: list[list] = []
         self.batches: list[int] = []
         # Every forward must reach the factored kernels: no folded weights (inference fast path).
-        monkeypatch.setattr(tlora.layer, "FAST_PATH", False)
+        monkeypatch.setattr(tlora.layer.RankState, "fast_path", property(lambda self: False, lambda self, v: None), raising=False)
 
-        def record(ranks):
-            self.calls.append(None if ranks is None else [int(r) for r in ranks])
+        forward = tlora.layer._native.lowrank_forward
+
+        def recording(x, d, u, mask=None, acc=None):
+            # The ranks a call applies: per mask row, the set entries of the first block (the
+            # mask is all ones, None, at full rank).
+            ranks = [R] if mask is None else [int((row[:R] != 0).sum()) for row in mask]
+            self.calls.append(ranks)
             if self.forwards:
-                self.forwards[-1].append(self.calls[-1])
-
-        forward, forward_add = tlora.layer._native.lowrank_forward, tlora.layer._native.lowrank_forward_add
-
-        def recording(x, factors, ranks, scale):
-            record(ranks)
-            return forward(x, factors, ranks, scale)
-
-        def recording_add(y, x, factors, ranks, scale):
-            record(ranks)
-            return forward_add(y, x, factors, ranks, scale)
+                self.forwards[-1].append(ranks)
+            return forward(x, d, u, mask, acc)
 
         monkeypatch.setattr(tlora.layer._native, "lowrank_forward", recording)
-        monkeypatch.setattr(tlora.layer._native, "lowrank_forward_add", recording_add)
 
     def watch(self, model) -> None:
         def start(module, args, kwargs):

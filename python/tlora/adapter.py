@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 import zlib
 from typing import Any, Iterator, Sequence
 
@@ -16,6 +17,7 @@ from .layer import RankState, TLoraLinear
 from .targets import find_targets, linear_at
 
 _ATTR = "_tlora_adapter"
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def rank_schedule(timesteps, rank: int, min_rank: int, exponent: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -71,7 +73,7 @@ def inject_config(model: nn.Module, config: AdapterConfig, module_names: Sequenc
     if existing is not None:
         raise ValueError(
             f"{type(model).__name__} already has a tlora adapter ({existing.config.variant}, rank "
-            f"{existing.config.rank}); call adapter.remove() (or tlora.remove(model)) before injecting again"
+            f"{existing.config.rank}); call tlora.adapter_of(model).remove() before injecting again"
         )
     names = list(module_names) if module_names is not None else find_targets(model, config.target_modules)
     modules = dict(model.named_modules())
@@ -85,7 +87,7 @@ def inject_config(model: nn.Module, config: AdapterConfig, module_names: Sequenc
                 f"rank {config.rank} is larger than module {name!r} allows ({base.out_features} x "
                 f"{base.in_features}, at most {limit}): lower rank or leave this module out of target_modules"
             )
-    state = RankState()
+    state = RankState(config)
     bases = {n: linear_at(modules, n)[1] for n in names}
     built = {n: factors[n] if factors is not None else _init_factors(bases[n], n, config) for n in names}
     # From here on nothing can fail for a reason the user controls: swap the modules in.
@@ -126,12 +128,16 @@ class Adapter:
         modules = dict(model.named_modules())
         for name, (base, factors) in parts.items():
             layer = TLoraLinear(base, config, state, {k: v.float() for k, v in factors.items()})
-            _set_submodule(model, linear_at(modules, name)[0], layer)
+            path = linear_at(modules, name)[0]
+            if path != name:  # inside a PEFT LoRA layer: its merge() writes our base weight
+                layer._peft_owner = weakref.ref(modules[name])
+            _set_submodule(model, path, layer)
             self.layers[name] = layer
         own = {id(p) for p in self._own_parameters()}
         for p in model.parameters():
             p.requires_grad_(id(p) in own)
-        self._signature = inspect.signature(model.forward)
+        params = list(inspect.signature(model.forward).parameters)
+        self._timestep_index = next((i for i, n in enumerate(params) if n in ("timestep", "timesteps")), None)
         self._ckpt_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         self._hook = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         setattr(model, _ATTR, self)
@@ -162,39 +168,87 @@ class Adapter:
             return self.config.timestep_scale
         return TIMESTEP_SCALE_BY_CLASS.get(type(self.model).__name__, 1.0)
 
+    def noise_level(self, timesteps: Any) -> torch.Tensor:
+        """The model's timestep argument mapped to the noise level t in 0..T, as tensor ops on
+        the argument's device (no host round trip)."""
+        t = torch.as_tensor(timesteps)
+        if t.dtype == torch.bool:
+            raise ValueError(f"{type(self.model).__name__} got a boolean timestep ({t.tolist() if t.numel() < 5 else '...'}): "
+                             "pass the diffusion timestep as a number or a numeric tensor")
+        if t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
+            raise ValueError(f"timestep dtype {t.dtype} is not a real number type")
+        return t.double() * self.timestep_scale if t.device.type == "cpu" else t.float() * self.timestep_scale
+
     def ranks_for(self, timesteps: Any, batch: int | None = None) -> list[int]:
         """The ranks for a timestep (number or tensor on the model's own scale): one shared rank,
-        or one per sample when the timesteps differ. `batch` checks a (B,) tensor's length."""
-        t = torch.as_tensor(timesteps).detach()
+        or one per sample when the timesteps differ. `batch` checks a (B,) tensor's length. Reads
+        the timestep on the host."""
+        t = self._checked_shape(timesteps, batch)
+        c = self.config
+        level = self.noise_level(t).detach().cpu()
+        ranks = rank_schedule(level, c.rank, c.min_rank, c.rank_exponent, c.num_train_timesteps)
+        values = ranks.tolist()
+        return values[:1] if all(v == values[0] for v in values) else values
+
+    def _checked_shape(self, timesteps: Any, batch: int | None) -> torch.Tensor:
+        t = torch.as_tensor(timesteps)
         if t.dim() > 1:
             raise ValueError(f"timestep must be a number or a 1-D tensor, got shape {tuple(t.shape)}")
         t = t.reshape(-1)
+        if t.numel() == 0:
+            raise ValueError(f"{type(self.model).__name__} got an empty timestep tensor")
         if batch is not None and t.numel() not in (1, batch):
             raise ValueError(
                 f"{type(self.model).__name__} got {t.numel()} timesteps for a batch of {batch}: "
                 "pass one timestep, or one per sample"
             )
-        c = self.config
-        ranks = rank_schedule(t.double() * self.timestep_scale, c.rank, c.min_rank, c.rank_exponent, c.num_train_timesteps)
-        values = ranks.tolist()
-        return values[:1] if all(v == values[0] for v in values) else values
+        return t
 
-    # Under torch.compile the hook runs outside the graph (the ranks become Python ints that the
-    # layers' ops take as constants: one graph break per forward, one graph per set of ranks).
-    @torch.compiler.disable
+    def device_ranks(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """r(t) as tensor ops on the timestep's device: (B,) int64, no host synchronisation. Values
+        are clamped into [0, T] (NaN counts as T) since they cannot be checked without reading
+        them back; host timesteps are checked instead (`ranks_for`)."""
+        c = self.config
+        big_t = float(c.num_train_timesteps)
+        level = torch.nan_to_num(self.noise_level(timesteps).reshape(-1), nan=big_t).clamp(0.0, big_t)
+        frac = ((big_t - level) / big_t) ** c.rank_exponent
+        return torch.floor(frac * (c.rank - c.min_rank)).long() + c.min_rank
+
+    def _find_timestep(self, args: tuple, kwargs: dict):
+        for name in ("timestep", "timesteps"):
+            if name in kwargs:
+                return kwargs[name]
+        if self._timestep_index is not None and len(args) > self._timestep_index:
+            return args[self._timestep_index]
+        return None
+
+    # The hook is plain tensor code: under torch.compile it is traced into the model's graph
+    # (ranks as data, no graph break); eagerly, a timestep on the host gives host ranks (checked,
+    # and usable by the inference fold), one on a GPU stays there unless no gradient is needed.
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._wrap_checkpointing()
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            self._wrap_checkpointing()
         if self.state.pinned:
             return
-        bound = self._signature.bind_partial(*args, **kwargs).arguments
-        t = bound.get("timestep", bound.get("timesteps"))
+        t = self._find_timestep(args, kwargs)
         if t is None:
             raise ValueError(
                 f"{type(module).__name__}.forward was called without a timestep, so T-LoRA cannot pick "
                 "its ranks: pass timestep=..., or wrap the call in `with adapter.timestep(t):`"
             )
-        batch = next((v.shape[0] for v in bound.values() if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
-        self.state.ranks = self.ranks_for(t, batch)
+        if compiling:
+            self.state.set_device(self.device_ranks(torch.as_tensor(t)))
+            return
+        sample = args[0] if args and isinstance(args[0], torch.Tensor) else next(
+            (v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+        batch = sample.shape[0] if sample is not None and sample.dim() >= 2 else None
+        on_host = not isinstance(t, torch.Tensor) or t.device.type == "cpu"
+        if on_host or (not torch.is_grad_enabled() and self.state.fast_path):
+            # (on a GPU at inference: one read-back per forward buys the folded weights)
+            self.state.set_host(self.ranks_for(t, batch))
+        else:
+            self.state.set_device(self.device_ranks(self._checked_shape(t, batch)))
 
     @contextlib.contextmanager
     def timestep(self, t: Any):
@@ -214,12 +268,14 @@ class Adapter:
 
     @contextlib.contextmanager
     def _pinned(self, ranks: list[int] | None):
-        saved = (self.state.ranks, self.state.pinned)
-        self.state.ranks, self.state.pinned = ranks, True
+        saved = (self.state.snapshot(), self.state.pinned)
+        self.state.set_host(ranks)
+        self.state.pinned = True
         try:
             yield
         finally:
-            self.state.ranks, self.state.pinned = saved
+            self.state.restore(saved[0])
+            self.state.pinned = saved[1]
 
     # ---- gradient checkpointing -------------------------------------------------------------
     def _wrap_checkpointing(self) -> None:
@@ -232,15 +288,15 @@ class Adapter:
             state = self.state
 
             def wrapped(block, *args, _orig=func, **kwargs):
-                ranks = state.ranks
+                ranks = state.snapshot()
 
                 def replay(*a, **k):
-                    saved = state.ranks
-                    state.ranks = ranks
+                    saved = state.snapshot()
+                    state.restore(ranks)
                     try:
                         return block(*a, **k)
                     finally:
-                        state.ranks = saved
+                        state.restore(saved)
 
                 return _orig(replay, *args, **kwargs)
 

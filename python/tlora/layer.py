@@ -1,40 +1,28 @@
 """The adapted linear layer: the base `nn.Linear` plus the masked low-rank update computed by
 the native kernels.
 
-Three paths compute the same output:
+One computation serves training and inference, eager and compiled, every dtype:
+`base(x) + ((x D^T) * M) U^T` at the adapter's full rank r, where the timestep's ranks are data,
+the mask M (one row per sample, or one shared row; the update's scale is in it), not shapes. So
+a call costs the same few kernels whatever its ranks (a GPU's launch count), nothing is read back
+to the host inside a layer, and torch.compile builds one graph for every rank.
 
-- the factored path, `base(x) + scale * ((x D^T) * m) U^T` on the active ranks, differentiable
-  (used whenever a gradient is needed);
-- in training, for T-LoRA in float32/float64 with many tokens, the same sum with the frozen
-  branch's first r_min ranks folded into the base weight (the stage W_s = W - s P0 Λ0 Q0 at r_min
-  ranks), `x W_s^T + b + s x [Q_k; Q0_{r_min..k}]^T [Λ_k P_k, -Λ0 P0_{r_min..k}]^T`
-  (`SplitLowRank`): every timestep uses at least r_min ranks and W_s never changes during a run,
-  so it is kept in the fold cache when there is room, and the frozen branch then costs only its
-  k - r_min ranks above the stage. A batch of mixed ranks shares the base product and runs each
-  sample's low-rank products at its own rank. Chosen by `_split_plan` (`SPLIT_FROZEN = False` turns it off;
-  half-precision training keeps the factored path, where the two branches cancel exactly at
-  initialisation);
-- the inference fast path: when no gradient is needed (`torch.is_grad_enabled()` is False, or
-  neither the input, the factors nor the base layer require grad), the update is folded into the
-  weight, W_k = W + dW_k for each rank k the batch uses, and y = x W_k^T + b costs what the bare
-  layer costs. A rank is folded when `tokens * (in + out) > in * out` (folding is cheaper than the
-  factored update) or when its folded weight is already cached. A batch whose samples use
-  different ranks is computed group by group (one group per rank).
+For T-LoRA the operands are the difference form, D = [Q; Q0 - Q], U = [P Λ - P0 Λ0, -P0 Λ0]
+(src/kernel/mod.rs explains why: no cancellation in half precision); they are written once per
+call into two buffers the layer keeps per compute dtype.
 
-Folded weights (and the training stages) are cached per adapter (shared by its layers) in a
-least-recently-used cache of at most `FOLD_CACHE_BYTES` bytes (default 1 GiB; 0 turns caching off,
-folding still happens). An entry is used only while the base weight and every factor it depends on
-are the very tensors it was built from, at the same in-place version (`Tensor._version`,
-`data_ptr()`): optimizer steps, `load_state_dict`, `copy_` under `no_grad`, `.to()` all invalidate
-it, and a layer drops all its inference folds as soon as one is stale or a forward needs
-gradients. Writes through `.data` bypass version counters:
-after those, call `adapter.state.fold_cache.clear()`. `FAST_PATH = False` turns the fast path off
-(every forward takes the factored path).
+Inference adds a fast path: when no gradient is needed and the ranks are known on the host, the
+update at rank k is folded into the weight, W_k = W + dW_k, and y = x W_k^T + b costs what the bare
+layer costs. Folded weights live in the adapter's `FoldCache`: entries are admitted while they
+fit the device's budget and never evicted to make room (a full cache keeps what it has and the
+rest is folded on the spot, so a sweep over more layers than fit never thrashes). An entry is used
+only while the base weight and every factor are the very tensors it was built from at the same
+in-place version and, inside a PEFT LoRA layer, while PEFT's merged adapters are the same (PEFT's
+`merge()` and diffusers' `fuse_lora()` write the base weight through `.data`, which no version
+counter sees).
 """
 
 from __future__ import annotations
-
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -44,230 +32,285 @@ from torch.autograd.function import once_differentiable
 from . import _native
 from .config import AdapterConfig
 
-# Module-level switches (read at every forward): the inference fast path, its cache's budget, and
-# the training path that folds T-LoRA's frozen branch into the base weight.
-FAST_PATH = True
-FOLD_CACHE_BYTES = 1 << 30
-SPLIT_FROZEN = True
-
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+def default_fold_budget(device: torch.device) -> int:
+    """Bytes of folded weights kept per device: 1 GiB on the CPU, 1/8 of a GPU's memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 8
+    return 1 << 30
 
 
 class FoldCache:
-    """Folded weights of the layers of one adapter, least recently used first out, at most
-    `FOLD_CACHE_BYTES` bytes in all (read when an entry is added). Two kinds share the budget: the
-    inference fast path's W + dW_k (in each layer's `_folded`, keyed by (rank, device, dtype)) and
-    the training stages W - s P0 Λ0 Q0 at r_min ranks (in `_staged`, keyed by ("stage", rank,
-    device, dtype))."""
+    """Folded inference weights of the layers of one adapter, by device, within a byte budget per
+    device (`budget`: one number for every device, or None for `default_fold_budget`). Entries
+    are admitted while they fit and never evicted for a newcomer; stale ones go when their layer
+    notices. `hits`, `misses` (folded on the spot, not kept) and `stores` count what happened."""
 
-    def __init__(self) -> None:
-        self._lru: OrderedDict[tuple, tuple["TLoraLinear", int]] = OrderedDict()
-        self.nbytes = 0
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = budget
+        self._sizes: dict[tuple, tuple["TLoraLinear", int]] = {}
+        self._used: dict[torch.device, int] = {}
+        self.hits = self.misses = self.stores = 0
 
     def __len__(self) -> int:
-        return len(self._lru)
+        return len(self._sizes)
 
-    @staticmethod
-    def _store(layer: "TLoraLinear", key: tuple) -> dict:
-        return layer._staged if key[0] == "stage" else layer._folded
+    @property
+    def nbytes(self) -> int:
+        return sum(self._used.values())
+
+    def budget_for(self, device: torch.device) -> int:
+        return default_fold_budget(device) if self.budget is None else self.budget
 
     def get(self, layer: "TLoraLinear", key: tuple) -> torch.Tensor | None:
-        w = self._store(layer, key).get(key)
+        w = layer._folded.get(key)
         if w is not None:
-            self._lru.move_to_end((id(layer), key))
+            self.hits += 1
         return w
 
-    def put(self, layer: "TLoraLinear", key: tuple, w: torch.Tensor, evict: bool = True) -> bool:
-        """Adds an entry, evicting the least recently used ones to make room (`evict`), or only if
-        it fits as things are: a training run visits every layer once per step, so evicting would
-        drop exactly the entry the next step needs first, while a full cache keeps a fixed subset."""
+    def put(self, layer: "TLoraLinear", key: tuple, w: torch.Tensor) -> bool:
+        """Keep `w` if it fits the budget of its device as things are."""
         size = w.numel() * w.element_size()
-        budget = FOLD_CACHE_BYTES
-        if size > budget or (not evict and self.nbytes + size > budget):
+        used = self._used.get(w.device, 0)
+        if used + size > self.budget_for(w.device):
+            self.misses += 1
             return False
-        while self._lru and self.nbytes + size > budget:
-            (_, old_key), (old_layer, old_size) = self._lru.popitem(last=False)
-            self._store(old_layer, old_key).pop(old_key, None)
-            self.nbytes -= old_size
-        self._store(layer, key)[key] = w
-        self._lru[(id(layer), key)] = (layer, size)
-        self.nbytes += size
+        layer._folded[key] = w
+        self._sizes[(id(layer), key)] = (layer, size)
+        self._used[w.device] = used + size
+        self.stores += 1
         return True
 
-    def drop(self, layer: "TLoraLinear", stages: bool = False) -> None:
-        """Forget one layer's inference folds (`stages`: its training stages instead)."""
-        store = layer._staged if stages else layer._folded
-        for key in store:
-            _, size = self._lru.pop((id(layer), key))
-            self.nbytes -= size
-        store.clear()
+    def drop(self, layer: "TLoraLinear") -> None:
+        """Forget one layer's folds."""
+        for key, w in layer._folded.items():
+            _, size = self._sizes.pop((id(layer), key))
+            self._used[w.device] -= size
+        layer._folded.clear()
 
     def clear(self) -> None:
-        for layer, _ in list(self._lru.values()):
+        for layer, _ in list(self._sizes.values()):
             layer._folded.clear()
-            layer._staged.clear()
-        self._lru.clear()
-        self.nbytes = 0
+        self._sizes.clear()
+        self._used.clear()
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "stores": self.stores, "entries": len(self), "bytes": self.nbytes}
 
 
 class RankState:
-    """The ranks that every adapted layer of one model uses for the current forward.
+    """The ranks that every adapted layer of one model uses for the current forward, and the
+    masks built from them.
 
-    `ranks` is None (full rank r, as at t = 0), or a list of ints: one shared rank, or one per
-    sample of the batch. Set by the model's timestep hook or by `Adapter.timestep`/`Adapter.rank`.
-    `fold_cache` holds the folded weights of the inference fast path.
+    The ranks are known either on the host (`ranks`: None for full rank, or a list: one shared
+    rank or one per sample), or only on the device (`rank_tensor`, (B,) int64, from a timestep that
+    lives there: reading it back would stall the GPU). Each layer asks `mask(device, dtype)`; it is
+    built once per forward, device and dtype, and shared.
     """
 
-    __slots__ = ("ranks", "pinned", "fold_cache")
-
-    def __init__(self) -> None:
+    def __init__(self, config: AdapterConfig) -> None:
+        self.rank = config.rank
+        self.blocks = 2 if config.variant == "tlora" else 1
+        self.scale = config.scale
+        self.masked = config.masked
         self.ranks: list[int] | None = None
+        self.rank_tensor: torch.Tensor | None = None
         self.pinned = False  # True inside `with adapter.timestep(...)`: the hook leaves ranks alone
+        self.fast_path = True  # fold the update into the weight at inference
         self.fold_cache = FoldCache()
+        self._masks: dict[tuple, torch.Tensor | None] = {}
+        self._columns: dict[torch.device, torch.Tensor] = {}
+
+    # ---- setting ------------------------------------------------------------------------------
+    def set_host(self, ranks: list[int] | None) -> None:
+        self.ranks, self.rank_tensor, self._masks = (ranks if self.masked else None), None, {}
+
+    def set_device(self, rank_tensor: torch.Tensor) -> None:
+        if not self.masked:
+            return self.set_host(None)
+        self.ranks, self.rank_tensor, self._masks = None, rank_tensor, {}
+
+    @property
+    def host_known(self) -> bool:
+        return self.rank_tensor is None
+
+    def snapshot(self) -> tuple:
+        return self.ranks, self.rank_tensor, self._masks
+
+    def restore(self, snap: tuple) -> None:
+        self.ranks, self.rank_tensor, self._masks = snap
+
+    # ---- masks --------------------------------------------------------------------------------
+    def mask(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """(B or 1, width) mask with the scale in it, or None where it would be all ones."""
+        if torch.compiler.is_compiling():
+            return self._build(device, dtype)
+        key = (device, dtype)
+        try:
+            return self._masks[key]
+        except KeyError:
+            m = self._masks[key] = self._build(device, dtype)
+            return m
+
+    def _cols(self, device: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.arange(self.rank, device=device).repeat(self.blocks)
+        cols = self._columns.get(device)
+        if cols is None:
+            cols = self._columns[device] = torch.arange(self.rank, device=device).repeat(self.blocks)
+        return cols
+
+    def _build(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        ranks = self.rank_tensor if self.rank_tensor is not None else self.ranks
+        return rank_mask(ranks, self.rank, self.blocks, self.scale, device, dtype, self._cols(device))
 
 
-class LowRankUpdate(torch.autograd.Function):
-    """delta = the adapter's output for x, differentiable in x and in the trainable factors."""
+def rank_mask(ranks: list[int] | torch.Tensor | None, rank: int, blocks: int, scale: float, device: torch.device,
+              dtype: torch.dtype, cols: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The (B or 1, blocks * rank) mask, scale included, for host ranks (a list; None: full rank)
+    or a (B,) rank tensor on the device; None where it would be all ones. Entry (b, j) is set when
+    rank j mod `rank` is below sample b's rank."""
+    if cols is None:
+        cols = torch.arange(rank, device=device).repeat(blocks)
+    width = rank * blocks
+    if isinstance(ranks, torch.Tensor):
+        m = (cols.unsqueeze(0) < ranks.to(device).reshape(-1, 1)).to(dtype)
+    elif ranks is None or all(k >= rank for k in ranks):
+        return None if scale == 1.0 else torch.full((1, width), scale, device=device, dtype=dtype)
+    elif all(k == ranks[0] for k in ranks):
+        m = (cols < ranks[0]).to(dtype).unsqueeze(0)
+    else:  # one host-to-device copy per forward, shared by every layer
+        m = (cols.unsqueeze(0) < torch.tensor(ranks, device=device).unsqueeze(1)).to(dtype)
+    return m * scale if scale != 1.0 else m
+
+
+def lowrank_update(x: torch.Tensor, factors: list[torch.Tensor], ranks: list[int] | None = None,
+                   scale: float = 1.0) -> torch.Tensor:
+    """The adapter's output for x at `ranks` (None: full rank; one, or one per sample), as a
+    differentiable function of x and the trainable factors (in the kernels' order: T-LoRA's
+    p, lam, q, p0, lam0, q0, or LoRA's down, up). What a TLoraLinear adds to its base layer."""
+    tlora = len(factors) == 6
+    rank = factors[0].shape[1] if tlora else factors[0].shape[0]
+    if ranks is not None:
+        if len(ranks) == 0:
+            raise ValueError("ranks must not be empty")
+        for k in ranks:
+            if isinstance(k, bool) or not 1 <= int(k) <= rank:
+                raise ValueError(f"rank {k} is outside 1..={rank}")
+        ranks = [int(k) for k in ranks]
+    if x.dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"input dtype {x.dtype} is not supported: use float32, float16, bfloat16 or float64")
+    mask = rank_mask(ranks, rank, 2 if tlora else 1, scale, x.device, x.dtype)
+    d, u = _native.lowrank_operands(list(factors), None, _DTYPE_NAMES[x.dtype])
+    return Update.apply(None, x, mask, d, u, 3 if tlora else 2, *factors)
+
+
+class Update(torch.autograd.Function):
+    """The adapter's output for x, added into `y` in place when given (the base layer's fresh
+    output) and returned; differentiable in y, x and the trainable factors."""
 
     @staticmethod
-    def forward(ctx, x, ranks, scale, n_trainable, *factors):  # type: ignore[override]
-        delta, h, d, u = _native.lowrank_forward(x, list(factors), ranks, scale)
-        ctx.save_for_backward(x, h, d, u, *factors)
-        ctx.ranks, ctx.scale, ctx.n_trainable = ranks, scale, n_trainable
-        return delta
+    def forward(ctx, y, x, mask, d, u, n_trainable, *factors):  # type: ignore[override]
+        delta, h = _native.lowrank_forward(x, d, u, mask, y)
+        if y is not None:
+            ctx.mark_dirty(y)
+        # P and lam (T-LoRA) enter the factors' gradients; Q, A and B do not.
+        ctx.save_for_backward(x, h, *(factors[:2] if len(factors) == 6 else ()))
+        ctx.mask, ctx.d, ctx.u, ctx.factors, ctx.n_trainable = mask, d, u, factors, n_trainable
+        ctx.has_y = y is not None
+        return y if y is not None else delta
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        return _backward(ctx, grad, ctx.needs_input_grad)
-
-
-class LowRankAdd(torch.autograd.Function):
-    """y + the adapter's output for x, added into y in place (y: the base layer's fresh output,
-    same dtype as x); differentiable in y, x and the trainable factors."""
-
-    @staticmethod
-    def forward(ctx, y, x, ranks, scale, n_trainable, *factors):  # type: ignore[override]
-        h, d, u = _native.lowrank_forward_add(y, x, list(factors), ranks, scale)
-        ctx.mark_dirty(y)
-        ctx.save_for_backward(x, h, d, u, *factors)
-        ctx.ranks, ctx.scale, ctx.n_trainable = ranks, scale, n_trainable
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
-        return (grad, *_backward(ctx, grad, ctx.needs_input_grad[1:]))
-
-
-class SplitLowRank(torch.autograd.Function):
-    """T-LoRA in training, float32/float64: the base layer and the update in one function, with the
-    frozen branch's first `stage_rank` ranks folded into the base weight (W_s: `staged`, cached,
-    or folded on the spot with bitwise the same result) and its ranks stage_rank..k next to the
-    trainable ones: the same sum as base + update. Differentiable in x and P, lam, Q; the base
-    weight and bias must be frozen."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, ranks, scale, stage_rank, staged, *factors):  # type: ignore[override]
-        y, h, d, u = _native.lowrank_split_forward(x, weight, bias, list(factors), ranks, scale, stage_rank, staged)
-        ctx.save_for_backward(x, h, d, u, weight, staged, *factors)
-        ctx.ranks, ctx.scale, ctx.stage_rank = ranks, scale, stage_rank
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
-        x, h, d, u, weight, staged, *factors = ctx.saved_tensors
+        x, h, *_ = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        wanted = [needs[0], needs[7], needs[8], needs[9]]
-        none = (None,) * (7 + len(factors))
+        n = ctx.n_trainable
+        wanted = [needs[1]] + [needs[6 + i] for i in range(n)] + [False] * (3 - n)
+        head = (grad if ctx.has_y else None,)
         if not any(wanted):
-            return none
-        gx, gp, glam, gq = _native.lowrank_split_backward(grad, x, h, d, u, weight, factors, ctx.ranks, ctx.scale,
-                                                          wanted, ctx.stage_rank, staged)
-        return (gx, *none[1:7], gp, glam, gq, *none[10:])
+            return head + (None,) * (5 + len(ctx.factors))
+        gx, *gf = _native.lowrank_backward(grad, x, h, ctx.d, ctx.u, ctx.mask, list(ctx.factors), wanted)
+        gf = [g if g is None or g.dtype == f.dtype else g.to(f.dtype) for g, f in zip(gf[:n], ctx.factors)]
+        return head + (gx, None, None, None, None, *gf, *([None] * (len(ctx.factors) - n)))
 
 
 # ---- torch.compile ----------------------------------------------------------------------------
-# Dynamo cannot trace into the extension's functions, so under `torch.compile` the update runs
-# through these custom ops (with fake kernels for tracing and a registered backward): the adapted
-# layers then compile into the model's graph instead of breaking it. The forward saves nothing but
-# its inputs; the backward recomputes the kernels' intermediates (one down-projection). Eager
-# calls keep the autograd.Functions above, which save them.
+# Dynamo cannot trace into the extension, so compiled models run the update as custom ops with
+# fake kernels and a registered backward. The mask is an input: every rank runs the same graph.
+# The forward returns h for the backward, which recomputes only the (small) operands.
 
-@torch.library.custom_op("tlora::lowrank_delta", mutates_args=())
-def _lowrank_delta(x: torch.Tensor, factors: list[torch.Tensor], ranks: list[int] | None, scale: float) -> torch.Tensor:
-    return _native.lowrank_forward(x, factors, ranks, scale)[0]
+@torch.library.custom_op("tlora::update", mutates_args=())
+def _update_op(x: torch.Tensor, factors: list[torch.Tensor], mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    d, u = _native.lowrank_operands(factors, None, _DTYPE_NAMES[x.dtype])
+    delta, h = _native.lowrank_forward(x, d, u, mask, None)
+    return delta, h
 
 
-@_lowrank_delta.register_fake
-def _(x, factors, ranks, scale):
+@_update_op.register_fake
+def _(x, factors, mask):
+    width = 2 * factors[0].shape[1] if len(factors) == 6 else factors[0].shape[0]
     out_f = factors[0].shape[0] if len(factors) == 6 else factors[1].shape[0]
-    return x.new_empty((*x.shape[:-1], out_f))
+    return x.new_empty((*x.shape[:-1], out_f)), x.new_empty((*x.shape[:-1], width))
 
 
-@torch.library.custom_op("tlora::lowrank_delta_backward", mutates_args=())
-def _lowrank_delta_backward(grad: torch.Tensor, x: torch.Tensor, factors: list[torch.Tensor], ranks: list[int] | None,
-                            scale: float, needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, h, d, u = _native.lowrank_forward(x, factors, ranks, scale)
-    grads = _native.lowrank_backward(grad.contiguous(), x, h, factors, ranks, scale, needs, d, u)
+@torch.library.custom_op("tlora::update_backward", mutates_args=())
+def _update_backward_op(grad: torch.Tensor, x: torch.Tensor, h: torch.Tensor, factors: list[torch.Tensor],
+                        mask: torch.Tensor | None, needs: list[bool]) -> list[torch.Tensor]:
+    d, u = _native.lowrank_operands(factors, None, _DTYPE_NAMES[x.dtype])
+    grads = _native.lowrank_backward(grad.contiguous(), x, h, d, u, mask, factors, needs)
     # Custom ops return tensors: an empty one stands for "not computed".
-    return tuple(g if g is not None else x.new_empty(0) for g in grads)  # type: ignore[return-value]
+    return [g if g is not None else x.new_empty(0) for g in grads]
 
 
-@_lowrank_delta_backward.register_fake
-def _(grad, x, factors, ranks, scale, needs):
-    like = [x, *factors[:3]]
-    return tuple(torch.empty_like(like[i]) if i < len(like) and needs[i] else x.new_empty(0) for i in range(4))
+@_update_backward_op.register_fake
+def _(grad, x, h, factors, mask, needs):
+    like = [x, *factors[:3]] if len(factors) == 6 else [x, *factors]
+    return [torch.empty_like(like[i]) if i < len(like) and needs[i] else x.new_empty(0) for i in range(4)]
 
 
-def _delta_setup_context(ctx, inputs, output):
-    x, factors, ranks, scale = inputs
-    ctx.save_for_backward(x, *factors)
-    ctx.ranks, ctx.scale = ranks, scale
+def _update_setup_context(ctx, inputs, output):
+    x, factors, mask = inputs
+    ctx.save_for_backward(x, output[1], *factors)
+    ctx.has_mask = mask is not None
+    if mask is not None:
+        ctx.mask = mask
+    ctx.mark_non_differentiable(output[1])
 
 
-def _delta_backward(ctx, grad):
-    x, *factors = ctx.saved_tensors
-    n_trainable = 3 if len(factors) == 6 else 2
+def _update_backward(ctx, grad, _grad_h):
+    x, h, *factors = ctx.saved_tensors
+    n = 3 if len(factors) == 6 else 2
     needs_x, needs_f = ctx.needs_input_grad[0], list(ctx.needs_input_grad[1])
-    needs = [bool(needs_x)] + [bool(needs_f[i]) if i < n_trainable else False for i in range(3)]
+    needs = [bool(needs_x)] + [bool(needs_f[i]) if i < n else False for i in range(3)]
     if not any(needs):
-        return None, [None] * len(factors), None, None
-    gx, *gf = _lowrank_delta_backward(grad, x, factors, ctx.ranks, ctx.scale, needs)
-    factor_grads = [gf[i] if i < n_trainable and needs[1 + i] else None for i in range(len(factors))]
-    return (gx if needs[0] else None), factor_grads, None, None
+        return None, [None] * len(factors), None
+    gx, *gf = _update_backward_op(grad, x, h, factors, ctx.mask if ctx.has_mask else None, needs)
+    factor_grads = [gf[i].to(factors[i].dtype) if i < n and needs[1 + i] else None for i in range(len(factors))]
+    return (gx if needs[0] else None), factor_grads, None
 
 
-_lowrank_delta.register_autograd(_delta_backward, setup_context=_delta_setup_context)
+_update_op.register_autograd(_update_backward, setup_context=_update_setup_context)
 
 
 def _plain_linear(base: nn.Module) -> bool:
     """Whether calling `base` is exactly F.linear(x, weight, bias): no hooks, no patched forward
-    (e.g. accelerate's offloading), so that a function may use its weight directly."""
+    (e.g. accelerate's offloading), so that a folded weight may replace its weight."""
     from torch.nn.modules import module as _m
 
     return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
             and "forward" not in base.__dict__ and not _m._global_forward_hooks and not _m._global_forward_pre_hooks)
 
 
-def _backward(ctx, grad, needs):
-    """Gradients of (x, ranks, scale, n_trainable, *factors), given which inputs need one."""
-    x, h, d, u, *factors = ctx.saved_tensors
-    n = ctx.n_trainable
-    wanted = [needs[0]] + [needs[4 + i] for i in range(n)] + [False] * (3 - n)
-    if not any(wanted):
-        return (None,) * (4 + len(factors))
-    gx, *gf = _native.lowrank_backward(grad, x, h, factors, ctx.ranks, ctx.scale, wanted, d, u)
-    return (gx, None, None, None, *gf[:n], *([None] * (len(factors) - n)))
-
-
 class TLoraLinear(nn.Module):
-    """`base_layer(x) + scale * x dW_t^T`, with dW_t the update at the ranks in `state`.
+    """`base_layer(x) + x dW_t^T`, with dW_t the update at the ranks in `state` (scale included).
 
-    Factors (float32): variant "tlora" trains `p` (out x r), `lam` (r), `q` (r x in) and keeps the
-    frozen initial copies `p0`, `lam0`, `q0` as buffers; "vanilla" and "lora" train `down`
-    (r x in) and `up` (out x r).
+    Factors (float32, whatever `.to()` / `.half()` asks of the model): variant "tlora" trains `p`
+    (out x r), `lam` (r), `q` (r x in) and keeps the frozen initial copies `p0`, `lam0`, `q0` as
+    buffers; "vanilla" and "lora" train `down` (r x in) and `up` (out x r).
     """
 
     def __init__(self, base_layer: nn.Linear, config: AdapterConfig, state: RankState, factors: dict[str, torch.Tensor]):
@@ -283,12 +326,14 @@ class TLoraLinear(nn.Module):
         else:
             self.down = nn.Parameter(factors["down"])
             self.up = nn.Parameter(factors["up"])
-        # Inference fast path: folded weights by (rank, device, dtype), valid for `_folded_for`;
-        # training: the frozen branch's stage (at most one entry), valid for `_staged_for`.
+        # T-LoRA operand buffers per compute dtype, and -P0 Λ0 with the frozen factors it was built from.
+        self._operand_bufs: dict[tuple, list] = {}
+        self._frozen: tuple[tuple, torch.Tensor] | None = None
+        # Inference folds by (rank, device, dtype), valid for `_folded_for`.
         self._folded: dict[tuple, torch.Tensor] = {}
         self._folded_for: tuple | None = None
-        self._staged: dict[tuple, torch.Tensor] = {}
-        self._staged_for: tuple | None = None
+        # The PEFT LoRA layer this layer is the base of, if any (set by the Adapter).
+        self._peft_owner = None
 
     # The base layer's attributes, for code that inspects `attn.to_q.weight` and the like.
     @property
@@ -317,129 +362,128 @@ class TLoraLinear(nn.Module):
     def factor_names(self) -> tuple[str, ...]:
         return ("p", "lam", "q", "p0", "lam0", "q0") if self.config.variant == "tlora" else ("down", "up")
 
+    # ---- dtype and device moves --------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.half()`, `.cuda()`... move the adapter's factors with the model but keep
+        them float32: the optimizer's state and the fold's accuracy depend on it. The base layer
+        is converted as asked."""
+        if recurse:
+            for child in self.children():
+                child._apply(fn)
+        for store in (self._parameters, self._buffers):
+            for name, t in store.items():
+                if t is None:
+                    continue
+                target = fn(torch.empty(0, dtype=t.dtype, device=t.device))  # where fn sends a tensor
+                if t.is_meta or target.is_meta:
+                    moved = fn(t.data).to(t.dtype)
+                elif target.device != t.device:
+                    moved = t.data.to(target.device)
+                else:
+                    continue  # a dtype change only: the factors stay float32
+                if store is self._parameters:
+                    t.data = moved
+                    if t.grad is not None:
+                        t.grad.data = t.grad.data.to(moved.device)
+                else:
+                    store[name] = moved
+        self._operand_bufs.clear()
+        self._frozen = None
+        self.state.fold_cache.drop(self)
+        self._folded_for = None
+        return self
+
+    # ---- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        config = self.config
-        ranks = self.state.ranks if config.masked else None
         factors = self.factors()
         base = self._modules["base_layer"]
         if torch.compiler.is_compiling():
-            return self._compiled_forward(x, ranks, factors, base)
-        if torch.is_grad_enabled() and (x.requires_grad or any(f.requires_grad for f in factors)
-                                        or any(p.requires_grad for p in base._parameters.values() if p is not None)):
-            if self._folded:  # training: the factors are about to change
+            return self._compiled_forward(x, factors, base)
+        training = torch.is_grad_enabled() and (
+            x.requires_grad or any(f.requires_grad for f in factors)
+            or any(p.requires_grad for p in base._parameters.values() if p is not None))
+        if training:
+            if self._folded:  # the factors are about to change
                 self.state.fold_cache.drop(self)
-            plan = self._split_plan(x, ranks, factors, base) if SPLIT_FROZEN and config.variant == "tlora" else None
-            if plan is not None:
-                w, b = base._parameters["weight"], base._parameters["bias"]
-                return SplitLowRank.apply(x, w, b, ranks, config.scale, *plan, *factors)
-        elif FAST_PATH:
-            y = self._folded_forward(x, ranks, factors, base)
+        elif self.state.fast_path:
+            y = self._folded_forward(x, factors, base)
             if y is not None:
                 return y
-        # The base layer on 2-D rows: its output is then a fresh tensor (not a view) that the
-        # update can be added into in place, and reshaped once at the end.
-        in_place = x.dim() >= 1 and not base._forward_hooks
-        y = base(x.reshape(-1, x.shape[-1]) if in_place and x.dim() != 2 else x)
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
+        y = base(x)
+        device = x.device
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else x.dtype
+        if dtype not in _COMPUTE_DTYPES:
+            raise ValueError(f"input dtype {x.dtype} is not supported: use float32, float16, bfloat16 or float64")
+        if autocast:
             # Run the update in the autocast dtype, as the base layer did; the kernels handle the
             # float32 factors themselves, so autocast must not rewrite their ops.
-            x = x.to(torch.get_autocast_dtype(device))
-            with torch.autocast(device, enabled=False):
-                return self._add_update(y, x, ranks, factors, in_place)
-        return self._add_update(y, x, ranks, factors, in_place)
+            with torch.autocast(device.type, enabled=False):
+                return self._add_update(y, x.to(dtype), factors, dtype)
+        return self._add_update(y, x, factors, dtype)
 
-    def _compiled_forward(self, x: torch.Tensor, ranks: list[int] | None, factors: list[torch.Tensor],
-                          base: nn.Module) -> torch.Tensor:
-        """The factored path as custom ops that torch.compile traces (no folding, no split: the
-        fold cache keys on data pointers and in-place versions, which a graph cannot check)."""
-        y = base(x)
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            x = x.to(torch.get_autocast_dtype(device))
-            with torch.autocast(device, enabled=False):
-                delta = _lowrank_delta(x, factors, ranks, self.config.scale)
-        else:
-            delta = _lowrank_delta(x, factors, ranks, self.config.scale)
-        return y + delta.to(y.dtype)
-
-    def _add_update(self, y: torch.Tensor, x: torch.Tensor, ranks: list[int] | None, factors: list[torch.Tensor],
-                    in_place: bool) -> torch.Tensor:
-        n_trainable = 3 if self.config.variant == "tlora" else 2
-        if in_place and y.dtype == x.dtype and y._base is None:
+    def _add_update(self, y: torch.Tensor, x: torch.Tensor, factors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        mask = self.state.mask(x.device, dtype)
+        d, u = self._operands(factors, dtype, x.device)
+        n_trainable = 3 if len(factors) == 6 else 2
+        if y.dtype == dtype and y._base is None and y.is_contiguous() and y.shape[:-1] == x.shape[:-1]:
             # y is the base layer's fresh output that nobody else holds: add into it.
-            y = LowRankAdd.apply(y, x, ranks, self.config.scale, n_trainable, *factors)
-            return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
-        delta = LowRankUpdate.apply(x, ranks, self.config.scale, n_trainable, *factors)
-        if y.dim() != delta.dim():
-            y = y.view(*x.shape[:-1], y.shape[-1])
+            return Update.apply(y, x, mask, d, u, n_trainable, *factors)
+        delta = Update.apply(None, x, mask, d, u, n_trainable, *factors)
         return y + delta.to(y.dtype)
 
-    def _split_plan(self, x: torch.Tensor, ranks: list[int] | None, factors: list[torch.Tensor],
-                    base: nn.Module) -> tuple[int, torch.Tensor | None] | None:
-        """(stage rank, cached stage or None) when SplitLowRank applies (float32/64, frozen plain
-        base layer, valid ranks, none below r_min) and is cheaper than the factored path, else
-        None.
+    def _operands(self, factors: list[torch.Tensor], dtype: torch.dtype, device: torch.device):
+        """(D, U) in `dtype`: T-LoRA's written into this layer's buffers, LoRA's its factors."""
+        if len(factors) == 2:
+            down, up = factors
+            return (down, up) if down.dtype == dtype else (down.to(dtype), up.to(dtype))
+        p, lam, q, p0, lam0, q0 = factors
+        frozen = (p0.data_ptr(), p0._version, lam0.data_ptr(), lam0._version, p0.device)
+        if self._frozen is None or self._frozen[0] != frozen:
+            self._frozen = (frozen, _native.frozen_block(p0, lam0))
+            for bufs in self._operand_bufs.values():
+                bufs[2] = True
+        key = (dtype, p.device)
+        bufs = self._operand_bufs.get(key)
+        if bufs is None:
+            r, in_f, out_f = q.shape[0], q.shape[1], p.shape[0]
+            bufs = self._operand_bufs[key] = [torch.empty(2 * r, in_f, dtype=dtype, device=p.device),
+                                              torch.empty(out_f, 2 * r, dtype=dtype, device=p.device), True]
+        d, u = _native.lowrank_operands(factors, self._frozen[1], _DTYPE_NAMES[dtype], bufs[0], bufs[1], bufs[2])
+        bufs[2] = False
+        return d, u
 
-        The stage W_s = W - s P0 Λ0 Q0 at r_min ranks replaces the base weight, and the frozen
-        branch then costs only its ranks r_min..k in the factored products. Every timestep uses at
-        least r_min ranks and W and the frozen factors never change, so W_s is kept for the run in
-        the fold cache when it has room: the r_min frozen ranks then cost nothing per step. It is
-        kept for layers where folding pays by FLOPs at all, tokens*(in + out) > in*out (the
-        frozen products it replaces cost tokens*(in + out) per rank each way, a fold in*out);
-        without room it is folded on the spot each way (bitwise the same result), which also
-        writes a whole weight: taken from twice that break-even, where it measured faster on CPU
-        (benches/RESULTS.md, case a)."""
-        w = base._parameters["weight"]
-        if (x.dtype not in (torch.float32, torch.float64) or w.dtype != x.dtype or x.device != w.device
-                or x.dim() == 0 or torch.is_autocast_enabled(x.device.type) or not _plain_linear(base)):
-            return None
-        b = base._parameters["bias"]
-        if w.requires_grad or (b is not None and b.requires_grad):
-            return None
-        out_f, in_f = w.shape
-        if x.shape[-1] != in_f:
-            return None
-        r, stage_rank = self.config.rank, self.config.min_rank
-        if ranks is not None:
-            if any(not stage_rank <= k <= r for k in ranks):
-                return None  # (a rank pinned below r_min: the factored path)
-            if len(set(ranks)) > 1 and (x.dim() < 2 or x.shape[0] != len(ranks)):
-                return None
-        per_rank = (x.numel() // in_f) * (in_f + out_f)
-        if per_rank <= in_f * out_f:
-            return None
-        staged = self._stage(w, factors, stage_rank)
-        if staged is not None:
-            return stage_rank, staged
-        return (stage_rank, None) if per_rank > 2 * in_f * out_f else None
+    def _compiled_forward(self, x: torch.Tensor, factors: list[torch.Tensor], base: nn.Module) -> torch.Tensor:
+        """The update as custom ops that torch.compile traces, the mask an input of the graph."""
+        y = base(x)
+        device = x.device
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+            with torch.autocast(device.type, enabled=False):
+                delta, _ = _update_op(x.to(dtype), factors, self.state.mask(device, dtype))
+        else:
+            delta, _ = _update_op(x, factors, self.state.mask(device, x.dtype))
+        return y + delta.to(y.dtype)
 
-    def _stage(self, w: torch.Tensor, factors: list[torch.Tensor], rank: int) -> torch.Tensor | None:
-        """The cached W - s P0 Λ0 Q0 at `rank` ranks, built and cached if the fold cache has room
-        (without evicting anything), else None. Valid while W and the frozen factors are the same
-        tensors at the same in-place version."""
-        cache = self.state.fold_cache
-        valid = _fold_validity(w, factors[3:])
-        if valid is None:
+    # ---- inference fast path ------------------------------------------------------------------
+    def _validity(self, w: torch.Tensor, factors: list[torch.Tensor]) -> tuple | None:
+        """What a folded weight depends on: the very tensors at their in-place versions, and the
+        merged adapters of a PEFT layer around this one (None: not trackable, e.g. inference-mode
+        tensors, which are then never cached)."""
+        owner = self._peft_owner() if self._peft_owner is not None else None
+        merged = tuple(getattr(owner, "merged_adapters", ())) if owner is not None else ()
+        try:
+            return (w.data_ptr(), w._version, merged, *[(f.data_ptr(), f._version) for f in factors])
+        except RuntimeError:  # inference tensors have no version counter
             return None
-        key = ("stage", rank, w.device, w.dtype)
-        if valid != self._staged_for:
-            if self._staged:
-                cache.drop(self, stages=True)
-            self._staged_for = valid
-        staged = cache.get(self, key) if self._staged else None
-        if staged is None and cache.nbytes + w.numel() * w.element_size() <= FOLD_CACHE_BYTES:
-            with torch.no_grad():
-                staged = _native.fold_frozen(w.detach(), [f.detach() for f in factors], rank, self.config.scale)
-            if not cache.put(self, key, staged, evict=False):
-                return None
-        return staged
 
-    # ---- inference fast path ---------------------------------------------------------------
-    def _folded_forward(self, x: torch.Tensor, ranks: list[int] | None, factors: list[torch.Tensor],
-                        base: nn.Linear) -> torch.Tensor | None:
-        """y computed with folded weights, or None where the factored path should run (small
-        inputs, or anything unusual: the factored path then also raises the proper errors)."""
+    def _folded_forward(self, x: torch.Tensor, factors: list[torch.Tensor], base: nn.Module) -> torch.Tensor | None:
+        """y computed with folded weights, or None where the factored path should run (ranks
+        not known on the host, small inputs, or anything unusual: the factored path then also
+        raises the proper errors)."""
+        state = self.state
+        if not state.host_known or not _plain_linear(base):
+            return None
         w, b = base._parameters["weight"], base._parameters["bias"]
         out_f, in_f = w.shape
         r = self.config.rank
@@ -452,27 +496,26 @@ class TLoraLinear(nn.Module):
         dtype = torch.get_autocast_dtype(device.type) if autocast else w.dtype
         if (x.dtype != dtype and not autocast) or dtype not in _COMPUTE_DTYPES or x.dtype not in _COMPUTE_DTYPES:
             return None
-        if torch.compiler.is_compiling() or not _plain_linear(base):
-            return None
         tokens = x.numel() // in_f
+        ranks = state.ranks
         if ranks is None:
             groups = [(r, None, tokens)]
         else:
+            if any(not 1 <= k <= r for k in ranks):
+                return None
             first = ranks[0]
-            if len(ranks) == 1 or all(k == first for k in ranks):
-                if not 1 <= first <= r:
-                    return None
+            if all(k == first for k in ranks):
                 groups = [(first, None, tokens)]
             else:
-                if any(not 1 <= k <= r for k in ranks) or x.dim() < 2 or x.shape[0] != len(ranks):
+                if x.dim() < 2 or x.shape[0] != len(ranks):
                     return None
                 per_sample = tokens // len(ranks)
                 rows: dict[int, list[int]] = {}
                 for i, k in enumerate(ranks):
                     rows.setdefault(k, []).append(i)
                 groups = [(k, idx, per_sample * len(idx)) for k, idx in rows.items()]
-        cache = self.state.fold_cache
-        valid = _fold_validity(w, factors)
+        cache = state.fold_cache
+        valid = self._validity(w, factors)
         if valid != self._folded_for:
             if self._folded:
                 cache.drop(self)
@@ -488,8 +531,8 @@ class TLoraLinear(nn.Module):
         for (key, wk), (k, _, _) in zip(folded, groups):
             if wk is None:
                 wk = self._fold(w, factors, k, dtype)
-                if valid is not None and FOLD_CACHE_BYTES > 0:
-                    cache.put(self, key, wk)
+                if valid is None or not cache.put(self, key, wk):
+                    cache.misses += valid is None
             weights.append(wk)
         bias = None if b is None else b.to(dtype)
         xc = x.to(dtype)
@@ -508,15 +551,6 @@ class TLoraLinear(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"variant={c.variant}, rank={c.rank}, min_rank={c.min_rank}, in={self.in_features}, out={self.out_features}"
-
-
-def _fold_validity(w: torch.Tensor, factors: list[torch.Tensor]) -> tuple | None:
-    """What a folded weight depends on: the very tensors and their in-place versions (None: not
-    trackable, e.g. inference-mode tensors, which are then never cached)."""
-    try:
-        return (w.data_ptr(), w._version, *[(f.data_ptr(), f._version) for f in factors])
-    except RuntimeError:  # inference tensors have no version counter
-        return None
 
 
 def _grouped_linear(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, groups: list,
