@@ -54,55 +54,60 @@ def grads(model, adapter, t, x, cond, target) -> list[torch.Tensor]:
 # ---- torch.compile ----------------------------------------------------------------------------
 
 def test_compile_matches_eager_without_graph_breaks():
-    """The adapted layers run as the custom ops tlora::lowrank_delta (+ its backward), so dynamo
-    traces the whole UNet: 0 graph breaks, as for the bare UNet (torch._dynamo.explain; the
-    timestep hook runs outside the graph). Before the custom ops there were 33 (the hook, and one
-    per adapted layer: 32). Each new set of ranks compiles a new graph (the ranks are constants).
+    """The adapted layers run as the custom ops tlora::update (+ its backward) and the timestep
+    hook is plain tensor code, so dynamo traces the whole UNet, hook included: no graph breaks.
+    The ranks are data (the mask is a graph input), so new ranks reuse the graph.
 
     Backend "aot_eager": it runs the fake kernels and the registered backward through
-    AOTAutograd like inductor does, in seconds instead of minutes on CPU. (Inductor on CPU gives
-    the same inference outputs, but wrong gradients even for the bare tiny UNet without tlora,
-    so its training gradients are not compared here.)"""
+    AOTAutograd like inductor does, in seconds instead of minutes on CPU."""
     from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
 
     model, adapter = adapted()
     x, cond, target = inputs()
     torch._dynamo.reset()
+    counters.clear()
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter)
-    # One shared timestep, and one rank per sample.
-    for t in (torch.tensor([500.0, 500.0]), torch.tensor([100.0, 900.0])):
-        with torch.no_grad():
-            want, got = model(x, t, cond).sample, compiled(x, t, cond).sample
-        assert rel(got, want) < 1e-5
-        with adapter.rank(R_MIN):
-            assert rel(model(x, t, cond).sample, want) > 1e-3  # the ranks matter, so they are honoured
+    # A 25-step sampling run: one shared timestep per step, every step another rank.
+    with torch.no_grad():
+        for t in torch.linspace(999.0, 0.0, 25):
+            tt = t.expand(2)
+            want, got = model(x, tt, cond).sample, compiled(x, tt, cond).sample
+            assert rel(got, want) < 1e-5
+    sampling_graphs = counter.frame_count
+    with torch.no_grad(), adapter.rank(R_MIN):
+        assert rel(model(x, torch.tensor([0.0, 0.0]), cond).sample, want) > 1e-3  # the ranks matter
 
-    t = torch.tensor([100.0, 900.0])
-    want = grads(model, adapter, t, x, cond, target)
-    got = grads(compiled, adapter, t, x, cond, target)
-    assert len(got) == len(want) == 3 * 32
-    for g_got, g_want in zip(got, want):
-        assert g_want.abs().sum() > 0
-        assert rel(g_got, g_want) < 1e-4
-    # One whole-UNet graph per (grad mode, set of ranks): no graph breaks, nothing else recompiled.
-    assert counter.frame_count == 3
+    # Training steps with one rank per sample (random timesteps, as a trainer draws them).
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(12):
+        t = torch.randint(0, 1000, (2,), generator=gen).float()
+        want = grads(model, adapter, t, x, cond, target)
+        got = grads(compiled, adapter, t, x, cond, target)
+        assert len(got) == len(want) == 3 * 32
+        for g_got, g_want in zip(got, want):
+            assert rel(g_got, g_want) < 1e-4
+    assert sum(g.abs().sum() > 0 for g in want) > 0
+    assert sampling_graphs <= 3 and counter.frame_count - sampling_graphs <= 3, (sampling_graphs, counter.frame_count)
+    assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.reset()
 
 
 def test_compiled_custom_op_matches_the_kernels():
-    """torch.library's own checks of tlora::lowrank_delta: schema, fake kernel, autograd
-    registration, against the real kernels."""
-    from tlora.layer import _lowrank_delta
+    """torch.library's own checks of tlora::update: schema, fake kernel, autograd registration,
+    against the real kernels, with a shared mask, per-sample masks and none."""
+    from tlora.layer import _update_op, rank_mask
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 8, generator=g, requires_grad=True)
     p, lam, q = (torch.randn(*s, generator=g, requires_grad=True) for s in ((6, 4), (4,), (4, 8)))
     frozen = [torch.randn(*s, generator=g) for s in ((6, 4), (4,), (4, 8))]
     for ranks in (None, [3], [2, 4]):
-        torch.library.opcheck(_lowrank_delta, (x, [p, lam, q, *frozen], ranks, 0.5))
+        mask = rank_mask(ranks, 4, 2, 0.5, x.device, x.dtype)
+        torch.library.opcheck(_update_op, (x, [p, lam, q, *frozen], mask))
     down, up = torch.randn(4, 8, generator=g, requires_grad=True), torch.randn(6, 4, generator=g, requires_grad=True)
-    torch.library.opcheck(_lowrank_delta, (x, [down, up], [1, 3], 1.0))
+    torch.library.opcheck(_update_op, (x, [down, up], rank_mask([1, 3], 4, 1, 1.0, x.device, x.dtype)))
 
 
 # ---- half precision ---------------------------------------------------------------------------

@@ -136,6 +136,10 @@ class Adapter:
         own = {id(p) for p in self._own_parameters()}
         for p in model.parameters():
             p.requires_grad_(id(p) in own)
+        # Where the ranks are computed: None reads a timestep that lives on the host there (free)
+        # and keeps one on a GPU there (no synchronisation); False always keeps them on the
+        # timestep's device (what a GPU run gets, also on the CPU); True always reads them back.
+        self.host_ranks: bool | None = None
         params = list(inspect.signature(model.forward).parameters)
         self._timestep_index = next((i for i, n in enumerate(params) if n in ("timestep", "timesteps")), None)
         self._ckpt_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
@@ -243,7 +247,10 @@ class Adapter:
         sample = args[0] if args and isinstance(args[0], torch.Tensor) else next(
             (v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
         batch = sample.shape[0] if sample is not None and sample.dim() >= 2 else None
-        on_host = not isinstance(t, torch.Tensor) or t.device.type == "cpu"
+        if self.host_ranks is not None:
+            on_host = self.host_ranks
+        else:
+            on_host = not isinstance(t, torch.Tensor) or t.device.type == "cpu"
         if on_host or (not torch.is_grad_enabled() and self.state.fast_path):
             # (on a GPU at inference: one read-back per forward buys the folded weights)
             self.state.set_host(self.ranks_for(t, batch))

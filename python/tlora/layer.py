@@ -318,17 +318,18 @@ class TLoraLinear(nn.Module):
         self.base_layer = base_layer
         self.config = config
         self.state = state
+        # T-LoRA operand buffers per compute dtype, and P0 Λ0 with the frozen factors it was built from.
+        self._operand_bufs: dict[tuple, list] = {}
+        self._frozen: tuple[tuple, torch.Tensor] | None = None
         if config.variant == "tlora":
             for name in ("p", "lam", "q"):
                 setattr(self, name, nn.Parameter(factors[name]))
             for name in ("p0", "lam0", "q0"):
                 self.register_buffer(name, factors[name])
+            self._house_q()
         else:
             self.down = nn.Parameter(factors["down"])
             self.up = nn.Parameter(factors["up"])
-        # T-LoRA operand buffers per compute dtype, and -P0 Λ0 with the frozen factors it was built from.
-        self._operand_bufs: dict[tuple, list] = {}
-        self._frozen: tuple[tuple, torch.Tensor] | None = None
         # Inference folds by (rank, device, dtype), valid for `_folded_for`.
         self._folded: dict[tuple, torch.Tensor] = {}
         self._folded_for: tuple | None = None
@@ -362,6 +363,21 @@ class TLoraLinear(nn.Module):
     def factor_names(self) -> tuple[str, ...]:
         return ("p", "lam", "q", "p0", "lam0", "q0") if self.config.variant == "tlora" else ("down", "up")
 
+    def _house_q(self) -> None:
+        """Keep Q as the first rows of its float32 operand buffer D = [Q; Q0 - Q], so that a
+        float32 call does not copy it. (Anything that later replaces Q's storage, such as
+        `.data =` or a sharded wrapper, only costs that copy: the kernels check.)"""
+        q, p = self._parameters["q"], self._parameters["p"]
+        self._operand_bufs.clear()
+        if q.dtype != torch.float32 or q.is_meta:
+            return
+        r, in_f = q.shape
+        d = torch.empty(2 * r, in_f, dtype=torch.float32, device=q.device)
+        d[:r].copy_(q.data)
+        q.data = d[:r]
+        u = torch.empty(p.shape[0], 2 * r, dtype=torch.float32, device=q.device)
+        self._operand_bufs[(torch.float32, q.device)] = [d, u, True]
+
     # ---- dtype and device moves --------------------------------------------------------------
     def _apply(self, fn, recurse=True):
         """`.to()`, `.half()`, `.cuda()`... move the adapter's factors with the model but keep
@@ -389,6 +405,8 @@ class TLoraLinear(nn.Module):
                     store[name] = moved
         self._operand_bufs.clear()
         self._frozen = None
+        if self.config.variant == "tlora":
+            self._house_q()
         self.state.fold_cache.drop(self)
         self._folded_for = None
         return self
@@ -409,7 +427,10 @@ class TLoraLinear(nn.Module):
             y = self._folded_forward(x, factors, base)
             if y is not None:
                 return y
-        y = base(x)
+        # The base layer on 2-D rows: its output is then a fresh tensor (not a view) that the
+        # update is added into in place (one fused multiply-add), reshaped once at the end.
+        rows = x.dim() > 2 and not base._forward_hooks and not base._forward_pre_hooks
+        y = base(x.reshape(-1, x.shape[-1]) if rows else x)
         device = x.device
         autocast = torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocast else x.dtype
@@ -419,18 +440,20 @@ class TLoraLinear(nn.Module):
             # Run the update in the autocast dtype, as the base layer did; the kernels handle the
             # float32 factors themselves, so autocast must not rewrite their ops.
             with torch.autocast(device.type, enabled=False):
-                return self._add_update(y, x.to(dtype), factors, dtype)
-        return self._add_update(y, x, factors, dtype)
+                out = self._add_update(y, x.to(dtype), factors, dtype)
+        else:
+            out = self._add_update(y, x, factors, dtype)
+        return out.view(*x.shape[:-1], out.shape[-1]) if out.dim() != x.dim() else out
 
     def _add_update(self, y: torch.Tensor, x: torch.Tensor, factors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         mask = self.state.mask(x.device, dtype)
         d, u = self._operands(factors, dtype, x.device)
         n_trainable = 3 if len(factors) == 6 else 2
-        if y.dtype == dtype and y._base is None and y.is_contiguous() and y.shape[:-1] == x.shape[:-1]:
+        if y.dtype == dtype and y._base is None and y.is_contiguous() and y.numel() // max(y.shape[-1], 1) == x.numel() // max(x.shape[-1], 1):
             # y is the base layer's fresh output that nobody else holds: add into it.
             return Update.apply(y, x, mask, d, u, n_trainable, *factors)
         delta = Update.apply(None, x, mask, d, u, n_trainable, *factors)
-        return y + delta.to(y.dtype)
+        return y.view_as(delta) + delta.to(y.dtype) if y.shape != delta.shape else y + delta.to(y.dtype)
 
     def _operands(self, factors: list[torch.Tensor], dtype: torch.dtype, device: torch.device):
         """(D, U) in `dtype`: T-LoRA's written into this layer's buffers, LoRA's its factors."""

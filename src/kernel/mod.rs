@@ -321,12 +321,14 @@ pub fn backward(grad: &Tensor, x: &Tensor, h: &Tensor, ops: &Operands, mask: Opt
             if trains_u {
                 // U's trainable block is P diag(lam) - P0 diag(lam0): G = grad^T h over it gives
                 // dP = G diag(lam) and dlam_j = sum_o P_oj G_oj (scale and mask are in h).
-                let g_mat = grad2.f_tr()?.f_mm(&h2.f_narrow(1, 0, r)?)?;
+                // (in the factors' dtype: one cast for half-precision inputs)
+                let g_mat = cast(&grad2.f_tr()?.f_mm(&h2.f_narrow(1, 0, r)?)?, p.kind())?;
                 if needs[1] {
                     factors[0] = Some(g_mat.f_mul(&lam.f_unsqueeze(0)?)?);
                 }
                 if needs[2] {
-                    factors[1] = Some(g_mat.f_mul(p)?.f_sum_dim_intlist(0, false, p.kind())?);
+                    // sum_o P_oj G_oj as one batched product (r dot products of length out).
+                    factors[1] = Some(Tensor::f_einsum("or,or->r", &[&g_mat, *p], None::<&[i64]>)?);
                 }
             }
             if needs[3] {
