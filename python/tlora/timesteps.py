@@ -4,7 +4,8 @@ the rank schedule r(t) is defined on.
 
 A convention is a function of the argument (a number, a 0-d or (B,) tensor of any dtype, on any
 device) written with tensor ops only (no `.item()`, no host sync: the adapter's hook runs it on
-CUDA tensors every forward). It returns float32 on the argument's device, clamped into [0, T].
+CUDA tensors every forward). It returns float32 on the argument's device, clamped into [0, T] when
+within ROUNDING_SLACK of it (further out is left for the rank schedule's range check to refuse).
 
     from tlora.timesteps import convention_for
     tlora.inject(pipe.unet, timestep_convention=convention_for(pipe))   # EDM schedulers etc.
@@ -278,18 +279,28 @@ def mapping(name: str, model: nn.Module, num_train_timesteps: int, timestep_scal
         user = fn
 
         def mapped(a: Any) -> torch.Tensor:
-            t = user(_as_float(a))
-            return torch.as_tensor(t).to(torch.float32).clamp(0.0, float(T))
+            return _into_range(torch.as_tensor(user(_as_float(a))), T)
     else:
         core = CONVENTIONS.get(name)
         scale = float(timestep_scale) if timestep_scale is not None else 1.0
 
         def mapped(a: Any) -> torch.Tensor:
             x = _as_float(a)
-            t = x * scale if core is None else core(x, T, model)
-            return t.to(torch.float32).clamp(0.0, float(T))
+            return _into_range(x * scale if core is None else core(x, T, model), T)
     mapped.convention = name  # type: ignore[attr-defined]
     return mapped
+
+
+# Rounding (t/1000 in bf16, sigma*1000 in float32) can land a hair outside [0, T]: clamp that.
+# A value further out means a wrong convention (or a wrong call): it is left as it is, so the rank
+# schedule's range check reports it instead of every step silently running at the end of the range.
+ROUNDING_SLACK = 0.5
+
+
+def _into_range(t: torch.Tensor, T: int) -> torch.Tensor:
+    t = t.to(torch.float32)
+    near = (t >= -ROUNDING_SLACK) & (t <= T + ROUNDING_SLACK)
+    return torch.where(near, t.clamp(0.0, float(T)), t)
 
 
 def _as_float(a: Any) -> torch.Tensor:
