@@ -152,7 +152,12 @@ BY_CLASS: dict[str, str] = {
         "DreamLiteTransformer2DModel", "DreamLiteUNetModel", "Kandinsky5Transformer3DModel",
         "Kandinsky6Transformer3DModel", "MotifVideoTransformer3DModel", "HeliosTransformer3DModel",
         "SanaVideoTransformer3DModel", "JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel",
+        "Kandinsky6SRTransformer3DModel", "SanaWMTransformer3DModel", "AnyFlowTransformer3DModel",
+        "AnyFlowFARTransformer3DModel",
     ), "timesteps"),
+    # Multi-ControlNet wrappers get their members' timestep.
+    **dict.fromkeys(("MultiControlNetModel", "SD3MultiControlNetModel", "HunyuanDiT2DMultiControlNetModel"), "timesteps"),
+    **dict.fromkeys(("FluxMultiControlNetModel", "QwenImageMultiControlNetModel"), "unit"),
     # Flow matching on the 0..1 scale: the pipeline divides by 1000.
     **dict.fromkeys((
         "FluxTransformer2DModel", "FluxControlNetModel", "Flux2Transformer2DModel", "Flux3Transformer2DModel",
