@@ -519,6 +519,9 @@ def test_timestep_scale_still_multiplies_and_is_stored(tmp_path):
     assert drive(model, kwargs, lambda a: a, [torch.full((B,), 1.5)], adapter) == [(r_of(750.0),) * B]
     meta = tlora.read(tlora.save(model, tmp_path / "s.safetensors"))[1]
     assert meta["timestep_scale"] == 500.0
+    adapter.remove()
+    with pytest.raises(ValueError, match=r"timestep_scale=500.0 is the 'scale' convention.*'unit'"):
+        inject(model, timestep_scale=500.0, timestep_convention="unit")
 
 
 def test_files_without_a_convention_use_the_class_default():

@@ -251,6 +251,9 @@ def is_diffusers_class(model: nn.Module) -> bool:
 def resolve_name(model: nn.Module, convention: str | Mapping | None, timestep_scale: float | None) -> str:
     """The name to store for `model`'s convention; raises for a diffusers class nobody registered.
     A plain nn.Module (your own model, called by your own loop) defaults to "timesteps"."""
+    if timestep_scale is not None and convention not in (None, "scale"):
+        raise ValueError(f"timestep_scale={timestep_scale!r} is the 'scale' convention; it cannot go with "
+                         f"timestep_convention={getattr(convention, '__name__', convention)!r}: pass one of them")
     if callable(convention):
         return "custom"
     if convention is not None:
@@ -276,10 +279,10 @@ def mapping(name: str, model: nn.Module, num_train_timesteps: int, timestep_scal
     if fn is None and name not in CONVENTIONS and name != "scale":
         fn = _USER.get(name)
         if fn is None:
-            hint = ("a function, which adapter files cannot hold: call tlora.timesteps.register('custom', fn) "
-                    "with the same function before loading" if name == "custom" else
-                    f"registered by name: call tlora.timesteps.register({name!r}, fn) before loading")
-            raise ValueError(f"this adapter's timestep convention {name!r} was {hint}")
+            hint = ("a function given to inject, which adapter files cannot hold" if name == "custom"
+                    else "a user-registered one")
+            raise ValueError(f"timestep convention {name!r} ({hint}) is not registered in this process: call "
+                             f"tlora.timesteps.register({name!r}, fn) with the same function first (e.g. before tlora.load)")
     if fn is not None:
         user = fn
 
