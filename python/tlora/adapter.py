@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from . import _native
-from .config import TIMESTEP_SCALE_BY_CLASS, AdapterConfig
+from . import timesteps as conventions
+from .config import AdapterConfig
 from .layer import RankState, TLoraLinear
 from .targets import find_targets, linear_at
 
@@ -39,6 +40,7 @@ def inject(
     num_train_timesteps: int = 1000,
     timestep_scale: float | None = None,
     seed: int = 0,
+    timestep_convention: "str | conventions.Mapping | None" = None,
 ) -> "Adapter":
     """Patch the matching `nn.Linear` layers of `model` in place with T-LoRA and return the Adapter.
 
@@ -52,8 +54,12 @@ def inject(
     - `target_modules`: module-name suffixes (default: attention to_q, to_k, to_v, to_out.0 and the
       joint-attention add_{q,k,v}_proj) or one regular expression over full module paths.
     - `lora_alpha`: scale the update by alpha / rank (default: no scaling, as in the paper).
-    - `timestep_scale`: multiply the model's `timestep` argument by this to get 0..T; detected for
-      models whose pipelines pass t / 1000 (FLUX).
+    - `timestep_convention`: how the model's `timestep` argument maps to the noise level t in 0..T:
+      a name from `tlora.timesteps` ("timesteps", "unit", "reversed_unit", "edm", ...), or a function
+      (tensor ops, argument -> t; stored in files as "custom"). Default: the diffusers class's own
+      convention (`tlora.timesteps.BY_CLASS`); an unknown diffusers class is refused.
+      `tlora.timesteps.convention_for(pipe)` also reads the scheduler (EDM schedulers).
+    - `timestep_scale`: the "scale" convention, t = argument * timestep_scale.
 
     The base model's parameters are frozen; the adapter's are float32 and trainable.
     """
@@ -61,14 +67,17 @@ def inject(
         rank=rank, min_rank=min_rank, rank_exponent=rank_exponent, variant=variant, init=init,
         init_from=init_from, target_modules=target_modules, lora_alpha=lora_alpha,
         num_train_timesteps=num_train_timesteps, timestep_scale=timestep_scale, seed=seed,
+        timestep_convention=conventions.resolve_name(model, timestep_convention, timestep_scale),
     )
-    return inject_config(model, config)
+    return inject_config(model, config, timestep_fn=timestep_convention if callable(timestep_convention) else None)
 
 
 def inject_config(model: nn.Module, config: AdapterConfig, module_names: Sequence[str] | None = None,
-                  factors: dict[str, dict[str, torch.Tensor]] | None = None) -> "Adapter":
+                  factors: dict[str, dict[str, torch.Tensor]] | None = None,
+                  timestep_fn: "conventions.Mapping | None" = None) -> "Adapter":
     """`inject` from a config; `module_names` (exact paths) and `factors` (per module) are used by
-    `tlora.load`. Everything is checked before the model is touched."""
+    `tlora.load`; `timestep_fn` is the function behind a "custom" convention. Everything is checked
+    before the model is touched."""
     existing = getattr(model, _ATTR, None)
     if existing is not None:
         raise ValueError(
@@ -87,11 +96,19 @@ def inject_config(model: nn.Module, config: AdapterConfig, module_names: Sequenc
                 f"rank {config.rank} is larger than module {name!r} allows ({base.out_features} x "
                 f"{base.in_features}, at most {limit}): lower rank or leave this module out of target_modules"
             )
+    timestep_map = _timestep_map(model, config, timestep_fn)
     state = RankState(config)
     bases = {n: linear_at(modules, n)[1] for n in names}
     built = {n: factors[n] if factors is not None else _init_factors(bases[n], n, config) for n in names}
     # From here on nothing can fail for a reason the user controls: swap the modules in.
-    return Adapter(model, config, {n: (bases[n], built[n]) for n in names}, state)
+    return Adapter(model, config, {n: (bases[n], built[n]) for n in names}, state, timestep_map)
+
+
+def _timestep_map(model: nn.Module, config: AdapterConfig, fn: "conventions.Mapping | None") -> "conventions.Mapping":
+    """The argument -> t function of `config` for `model` (files from before conventions: resolved
+    from the class and timestep_scale, as inject does)."""
+    name = config.timestep_convention or conventions.resolve_name(model, None, config.timestep_scale)
+    return conventions.mapping(name, model, config.num_train_timesteps, config.timestep_scale, fn)
 
 
 def _module_seed(seed: int, name: str) -> int:
@@ -117,9 +134,11 @@ class Adapter:
     needs to put the model back exactly as it was."""
 
     def __init__(self, model: nn.Module, config: AdapterConfig,
-                 parts: dict[str, tuple[nn.Linear, dict[str, torch.Tensor]]], state: RankState):
+                 parts: dict[str, tuple[nn.Linear, dict[str, torch.Tensor]]], state: RankState,
+                 timestep_map: "conventions.Mapping | None" = None):
         self.model = model
         self.config = config
+        self.timestep_map = timestep_map or _timestep_map(model, config, None)
         self.state = state
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         # Keyed by the adapted module's name; inside a PEFT LoRA layer the patch sits at
@@ -167,10 +186,10 @@ class Adapter:
 
     # ---- ranks ------------------------------------------------------------------------------
     @property
-    def timestep_scale(self) -> float:
-        if self.config.timestep_scale is not None:
-            return self.config.timestep_scale
-        return TIMESTEP_SCALE_BY_CLASS.get(type(self.model).__name__, 1.0)
+    def timestep_scale(self) -> float | None:
+        """The multiplier the timestep convention amounts to (None when it is not a multiplier)."""
+        c = self.config
+        return conventions.scale_of(self.timestep_map.convention, c.num_train_timesteps, c.timestep_scale)
 
     def noise_level(self, timesteps: Any) -> torch.Tensor:
         """The model's timestep argument mapped to the noise level t in 0..T, as tensor ops on
@@ -181,7 +200,7 @@ class Adapter:
                              "pass the diffusion timestep as a number or a numeric tensor")
         if t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
             raise ValueError(f"timestep dtype {t.dtype} is not a real number type")
-        return t.double() * self.timestep_scale if t.device.type == "cpu" else t.float() * self.timestep_scale
+        return self.timestep_map(t)
 
     def ranks_for(self, timesteps: Any, batch: int | None = None) -> list[int]:
         """The ranks for a timestep (number or tensor on the model's own scale): one shared rank,

@@ -14,13 +14,7 @@ INIT_SOURCES = ("random", "weight")
 # context-stream projections of FLUX/SD3-style joint attention.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")
 
-# Models whose pipelines pass the timestep divided by 1000 (flow matching on the 0..1 scale).
-TIMESTEP_SCALE_BY_CLASS = {
-    "FluxTransformer2DModel": 1000.0,
-    "FluxControlNetModel": 1000.0,
-    "ChromaTransformer2DModel": 1000.0,
-    "QwenImageTransformer2DModel": 1000.0,
-}
+# Which timestep argument each diffusers family passes: see timesteps.py (BY_CLASS, CONVENTIONS).
 
 
 @dataclass
@@ -38,6 +32,8 @@ class AdapterConfig:
     num_train_timesteps: int = 1000
     timestep_scale: float | None = None
     seed: int = 0
+    # Name of the timestep convention (timesteps.py); None = the model class's own, resolved at inject.
+    timestep_convention: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -64,6 +60,8 @@ class AdapterConfig:
             raise ValueError(f"num_train_timesteps must be an integer >= 1, got {self.num_train_timesteps!r}")
         if self.timestep_scale is not None and not self.timestep_scale > 0:
             raise ValueError(f"timestep_scale must be > 0, got {self.timestep_scale!r}")
+        if self.timestep_convention is not None and not isinstance(self.timestep_convention, str):
+            raise ValueError(f"timestep_convention must be a name (str) in a config, got {self.timestep_convention!r}")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
 
