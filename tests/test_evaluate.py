@@ -257,3 +257,31 @@ def test_grid_labels_are_drawn():
     g = np.asarray(grid(small, cols=2, col_labels=["a", "b"]))
     k = -(-MIN_LABELLED_TILE // 16)
     assert g.shape[1] == 2 * 16 * k and (g[-16 * k:, -16 * k:] == np.asarray(small[1]).repeat(k, 0).repeat(k, 1)).all()
+
+
+def test_demo_comparison_grid_is_labelled(tmp_path, monkeypatch, capsys):
+    """`tlora demo`'s grid code on stand-in runs (no training): labelled columns and prompt rows."""
+    import argparse
+
+    import tlora.toy.evaluate as toy
+    from tlora.demo import run
+    from tlora.toy.concepts import EVAL_PROMPTS
+
+    n = 2
+    scores = dict(fidelity=0.0, alignment=0.0, background_accuracy=0.0, position_accuracy=0.0, diversity=0.0)
+    fake = lambda method, seed: toy.Run(method, scores, [[_noise(seed + i * n + j, 32) for j in range(n)]  # noqa: E731
+                                                         for i in range(len(EVAL_PROMPTS))], 0.0)
+    monkeypatch.setattr(toy, "sample_base", lambda c, n, seed: fake("base model", 0))
+    monkeypatch.setattr(toy, "finetune", lambda c, method, out, **kw: fake(method, 100 if method == "LoRA" else 200))
+    monkeypatch.setattr(toy, "autoencoder_ceiling", lambda c: 0.9)
+    run(argparse.Namespace(concept="split_cross", out=str(tmp_path), steps=800, rank=16, n=n, seed=0))
+    img = Image.open(tmp_path / "comparison.png")
+    cols, rows = 1 + 2 * (n + 1), len(EVAL_PROMPTS)
+    assert img.width > cols * 128 and img.height > rows * 128  # 4x tiles plus the label margins
+    a = np.asarray(img)
+    side, head = img.width - cols * 128, img.height - rows * 128
+    assert (np.asarray(img.convert("L"))[:head, side:] < 128).any() and (np.asarray(img.convert("L"))[head:, :side] < 128).any()
+    # Last tile, bottom-right: the blank separator; the one before it: T-LoRA's last sample of the last prompt.
+    assert (a[-128:, -128:] == 255).all()
+    last = _noise(200 + (rows - 1) * n + n - 1, 32).resize((128, 128), Image.NEAREST)
+    assert np.array_equal(a[-128:, -256:-128], np.asarray(last))
