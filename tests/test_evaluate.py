@@ -182,6 +182,16 @@ def test_bad_inputs_refused(models, tmp_path, capsys):
     assert "no such model folder" in e
     e = _err(capsys, base + ["--generated", str(gen), "--clip", str(empty)])
     assert "no config.json" in e
+    (empty / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))  # a diffusers folder
+    e = _err(capsys, base + ["--generated", str(gen), "--dino", str(empty)])
+    assert "not a transformers model's" in e
+    (empty / "config.json").unlink()
+    bare = tmp_path / "bare-clip"  # the model without its processor files
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((clip / name).read_bytes())
+    e = _err(capsys, base + ["--generated", str(gen), "--clip", str(bare)])
+    assert "CLIPProcessor" in e and "processor.save_pretrained" in e
     e = _err(capsys, base + ["--generated", str(gen)])
     assert "--clip" in e and "--dino" in e
     mask = _save(Image.new("L", (40, 40), 255), tmp_path / "mask.png")

@@ -87,8 +87,11 @@ def _model_type(source: str, flag: str, wanted: tuple[str, ...], example: str) -
     try:
         kind = AutoConfig.from_pretrained(str(path) if looks_local else source).model_type
     except (OSError, ValueError) as e:
-        raise OSError(f"{flag} {source}: cannot read the model's config ({e}); give a local folder "
-                      "where the hub is unreachable") from None
+        if looks_local:
+            raise ValueError(f"{flag} {source}: its config.json is not a transformers model's ({e}); give a "
+                             f"folder like {example} saved with save_pretrained") from None
+        raise OSError(f"{flag} {source}: no such local folder, and reading it as a hub id failed ({e}); "
+                      "give a local folder where the hub is unreachable") from None
     if kind not in wanted:
         raise ValueError(f"{flag} {source} holds a {kind!r} model (config.json model_type), not "
                          f"{' / '.join(repr(w) for w in wanted)}: give {flag} a model like {example}")
