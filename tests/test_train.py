@@ -38,7 +38,7 @@ except ImportError:
 import tlora.checkpoint
 from tlora import cli
 from tlora.generate import generate
-from tlora.images import load_image
+from tlora.images import MIN_LABELLED_TILE, load_image
 from tlora.io import read
 from tlora.pipelines import family_of
 from tlora.train import train
@@ -145,7 +145,9 @@ def test_train_then_generate(kind, models, image, tmp_path, capsys):
     before = denoising_loss(result.pipe, image)
     assert after < 0.96 * before, f"{kind}: denoising loss {before:.4f} -> {after:.4f}"
 
-    # Output folder layout.
+    # Output folder layout. Grids enlarge 16 px samples (NEAREST) to fit their labels.
+    big = -(-MIN_LABELLED_TILE // 16) * 16
+    enlarged = lambda f: np.asarray(Image.open(f).resize((big, big), Image.NEAREST))  # noqa: E731
     assert result.adapter_path == out / "adapter.safetensors" and result.adapter_path.is_file()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["train"]["steps"] == steps and cfg["resolution"] == 16 and cfg["adapter"]["rank"] == 4
@@ -162,7 +164,8 @@ def test_train_then_generate(kind, models, image, tmp_path, capsys):
         samples = ckpt / "samples"
         assert sorted(p.name for p in samples.iterdir()) == ["00-0.png", "01-0.png", "grid.png"]
         assert Image.open(samples / "00-0.png").size == (16, 16)
-        assert Image.open(samples / "grid.png").size == (32, 16)  # 2 images side by side
+        g = np.asarray(Image.open(samples / "grid.png"))  # one row per prompt, labelled: the last sample bottom-right
+        assert g.shape[0] > 2 * big and g.shape[1] > big and (g[-big:, -big:] == enlarged(samples / "01-0.png")).all()
     assert_same_tensors(out / f"checkpoint-{steps}" / "adapter.safetensors", out / "adapter.safetensors")
     tensors, meta = read(out / "adapter.safetensors")
     assert meta["config"]["extra"]["token"] == "sks" and meta["config"]["extra"]["family"] == kind
@@ -178,7 +181,8 @@ def test_train_then_generate(kind, models, image, tmp_path, capsys):
     assert "grid.png" in capsys.readouterr().out
     assert sorted(p.name for p in gen_out.iterdir()) == ["00-0.png", "00-1.png", "01-0.png", "01-1.png", "grid.png"]
     assert all(Image.open(gen_out / f"0{i}-{j}.png").size == (16, 16) for i in (0, 1) for j in (0, 1))
-    assert Image.open(gen_out / "grid.png").size == (32, 32)  # n=2 columns, 2 prompts
+    g = np.asarray(Image.open(gen_out / "grid.png"))  # n=2 columns, 2 prompt rows, labelled
+    assert g.shape[0] > 2 * big and g.shape[1] > 2 * big and (g[-big:, -big:] == enlarged(gen_out / "01-1.png")).all()
 
     # The Python API, with an earlier checkpoint's adapter: it is applied, so the image differs.
     grid = generate(str(models[kind]), str(out / f"checkpoint-{every}" / "adapter.safetensors"), ["a {} on a beach"],

@@ -94,6 +94,29 @@ def _import_parser(sub) -> None:
                         "(right only for LyCORIS's default init)")
 
 
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="CLIP-I, CLIP-T and DINO scores of generated images",
+                       description="Score generated images as the paper does: CLIP-I and DINO (cosine to the reference "
+                                   "image, its background masked when --mask is given) and CLIP-T (cosine to the prompt). "
+                                   "Writes evaluation.json and evaluation.md (per prompt and overall mean).")
+    p.add_argument("--generated", required=True, help="folder of generated images (grid.png is skipped)")
+    p.add_argument("--reference", action="append", required=True, help="the real image of the concept; repeatable")
+    p.add_argument("--mask", action="append", default=None,
+                   help="subject mask of each --reference (white = subject), in the same order; the background "
+                        "is filled with --mask-fill before CLIP-I and DINO")
+    p.add_argument("--mask-fill", default="255,255,255", help="R,G,B of the masked background (default white)")
+    p.add_argument("--clip", help="CLIP model folder or hub id, e.g. openai/clip-vit-base-patch32 (CLIP-I, CLIP-T)")
+    p.add_argument("--dino", help="DINO model folder or hub id, e.g. facebook/dinov2-small or facebook/dino-vits16")
+    p.add_argument("--prompts", help="manifest: JSON {file: prompt}, or JSON/JSONL of {\"file\", \"prompt\"} "
+                                     "(default: the prompt `tlora generate` stores in each PNG)")
+    p.add_argument("--prompt-set", choices=["object", "live"], default=None,
+                   help="the 25 DreamBooth context prompts (object or live subject); file NN-*.png has prompt NN")
+    p.add_argument("--concept", help="what replaces {} in --prompt-set, e.g. 'dog' or 'sks dog'")
+    p.add_argument("--drop-word", action="append", default=[], help="word removed from prompts before CLIP-T, e.g. sks")
+    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--out", required=True, help="output folder for evaluation.json and evaluation.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("adapter")
     _export_parser(sub)
     _import_parser(sub)
+    _evaluate_parser(sub)
     from .demo import add_parser as add_demo
 
     add_demo(sub)
@@ -148,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
             c = adapter.config
             print(f"{c.variant} adapter of rank {c.rank} (min rank {c.min_rank}, {len(adapter.layers)} modules) "
                   f"from {c.extra.get('imported_from', 'a tlora file')} written to {out}")
+        elif args.command == "evaluate":
+            from .evaluate import evaluate, markdown, parse_colour, write_report
+
+            report = evaluate(args.generated, args.reference, clip=args.clip, dino=args.dino, masks=args.mask,
+                              prompts=args.prompts, prompt_set=args.prompt_set, concept=args.concept,
+                              drop_words=args.drop_word, mask_fill=parse_colour(args.mask_fill), device=args.device)
+            print(markdown(report) + f"written to {', '.join(map(str, write_report(report, args.out)))}")
         elif args.command == "demo":
             from .demo import run
 

@@ -48,9 +48,11 @@ def run(args) -> None:
         tiles.append(big(Image.fromarray(c.training_image())))
         for r in runs[1:]:
             tiles += [big(img) for img in r.rows[i]] + [big(blank)]
-    cols = 1 + (args.n + 1) * (len(runs) - 1)
+    heads = ["training image"]
+    for r in runs[1:]:
+        heads += [f"{r.method}\nrank {args.rank}, step {args.steps}\nsample {k + 1}" for k in range(args.n)] + [""]
     path = out / "comparison.png"
-    grid(tiles, cols=cols).save(path)
+    grid(tiles, cols=len(heads), col_labels=heads, row_labels=[p.text(c) for p in EVAL_PROMPTS]).save(path)
 
     print(f"\n{'method':12} {'fidelity':>9} {'alignment':>10} {'background':>11} {'position':>9} {'diversity':>10} {'seconds':>8}")
     for r in runs:

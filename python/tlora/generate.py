@@ -36,15 +36,23 @@ def sample_images(pipe, texts: Sequence[str], n: int = 1, steps: int = 25, guida
 
 
 def sample_grid(pipe, prompts: Sequence[str], concept: str, out: Path, n: int = 1, steps: int = 25,
-                guidance: float = 5.0, seed: int = 0, size: tuple[int, int] | None = None) -> Path:
-    """Render n images per prompt ({} -> concept) into `out` as PNGs; returns the grid's path."""
+                guidance: float = 5.0, seed: int = 0, size: tuple[int, int] | None = None, label: str = "") -> Path:
+    """Render n images per prompt ({} -> concept) into `out` as PNGs (each carries its prompt as a PNG
+    text chunk, which `tlora evaluate` reads); returns the grid's path: one row per prompt, columns
+    labelled `label` (method, rank, step) and the sample number."""
+    from PIL.PngImagePlugin import PngInfo
+
     out.mkdir(parents=True, exist_ok=True)
-    rows = sample_images(pipe, [fill(p, concept) for p in prompts], n, steps, guidance, seed, size)
+    texts = [fill(p, concept) for p in prompts]
+    rows = sample_images(pipe, texts, n, steps, guidance, seed, size)
     for i, row in enumerate(rows):
+        info = PngInfo()
+        info.add_text("prompt", texts[i])
         for j, img in enumerate(row):
-            img.save(out / f"{i:02d}-{j}.png")
+            img.save(out / f"{i:02d}-{j}.png", pnginfo=info)
     path = out / "grid.png"
-    grid([img for row in rows for img in row], cols=n if n > 1 else None).save(path)
+    heads = [f"{label}\nsample {j + 1}" if label else f"sample {j + 1}" for j in range(n)]
+    grid([img for row in rows for img in row], cols=n, col_labels=heads, row_labels=texts).save(path)
     return path
 
 
@@ -67,5 +75,7 @@ def generate(model: str, adapter: str, prompts: Sequence[str], out: str, n: int 
     load(fam.denoiser, adapter)
     side = fam.default_resolution()
     size = (height or side, width or side) if (height or width) else None
+    c = meta["config"]
     return sample_grid(pipe, prompts, concept, Path(out), n=n, steps=steps or fam.default_steps,
-                       guidance=fam.default_guidance if guidance is None else guidance, seed=seed, size=size)
+                       guidance=fam.default_guidance if guidance is None else guidance, seed=seed, size=size,
+                       label=f"{c.get('variant', 'adapter')} rank {c.get('rank', '?')}")

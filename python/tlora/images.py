@@ -82,14 +82,92 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
-    """Tile images (all the same size) into one picture, row-major."""
+MIN_LABELLED_TILE = 96  # px: narrower samples are enlarged in a labelled grid, or their labels would not fit
+
+
+def label_font(size: int):
+    """Pillow's bundled font (no font files needed) at `size` px."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def wrap(text: str, font, width: int) -> list[str]:
+    """Break `text` into lines no wider than `width` px: at spaces, a word too long on its own at characters;
+    explicit newlines are kept."""
+    lines: list[str] = []
+    for para in text.split("\n"):
+        line = ""
+        for word in para.split():
+            while font.getlength(word) > width and len(word) > 1:  # a word wider than the column
+                cut = 1
+                while cut < len(word) and font.getlength(word[:cut + 1]) <= width:
+                    cut += 1
+                if line:
+                    lines.append(line)
+                    line = ""
+                lines.append(word[:cut])
+                word = word[cut:]
+            candidate = f"{line} {word}" if line else word
+            if line and font.getlength(candidate) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
+def text_block(text: str, width: int, font, pad: int) -> Image.Image:
+    """`text` wrapped to `width` - 2 `pad` px, drawn black on white."""
+    from PIL import ImageDraw
+
+    lines = wrap(text, font, max(1, width - 2 * pad)) if text else []
+    step = round(font.size * 1.25)
+    img = Image.new("RGB", (width, 2 * pad + step * len(lines)), "white")
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(lines):
+        draw.text((pad, pad + i * step), line, fill="black", font=font)
+    return img
+
+
+def grid(images: Sequence[Image.Image], cols: int | None = None, col_labels: Sequence[str] | None = None,
+         row_labels: Sequence[str] | None = None, font_size: int | None = None) -> Image.Image:
+    """Tile images (all the same size) into one picture, row-major. With `col_labels` (one per column:
+    method, rank, step...) a header row names the columns; with `row_labels` (one per row: the prompt)
+    a left margin names the rows, text wrapped to fit. `font_size` defaults to a size that reads at
+    the tiles' scale; tiles narrower than MIN_LABELLED_TILE px are enlarged by a whole factor."""
     if not images:
         raise ValueError("no images to tile")
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size
-    out = Image.new("RGB", (cols * w, rows * h), "white")
+    if col_labels is None and row_labels is None:
+        out = Image.new("RGB", (cols * w, rows * h), "white")
+        for i, img in enumerate(images):
+            out.paste(img.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+        return out
+    if w < MIN_LABELLED_TILE:  # enlarge small samples (NEAREST, whole factor) so a label fits above each
+        k = -(-MIN_LABELLED_TILE // w)
+        images = [img.resize((img.width * k, img.height * k), Image.NEAREST) for img in images]
+        w, h = w * k, h * k
+    if col_labels is not None and len(col_labels) != cols:
+        raise ValueError(f"{len(col_labels)} column labels for {cols} columns")
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row labels for {rows} rows")
+    font = label_font(font_size or max(11, w // 14))
+    pad = max(2, font.size // 3)
+    heads = [text_block(t, w, font, pad) for t in col_labels] if col_labels is not None else []
+    head_h = max((b.height for b in heads), default=0)
+    side_w = max(w, 12 * font.size) if row_labels is not None else 0
+    sides = [text_block(t, side_w, font, pad) for t in row_labels] if row_labels is not None else []
+    row_h = [max(h, sides[r].height if sides else 0) for r in range(rows)]
+    tops = [head_h + sum(row_h[:r]) for r in range(rows)]
+    out = Image.new("RGB", (side_w + cols * w, head_h + sum(row_h)), "white")
+    for c, block in enumerate(heads):
+        out.paste(block, (side_w + c * w, 0))
+    for r, block in enumerate(sides):
+        out.paste(block, (0, tops[r]))
     for i, img in enumerate(images):
-        out.paste(img.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+        out.paste(img.convert("RGB"), (side_w + (i % cols) * w, tops[i // cols]))
     return out

@@ -274,3 +274,45 @@ def save_tiny_pipeline(kind: str, folder, seed: int = 0) -> Path:
     folder = Path(folder)
     tiny_pipeline(kind, seed).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# ---- scoring models for `tlora evaluate` (random weights: the scores mean nothing) ------------
+
+EVAL_IMAGE_SIZE = 32  # what the tiny CLIP / DINO image processors resize and crop to
+EVAL_TOKENS = 32
+
+
+def save_tiny_clip(folder, seed: int = 0) -> Path:
+    """A randomly initialised CLIPModel with its CLIPProcessor (image processor + word-level tokenizer)
+    saved to `folder`, readable by CLIPModel/CLIPProcessor.from_pretrained."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tok = tiny_clip_tokenizer(EVAL_TOKENS)
+    text = dict(vocab_size=clip_vocab_size(), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=EVAL_TOKENS, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=EVAL_IMAGE_SIZE, patch_size=8)
+    with _seeded(seed):
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    images = CLIPImageProcessor(size={"shortest_edge": EVAL_IMAGE_SIZE},
+                                crop_size={"height": EVAL_IMAGE_SIZE, "width": EVAL_IMAGE_SIZE})
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_dino(folder, seed: int = 0) -> Path:
+    """A randomly initialised Dinov2Model with DINOv2's image processor (BitImageProcessor) saved to `folder`."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    with _seeded(seed):
+        model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                                         image_size=EVAL_IMAGE_SIZE, patch_size=8)).eval()
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": EVAL_IMAGE_SIZE},
+                      crop_size={"height": EVAL_IMAGE_SIZE, "width": EVAL_IMAGE_SIZE},
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder

@@ -186,7 +186,8 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
 
                     sample_grid(pipe, cfg.validation_prompts, f"{cfg.token} {cfg.class_name}", ckpt / "samples",
                                 steps=cfg.validation_steps or fam.default_steps, guidance=fam.default_guidance,
-                                seed=cfg.seed, size=(resolution, resolution))
+                                seed=cfg.seed, size=(resolution, resolution),
+                                label=f"{cfg.variant} rank {cfg.rank}\nstep {done}")
     acc.wait_for_everyone()
     final = out / "adapter.safetensors"
     if acc.is_main_process:

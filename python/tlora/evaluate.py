@@ -1,0 +1,354 @@
+"""`tlora evaluate`: the paper's metrics over a folder of generated images.
+
+- CLIP-I (the paper's IS): cosine between the CLIP image embeddings of a generated image and of the
+  reference image(s), averaged over the references.
+- CLIP-T (the paper's TS): cosine between the CLIP image embedding and the CLIP text embedding of
+  the prompt the image was generated from.
+- DINO: cosine between the DINO CLS embeddings (last hidden state, token 0) of a generated image and
+  of the reference(s).
+
+The paper measures image similarity "with backgrounds masked". We mask the REFERENCE only: where a
+reference's mask (white = subject) is black, its pixels are replaced by one constant colour
+(`mask_fill`, white by default) before both CLIP-I and DINO see it, so the score compares the
+generated image with the subject and not with the training photo's background. Generated images are
+used as they are (no masks exist for them).
+
+The models are stock transformers models read from a local folder or a hub id: CLIPModel with its
+CLIPProcessor, and AutoModel + AutoImageProcessor for DINO (Dinov2Model, or ViTModel for DINO v1).
+
+Prompts of generated images, first found wins: a manifest given with `prompts=` (JSON object
+{file name: prompt}, JSON list of {"file", "prompt"}, or JSONL of such objects); the "prompt" text
+chunk `tlora generate` writes into each PNG; a prompt set (`prompt_set="live"|"object"`, the 25
+DreamBooth context prompts) indexed by the "NN-" prefix `tlora generate` gives its files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .images import IMAGE_SUFFIXES, _open, to_rgb
+
+# The context prompts of DreamBooth's evaluation (Ruiz et al. 2023), which the T-LoRA paper uses:
+# 25 per concept, one list for objects and one for live subjects (pets). {} is "token class".
+_SHARED = ("a {} in the jungle", "a {} in the snow", "a {} on the beach", "a {} on a cobblestone street",
+           "a {} on top of pink fabric", "a {} on top of a wooden floor", "a {} with a city in the background",
+           "a {} with a mountain in the background", "a {} with a blue house in the background",
+           "a {} on top of a purple rug in a forest")
+_RECOLOUR = ("a red {}", "a purple {}", "a shiny {}", "a wet {}", "a cube shaped {}")
+PAPER_PROMPTS = {
+    "object": _SHARED + ("a {} with a wheat field in the background",
+                         "a {} with a tree and autumn leaves in the background",
+                         "a {} with the Eiffel Tower in the background", "a {} floating on top of water",
+                         "a {} floating in an ocean of milk", "a {} on top of green grass with sunflowers around it",
+                         "a {} on top of a mirror", "a {} on top of the sidewalk in a crowded street",
+                         "a {} on top of a dirt road", "a {} on top of a white rug") + _RECOLOUR,
+    "live": _SHARED + ("a {} wearing a red hat", "a {} wearing a santa hat", "a {} wearing a rainbow scarf",
+                       "a {} wearing a black top hat and a monocle", "a {} in a chef outfit",
+                       "a {} in a firefighter outfit", "a {} in a police outfit", "a {} wearing pink glasses",
+                       "a {} wearing a yellow shirt", "a {} in a purple wizard outfit") + _RECOLOUR,
+}
+
+CLIP_TYPES = ("clip",)
+DINO_TYPES = ("dinov2", "dinov2_with_registers", "vit")
+SKIPPED_FILES = ("grid.png",)  # the overview `tlora generate` writes next to the samples
+METRICS = ("clip_i", "clip_t", "dino")
+
+
+def paper_prompts(kind: str) -> list[str]:
+    """The 25 DreamBooth context prompts for "object" or "live" subjects, with {} for the concept."""
+    if kind not in PAPER_PROMPTS:
+        raise ValueError(f"unknown prompt set {kind!r}: use one of {sorted(PAPER_PROMPTS)}")
+    return list(PAPER_PROMPTS[kind])
+
+
+# ---- models -----------------------------------------------------------------------------------
+
+def _model_type(source: str, flag: str, wanted: tuple[str, ...], example: str) -> str:
+    """model_type of a local folder or hub id, refusing a folder of the wrong kind before loading weights."""
+    from transformers import AutoConfig
+
+    path = Path(source).expanduser()
+    looks_local = path.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise FileNotFoundError(f"{flag} {source}: no such model folder (give a local transformers folder "
+                                f"or a hub id such as {example})")
+    if looks_local and not (path / "config.json").is_file():
+        raise ValueError(f"{flag} {source} has no config.json: it is not a transformers model folder "
+                         f"(save one with model.save_pretrained(folder), e.g. of {example})")
+    try:
+        kind = AutoConfig.from_pretrained(str(path) if looks_local else source).model_type
+    except (OSError, ValueError) as e:
+        if looks_local:
+            raise ValueError(f"{flag} {source}: its config.json is not a transformers model's ({e}); give a "
+                             f"folder like {example} saved with save_pretrained") from None
+        raise OSError(f"{flag} {source}: no such local folder, and reading it as a hub id failed ({e}); "
+                      "give a local folder where the hub is unreachable") from None
+    if kind not in wanted:
+        raise ValueError(f"{flag} {source} holds a {kind!r} model (config.json model_type), not "
+                         f"{' / '.join(repr(w) for w in wanted)}: give {flag} a model like {example}")
+    return str(path) if looks_local else source
+
+
+@dataclass
+class Encoders:
+    """The loaded models; either may be missing (its metrics are then not computed)."""
+
+    clip: object | None = None
+    clip_processor: object | None = None
+    dino: object | None = None
+    dino_processor: object | None = None
+    device: str = "cpu"
+
+    @classmethod
+    def load(cls, clip: str | None = None, dino: str | None = None, device: str | None = None) -> "Encoders":
+        from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
+
+        if not clip and not dino:
+            raise ValueError("no model given: pass --clip (CLIP-I, CLIP-T) and/or --dino (DINO)")
+        enc = cls(device=device or "cpu")
+        # Check both kinds before loading either: a swapped pair fails at once.
+        clip_src = _model_type(clip, "--clip", CLIP_TYPES, "openai/clip-vit-base-patch32") if clip else None
+        dino_src = _model_type(dino, "--dino", DINO_TYPES, "facebook/dinov2-small or facebook/dino-vits16") if dino else None
+        if clip_src:
+            try:
+                enc.clip_processor = CLIPProcessor.from_pretrained(clip_src)
+            except (OSError, ValueError, TypeError) as e:
+                raise ValueError(f"--clip {clip}: cannot load its CLIPProcessor ({e}); the folder needs the "
+                                 "image processor and tokenizer files (processor.save_pretrained(folder))") from None
+            enc.clip = CLIPModel.from_pretrained(clip_src).eval().to(enc.device)
+        if dino_src:
+            try:
+                enc.dino_processor = AutoImageProcessor.from_pretrained(dino_src)
+            except (OSError, ValueError, TypeError) as e:
+                raise ValueError(f"--dino {dino}: cannot load its image processor ({e}); the folder needs "
+                                 "preprocessor_config.json (image_processor.save_pretrained(folder))") from None
+            enc.dino = AutoModel.from_pretrained(dino_src).eval().to(enc.device)
+        return enc
+
+    @torch.no_grad()
+    def clip_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        px = self.clip_processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        return _pooled(self.clip.get_image_features(pixel_values=px)).double().cpu()
+
+    @torch.no_grad()
+    def clip_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        tok = self.clip_processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
+        out = self.clip.get_text_features(input_ids=tok["input_ids"].to(self.device),
+                                          attention_mask=tok["attention_mask"].to(self.device))
+        return _pooled(out).double().cpu()
+
+    @torch.no_grad()
+    def dino_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        px = self.dino_processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        return self.dino(pixel_values=px).last_hidden_state[:, 0].double().cpu()
+
+
+def _pooled(out) -> torch.Tensor:
+    """get_*_features returns the projected embedding (transformers 4) or an output whose
+    pooler_output is that embedding (transformers 5)."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, d) x (m, d) -> (n, m) cosine similarities in float64."""
+    a = a / a.norm(dim=-1, keepdim=True)
+    b = b / b.norm(dim=-1, keepdim=True)
+    return a @ b.T
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+def masked_reference(image: Image.Image, mask: Image.Image, fill=(255, 255, 255), where: str = "") -> Image.Image:
+    """The reference with its background (mask < 128) replaced by the constant colour `fill`."""
+    image = to_rgb(image)
+    m = to_rgb(mask).convert("L")
+    if m.size != image.size:
+        raise ValueError(f"mask {where} is {m.width}x{m.height} but its reference image is "
+                         f"{image.width}x{image.height}: give a mask of the same size")
+    subject = np.asarray(m) >= 128
+    if not subject.any():
+        raise ValueError(f"mask {where} is empty: white pixels mark the subject")
+    out = np.asarray(image).copy()
+    out[~subject] = np.asarray(fill, dtype=np.uint8)
+    return Image.fromarray(out)
+
+
+def _generated_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"generated-image folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name not in SKIPPED_FILES)
+    if not files:
+        raise ValueError(f"generated-image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}; "
+                         f"{', '.join(SKIPPED_FILES)} is skipped)")
+    return files
+
+
+def _read_manifest(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt manifest {path} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"prompt manifest {path} is neither JSON nor JSONL ({e})") from None
+    if isinstance(data, dict):
+        items = list(data.items())
+    elif isinstance(data, list) and all(isinstance(d, dict) and {"file", "prompt"} <= d.keys() for d in data):
+        items = [(d["file"], d["prompt"]) for d in data]
+    else:
+        raise ValueError(f"prompt manifest {path}: expected a JSON object {{file: prompt}} or a list / JSONL "
+                         'of {"file": ..., "prompt": ...} objects')
+    if not all(isinstance(f, str) and isinstance(p, str) for f, p in items):
+        raise ValueError(f"prompt manifest {path}: file names and prompts must be strings")
+    return {Path(f).name: p for f, p in items}
+
+
+def _prompts_for(files: list[Path], images: list[Image.Image], manifest: str | Path | None,
+                 prompt_set: str | None, concept: str | None) -> list[str | None]:
+    table = _read_manifest(manifest) if manifest else {}
+    if table:
+        unknown = sorted(set(table) - {f.name for f in files})
+        if unknown:
+            raise ValueError(f"prompt manifest {manifest} names {len(unknown)} file(s) not in the folder "
+                             f"(e.g. {unknown[0]}): its entries and the generated images do not match")
+    templates = paper_prompts(prompt_set) if prompt_set else None
+    if templates and not concept:
+        raise ValueError("--prompt-set needs --concept, the words that replace {} (e.g. 'dog' or 'sks dog')")
+    prompts = []
+    for f, img in zip(files, images):
+        prompt = table.get(f.name) or img.info.get("prompt")
+        if prompt is None and templates:
+            m = re.match(r"(\d+)-", f.name)
+            if not m or int(m.group(1)) >= len(templates):
+                raise ValueError(f"{f.name}: with --prompt-set the files must be named NN-*.png with NN the "
+                                 f"prompt's index 0..{len(templates) - 1}, as `tlora generate` names them")
+            prompt = templates[int(m.group(1))].replace("{}", concept)
+        prompts.append(prompt)
+    return prompts
+
+
+# ---- the evaluation ---------------------------------------------------------------------------
+
+def evaluate(generated: str | Path, references: Sequence[str | Path], clip: str | None = None,
+             dino: str | None = None, masks: Sequence[str | Path] | None = None, prompts: str | Path | None = None,
+             prompt_set: str | None = None, concept: str | None = None, drop_words: Sequence[str] = (),
+             mask_fill: tuple[int, int, int] = (255, 255, 255), device: str | None = None,
+             batch_size: int = 16, encoders: Encoders | None = None) -> dict:
+    """Score every generated image against the references (and its prompt); returns the report
+    dict that `write_report` saves. `drop_words` are removed from prompts before CLIP-T (e.g. the
+    rare token "sks", which CLIP's text encoder does not know)."""
+    if not references:
+        raise ValueError("no reference image: pass --reference PATH (repeatable)")
+    if masks and len(masks) != len(references):
+        raise ValueError(f"{len(masks)} mask(s) for {len(references)} reference image(s): give one --mask per "
+                         "--reference, in the same order")
+    refs = [to_rgb(_open(r, "reference image")) for r in references]
+    if masks:
+        refs = [masked_reference(img, _open(m, "mask"), mask_fill, str(m)) for img, m, in zip(refs, masks)]
+    files = _generated_files(generated)
+    images = [_open(f, "generated image") for f in files]  # keep .info (PNG text) for the prompts
+    texts = _prompts_for(files, images, prompts, prompt_set, concept)
+    images = [to_rgb(i) for i in images]
+    enc = encoders or Encoders.load(clip, dino, device)
+    if enc.clip is not None and any(t is None for t in texts):
+        missing = [f.name for f, t in zip(files, texts) if t is None]
+        raise ValueError(f"no prompt for {len(missing)} generated image(s) (e.g. {missing[0]}), needed for CLIP-T: "
+                         "give --prompts MANIFEST, or --prompt-set with --concept, or images written by "
+                         "`tlora generate` (their PNGs carry the prompt)")
+
+    def batched(fn, items):
+        return torch.cat([fn(items[i:i + batch_size]) for i in range(0, len(items), batch_size)])
+
+    scores: dict[str, list[float]] = {}
+    if enc.clip is not None:
+        gen = batched(enc.clip_images, images)
+        scores["clip_i"] = _cosine(gen, enc.clip_images(refs)).mean(1).tolist()
+        shown = [_drop(t, drop_words) for t in texts]
+        txt = batched(enc.clip_texts, shown)
+        scores["clip_t"] = (_cosine(gen, txt).diagonal()).tolist()
+    if enc.dino is not None:
+        scores["dino"] = _cosine(batched(enc.dino_images, images), enc.dino_images(refs)).mean(1).tolist()
+
+    per_image = [{"file": f.name, "prompt": t, **{k: v[i] for k, v in scores.items()}}
+                 for i, (f, t) in enumerate(zip(files, texts))]
+    groups: dict[str | None, list[dict]] = {}
+    for row in per_image:
+        groups.setdefault(row["prompt"], []).append(row)
+    per_prompt = [{"prompt": p, "images": len(rows), **{k: float(np.mean([r[k] for r in rows])) for k in scores}}
+                  for p, rows in groups.items()]
+    return {
+        "models": {"clip": clip, "dino": dino},
+        "references": [str(r) for r in references],
+        "masks": [str(m) for m in masks] if masks else None,
+        "mask_fill": list(mask_fill) if masks else None,
+        "drop_words": list(drop_words),
+        "metrics": list(scores),
+        "overall": {"images": len(per_image), **{k: float(np.mean(v)) for k, v in scores.items()}},
+        "per_prompt": per_prompt,
+        "per_image": per_image,
+    }
+
+
+def _drop(text: str, words: Sequence[str]) -> str:
+    for w in words:
+        text = re.sub(rf"\s*\b{re.escape(w)}\b", "", text)
+    return text.strip()
+
+
+NAMES = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO"}
+
+
+def markdown(report: dict) -> str:
+    keys = report["metrics"]
+    head = "| prompt | images | " + " | ".join(NAMES[k] for k in keys) + " |"
+    lines = [head, "|---" * (len(keys) + 2) + "|"]
+    fmt = lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"  # noqa: E731
+    for row in report["per_prompt"]:
+        prompt = (row["prompt"] or "(no prompt)").replace("|", "\\|")
+        lines.append(f"| {prompt} | {row['images']} | " + " | ".join(fmt(row[k]) for k in keys) + " |")
+    o = report["overall"]
+    lines.append(f"| **mean over all images** | {o['images']} | " + " | ".join(f"**{fmt(o[k])}**" for k in keys) + " |")
+    note = ("CLIP-I and DINO: mean cosine to the reference image(s)"
+            + (f", reference background filled with RGB {tuple(report['mask_fill'])}" if report["masks"] else "")
+            + "; CLIP-T: cosine to the prompt" + (f" without {report['drop_words']}" if report["drop_words"] else "")
+            + ".")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
+    """evaluation.json and evaluation.md in `out`, each written atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in (("evaluation.json", json.dumps(report, indent=1)), ("evaluation.md", markdown(report))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
+        paths.append(out / name)
+    return paths[0], paths[1]
+
+
+def parse_colour(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    try:
+        rgb = tuple(int(p) for p in parts)
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+        raise ValueError(f"--mask-fill {text!r}: give R,G,B with each 0..255, e.g. 255,255,255")
+    return rgb  # type: ignore[return-value]
