@@ -9,13 +9,8 @@
 //! - `bare`: the base layer alone (x W^T + b, gradient for x): the limit;
 //! - `reference`: the paper's equations through libtorch autograd: two full-rank branches times
 //!   the rank mask, trainable minus frozen;
-//! - `tlora`: [`kernel::forward_saving`] into the base output + [`kernel::backward_saved`]
-//!   (active ranks only, one matmul each way for both branches);
-//! - `tlora-spot`: [`kernel::forward_split`] / [`kernel::backward_split`] with the frozen
-//!   branch's first r_min ranks folded into the base weight on the spot, each way (what the layer
-//!   picks in float32 when the fold cache has no room and the fold pays);
-//! - `tlora-staged`: the same with that fold ([`kernel::fold_frozen`]) kept for the run, as the
-//!   layer keeps it in its fold cache;
+//! - `tlora`: [`kernel::operands`] (difference form) + [`kernel::forward`] into the base output +
+//!   [`kernel::backward`], at the full rank with the per-sample rank mask (ranks as data);
 //! - `lora`: a plain LoRA at the full rank 64 through the same kernel (PEFT's cost).
 //!
 //! Every method computes the same scalar loss sum(y * g) so that autograd's seed costs the same.
@@ -48,7 +43,7 @@ const SHAPES: [(i64, i64, i64); 8] = [
     (4096, 2048, 640),
     (4096, 2048, 1280),
 ];
-const METHODS: [&str; 6] = ["bare", "reference", "tlora", "tlora-spot", "tlora-staged", "lora"];
+const METHODS: [&str; 4] = ["bare", "reference", "tlora", "lora"];
 
 /// Per-sample ranks for a seeded cycle of uniform timesteps, the same sequence for every method.
 struct RankCycle {
@@ -86,8 +81,6 @@ struct Layer {
     q0: Tensor,
     down: Tensor,
     up: Tensor,
-    /// W - P0 diag(lam0) Q0 at MIN_RANK ranks, as the layer caches it for a run.
-    staged: Tensor,
 }
 
 impl Layer {
@@ -98,13 +91,10 @@ impl Layer {
         // Trainable factors moved away from their frozen copies, as after some training steps.
         let p = &init.p + Tensor::randn([out_f, RANK], opts) * 0.01;
         let w = Tensor::randn([out_f, in_f], opts) / (in_f as f64).sqrt();
-        let frozen = Factors::Ortho { p: &init.p, lam: &init.lam, q: &init.q, p0: &init.p, lam0: &init.lam, q0: &init.q };
-        let staged = kernel::fold_frozen(&w, &frozen, MIN_RANK, SCALE).unwrap();
         Self {
             x: Tensor::randn([BATCH, tokens, in_f], opts),
             g: Tensor::randn([BATCH, tokens, out_f], opts),
             w,
-            staged,
             b: Tensor::randn([out_f], opts),
             lam: &init.lam * 1.1,
             q: &init.q + Tensor::randn([RANK, in_f], opts) * 0.01,
@@ -154,9 +144,15 @@ impl Layer {
     fn factored(&self, f: &Factors, ranks: Option<&[i64]>) -> Vec<Tensor> {
         let _guard = tch::no_grad_guard();
         let y = self.x.linear(&self.w, Some(&self.b));
-        let (_, saved) = kernel::forward_saving(&self.x, f, ranks, SCALE, Some(&y)).unwrap();
+        let ops = kernel::operands(f, None, Kind::Float, None).unwrap();
+        let blocks = if matches!(f, Factors::Ortho { .. }) { 2 } else { 1 };
+        let mask = ranks.map(|r| {
+            let cols = Tensor::arange(RANK, (Kind::Int64, tch::Device::Cpu)).repeat([blocks]);
+            cols.unsqueeze(0).lt_tensor(&Tensor::from_slice(r).unsqueeze(1)).to_kind(Kind::Float) * SCALE
+        });
+        let (_, h) = kernel::forward(&self.x, &ops, mask.as_ref(), Some(&y)).unwrap();
         let _ = self.loss(&y);
-        let grads = kernel::backward_saved(&self.g, &self.x, &saved, f, ranks, SCALE, [true; 4]).unwrap();
+        let grads = kernel::backward(&self.g, &self.x, &h, &ops, mask.as_ref(), f, [true; 4]).unwrap();
         let mut gx = grads.input.unwrap();
         let _ = gx.g_add_(&self.g.matmul(&self.w));
         let mut out = vec![gx];
@@ -164,23 +160,11 @@ impl Layer {
         out
     }
 
-    fn split(&self, ranks: &[i64], staged: bool) -> Vec<Tensor> {
-        let _guard = tch::no_grad_guard();
-        let f = self.ortho();
-        let stage = kernel::Stage { rank: MIN_RANK, folded: if staged { Some(&self.staged) } else { None } };
-        let (y, saved) = kernel::forward_split(&self.x, &self.w, Some(&self.b), &f, Some(ranks), SCALE, stage).unwrap();
-        let _ = self.loss(&y);
-        let grads = kernel::backward_split(&self.g, &self.x, &saved, &self.w, &f, Some(ranks), SCALE, [true; 4], stage).unwrap();
-        grads.input.into_iter().chain(grads.factors.into_iter().flatten()).collect()
-    }
-
     fn run(&self, method: &str, ranks: &[i64]) -> Vec<Tensor> {
         match method {
             "bare" => vec![self.bare()],
             "reference" => self.reference(ranks),
             "tlora" => self.factored(&self.ortho(), Some(ranks)),
-            "tlora-spot" => self.split(ranks, false),
-            "tlora-staged" => self.split(ranks, true),
             "lora" => self.factored(&Factors::Plain { down: &self.down, up: &self.up }, None),
             other => unreachable!("unknown method {other}"),
         }
@@ -192,7 +176,7 @@ fn bench_layer(c: &mut Criterion) {
     // shape is compared once more so that the timed code is known to be the tested code.
     let check = Layer::new(16, 96, 80);
     let reference = check.run("reference", &[40, 50]);
-    for method in ["tlora", "tlora-spot", "tlora-staged"] {
+    for method in ["tlora"] {
         for (a, b) in reference.iter().zip(check.run(method, &[40, 50]).iter()) {
             let tol = 1e-4 * (1.0 + a.abs().max().double_value(&[]));
             assert!((a - b).abs().max().double_value(&[]) < tol, "{method} differs from the reference");
@@ -238,26 +222,14 @@ fn estimate(group: &str, method: &str, shape: &str) -> Option<f64> {
 
 fn print_overheads() {
     println!("\nlayer cost above bare, relative to the reference formulation's (mean times, ms)");
-    println!("| tokens x in x out | bare | reference | tlora | tlora-spot | tlora-staged | lora | tlora / ref | spot / ref | staged / ref | lora / ref |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| tokens x in x out | bare | reference | tlora | lora | tlora / ref | lora / ref |");
+    println!("|---|---|---|---|---|---|---|");
     for &(tokens, in_f, out_f) in &SHAPES {
         let shape = format!("{tokens}x{in_f}x{out_f}");
         let t: Option<Vec<f64>> = METHODS.iter().map(|m| estimate("layer", m, &shape)).collect();
         let Some(t) = t else { continue };
         let over = |i: usize| (t[i] - t[0]) / (t[1] - t[0]);
-        println!(
-            "| {shape} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} |",
-            t[0] / 1e6,
-            t[1] / 1e6,
-            t[2] / 1e6,
-            t[3] / 1e6,
-            t[4] / 1e6,
-            t[5] / 1e6,
-            over(2),
-            over(3),
-            over(4),
-            over(5)
-        );
+        println!("| {shape} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |", t[0] / 1e6, t[1] / 1e6, t[2] / 1e6, t[3] / 1e6, over(2), over(3));
     }
 }
 

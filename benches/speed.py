@@ -10,8 +10,7 @@ a. layer: one adapted linear layer, forward + backward, SD-XL shapes (tokens 102
    rank, the paper's equations in plain PyTorch (two full-rank branches times the mask),
    LyCORIS's TLoraModule (default and bypass mode; it takes one mask per batch, so it gets the
    batch's largest rank) and the bare layer; tlora-factored is tlora T-LoRA with the frozen
-   branch computed next to the trainable one instead of folded, tlora-unstaged with the split
-   path but no cached r_min stage (FOLD_CACHE_BYTES = 0). Methods are timed round-robin (one
+   branch... (removed: one kernel path now). Methods are timed round-robin (one
    step each per round, median of the rounds) with a dense upstream gradient. --layer-batch 1:
    one timestep.
    benches/kernels.rs (criterion) times the same case on the Rust kernels alone.
@@ -182,12 +181,7 @@ def bench_layer(tokens: int, in_f: int, out_f: int, r: int, repeats: int, lycori
 
     base = linear()
     add("bare", lambda xi, t: base(xi), [])
-    for variant, switches in (("tlora", {}), ("lora", {}),
-                              # The frozen branch computed next to the trainable one instead of
-                              # folded into the weight: what the split rule (layer._split_plan) chose over.
-                              ("factored", {"SPLIT_FROZEN": False}),
-                              # The split path with no room to cache the r_min stage (folded from W each step).
-                              ("unstaged", {"FOLD_CACHE_BYTES": 0})):
+    for variant, switches in (("tlora", {}), ("lora", {})):
         m = Holder(linear())
         ad = tlora.inject(m, rank=r, variant="lora" if variant == "lora" else "tlora")
         with torch.no_grad():
@@ -422,11 +416,11 @@ def sample_section(quick: bool, latents, steps: int = 25) -> list[dict]:
             def run():
                 if not cached:
                     adapter.state.fold_cache.clear()
-                tlora.layer.FAST_PATH = fast
+                adapter.state.fast_path = fast
                 try:
                     return sampling_run(unets["tlora"], latent, steps)
                 finally:
-                    tlora.layer.FAST_PATH = True
+                    adapter.state.fast_path = True
             return run
 
         # tlora: a first run after training (no folded weights yet); tlora-cached: the same
@@ -650,7 +644,7 @@ def write_outputs(results: dict, out: Path) -> None:
     parts = [f"Machine: {json.dumps(info)}; quick={quick}; {results['seconds']:.0f} s\n"]
     if "layer" in results:
         parts.append("### a. One layer, forward + backward, ms (median); per-sample timesteps\n\n" + md_table(
-            results["layer"], ["batch", "tokens", "in", "out", "bare", "tlora-tlora", "tlora-factored", "tlora-unstaged", "tlora-lora", "peft-lora", "reference",
+            results["layer"], ["batch", "tokens", "in", "out", "bare", "tlora-tlora", "tlora-lora", "peft-lora", "reference",
                                "lycoris", "lycoris-bypass", "overhead_vs_reference", "tlora_vs_peft", "tlora_vs_bare"]))
     if "train" in results:
         parts.append(f"### b. Training step (batch 1, AdamW), ms (median of interleaved rounds); UNet {UNET}\n\n" + md_table(
