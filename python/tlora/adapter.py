@@ -209,14 +209,22 @@ class Adapter:
         t = self._checked_shape(timesteps, batch)
         c = self.config
         level = self.noise_level(t).detach().cpu()
+        if level.dim() == 2:
+            level = level.amax(dim=1)
         ranks = rank_schedule(level, c.rank, c.min_rank, c.rank_exponent, c.num_train_timesteps)
         values = ranks.tolist()
         return values[:1] if all(v == values[0] for v in values) else values
 
     def _checked_shape(self, timesteps: Any, batch: int | None) -> torch.Tensor:
         t = torch.as_tensor(timesteps)
-        if t.dim() > 1:
-            raise ValueError(f"timestep must be a number or a 1-D tensor, got shape {tuple(t.shape)}")
+        if t.dim() > 2:
+            raise ValueError(f"timestep must be a number, a 1-D tensor or (batch, tokens), got shape {tuple(t.shape)}")
+        if t.dim() == 2:
+            # One timestep per token or frame (Wan 2.2 TI2V, LTX conditioning): each sample takes
+            # the ranks of its noisiest token, the fewest any of its tokens would get.
+            if batch is not None and t.shape[0] not in (1, batch):
+                raise ValueError(f"{type(self.model).__name__} got timesteps of shape {tuple(t.shape)} for a batch of {batch}")
+            return t
         t = t.reshape(-1)
         if t.numel() == 0:
             raise ValueError(f"{type(self.model).__name__} got an empty timestep tensor")
@@ -233,7 +241,8 @@ class Adapter:
         them back; host timesteps are checked instead (`ranks_for`)."""
         c = self.config
         big_t = float(c.num_train_timesteps)
-        level = torch.nan_to_num(self.noise_level(timesteps).reshape(-1), nan=big_t).clamp(0.0, big_t)
+        level = torch.nan_to_num(self.noise_level(timesteps), nan=big_t).clamp(0.0, big_t)
+        level = level.amax(dim=1) if level.dim() == 2 else level.reshape(-1)
         frac = ((big_t - level) / big_t) ** c.rank_exponent
         return torch.floor(frac * (c.rank - c.min_rank)).long() + c.min_rank
 
