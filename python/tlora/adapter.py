@@ -285,3 +285,11 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def adapter_of(model: nn.Module) -> Adapter | None:
     """The adapter injected into `model`, if any."""
     return getattr(model, _ATTR, None)
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Remove the adapter injected into `model` (what `adapter.remove()` does); returns the model."""
+    adapter = adapter_of(model)
+    if adapter is None:
+        raise ValueError(f"{type(model).__name__} has no tlora adapter to remove")
+    return adapter.remove()
