@@ -362,7 +362,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, models, image, tmp_
         extra = ["--validation-prompts", "a {} on a beach#a dog in the snow"]
         fragments = ["'a dog in the snow' has no {}"]
     elif case == "zero steps":
-        fragments = ["--steps must be >= 1, got 0"]
+        fragments = ["argument --steps: must be an integer in 1..10000000, got 0"]
     else:  # the output folder's parent is a regular file
         blocker = tmp_path / "blocker"
         blocker.write_text("keep me")

@@ -110,3 +110,21 @@ def _check_positive(name: str, value: Any) -> None:
     """A finite number > 0 (not a bool, not a string, not inf or NaN)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not value > 0:
         raise ConfigError(f"{name} must be > 0 and finite, got {value!r}")
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    """`value` if it is an integer (not a bool) in lo..hi, else a ConfigError naming `name`."""
+    if not _is_int(value) or value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
+    return int(value)
+
+
+def check_float(name: str, value: Any, lo: float, hi: float | None = None, lo_inclusive: bool = True) -> float:
+    """`value` if it is a finite number in [lo, hi] ((lo, hi] without lo_inclusive), else a ConfigError."""
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+          and (value >= lo if lo_inclusive else value > lo) and (hi is None or value <= hi))
+    if not ok:
+        bound = f"{'>=' if lo_inclusive else '>'} {lo:g}" + ("" if hi is None else f" and <= {hi:g}")
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)

@@ -119,12 +119,12 @@ def check_regular_file(path: str | os.PathLike, what: str = "adapter file") -> P
     except OSError as e:
         raise AdapterFileError(path, f"cannot read this {what} ({e.strerror})") from None
     if stat.S_ISDIR(st.st_mode):
-        raise AdapterFileError(path, f"is a folder, not a {what}")
+        raise AdapterFileError(path, f"is a folder, not a regular file: give the {what} itself")
     if not stat.S_ISREG(st.st_mode):
         kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
                 else "a block device" if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
                 else "not a regular file")
-        raise AdapterFileError(path, f"is {kind}, not a {what}: give a regular .safetensors file")
+        raise AdapterFileError(path, f"is {kind}, not a regular file: give the {what} itself (a .safetensors file)")
     return path
 
 

@@ -25,6 +25,8 @@ REQUIRED_COMPONENTS = {
     "StableDiffusionXLPipeline": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
     "FluxPipeline": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
 }
+# Largest image side trained on or sampled (SD-XL is 1024, FLUX up to 2048).
+MAX_SIDE = 4096
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
