@@ -14,6 +14,11 @@ VARIANTS = ("tlora", "vanilla", "lora")
 INITS = ("principal", "middle", "last")
 INIT_SOURCES = ("random", "weight")
 
+# Bounds that keep every derived number finite (scale = alpha / rank, seeds in 64 bits).
+MAX_RANK = 65536
+MAX_TIMESTEPS = 10**9
+SEED_RANGE = 2**63
+
 # Attention projections adapted by default: self- and cross-attention of UNets, plus the
 # context-stream projections of FLUX/SD3-style joint attention.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")
@@ -47,6 +52,8 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if not _is_int(self.rank) or self.rank < 1:
             raise ConfigError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if self.rank > MAX_RANK:
+            raise ConfigError(f"rank must be at most {MAX_RANK}, got {self.rank!r}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
         if self.min_rank is None:
@@ -65,12 +72,14 @@ class AdapterConfig:
             raise ConfigError(f"init/init_from apply to variant 'tlora' only, not {self.variant!r}")
         if not (_is_int(self.num_train_timesteps) and self.num_train_timesteps >= 1):
             raise ConfigError(f"num_train_timesteps must be an integer >= 1, got {self.num_train_timesteps!r}")
+        if self.num_train_timesteps > MAX_TIMESTEPS:
+            raise ConfigError(f"num_train_timesteps must be at most {MAX_TIMESTEPS}, got {self.num_train_timesteps!r}")
         if self.timestep_scale is not None:
             _check_positive("timestep_scale", self.timestep_scale)
         if self.lora_alpha is not None:
             _check_positive("lora_alpha", self.lora_alpha)
-        if not _is_int(self.seed):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if not _is_int(self.seed) or not -SEED_RANGE <= self.seed < SEED_RANGE:
+            raise ConfigError(f"seed must be an integer in -2**63..2**63-1, got {self.seed!r}")
         t = self.target_modules
         if t is not None and not isinstance(t, str) and not (
                 isinstance(t, (list, tuple)) and all(isinstance(x, str) for x in t)):

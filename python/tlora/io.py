@@ -15,8 +15,8 @@ Metadata schema (format version 1), a JSON object:
     timestep_scale  finite number > 0
     base_model      string: the model class the adapter was made for
     modules         non-empty object: module path -> [out_features, in_features] (integers >= 1)
-    checksum        "sha256:<hex>" of the tensors (see `tensor_checksum`); files written before
-                    it existed load with a warning
+    checksum        "sha256:<hex>" of the description and the tensors (see `adapter_checksum`);
+                    files written before it existed load with a warning
 """
 
 from __future__ import annotations
@@ -74,20 +74,23 @@ def save(model_or_adapter: nn.Module | Adapter, path: str | os.PathLike, extra: 
         "timestep_scale": adapter.timestep_scale,
         "base_model": type(adapter.model).__name__,
         "modules": {n: [layer.out_features, layer.in_features] for n, layer in adapter.layers.items()},
-        "checksum": tensor_checksum(tensors),
     }
     try:
-        text = json.dumps(meta, allow_nan=False)
+        json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"cannot save {path}: the adapter's config or extra is not plain JSON ({e})") from None
+    meta["checksum"] = adapter_checksum(tensors, meta)
+    text = json.dumps(meta, allow_nan=False)
     _native.save_file(str(path), tensors, {METADATA_KEY: text})
     return path
 
 
-def tensor_checksum(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """sha256 over the tensors sorted by name: each one's name, dtype and shape (as JSON), then its
-    bytes as stored. Independent of the order in which a writer lays the tensors out."""
+def adapter_checksum(tensors: Iterable[tuple[str, torch.Tensor]], meta: dict[str, Any]) -> str:
+    """sha256 of the description (the metadata without its "checksum", as JSON with sorted keys)
+    and of the tensors sorted by name: each one's name, dtype and shape (as JSON), then its bytes
+    as stored. Independent of the order in which a writer lays the tensors out or of JSON spacing."""
     h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
     for name, t in sorted(tensors, key=lambda item: item[0]):
         t = t.detach().cpu().contiguous()
         h.update(json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode())
@@ -257,9 +260,9 @@ def _check_tensors(header: AdapterHeader, raw: list[tuple[str, torch.Tensor]]) -
     if expected_sum is None:
         warnings.warn(f"{path} has no checksum (written by an older tlora): its tensors cannot be verified",
                       UserWarning, stacklevel=3)
-    elif tensor_checksum(checked.items()) != expected_sum:
-        raise AdapterFileError(path, "the tensors do not match the file's checksum: the file is corrupted "
-                               "(or was edited); re-save or re-download it", field="checksum")
+    elif adapter_checksum(checked.items(), header.meta) != expected_sum:
+        raise AdapterFileError(path, "the metadata and tensors do not match the file's checksum: the file is "
+                               "corrupted (or was edited); re-save or re-download it", field="checksum")
     return {key: checked_factor(path, key, t) for key, t in checked.items()}
 
 
