@@ -10,9 +10,11 @@
   sd-scripts layout (SD 1.x/2.x and SD-XL UNets) that `pipe.load_lora_weights(file)` converts.
 
 The export is exact: at rank k a T-LoRA update `s (P_k diag(lam_k) Q_k - P0_k diag(lam0_k) Q0_k)`
-is the rank-2k LoRA in difference form, A = [Q_k; Q_k - Q0_k] and
-B = s [P_k diag(lam_k) - P0_k diag(lam0_k), P0_k diag(lam0_k)] (B A = s (PΛ - P0Λ0) Q + s P0Λ0 (Q - Q0)),
-the two small differences formed in float64 and stored in float32: a loader that casts A and B to
+is the rank-2k LoRA in difference form, A = [c1 Q_k; c2 (Q_k - Q0_k)] and
+B = s [(P_k diag(lam_k) - P0_k diag(lam0_k)) / c1, P0_k diag(lam0_k) / c2]
+(B A = s (PΛ - P0Λ0) Q + s P0Λ0 (Q - Q0)), the two small differences formed in float64 and stored
+in float32, each block balanced (c = sqrt(||B block|| / ||A block||)) so that no entry sinks into
+float16's subnormal range: a loader that casts A and B to
 float16 / bfloat16 then multiplies small terms, instead of subtracting two nearly equal products
 (the form [Q; Q0], [PΛ, -P0Λ0] loses the update to cancellation in half precision once training
 has moved the factors only a little). A LoRA update `s up_k down_k` is A = down_k, B = s up_k. The scale s is folded into B and the file's
@@ -200,14 +202,24 @@ def _bake(tensors: dict[str, torch.Tensor], name: str, config: AdapterConfig, k:
     if config.variant == "tlora":
         p, lam, q, p0, lam0, q0 = (tensors[f"{name}.{f}"].double() for f in ("p", "lam", "q", "p0", "lam0", "q0"))
         frozen = p0[:, :k] * lam0[:k]
-        a = torch.cat([q[:k], q[:k] - q0[:k]], dim=0).float()
-        b = torch.cat([p[:, :k] * lam[:k] - frozen, frozen], dim=1).float()
+        blocks = [(q[:k], s * (p[:, :k] * lam[:k] - frozen)), (q[:k] - q0[:k], s * frozen)]
+        # Balance each block's magnitudes (A c, B / c: the same product) so that neither factor's
+        # entries sink into float16's subnormal range when a loader casts them.
+        blocks = [(a_ * c, b_ / c) for a_, b_ in blocks for c in [_balance(a_, b_)]]
+        return (torch.cat([blocks[0][0], blocks[1][0]], dim=0).float().contiguous(),
+                torch.cat([blocks[0][1], blocks[1][1]], dim=1).float().contiguous())
     else:
         a = tensors[f"{name}.down"].float()[:k]
         b = tensors[f"{name}.up"].float()[:, :k]
     if s != 1.0:
         b = b * s
     return a.contiguous(), b.contiguous()
+
+
+def _balance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """c with ||c a|| = ||b / c|| (1 for a zero block)."""
+    na, nb = float(a.norm()), float(b.norm())
+    return (nb / na) ** 0.5 if na > 0 and nb > 0 else 1.0
 
 
 def _check_kohya_names(names: list[str]) -> None:
