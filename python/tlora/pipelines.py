@@ -64,7 +64,7 @@ def check_dtype(dtype: str, device: torch.device, option: str = "--dtype") -> to
     if key not in DTYPES:
         raise InputError(f"{option} must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if key == "fp16" and device.type == "cpu":
-        raise InputError(f"{option} {dtype} needs a GPU (float16 is not supported on the CPU): use bf16 or "
+        raise InputError(f"{option} {dtype} needs a CUDA GPU (tlora does not run float16 on the CPU): use bf16 or "
                          f"{'no' if option == '--mixed-precision' else 'fp32'} with --device cpu")
     return DTYPES[key]
 
