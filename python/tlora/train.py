@@ -202,6 +202,11 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     weight_dtype = check_dtype(cfg.mixed_precision, device, "--mixed-precision")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device.index)
+    # accelerate keeps one mixed-precision setting per process: forget the previous run's (the
+    # distributed state itself is kept), so that train() can run again with other settings.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
     lock = None
     if acc.is_main_process:
