@@ -161,7 +161,7 @@ def special_file_outcomes(root: Path) -> collections.Counter:
     return counts
 
 
-def cli_subprocess(args: list[str], names: list[str], timeout: float = 30.0) -> str:
+def cli_subprocess(args: list[str], names: list[str], timeout: float = 150.0) -> str:
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
             "from tlora.cli import main; sys.exit(main(sys.argv[1:]))")
     try:

@@ -289,7 +289,9 @@ def adapter_of(model: nn.Module) -> Adapter | None:
 
 def remove(model: nn.Module) -> nn.Module:
     """Remove the adapter injected into `model` (what `adapter.remove()` does); returns the model."""
+    from .errors import TloraError
+
     adapter = adapter_of(model)
     if adapter is None:
-        raise ValueError(f"{type(model).__name__} has no tlora adapter to remove")
+        raise TloraError(f"{type(model).__name__} has no tlora adapter to remove")
     return adapter.remove()
