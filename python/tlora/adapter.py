@@ -376,3 +376,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def adapter_of(model: nn.Module) -> Adapter | None:
     """The adapter injected into `model`, if any."""
     return getattr(model, _ATTR, None)
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Remove the adapter injected into `model` (what `adapter.remove()` does); returns the model."""
+    from .errors import TloraError
+
+    adapter = adapter_of(model)
+    if adapter is None:
+        raise TloraError(f"{type(model).__name__} has no tlora adapter to remove")
+    return adapter.remove()
