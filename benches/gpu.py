@@ -142,7 +142,8 @@ def adapt(case: str, model, targets):
 
         model.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=targets),
                           adapter_name="bench")
-        return [p for p in model.parameters() if p.requires_grad], lambda: model.delete_adapters("bench")
+        # unload_lora puts the original modules back (delete_adapters would leave empty wrappers).
+        return [p for p in model.parameters() if p.requires_grad], model.unload_lora
     raise ValueError(case)
 
 
@@ -225,7 +226,7 @@ def sdxl_section(args, device: str, dtype) -> dict:
     warmup, steps = (1, 2) if args.dry_run else (3, 10)
     unet.train()
     train = [train_case(case, unet, call, inputs["sample"], UNET_TARGETS, device, warmup, steps)
-             for case in ("bare", "peft", "tlora")]
+             for case in ("bare", "tlora", "peft")]
     unet.eval()
     sample_steps = 3 if args.dry_run else 25
     sampling = [sampling_case(case, unet, config, device, dtype, sample_steps, runs)
@@ -258,7 +259,7 @@ def flux_section(args, device: str, dtype) -> dict:
     warmup, steps = (1, 2) if args.dry_run else (2, 5)
     model.train()
     train = [train_case(case, model, flux_call(inputs), inputs["hidden_states"], FLUX_TARGETS, device, warmup, steps)
-             for case in ("bare", "peft", "tlora")]
+             for case in ("bare", "tlora", "peft")]
     by = {r["case"]: r for r in train}
     out = {"parameters": n_params, "build_seconds": built, "image_tokens": image_tokens, "text_tokens": text_tokens,
            "train": train, "tlora_vs_peft": by["tlora"]["ms"] / by["peft"]["ms"],

@@ -44,7 +44,7 @@ def wheel() -> Path:
 
 
 def test_wheel_is_abi3_without_libtorch_and_pins_its_torch(wheel):
-    assert re.search(r"-cp311-abi3-(manylinux|linux)_", wheel.name), wheel.name
+    assert re.search(r"-cp311-abi3-linux_x86_64\.whl$", wheel.name), wheel.name
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
@@ -68,7 +68,7 @@ def test_extension_finds_torch_next_to_it(wheel, tmp_path):
     rpath = subprocess.run([patchelf, "--print-rpath", so], capture_output=True, text=True, check=True).stdout
     needed = subprocess.run([patchelf, "--print-needed", so], capture_output=True, text=True, check=True).stdout
     assert rpath.strip() == "$ORIGIN/../torch/lib"
-    assert "libtorch_cpu.so" in needed.split() and "libtorch.so" in needed.split(), needed
+    assert {"libtorch_cpu.so", "libc10.so"} <= set(needed.split()), needed
 
 
 SMOKE = textwrap.dedent(
