@@ -17,8 +17,9 @@ b. FLUX.1: a transformer of FLUX.1-dev's size (19 double + 38 single blocks, 307
 
 Each case is timed after warm-up steps as the mean of timed steps between torch.cuda.synchronize()
 calls; ratios are against the bare model or PEFT in the same process. --dry-run builds tiny models
-of the same structure and runs everything on the CPU (or $TLORA_BENCH_DEVICE) with two steps, to
-check the script where there is no GPU; its figures mean nothing.
+of the same structure and runs everything in float32 at rank 4 on the CPU (or $TLORA_BENCH_DEVICE)
+with two steps and no time budget, to check the script where there is no GPU; its figures mean
+nothing.
 Writes gpu.json and gpu.md into --out (default: $OUT if set, else bench-results/gpu).
 """
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 import tlora
 
 T = 1000
-RANK = 64
+RANK = 64  # --dry-run: 4
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -48,7 +49,7 @@ SDXL = dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1
             transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816)
-SDXL_DRY = dict(SDXL, sample_size=16, block_out_channels=(32, 64, 128), transformer_layers_per_block=(1, 1, 2),
+SDXL_DRY = dict(SDXL, sample_size=8, block_out_channels=(32, 64, 128), transformer_layers_per_block=(1, 1, 2),
                 attention_head_dim=(2, 4, 8), cross_attention_dim=64, addition_time_embed_dim=16,
                 projection_class_embeddings_input_dim=32 + 6 * 16, norm_num_groups=16)
 FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -274,7 +275,7 @@ def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"# tlora GPU benchmark{' (dry run: tiny models, figures meaningless)' if result['dry_run'] else ''}", "",
              f"{env['device_name']}, torch {env['torch']}, tlora {env['tlora']}, Python {env['python']}, "
-             f"bfloat16 weights, rank {RANK} (r_min {RANK // 2}).", ""]
+             f"{env['dtype']} weights, rank {RANK} (r_min {RANK // 2}).", ""]
     for name, title in (("sdxl", "SD-XL UNet"), ("flux", "FLUX.1-sized transformer")):
         sec = result.get(name)
         if sec is None:
@@ -318,13 +319,16 @@ def main(argv=None) -> int:
     device = os.environ.get("TLORA_BENCH_DEVICE") or ("cpu" if args.dry_run else "cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("no CUDA device: run with --dry-run for the CPU check")
-    dtype = torch.bfloat16
+    global RANK
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    if args.dry_run:
+        RANK = 4
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"dry_run": args.dry_run, "environment": {
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__, "tlora": tlora.__version__, "python": platform.python_version(),
-        "cuda": torch.version.cuda, "device": device}}
+        "cuda": torch.version.cuda, "device": device, "dtype": str(dtype).replace("torch.", "")}}
 
     def save():
         write_atomically(args.out / "gpu.json", json.dumps(result, indent=1))
@@ -333,7 +337,7 @@ def main(argv=None) -> int:
     for name, section in (("sdxl", sdxl_section), ("flux", flux_section)):
         if name == "flux":
             left = args.budget - (time.perf_counter() - start)
-            if args.skip_flux or left < 0.4 * args.budget:
+            if args.skip_flux or (left < 0.4 * args.budget and not args.dry_run):
                 result["skipped"] = f"FLUX ({'--skip-flux' if args.skip_flux else f'{left:.0f} s of the budget left'})"
                 break
         try:
