@@ -38,7 +38,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Largest error allowed, relative to the largest reference value: the output is rounded to the
 # dtype once (bf16 keeps 8 bits, fp16 11) after float32 accumulation, plus the update's own rounding.
-TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 4e-3}
+# Measured on the CPU (TLORA_TEST_DEVICE=cpu): fp32 5e-7, bf16 6.4e-3, fp16 8e-4 at most.
+TOLERANCE = {"fp32": 1e-4, "bf16": 1.5e-2, "fp16": 3e-3}
 
 
 @pytest.fixture(autouse=True)
@@ -176,41 +177,81 @@ def sd_inputs(batch: int, device):
             torch.randn(batch, tiny.TOKENS, tiny.SD_CROSS_DIM, generator=g).to(device))
 
 
-@needs_cuda
-def test_training_step_and_sampling_loop_never_synchronize():
-    """With ranks pinned from host timesteps (`adapter.timestep`), a forward, backward and AdamW step,
-    then a 4-step sampling loop, run with torch.cuda.set_sync_debug_mode("error"): any tlora op that
-    waited for the GPU (a .item(), a device-to-host copy, a nonzero) would raise."""
-    unet = tiny.tiny_sd_unet().cuda()
-    adapter = tlora.inject(unet, rank=8, min_rank=2)
+def run_without_sync(model, adapter, forward, steps_host, steps_dev, host_t, train_input, target):
+    """One training step (creates AdamW's state), then under sync debug mode "error": two training
+    steps (forward, backward, fused AdamW) and a sampling loop (the fast path folds), ranks pinned
+    from host timesteps with `adapter.timestep`. Returns the final sample."""
     opt = torch.optim.AdamW(adapter.parameters(), lr=1e-3, fused=True)
-    sample, cond = sd_inputs(2, "cuda")
-    host_t = torch.tensor([15, 870])
-    device_t = host_t.pin_memory().to("cuda", non_blocking=True)
-    target = torch.randn_like(sample)
-    steps = [torch.tensor(t).pin_memory().to("cuda", non_blocking=True) for t in (999, 749, 499, 249)]
+
+    def train_step():
+        with adapter.timestep(host_t):
+            loss = torch.nn.functional.mse_loss(forward(train_input, steps_dev[0].expand(len(host_t))), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    train_step()
     torch.cuda.synchronize()
     before = [p.detach().clone() for p in adapter.parameters()]
-
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(2):  # the second step runs with warm caches (folded stages, optimizer state)
-            with adapter.timestep(host_t):
-                loss = torch.nn.functional.mse_loss(unet(sample, device_t, cond, return_dict=False)[0], target)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        x = sample
+        train_step()
+        train_step()
+        x = train_input
         with torch.no_grad():
-            for t_host, t_dev in zip((999, 749, 499, 249), steps):
+            for t_host, t_dev in zip(steps_host, steps_dev):
                 with adapter.timestep(t_host):
-                    eps = unet(x, t_dev, cond, return_dict=False)[0]
-                x = x - 0.25 * eps
+                    x = x - 0.25 * forward(x, t_dev)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    assert torch.isfinite(x).all()
     assert any(not torch.equal(a, p) for a, p in zip(before, adapter.parameters()))
+    return x
+
+
+STEPS = (999, 749, 499, 249)
+
+
+def device_timesteps():
+    return [torch.tensor(t).pin_memory().to("cuda", non_blocking=True) for t in STEPS]
+
+
+@needs_cuda
+def test_adapted_layer_trains_and_samples_without_synchronizing():
+    """tlora's own kernels alone (no diffusers code around them): any op that waited for the GPU
+    (an .item(), a device-to-host copy, a nonzero) raises under set_sync_debug_mode("error")."""
+    model = OneLayer(64, 64).cuda()
+    adapter = tlora.inject(model, rank=8, min_rank=2, target_modules=["to_q"])
+    x = torch.randn(2, 40, 64, device="cuda")
+    out = run_without_sync(model, adapter, model, STEPS, device_timesteps(), torch.tensor([15, 870]), x,
+                           torch.randn(2, 40, 64, device="cuda"))
+    assert torch.isfinite(out).all()
+
+
+@needs_cuda
+def test_unet_trains_and_samples_without_synchronizing():
+    """The same through the tiny SD UNet, if the bare diffusers UNet itself runs sync-free."""
+    sample, cond = sd_inputs(2, "cuda")
+    steps_dev = device_timesteps()
+
+    def forward_of(unet):
+        return lambda x, t: unet(x, t, cond, return_dict=False)[0]
+
+    bare = tiny.tiny_sd_unet().cuda()
+    bare(sample, steps_dev[0].expand(2), cond)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        bare(sample, steps_dev[0].expand(2), cond)
+    except RuntimeError as err:
+        pytest.skip(f"the bare diffusers UNet synchronizes by itself, so this cannot isolate tlora: {err}")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    unet = tiny.tiny_sd_unet().cuda()
+    adapter = tlora.inject(unet, rank=8, min_rank=2)
+    out = run_without_sync(unet, adapter, forward_of(unet), STEPS, steps_dev, torch.tensor([15, 870]),
+                           sample, torch.randn_like(sample))
+    assert torch.isfinite(out).all()
 
 
 # ---- torch.compile ---------------------------------------------------------------------------
