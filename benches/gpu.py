@@ -18,7 +18,7 @@ b. FLUX.1: a transformer of FLUX.1-dev's size (19 double + 38 single blocks, 307
 Each case is timed after warm-up steps as the mean of timed steps between torch.cuda.synchronize()
 calls; ratios are against the bare model or PEFT in the same process. --dry-run builds tiny models
 of the same structure and runs everything in float32 at rank 4 on the CPU (or $TLORA_BENCH_DEVICE)
-with two steps and no time budget, to check the script where there is no GPU; its figures mean
+with a step per case and no time budget, to check the script where there is no GPU; its figures mean
 nothing.
 Writes gpu.json and gpu.md into --out (default: $OUT if set, else bench-results/gpu).
 """
@@ -49,7 +49,7 @@ SDXL = dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1
             transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816)
-SDXL_DRY = dict(SDXL, sample_size=8, block_out_channels=(32, 64, 128), transformer_layers_per_block=(1, 1, 2),
+SDXL_DRY = dict(SDXL, sample_size=8, layers_per_block=1, block_out_channels=(32, 64, 128), transformer_layers_per_block=(1, 1, 1),
                 attention_head_dim=(2, 4, 8), cross_attention_dim=64, addition_time_embed_dim=16,
                 projection_class_embeddings_input_dim=32 + 6 * 16, norm_num_groups=16)
 FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -99,7 +99,7 @@ def reset_memory(device: str) -> None:
 
 def sdxl_inputs(config: dict, batch: int, device: str, dtype):
     g = torch.Generator().manual_seed(0)
-    side, text = config["sample_size"], 77
+    side, text = config["sample_size"], (77 if config["sample_size"] >= 64 else 8)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(device, dtype)
@@ -224,12 +224,12 @@ def sdxl_section(args, device: str, dtype) -> dict:
     n_params = sum(p.numel() for p in unet.parameters())
     inputs = sdxl_inputs(config, 1, device, dtype)
     call = sdxl_call(inputs)
-    warmup, steps = (1, 2) if args.dry_run else (3, 10)
+    warmup, steps = (1, 1) if args.dry_run else (3, 10)
     unet.train()
     train = [train_case(case, unet, call, inputs["sample"], UNET_TARGETS, device, warmup, steps)
              for case in ("bare", "tlora", "peft")]
     unet.eval()
-    sample_steps = 3 if args.dry_run else 25
+    sample_steps = 2 if args.dry_run else 25
     sampling = [sampling_case(case, unet, config, device, dtype, sample_steps, runs)
                 for case, runs in (("bare", 2), ("tlora", 2), ("peft", 1))]
     by = {r["case"]: r for r in train}
@@ -257,7 +257,7 @@ def flux_section(args, device: str, dtype) -> dict:
     built = time.perf_counter() - tic
     n_params = sum(p.numel() for p in model.parameters())
     inputs = flux_inputs(config, image_tokens, text_tokens, device, dtype)
-    warmup, steps = (1, 2) if args.dry_run else (2, 5)
+    warmup, steps = (1, 1) if args.dry_run else (2, 5)
     model.train()
     train = [train_case(case, model, flux_call(inputs), inputs["hidden_states"], FLUX_TARGETS, device, warmup, steps)
              for case in ("bare", "tlora", "peft")]

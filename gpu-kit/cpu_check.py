@@ -2,9 +2,10 @@
 
     python gpu-kit/cpu_check.py dist/gpu-kit        # with the Python 3.12 + torch 2.11 venv's python
 
-Builds a stand-in for the GPU image: a fresh virtualenv that sees this interpreter's packages
-(torch 2.11, transformers, accelerate, peft, ...) through a .pth line pointing at a folder of links,
-minus diffusers, importlib_metadata and tlora, which the kit must bring. Copies the kit elsewhere,
+Builds a stand-in for the GPU image: a fresh virtualenv that sees, through a .pth line pointing at
+a folder of links, only those of this interpreter's distributions (torch 2.11, transformers,
+accelerate, peft, ...) that the image has too (make_kit.IMAGE, the device notes' package list),
+with what they need here: diffusers and whatever it needs beyond the image come from the kit. Copies the kit elsewhere,
 runs its gpu-check with cargo and rustc off PATH, and checks what it wrote: the install went through
 pip's resolver, the CUDA tests ran their device-agnostic part on the CPU and passed, and the
 benchmark's dry run wrote gpu.json and gpu.md.
@@ -12,6 +13,7 @@ benchmark's dry run wrote gpu.json and gpu.md.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -22,18 +24,36 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-# What the GPU image lacks (the kit brings it); everything else in this venv stands in for the image.
-ABSENT = ("diffusers", "importlib_metadata", "tlora", "_tlora", "__editable__")
+from packaging.requirements import Requirement
 
+from make_kit import IMAGE, normalise
 
 def image_stand_in(work: Path) -> Path:
+    """A venv whose extra site folder holds links to the image's distributions only."""
     site = Path(sysconfig.get_paths()["purelib"])
     farm = work / "image-site"
     farm.mkdir()
-    for entry in site.iterdir():
-        if entry.name.lower().startswith(ABSENT) or entry.suffix == ".pth" and "tlora" in entry.name:
+    dists = {normalise(d.metadata["Name"]): d for d in importlib.metadata.distributions(path=[str(site)])}
+    # The image's distributions as installed here, with what they need here (versions differ:
+    # e.g. a newer huggingface_hub here needs httpx2), but nothing that only diffusers needs.
+    keep, todo = set(), [n for n in dists if n in IMAGE]
+    while todo:
+        name = todo.pop()
+        if name in keep or name not in dists:
             continue
-        (farm / entry.name).symlink_to(entry)
+        keep.add(name)
+        for line in dists[name].requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(normalise(req.name))
+    kept = set()
+    for name in sorted(keep):
+        dist = dists[name]
+        tops = {Path(str(f)).parts[0] for f in dist.files or []}
+        for top in tops:
+            if top != ".." and (site / top).exists() and top not in kept:
+                (farm / top).symlink_to(site / top)
+                kept.add(top)
     venv = work / "image-venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     purelib = Path(sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"])
