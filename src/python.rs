@@ -40,10 +40,12 @@ fn rank_schedule(timesteps: PyTensor, rank: i64, min_rank: i64, exponent: f64, n
     s.ranks(&timesteps).map(PyTensor).map_err(to_py)
 }
 
-/// (P, lam, Q) from the SVD of `weight`, or of a seeded N(0, (1/rank)^2) matrix of shape
-/// out_features x in_features when `weight` is None.
+/// (P, lam, Q), float32 on `device` ("cpu", "cuda[:N]", "mps"; default the CPU): the exact SVD
+/// of `weight`, or when `weight` is None the triplets of a seeded N(0, (1/rank)^2) matrix of shape
+/// out_features x in_features drawn from their law without forming the matrix (see init.rs).
 #[pyfunction]
-#[pyo3(signature = (out_features, in_features, rank, component, seed, weight=None))]
+#[pyo3(signature = (out_features, in_features, rank, component, seed, weight=None, device=None))]
+#[allow(clippy::too_many_arguments)]
 fn orthogonal_init(
     py: Python<'_>,
     out_features: i64,
@@ -52,13 +54,16 @@ fn orthogonal_init(
     component: &str,
     seed: u64,
     weight: Option<PyTensor>,
+    device: Option<&str>,
 ) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
     let comp: init::Component = component.parse().map_err(to_py)?;
+    let device = device.map(init::parse_device).transpose().map_err(to_py)?.unwrap_or(tch::Device::Cpu);
     let weight = weight.map(|w| w.0);
     let f = py
         .allow_threads(move || match &weight {
-            Some(w) => init::orthogonal_factors(w, rank, comp),
-            None => init::orthogonal_random(out_features, in_features, rank, comp, seed),
+            Some(w) => init::orthogonal_factors(w, rank, comp)
+                .map(|f| init::OrthoFactors { p: f.p.to_device(device), lam: f.lam.to_device(device), q: f.q.to_device(device) }),
+            None => init::orthogonal_random_on(out_features, in_features, rank, comp, seed, device),
         })
         .map_err(to_py)?;
     Ok((PyTensor(f.p), PyTensor(f.lam), PyTensor(f.q)))
