@@ -84,13 +84,6 @@ pub struct OrthoFactors {
     pub q: Tensor,
 }
 
-impl OrthoFactors {
-    fn to_float_on(self, device: Device) -> Self {
-        let cast = |t: Tensor| t.to_kind(Kind::Float).to_device(device).contiguous();
-        Self { p: cast(self.p), lam: cast(self.lam), q: cast(self.q) }
-    }
-}
-
 /// `cpu`, `cuda`, `cuda:N` or `mps` (what `str(torch.device)` gives) as a tch device.
 pub fn parse_device(name: &str) -> Result<Device> {
     Ok(match name {
@@ -152,26 +145,79 @@ pub fn orthogonal_factors(matrix: &Tensor, rank: i64, component: Component) -> R
     let (u, s, v) = m.svd(true, true);
     let vh = v.tr();
     let start = component.start(full, rank);
-    Ok(OrthoFactors { p: u.narrow(1, start, rank), lam: s.narrow(0, start, rank), q: vh.narrow(0, start, rank) }
-        .to_float_on(Device::Cpu))
+    let cast = |t: Tensor| t.to_kind(Kind::Float).contiguous();
+    Ok(OrthoFactors { p: cast(u.narrow(1, start, rank)), lam: cast(s.narrow(0, start, rank)), q: cast(vh.narrow(0, start, rank)) })
 }
 
-/// A Haar-random orthonormal `cols`-frame in R^rows (rows x cols, float64), from `rng`.
+/// A Haar-random orthonormal `cols`-frame in R^rows (rows x cols, float64; on `device` when that is
+/// CUDA, else on the CPU), from `rng`: the Q factor, with R's diagonal positive, of the QR of a
+/// rows x cols standard Gaussian matrix (drawn row by row).
 ///
-/// The QR runs on `device` when it is a CUDA device (float64 there); elsewhere on the CPU, where
-/// it is cheap at these sizes (MPS has no float64).
+/// On CUDA the QR is libtorch's, made sign-definite by Q diag(sign R_jj). On the CPU it is classical
+/// Gram-Schmidt applied twice (CGS2), which gives that same Q (R_jj > 0 by construction, orthonormal
+/// to rounding) in plain loops: a small libtorch QR pays its thread pool's start-up, and on a busy
+/// 2-core machine that cost 20 times the work.
 pub fn haar_frame(rows: i64, cols: i64, rng: &mut ChaCha8Rng, device: Device) -> Result<Tensor> {
     ensure!(rows >= cols && cols >= 1, "a {cols}-frame in R^{rows} does not exist");
-    let values: Vec<f64> = (0..rows * cols).map(|_| rng.sample(StandardNormal)).collect();
-    let mut g = Tensor::from_slice(&values).reshape([rows, cols]);
-    if matches!(device, Device::Cuda(_)) {
-        g = g.to_device(device);
+    if let Device::Cuda(_) = device {
+        let values: Vec<f64> = (0..rows * cols).map(|_| rng.sample(StandardNormal)).collect();
+        let g = Tensor::from_slice(&values).reshape([rows, cols]).to_device(device);
+        let (q, r) = Tensor::f_linalg_qr(&g, "reduced").context("QR of the Gaussian frame")?;
+        // A zero diagonal entry has probability zero; it counts as +1.
+        let signs = r.diagonal(0, 0, 1).ge(0.0).to_kind(Kind::Double) * 2.0 - 1.0;
+        return Ok(q * signs.unsqueeze(0));
     }
-    let (q, r) = Tensor::f_linalg_qr(&g, "reduced").context("QR of the Gaussian frame")?;
-    // Householder QR leaves the signs of R's diagonal to the algorithm; making them positive
-    // makes Q exactly Haar. (A zero diagonal entry has probability zero; it counts as +1.)
-    let signs = r.diagonal(0, 0, 1).ge(0.0).to_kind(Kind::Double) * 2.0 - 1.0;
-    Ok(q * signs.unsqueeze(0))
+    let columns = frame_columns(rows as usize, cols as usize, rng)?;
+    Ok(Tensor::from_slice(&columns).reshape([cols, rows]).tr())
+}
+
+/// [`haar_frame`] on the CPU, column j at `[j * rows..(j + 1) * rows]` of the result.
+fn frame_columns(rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Result<Vec<f64>> {
+    let values: Vec<f64> = (0..rows * cols).map(|_| rng.sample(StandardNormal)).collect();
+    let mut columns = vec![0.0f64; rows * cols];
+    let mut coef = vec![0.0f64; cols];
+    for j in 0..cols {
+        let (done, rest) = columns.split_at_mut(j * rows);
+        let v = &mut rest[..rows];
+        for (i, x) in v.iter_mut().enumerate() {
+            *x = values[i * cols + j];
+        }
+        for _pass in 0..2 {
+            for (c, q) in coef.iter_mut().zip(done.chunks_exact(rows)) {
+                *c = dot(q, v);
+            }
+            for (c, q) in coef.iter().zip(done.chunks_exact(rows)) {
+                v.iter_mut().zip(q).for_each(|(x, qi)| *x -= c * qi);
+            }
+        }
+        let norm = dot(v, v).sqrt();
+        ensure!(norm > 0.0, "the Gaussian frame is rank-deficient (probability zero): column {j}");
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    Ok(columns)
+}
+
+/// A CPU float32 tensor holding `values`: `Tensor::from_slice` zero-fills through libtorch's
+/// thread pool first, which on a busy machine costs milliseconds at these sizes.
+fn cpu_tensor(values: &[f32], size: &[i64]) -> Tensor {
+    let t = Tensor::empty(size, (Kind::Float, Device::Cpu));
+    assert_eq!(t.numel(), values.len());
+    // SAFETY: `t` is a fresh, contiguous float32 CPU tensor of exactly values.len() elements.
+    unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), t.data_ptr() as *mut f32, values.len()) };
+    t
+}
+
+/// A dot product with independent partial sums, so that it vectorises.
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
 }
 
 /// The diagonal and superdiagonal of an upper bidiagonal matrix whose singular values have the law
@@ -256,13 +302,28 @@ pub fn bidiagonal_singular_values(diag: &[f64], superdiag: &[f64], start: usize,
 /// from their law without forming the matrix (see the module docs), float32 on `device`.
 pub fn orthogonal_random_on(out_f: i64, in_f: i64, rank: i64, component: Component, seed: u64, device: Device) -> Result<OrthoFactors> {
     let full = check_rank(out_f, in_f, rank)?;
-    let p = haar_frame(out_f, rank, &mut stream(seed, 0), device)?;
-    let q = haar_frame(in_f, rank, &mut stream(seed, 1), device)?.tr();
     let (diag, superdiag) = gaussian_bidiagonal(out_f, in_f, &mut stream(seed, 2))?;
-    let sigma = 1.0 / rank as f64;
     let start = component.start(full, rank) as usize;
-    let lam: Vec<f64> = bidiagonal_singular_values(&diag, &superdiag, start, rank as usize)?.iter().map(|s| s * sigma).collect();
-    Ok(OrthoFactors { p, lam: Tensor::from_slice(&lam), q }.to_float_on(device))
+    let sigma = 1.0 / rank as f64;
+    let lam: Vec<f32> = bidiagonal_singular_values(&diag, &superdiag, start, rank as usize)?.iter().map(|s| (s * sigma) as f32).collect();
+    let lam = cpu_tensor(&lam, &[rank]).to_device(device);
+    let (p_rng, q_rng) = (&mut stream(seed, 0), &mut stream(seed, 1));
+    if let Device::Cuda(_) = device {
+        let p = haar_frame(out_f, rank, p_rng, device)?.to_kind(Kind::Float);
+        let q = haar_frame(in_f, rank, q_rng, device)?.tr().to_kind(Kind::Float).contiguous();
+        return Ok(OrthoFactors { p, lam, q });
+    }
+    // Float32 tensors straight from the loops: on a busy machine even libtorch's elementwise casts
+    // and fills of these sizes wait on its thread pool for longer than the work takes.
+    let (o, i, r) = (out_f as usize, in_f as usize, rank as usize);
+    let p_cols = frame_columns(o, r, p_rng)?;
+    let p: Vec<f32> = (0..o * r).map(|k| p_cols[(k % r) * o + k / r] as f32).collect();
+    let q: Vec<f32> = frame_columns(i, r, q_rng)?.iter().map(|&v| v as f32).collect();
+    Ok(OrthoFactors {
+        p: cpu_tensor(&p, &[out_f, rank]).to_device(device),
+        lam,
+        q: cpu_tensor(&q, &[rank, in_f]).to_device(device),
+    })
 }
 
 /// [`orthogonal_random_on`] the CPU.
@@ -401,6 +462,22 @@ mod tests {
                 let other = orthogonal_random(o, i, r, comp, 10).unwrap();
                 assert!(!f.q.equal(&other.q));
             }
+        }
+    }
+
+    /// The CPU frame (CGS2) is the Q of libtorch's QR of the same Gaussian draw, signs fixed.
+    #[test]
+    fn cpu_frame_is_the_sign_fixed_qr() {
+        for &(rows, cols) in &[(40, 6), (16, 16), (1280, 64)] {
+            let frame = haar_frame(rows, cols, &mut stream(4, 0), Device::Cpu).unwrap();
+            let mut rng = stream(4, 0);
+            let values: Vec<f64> = (0..rows * cols).map(|_| rng.sample(StandardNormal)).collect();
+            let g = Tensor::from_slice(&values).reshape([rows, cols]);
+            let (q, r) = Tensor::linalg_qr(&g, "reduced");
+            let want = q * r.diagonal(0, 0, 1).sign().unsqueeze(0);
+            assert!(max_abs(&(&frame - want)) < 1e-12, "{rows} x {cols}");
+            let eye = Tensor::eye(cols, (Kind::Double, Device::Cpu));
+            assert!(max_abs(&(frame.tr().matmul(&frame) - eye)) < 1e-14);
         }
     }
 

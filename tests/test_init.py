@@ -110,6 +110,18 @@ def test_subspaces_are_isotropic_with_the_full_svd_law(both, side):
     assert ks_pvalue(first["tlora"], first["svd"]) > 1e-3, (init, side)
 
 
+def test_kept_update_has_the_full_svd_law(both):
+    """P diag(lambda) Q is what the model sees (each pair's joint sign cancels in it): its entries
+    have the law of U_k S_k V_k^T from the full SVD. This is where a missing sign fix of the QR
+    shows (it biases the sign of the first entries of P and Q, hence of the update's (0, 0) entry)."""
+    init, ours, ref = both
+    update, ref_update = ((p * lam[:, None, :]) @ q for p, lam, q in (ours, ref))
+    for i, j in ((0, 0), (0, 1), (OUT - 1, IN - 1), (7, 3)):
+        assert ks_pvalue(update[:, i, j], ref_update[:, i, j]) > 1e-3, (init, i, j)
+        se = float(ref_update[:, i, j].std()) / math.sqrt(SEEDS)
+        assert abs(float(update[:, i, j].mean())) < 4 * se, (init, i, j)
+
+
 def test_frames_and_values_are_independent(both):
     """U, V and S of a Gaussian matrix are independent: no correlation between P's first row
     weight, Q's first column weight and lambda_0 (within 4 standard errors of zero)."""
@@ -134,7 +146,8 @@ def test_inject_on_small_layers_uses_the_law():
         torch.testing.assert_close(layer.p.T @ layer.p, eye, rtol=0, atol=1e-6)
         torch.testing.assert_close(layer.q @ layer.q.T, eye, rtol=0, atol=1e-6)
         # Last singular values of an N(0, 1/r^2) matrix: (sqrt(m) - sqrt(n)) / r is their edge.
-        assert 0 < float(layer.lam.min()) < float(layer.lam.max()) < 2 * (math.sqrt(o) + math.sqrt(i)) / R
+        lam = layer.lam.detach()
+        assert 0 < float(lam.min()) < float(lam.max()) < 2 * (math.sqrt(o) + math.sqrt(i)) / R
     assert not torch.equal(layers[0].lam, layers[1].lam)
     again = nn.Sequential(nn.Linear(IN, OUT), nn.Linear(OUT, IN), nn.Linear(OUT, OUT))
     other = tlora.inject(again, rank=R, target_modules=r"\d", seed=3)
