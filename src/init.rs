@@ -8,9 +8,10 @@
 //!
 //! # Drawing the triplets without the matrix
 //!
-//! A full SVD of an out x in matrix costs O(out · in · min(out, in)) per layer: minutes and
-//! gigabytes on a full-size SD-XL UNet. [`orthogonal_random`] draws (P, lambda, Q) directly from
-//! the law of the triplets instead, in O((out + in) · r^2 + min(out, in) · r) per layer:
+//! A full SVD of an out x in matrix costs O(out · in · min(out, in)) per layer, and
+//! minutes on a full-size SD-XL UNet. [`orthogonal_random`] draws (P, lambda, Q) directly from
+//! the law of the triplets instead, in O((out + in) · r^2 + s · min(out, in) · r) per layer (s, the
+//! bisection steps per value, about 60):
 //!
 //! - Orthogonal invariance: G and O1 G O2 have the same law for any fixed orthogonal O1, O2, so
 //!   U and V are Haar-distributed, independent of each other and of S, up to the joint sign of
