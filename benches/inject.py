@@ -15,7 +15,7 @@ Reported per case: inject seconds, RSS before inject, peak RSS during inject (sa
 and the process's getrusage maximum), and adapter memory (bytes of all factors, trainable and
 frozen copies).
 
-Baseline (same process, sdxl only): the previous init (a seeded float64 Gaussian out x in matrix and
+Baseline (same process, sdxl only, one libtorch thread): the previous init (a seeded float64 Gaussian out x in matrix and
 its full SVD on the CPU, per projection), timed once per distinct projection shape and summed over
 the model's projections: an estimate of the old inject's init time without running it 560 times.
 
@@ -138,8 +138,12 @@ def run_case(case: str, rank: int, baseline: bool) -> dict:
 
 
 def old_init_estimate(shapes: collections.Counter, rank: int) -> dict:
-    """The previous init's cost: seeded float64 N(0, 1/r^2) matrix + full SVD, once per shape."""
+    """The previous init's cost: seeded float64 N(0, 1/r^2) matrix + full SVD, once per shape, on one
+    libtorch thread (on a busy 2-core machine two threads made each SVD 10-50x slower, which would
+    flatter the new init; the new init does not use libtorch's threads on the CPU)."""
     gen = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     per_shape, total = {}, 0.0
     for (o, i), count in sorted(shapes.items()):
         t0 = time.perf_counter()
@@ -151,6 +155,7 @@ def old_init_estimate(shapes: collections.Counter, rank: int) -> dict:
         new = time.perf_counter() - t0
         per_shape[f"{o}x{i}"] = {"count": count, "old_s": round(sec, 3), "new_s": round(new, 4)}
         total += sec * count
+    torch.set_num_threads(threads)
     return {"old_init_estimate_s": round(total, 1), "per_shape": per_shape}
 
 
@@ -178,9 +183,11 @@ def markdown(results: dict) -> str:
         lines += [
             "",
             f"Previous init ({r['case']}): a seeded float64 Gaussian out x in matrix and its full SVD per "
-            f"projection, timed once per shape in the same process: **{b['old_init_estimate_s']:.0f} s** "
+            f"projection, timed once per shape in the same process on one libtorch thread: "
+            f"**{b['old_init_estimate_s']:.0f} s** "
             f"for the {r['adapted_layers']} projections, against {r['inject_s']:.1f} s for the whole new "
-            f"inject ({b['old_init_estimate_s'] / r['inject_s']:.0f}x).",
+            f"inject ({b['old_init_estimate_s'] / r['inject_s']:.0f}x). Issue 12 measured the previous "
+            f"inject on this machine at 233 s when idle (674 s with other jobs running), peak RSS 13.5 GB.",
             "",
             "| shape (out x in) | projections | old init per layer | new init per layer |",
             "|---|---|---|---|",
