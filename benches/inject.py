@@ -164,7 +164,9 @@ def markdown(results: dict) -> str:
         "# tlora.inject on full-size models",
         "",
         f"Machine: {results['machine']}; torch {results['torch']}; `python benches/inject.py` "
-        f"({results['date']}). Rank {results['rank']}, default targets, init \"last\" from random.",
+        f"({results['date']}). Rank {results['rank']}, default targets, init \"last\" from random. "
+        f"Load average before / after: {results.get('load_average_before_after', 'not recorded')} "
+        "(the machine is shared).",
         "",
         "| model | parameters | weights | adapted layers | inject | RSS before | peak RSS during inject | increase | adapter (all factors) | trainable |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -210,7 +212,7 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args.case, args.rank, not args.no_baseline and args.case == "sdxl")))
         return
-    cases = []
+    cases, load_before = [], os.getloadavg()[0]
     for case in args.only.split(","):
         cmd = [sys.executable, __file__, "--case", case, "--rank", str(args.rank)] + (["--no-baseline"] if args.no_baseline else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -220,6 +222,7 @@ def main() -> None:
         print(json.dumps(cases[-1]), flush=True)
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "load_average_before_after": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "rank": args.rank, "targets": list(DEFAULT_TARGETS), "cases": cases,
     }
