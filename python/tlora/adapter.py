@@ -121,7 +121,10 @@ def _init_factors(base: nn.Linear, name: str, config: AdapterConfig) -> dict[str
     seed = _module_seed(config.seed, name)
     if config.variant == "tlora":
         weight = base.weight.detach() if config.init_from == "weight" else None
-        p, lam, q = _native.orthogonal_init(out_f, in_f, r, config.init, seed, weight)
+        # The random init draws the triplets from their law (no out x in matrix) and runs its QRs on
+        # the layer's device where that is CUDA; other devices get the CPU result moved over.
+        native_dev = str(dev) if dev.type in ("cpu", "cuda", "mps") else None
+        p, lam, q = _native.orthogonal_init(out_f, in_f, r, config.init, seed, weight, native_dev)
         p, lam, q = (t.to(dev) for t in (p, lam, q))
         return {"p": p, "lam": lam, "q": q, "p0": p.clone(), "lam0": lam.clone(), "q0": q.clone()}
     # LoRA init: A ~ N(0, 1/r^2) (as the reference code), B = 0, so the update starts at zero.
