@@ -156,7 +156,7 @@ def adapted():
     (1001, ValueError, r"timestep 1001 is outside \[0, 1000\]"),
     (torch.tensor([2, 3]), ValueError, r"got 2 timesteps for a batch of 3: pass one timestep, or one per sample"),
     (torch.tensor([2, 3, 4, 5]), ValueError, r"got 4 timesteps for a batch of 3"),
-    (torch.zeros(3, 1), ValueError, r"timestep must be a number or a 1-D tensor, got shape \(3, 1\)"),
+    (torch.zeros(3, 1, 1), ValueError, r"timestep must be a number, a 1-D tensor or \(batch, tokens\), got shape \(3, 1, 1\)"),
 ])
 def test_bad_timestep(adapted, timestep, exc, fragment):
     x = torch.randn(3, 5, 16)

@@ -82,7 +82,7 @@ def inject_config(model: nn.Module, config: AdapterConfig, module_names: Sequenc
     if existing is not None:
         raise ValueError(
             f"{type(model).__name__} already has a tlora adapter ({existing.config.variant}, rank "
-            f"{existing.config.rank}); call tlora.adapter_of(model).remove() before injecting again"
+            f"{existing.config.rank}); call tlora.remove(model) (or adapter.remove()) before injecting again"
         )
     names = list(module_names) if module_names is not None else find_targets(model, config.target_modules)
     modules = dict(model.named_modules())

@@ -12,7 +12,7 @@ Metadata schema (format version 1), a JSON object:
     format_version  int, == 1
     config          object: the AdapterConfig fields (validated as `inject` validates them)
     scale           number, == lora_alpha / rank (1 without alpha)
-    timestep_scale  finite number > 0
+    timestep_scale  finite number > 0, or null when the timestep convention is not a multiplier
     base_model      string: the model class the adapter was made for
     modules         non-empty object: module path -> [out_features, in_features] (integers >= 1)
     checksum        "sha256:<hex>" of the description and the tensors (see `adapter_checksum`);
@@ -213,9 +213,11 @@ def parse_header(path: Path, text: str) -> AdapterHeader:
         config = AdapterConfig.from_dict(meta["config"])
     except (ConfigError, TypeError, ValueError, OverflowError) as e:
         fail("config", str(e))
-    for key in ("scale", "timestep_scale"):
-        if key in meta and not _finite_positive(meta[key]):
-            fail(key, f"must be a finite number > 0, got {meta[key]!r}")
+    if "scale" in meta and not _finite_positive(meta["scale"]):
+        fail("scale", f"must be a finite number > 0, got {meta['scale']!r}")
+    # null: the model's timestep convention is not a plain multiplier (config.timestep_convention says which)
+    if meta.get("timestep_scale") is not None and not _finite_positive(meta["timestep_scale"]):
+        fail("timestep_scale", f"must be a finite number > 0 or null, got {meta['timestep_scale']!r}")
     if "scale" in meta and not math.isclose(meta["scale"], config.scale, rel_tol=1e-6):
         fail("scale", f"{meta['scale']!r} disagrees with the config (lora_alpha / rank = {config.scale!r})")
     if "checksum" in meta and not (isinstance(meta["checksum"], str) and meta["checksum"].startswith("sha256:")):
