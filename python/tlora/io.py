@@ -14,6 +14,7 @@ from torch import nn
 from . import _native
 from .adapter import Adapter, adapter_of, inject_config
 from .config import AdapterConfig
+from .quantized import adaptable_linear, describe
 from .targets import linear_at
 
 FORMAT_VERSION = 1
@@ -102,8 +103,8 @@ def load(model: nn.Module, path: str | os.PathLike, device: torch.device | str |
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for name in names:
         base = linear_at(modules, name)[1]
-        if type(base) is not nn.Linear:
-            what = "does not exist" if base is None else f"is a {type(base).__name__}, not nn.Linear"
+        if not adaptable_linear(base):
+            what = "does not exist" if base is None else f"is a {describe(base)}, not nn.Linear"
             raise ValueError(f"{path} adapts module {name!r}, which {what} in this {type(model).__name__}")
         out_f, in_f = meta["modules"][name]
         if (base.out_features, base.in_features) != (out_f, in_f):
