@@ -17,11 +17,13 @@ quantized modules back.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -302,3 +304,65 @@ def test_diffusers_bitsandbytes_config_needs_a_gpu_here(saved_unet):
         out = unet(**x, timestep=torch.tensor([10, 900], device="cuda")).sample
         out.float().pow(2).mean().backward()
         assert all(p.grad is not None for p in adapter.parameters())
+
+
+# ---- tlora train --quantize ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny SD pipeline folder and a 16x16 photo."""
+    from PIL import Image
+
+    from tlora.tiny import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("quant-train")
+    folder = save_tiny_pipeline("sd", root / "sd")
+    y, x = np.mgrid[0:16, 0:16]
+    a = np.zeros((16, 16, 3), np.uint8)
+    a[..., 0], a[..., 1], a[..., 2] = x * 16, y * 16, 90
+    a[(x - 8) ** 2 + (y - 8) ** 2 < 20] = (255, 255, 0)
+    Image.fromarray(a).save(root / "dog.png")
+    return folder, root / "dog.png"
+
+
+@pytest.mark.parametrize("choice", ["int8", "int4"])
+def test_train_quantize_flag(choice, tiny_sd, tmp_path):
+    if not _installed("optimum.quanto"):
+        pytest.skip("optimum-quanto is not installed")
+    from tlora.train import train
+
+    folder, image = tiny_sd
+    out = tmp_path / "run"
+    result = train(model=str(folder), image=str(image), token="sks", class_name="dog", out=str(out), resolution=16,
+                   rank=4, lr=3e-2, steps=8, checkpoint_every=4, seed=0, quantize=choice)
+    layers = result.adapter.layers
+    assert layers and all(quantized_kind(layer.base_layer) == "quanto" for layer in layers.values())
+    qtype = {type(layer.base_layer.weight).__name__ for layer in layers.values()}
+    assert qtype == {"WeightQBytesTensor" if choice == "int8" else "WeightQBitsTensor"}, qtype
+    losses = [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert len(losses) == 8 and all(np.isfinite(losses))
+    # The written adapter loads into the quantized base and reproduces the trained outputs.
+    unet = result.pipe.unet
+    x = torch.randn(2, 4, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(2, TOKENS, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = unet(x, torch.tensor([10, 900]), ctx).sample
+        result.adapter.remove()
+        tlora.load(unet, result.adapter_path)
+        got = unet(x, torch.tensor([10, 900]), ctx).sample
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_train_quantize_nf4_without_gpu_is_refused(tiny_sd, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: nf4 runs (test_diffusers_bitsandbytes_config_needs_a_gpu_here)")
+    from tlora import cli
+
+    folder, image = tiny_sd
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--model", str(folder), "--image", str(image), "--out", str(out), "--token", "sks",
+                   "--class-name", "dog", "--resolution", "16", "--rank", "4", "--steps", "2", "--quantize", "nf4"])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "--quantize nf4" in err and "CUDA GPU" in err and "int8" in err, err
+    assert not any(p.is_file() for p in out.rglob("*")) if out.exists() else True

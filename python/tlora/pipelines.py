@@ -41,12 +41,21 @@ def check_model_folder(path: str) -> None:
                              f"copy the {name}/ folder from the original model")
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
-    """Load a supported pipeline from a local folder or a hub id, through `from_pretrained`."""
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, quantize: str | None = None):
+    """Load a supported pipeline from a local folder or a hub id, through `from_pretrained`;
+    `quantize` ("int8", "int4", "nf4": see tlora.quantized) quantizes the denoiser's Linear layers."""
     from diffusers import DiffusionPipeline
 
     check_model_folder(model)
-    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+    kwargs = {}
+    if quantize is not None:
+        from diffusers import PipelineQuantizationConfig
+
+        from .quantized import quantization_config
+
+        q = quantization_config(quantize)
+        kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping={"unet": q, "transformer": q})
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, **kwargs)
     family_of(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe

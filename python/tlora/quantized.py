@@ -117,6 +117,9 @@ def quantization_config(choice: str):
         import bitsandbytes  # noqa: F401
     except ImportError as e:
         raise ValueError("--quantize nf4 needs bitsandbytes: pip install bitsandbytes") from e
+    if not torch.cuda.is_available():
+        raise ValueError("--quantize nf4 (bitsandbytes through diffusers) needs a CUDA GPU, which diffusers asks for: "
+                         "on the CPU use --quantize int8 or int4 (optimum-quanto)")
     from diffusers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)

@@ -52,6 +52,7 @@ class TrainConfig:
     prior_weight: float = 1.0
     gradient_checkpointing: bool = False
     target_modules: Sequence[str] | None = None
+    quantize: str | None = None  # "int8" | "int4" (optimum-quanto) | "nf4" (bitsandbytes): a quantized frozen base
 
     def __post_init__(self) -> None:
         if self.steps is None:
@@ -64,6 +65,8 @@ class TrainConfig:
             raise ValueError("give exactly one of --image (one photo, the paper's setting) or --image-dir")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.quantize not in (None, "int8", "int4", "nf4"):
+            raise ValueError(f"--quantize must be int8, int4 or nf4, got {self.quantize!r}")
         for p in self.validation_prompts:
             if "{}" not in p:
                 raise ValueError(f"validation prompt {p!r} has no {{}} where '{self.token} {self.class_name}' goes")
@@ -104,7 +107,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
         _check_writable(out)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
 
-    pipe = load_pipeline(cfg.model, dtype=weight_dtype).to(acc.device)
+    pipe = load_pipeline(cfg.model, dtype=weight_dtype, quantize=cfg.quantize).to(acc.device)
     fam = family_of(pipe)
     resolution = cfg.resolution or fam.default_resolution()
     paths = [Path(cfg.image)] if cfg.image else list_images(cfg.image_dir)
