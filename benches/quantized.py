@@ -5,9 +5,11 @@ case runs in a fresh process: load the UNet (float32, or with its Linear layers 
 optimum-quanto int8/int4 or torchao int8 weight-only through diffusers' quantization configs, or
 by bitsandbytes' own nf4 / LLM.int8 layers, since diffusers' BitsAndBytesConfig asks for a GPU),
 inject T-LoRA (rank 16 on the attention projections, float32 factors), then run a few AdamW steps.
-Reported per case: resident memory after setup, the peak resident memory of the steps (VmHWM,
-reset after setup via /proc/self/clear_refs), the bytes the UNet's Linear weights take, and ratios
-against the float32 case of the same run.
+Reported per case (MiB): the resident size once torch, diffusers, tlora and the backend are
+imported (import_rss), what loading the model and injecting adds (model_rss), the peak resident
+memory of the steps (VmHWM, reset after setup via /proc/self/clear_refs) and that peak above the
+setup (step_peak: activations, gradients, the optimizer, the backends' temporaries), the bytes the
+UNet's Linear weights take with their scales, and ratios against the float32 case of the same run.
 
     python benches/quantized.py [--latent 64] [--steps 3] [--out bench-results]
 """
@@ -77,9 +79,26 @@ def linear_weight_bytes(unet) -> int:
     return total
 
 
+def import_backend(case: str) -> None:
+    """Import the case's quantization library first, so that its own resident size is measured
+    apart from the model's."""
+    import diffusers  # noqa: F401
+
+    import tlora  # noqa: F401
+
+    if case.startswith("quanto"):
+        import optimum.quanto  # noqa: F401
+    elif case.startswith("torchao"):
+        import torchao.quantization  # noqa: F401
+    elif case.startswith("bnb"):
+        import bitsandbytes  # noqa: F401
+
+
 def memory_case(case: str, folder: str, latent: int, steps: int) -> dict:
     import tlora
 
+    import_backend(case)
+    import_mb = _status_mb("VmRSS")
     unet = load_unet(case, folder)
     unet.requires_grad_(False)
     weights = linear_weight_bytes(unet)
@@ -106,12 +125,14 @@ def memory_case(case: str, folder: str, latent: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     peak = _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"case": case, "latent": latent, "linear_weight_mb": weights / 2**20, "setup_rss_mb": setup_mb,
+    return {"case": case, "latent": latent, "linear_weight_mb": weights / 2**20, "import_rss_mb": import_mb,
+            "model_rss_mb": setup_mb - import_mb, "setup_rss_mb": setup_mb,
             "peak_rss_mb": peak, "step_peak_mb": peak - setup_mb, "hwm_reset": reset, "losses": losses}
 
 
 def md_table(rows: list[dict]) -> str:
-    cols = ["case", "linear_weight_mb", "setup_rss_mb", "peak_rss_mb", "step_peak_mb", "peak_vs_float32", "setup_vs_float32"]
+    cols = ["case", "linear_weight_mb", "import_rss_mb", "model_rss_mb", "setup_rss_mb", "peak_rss_mb", "step_peak_mb",
+            "peak_vs_float32", "model_vs_float32", "step_vs_float32"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
@@ -154,7 +175,8 @@ def main() -> None:
         for row in rows:
             if "error" not in row:
                 row["peak_vs_float32"] = row["peak_rss_mb"] / base["peak_rss_mb"]
-                row["setup_vs_float32"] = row["setup_rss_mb"] / base["setup_rss_mb"]
+                row["model_vs_float32"] = row["model_rss_mb"] / base["model_rss_mb"]
+                row["step_vs_float32"] = row["step_peak_mb"] / base["step_peak_mb"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"info": machine_info(), "latent": args.latent, "steps": args.steps, "rank": UNET["rank"], "rows": rows}
