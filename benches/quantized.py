@@ -17,6 +17,8 @@ UNet's Linear weights take with their scales, and ratios against the float32 cas
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -68,6 +70,15 @@ def load_unet(case: str, folder: str):
     return unet
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor stores: a tensor subclass (torchao's) by its inner tensors, whose logical
+    dtype is not its storage."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def linear_weight_bytes(unet) -> int:
     """Bytes held by the Linear layers' weights and their quantization scales."""
     total = 0
@@ -75,8 +86,17 @@ def linear_weight_bytes(unet) -> int:
         if isinstance(m, torch.nn.Linear):
             for t in m.state_dict().values():
                 if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
+                    total += tensor_bytes(t)
     return total
+
+
+def release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so that what a backend
+    loaded and freed while quantizing does not count as the model's."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def import_backend(case: str) -> None:
@@ -98,6 +118,7 @@ def memory_case(case: str, folder: str, latent: int, steps: int) -> dict:
     import tlora
 
     import_backend(case)
+    release_free_heap()
     import_mb = _status_mb("VmRSS")
     unet = load_unet(case, folder)
     unet.requires_grad_(False)
@@ -109,6 +130,8 @@ def memory_case(case: str, folder: str, latent: int, steps: int) -> dict:
     noise = torch.randn(inputs["sample"].shape, generator=torch.Generator().manual_seed(1))
     opt = torch.optim.AdamW(adapter.parameters(), lr=1e-4, weight_decay=1e-4)
     cyc = Cycle(1)
+    gc.collect()
+    release_free_heap()
     setup_mb = _status_mb("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")
