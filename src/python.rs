@@ -64,10 +64,12 @@ fn rank_schedule(py: Python<'_>, timesteps: PyTensor, rank: i64, min_rank: i64, 
     .map(PyTensor)
 }
 
-/// (P, lam, Q) from the SVD of `weight`, or of a seeded N(0, (1/rank)^2) matrix of shape
-/// out_features x in_features when `weight` is None.
+/// (P, lam, Q), float32 on `device` ("cpu", "cuda[:N]", "mps"; default the CPU): the exact SVD
+/// of `weight`, or when `weight` is None the triplets of a seeded N(0, (1/rank)^2) matrix of shape
+/// out_features x in_features drawn from their law without forming the matrix (see init.rs).
 #[pyfunction]
-#[pyo3(signature = (out_features, in_features, rank, component, seed, weight=None))]
+#[pyo3(signature = (out_features, in_features, rank, component, seed, weight=None, device=None))]
+#[allow(clippy::too_many_arguments)]
 fn orthogonal_init(
     py: Python<'_>,
     out_features: i64,
@@ -76,15 +78,18 @@ fn orthogonal_init(
     component: &str,
     seed: u64,
     weight: Option<PyTensor>,
+    device: Option<&str>,
 ) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
     let comp: init::Component = component.parse().map_err(to_py)?;
+    let device = device.map(init::parse_device).transpose().map_err(to_py)?.unwrap_or(tch::Device::Cpu);
     let weight = weight.map(|w| w.0);
     let f = run(py, move || match &weight {
         Some(w) => {
             kernel::check_device(w, "the weight to decompose")?;
-            init::orthogonal_factors(w, rank, comp)
+            let f = init::orthogonal_factors(w, rank, comp)?;
+            Ok(init::OrthoFactors { p: f.p.f_to_device(device)?, lam: f.lam.f_to_device(device)?, q: f.q.f_to_device(device)? })
         }
-        None => init::orthogonal_random(out_features, in_features, rank, comp, seed),
+        None => init::orthogonal_random_on(out_features, in_features, rank, comp, seed, device),
     })?;
     Ok((PyTensor(f.p), PyTensor(f.lam), PyTensor(f.q)))
 }

@@ -353,3 +353,122 @@ def test_save_errors(tmp_path):
     with pytest.raises(ValueError, match=r"cannot write .*: folder .*missing does not exist"):
         tlora.save(model, tmp_path / "missing" / "a.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- issue 13: types, checksums, messages ------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    (dict(rank=True), r"rank must be an integer >= 1, got True"),
+    (dict(rank=4, min_rank=True), r"min_rank must be an integer in 1\.\.rank \(4\), got True"),
+    (dict(lora_alpha=float("inf")), r"lora_alpha must be > 0 and finite, got inf"),
+    (dict(lora_alpha=float("nan")), r"lora_alpha must be > 0 and finite, got nan"),
+    (dict(rank_exponent=float("inf")), r"rank_exponent must be > 0 and finite, got inf"),
+    (dict(timestep_scale=float("inf")), r"timestep_scale must be > 0 and finite, got inf"),
+    (dict(timestep_scale=True), r"timestep_scale must be > 0 and finite, got True"),
+    (dict(seed=1.5), r"seed must be an integer"),
+    (dict(seed="x"), r"seed must be an integer"),
+    (dict(num_train_timesteps=True), r"num_train_timesteps must be an integer >= 1, got True"),
+])
+def test_inject_refuses_bools_and_non_finite_values(kwargs, fragment):
+    model = Model()
+    msg = raises_and_untouched(model, tlora.ConfigError, fragment, tlora.inject, model, **{"rank": 4, **kwargs})
+    assert msg
+
+
+def test_error_types_are_value_errors_and_exported():
+    for name in ("TloraError", "ConfigError", "AdapterFileError", "MissingFileError", "ModelMismatchError",
+                 "CheckpointError", "TrainingError", "InputError"):
+        cls = getattr(tlora, name)
+        assert issubclass(cls, tlora.TloraError) and issubclass(cls, ValueError), name
+    assert issubclass(tlora.MissingFileError, FileNotFoundError)
+
+
+def test_inject_twice_names_a_function_that_exists():
+    model = Model()
+    tlora.inject(model, rank=4)
+    msg = raises_and_untouched(model, ValueError, r"already has a tlora adapter", tlora.inject, model, rank=2)
+    assert "tlora.remove(model)" in msg
+    tlora.remove(model)  # it exists and removes the adapter
+    assert adapter_of(model) is None and all(type(m) is not tlora.layer.TLoraLinear for m in model.modules())
+    with pytest.raises(ValueError, match="has no tlora adapter to remove"):
+        tlora.remove(model)
+
+
+def test_load_into_a_model_with_an_adapter_says_so(saved):
+    model = Model()
+    tlora.inject(model, rank=4, target_modules=["to_q", "to_k"])  # the very modules the file adapts
+    msg = _load_fails(model, saved, tlora.ModelMismatchError, r"already has a tlora adapter \(tlora, rank 4\)")
+    assert "is a TLoraLinear" not in msg and "adapter.remove()" in msg and "a.safetensors" in msg
+
+
+def test_checksum_is_written_and_a_flipped_data_byte_is_refused(saved):
+    from safetensors import safe_open
+
+    with safe_open(str(saved), "pt") as f:
+        meta = json.loads(f.metadata()["tlora"])
+    assert meta["checksum"].startswith("sha256:") and len(meta["checksum"]) == 7 + 64
+    data = bytearray(saved.read_bytes())
+    data[-3] ^= 0x01  # the last tensor's data: a valid float, altered
+    saved.write_bytes(bytes(data))
+    _load_fails(Model(), saved, tlora.AdapterFileError, r"a\.safetensors: checksum: .*do not match the file's checksum")
+
+
+def test_file_without_checksum_loads_with_a_note(saved):
+    src = copy.deepcopy(Model())
+    _rewrite(saved, edit_meta=lambda m: m.pop("checksum"))
+    with pytest.warns(UserWarning, match=r"has no checksum"):
+        adapter = tlora.load(src, saved)
+    assert len(adapter.layers) == 4
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda m: m["modules"].update({"blocks.0.attn.to_q": [32]}), r"modules\['blocks\.0\.attn\.to_q'\]: must be \[out_features, in_features\]"),
+    (lambda m: m["modules"].update({"blocks.0.attn.to_q": None}), r"modules\['blocks\.0\.attn\.to_q'\]: must be"),
+    (lambda m: m.update(format_version=True), r"format_version: must be an integer, got True"),
+    (lambda m: m["config"].update(seed="x"), r"config: seed must be an integer"),
+    (lambda m: m["config"].update(rank=True), r"config: rank must be an integer >= 1, got True"),
+    (lambda m: m.update(scale=3.0), r"scale: 3\.0 disagrees with the config"),
+    (lambda m: m.pop("modules"), r"modules: missing"),
+    (lambda m: m.update(config=[1]), r"config: must be a JSON object, got a list"),
+])
+def test_malformed_description_names_file_and_field(saved, edit, fragment):
+    _rewrite(saved, edit_meta=edit)
+    msg = _load_fails(Model(), saved, tlora.AdapterFileError, fragment)
+    assert str(saved) in msg
+
+
+def test_metadata_that_is_not_an_object_or_too_deep(saved):
+    _rewrite(saved, raw_meta="[1, 2]")
+    _load_fails(Model(), saved, tlora.AdapterFileError, r"metadata must be a JSON object, got a list")
+    _rewrite_raw = "[" * 100_000 + "]" * 100_000
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(str(saved)), str(saved), metadata={"tlora": _rewrite_raw})
+    _load_fails(Model(), saved, tlora.AdapterFileError, r"nested too deeply")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_other_float_dtypes_convert_with_a_warning_and_ints_are_refused(saved, dtype):
+    def cast(t):
+        t["blocks.0.attn.to_q.q"] = t["blocks.0.attn.to_q.q"].to(dtype)
+
+    _rewrite(saved, edit_tensors=cast, edit_meta=lambda m: m.pop("checksum"))
+    with pytest.warns(UserWarning, match=rf"tensor blocks\.0\.attn\.to_q\.q is {str(dtype)[6:]}, converted to float32"):
+        tlora.load(Model(), saved)
+    _rewrite(saved, edit_tensors=lambda t: t.update({"blocks.0.attn.to_q.q": t["blocks.0.attn.to_q.q"].long()}))
+    _load_fails(Model(), saved, tlora.AdapterFileError, r"tensor blocks\.0\.attn\.to_q\.q has dtype int64")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e38])
+def test_non_finite_or_huge_factors_are_refused_on_load_and_save(saved, value, tmp_path):
+    def poison(t):
+        t["blocks.1.attn.to_k.lam"][1] = value
+
+    _rewrite(saved, edit_tensors=poison, edit_meta=lambda m: m.pop("checksum"))
+    _load_fails(Model(), saved, tlora.AdapterFileError, r"tensor blocks\.1\.attn\.to_k\.lam has")
+    model = Model()
+    adapter = tlora.inject(model, rank=4)
+    with torch.no_grad():
+        adapter.layers["blocks.0.attn.to_q"].lam[0] = value
+    with pytest.raises(tlora.TloraError, match=r"adapter factor blocks\.0\.attn\.to_q\.lam has"):
+        tlora.save(model, tmp_path / "b.safetensors")
+    assert not (tmp_path / "b.safetensors").exists()

@@ -425,3 +425,46 @@ def test_import_file_from_lycoris(lycoris_source, tmp_path):
     target = tiny_denoiser("sd")
     tlora.load(target, out)
     assert rel(run("sd", target, 600), lycoris_run("sd", source, 600, 2)) < TOL
+
+
+# ---- half precision: the export must not cancel ------------------------------------------------
+
+class _OneProjection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q = nn.Linear(320, 640)
+
+    def forward(self, x, timestep=None):
+        return self.to_q(x)
+
+
+@pytest.mark.parametrize("drift", [1e-2, 1e-3, 1e-4])
+def test_export_survives_half_precision_loaders(drift, tmp_path):
+    """After training moves P, lam, Q by `drift` from their frozen copies, the exported factors cast
+    to float16 / bfloat16 (as a loader casts them) still give the update: relative error <= 1e-2 /
+    3e-2 against the float64 update from the file's tensors. The plain form [Q; Q0], [P lam, -P0 lam0]
+    cancels and fails the same bound (computed here from the same tensors)."""
+    model = _OneProjection()
+    adapter = tlora.inject(model, rank=16, lora_alpha=8.0, target_modules=["to_q"])
+    layer = adapter.layers["to_q"]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (layer.p, layer.lam, layer.q):
+            p.add_(drift * p.abs().mean() * torch.randn(p.shape, generator=g))
+    path = tlora.save(model, tmp_path / "a.safetensors")
+    f = {k: v.double() for k, v in load_file(str(path)).items()}
+    f = {k: f[f"to_q.{k}"] for k in ("p", "lam", "q", "p0", "lam0", "q0")}
+    s = 8.0 / 16
+    exact = s * (f["p"] * f["lam"] @ f["q"] - f["p0"] * f["lam0"] @ f["q0"])
+    result = interop.export(path, tmp_path / "x.safetensors")
+    lora = load_file(str(result.path))
+    a, b = lora["transformer.to_q.lora_A.weight"], lora["transformer.to_q.lora_B.weight"]
+    assert a.dtype == b.dtype == torch.float32 and a.shape == (32, 320) and b.shape == (640, 32)
+    assert rel(b.double() @ a.double(), exact) < 1e-5  # exact in float32
+    plain_a = torch.cat([f["q"], f["q0"]]).float()
+    plain_b = (s * torch.cat([f["p"] * f["lam"], -f["p0"] * f["lam0"]], dim=1)).float()
+    for dtype, bound in ((torch.float16, 1e-2), (torch.bfloat16, 3e-2)):
+        ours = rel(b.to(dtype).double() @ a.to(dtype).double(), exact)
+        plain = rel(plain_b.to(dtype).double() @ plain_a.to(dtype).double(), exact)
+        assert ours <= bound, (dtype, ours)
+        assert plain > bound, (dtype, plain)  # the test can tell the forms apart

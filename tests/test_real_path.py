@@ -217,3 +217,19 @@ def test_no_host_sync_or_host_data_inside_layers():
     assert adapter.state.rank_tensor is not None and adapter.state.ranks is None
     # The ranks used are still the schedule's: per-sample masks from the device ranks.
     assert adapter.state.rank_tensor.tolist() == [rank_at(100), rank_at(900)]
+
+
+def test_per_token_timesteps_take_each_samples_noisiest_token():
+    """Wan 2.2 TI2V and LTX conditioning pass one timestep per token, (batch, tokens): a sample
+    gets the ranks of its noisiest token, on the host path and the device path alike."""
+    torch.manual_seed(0)
+    model = Proj()
+    adapter = tlora.inject(model, rank=R, min_rank=R_MIN, target_modules=["to_q"])
+    t = torch.tensor([[0.0, 500.0, 100.0], [999.0, 0.0, 0.0]])
+    assert adapter.ranks_for(t, batch=2) == [rank_at(500), rank_at(999)]
+    assert adapter.device_ranks(t).tolist() == [rank_at(500), rank_at(999)]
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        both = model(x, t)
+        for i, ti in enumerate((500.0, 999.0)):
+            torch.testing.assert_close(both[i:i + 1], model(x[i:i + 1], torch.tensor([ti])), rtol=1e-5, atol=1e-6)

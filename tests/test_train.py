@@ -366,7 +366,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, models, image, tmp_
         extra = ["--validation-prompts", "a {} on a beach#a dog in the snow"]
         fragments = ["'a dog in the snow' has no {}"]
     elif case == "zero steps":
-        fragments = ["--steps must be >= 1, got 0"]
+        fragments = ["argument --steps: must be an integer in 1..10000000, got 0"]
     else:  # the output folder's parent is a regular file
         blocker = tmp_path / "blocker"
         blocker.write_text("keep me")
@@ -490,3 +490,244 @@ def test_ddp_resume_equals_uninterrupted_ddp_run(ddp_run, models, image, tmp_pat
     assert_same_tensors(ranks / "rank0.safetensors", ranks / "rank1.safetensors")
     assert_same_tensors(out / "adapter.safetensors", reference / "adapter.safetensors")
     assert [e["loss"] for e in log_entries(out)] == [e["loss"] for e in log_entries(reference)]
+
+
+# ---- issue 13: the CLI refuses what it cannot honour ------------------------------------------
+
+def _cli(args: list[str], capsys) -> tuple[int, str]:
+    rc = cli.main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err.strip().splitlines()[-1] if err.strip() else ""
+
+
+@pytest.mark.parametrize("flag,value,fragment", [
+    ("--lr", "inf", "argument --lr: must be a finite number > 0"),
+    ("--lr", "nan", "argument --lr: must be a finite number"),
+    ("--lr", "0", "argument --lr: must be a finite number > 0"),
+    ("--steps", "-3", "argument --steps: must be an integer in 1..10000000, got -3"),
+    ("--resolution", "0", "argument --resolution: must be an integer in 8..4096, got 0"),
+    ("--resolution", "20", "argument --resolution: 20 is not a multiple of 8"),
+    ("--rank", "0", "argument --rank: must be an integer in 1..4096, got 0"),
+    ("--seed", "-1", "argument --seed: must be an integer in 0..4294967295"),
+    ("--checkpoint-every", "0", "argument --checkpoint-every: must be an integer >= 1"),
+    ("--rank-exponent", "inf", "argument --rank-exponent: must be a finite number > 0"),
+    ("--prior-weight", "nan", "argument --prior-weight: must be a finite number"),
+])
+def test_train_numeric_arguments_are_range_checked(flag, value, fragment, models, image, tmp_path, capsys):
+    args = train_args(models["sd"], image, tmp_path / "run", 1, 1)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    rc, message = _cli(args, capsys)
+    assert rc == 2 and fragment in message, message
+    assert written_files(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["-n", "0"], "argument -n: must be an integer in 1..256, got 0"),
+    (["-n", "-1"], "argument -n: must be an integer in 1..256, got -1"),
+    (["--height", "100000"], "argument --height: must be an integer in 8..4096, got 100000"),
+    (["--height", "0"], "argument --height: must be an integer in 8..4096, got 0"),
+    (["--steps", "0"], "argument --steps: must be an integer in 1..1000, got 0"),
+    (["--guidance", "nan"], "argument --guidance: must be a finite number >= 0 and <= 100, got nan"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+])
+def test_generate_numeric_arguments_are_range_checked(extra, fragment, models, tmp_path, capsys):
+    rc, message = _cli(["generate", "--model", str(models["sd"]), "--adapter", str(tmp_path / "a.safetensors"),
+                        "--prompt", "a {}", "--out", str(tmp_path / "out"), *extra], capsys)
+    assert rc == 2 and fragment in message, message
+
+
+@pytest.fixture(scope="module")
+def trained(models, image, tmp_path_factory) -> Path:
+    """A finished 2-step run (checkpoints 1 and 2) to copy."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert cli.main(train_args(models["sd"], image, out, 2, 1)) == 0
+    return out
+
+
+def _copy_run(trained: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without a GPU")
+def test_device_and_half_precision_refused_clearly_on_the_cpu(models, image, trained, tmp_path, capsys):
+    args = train_args(models["sd"], image, tmp_path / "run", 1, 1)
+    rc, message = _cli([*args, "--mixed-precision", "fp16"], capsys)
+    assert rc == 2 and "--mixed-precision fp16 needs a CUDA GPU" in message and "use bf16 or no" in message, message
+    rc, message = _cli([*args, "--device", "cuda"], capsys)
+    assert rc == 2 and "device 'cuda' is not available" in message, message
+    rc, message = _cli([*args, "--device", "tpu9"], capsys)
+    assert rc == 2 and "unknown device 'tpu9'" in message, message
+    gen = ["generate", "--model", str(models["sd"]), "--adapter", str(trained / "adapter.safetensors"),
+           "--prompt", "a {}", "-n", "1", "--steps", "2", "--height", "16", "--width", "16", "--out", str(tmp_path / "g")]
+    rc, message = _cli([*gen, "--dtype", "fp16"], capsys)
+    assert rc == 2 and "--dtype fp16 needs a CUDA GPU" in message, message
+    rc, message = _cli([*gen, "--device", "cuda:3"], capsys)
+    assert rc == 2 and "device 'cuda:3' is not available" in message, message
+    assert written_files(tmp_path / "run") == [] and written_files(tmp_path / "g") == []
+    # bf16 runs on the CPU: sampling and training.
+    assert cli.main([*gen, "--dtype", "bf16"]) == 0
+    assert cli.main([*args, "--mixed-precision", "bf16"]) == 0
+
+
+def test_out_holding_another_run_needs_resume_or_overwrite(models, image, trained, tmp_path, capsys):
+    out = _copy_run(trained, tmp_path)
+    before = {p: p.read_bytes() for p in written_files(out)}
+    rc, message = _cli(train_args(models["sd"], image, out, 3, 1), capsys)
+    assert rc == 2 and f"{out} holds another run" in message and "--resume" in message and "--overwrite" in message
+    assert {p: p.read_bytes() for p in written_files(out)} == before
+    assert cli.main(train_args(models["sd"], image, out, 1, 1, "--overwrite")) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert [e["step"] for e in log_entries(out)] == [1]
+
+
+@pytest.mark.parametrize("flag,value,fragment", [
+    ("--rank", "2", "--rank was 4, now 2"),
+    ("--min-rank", "1", "--min-rank was 2, now 1"),
+    ("--variant", "vanilla", "--variant was 'tlora', now 'vanilla'"),
+    ("--seed", "5", "--seed was 0, now 5"),
+])
+def test_resume_refuses_settings_it_cannot_honour(flag, value, fragment, models, image, trained, tmp_path, capsys):
+    out = _copy_run(trained, tmp_path)
+    args = train_args(models["sd"], image, out, 3, 1, "--resume")
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    rc, message = _cli(args, capsys)
+    assert rc == 2 and "--resume cannot continue the run" in message and fragment in message, message
+    assert not (out / "checkpoint-3").exists()
+
+
+def test_resume_with_another_model_is_refused(models, image, trained, tmp_path, capsys):
+    out = _copy_run(trained, tmp_path)
+    args = train_args(models["sdxl"], image, out, 3, 1, "--resume")
+    rc, message = _cli(args, capsys)
+    assert rc == 2 and "--model was" in message, message
+
+
+def test_resume_applies_a_new_lr_and_says_so(models, image, trained, tmp_path, capsys):
+    out = _copy_run(trained, tmp_path)
+    args = train_args(models["sd"], image, out, 3, 1, "--resume")
+    args[args.index("--lr") + 1] = "1e-3"
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "--lr 0.001 differs from the checkpoint's 0.03: the optimizer continues with 0.001" in printed
+    with open(out / "checkpoint-3" / "state.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    groups = json.loads(header["__metadata__"]["optimizer"])["param_groups"]
+    assert [g["lr"] for g in groups] == [1e-3]
+
+
+def test_second_concurrent_run_is_refused(models, image, trained, tmp_path, capsys):
+    import fcntl
+
+    out = _copy_run(trained, tmp_path)
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a running `tlora train` holds
+        rc, message = _cli(train_args(models["sd"], image, out, 3, 1, "--resume"), capsys)
+    finally:
+        os.close(fd)
+    assert rc == 2 and f"another tlora run is writing to {out}" in message, message
+    assert not (out / "checkpoint-3").exists()
+    assert cli.main(train_args(models["sd"], image, out, 3, 1, "--resume")) == 0  # the lock is gone
+
+
+@pytest.mark.parametrize("drop,fragment", [("rng", "has no RNG state"), ("optimizer", "has no optimizer state")])
+def test_resume_from_a_checkpoint_missing_state(drop, fragment, models, image, trained, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    out = _copy_run(trained, tmp_path)
+    state = out / "checkpoint-2" / "state.safetensors"
+    with open(state, "rb") as f:
+        meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    tensors = load_file(str(state))
+    if drop == "rng":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+    else:
+        meta = {}
+    save_file(tensors, str(state), metadata=meta)
+    rc, message = _cli(train_args(models["sd"], image, out, 3, 1, "--resume"), capsys)
+    assert rc == 2 and fragment in message and str(state) in message, message
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(models, image, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real, calls = F.mse_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(tlora.train.F, "mse_loss", poisoned)
+    rc, message = _cli(train_args(models["sd"], image, out, 4, 2), capsys)
+    monkeypatch.undo()
+    assert rc == 2 and "the loss is nan at step 3" in message, message
+    assert f"The last good checkpoint is {out / 'checkpoint-2'}" in message
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "adapter.safetensors").exists()
+    read(out / "checkpoint-2" / "adapter.safetensors")  # intact and finite
+
+
+def _bomb(path: Path, side: int) -> Path:
+    Image.new("1", (side, side)).save(path)  # a few kB on disk, side^2 pixels when decoded
+    return path
+
+
+@pytest.mark.parametrize("side,fragment", [(9000, "more than the 67,108,864-pixel limit"), (14000, "decompression bomb")])
+def test_decompression_bombs_are_refused(side, fragment, models, image, tmp_path, capsys):
+    bomb = _bomb(tmp_path / "bomb.png", side)
+    rc, message = _cli(train_args(models["sd"], bomb, tmp_path / "run", 1, 1), capsys)
+    assert rc == 2 and str(bomb) in message and fragment in message, message
+    prior = tmp_path / "prior"
+    prior.mkdir()
+    _bomb(prior / "a.png", side)
+    rc, message = _cli(train_args(models["sd"], image, tmp_path / "run", 1, 1, "--prior-dir", str(prior)), capsys)
+    assert rc == 2 and str(prior / "a.png") in message and fragment in message, message
+
+
+def test_non_regular_inputs_are_refused(models, image, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rc, message = _cli(train_args(models["sd"], folder, tmp_path / "run", 1, 1), capsys)
+    assert rc == 2 and f"image {folder} is a folder, not an image file (for a folder of photos use --image-dir)" in message
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)
+    rc, message = _cli(train_args(models["sd"], fifo, tmp_path / "run", 1, 1), capsys)
+    assert rc == 2 and "is not a regular file" in message, message
+    adapter_fifo = tmp_path / "a.safetensors"
+    os.mkfifo(adapter_fifo)
+    gen = ["generate", "--model", str(models["sd"]), "--prompt", "a {}", "--out", str(tmp_path / "g")]
+    for adapter, fragment in ((adapter_fifo, "named pipe (FIFO)"), (Path("/dev/zero"), "character device")):
+        rc, message = _cli([*gen, "--adapter", str(adapter)], capsys)
+        assert rc == 2 and fragment in message, message
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("index is a list", "must be a JSON object with _class_name and components, got a list"),
+    ("class name is a list", "_class_name must be a pipeline class name (a string), got ['StableDiffusionPipeline']"),
+    ("sd labelled sdxl", "says StableDiffusionXLPipeline but lists no text_encoder_2, tokenizer_2"),
+    ("index not json", "model_index.json is not valid JSON"),
+])
+def test_broken_model_index_is_refused_clearly(case, fragment, models, image, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(models["sd"], model)
+    index = model / "model_index.json"
+    spec = json.loads(index.read_text())
+    if case == "index is a list":
+        index.write_text(json.dumps([spec]))
+    elif case == "class name is a list":
+        index.write_text(json.dumps({**spec, "_class_name": ["StableDiffusionPipeline"]}))
+    elif case == "sd labelled sdxl":
+        index.write_text(json.dumps({**spec, "_class_name": "StableDiffusionXLPipeline"}))
+    else:
+        index.write_text("{" + json.dumps(spec))
+    rc, message = _cli(train_args(model, image, tmp_path / "run", 1, 1), capsys)
+    assert rc == 2 and fragment in message, message

@@ -11,10 +11,14 @@
 import torch  # noqa: F401
 
 from . import _native  # noqa: E402
-from .adapter import Adapter, adapter_of, inject, rank_schedule  # noqa: E402
+from .adapter import Adapter, adapter_of, inject, rank_schedule, remove  # noqa: E402
 from .config import AdapterConfig  # noqa: E402
+from .errors import (AdapterFileError, CheckpointError, ConfigError, InputError, MissingFileError,  # noqa: E402
+                     ModelMismatchError, TloraError, TrainingError)
 from .io import load, read, save  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["Adapter", "AdapterConfig", "adapter_of", "inject", "load", "rank_schedule", "read", "save", "__version__"]
+__all__ = ["Adapter", "AdapterConfig", "adapter_of", "inject", "load", "rank_schedule", "read", "remove", "save",
+           "AdapterFileError", "CheckpointError", "ConfigError", "InputError", "MissingFileError", "ModelMismatchError",
+           "TloraError", "TrainingError", "__version__"]

@@ -6,7 +6,8 @@ import torch
 
 def rank_schedule(timesteps: torch.Tensor, rank: int, min_rank: int, exponent: float, num_train_timesteps: float) -> torch.Tensor: ...
 def orthogonal_init(
-    out_features: int, in_features: int, rank: int, component: str, seed: int, weight: torch.Tensor | None = None
+    out_features: int, in_features: int, rank: int, component: str, seed: int, weight: torch.Tensor | None = None,
+    device: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def gaussian(rows: int, cols: int, std: float, seed: int) -> torch.Tensor: ...
 _Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]

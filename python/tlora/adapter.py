@@ -124,7 +124,10 @@ def _init_factors(base: nn.Linear, name: str, config: AdapterConfig) -> dict[str
     if config.variant == "tlora":
         # (a quantized base's weight is dequantised for the SVD only, then dropped)
         weight = dequantized_weight(base) if config.init_from == "weight" else None
-        p, lam, q = _native.orthogonal_init(out_f, in_f, r, config.init, seed, weight)
+        # The random init draws the triplets from their law (no out x in matrix) and runs its QRs on
+        # the layer's device where that is CUDA; other devices get the CPU result moved over.
+        native_dev = str(dev) if dev.type in ("cpu", "cuda", "mps") else None
+        p, lam, q = _native.orthogonal_init(out_f, in_f, r, config.init, seed, weight, native_dev)
         del weight
         p, lam, q = (t.to(dev) for t in (p, lam, q))
         return {"p": p, "lam": lam, "q": q, "p0": p.clone(), "lam0": lam.clone(), "q0": q.clone()}
@@ -213,14 +216,22 @@ class Adapter:
         t = self._checked_shape(timesteps, batch)
         c = self.config
         level = self.noise_level(t).detach().cpu()
+        if level.dim() == 2:
+            level = level.amax(dim=1)
         ranks = rank_schedule(level, c.rank, c.min_rank, c.rank_exponent, c.num_train_timesteps)
         values = ranks.tolist()
         return values[:1] if all(v == values[0] for v in values) else values
 
     def _checked_shape(self, timesteps: Any, batch: int | None) -> torch.Tensor:
         t = torch.as_tensor(timesteps)
-        if t.dim() > 1:
-            raise ValueError(f"timestep must be a number or a 1-D tensor, got shape {tuple(t.shape)}")
+        if t.dim() > 2:
+            raise ValueError(f"timestep must be a number, a 1-D tensor or (batch, tokens), got shape {tuple(t.shape)}")
+        if t.dim() == 2:
+            # One timestep per token or frame (Wan 2.2 TI2V, LTX conditioning): each sample takes
+            # the ranks of its noisiest token, the fewest any of its tokens would get.
+            if batch is not None and t.shape[0] not in (1, batch):
+                raise ValueError(f"{type(self.model).__name__} got timesteps of shape {tuple(t.shape)} for a batch of {batch}")
+            return t
         t = t.reshape(-1)
         if t.numel() == 0:
             raise ValueError(f"{type(self.model).__name__} got an empty timestep tensor")
@@ -237,7 +248,8 @@ class Adapter:
         them back; host timesteps are checked instead (`ranks_for`)."""
         c = self.config
         big_t = float(c.num_train_timesteps)
-        level = torch.nan_to_num(self.noise_level(timesteps).reshape(-1), nan=big_t).clamp(0.0, big_t)
+        level = torch.nan_to_num(self.noise_level(timesteps), nan=big_t).clamp(0.0, big_t)
+        level = level.amax(dim=1) if level.dim() == 2 else level.reshape(-1)
         frac = ((big_t - level) / big_t) ** c.rank_exponent
         return torch.floor(frac * (c.rank - c.min_rank)).long() + c.min_rank
 
@@ -371,3 +383,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def adapter_of(model: nn.Module) -> Adapter | None:
     """The adapter injected into `model`, if any."""
     return getattr(model, _ATTR, None)
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Remove the adapter injected into `model` (what `adapter.remove()` does); returns the model."""
+    from .errors import TloraError
+
+    adapter = adapter_of(model)
+    if adapter is None:
+        raise TloraError(f"{type(model).__name__} has no tlora adapter to remove")
+    return adapter.remove()

@@ -18,6 +18,7 @@ import torch
 
 from . import _native
 from .adapter import Adapter
+from .errors import CheckpointError
 from .io import save as save_adapter
 
 _NAME = re.compile(r"checkpoint-(\d+)$")
@@ -85,27 +86,63 @@ def latest_checkpoint(out: Path) -> Path | None:
 def load_checkpoint(ckpt: Path, adapter: Adapter, optimizer: torch.optim.Optimizer, generator: torch.Generator,
                     process_index: int = 0) -> int:
     """Restore adapter weights, optimizer and RNG (this process's own, when the checkpoint has one
-    per process) from `ckpt`; returns its step."""
-    from .io import read
+    per process) from `ckpt`; returns its step. Everything is read and checked before anything is
+    restored; a checkpoint of another adapter or one missing a part is a CheckpointError."""
+    from .io import read_adapter, read_raw
 
-    tensors, _ = read(ckpt / "adapter.safetensors")
-    own = adapter.state_dict()
-    if set(tensors) != set(own):
-        raise ValueError(f"{ckpt} belongs to another adapter (different modules or variant)")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            own[k].copy_(v)
-    raw, meta = _native.load_file(str(ckpt / "state.safetensors"))
+    f = read_adapter(ckpt / "adapter.safetensors")
+    own, c = adapter.state_dict(), adapter.config
+    for field in ("variant", "rank", "min_rank", "rank_exponent", "num_train_timesteps"):
+        theirs, ours = getattr(f.config, field), getattr(c, field)
+        if theirs != ours:
+            raise CheckpointError(f"{ckpt} was trained with {field} = {theirs!r}, this run asks for {ours!r}: "
+                                  "resume with the checkpoint's setting, or start a new run (--overwrite or another --out)")
+    if set(f.tensors) != set(own):
+        raise CheckpointError(f"{ckpt} belongs to another adapter (different modules or variant)")
+
+    state_file = ckpt / "state.safetensors"
+    if not state_file.exists():
+        raise CheckpointError(f"{ckpt} has no state.safetensors (optimizer and RNG state): it cannot be resumed exactly")
+    raw, meta = read_raw(state_file)
     state_tensors = dict(raw)
-    opt_meta = json.loads(meta["optimizer"])
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in state_tensors.items():
-        if key.startswith("state."):
-            _, idx, name = key.split(".", 2)
+    try:
+        opt_meta = json.loads(meta["optimizer"])
+        groups, scalars = opt_meta["param_groups"], opt_meta["scalars"]
+        if not isinstance(groups, list) or not isinstance(scalars, dict):
+            raise TypeError("param_groups must be a list and scalars an object")
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in state_tensors.items():
+            if key.startswith("state."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        for key, value in scalars.items():
+            idx, name = key.split(".", 1)
             state.setdefault(int(idx), {})[name] = value
-    for key, value in opt_meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
-    generator.set_state(state_tensors.get(f"rng.generator.{process_index}", state_tensors["rng.generator"]))
-    return int(json.loads((ckpt / "state.json").read_text())["step"])
+    except KeyError as e:
+        raise CheckpointError(f"{state_file} has no optimizer state ({e.args[0]!r} missing): it cannot be resumed") from None
+    except (TypeError, ValueError, AttributeError, RecursionError) as e:
+        raise CheckpointError(f"{state_file}: the optimizer state is malformed ({e})") from None
+    rng = state_tensors.get(f"rng.generator.{process_index}", state_tensors.get("rng.generator"))
+    if rng is None:
+        raise CheckpointError(f"{state_file} has no RNG state (rng.generator): the run cannot continue the same random "
+                              "sequence; start a new run (--overwrite) instead")
+    try:
+        step = json.loads((ckpt / "state.json").read_text())["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise TypeError(f"step must be an integer >= 0, got {step!r}")
+    except (OSError, KeyError, TypeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{ckpt / 'state.json'} does not hold the checkpoint's step ({type(e).__name__}: {e})") from None
+    # Restore into copies first, so that a bad optimizer or RNG state changes nothing.
+    saved_opt = optimizer.state_dict()
+    saved_rng = generator.get_state()
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        generator.set_state(rng)
+    except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as e:
+        optimizer.load_state_dict(saved_opt)
+        generator.set_state(saved_rng)
+        raise CheckpointError(f"{state_file}: cannot restore the optimizer or RNG state ({e})") from None
+    with torch.no_grad():
+        for k, v in f.tensors.items():
+            own[k].copy_(v)
+    return step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 DESCRIPTION = """\
@@ -20,6 +21,47 @@ layout and background.
 """
 
 
+MAX_SIDE = 4096  # as tlora.pipelines.MAX_SIDE (not imported: the parser loads no torch)
+
+
+def _int(lo: int, hi: int | None = None):
+    """An argparse type: an integer in lo..hi (exit 2 with a message otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {f'>= {lo}' if hi is None else f'in {lo}..{hi}'}, got {value}")
+        return value
+    return parse
+
+
+def _float(lo: float, hi: float | None = None, lo_inclusive: bool = True):
+    """An argparse type: a finite number in [lo, hi] ((lo, hi] without lo_inclusive)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        low = f"{'>=' if lo_inclusive else '>'} {lo:g}" + ("" if hi is None else f" and <= {hi:g}")
+        if not math.isfinite(value) or (value < lo if lo_inclusive else value <= lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be a finite number {low}, got {text}")
+        return value
+    return parse
+
+
+def _side(text: str) -> int:
+    value = _int(8, MAX_SIDE)(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 8 (the autoencoder's stride)")
+    return value
+
+
+SEED = _int(0, 2**32 - 1)
+DEVICE_HELP = "auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N"
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train an adapter from one image",
                        description="Train a T-LoRA adapter on one photo of a subject (paper defaults).")
@@ -30,22 +72,27 @@ def _train_parser(sub) -> None:
     p.add_argument("--class-name", required=True, help="the subject's class, e.g. dog")
     p.add_argument("--out", required=True, help="output folder (adapter, checkpoints, samples, logs)")
     p.add_argument("--variant", default="tlora", choices=["tlora", "vanilla", "lora"])
-    p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--min-rank", type=int, default=None, help="rank at t = T (default rank // 2)")
-    p.add_argument("--rank-exponent", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=None, help="default 800 (tlora), 500 (vanilla, lora)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--rank", type=_int(1, 4096), default=64)
+    p.add_argument("--min-rank", type=_int(1, 4096), default=None, help="rank at t = T (default rank // 2)")
+    p.add_argument("--rank-exponent", type=_float(0, 1000, lo_inclusive=False), default=1.0)
+    p.add_argument("--steps", type=_int(1, 10_000_000), default=None, help="default 800 (tlora), 500 (vanilla, lora)")
+    p.add_argument("--lr", type=_float(0, 1, lo_inclusive=False), default=1e-4)
+    p.add_argument("--resolution", type=_side, default=None, help="default: the model's native size")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"],
+                   help="weights of the frozen model in fp16/bf16 with autocast (the adapter stays float32); fp16 needs a GPU")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--checkpoint-every", type=_int(1), default=100)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its newest checkpoint (same settings; a new --lr is applied)")
+    which.add_argument("--overwrite", action="store_true", help="replace another run's files in --out")
     p.add_argument("--validation-prompts", default="",
                    help='"#"-separated prompts with {} for the concept, e.g. "a {} in the jungle#a {} on a beach"')
-    p.add_argument("--validation-steps", type=int, default=None, help="denoising steps of validation samples")
+    p.add_argument("--validation-steps", type=_int(1, 1000), default=None, help="denoising steps of validation samples")
     p.add_argument("--mask", help="subject mask (white = subject): the loss sees only these pixels")
     p.add_argument("--prior-dir", help="class images for DreamBooth prior preservation")
-    p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument("--prior-weight", type=_float(0, 1000), default=1.0)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--target-modules", nargs="+", default=None, help="module name suffixes to adapt")
     p.add_argument("--quantize", default=None, choices=["int8", "int4", "nf4"],
@@ -58,12 +105,15 @@ def _generate_parser(sub) -> None:
     p.add_argument("--model", required=True, help="the base model the adapter was trained on")
     p.add_argument("--adapter", required=True, help="adapter .safetensors file")
     p.add_argument("--prompt", action="append", required=True, help='prompt with {} for the concept; repeatable')
-    p.add_argument("-n", type=int, default=4, help="images per prompt")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (SD-XL 25, FLUX 28)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (SD-XL 5.0, FLUX 3.5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("-n", type=_int(1, 256), default=4, help="images per prompt")
+    p.add_argument("--steps", type=_int(1, 1000), default=None, help="denoising steps (SD-XL 25, FLUX 28)")
+    p.add_argument("--guidance", type=_float(0, 100), default=None, help="guidance scale (SD-XL 5.0, FLUX 3.5)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--height", type=_side, default=None, help=f"multiple of 8, at most {MAX_SIDE}")
+    p.add_argument("--width", type=_side, default=None, help=f"multiple of 8, at most {MAX_SIDE}")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="the pipeline's weights (the adapter stays float32); fp16 needs a GPU")
     p.add_argument("--out", required=True, help="output folder for PNGs and grid.png")
 
 
@@ -76,8 +126,8 @@ def _export_parser(sub) -> None:
                    help="diffusers: pipe.load_lora_weights(file); peft: PeftModel.from_pretrained(denoiser, folder); "
                         "kohya: lora_unet_* keys (SD/SD-XL UNets)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--timestep", type=float, default=None, help="bake rank r(t), t on the training scale 0..T")
-    which.add_argument("--rank", type=int, default=None, help="bake this rank (default: full rank, r(0))")
+    which.add_argument("--timestep", type=_float(0), default=None, help="bake rank r(t), t on the training scale 0..T")
+    which.add_argument("--rank", type=_int(1), default=None, help="bake this rank (default: full rank, r(0))")
     p.add_argument("--out", required=True, help=".safetensors file (peft: a folder)")
 
 
@@ -88,9 +138,10 @@ def _import_parser(sub) -> None:
     p.add_argument("--adapter", required=True, help="the other tool's .safetensors file")
     p.add_argument("--model", required=True, help="the base model it was trained on (diffusers folder or hub id)")
     p.add_argument("--out", required=True, help="tlora adapter .safetensors file to write")
-    p.add_argument("--min-rank", type=int, default=None, help="rank at t = T (default: the file's metadata, else rank // 2)")
-    p.add_argument("--rank-exponent", type=float, default=None, help="default: the file's metadata, else 1.0")
-    p.add_argument("--num-train-timesteps", type=int, default=None, help="default: the file's metadata, else 1000")
+    p.add_argument("--min-rank", type=_int(1), default=None, help="rank at t = T (default: the file's metadata, else rank // 2)")
+    p.add_argument("--rank-exponent", type=_float(0, 1000, lo_inclusive=False), default=None,
+                   help="default: the file's metadata, else 1.0")
+    p.add_argument("--num-train-timesteps", type=_int(1, 1_000_000), default=None, help="default: the file's metadata, else 1000")
     p.add_argument("--reconstruct-base", action="store_true",
                    help="LyCORIS files without base_q/base_p/base_lambda: rebuild them from the model's weights "
                         "(right only for LyCORIS's default init)")
@@ -136,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse's usage errors (exit 2, message printed) and --help (0)
+        return e.code if isinstance(e.code, int) else 2
     try:
         if args.command == "train":
             from .train import TrainConfig, train
@@ -149,15 +203,16 @@ def main(argv: list[str] | None = None) -> int:
             from .generate import generate
 
             path = generate(args.model, args.adapter, args.prompt, args.out, n=args.n, steps=args.steps,
-                            guidance=args.guidance, seed=args.seed, height=args.height, width=args.width)
+                            guidance=args.guidance, seed=args.seed, height=args.height, width=args.width,
+                            device=args.device, dtype=args.dtype)
             print(f"images written to {path.parent} (grid: {path})")
         elif args.command == "info":
-            from .io import read
+            from .io import read_adapter
 
-            tensors, meta = read(args.adapter)
-            n = sum(t.numel() for k, t in tensors.items() if not k.endswith(("0",)))
-            print(json.dumps({k: v for k, v in meta.items() if k != "modules"}, indent=2))
-            print(f"{len(meta['modules'])} adapted modules, {n:,} trainable values")
+            f = read_adapter(args.adapter)
+            n = sum(t.numel() for k, t in f.tensors.items() if not k.endswith(("0",)))
+            print(json.dumps({k: v for k, v in f.meta.items() if k != "modules"}, indent=2))
+            print(f"{len(f.modules)} adapted modules, {n:,} trainable values")
         elif args.command == "export":
             from .interop import export
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+from .errors import ConfigError
 
 VARIANTS = ("tlora", "vanilla", "lora")
 INITS = ("principal", "middle", "last")
 INIT_SOURCES = ("random", "weight")
+
+# Bounds that keep every derived number finite (scale = alpha / rank, seeds in 64 bits).
+MAX_RANK = 65536
+MAX_TIMESTEPS = 10**9
+SEED_RANGE = 2**63
 
 # Attention projections adapted by default: self- and cross-attention of UNets, plus the
 # context-stream projections of FLUX/SD3-style joint attention.
@@ -37,33 +46,44 @@ class AdapterConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if not _is_int(self.rank) or self.rank < 1:
+            raise ConfigError(f"rank must be an integer >= 1, got {self.rank!r}")
+        if self.rank > MAX_RANK:
+            raise ConfigError(f"rank must be at most {MAX_RANK}, got {self.rank!r}")
         if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
+            raise ConfigError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
         if self.min_rank is None:
             # The paper uses r_min = r / 2; plain LoRA has no mask.
             self.min_rank = self.rank if self.variant == "lora" else max(1, self.rank // 2)
-        if not isinstance(self.min_rank, int) or not 1 <= self.min_rank <= self.rank:
-            raise ValueError(f"min_rank must be an integer in 1..rank ({self.rank}), got {self.min_rank!r}")
+        if not _is_int(self.min_rank) or not 1 <= self.min_rank <= self.rank:
+            raise ConfigError(f"min_rank must be an integer in 1..rank ({self.rank}), got {self.min_rank!r}")
         if self.variant == "lora" and self.min_rank != self.rank:
-            raise ValueError("variant 'lora' has no timestep mask: leave min_rank unset (or equal to rank)")
-        if not self.rank_exponent > 0:
-            raise ValueError(f"rank_exponent must be > 0, got {self.rank_exponent!r}")
+            raise ConfigError("variant 'lora' has no timestep mask: leave min_rank unset (or equal to rank)")
+        _check_positive("rank_exponent", self.rank_exponent)
         if self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r}: choose one of {', '.join(INITS)}")
+            raise ConfigError(f"unknown init {self.init!r}: choose one of {', '.join(INITS)}")
         if self.init_from not in INIT_SOURCES:
-            raise ValueError(f"unknown init_from {self.init_from!r}: choose one of {', '.join(INIT_SOURCES)}")
+            raise ConfigError(f"unknown init_from {self.init_from!r}: choose one of {', '.join(INIT_SOURCES)}")
         if self.variant != "tlora" and (self.init, self.init_from) != ("last", "random"):
-            raise ValueError(f"init/init_from apply to variant 'tlora' only, not {self.variant!r}")
-        if not (isinstance(self.num_train_timesteps, int) and self.num_train_timesteps >= 1):
-            raise ValueError(f"num_train_timesteps must be an integer >= 1, got {self.num_train_timesteps!r}")
-        if self.timestep_scale is not None and not self.timestep_scale > 0:
-            raise ValueError(f"timestep_scale must be > 0, got {self.timestep_scale!r}")
+            raise ConfigError(f"init/init_from apply to variant 'tlora' only, not {self.variant!r}")
+        if not (_is_int(self.num_train_timesteps) and self.num_train_timesteps >= 1):
+            raise ConfigError(f"num_train_timesteps must be an integer >= 1, got {self.num_train_timesteps!r}")
+        if self.num_train_timesteps > MAX_TIMESTEPS:
+            raise ConfigError(f"num_train_timesteps must be at most {MAX_TIMESTEPS}, got {self.num_train_timesteps!r}")
+        if self.timestep_scale is not None:
+            _check_positive("timestep_scale", self.timestep_scale)
+        if self.lora_alpha is not None:
+            _check_positive("lora_alpha", self.lora_alpha)
+        if not _is_int(self.seed) or not -SEED_RANGE <= self.seed < SEED_RANGE:
+            raise ConfigError(f"seed must be an integer in -2**63..2**63-1, got {self.seed!r}")
+        t = self.target_modules
+        if t is not None and not isinstance(t, str) and not (
+                isinstance(t, (list, tuple)) and all(isinstance(x, str) for x in t)):
+            raise ConfigError(f"target_modules must be None, a regular expression or a list of module-name suffixes, got {t!r}")
         if self.timestep_convention is not None and not isinstance(self.timestep_convention, str):
-            raise ValueError(f"timestep_convention must be a name (str) in a config, got {self.timestep_convention!r}")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+            raise ConfigError(f"timestep_convention must be a name (str) in a config, got {self.timestep_convention!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a dict, got {type(self.extra).__name__}")
 
     @property
     def scale(self) -> float:
@@ -82,5 +102,36 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"an adapter config is a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (True is an int in Python, never a rank)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_positive(name: str, value: Any) -> None:
+    """A finite number > 0 (not a bool, not a string, not inf or NaN)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not value > 0:
+        raise ConfigError(f"{name} must be > 0 and finite, got {value!r}")
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    """`value` if it is an integer (not a bool) in lo..hi, else a ConfigError naming `name`."""
+    if not _is_int(value) or value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
+    return int(value)
+
+
+def check_float(name: str, value: Any, lo: float, hi: float | None = None, lo_inclusive: bool = True) -> float:
+    """`value` if it is a finite number in [lo, hi] ((lo, hi] without lo_inclusive), else a ConfigError."""
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+          and (value >= lo if lo_inclusive else value > lo) and (hi is None or value <= hi))
+    if not ok:
+        bound = f"{'>=' if lo_inclusive else '>'} {lo:g}" + ("" if hi is None else f" and <= {hi:g}")
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)

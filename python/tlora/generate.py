@@ -10,14 +10,19 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .config import check_float, check_int
+from .errors import AdapterFileError, ConfigError
 from .images import grid
 from .io import load, read
-from .pipelines import family_of, load_pipeline
+from .pipelines import MAX_SIDE, check_dtype, family_of, load_pipeline, resolve_device
+
+MAX_IMAGES = 256  # per prompt
+MAX_STEPS = 1000
 
 
 def fill(prompt: str, concept: str) -> str:
     if "{}" not in prompt:
-        raise ValueError(f"prompt {prompt!r} has no {{}} where the concept ({concept!r}) goes")
+        raise ConfigError(f"prompt {prompt!r} has no {{}} where the concept ({concept!r}) goes")
     return prompt.replace("{}", concept)
 
 
@@ -58,19 +63,35 @@ def sample_grid(pipe, prompts: Sequence[str], concept: str, out: Path, n: int = 
 
 def generate(model: str, adapter: str, prompts: Sequence[str], out: str, n: int = 4, steps: int | None = None,
              guidance: float | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
-             device: str | None = None) -> Path:
+             device: str | None = None, dtype: str = "fp32") -> Path:
     """Sample `n` images per prompt with the adapter; `{}` in a prompt becomes 'token class' from the
-    adapter's metadata. Returns the grid's path."""
+    adapter's metadata. Returns the grid's path.
+
+    `device`: "auto" / None (CUDA when available, else the CPU), "cpu", "cuda", "cuda:N";
+    `dtype`: the pipeline's weights, "fp32", "fp16" (GPU only) or "bf16" (the adapter stays float32)."""
+    check_int("-n", n, 1, MAX_IMAGES)
+    if steps is not None:
+        check_int("--steps", steps, 1, MAX_STEPS)
+    if guidance is not None:
+        check_float("--guidance", guidance, 0.0, 100.0)
+    check_int("--seed", seed, 0, 2**32 - 1)
+    for name, value in (("--height", height), ("--width", width)):
+        if value is not None:
+            check_int(name, value, 8, MAX_SIDE)
+            if value % 8:
+                raise ConfigError(f"{name} must be a multiple of 8 (the autoencoder's stride), got {value}")
+    dev = resolve_device(device)
+    weight_dtype = check_dtype(dtype, dev)
     _, meta = read(adapter)
     extra = meta["config"].get("extra", {})
     if "token" not in extra:
-        raise ValueError(f"{adapter} has no concept token in its metadata; write the concept into the prompt yourself")
+        raise ConfigError(f"{adapter} has no concept token in its metadata; write the concept into the prompt yourself")
+    if not all(isinstance(extra.get(k), str) and extra[k].strip() for k in ("token", "class_name")):
+        raise AdapterFileError(adapter, "token and class_name must be non-empty strings", field="config.extra")
     concept = f"{extra['token']} {extra['class_name']}"
     for p in prompts:
         fill(p, concept)  # fail early, before loading the model
-    pipe = load_pipeline(model)
-    if device:
-        pipe.to(device)
+    pipe = load_pipeline(model, dtype=weight_dtype).to(dev)
     fam = family_of(pipe)
     load(fam.denoiser, adapter)
     side = fam.default_resolution()

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
+
+from .errors import InputError, MissingFileError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Largest image read (64 megapixels, e.g. 8192 x 8192): a training photo is cropped to at most a
+# few megapixels, and a small file that claims more is a decompression bomb.
+MAX_PIXELS = 64 * 2**20
 
 
 def min_side(resolution: int) -> int:
@@ -19,15 +27,42 @@ def min_side(resolution: int) -> int:
     return max(16, resolution // 4)
 
 
-def _open(path: str | Path, what: str) -> Image.Image:
+def check_input_file(path: str | Path, what: str) -> Path:
+    """`path` if it is an existing regular file; folders, FIFOs and devices are refused before
+    they are opened (a FIFO would block the read forever)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
-        img = Image.open(path)
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MissingFileError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise InputError(f"{what} {path} cannot be read ({e.strerror})") from None
+    if stat.S_ISDIR(mode):
+        hint = " (for a folder of photos use --image-dir)" if what == "image" else ""
+        raise InputError(f"{what} {path} is a folder, not an image file{hint}")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{what} {path} is not a regular file (a pipe, device or socket): give an image file")
+    return path
+
+
+def _open(path: str | Path, what: str) -> Image.Image:
+    path = check_input_file(path, what)
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit below is the one that applies; PIL's warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        w, h = img.size
+        if w * h > MAX_PIXELS:
+            raise InputError(f"{what} {path} is {w}x{h} pixels, more than the {MAX_PIXELS:,}-pixel limit: "
+                             "downscale it first (or it is a decompression bomb)")
         img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{what} {path} cannot be read as an image ({e})") from None
+    except InputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{what} {path} is refused as a decompression bomb ({e})") from None
+    except Exception as e:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError...) for bad files
+        raise InputError(f"{what} {path} cannot be read as an image ({type(e).__name__}: {e})") from None
     return ImageOps.exif_transpose(img)
 
 
@@ -55,7 +90,7 @@ def load_image(path: str | Path, resolution: int) -> torch.Tensor:
     """A training image as a (1, 3, R, R) float tensor in [-1, 1], centre-cropped to R."""
     img = _open(path, "image")
     if min(img.size) < min_side(resolution):
-        raise ValueError(f"image {path} is {img.width}x{img.height}; at resolution {resolution} its shorter "
+        raise InputError(f"image {path} is {img.width}x{img.height}; at resolution {resolution} its shorter "
                          f"side must be at least {min_side(resolution)} px")
     img = centre_crop(to_rgb(img), resolution)
     a = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
@@ -68,17 +103,19 @@ def load_mask(path: str | Path, size: int) -> torch.Tensor:
     img = centre_crop(to_rgb(img).convert("L"), size, Image.NEAREST)
     m = torch.from_numpy((np.asarray(img) >= 128).astype(np.float32))
     if m.sum() == 0:
-        raise ValueError(f"mask {path} is empty: white pixels mark the subject")
+        raise InputError(f"mask {path} is empty: white pixels mark the subject")
     return m[None, None]
 
 
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
+    if not folder.exists():
+        raise MissingFileError(f"image folder {folder} does not exist")
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
+        raise InputError(f"image folder {folder} is not a folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
 
 

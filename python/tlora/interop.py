@@ -10,8 +10,14 @@
   sd-scripts layout (SD 1.x/2.x and SD-XL UNets) that `pipe.load_lora_weights(file)` converts.
 
 The export is exact: at rank k a T-LoRA update `s (P_k diag(lam_k) Q_k - P0_k diag(lam0_k) Q0_k)`
-is the rank-2k LoRA with A = [Q_k; Q0_k] and B = s [P_k diag(lam_k), -P0_k diag(lam0_k)]; a LoRA
-update `s up_k down_k` is A = down_k, B = s up_k. The scale s is folded into B and the file's
+is the rank-2k LoRA in difference form, A = [c1 Q_k; c2 (Q_k - Q0_k)] and
+B = s [(P_k diag(lam_k) - P0_k diag(lam0_k)) / c1, P0_k diag(lam0_k) / c2]
+(B A = s (PΛ - P0Λ0) Q + s P0Λ0 (Q - Q0)), the two small differences formed in float64 and stored
+in float32, each block balanced (c = sqrt(||B block|| / ||A block||)) so that no entry sinks into
+float16's subnormal range: a loader that casts A and B to
+float16 / bfloat16 then multiplies small terms, instead of subtracting two nearly equal products
+(the form [Q; Q0], [PΛ, -P0Λ0] loses the update to cancellation in half precision once training
+has moved the factors only a little). A LoRA update `s up_k down_k` is A = down_k, B = s up_k. The scale s is folded into B and the file's
 alpha equals its rank, so every loader's alpha / rank is 1. What is lost: a static LoRA applies
 the same rank at every timestep, not T-LoRA's r(t).
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import tempfile
@@ -44,6 +51,7 @@ from torch import nn
 from . import _native
 from .adapter import Adapter, adapter_of, inject_config, rank_schedule
 from .config import AdapterConfig
+from .errors import AdapterFileError, ConfigError, ModelMismatchError, TloraError
 from .targets import linear_at
 
 FORMATS = ("diffusers", "peft", "kohya")
@@ -94,13 +102,13 @@ def export(adapter_path: str | os.PathLike | Adapter | nn.Module, out_path: str 
     ranks are lost.
     """
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
     tensors, config, base_model = _export_source(adapter_path)
     k = _export_rank(config, timestep, rank)
     if prefix is None:
         prefix = "unet" if "UNet" in base_model else "transformer"
     if format == "kohya" and "UNet" not in base_model:
-        raise ValueError(
+        raise ConfigError(
             f"the kohya format names UNet modules (lora_unet_...); this adapter was made for a {base_model}: "
             "export it as format='diffusers' (pipe.load_lora_weights) or format='peft'"
         )
@@ -154,31 +162,33 @@ def _export_source(source) -> tuple[dict[str, torch.Tensor], AdapterConfig, str]
     if isinstance(source, nn.Module):
         adapter = adapter_of(source)
         if adapter is None:
-            raise ValueError(f"{type(source).__name__} has no tlora adapter to export")
+            raise TloraError(f"{type(source).__name__} has no tlora adapter to export")
         source = adapter
     if isinstance(source, Adapter):
-        tensors = {k: v.detach().float().cpu() for k, v in source.state_dict().items()}
-        return tensors, source.config, type(source.model).__name__
-    from .io import read
+        from .io import checked_factor
 
-    tensors, meta = read(source)
-    return tensors, AdapterConfig.from_dict(meta["config"]), str(meta.get("base_model", ""))
+        tensors = {k: checked_factor(None, k, v.detach().float().cpu()) for k, v in source.state_dict().items()}
+        return tensors, source.config, type(source.model).__name__
+    from .io import read_adapter
+
+    f = read_adapter(source)
+    return f.tensors, f.config, f.base_model
 
 
 def _export_rank(config: AdapterConfig, timestep: float | None, rank: int | None) -> int:
     if timestep is not None and rank is not None:
-        raise ValueError("give timestep or rank, not both")
+        raise ConfigError("give timestep or rank, not both")
     r = config.rank
     if rank is not None:
-        if not isinstance(rank, int) or not 1 <= rank <= r:
-            raise ValueError(f"rank must be an integer in 1..{r} (the adapter's rank), got {rank!r}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= r:
+            raise ConfigError(f"rank must be an integer in 1..{r} (the adapter's rank), got {rank!r}")
         if not config.masked and rank != r:
-            raise ValueError(f"variant 'lora' has no timestep ranks: it always uses all {r} ranks; leave rank unset")
+            raise ConfigError(f"variant 'lora' has no timestep ranks: it always uses all {r} ranks; leave rank unset")
         return rank
     if timestep is not None:
         T = config.num_train_timesteps
         if not 0 <= float(timestep) <= T:
-            raise ValueError(f"timestep must be in 0..{T} (the training scale), got {timestep!r}")
+            raise ConfigError(f"timestep must be in 0..{T} (the training scale), got {timestep!r}")
         if not config.masked:
             return r
         return int(rank_schedule(torch.tensor([float(timestep)], dtype=torch.float64), r, config.min_rank,
@@ -190,15 +200,26 @@ def _bake(tensors: dict[str, torch.Tensor], name: str, config: AdapterConfig, k:
     """(A, B) of module `name` at rank k: the LoRA with B @ A = the adapter's update, scale included."""
     s = config.scale
     if config.variant == "tlora":
-        p, lam, q, p0, lam0, q0 = (tensors[f"{name}.{f}"].float() for f in ("p", "lam", "q", "p0", "lam0", "q0"))
-        a = torch.cat([q[:k], q0[:k]], dim=0)
-        b = torch.cat([p[:, :k] * lam[:k], -(p0[:, :k] * lam0[:k])], dim=1)
+        p, lam, q, p0, lam0, q0 = (tensors[f"{name}.{f}"].double() for f in ("p", "lam", "q", "p0", "lam0", "q0"))
+        frozen = p0[:, :k] * lam0[:k]
+        blocks = [(q[:k], s * (p[:, :k] * lam[:k] - frozen)), (q[:k] - q0[:k], s * frozen)]
+        # Balance each block's magnitudes (A c, B / c: the same product) so that neither factor's
+        # entries sink into float16's subnormal range when a loader casts them.
+        blocks = [(a_ * c, b_ / c) for a_, b_ in blocks for c in [_balance(a_, b_)]]
+        return (torch.cat([blocks[0][0], blocks[1][0]], dim=0).float().contiguous(),
+                torch.cat([blocks[0][1], blocks[1][1]], dim=1).float().contiguous())
     else:
         a = tensors[f"{name}.down"].float()[:k]
         b = tensors[f"{name}.up"].float()[:, :k]
     if s != 1.0:
         b = b * s
     return a.contiguous(), b.contiguous()
+
+
+def _balance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """c with ||c a|| = ||b / c|| (1 for a zero block)."""
+    na, nb = float(a.norm()), float(b.norm())
+    return (nb / na) ** 0.5 if na > 0 and nb > 0 else 1.0
 
 
 def _check_kohya_names(names: list[str]) -> None:
@@ -222,7 +243,7 @@ def _check_kohya_names(names: list[str]) -> None:
     loaded = {k.rsplit(".lora_", 1)[0] for k in peft_keys}
     lost = [n for n in names if n not in loaded]
     if lost:
-        raise ValueError(
+        raise ConfigError(
             "the kohya format cannot name these modules so that diffusers finds them again (dots become "
             f"underscores): {', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}; export as format='diffusers'"
         )
@@ -230,7 +251,7 @@ def _check_kohya_names(names: list[str]) -> None:
 
 def _check_suffix(out: Path, format: str) -> None:
     if out.suffix != ".safetensors":
-        raise ValueError(f"a {format} export is one .safetensors file; got {out.name!r}")
+        raise ConfigError(f"a {format} export is one .safetensors file; got {out.name!r}")
 
 
 def _save(path: Path, items: list[tuple[str, torch.Tensor]], meta: dict[str, str]) -> None:
@@ -264,7 +285,8 @@ _TLORA = ("p", "lam", "q", "p0", "lam0", "q0")
 
 def import_adapter(model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None,
                    min_rank: int | None = None, rank_exponent: float | None = None,
-                   num_train_timesteps: int | None = None, reconstruct_base: bool = False) -> Adapter:
+                   num_train_timesteps: int | None = None, reconstruct_base: bool = False,
+                   raw: tuple[list[tuple[str, torch.Tensor]], dict[str, str]] | None = None) -> Adapter:
     """Inject a T-LoRA adapter read from another implementation's safetensors file into `model`.
 
     Reads the reference code's attention-processor layout and LyCORIS `tlora` state dicts (see the
@@ -277,18 +299,18 @@ def import_adapter(model: nn.Module, path: str | os.PathLike, device: torch.devi
     which rebuilds them as LyCORIS's loader does (the top-r singular triplets of the model's
     weight: right only for LyCORIS's default init, use_data_init=True, sig_type="principal").
 
-    Every name and shape is checked before the model is touched.
+    Every name, shape, dtype and value is checked before the model is touched (`raw`: the file's
+    `tlora.io.read_raw` result, if already read).
     """
-    from .io import METADATA_KEY, load, refuse_pickle
+    from .io import METADATA_KEY, load, read_raw
 
     path = Path(path)
-    refuse_pickle(path)
-    raw_tensors, raw_meta = _native.load_file(str(path))
+    raw_tensors, raw_meta = raw if raw is not None else read_raw(path)
     if METADATA_KEY in raw_meta:
         return load(model, path, device=device)
     existing = adapter_of(model)
     if existing is not None:
-        raise ValueError(
+        raise ModelMismatchError(
             f"{type(model).__name__} already has a tlora adapter ({existing.config.variant}, rank "
             f"{existing.config.rank}); call adapter.remove() before importing another"
         )
@@ -303,7 +325,7 @@ def import_adapter(model: nn.Module, path: str | os.PathLike, device: torch.devi
         source = "LyCORIS"
         modules, variant, alpha = _parse_lycoris(path, tensors, [n for n, _ in model.named_modules() if n])
     else:
-        raise ValueError(_unknown_layout(path, tensors))
+        raise AdapterFileError(path, _unknown_layout(path, tensors))
 
     # Shapes: one rank for every module, factors that fit the model's layers.
     ranks = {}
@@ -312,20 +334,20 @@ def import_adapter(model: nn.Module, path: str | os.PathLike, device: torch.devi
         if base is None:
             other = dict(model.named_modules()).get(name)
             what = "does not exist" if other is None else f"is a {type(other).__name__}, not nn.Linear"
-            raise ValueError(f"{path} ({source}) adapts module {name!r}, which {what} in this {type(model).__name__}")
+            raise ModelMismatchError(f"{path} ({source}) adapts module {name!r}, which {what} in this {type(model).__name__}")
         ranks[name] = _check_factors(path, name, f, variant, base)
     distinct = sorted(set(ranks.values()))
     if len(distinct) != 1:
         example = ", ".join(f"{n}: {r}" for n, r in list(ranks.items())[:4])
-        raise ValueError(f"{path} uses several ranks ({distinct}; {example}); a tlora adapter has one rank for all modules")
+        raise AdapterFileError(path, f"{path} uses several ranks ({distinct}; {example}); a tlora adapter has one rank for all modules")
     r = distinct[0]
 
     if variant == "tlora" and any("p0" not in f for f in modules.values()):
         if source != "LyCORIS":
-            raise ValueError(f"{path} ({source}) has no frozen base copies (base_q, base_p, base_lambda): the file is incomplete")
+            raise AdapterFileError(path, f"{path} ({source}) has no frozen base copies (base_q, base_p, base_lambda): the file is incomplete")
         if not reconstruct_base:
-            raise ValueError(
-                f"{path} ({source}) has no frozen base copies (base_q, base_p, base_lambda), without which a T-LoRA "
+            raise AdapterFileError(
+                path, f"{path} ({source}) has no frozen base copies (base_q, base_p, base_lambda), without which a T-LoRA "
                 "update cannot be computed: LyCORIS's save_weights() leaves them out. Save them with the "
                 "trained factors, e.g. {f'{m.lora_name}.{k}': v for m in network.loras for k, v in "
                 "torch.nn.Module.state_dict(m).items()}, or pass reconstruct_base=True if the network was "
@@ -335,7 +357,7 @@ def import_adapter(model: nn.Module, path: str | os.PathLike, device: torch.devi
             if "p0" not in f:
                 f.update(_principal_base(linear[name], r))
 
-    settings = _rank_settings(raw_meta, min_rank, rank_exponent, num_train_timesteps)
+    settings = _rank_settings(path, raw_meta, min_rank, rank_exponent, num_train_timesteps)
     if settings.get("min_rank") is None and variant != "lora":
         settings["min_rank"] = max(1, r // 2)
         warnings.warn(
@@ -344,10 +366,14 @@ def import_adapter(model: nn.Module, path: str | os.PathLike, device: torch.devi
             UserWarning, stacklevel=2,
         )
     names = sorted(modules)
-    config = AdapterConfig(
-        rank=r, variant=variant, target_modules=names, lora_alpha=alpha,
-        extra={"imported_from": source, "source_file": path.name}, **settings,
-    )
+    try:
+        config = AdapterConfig(
+            rank=r, variant=variant, target_modules=names, lora_alpha=alpha,
+            extra={"imported_from": source, "source_file": path.name}, **settings,
+        )
+    except ConfigError as e:
+        raise AdapterFileError(path, f"{path} ({source}): the rank settings from the arguments and the file's metadata "
+                               f"do not form a valid adapter: {e}") from None
     factors: dict[str, dict[str, torch.Tensor]] = {}
     keys = _TLORA if variant == "tlora" else ("down", "up")
     for name in names:
@@ -368,7 +394,7 @@ def import_file(adapter_path: str | os.PathLike, model: str | nn.Module, out_pat
 
     out = Path(out_path)
     if out.suffix != ".safetensors":
-        raise ValueError(f"adapter files are .safetensors; got {out.name!r}")
+        raise ConfigError(f"adapter files are .safetensors; got {out.name!r}")
     if not isinstance(model, nn.Module):
         from .pipelines import load_denoiser
 
@@ -389,7 +415,8 @@ def _parse_reference(path: Path, tensors: dict[str, torch.Tensor]):
         name = f"{m.group('attn')}.{_REF_PROJ[m.group('proj')]}"
         modules.setdefault(name, {})[param] = t
     if unknown:
-        raise ValueError(f"{path}: keys that are not part of the reference T-LoRA layout: {', '.join(sorted(unknown)[:5])}")
+        raise AdapterFileError(path, f"{path}: keys that are not part of the reference T-LoRA layout: {', '.join(sorted(unknown)[:5])}")
+    _check_foreign_tensors(path, "reference T-LoRA code", modules)
     variant = _variant_of(path, modules, "reference T-LoRA code")
     return modules, variant, None  # the reference code has no alpha: scale 1
 
@@ -405,25 +432,30 @@ def _parse_lycoris(path: Path, tensors: dict[str, torch.Tensor], all_names: list
     for key, t in tensors.items():
         lyco_name, _, param = key.partition(".")
         if lyco_name not in by_lyco_name:
-            raise ValueError(f"{path} (LyCORIS) has {key!r}, which names no module of this model")
+            raise AdapterFileError(path, f"{path} (LyCORIS) has {key!r}, which names no module of this model")
         if len(by_lyco_name[lyco_name]) > 1:
-            raise ValueError(f"{path} (LyCORIS): {lyco_name!r} could be any of {by_lyco_name[lyco_name]}")
+            raise AdapterFileError(path, f"{path} (LyCORIS): {lyco_name!r} could be any of {by_lyco_name[lyco_name]}")
         name = by_lyco_name[lyco_name][0]
         factor = _LYCO_PARAMS.get(param)
         if factor is None:
             if param in ("lora_down.weight", "lora_up.weight", "hada_w1_a", "lokr_w1", "oft_blocks", "oft_diag"):
-                raise ValueError(
-                    f"{path} is a LyCORIS network of another algorithm ({param!r} in {key!r}), not T-LoRA "
+                raise AdapterFileError(
+                    path, f"{path} is a LyCORIS network of another algorithm ({param!r} in {key!r}), not T-LoRA "
                     "(algo='tlora'): load it with LyCORIS or with pipe.load_lora_weights"
                 )
-            raise ValueError(f"{path} (LyCORIS): unexpected tensor {key!r} for a T-LoRA module")
+            raise AdapterFileError(path, f"{path} (LyCORIS): unexpected tensor {key!r} for a T-LoRA module")
         if factor == "alpha":
-            alphas[name] = float(t.float().reshape(-1)[0])
+            value = t.double().reshape(-1) if t.is_floating_point() or t.dtype in (torch.int32, torch.int64) else None
+            if value is None or value.numel() != 1 or not bool(torch.isfinite(value).all()) or float(value[0]) < 0:
+                raise AdapterFileError(path, f"{path} (LyCORIS): {key!r} must hold one finite number >= 0, got "
+                                       f"{'a ' + str(t.dtype) if value is None else value.tolist()}")
+            alphas[name] = float(value[0])
         else:
             modules.setdefault(name, {})[factor] = t
     conv = next((n for n, f in modules.items() if any(t.dim() > 2 for t in f.values())), None)
     if conv is not None:
-        raise ValueError(f"{path} (LyCORIS) adapts a convolution ({conv}); tlora adapts nn.Linear layers only")
+        raise AdapterFileError(path, f"{path} (LyCORIS) adapts a convolution ({conv}); tlora adapts nn.Linear layers only")
+    _check_foreign_tensors(path, "LyCORIS", modules)
     variant = _variant_of(path, modules, "LyCORIS")
     # LyCORIS: scale = alpha / lora_dim, alpha = 0 or missing meaning lora_dim (scale 1).
     values = set()
@@ -432,8 +464,23 @@ def _parse_lycoris(path: Path, tensors: dict[str, torch.Tensor], all_names: list
         a = alphas.get(name, 0.0)
         values.add(float(r) if a == 0 else a)
     if len(values) > 1:
-        raise ValueError(f"{path} (LyCORIS) uses several alphas ({sorted(values)}); a tlora adapter has one scale")
+        raise AdapterFileError(path, f"{path} (LyCORIS) uses several alphas ({sorted(values)}); a tlora adapter has one scale")
     return modules, variant, values.pop() if values else None
+
+
+def _check_foreign_tensors(path: Path, source: str, modules: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Every factor as float32 with finite values (see tlora.io.checked_factor), lambdas 1-D (or
+    (1, r) as the reference code stores them), the others 2-D; in place."""
+    from .io import checked_factor
+
+    for name, f in modules.items():
+        for k, t in list(f.items()):
+            dims_ok = (t.dim() == 1 or (t.dim() == 2 and t.shape[0] == 1)) if k in ("lam", "lam0") else t.dim() == 2
+            if not dims_ok or t.numel() == 0:
+                want = "1-D (r,) or (1, r)" if k in ("lam", "lam0") else "2-D"
+                raise AdapterFileError(path, f"{path} ({source}): module {name!r} has factor {k} of shape "
+                                       f"{tuple(t.shape)}; it must be {want} and not empty")
+            f[k] = checked_factor(path, f"{name}.{k}", t)
 
 
 def _variant_of(path: Path, modules: dict[str, dict[str, torch.Tensor]], source: str) -> str:
@@ -444,17 +491,17 @@ def _variant_of(path: Path, modules: dict[str, dict[str, torch.Tensor]], source:
             partial = [k for k in ("p0", "lam0", "q0") if k in f]
             if partial and len(partial) != 3:
                 missing = sorted({"p0", "lam0", "q0"} - set(partial))
-                raise ValueError(f"{path} ({source}): module {name!r} has only some frozen base copies (missing {missing})")
+                raise AdapterFileError(path, f"{path} ({source}): module {name!r} has only some frozen base copies (missing {missing})")
             extra = set(f) - set(_TLORA)
         elif {"down", "up"} <= f.keys():
             variants.add("vanilla")  # LoRA factors with the timestep mask, as the reference code's "lora"
             extra = set(f) - {"down", "up"}
         else:
-            raise ValueError(f"{path} ({source}): module {name!r} has an incomplete set of factors ({sorted(f)})")
+            raise AdapterFileError(path, f"{path} ({source}): module {name!r} has an incomplete set of factors ({sorted(f)})")
         if extra:
-            raise ValueError(f"{path} ({source}): module {name!r} mixes T-LoRA and LoRA factors ({sorted(f)})")
+            raise AdapterFileError(path, f"{path} ({source}): module {name!r} mixes T-LoRA and LoRA factors ({sorted(f)})")
     if len(variants) != 1:
-        raise ValueError(f"{path} ({source}) mixes T-LoRA and LoRA modules; tlora adapters use one variant")
+        raise AdapterFileError(path, f"{path} ({source}) mixes T-LoRA and LoRA modules; tlora adapters use one variant")
     return variants.pop()
 
 
@@ -469,12 +516,12 @@ def _check_factors(path: Path, name: str, f: dict[str, torch.Tensor], variant: s
                 "q": (r, in_f), "q0": (r, in_f), "down": (r, in_f)}
     for k, t in f.items():
         if tuple(t.shape) != expected[k]:
-            raise ValueError(
-                f"{path}: module {name!r} ({out_f} x {in_f} in this model) has factor {k} of shape "
+            raise AdapterFileError(
+                path, f"{path}: module {name!r} ({out_f} x {in_f} in this model) has factor {k} of shape "
                 f"{tuple(t.shape)}, expected {expected[k]}: the file was made for another model"
             )
     if r > min(out_f, in_f):
-        raise ValueError(f"{path}: module {name!r} has rank {r}, more than its {out_f} x {in_f} weight allows")
+        raise AdapterFileError(path, f"{path}: module {name!r} has rank {r}, more than its {out_f} x {in_f} weight allows")
     return r
 
 
@@ -484,7 +531,7 @@ def _principal_base(base: nn.Linear, r: int) -> dict[str, torch.Tensor]:
     return {"p0": u[:, :r].contiguous(), "lam0": s[:r].contiguous(), "q0": vh[:r].contiguous()}
 
 
-def _rank_settings(meta: dict[str, str], min_rank, rank_exponent, num_train_timesteps) -> dict[str, Any]:
+def _rank_settings(path: Path, meta: dict[str, str], min_rank, rank_exponent, num_train_timesteps) -> dict[str, Any]:
     found: dict[str, str] = dict(meta)
     if "ss_network_args" in meta:
         try:
@@ -500,9 +547,13 @@ def _rank_settings(meta: dict[str, str], min_rank, rank_exponent, num_train_time
         for k in keys:
             if k in found:
                 try:
-                    return cast(float(found[k])) if cast is int else cast(found[k])
-                except ValueError:
-                    raise ValueError(f"metadata {k}={found[k]!r} is not a number") from None
+                    number = float(found[k])
+                except (TypeError, ValueError):
+                    number = math.nan
+                if not math.isfinite(number) or (cast is int and not number.is_integer()):
+                    kind = "an integer" if cast is int else "a finite number"
+                    raise AdapterFileError(path, f"{path}: metadata {k}={found[k]!r} is not {kind}", field=k)
+                return int(number) if cast is int else number
         return None
 
     out = {"min_rank": pick(min_rank, _MIN_RANK_KEYS, int)}

@@ -1,12 +1,35 @@
 """The adapter file: one .safetensors file, float32 factors under `<module path>.<factor>` keys and
-a JSON description under the metadata key "tlora". Only safetensors and JSON are ever read."""
+a JSON description under the metadata key "tlora". Only safetensors and JSON are ever read.
+
+Every reader (tlora.load, tlora.read, `tlora info`, `generate --adapter`, `export`, `import`, and
+training resumes) goes through `read_adapter` (tlora files) or `read_raw` (any safetensors file):
+the file must be a regular file; the metadata must follow the schema below; every tensor must have
+the name, shape and dtype the metadata implies, finite values of magnitude <= MAX_ABS, and the
+bytes that the recorded checksum says. Errors are `tlora.errors` types naming the file and the
+field or module.
+
+Metadata schema (format version 1), a JSON object:
+    format_version  int, == 1
+    config          object: the AdapterConfig fields (validated as `inject` validates them)
+    scale           number, == lora_alpha / rank (1 without alpha)
+    timestep_scale  finite number > 0
+    base_model      string: the model class the adapter was made for
+    modules         non-empty object: module path -> [out_features, in_features] (integers >= 1)
+    checksum        "sha256:<hex>" of the description and the tensors (see `adapter_checksum`);
+                    files written before it existed load with a warning
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import stat
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -14,23 +37,37 @@ from torch import nn
 from . import _native
 from .adapter import Adapter, adapter_of, inject_config
 from .config import AdapterConfig
+from .errors import AdapterFileError, ConfigError, MissingFileError, ModelMismatchError, TloraError
 from .quantized import adaptable_linear, describe
 from .targets import linear_at
 
 FORMAT_VERSION = 1
 METADATA_KEY = "tlora"
+# Larger factor values overflow half-precision inference and only come from a diverged run.
+MAX_ABS = 1e6
+TLORA_FACTORS = ("p", "lam", "q", "p0", "lam0", "q0")
+LORA_FACTORS = ("down", "up")
+# Float dtypes converted to float32 on reading (with a warning); anything else is refused.
+_CONVERTIBLE = (torch.float16, torch.bfloat16, torch.float64)
 
+
+# ==== writing =====================================================================================
 
 def save(model_or_adapter: nn.Module | Adapter, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write the adapter of a model (or an Adapter) to `path`, atomically. `extra` (JSON-able) is
-    kept in the metadata, e.g. the concept's token and class."""
+    kept in the metadata, e.g. the concept's token and class. Refuses non-finite factors."""
     adapter = model_or_adapter if isinstance(model_or_adapter, Adapter) else adapter_of(model_or_adapter)
     if adapter is None:
-        raise ValueError(f"{type(model_or_adapter).__name__} has no tlora adapter to save: call tlora.inject first")
+        raise TloraError(f"{type(model_or_adapter).__name__} has no tlora adapter to save: call tlora.inject first")
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"adapter files are .safetensors; got {path.name!r}")
+        raise ConfigError(f"adapter files are .safetensors; got {path.name!r}")
     c = adapter.config
+    tensors = [(k, v.detach().float().cpu().contiguous()) for k, v in adapter.state_dict().items()]
+    for k, t in tensors:
+        bad = _bad_values(t)
+        if bad:
+            raise TloraError(f"cannot save {path}: adapter factor {k} has {bad} (a diverged training run?)")
     meta = {
         "format_version": FORMAT_VERSION,
         "config": {**c.to_dict(), "extra": {**c.extra, **(extra or {})}},
@@ -39,43 +76,230 @@ def save(model_or_adapter: nn.Module | Adapter, path: str | os.PathLike, extra: 
         "base_model": type(adapter.model).__name__,
         "modules": {n: [layer.out_features, layer.in_features] for n, layer in adapter.layers.items()},
     }
-    tensors = [(k, v.detach().float().cpu().contiguous()) for k, v in adapter.state_dict().items()]
-    _native.save_file(str(path), tensors, {METADATA_KEY: json.dumps(meta)})
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot save {path}: the adapter's config or extra is not plain JSON ({e})") from None
+    meta["checksum"] = adapter_checksum(tensors, meta)
+    text = json.dumps(meta, allow_nan=False)
+    _native.save_file(str(path), tensors, {METADATA_KEY: text})
     return path
 
+
+def adapter_checksum(tensors: Iterable[tuple[str, torch.Tensor]], meta: dict[str, Any]) -> str:
+    """sha256 of the description (the metadata without its "checksum", as JSON with sorted keys)
+    and of the tensors sorted by name: each one's name, dtype and shape (as JSON), then its bytes
+    as stored. Independent of the order in which a writer lays the tensors out or of JSON spacing."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    for name, t in sorted(tensors, key=lambda item: item[0]):
+        t = t.detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return "sha256:" + h.hexdigest()
+
+
+# ==== reading =====================================================================================
 
 def refuse_pickle(path: Path) -> None:
     """Raise (without opening the file) for pickle-based checkpoints, saying how to convert them."""
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl"):
-        raise ValueError(
+        raise AdapterFileError(
+            None,
             f"{path.name} is a pickle-based checkpoint, which tlora never loads (unpickling can run code). "
             "Convert it where you trust it: torch.load(f, weights_only=True), then "
-            "safetensors.torch.save_file(state_dict, 'adapter.safetensors')"
+            "safetensors.torch.save_file(state_dict, 'adapter.safetensors')",
         )
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "adapter file") -> Path:
+    """`path` as a Path if it is an existing regular file. A FIFO, device, socket or folder is
+    refused before it is opened (reading one could block forever or never end)."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MissingFileError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise AdapterFileError(path, f"cannot read this {what} ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise AdapterFileError(path, f"is a folder, not a regular file: give the {what} itself")
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
+                else "a block device" if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "not a regular file")
+        raise AdapterFileError(path, f"is {kind}, not a regular file: give the {what} itself (a .safetensors file)")
+    return path
+
+
+def read_raw(path: str | os.PathLike) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
+    """Any safetensors file: (tensors in file order, metadata strings), after the pickle and
+    regular-file checks. Errors are AdapterFileError (MissingFileError for a missing file)."""
+    path = Path(path)
+    refuse_pickle(path)
+    check_regular_file(path)
+    try:
+        tensors, meta = _native.load_file(str(path))
+    except FileNotFoundError as e:
+        raise MissingFileError(str(e)) from None
+    except (ValueError, OSError) as e:
+        err = AdapterFileError(None, str(e))
+        err.path = os.fspath(path)
+        raise err from None
+    return tensors, meta
+
+
+@dataclass
+class AdapterHeader:
+    """A tlora file's validated metadata."""
+
+    path: Path
+    meta: dict[str, Any]
+    config: AdapterConfig
+    base_model: str
+    modules: dict[str, tuple[int, int]]
+
+
+@dataclass
+class AdapterFile(AdapterHeader):
+    """A validated tlora file: the header and every factor as a float32 CPU tensor."""
+
+    tensors: dict[str, torch.Tensor]
+
+
+def read_adapter(path: str | os.PathLike, before_tensors: Callable[[AdapterHeader], None] | None = None,
+                 raw: tuple[list[tuple[str, torch.Tensor]], dict[str, str]] | None = None) -> AdapterFile:
+    """The one validating reader of tlora files. `before_tensors` runs on the validated header
+    before the tensors are checked (tlora.load checks the model there, so that a file made for
+    another model says so first). `raw`: the file's `read_raw` result, if already read."""
+    path = Path(path)
+    tensors, strings = raw if raw is not None else read_raw(path)
+    if METADATA_KEY not in strings:
+        raise AdapterFileError(path, f"has no {METADATA_KEY!r} metadata: it is a safetensors file, but not a tlora adapter")
+    header = parse_header(path, strings[METADATA_KEY])
+    if before_tensors is not None:
+        before_tensors(header)
+    checked = _check_tensors(header, tensors)
+    return AdapterFile(**vars(header), tensors=checked)
+
+
+def parse_header(path: Path, text: str) -> AdapterHeader:
+    """Validate the "tlora" metadata string against the schema (module docstring)."""
+    def fail(field: str | None, message: str):
+        raise AdapterFileError(path, message, field=field)
+
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        fail(None, f"the {METADATA_KEY!r} metadata is not valid JSON ({e})")
+    except RecursionError:
+        fail(None, f"the {METADATA_KEY!r} metadata is nested too deeply to be an adapter description")
+    if not isinstance(meta, dict):
+        fail(None, f"the {METADATA_KEY!r} metadata must be a JSON object, got {_json_type(meta)}")
+    if "format_version" not in meta:
+        fail("format_version", "missing: this is not a tlora adapter description")
+    version = meta["format_version"]
+    if not _is_int(version):
+        fail("format_version", f"must be an integer, got {version!r}")
+    if version != FORMAT_VERSION:
+        raise AdapterFileError(
+            path, f"has adapter format version {version!r}; this tlora reads version {FORMAT_VERSION}: "
+            "upgrade tlora (pip install -U tlora) or re-export the adapter")
+    for key, kind in (("config", dict), ("modules", dict), ("base_model", str)):
+        if key not in meta:
+            fail(key, "missing")
+        if not isinstance(meta[key], kind):
+            fail(key, f"must be a JSON {'object' if kind is dict else 'string'}, got {_json_type(meta[key])}")
+    try:
+        config = AdapterConfig.from_dict(meta["config"])
+    except (ConfigError, TypeError, ValueError, OverflowError) as e:
+        fail("config", str(e))
+    for key in ("scale", "timestep_scale"):
+        if key in meta and not _finite_positive(meta[key]):
+            fail(key, f"must be a finite number > 0, got {meta[key]!r}")
+    if "scale" in meta and not math.isclose(meta["scale"], config.scale, rel_tol=1e-6):
+        fail("scale", f"{meta['scale']!r} disagrees with the config (lora_alpha / rank = {config.scale!r})")
+    if "checksum" in meta and not (isinstance(meta["checksum"], str) and meta["checksum"].startswith("sha256:")):
+        fail("checksum", f"must be a string 'sha256:<hex>', got {meta['checksum']!r}")
+    if not meta["modules"]:
+        fail("modules", "is empty: the adapter adapts no module")
+    modules: dict[str, tuple[int, int]] = {}
+    for name, shape in meta["modules"].items():
+        if not name:
+            fail("modules", "has an empty module name")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and v >= 1 for v in shape)):
+            fail(f"modules[{name!r}]", f"must be [out_features, in_features] (two integers >= 1), got {shape!r}")
+        out_f, in_f = shape
+        if config.rank > min(out_f, in_f):
+            fail(f"modules[{name!r}]", f"rank {config.rank} is larger than this {out_f} x {in_f} module allows")
+        modules[name] = (out_f, in_f)
+    return AdapterHeader(path=path, meta=meta, config=config, base_model=meta["base_model"], modules=modules)
+
+
+def factor_shape(key: str, r: int, out_f: int, in_f: int) -> tuple[int, ...]:
+    return {"p": (out_f, r), "p0": (out_f, r), "up": (out_f, r), "lam": (r,), "lam0": (r,),
+            "q": (r, in_f), "q0": (r, in_f), "down": (r, in_f)}[key]
+
+
+def _check_tensors(header: AdapterHeader, raw: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    path, config = header.path, header.config
+    tensors = dict(raw)
+    keys = TLORA_FACTORS if config.variant == "tlora" else LORA_FACTORS
+    checked: dict[str, torch.Tensor] = {}
+    for name, (out_f, in_f) in header.modules.items():
+        for k in keys:
+            key = f"{name}.{k}"
+            t = tensors.pop(key, None)
+            expected = factor_shape(k, config.rank, out_f, in_f)
+            if t is None or tuple(t.shape) != expected:
+                got = "missing" if t is None else f"shape {tuple(t.shape)}"
+                raise AdapterFileError(path, f"tensor {key} is {got}, expected shape {expected}")
+            checked[key] = t
+    if tensors:
+        raise AdapterFileError(path, f"has tensors that belong to no adapted module: {', '.join(sorted(tensors)[:5])}")
+    expected_sum = header.meta.get("checksum")
+    if expected_sum is None:
+        warnings.warn(f"{path} has no checksum (written by an older tlora): its tensors cannot be verified",
+                      UserWarning, stacklevel=3)
+    elif adapter_checksum(checked.items(), header.meta) != expected_sum:
+        raise AdapterFileError(path, "the metadata and tensors do not match the file's checksum: the file is "
+                               "corrupted (or was edited); re-save or re-download it", field="checksum")
+    return {key: checked_factor(path, key, t) for key, t in checked.items()}
+
+
+def checked_factor(path: Path | None, key: str, t: torch.Tensor) -> torch.Tensor:
+    """A factor as float32: other float dtypes converted with a warning, integers refused, values
+    finite and at most MAX_ABS in magnitude."""
+    if t.dtype != torch.float32:
+        if t.dtype not in _CONVERTIBLE:
+            raise AdapterFileError(path, f"tensor {key} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                                   "adapter factors are float32 (float16, bfloat16 and float64 are converted)")
+        warnings.warn(f"{path}: tensor {key} is {str(t.dtype).removeprefix('torch.')}, converted to float32",
+                      UserWarning, stacklevel=4)
+        t = t.float()
+    bad = _bad_values(t)
+    if bad:
+        raise AdapterFileError(path, f"tensor {key} has {bad}; a usable adapter has finite factors of magnitude "
+                               f"<= {MAX_ABS:g}")
+    return t
+
+
+def _bad_values(t: torch.Tensor) -> str:
+    """'' for finite values of magnitude <= MAX_ABS, else what is wrong."""
+    if t.numel() == 0:
+        return ""
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        return f"{int((~finite).sum())} non-finite values (NaN or inf)"
+    big = float(t.abs().max())
+    return f"values as large as {big:.3g}" if big > MAX_ABS else ""
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and check an adapter file: (tensors, metadata). Raises ValueError naming the problem."""
-    path = Path(path)
-    refuse_pickle(path)
-    tensors, raw = _native.load_file(str(path))
-    return _checked(path, tensors, raw)
-
-
-def _checked(path: Path, tensors, raw: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    if METADATA_KEY not in raw:
-        raise ValueError(f"{path} has no {METADATA_KEY!r} metadata: it is a safetensors file, but not a tlora adapter")
-    try:
-        meta = json.loads(raw[METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: the {METADATA_KEY!r} metadata is not valid JSON ({e})") from None
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has adapter format version {version!r}; this tlora reads version {FORMAT_VERSION}: "
-            "upgrade tlora (pip install -U tlora) or re-export the adapter"
-        )
-    return dict(tensors), meta
+    """Read and check an adapter file: (float32 tensors, metadata). Raises AdapterFileError (a
+    ValueError) naming the file and the problem."""
+    f = read_adapter(path)
+    return f.tensors, f.meta
 
 
 def load(model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None) -> Adapter:
@@ -86,46 +310,48 @@ def load(model: nn.Module, path: str | os.PathLike, device: torch.device | str |
     checkpoint (the reference code's or LyCORIS's) by `tlora.interop.import_adapter`.
     """
     path = Path(path)
-    refuse_pickle(path)
-    tensors, raw = _native.load_file(str(path))
-    if METADATA_KEY not in raw:
+    raw = read_raw(path)
+    existing = adapter_of(model)
+    if existing is not None:
+        raise ModelMismatchError(
+            f"cannot load {path}: {type(model).__name__} already has a tlora adapter ({existing.config.variant}, "
+            f"rank {existing.config.rank}); call adapter.remove() (or tlora.remove(model)) first")
+    if METADATA_KEY not in raw[1]:
         from .interop import import_adapter
 
-        return import_adapter(model, path, device=device)
-    tensors, meta = _checked(path, tensors, raw)
-    config = AdapterConfig.from_dict(meta["config"])
-    made_for = meta.get("base_model")
-    if made_for != type(model).__name__:
-        raise ValueError(f"{path} was made for a {made_for}, not a {type(model).__name__}")
+        return import_adapter(model, path, device=device, raw=raw)
     modules = dict(model.named_modules())
-    names = list(meta["modules"])
-    keys = ("p", "lam", "q", "p0", "lam0", "q0") if config.variant == "tlora" else ("down", "up")
+
+    def fits_model(header: AdapterHeader) -> None:
+        if header.base_model != type(model).__name__:
+            raise ModelMismatchError(f"{path} was made for a {header.base_model}, not a {type(model).__name__}")
+        for name, (out_f, in_f) in header.modules.items():
+            base = linear_at(modules, name)[1]
+            if not adaptable_linear(base):
+                what = "does not exist" if base is None else f"is a {describe(base)}, not nn.Linear"
+                raise ModelMismatchError(f"{path} adapts module {name!r}, which {what} in this {type(model).__name__}")
+            if (base.out_features, base.in_features) != (out_f, in_f):
+                raise ModelMismatchError(
+                    f"{path} was made for a different model: module {name!r} is {base.out_features} x "
+                    f"{base.in_features} here but {out_f} x {in_f} in the file")
+
+    f = read_adapter(path, before_tensors=fits_model, raw=raw)
+    keys = TLORA_FACTORS if f.config.variant == "tlora" else LORA_FACTORS
     factors: dict[str, dict[str, torch.Tensor]] = {}
-    for name in names:
-        base = linear_at(modules, name)[1]
-        if not adaptable_linear(base):
-            what = "does not exist" if base is None else f"is a {describe(base)}, not nn.Linear"
-            raise ValueError(f"{path} adapts module {name!r}, which {what} in this {type(model).__name__}")
-        out_f, in_f = meta["modules"][name]
-        if (base.out_features, base.in_features) != (out_f, in_f):
-            raise ValueError(
-                f"{path} was made for a different model: module {name!r} is {base.out_features} x "
-                f"{base.in_features} here but {out_f} x {in_f} in the file"
-            )
-        dev = device if device is not None else base.weight.device
-        factors[name] = {}
-        for k in keys:
-            t = tensors.pop(f"{name}.{k}", None)
-            expected = _factor_shape(k, config.rank, out_f, in_f)
-            if t is None or tuple(t.shape) != expected:
-                got = "missing" if t is None else f"shape {tuple(t.shape)}"
-                raise ValueError(f"{path}: tensor {name}.{k} is {got}, expected shape {expected}")
-            factors[name][k] = t.to(dev)
-    if tensors:
-        raise ValueError(f"{path} has tensors that belong to no adapted module: {', '.join(sorted(tensors)[:5])}")
-    return inject_config(model, config, module_names=names, factors=factors)
+    for name in f.modules:
+        dev = device if device is not None else linear_at(modules, name)[1].weight.device
+        factors[name] = {k: f.tensors[f"{name}.{k}"].to(dev) for k in keys}
+    return inject_config(model, f.config, module_names=list(f.modules), factors=factors)
 
 
-def _factor_shape(key: str, r: int, out_f: int, in_f: int) -> tuple[int, ...]:
-    return {"p": (out_f, r), "p0": (out_f, r), "up": (out_f, r), "lam": (r,), "lam0": (r,),
-            "q": (r, in_f), "q0": (r, in_f), "down": (r, in_f)}[key]
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite_positive(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0)
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)

@@ -377,8 +377,8 @@ class TLoraLinear(nn.Module):
         d = torch.empty(2 * r, in_f, dtype=torch.float32, device=q.device)
         d[:r].copy_(q.data)
         q.data = d[:r]
-        u = torch.empty(p.shape[0], 2 * r, dtype=torch.float32, device=q.device)
-        self._operand_bufs[(torch.float32, q.device)] = [d, u, True]
+        # U's buffer comes with the first float32 call (a bf16 run never needs it).
+        self._operand_bufs[(torch.float32, q.device)] = [d, None, True]
 
     # ---- dtype and device moves --------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -470,10 +470,11 @@ class TLoraLinear(nn.Module):
                 bufs[2] = True
         key = (dtype, p.device)
         bufs = self._operand_bufs.get(key)
+        r, in_f, out_f = q.shape[0], q.shape[1], p.shape[0]
         if bufs is None:
-            r, in_f, out_f = q.shape[0], q.shape[1], p.shape[0]
-            bufs = self._operand_bufs[key] = [torch.empty(2 * r, in_f, dtype=dtype, device=p.device),
-                                              torch.empty(out_f, 2 * r, dtype=dtype, device=p.device), True]
+            bufs = self._operand_bufs[key] = [torch.empty(2 * r, in_f, dtype=dtype, device=p.device), None, True]
+        if bufs[1] is None:
+            bufs[1] = torch.empty(out_f, 2 * r, dtype=dtype, device=p.device)
         d, u = _native.lowrank_operands(factors, self._frozen[1], _DTYPE_NAMES[dtype], bufs[0], bufs[1], bufs[2])
         bufs[2] = False
         return d, u

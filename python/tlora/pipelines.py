@@ -11,11 +11,62 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import InputError, MissingFileError
+
 SUPPORTED = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "FluxPipeline": "flux",
 }
+# Components each supported pipeline cannot do without: a folder whose model_index.json names the
+# class but lacks them is another model mislabelled (e.g. an SD 1.x folder called SD-XL).
+REQUIRED_COMPONENTS = {
+    "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "StableDiffusionXLPipeline": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+    "FluxPipeline": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+}
+# Largest image side trained on or sampled (SD-XL is 1024, FLUX up to 2048).
+MAX_SIDE = 4096
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """The device to run on: "auto" / None (CUDA when available, else the CPU), "cpu", "cuda",
+    "cuda:N" or "mps"; one that is not there is refused with what is available."""
+    name = "auto" if name is None else str(name).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"device {name!r} is not available: this machine has no CUDA GPU that torch can use "
+                             "(use --device cpu)")
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"device {name!r} is not available: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"device {name!r} is not available on this machine (use --device cpu)")
+        return dev
+    raise InputError(f"device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+
+
+def check_dtype(dtype: str, device: torch.device, option: str = "--dtype") -> torch.dtype:
+    """The torch dtype for "fp32" / "fp16" / "bf16" ("no" = fp32) on `device`: float16 runs on GPUs
+    only (the CPU has no float16 matrix kernels for every layer a pipeline uses)."""
+    key = "fp32" if dtype == "no" else dtype
+    if key not in DTYPES:
+        raise InputError(f"{option} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if key == "fp16" and device.type == "cpu":
+        raise InputError(f"{option} {dtype} needs a CUDA GPU (tlora does not run float16 on the CPU): use bf16 or "
+                         f"{'no' if option == '--mixed-precision' else 'fp32'} with --device cpu")
+    return DTYPES[key]
 
 
 def check_model_folder(path: str) -> None:
@@ -24,21 +75,38 @@ def check_model_folder(path: str) -> None:
     root = Path(path)
     if not root.exists():
         if path.startswith((".", "/", "~")) or path.count("/") != 1:
-            raise FileNotFoundError(f"model folder {path} does not exist (and it is not a hub id like 'org/name')")
+            raise MissingFileError(f"model folder {path} does not exist (and it is not a hub id like 'org/name')")
         return  # a hub id: diffusers resolves it
+    if not root.is_dir():
+        raise InputError(f"--model {root} is not a folder: give a diffusers model folder (with model_index.json) or a hub id")
     index = root / "model_index.json"
     if not index.is_file():
-        raise ValueError(f"{root} is not a diffusers model folder: it has no model_index.json")
-    spec = json.loads(index.read_text())
+        raise InputError(f"{root} is not a diffusers model folder: it has no model_index.json (as a regular file)")
+    try:
+        spec = json.loads(index.read_text())
+    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
+        raise InputError(f"{index} is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(spec, dict):
+        raise InputError(f"{index} must be a JSON object with _class_name and components, got a {type(spec).__name__}")
     cls = spec.get("_class_name")
+    if not isinstance(cls, str):
+        raise InputError(f"{index}: _class_name must be a pipeline class name (a string), got {cls!r}")
     if cls not in SUPPORTED:
-        raise ValueError(f"{root} holds a {cls}; tlora trains {', '.join(SUPPORTED)}")
+        raise InputError(f"{root} holds a {cls}; tlora trains {', '.join(SUPPORTED)}")
     for name, value in spec.items():
-        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+        if name.startswith("_") or not isinstance(value, list):  # other values are pipeline options
+            continue
+        if len(value) != 2:
+            raise InputError(f"{index}: component {name!r} must be [library, class], got {value!r}")
+        if value[0] is None:
             continue
         if not (root / name).is_dir():
-            raise ValueError(f"{root} is missing component {name!r} (model_index.json lists it as {value[1]}): "
+            raise InputError(f"{root} is missing component {name!r} (model_index.json lists it as {value[1]}): "
                              f"copy the {name}/ folder from the original model")
+    missing = [c for c in REQUIRED_COMPONENTS[cls] if not (isinstance(spec.get(c), list) and spec[c][0] is not None)]
+    if missing:
+        raise InputError(f"{index} says {cls} but lists no {', '.join(missing)}: the folder holds another kind of "
+                         "model (is _class_name right?)")
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, quantize: str | None = None):
@@ -55,7 +123,11 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, quantize: str 
 
         q = quantization_config(quantize)
         kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping={"unet": q, "transformer": q})
-    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, **kwargs)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, **kwargs)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as e:
+        # A folder whose components do not fit its pipeline class; diffusers' own error is raw.
+        raise InputError(f"cannot load model {model}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     family_of(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -75,14 +147,14 @@ def load_denoiser(model: str) -> nn.Module:
             return AutoModel.from_pretrained(model, subfolder=sub).eval()
         except OSError as e:  # a hub id without this subfolder
             errors.append(str(e).splitlines()[0])
-    raise ValueError(f"{model} has no unet/ or transformer/ denoiser" + (f" ({errors[-1]})" if errors else ""))
+    raise InputError(f"{model} has no unet/ or transformer/ denoiser" + (f" ({errors[-1]})" if errors else ""))
 
 
 def family_of(pipe) -> "Family":
     name = type(pipe).__name__
     key = SUPPORTED.get(name)
     if key is None:
-        raise ValueError(f"{name} is not supported: tlora trains {', '.join(SUPPORTED)}")
+        raise InputError(f"{name} is not supported: tlora trains {', '.join(SUPPORTED)}")
     return {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "flux": Flux}[key](pipe)
 
 

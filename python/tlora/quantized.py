@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 # The `tlora train --quantize` choices, and the backend each one uses.
 QUANTIZE_CHOICES = ("int8", "int4", "nf4")
 
@@ -102,12 +104,12 @@ def quantization_config(choice: str):
     through optimum-quanto (runs on CPU and GPU), nf4 through bitsandbytes (diffusers asks for a
     GPU for it). Raises a clear error when the backend is not installed."""
     if choice not in QUANTIZE_CHOICES:
-        raise ValueError(f"--quantize {choice!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+        raise ConfigError(f"--quantize {choice!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
     if choice in ("int8", "int4"):
         try:
             import optimum.quanto  # noqa: F401
         except ImportError as e:
-            raise ValueError(f"--quantize {choice} needs optimum-quanto: pip install optimum-quanto") from e
+            raise ConfigError(f"--quantize {choice} needs optimum-quanto: pip install optimum-quanto") from e
         if choice == "int4":
             _ninja_for_quanto()
         from diffusers import QuantoConfig
@@ -116,9 +118,9 @@ def quantization_config(choice: str):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
-        raise ValueError("--quantize nf4 needs bitsandbytes: pip install bitsandbytes") from e
+        raise ConfigError("--quantize nf4 needs bitsandbytes: pip install bitsandbytes") from e
     if not torch.cuda.is_available():
-        raise ValueError("--quantize nf4 (bitsandbytes through diffusers) needs a CUDA GPU, which diffusers asks for: "
+        raise ConfigError("--quantize nf4 (bitsandbytes through diffusers) needs a CUDA GPU, which diffusers asks for: "
                          "on the CPU use --quantize int8 or int4 (optimum-quanto)")
     from diffusers import BitsAndBytesConfig
 
@@ -135,4 +137,4 @@ def _ninja_for_quanto() -> None:
     if (here / "ninja").exists():
         os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
         return
-    raise ValueError("--quantize int4 (optimum-quanto) builds a C++ extension with ninja on the CPU: pip install ninja")
+    raise ConfigError("--quantize int4 (optimum-quanto) builds a C++ extension with ninja on the CPU: pip install ninja")

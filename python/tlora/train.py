@@ -7,7 +7,11 @@ writes files.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,12 +22,22 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapter import Adapter, inject
+from .checkpoint import _NAME as CHECKPOINT_NAME
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json
+from .config import AdapterConfig, check_float, check_int
+from .errors import CheckpointError, ConfigError, TrainingError
 from .images import list_images, load_image, load_mask
 from .io import save as save_adapter
-from .pipelines import family_of, load_pipeline
+from .pipelines import MAX_SIDE, check_dtype, family_of, load_pipeline, resolve_device
 
 PAPER_STEPS = {"tlora": 800, "vanilla": 500, "lora": 500}
+MAX_STEPS = 10_000_000
+MAX_SEED = 2**32 - 1
+# Files of a run in --out: another run's are refused unless --resume or --overwrite.
+RUN_FILES = ("config.json", "loss.jsonl", "adapter.safetensors")
+# Settings a resumed run must share with the run it continues (the lr may change: it is applied).
+RESUME_FIXED_TRAIN = ("model", "token", "class_name", "resolution", "seed")
+RESUME_FIXED_ADAPTER = ("variant", "rank", "min_rank", "rank_exponent", "target_modules")
 
 
 @dataclass
@@ -52,26 +66,43 @@ class TrainConfig:
     prior_weight: float = 1.0
     gradient_checkpointing: bool = False
     target_modules: Sequence[str] | None = None
+    device: str | None = None  # "auto" / None: CUDA when available, else the CPU
+    overwrite: bool = False  # replace another run's files in `out`
     quantize: str | None = None  # "int8" | "int4" (optimum-quanto) | "nf4" (bitsandbytes): a quantized frozen base
 
     def __post_init__(self) -> None:
         if self.steps is None:
             self.steps = PAPER_STEPS.get(self.variant, 800)
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        check_int("--steps", self.steps, 1, MAX_STEPS)
+        check_int("--checkpoint-every", self.checkpoint_every, 1)
+        check_float("--lr", self.lr, 0.0, 1.0, lo_inclusive=False)
+        check_int("--seed", self.seed, 0, MAX_SEED)
+        if self.resolution is not None:
+            check_int("--resolution", self.resolution, 8, MAX_SIDE)
+            if self.resolution % 8:
+                raise ConfigError(f"--resolution must be a multiple of 8 (the autoencoder's stride), got {self.resolution}")
+        if self.validation_steps is not None:
+            check_int("--validation-steps", self.validation_steps, 1, 1000)
+        check_float("--prior-weight", self.prior_weight, 0.0)
         if (self.image is None) == (self.image_dir is None):
-            raise ValueError("give exactly one of --image (one photo, the paper's setting) or --image-dir")
+            raise ConfigError("give exactly one of --image (one photo, the paper's setting) or --image-dir")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+            raise ConfigError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.quantize not in (None, "int8", "int4", "nf4"):
-            raise ValueError(f"--quantize must be int8, int4 or nf4, got {self.quantize!r}")
+            raise ConfigError(f"--quantize must be int8, int4 or nf4, got {self.quantize!r}")
         for p in self.validation_prompts:
             if "{}" not in p:
-                raise ValueError(f"validation prompt {p!r} has no {{}} where '{self.token} {self.class_name}' goes")
+                raise ConfigError(f"validation prompt {p!r} has no {{}} where '{self.token} {self.class_name}' goes")
         if not self.token.strip() or not self.class_name.strip():
-            raise ValueError("--token and --class-name must not be empty")
+            raise ConfigError("--token and --class-name must not be empty")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        # The adapter's own settings, validated as inject validates them.
+        self.adapter_config()
+
+    def adapter_config(self) -> AdapterConfig:
+        return AdapterConfig(rank=self.rank, min_rank=self.min_rank, rank_exponent=self.rank_exponent,
+                             variant=self.variant, target_modules=self.target_modules)
 
     @property
     def prompt(self) -> str:
@@ -88,6 +119,74 @@ def _check_writable(out: Path) -> None:
         raise PermissionError(f"output folder {out} is not writable ({e.strerror}): choose another --out") from None
 
 
+def _lock_out(out: Path) -> int:
+    """An exclusive lock on the output folder itself (flock on its descriptor: no lock file to
+    leave behind), held until the run ends; a second run into the same folder is refused."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CheckpointError(f"another tlora run is writing to {out}: wait for it to finish or choose another --out") from None
+    return fd
+
+
+def _prepare_out(out: Path, cfg: "TrainConfig") -> None:
+    """Refuse an --out that holds another run unless --resume (same settings) or --overwrite
+    (its run files are removed)."""
+    found = sorted(p.name for p in out.iterdir() if p.name in RUN_FILES or CHECKPOINT_NAME.match(p.name))
+    if not found:
+        return
+    if cfg.overwrite:
+        for name in found:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return
+    if not cfg.resume:
+        raise CheckpointError(
+            f"{out} holds another run ({', '.join(found[:4])}{' ...' if len(found) > 4 else ''}): pass --resume to "
+            "continue it, --overwrite to replace it, or choose another --out")
+    try:
+        previous = json.loads((out / "config.json").read_text())
+        before_train, before_adapter = previous["train"], previous["adapter"]
+    except FileNotFoundError:
+        return  # checkpoints without config.json: load_checkpoint still checks the adapter
+    except (OSError, KeyError, TypeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{out / 'config.json'} is unreadable ({type(e).__name__}: {e}): cannot check that "
+                              "--resume continues the same run; use --overwrite to start over") from None
+    now_train = json.loads(json.dumps(asdict(cfg)))
+    now_adapter = cfg.adapter_config().to_dict()
+    changed = [(k, before_train.get(k), now_train[k]) for k in RESUME_FIXED_TRAIN
+               if k in before_train and _same_setting(k, before_train[k]) != _same_setting(k, now_train[k])]
+    changed += [(k, before_adapter.get(k), now_adapter[k]) for k in RESUME_FIXED_ADAPTER
+                if k in before_adapter and before_adapter[k] != now_adapter[k]]
+    if changed:
+        what = "; ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, a, b in changed)
+        raise CheckpointError(f"--resume cannot continue the run in {out} with other settings ({what}): "
+                              "resume with its settings, or start a new run (--overwrite or another --out)")
+
+
+def _same_setting(key: str, value):
+    """A setting in comparable form (model folders by their real path)."""
+    if key == "model" and isinstance(value, str) and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
+
+
+def _check_finite_factors(adapter: Adapter, step: int, out: Path) -> None:
+    for name, p in adapter.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise TrainingError(f"the adapter's factor {name} became non-finite at step {step}: training diverged "
+                                f"(lr too high?). {_last_good(out)}")
+
+
+def _last_good(out: Path) -> str:
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return "No checkpoint was written; start again with a lower --lr (and --overwrite)."
+    return f"The last good checkpoint is {ckpt}: continue from it with --resume and a lower --lr."
+
+
 @dataclass
 class TrainResult:
     adapter_path: Path  # the final adapter.safetensors (written by the main process)
@@ -102,14 +201,34 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
 
     cfg = config or TrainConfig(**kwargs)
     out = Path(cfg.out)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    device = resolve_device(cfg.device)
+    weight_dtype = check_dtype(cfg.mixed_precision, device, "--mixed-precision")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device.index)
+    # accelerate keeps one mixed-precision setting per process: forget the previous run's (the
+    # distributed state itself is kept), so that train() can run again with other settings.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
+    lock = None
     if acc.is_main_process:
         _check_writable(out)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        lock = _lock_out(out)
+    try:
+        if acc.is_main_process:
+            _prepare_out(out, cfg)
+        return _train(cfg, acc, out, weight_dtype)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> TrainResult:
 
     pipe = load_pipeline(cfg.model, dtype=weight_dtype, quantize=cfg.quantize).to(acc.device)
     fam = family_of(pipe)
-    resolution = cfg.resolution or fam.default_resolution()
+    resolution = cfg.resolution if cfg.resolution is not None else fam.default_resolution()
     paths = [Path(cfg.image)] if cfg.image else list_images(cfg.image_dir)
     pixels = torch.cat([load_image(p, resolution) for p in paths])
 
@@ -142,6 +261,13 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
         start = load_checkpoint(ckpt, adapter, optimizer, gen, acc.process_index)
         acc.print(f"resuming from {ckpt} (step {start})")
+        old_lr = optimizer.param_groups[0]["lr"]
+        if old_lr != cfg.lr:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr
+            acc.print(f"--lr {cfg.lr:g} differs from the checkpoint's {old_lr:g}: the optimizer continues with {cfg.lr:g}")
+    elif cfg.resume:
+        acc.print(f"no checkpoint in {out}: starting from step 0")
     loss_log = out / "loss.jsonl"
     if acc.is_main_process:
         write_json(out / "config.json", {"train": asdict(cfg), "adapter": adapter.config.to_dict(), "resolution": resolution})
@@ -169,10 +295,13 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
         loss = loss_on(lat_mean, lat_std, cond, mask)
         if prior is not None:
             loss = loss + cfg.prior_weight * loss_on(*prior)
+        value = acc.reduce(loss.detach(), reduction="mean").item()
+        if not math.isfinite(value):  # every process sees the same reduced value and stops
+            raise TrainingError(f"the loss is {value} at step {step + 1} (lr {cfg.lr:g}): training diverged. "
+                                f"{_last_good(out)}")
         acc.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        value = acc.reduce(loss.detach(), reduction="mean").item()
         bar.set_postfix(loss=f"{value:.4f}")
         done = step + 1
         if acc.is_main_process:
@@ -182,6 +311,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
             # Every process draws its own timesteps: keep all their RNG states, not just the main one's.
             gen_states = list(acc.gather(gen.get_state()[None].to(acc.device)).cpu()) if acc.num_processes > 1 else None
             acc.wait_for_everyone()
+            _check_finite_factors(adapter, done, out)
             if acc.is_main_process:
                 ckpt = save_checkpoint(out, done, adapter, optimizer, gen, adapter.config.extra, gen_states)
                 if cfg.validation_prompts:

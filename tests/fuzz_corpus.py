@@ -1,0 +1,273 @@
+"""A deterministic corpus of corrupted adapter files, built from one valid tlora file.
+
+Used by tests/test_fuzz.py and benches/badinput.py. Uses only `tlora.inject`, `tlora.save` and
+the safetensors package (so that it runs against older tlora versions too); the checksum of
+rewritten files is recomputed here independently, as tlora.io documents it (sha256 of the
+description without "checksum" as sorted-key JSON, then per tensor sorted by name: JSON
+[name, dtype, shape] and the stored bytes).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+RANK = 4
+
+
+class Attn(nn.Module):
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+
+
+class FuzzModel(nn.Module):
+    """Two attention blocks under `blocks.*.attn`, called with (x, timestep) like a denoiser."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([nn.Module() for _ in range(2)])
+        for b in self.blocks:
+            b.attn = Attn(dim)
+
+    def forward(self, x, timestep=None):
+        for b in self.blocks:
+            x = b.attn.to_q(x) + b.attn.to_k(x)
+        return x
+
+
+@dataclass
+class Case:
+    name: str
+    data: bytes
+    # True: every reader must refuse it; False: it must load (exactly); None: either, but a load
+    # must give exactly the valid file's tensors and settings.
+    must_fail: bool | None
+    kind: str  # "tlora" (a tlora file), "foreign" (reference / LyCORIS layout)
+
+
+def valid_file(path: Path) -> Path:
+    import tlora
+
+    model = FuzzModel()
+    adapter = tlora.inject(model, rank=RANK, lora_alpha=2.0, target_modules=["to_q", "to_k"])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    tlora.save(model, path, extra={"token": "sks", "class_name": "dog"})
+    adapter.remove()
+    return path
+
+
+def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _parts(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = st_load(data)
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    return tensors, json.loads(header["__metadata__"]["tlora"])
+
+
+def _write(tensors: dict[str, torch.Tensor], meta: Any, restamp: bool, raw: str | None = None) -> bytes:
+    """Safetensors bytes with `meta` as the tlora description; `restamp`: recompute the checksum
+    (when the valid file has one) so that the checks behind it are reached."""
+    if raw is None:
+        if restamp and isinstance(meta, dict) and "checksum" in meta:
+            meta = dict(meta, checksum=checksum(tensors, meta))
+        raw = json.dumps(meta)
+    return st_save({k: v.contiguous().clone() for k, v in tensors.items()}, metadata={"tlora": raw})
+
+
+def build(valid: bytes) -> list[Case]:
+    rng = random.Random(1234)
+    tensors, meta = _parts(valid)
+    header_len = int.from_bytes(valid[:8], "little")
+    cases: list[Case] = []
+
+    def add(name, data, must_fail, kind="tlora"):
+        cases.append(Case(name, data, must_fail, kind))
+
+    # Truncations: inside the length prefix, the header and the data.
+    cuts = sorted({0, 1, 4, 7, 8, 9, 16, 8 + header_len // 2, 8 + header_len - 1, 8 + header_len,
+                   8 + header_len + 1, len(valid) - 1, len(valid) - 4}
+                  | {rng.randrange(1, len(valid)) for _ in range(30)})
+    for n in cuts:
+        add(f"truncated at {n}", valid[:n], True)
+    # Byte flips in the header (JSON, metadata) and in the tensor data.
+    for i in range(70):
+        pos = rng.randrange(0, 8 + header_len)
+        b = bytearray(valid)
+        b[pos] ^= rng.randrange(1, 256)
+        add(f"header byte {pos} flipped", bytes(b), None)
+    for i in range(70):
+        pos = rng.randrange(8 + header_len, len(valid))
+        b = bytearray(valid)
+        b[pos] ^= 1 << rng.randrange(8)
+        add(f"data byte {pos} flipped", bytes(b), True)
+    # Appended junk and a header length pointing past the end.
+    add("junk appended", valid + b"\0" * 13, None)
+    add("header length huge", (2**62).to_bytes(8, "little") + valid[8:], True)
+
+    # Malformed descriptions, each with a stale and with a recomputed checksum.
+    def edit(name: str, change: Callable[[dict], Any], must_fail=True, restamps=(False, True)):
+        """`change` edits the description in place, or returns ("replace", new description)."""
+        for restamp in restamps:
+            m = copy.deepcopy(meta)
+            new = change(m)
+            m = new[1] if isinstance(new, tuple) else m
+            add(f"{name} ({'restamped' if restamp else 'stale checksum'})", _write(tensors, m, restamp), must_fail)
+
+    def setter(path: list, value):
+        def change(m):
+            target = m
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = value
+        return change
+
+    def deleter(path: list):
+        def change(m):
+            target = m
+            for key in path[:-1]:
+                target = target[key]
+            del target[path[-1]]
+        return change
+
+    for value in ([1, 2], "adapter", 42, None, True):
+        edit(f"metadata is {type(value).__name__}", lambda m, v=value: ("replace", v))
+    for key in ("format_version", "config", "modules", "base_model"):
+        edit(f"{key} missing", deleter([key]))
+    for value in (True, "1", 1.0, 2, 0, None, [1]):
+        edit(f"format_version {value!r}", setter(["format_version"], value))
+    for key in ("config", "modules"):
+        for value in ([], "x", 3, None):
+            edit(f"{key} is {value!r}", setter([key], value))
+    edit("modules empty", setter(["modules"], {}))
+    first = next(iter(meta["modules"]))
+    for value in (None, [32], [16, "16"], [16, 16.0], [True, 16], [0, 16], [-1, 16], [16, 16, 16], "16x16",
+                  [10**30, 16], [2, 2]):
+        edit(f"module shape {value!r}", setter(["modules", first], value))
+    edit("module name empty", lambda m: m.update(modules={"" if k == first else k: v for k, v in m["modules"].items()}))
+    for key, value in (("scale", "1"), ("scale", 2.0), ("scale", float("nan")), ("scale", -0.5),
+                       ("timestep_scale", "x"), ("timestep_scale", float("inf")), ("timestep_scale", 0),
+                       ("base_model", 5), ("base_model", None), ("checksum", 5), ("checksum", "md5:00"),
+                       ("checksum", "sha256:" + "0" * 64)):
+        edit(f"{key} {value!r}", setter([key], value), restamps=(False,) if key == "checksum" else (False, True))
+    for key, value in (("rank", True), ("rank", "4"), ("rank", 4.0), ("rank", 1e400), ("rank", 0), ("rank", 8),
+                       ("rank", 10**400), ("rank", 2**70), ("min_rank", "1e400"), ("min_rank", 9), ("min_rank", 0),
+                       ("rank_exponent", float("inf")), ("rank_exponent", 0), ("rank_exponent", "1"),
+                       ("lora_alpha", float("inf")), ("lora_alpha", float("nan")), ("lora_alpha", -1),
+                       ("seed", "x"), ("seed", 1.5), ("seed", None), ("seed", 10**30), ("variant", "dora"), ("variant", 5),
+                       ("variant", "lora"), ("init", []), ("num_train_timesteps", True), ("num_train_timesteps", 0),
+                       ("timestep_scale", float("nan")), ("target_modules", 5), ("target_modules", [1, 2]),
+                       ("num_train_timesteps", 10**40), ("extra", [])):
+        edit(f"config.{key} {str(value)[:20]}", setter(["config", key], value))
+    for raw in ("{not json", "", "[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000,
+                "\x00\x01", json.dumps(meta)[:-1], '{"format_version": 1e400}'):
+        add(f"raw metadata {raw[:12]!r}... ({len(raw)} chars)", _write(tensors, None, False, raw=raw), True)
+    add("no tlora metadata", st_save(tensors), True)
+
+    # Tensors: other dtypes (floats convert with a warning, integers are refused), shapes, values.
+    names = sorted(tensors)
+    for name in (names[0], names[2]):
+        for dtype in (torch.float16, torch.bfloat16, torch.float64):
+            t = dict(tensors, **{name: tensors[name].to(dtype)})
+            add(f"{name} as {dtype} (restamped)", _write(t, meta, True), False)
+            add(f"{name} as {dtype} (stale checksum)", _write(t, meta, False), True)
+        for dtype in (torch.int64, torch.int32, torch.uint8, torch.int8, torch.bool):
+            t = dict(tensors, **{name: tensors[name].to(dtype)})
+            add(f"{name} as {dtype}", _write(t, meta, True), True)
+    for name in names:
+        t0 = tensors[name]
+        shapes = {"0-d": t0.reshape(-1)[0].clone(), "empty": t0.reshape(-1)[:0].clone(),
+                  "one more row": torch.cat([t0, t0[:1]]), "flattened": t0.reshape(-1).clone()}
+        if t0.dim() == 2:
+            shapes["transposed"] = t0.t().contiguous()
+        else:
+            shapes["as a row"] = t0[None].clone()
+        for label, new in shapes.items():
+            if tuple(new.shape) == tuple(t0.shape):
+                continue
+            add(f"{name} {label} {tuple(new.shape)}", _write(dict(tensors, **{name: new}), meta, True), True)
+        for value in (float("nan"), float("inf"), float("-inf"), 1e38):
+            new = t0.clone()
+            new.reshape(-1)[rng.randrange(new.numel())] = value
+            add(f"{name} holds {value}", _write(dict(tensors, **{name: new}), meta, True), True)
+    add("tensor missing", _write({k: v for k, v in tensors.items() if k != names[1]}, meta, True), True)
+    add("tensor extra", _write(dict(tensors, **{"blocks.0.attn.to_v.q": tensors[names[0]].clone()}), meta, True), True)
+    add("tensor renamed", _write({(k + "x" if k == names[3] else k): v for k, v in tensors.items()}, meta, True), True)
+    cases += foreign_cases(tensors, meta)
+    return cases
+
+
+def foreign_cases(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> list[Case]:
+    """Reference-code and LyCORIS layouts of the same factors, valid and broken."""
+    ref, lyco = {}, {}
+    names = {k.rsplit(".", 1)[0] for k in tensors}
+    for n in sorted(names):
+        attn, proj = n.rsplit(".", 1)
+        stem = f"{attn}.processor.{proj}_lora"
+        f = {k: tensors[f"{n}.{k}"] for k in ("p", "lam", "q", "p0", "lam0", "q0")}
+        ref.update({f"{stem}.q_layer.weight": f["q"], f"{stem}.p_layer.weight": f["p"],
+                    f"{stem}.lambda_layer": f["lam"][None], f"{stem}.base_q.weight": f["q0"],
+                    f"{stem}.base_p.weight": f["p0"], f"{stem}.base_lambda": f["lam0"][None]})
+        ly = "lycoris_" + n.replace(".", "_")
+        lyco.update({f"{ly}.q_layer.weight": f["q"], f"{ly}.p_layer.weight": f["p"], f"{ly}.lambda_layer": f["lam"],
+                     f"{ly}.base_q": f["q0"], f"{ly}.base_p": f["p0"], f"{ly}.base_lambda": f["lam0"],
+                     f"{ly}.alpha": torch.tensor(2.0)})
+    cases = []
+    settings = {"min_rank": str(meta["config"]["min_rank"])}
+
+    def add(name, t, md=settings, must_fail=True):
+        cases.append(Case(name, st_save({k: v.contiguous() for k, v in t.items()}, metadata=md), must_fail, "foreign"))
+
+    for label, layout in (("reference", ref), ("lycoris", lyco)):
+        add(f"{label} valid", layout, must_fail=False)
+        q_key = next(k for k in layout if k.endswith("q_layer.weight"))
+        lam_key = next(k for k in layout if k.endswith("lambda_layer"))
+        add(f"{label} 0-d q", dict(layout, **{q_key: torch.tensor(1.0)}))
+        add(f"{label} 0-d lambda", dict(layout, **{lam_key: torch.tensor(1.0)}))
+        add(f"{label} empty lambda", dict(layout, **{lam_key: torch.zeros(0)}))
+        add(f"{label} NaN in q", dict(layout, **{q_key: layout[q_key].clone().fill_(float("nan"))}))
+        add(f"{label} 1e38 in q", dict(layout, **{q_key: layout[q_key].clone().fill_(1e38)}))
+        add(f"{label} int64 q", dict(layout, **{q_key: layout[q_key].long()}))
+        add(f"{label} min_rank 1e400", layout, {"min_rank": "1e400"})
+        add(f"{label} min_rank nan", layout, {"min_rank": "nan"})
+        add(f"{label} min_rank 1.5", layout, {"min_rank": "1.5"})
+        add(f"{label} min_rank 99", layout, {"min_rank": "99"})
+        add(f"{label} rank_exponent inf", layout, {**settings, "rank_exponent": "inf"})
+        add(f"{label} num_train_timesteps x", layout, {**settings, "num_train_timesteps": "x"})
+    alpha_key = next(k for k in lyco if k.endswith(".alpha"))
+    add("lycoris empty alpha", dict(lyco, **{alpha_key: torch.zeros(0)}))
+    add("lycoris NaN alpha", dict(lyco, **{alpha_key: torch.tensor(float("nan"))}))
+    add("lycoris negative alpha", dict(lyco, **{alpha_key: torch.tensor(-1.0)}))
+    add("lycoris bool alpha", dict(lyco, **{alpha_key: torch.tensor(True)}))
+    return cases
+
+
+def file_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """An independent read of a file's tensors (safetensors' own reader), as float32."""
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k).float() for k in f.keys()}

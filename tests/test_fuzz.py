@@ -1,0 +1,207 @@
+"""Fuzz: over 300 corrupted adapter files made from one valid file (tests/fuzz_corpus.py:
+truncations, header and data byte flips, every malformed-description class, other dtypes and
+shapes, non-finite and huge values, broken reference-code and LyCORIS layouts), each through every
+reader: tlora.load, tlora.read, `tlora info`, export and import.
+
+Each reader either loads the file exactly (the valid file's tensors and settings, or for a float16
+/ bfloat16 / float64 tensor the file's own values as float32, with a warning) or raises one of
+tlora's own errors (tlora.TloraError) naming the file, within a timeout, leaving the model bitwise
+as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import tlora
+from tlora import cli, interop
+from tlora.adapter import adapter_of
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fuzz_corpus import FuzzModel, build, file_tensors, valid_file  # noqa: E402
+
+TIMEOUT_S = 20.0
+READERS = ("load", "read", "info", "export", "import")
+
+
+def call_with_timeout(fn, *args):
+    """(result, exception) of fn(*args) run in a daemon thread; fails the test on a hang."""
+    box: dict = {}
+
+    def target():
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                box["result"] = fn(*args)
+            box["warnings"] = [str(w.message) for w in caught]
+        except BaseException as e:  # noqa: BLE001 - recorded and judged by the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(TIMEOUT_S)
+    assert not thread.is_alive(), f"{fn.__name__} did not return within {TIMEOUT_S} s"
+    return box
+
+
+def snapshot(model):
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            [(n, type(m)) for n, m in model.named_modules()], len(model._forward_pre_hooks))
+
+
+def assert_untouched(model, before, label):
+    tensors, types, hooks = snapshot(model)
+    assert adapter_of(model) is None, label
+    assert types == before[1] and hooks == before[2], label
+    assert tensors.keys() == before[0].keys(), label
+    for k, v in before[0].items():
+        assert torch.equal(tensors[k], v), f"{label}: {k} changed"
+
+
+def update64(tensors: dict[str, torch.Tensor], name: str, scale: float) -> torch.Tensor:
+    """The paper's update s (P diag(lam) Q - P0 diag(lam0) Q0) in float64, from a file's tensors."""
+    f = {k: tensors[f"{name}.{k}"].double() for k in ("p", "lam", "q", "p0", "lam0", "q0")}
+    return scale * (f["p"] * f["lam"] @ f["q"] - f["p0"] * f["lam0"] @ f["q0"])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz")
+    valid = valid_file(root / "valid.safetensors")
+    reference = file_tensors(valid)
+    cases = build(valid.read_bytes())
+    paths = []
+    for i, case in enumerate(cases):
+        path = root / f"case{i:03d}.safetensors"
+        path.write_bytes(case.data)
+        paths.append(path)
+    return root, reference, cases, paths
+
+
+def test_corpus_is_large_and_deterministic(corpus, tmp_path):
+    root, _, cases, _ = corpus
+    assert len(cases) >= 300
+    again = build((root / "valid.safetensors").read_bytes())
+    # The bytes are equal up to the order of safetensors' metadata map (a hash map in its writer).
+    assert [(c.name, len(c.data), c.must_fail) for c in again] == [(c.name, len(c.data), c.must_fail) for c in cases]
+    kinds = {c.name.split(" ")[0] for c in cases}
+    assert {"truncated", "header", "data", "metadata", "config.rank", "reference", "lycoris"} <= kinds
+
+
+def _run_reader(reader: str, path: Path, model, out_dir: Path):
+    if reader == "load":
+        return tlora.load(model, path)
+    if reader == "read":
+        return tlora.read(path)
+    if reader == "info":
+        err, out = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            rc = cli.main(["info", str(path)])
+        return rc, err.getvalue()
+    if reader == "export":
+        return interop.export(path, out_dir / f"{path.stem}-export.safetensors")
+    return interop.import_adapter(model, path)
+
+
+def test_every_reader_loads_exactly_or_refuses_clearly(corpus, tmp_path):
+    root, reference, cases, paths = corpus
+    model = FuzzModel()
+    before = snapshot(model)
+    valid_config = tlora.read(root / "valid.safetensors")[1]["config"]
+    failures = []
+    for case, path in zip(cases, paths):
+        for reader in READERS:
+            label = f"{case.name} [{reader}]"
+            box = call_with_timeout(_run_reader, reader, path, model, tmp_path)
+            error = box.get("error")
+            if reader == "info" and error is None:
+                rc, err = box["result"]
+                if rc != 0:
+                    error = err  # the CLI's message; it must name the file
+                    if path.name not in err or "Traceback" in err or not err.startswith("tlora info: error:"):
+                        failures.append(f"{label}: unclear CLI message {err!r}")
+            foreign_to_tlora_reader = case.kind == "foreign" and reader in ("read", "info", "export")
+            must_fail = True if foreign_to_tlora_reader else case.must_fail
+            if error is not None:
+                if isinstance(error, BaseException) and not (isinstance(error, tlora.TloraError) and path.name in str(error)):
+                    failures.append(f"{label}: {type(error).__name__}: {error}"[:300])
+                elif must_fail is False:
+                    failures.append(f"{label}: refused a file that must load: {error}"[:300])
+            else:
+                if must_fail:
+                    failures.append(f"{label}: accepted a file that must be refused")
+                else:
+                    _check_exact(case, reader, box, path, reference, valid_config, failures, label)
+            adapter = adapter_of(model)
+            if adapter is not None:
+                adapter.remove()
+            assert_untouched(model, before, label)
+    assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:40])
+
+
+def _check_exact(case, reader, box, path, reference, valid_config, failures, label):
+    """A successful read gives exactly the valid file's content (or, for a converted dtype, the
+    file's own values as float32, with a warning)."""
+    expected = file_tensors(path) if case.must_fail is False and case.kind == "tlora" else reference
+    converted = any(w.endswith("converted to float32") for w in box.get("warnings", []))
+    if case.must_fail is False and case.kind == "tlora" and not converted:
+        failures.append(f"{label}: a converted dtype loaded without a warning")
+    result = box["result"]
+    if reader in ("load", "import"):
+        got = {k: v.detach() for k, v in result.state_dict().items()}
+        if case.kind == "tlora" and result.config.to_dict() != valid_config:
+            failures.append(f"{label}: loaded settings differ from the valid file's")
+    elif reader == "read":
+        got, meta = result
+        if meta["config"] != valid_config:
+            failures.append(f"{label}: read settings differ from the valid file's")
+    elif reader == "export":
+        from safetensors.torch import load_file
+
+        lora = load_file(str(result.path))
+        for name in {k.rsplit(".", 1)[0] for k in expected}:
+            ba = lora[f"transformer.{name}.lora_B.weight"].double() @ lora[f"transformer.{name}.lora_A.weight"].double()
+            want = update64(expected, name, 0.5)
+            if not torch.allclose(ba, want, rtol=1e-5, atol=1e-6):
+                failures.append(f"{label}: exported update differs from the file's")
+        return
+    else:  # info: rc 0 is all it reports
+        return
+    if got.keys() != expected.keys() or not all(torch.equal(got[k].cpu().float(), expected[k]) for k in got):
+        failures.append(f"{label}: loaded tensors differ from the file's")
+
+
+def test_non_regular_files_are_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.safetensors"
+    folder.mkdir()
+    model = FuzzModel()
+    before = snapshot(model)
+    for path, fragment in ((fifo, "named pipe"), (Path("/dev/zero"), "character device"), (folder, "is a folder")):
+        for reader in READERS:
+            box = call_with_timeout(_run_reader, reader, path, model, tmp_path)
+            error = box.get("error")
+            if reader == "info":
+                assert error is None and box["result"][0] == 2 and fragment in box["result"][1], box
+            else:
+                assert isinstance(error, tlora.AdapterFileError) and fragment in str(error) and str(path) in str(error), error
+            assert_untouched(model, before, f"{path} [{reader}]")
+
+
+def test_cli_info_on_a_fifo_exits_2_in_a_subprocess(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-m", "tlora.cli", "info", str(fifo)], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "named pipe (FIFO)" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
