@@ -15,6 +15,7 @@ from . import _native
 from . import timesteps as conventions
 from .config import AdapterConfig
 from .layer import RankState, TLoraLinear
+from .quantized import adaptable_linear, dequantized_weight, describe
 from .targets import find_targets, linear_at
 
 _ATTR = "_tlora_adapter"
@@ -88,8 +89,9 @@ def inject_config(model: nn.Module, config: AdapterConfig, module_names: Sequenc
     modules = dict(model.named_modules())
     for name in names:
         _, base = linear_at(modules, name)
-        if type(base) is not nn.Linear:
-            raise ValueError(f"module {name!r} is {'missing' if base is None else type(base).__name__}, expected nn.Linear")
+        if not adaptable_linear(base):
+            raise ValueError(f"module {name!r} is {describe(base)}, expected nn.Linear (plain or quantized by "
+                             "optimum-quanto, torchao or bitsandbytes)")
         limit = min(base.in_features, base.out_features)
         if config.rank > limit:
             raise ValueError(
@@ -120,11 +122,13 @@ def _init_factors(base: nn.Linear, name: str, config: AdapterConfig) -> dict[str
     dev = base.weight.device
     seed = _module_seed(config.seed, name)
     if config.variant == "tlora":
-        weight = base.weight.detach() if config.init_from == "weight" else None
+        # (a quantized base's weight is dequantised for the SVD only, then dropped)
+        weight = dequantized_weight(base) if config.init_from == "weight" else None
         # The random init draws the triplets from their law (no out x in matrix) and runs its QRs on
         # the layer's device where that is CUDA; other devices get the CPU result moved over.
         native_dev = str(dev) if dev.type in ("cpu", "cuda", "mps") else None
         p, lam, q = _native.orthogonal_init(out_f, in_f, r, config.init, seed, weight, native_dev)
+        del weight
         p, lam, q = (t.to(dev) for t in (p, lam, q))
         return {"p": p, "lam": lam, "q": q, "p0": p.clone(), "lam0": lam.clone(), "q0": q.clone()}
     # LoRA init: A ~ N(0, 1/r^2) (as the reference code), B = 0, so the update starts at zero.

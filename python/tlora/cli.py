@@ -95,6 +95,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--prior-weight", type=_float(0, 1000), default=1.0)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--target-modules", nargs="+", default=None, help="module name suffixes to adapt")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "nf4"],
+                   help="keep the denoiser's Linear layers quantized and frozen: int8/int4 (optimum-quanto), nf4 (bitsandbytes, GPU)")
 
 
 def _generate_parser(sub) -> None:

@@ -38,6 +38,7 @@ from . import _native
 from .adapter import Adapter, adapter_of, inject_config
 from .config import AdapterConfig
 from .errors import AdapterFileError, ConfigError, MissingFileError, ModelMismatchError, TloraError
+from .quantized import adaptable_linear, describe
 from .targets import linear_at
 
 FORMAT_VERSION = 1
@@ -328,8 +329,8 @@ def load(model: nn.Module, path: str | os.PathLike, device: torch.device | str |
             raise ModelMismatchError(f"{path} was made for a {header.base_model}, not a {type(model).__name__}")
         for name, (out_f, in_f) in header.modules.items():
             base = linear_at(modules, name)[1]
-            if type(base) is not nn.Linear:
-                what = "does not exist" if base is None else f"is a {type(base).__name__}, not nn.Linear"
+            if not adaptable_linear(base):
+                what = "does not exist" if base is None else f"is a {describe(base)}, not nn.Linear"
                 raise ModelMismatchError(f"{path} adapts module {name!r}, which {what} in this {type(model).__name__}")
             if (base.out_features, base.in_features) != (out_f, in_f):
                 raise ModelMismatchError(

@@ -301,7 +301,9 @@ def _plain_linear(base: nn.Module) -> bool:
     (e.g. accelerate's offloading), so that a folded weight may replace its weight."""
     from torch.nn.modules import module as _m
 
-    return (type(base) is nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
+    # (a quantized weight, e.g. torchao's tensor subclasses in a plain nn.Linear, is no float matrix to fold into)
+    return (type(base) is nn.Linear and type(base._parameters["weight"]) is nn.Parameter
+            and not base._forward_hooks and not base._forward_pre_hooks
             and "forward" not in base.__dict__ and not _m._global_forward_hooks and not _m._global_forward_pre_hooks)
 
 

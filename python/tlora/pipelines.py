@@ -109,13 +109,22 @@ def check_model_folder(path: str) -> None:
                          "model (is _class_name right?)")
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32):
-    """Load a supported pipeline from a local folder or a hub id, through `from_pretrained`."""
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, quantize: str | None = None):
+    """Load a supported pipeline from a local folder or a hub id, through `from_pretrained`;
+    `quantize` ("int8", "int4", "nf4": see tlora.quantized) quantizes the denoiser's Linear layers."""
     from diffusers import DiffusionPipeline
 
     check_model_folder(model)
+    kwargs = {}
+    if quantize is not None:
+        from diffusers import PipelineQuantizationConfig
+
+        from .quantized import quantization_config
+
+        q = quantization_config(quantize)
+        kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping={"unet": q, "transformer": q})
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, **kwargs)
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as e:
         # A folder whose components do not fit its pipeline class; diffusers' own error is raw.
         raise InputError(f"cannot load model {model}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -9,6 +9,7 @@ from typing import Sequence
 from torch import nn
 
 from .config import DEFAULT_TARGETS
+from .quantized import adaptable_linear
 
 
 def _matches(name: str, targets: Sequence[str] | str) -> bool:
@@ -18,13 +19,14 @@ def _matches(name: str, targets: Sequence[str] | str) -> bool:
 
 
 def wrapped_linear(module: nn.Module | None) -> nn.Linear | None:
-    """The `nn.Linear` inside another tool's adapter layer: PEFT's LoRA layers (what diffusers'
-    `load_lora_weights` and `add_adapter` install) keep the original layer as `base_layer` and call
-    it, so T-LoRA adapts that layer and both updates apply. None for anything else."""
-    if module is None or type(module) is nn.Linear or _is_adapted(module):
+    """The `nn.Linear` (plain or quantized, see tlora.quantized) inside another tool's adapter
+    layer: PEFT's LoRA layers (what diffusers' `load_lora_weights` and `add_adapter` install) keep
+    the original layer as `base_layer` and call it, so T-LoRA adapts that layer and both updates
+    apply. None for anything else."""
+    if module is None or adaptable_linear(module) or _is_adapted(module):
         return None
     base = getattr(module, "base_layer", None)
-    return base if type(base) is nn.Linear else None
+    return base if adaptable_linear(base) else None
 
 
 def linear_at(modules: dict[str, nn.Module], name: str) -> tuple[str, nn.Module | None]:
@@ -36,7 +38,8 @@ def linear_at(modules: dict[str, nn.Module], name: str) -> tuple[str, nn.Module 
 
 
 def find_targets(model: nn.Module, targets: Sequence[str] | str | None) -> list[str]:
-    """Full paths of the `nn.Linear` modules that `targets` selects (suffixes or one regex).
+    """Full paths of the `nn.Linear` modules (plain or quantized) that `targets` selects
+    (suffixes or one regex).
 
     Raises ValueError when nothing matches (naming close candidates) or when a matched module is
     not an `nn.Linear`.
@@ -50,7 +53,7 @@ def find_targets(model: nn.Module, targets: Sequence[str] | str | None) -> list[
     for name, module in model.named_modules():
         if not name or not _matches(name, targets):
             continue
-        if type(module) is nn.Linear or wrapped_linear(module) is not None:
+        if adaptable_linear(module) or wrapped_linear(module) is not None:
             names.append(name)
         elif not list(module.children()) and not _is_adapted(module):
             wrong_type.append(f"{name} ({type(module).__name__})")

@@ -68,6 +68,7 @@ class TrainConfig:
     target_modules: Sequence[str] | None = None
     device: str | None = None  # "auto" / None: CUDA when available, else the CPU
     overwrite: bool = False  # replace another run's files in `out`
+    quantize: str | None = None  # "int8" | "int4" (optimum-quanto) | "nf4" (bitsandbytes): a quantized frozen base
 
     def __post_init__(self) -> None:
         if self.steps is None:
@@ -87,6 +88,8 @@ class TrainConfig:
             raise ConfigError("give exactly one of --image (one photo, the paper's setting) or --image-dir")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.quantize not in (None, "int8", "int4", "nf4"):
+            raise ConfigError(f"--quantize must be int8, int4 or nf4, got {self.quantize!r}")
         for p in self.validation_prompts:
             if "{}" not in p:
                 raise ConfigError(f"validation prompt {p!r} has no {{}} where '{self.token} {self.class_name}' goes")
@@ -223,7 +226,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
 
 def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> TrainResult:
 
-    pipe = load_pipeline(cfg.model, dtype=weight_dtype).to(acc.device)
+    pipe = load_pipeline(cfg.model, dtype=weight_dtype, quantize=cfg.quantize).to(acc.device)
     fam = family_of(pipe)
     resolution = cfg.resolution if cfg.resolution is not None else fam.default_resolution()
     paths = [Path(cfg.image)] if cfg.image else list_images(cfg.image_dir)
