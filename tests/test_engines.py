@@ -97,7 +97,8 @@ def test_compile_matches_eager_without_graph_breaks():
 def test_compiled_custom_op_matches_the_kernels():
     """torch.library's own checks of tlora::update: schema, fake kernel, autograd registration,
     against the real kernels, with a shared mask, per-sample masks and none."""
-    from tlora.layer import _update_op, rank_mask
+    from tlora.layer import rank_mask
+    from tlora.layer.ops import update_op
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 8, generator=g, requires_grad=True)
@@ -105,9 +106,9 @@ def test_compiled_custom_op_matches_the_kernels():
     frozen = [torch.randn(*s, generator=g) for s in ((6, 4), (4,), (4, 8))]
     for ranks in (None, [3], [2, 4]):
         mask = rank_mask(ranks, 4, 2, 0.5, x.device, x.dtype)
-        torch.library.opcheck(_update_op, (x, [p, lam, q, *frozen], mask))
+        torch.library.opcheck(update_op, (x, [p, lam, q, *frozen], mask))
     down, up = torch.randn(4, 8, generator=g, requires_grad=True), torch.randn(6, 4, generator=g, requires_grad=True)
-    torch.library.opcheck(_update_op, (x, [down, up], rank_mask([1, 3], 4, 1, 1.0, x.device, x.dtype)))
+    torch.library.opcheck(update_op, (x, [down, up], rank_mask([1, 3], 4, 1, 1.0, x.device, x.dtype)))
 
 
 # ---- half precision ---------------------------------------------------------------------------

@@ -183,8 +183,8 @@ def test_bad_rank_block(adapted):
 @pytest.mark.parametrize("x,ranks,fragment", [
     (torch.randn(3, 5, 12), [4], r"input shape \[3, 5, 12\] does not end in in_features = 16"),
     (torch.randint(0, 3, (3, 5, 16)), [4], r"input dtype (Int64|torch.int64) is not supported"),
-    (torch.randn(3, 5, 16), [5], r"rank 5 is outside 1..=4"),
-    (torch.randn(3, 5, 16), [0], r"rank 0 is outside 1..=4"),
+    (torch.randn(3, 5, 16), [5], r"rank 5 is outside 1\.\.4"),
+    (torch.randn(3, 5, 16), [0], r"rank 0 is outside 1\.\.4"),
     (torch.randn(3, 5, 16), [], r"ranks must not be empty"),
     (torch.randn(3, 5, 16), [4, 2], r"got 2 per-sample ranks for an input of shape \[3, 5, 16\]"),
 ])

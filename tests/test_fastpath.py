@@ -1,4 +1,4 @@
-"""The inference fast path (tlora.layer): with no gradient needed, the update is folded into the
+"""The inference fast path (tlora.layer.linear): with no gradient needed, the update is folded into the
 weight, W_k = W + dW_k per rank, and cached. It must give what the factored path gives (1e-5
 relative in float32), fold only when that is cheaper, never run when a gradient is needed, and
 never serve a folded weight built from factors that have changed since."""
@@ -59,7 +59,7 @@ class Calls:
 
     def __init__(self, monkeypatch):
         self.fold = self.factored = 0
-        native = tlora.layer._native
+        native = tlora._native
         fold, fwd = native.fold_weight, native.lowrank_forward
 
         def fold_weight(*a):

@@ -284,7 +284,7 @@ def test_import_reads_rank_settings_from_metadata(tmp_path):
     target = tiny_denoiser("sdxl")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        imported = interop.import_adapter(target, path)
+        imported = tlora.load(target, path)
     assert (imported.config.min_rank, imported.config.rank_exponent) == (1, 2.0)
     assert rel(run("sdxl", target, [999, 600]), run("sdxl", source, [999, 600])) < TOL
 
@@ -357,7 +357,7 @@ def test_lycoris_file_without_base_copies(lycoris_source, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
     # Opt-in: rebuild them as LyCORIS's loader does (principal SVD triplets of the weight).
     with pytest.warns(UserWarning, match="r_min"):
-        interop.import_adapter(target, path, reconstruct_base=True)
+        tlora.load(target, path, reconstruct_base=True)
     assert rel(run("sd", target, 600), lycoris_run("sd", source, 600, 2)) < TOL
 
 
@@ -366,9 +366,9 @@ def test_pickle_is_refused_by_import(tmp_path, name):
     path = tmp_path / name
     torch.save({"w": torch.zeros(2)}, path)
     model = tiny_denoiser("sd")
-    for call in (interop.import_adapter, tlora.load):
+    for call in (tlora.load, tlora.interop.import_file):
         with pytest.raises(ValueError, match=r"pickle-based checkpoint, which tlora never loads") as e:
-            call(model, path)
+            call(model, path) if call is tlora.load else call(path, model, tmp_path / "out.safetensors")
         assert "safetensors.torch.save_file" in str(e.value)
     assert adapter_of(model) is None
 

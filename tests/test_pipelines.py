@@ -1,6 +1,6 @@
 """T-LoRA inside real (tiny, offline) diffusers models and pipelines: SD, SD-XL and FLUX.
 
-The ranks the kernels use are read off the rank mask that `tlora.layer._native.lowrank_forward`
+The ranks the kernels use are read off the rank mask that `tlora._native.lowrank_forward`
 receives (with the folding fast path of inference switched off), and the
 expected ranks are computed here, independently of the package, from the scheduler's timesteps:
 r(t) = floor(((T - t) / T) * (r - r_min)) + r_min with T = 1000.
@@ -133,7 +133,7 @@ class RankRecorder:
         # Every forward must reach the factored kernels: no folded weights (inference fast path).
         monkeypatch.setattr(tlora.layer.RankState, "fast_path", property(lambda self: False, lambda self, v: None), raising=False)
 
-        forward = tlora.layer._native.lowrank_forward
+        forward = tlora._native.lowrank_forward
 
         def recording(x, d, u, mask=None, acc=None):
             # The ranks a call applies: per mask row, the set entries of the first block (the
@@ -144,7 +144,7 @@ class RankRecorder:
                 self.forwards[-1].append(ranks)
             return forward(x, d, u, mask, acc)
 
-        monkeypatch.setattr(tlora.layer._native, "lowrank_forward", recording)
+        monkeypatch.setattr(tlora._native, "lowrank_forward", recording)
 
     def watch(self, model) -> None:
         def start(module, args, kwargs):

@@ -98,8 +98,8 @@ def test_half_precision_update_is_accurate_in_training_and_inference(dtype, drif
 
     # Inference: the update folded into the (zero) weight.
     folds = []
-    real_fold = tlora.layer._native.fold_weight
-    monkeypatch.setattr(tlora.layer._native, "fold_weight", lambda *a: folds.append(1) or real_fold(*a))
+    real_fold = tlora._native.fold_weight
+    monkeypatch.setattr(tlora._native, "fold_weight", lambda *a: folds.append(1) or real_fold(*a))
     with torch.no_grad():
         got = model(x, torch.tensor([t, t]))
     assert folds, "the inference fold path ran"

@@ -13,7 +13,9 @@ from torch import nn
 
 from . import _native
 from . import timesteps as conventions
-from .config import AdapterConfig
+from . import factors as factor_rules
+from .errors import ConfigError, TloraError
+from .config import AdapterConfig, check_ranks, rank_limit_error
 from .layer import RankState, TLoraLinear
 from .quantized import adaptable_linear, dequantized_weight, describe
 from .targets import find_targets, linear_at
@@ -42,6 +44,9 @@ def inject(
     timestep_scale: float | None = None,
     seed: int = 0,
     timestep_convention: "str | conventions.Mapping | None" = None,
+    fast_path: bool = True,
+    fold_cache_bytes: int | None = None,
+    host_ranks: bool | None = None,
 ) -> "Adapter":
     """Patch the matching `nn.Linear` layers of `model` in place with T-LoRA and return the Adapter.
 
@@ -62,6 +67,14 @@ def inject(
       `tlora.timesteps.convention_for(pipe)` also reads the scheduler (EDM schedulers).
     - `timestep_scale`: the "scale" convention, t = argument * timestep_scale.
 
+    How the adapter runs (not saved with it; also settable later as attributes of the Adapter):
+    - `fast_path`: at inference, fold the update at the forward's rank into the weight (one plain
+      matmul per layer); False always runs the factored update.
+    - `fold_cache_bytes`: folded weights kept per device (default 1 GiB on the CPU, 1/8 of a GPU).
+    - `host_ranks`: where the ranks are computed: None reads a timestep that lives on the host
+      there and keeps one on a GPU there (no synchronisation); False always keeps them on the
+      timestep's device; True always reads them back.
+
     The base model's parameters are frozen; the adapter's are float32 and trainable.
     """
     config = AdapterConfig(
@@ -70,7 +83,20 @@ def inject(
         num_train_timesteps=num_train_timesteps, timestep_scale=timestep_scale, seed=seed,
         timestep_convention=conventions.resolve_name(model, timestep_convention, timestep_scale),
     )
-    return inject_config(model, config, timestep_fn=timestep_convention if callable(timestep_convention) else None)
+    _check_run_options(fast_path, fold_cache_bytes, host_ranks)
+    adapter = inject_config(model, config, timestep_fn=timestep_convention if callable(timestep_convention) else None)
+    adapter.fast_path, adapter.fold_cache_bytes, adapter.host_ranks = fast_path, fold_cache_bytes, host_ranks
+    return adapter
+
+
+def _check_run_options(fast_path: Any, fold_cache_bytes: Any, host_ranks: Any) -> None:
+    if not isinstance(fast_path, bool):
+        raise ConfigError(f"fast_path must be True or False, got {fast_path!r}")
+    if fold_cache_bytes is not None and (isinstance(fold_cache_bytes, bool) or not isinstance(fold_cache_bytes, int)
+                                         or fold_cache_bytes < 0):
+        raise ConfigError(f"fold_cache_bytes must be None or an integer >= 0, got {fold_cache_bytes!r}")
+    if host_ranks is not None and not isinstance(host_ranks, bool):
+        raise ConfigError(f"host_ranks must be None, True or False, got {host_ranks!r}")
 
 
 def inject_config(model: nn.Module, config: AdapterConfig, module_names: Sequence[str] | None = None,
@@ -92,12 +118,9 @@ def inject_config(model: nn.Module, config: AdapterConfig, module_names: Sequenc
         if not adaptable_linear(base):
             raise ValueError(f"module {name!r} is {describe(base)}, expected nn.Linear (plain or quantized by "
                              "optimum-quanto, torchao or bitsandbytes)")
-        limit = min(base.in_features, base.out_features)
-        if config.rank > limit:
-            raise ValueError(
-                f"rank {config.rank} is larger than module {name!r} allows ({base.out_features} x "
-                f"{base.in_features}, at most {limit}): lower rank or leave this module out of target_modules"
-            )
+        too_large = rank_limit_error(config.rank, base.out_features, base.in_features, name)
+        if too_large:
+            raise ValueError(f"{too_large}: lower rank or leave this module out of target_modules")
     timestep_map = _timestep_map(model, config, timestep_fn)
     state = RankState(config)
     bases = {n: linear_at(modules, n)[1] for n in names}
@@ -130,7 +153,7 @@ def _init_factors(base: nn.Linear, name: str, config: AdapterConfig) -> dict[str
         p, lam, q = _native.orthogonal_init(out_f, in_f, r, config.init, seed, weight, native_dev)
         del weight
         p, lam, q = (t.to(dev) for t in (p, lam, q))
-        return {"p": p, "lam": lam, "q": q, "p0": p.clone(), "lam0": lam.clone(), "q0": q.clone()}
+        return dict(zip(factor_rules.TLORA, (p, lam, q, p.clone(), lam.clone(), q.clone())))
     # LoRA init: A ~ N(0, 1/r^2) (as the reference code), B = 0, so the update starts at zero.
     down = _native.gaussian(r, in_f, 1.0 / r, seed).to(dev)
     return {"down": down, "up": torch.zeros(out_f, r, device=dev)}
@@ -162,9 +185,7 @@ class Adapter:
         own = {id(p) for p in self._own_parameters()}
         for p in model.parameters():
             p.requires_grad_(id(p) in own)
-        # Where the ranks are computed: None reads a timestep that lives on the host there (free)
-        # and keeps one on a GPU there (no synchronisation); False always keeps them on the
-        # timestep's device (what a GPU run gets, also on the CPU); True always reads them back.
+        # Where the ranks are computed (see `inject`): None decides by the timestep's device.
         self.host_ranks: bool | None = None
         params = list(inspect.signature(model.forward).parameters)
         self._timestep_index = next((i for i, n in enumerate(params) if n in ("timestep", "timesteps")), None)
@@ -190,6 +211,27 @@ class Adapter:
         """Every factor (trainable and frozen) under the adapter file's keys."""
         return {f"{name}.{key}": t for name, layer in self.layers.items()
                 for key, t in zip(layer.factor_names(), layer.factors())}
+
+    # ---- run options (see `inject`) ----------------------------------------------------------
+    @property
+    def fast_path(self) -> bool:
+        """Fold the update into the weight at inference."""
+        return self.state.fast_path
+
+    @fast_path.setter
+    def fast_path(self, value: bool) -> None:
+        _check_run_options(value, None, None)
+        self.state.fast_path = value
+
+    @property
+    def fold_cache_bytes(self) -> int | None:
+        """Folded weights kept per device (None: 1 GiB on the CPU, 1/8 of a GPU)."""
+        return self.state.fold_cache.budget
+
+    @fold_cache_bytes.setter
+    def fold_cache_bytes(self, value: int | None) -> None:
+        _check_run_options(True, value, None)
+        self.state.fold_cache.budget = value
 
     # ---- ranks ------------------------------------------------------------------------------
     @property
@@ -301,10 +343,7 @@ class Adapter:
     @contextlib.contextmanager
     def rank(self, r: int | Sequence[int]):
         """Use rank(s) `r` (one, or one per sample) for every forward inside the block."""
-        ranks = [int(r)] if isinstance(r, int) else [int(v) for v in r]
-        for v in ranks:
-            if not 1 <= v <= self.config.rank:
-                raise ValueError(f"rank {v} is outside 1..{self.config.rank}")
+        ranks = check_ranks([r] if isinstance(r, int) else list(r), self.config.rank)
         with self._pinned(ranks if self.config.masked else None):
             yield self
 
@@ -387,8 +426,6 @@ def adapter_of(model: nn.Module) -> Adapter | None:
 
 def remove(model: nn.Module) -> nn.Module:
     """Remove the adapter injected into `model` (what `adapter.remove()` does); returns the model."""
-    from .errors import TloraError
-
     adapter = adapter_of(model)
     if adapter is None:
         raise TloraError(f"{type(model).__name__} has no tlora adapter to remove")

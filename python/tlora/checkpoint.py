@@ -16,25 +16,18 @@ from typing import Any
 
 import torch
 
-from . import _native
 from .adapter import Adapter
+from .atomic import write_atomic
 from .errors import CheckpointError
 from .io import save as save_adapter
+from .io import write_tensors
 
 _NAME = re.compile(r"checkpoint-(\d+)$")
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write JSON atomically."""
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[list[tuple[str, torch.Tensor]], dict]:
@@ -64,7 +57,7 @@ def save_checkpoint(out: Path, step: int, adapter: Adapter, optimizer: torch.opt
         tensors.append(("rng.generator", generator.get_state()))
         for i, state in enumerate(generator_states or []):
             tensors.append((f"rng.generator.{i}", state.cpu().contiguous()))
-        _native.save_file(str(tmp / "state.safetensors"), tensors, {"optimizer": json.dumps(meta)})
+        write_tensors(tmp / "state.safetensors", tensors, {"optimizer": json.dumps(meta)})
         write_json(tmp / "state.json", {"step": step})
         if final.exists():
             shutil.rmtree(final)

@@ -119,6 +119,26 @@ def _check_positive(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be > 0 and finite, got {value!r}")
 
 
+def check_ranks(ranks: Sequence[Any], rank: int) -> list[int]:
+    """`ranks` (one, or one per sample) as ints if each is in 1..rank, else a ConfigError: the one
+    check of ranks chosen by hand (`adapter.rank(...)`, the kernels' functional form)."""
+    if len(ranks) == 0:
+        raise ConfigError("ranks must not be empty")
+    for k in ranks:
+        if not _is_int(k) or not 1 <= k <= rank:
+            raise ConfigError(f"rank {k} is outside 1..{rank}")
+    return [int(k) for k in ranks]
+
+
+def rank_limit_error(rank: int, out_features: int, in_features: int, module: str) -> str | None:
+    """Why a rank-`rank` adapter cannot adapt an out x in linear module (None when it can): the
+    one place the rule "rank <= min(out, in)" lives."""
+    limit = min(out_features, in_features)
+    if rank <= limit:
+        return None
+    return f"rank {rank} is larger than module {module!r} allows ({out_features} x {in_features}, at most {limit})"
+
+
 def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     """`value` if it is an integer (not a bool) in lo..hi, else a ConfigError naming `name`."""
     if not _is_int(value) or value < lo or (hi is not None and value > hi):

@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     from PIL import Image
 
+    from .atomic import save_image
     from .images import grid
     from .toy.concepts import EVAL_PROMPTS, concept
     from .toy.evaluate import autoencoder_ceiling, finetune, sample_base
@@ -52,7 +53,7 @@ def run(args) -> None:
     for r in runs[1:]:
         heads += [f"{r.method}\nrank {args.rank}, step {args.steps}\nsample {k + 1}" for k in range(args.n)] + [""]
     path = out / "comparison.png"
-    grid(tiles, cols=len(heads), col_labels=heads, row_labels=[p.text(c) for p in EVAL_PROMPTS]).save(path)
+    save_image(grid(tiles, cols=len(heads), col_labels=heads, row_labels=[p.text(c) for p in EVAL_PROMPTS]), path)
 
     print(f"\n{'method':12} {'fidelity':>9} {'alignment':>10} {'background':>11} {'position':>9} {'diversity':>10} {'seconds':>8}")
     for r in runs:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic import write_atomic
 from .images import IMAGE_SUFFIXES, _open, to_rgb
 
 # The context prompts of DreamBooth's evaluation (Ruiz et al. 2023), which the T-LoRA paper uses:
@@ -336,10 +337,7 @@ def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, text in (("evaluation.json", json.dumps(report, indent=1)), ("evaluation.md", markdown(report))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
-        paths.append(out / name)
+        paths.append(write_atomic(out / name, text))
     return paths[0], paths[1]
 
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .atomic import save_image
 from .config import check_float, check_int
 from .errors import AdapterFileError, ConfigError
 from .images import grid
@@ -54,10 +55,10 @@ def sample_grid(pipe, prompts: Sequence[str], concept: str, out: Path, n: int = 
         info = PngInfo()
         info.add_text("prompt", texts[i])
         for j, img in enumerate(row):
-            img.save(out / f"{i:02d}-{j}.png", pnginfo=info)
+            save_image(img, out / f"{i:02d}-{j}.png", pnginfo=info)
     path = out / "grid.png"
     heads = [f"{label}\nsample {j + 1}" if label else f"sample {j + 1}" for j in range(n)]
-    grid([img for row in rows for img in row], cols=n, col_labels=heads, row_labels=texts).save(path)
+    save_image(grid([img for row in rows for img in row], cols=n, col_labels=heads, row_labels=texts), path)
     return path
 
 

@@ -4,7 +4,7 @@ a JSON description under the metadata key "tlora". Only safetensors and JSON are
 Every reader (tlora.load, tlora.read, `tlora info`, `generate --adapter`, `export`, `import`, and
 training resumes) goes through `read_adapter` (tlora files) or `read_raw` (any safetensors file):
 the file must be a regular file; the metadata must follow the schema below; every tensor must have
-the name, shape and dtype the metadata implies, finite values of magnitude <= MAX_ABS, and the
+the name, shape and dtype the metadata implies, finite values of magnitude <= tlora.factors.MAX_ABS, and the
 bytes that the recorded checksum says. Errors are `tlora.errors` types naming the file and the
 field or module.
 
@@ -35,20 +35,16 @@ import torch
 from torch import nn
 
 from . import _native
+from . import factors as factor_rules
 from .adapter import Adapter, adapter_of, inject_config
-from .config import AdapterConfig
+from .config import AdapterConfig, rank_limit_error
 from .errors import AdapterFileError, ConfigError, MissingFileError, ModelMismatchError, TloraError
+from .foreign import read_foreign
 from .quantized import adaptable_linear, describe
 from .targets import linear_at
 
 FORMAT_VERSION = 1
 METADATA_KEY = "tlora"
-# Larger factor values overflow half-precision inference and only come from a diverged run.
-MAX_ABS = 1e6
-TLORA_FACTORS = ("p", "lam", "q", "p0", "lam0", "q0")
-LORA_FACTORS = ("down", "up")
-# Float dtypes converted to float32 on reading (with a warning); anything else is refused.
-_CONVERTIBLE = (torch.float16, torch.bfloat16, torch.float64)
 
 
 # ==== writing =====================================================================================
@@ -65,7 +61,7 @@ def save(model_or_adapter: nn.Module | Adapter, path: str | os.PathLike, extra: 
     c = adapter.config
     tensors = [(k, v.detach().float().cpu().contiguous()) for k, v in adapter.state_dict().items()]
     for k, t in tensors:
-        bad = _bad_values(t)
+        bad = factor_rules.bad_values(t)
         if bad:
             raise TloraError(f"cannot save {path}: adapter factor {k} has {bad} (a diverged training run?)")
     meta = {
@@ -81,9 +77,14 @@ def save(model_or_adapter: nn.Module | Adapter, path: str | os.PathLike, extra: 
     except (TypeError, ValueError) as e:
         raise ConfigError(f"cannot save {path}: the adapter's config or extra is not plain JSON ({e})") from None
     meta["checksum"] = adapter_checksum(tensors, meta)
-    text = json.dumps(meta, allow_nan=False)
-    _native.save_file(str(path), tensors, {METADATA_KEY: text})
-    return path
+    return write_tensors(path, tensors, {METADATA_KEY: json.dumps(meta, allow_nan=False)})
+
+
+def write_tensors(path: str | os.PathLike, items: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> Path:
+    """The one safetensors writer (adapters, exports, checkpoints): CPU copies of `items` in their
+    order and dtype, with string `metadata`, written atomically."""
+    _native.save_file(str(path), [(k, v.detach().cpu().contiguous()) for k, v in items], metadata)
+    return Path(path)
 
 
 def adapter_checksum(tensors: Iterable[tuple[str, torch.Tensor]], meta: dict[str, Any]) -> str:
@@ -232,27 +233,23 @@ def parse_header(path: Path, text: str) -> AdapterHeader:
         if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and v >= 1 for v in shape)):
             fail(f"modules[{name!r}]", f"must be [out_features, in_features] (two integers >= 1), got {shape!r}")
         out_f, in_f = shape
-        if config.rank > min(out_f, in_f):
-            fail(f"modules[{name!r}]", f"rank {config.rank} is larger than this {out_f} x {in_f} module allows")
+        too_large = rank_limit_error(config.rank, out_f, in_f, name)
+        if too_large:
+            fail(f"modules[{name!r}]", too_large)
         modules[name] = (out_f, in_f)
     return AdapterHeader(path=path, meta=meta, config=config, base_model=meta["base_model"], modules=modules)
-
-
-def factor_shape(key: str, r: int, out_f: int, in_f: int) -> tuple[int, ...]:
-    return {"p": (out_f, r), "p0": (out_f, r), "up": (out_f, r), "lam": (r,), "lam0": (r,),
-            "q": (r, in_f), "q0": (r, in_f), "down": (r, in_f)}[key]
 
 
 def _check_tensors(header: AdapterHeader, raw: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     path, config = header.path, header.config
     tensors = dict(raw)
-    keys = TLORA_FACTORS if config.variant == "tlora" else LORA_FACTORS
+    keys = factor_rules.names(config.variant)
     checked: dict[str, torch.Tensor] = {}
     for name, (out_f, in_f) in header.modules.items():
         for k in keys:
             key = f"{name}.{k}"
             t = tensors.pop(key, None)
-            expected = factor_shape(k, config.rank, out_f, in_f)
+            expected = factor_rules.shape(k, config.rank, out_f, in_f)
             if t is None or tuple(t.shape) != expected:
                 got = "missing" if t is None else f"shape {tuple(t.shape)}"
                 raise AdapterFileError(path, f"tensor {key} is {got}, expected shape {expected}")
@@ -266,35 +263,7 @@ def _check_tensors(header: AdapterHeader, raw: list[tuple[str, torch.Tensor]]) -
     elif adapter_checksum(checked.items(), header.meta) != expected_sum:
         raise AdapterFileError(path, "the metadata and tensors do not match the file's checksum: the file is "
                                "corrupted (or was edited); re-save or re-download it", field="checksum")
-    return {key: checked_factor(path, key, t) for key, t in checked.items()}
-
-
-def checked_factor(path: Path | None, key: str, t: torch.Tensor) -> torch.Tensor:
-    """A factor as float32: other float dtypes converted with a warning, integers refused, values
-    finite and at most MAX_ABS in magnitude."""
-    if t.dtype != torch.float32:
-        if t.dtype not in _CONVERTIBLE:
-            raise AdapterFileError(path, f"tensor {key} has dtype {str(t.dtype).removeprefix('torch.')}; "
-                                   "adapter factors are float32 (float16, bfloat16 and float64 are converted)")
-        warnings.warn(f"{path}: tensor {key} is {str(t.dtype).removeprefix('torch.')}, converted to float32",
-                      UserWarning, stacklevel=4)
-        t = t.float()
-    bad = _bad_values(t)
-    if bad:
-        raise AdapterFileError(path, f"tensor {key} has {bad}; a usable adapter has finite factors of magnitude "
-                               f"<= {MAX_ABS:g}")
-    return t
-
-
-def _bad_values(t: torch.Tensor) -> str:
-    """'' for finite values of magnitude <= MAX_ABS, else what is wrong."""
-    if t.numel() == 0:
-        return ""
-    finite = torch.isfinite(t)
-    if not bool(finite.all()):
-        return f"{int((~finite).sum())} non-finite values (NaN or inf)"
-    big = float(t.abs().max())
-    return f"values as large as {big:.3g}" if big > MAX_ABS else ""
+    return {key: factor_rules.checked(path, key, t) for key, t in checked.items()}
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -304,12 +273,19 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, An
     return f.tensors, f.meta
 
 
-def load(model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None) -> Adapter:
+def load(model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None, *,
+         min_rank: int | None = None, rank_exponent: float | None = None, num_train_timesteps: int | None = None,
+         reconstruct_base: bool = False) -> Adapter:
     """Inject the adapter stored at `path` into `model` and load its weights.
 
+    A tlora file is read with `read_adapter`. A safetensors file without tlora metadata is read as
+    another tool's T-LoRA checkpoint (the reference code's or LyCORIS's: `tlora.foreign`), with
+    the rank settings `min_rank`, `rank_exponent`, `num_train_timesteps` from these arguments, else
+    from its metadata; `reconstruct_base` rebuilds the frozen copies that LyCORIS's save_weights
+    leaves out. Factors go to `device` (default: each base layer's device).
+
     Every name and shape is checked before the model is touched: on any error the model is left
-    exactly as it was. A safetensors file without tlora metadata is read as another tool's T-LoRA
-    checkpoint (the reference code's or LyCORIS's) by `tlora.interop.import_adapter`.
+    exactly as it was.
     """
     path = Path(path)
     raw = read_raw(path)
@@ -318,10 +294,23 @@ def load(model: nn.Module, path: str | os.PathLike, device: torch.device | str |
         raise ModelMismatchError(
             f"cannot load {path}: {type(model).__name__} already has a tlora adapter ({existing.config.variant}, "
             f"rank {existing.config.rank}); call adapter.remove() (or tlora.remove(model)) first")
+    options = {"min_rank": min_rank, "rank_exponent": rank_exponent, "num_train_timesteps": num_train_timesteps}
     if METADATA_KEY not in raw[1]:
-        from .interop import import_adapter
+        config, factors = read_foreign(model, path, *raw, reconstruct_base=reconstruct_base, **options)
+    else:
+        given = [k for k, v in options.items() if v is not None] + (["reconstruct_base"] if reconstruct_base else [])
+        if given:
+            raise ConfigError(f"{', '.join(given)}: these settings are for other tools' T-LoRA files; {path} is a "
+                              "tlora adapter, which records its own: leave them out")
+        config, factors = _read_for(model, path, raw)
+    modules = dict(model.named_modules())
+    placed = {name: {k: t.to(device if device is not None else linear_at(modules, name)[1].weight.device)
+                     for k, t in f.items()} for name, f in factors.items()}
+    return inject_config(model, config, module_names=list(placed), factors=placed)
 
-        return import_adapter(model, path, device=device, raw=raw)
+
+def _read_for(model: nn.Module, path: Path, raw) -> tuple[AdapterConfig, dict[str, dict[str, torch.Tensor]]]:
+    """A tlora file's config and factors, the header checked against `model` before the tensors."""
     modules = dict(model.named_modules())
 
     def fits_model(header: AdapterHeader) -> None:
@@ -338,12 +327,8 @@ def load(model: nn.Module, path: str | os.PathLike, device: torch.device | str |
                     f"{base.in_features} here but {out_f} x {in_f} in the file")
 
     f = read_adapter(path, before_tensors=fits_model, raw=raw)
-    keys = TLORA_FACTORS if f.config.variant == "tlora" else LORA_FACTORS
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for name in f.modules:
-        dev = device if device is not None else linear_at(modules, name)[1].weight.device
-        factors[name] = {k: f.tensors[f"{name}.{k}"].to(dev) for k in keys}
-    return inject_config(model, f.config, module_names=list(f.modules), factors=factors)
+    keys = factor_rules.names(f.config.variant)
+    return f.config, {name: {k: f.tensors[f"{name}.{k}"] for k in keys} for name in f.modules}
 
 
 def _is_int(value: Any) -> bool:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapter import Adapter, inject
+from .atomic import write_atomic
 from .checkpoint import _NAME as CHECKPOINT_NAME
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json
 from .config import AdapterConfig, check_float, check_int
@@ -334,6 +335,4 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    write_atomic(path, "".join(line + "\n" for line in keep))

@@ -1,5 +1,5 @@
-"""The adapted linear layer: the base `nn.Linear` plus the masked low-rank update computed by
-the native kernels.
+"""`TLoraLinear`: the base `nn.Linear` plus the masked low-rank update computed by the native
+kernels.
 
 One computation serves training and inference, eager and compiled, every dtype:
 `base(x) + ((x D^T) * M) U^T` at the adapter's full rank r, where the timestep's ranks are data,
@@ -27,273 +27,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from . import _native
-from .config import AdapterConfig
-
-_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
-
-
-def default_fold_budget(device: torch.device) -> int:
-    """Bytes of folded weights kept per device: 1 GiB on the CPU, 1/8 of a GPU's memory."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 8
-    return 1 << 30
-
-
-class FoldCache:
-    """Folded inference weights of the layers of one adapter, by device, within a byte budget per
-    device (`budget`: one number for every device, or None for `default_fold_budget`). Entries
-    are admitted while they fit and never evicted for a newcomer; stale ones go when their layer
-    notices. `hits`, `misses` (folded on the spot, not kept) and `stores` count what happened."""
-
-    def __init__(self, budget: int | None = None) -> None:
-        self.budget = budget
-        self._sizes: dict[tuple, tuple["TLoraLinear", int]] = {}
-        self._used: dict[torch.device, int] = {}
-        self.hits = self.misses = self.stores = 0
-
-    def __len__(self) -> int:
-        return len(self._sizes)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self._used.values())
-
-    def budget_for(self, device: torch.device) -> int:
-        return default_fold_budget(device) if self.budget is None else self.budget
-
-    def get(self, layer: "TLoraLinear", key: tuple) -> torch.Tensor | None:
-        w = layer._folded.get(key)
-        if w is not None:
-            self.hits += 1
-        return w
-
-    def put(self, layer: "TLoraLinear", key: tuple, w: torch.Tensor) -> bool:
-        """Keep `w` if it fits the budget of its device as things are."""
-        size = w.numel() * w.element_size()
-        used = self._used.get(w.device, 0)
-        if used + size > self.budget_for(w.device):
-            self.misses += 1
-            return False
-        layer._folded[key] = w
-        self._sizes[(id(layer), key)] = (layer, size)
-        self._used[w.device] = used + size
-        self.stores += 1
-        return True
-
-    def drop(self, layer: "TLoraLinear") -> None:
-        """Forget one layer's folds."""
-        for key, w in layer._folded.items():
-            _, size = self._sizes.pop((id(layer), key))
-            self._used[w.device] -= size
-        layer._folded.clear()
-
-    def clear(self) -> None:
-        for layer, _ in list(self._sizes.values()):
-            layer._folded.clear()
-        self._sizes.clear()
-        self._used.clear()
-
-    def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "stores": self.stores, "entries": len(self), "bytes": self.nbytes}
-
-
-class RankState:
-    """The ranks that every adapted layer of one model uses for the current forward, and the
-    masks built from them.
-
-    The ranks are known either on the host (`ranks`: None for full rank, or a list: one shared
-    rank or one per sample), or only on the device (`rank_tensor`, (B,) int64, from a timestep that
-    lives there: reading it back would stall the GPU). Each layer asks `mask(device, dtype)`; it is
-    built once per forward, device and dtype, and shared.
-    """
-
-    def __init__(self, config: AdapterConfig) -> None:
-        self.rank = config.rank
-        self.blocks = 2 if config.variant == "tlora" else 1
-        self.scale = config.scale
-        self.masked = config.masked
-        self.ranks: list[int] | None = None
-        self.rank_tensor: torch.Tensor | None = None
-        self.pinned = False  # True inside `with adapter.timestep(...)`: the hook leaves ranks alone
-        self.fast_path = True  # fold the update into the weight at inference
-        self.fold_cache = FoldCache()
-        self._masks: dict[tuple, torch.Tensor | None] = {}
-        self._columns: dict[torch.device, torch.Tensor] = {}
-
-    # ---- setting ------------------------------------------------------------------------------
-    def set_host(self, ranks: list[int] | None) -> None:
-        self.ranks, self.rank_tensor, self._masks = (ranks if self.masked else None), None, {}
-
-    def set_device(self, rank_tensor: torch.Tensor) -> None:
-        if not self.masked:
-            return self.set_host(None)
-        self.ranks, self.rank_tensor, self._masks = None, rank_tensor, {}
-
-    @property
-    def host_known(self) -> bool:
-        return self.rank_tensor is None
-
-    def snapshot(self) -> tuple:
-        return self.ranks, self.rank_tensor, self._masks
-
-    def restore(self, snap: tuple) -> None:
-        self.ranks, self.rank_tensor, self._masks = snap
-
-    # ---- masks --------------------------------------------------------------------------------
-    def mask(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-        """(B or 1, width) mask with the scale in it, or None where it would be all ones."""
-        if torch.compiler.is_compiling():
-            return self._build(device, dtype)
-        key = (device, dtype)
-        try:
-            return self._masks[key]
-        except KeyError:
-            m = self._masks[key] = self._build(device, dtype)
-            return m
-
-    def _cols(self, device: torch.device) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return torch.arange(self.rank, device=device).repeat(self.blocks)
-        cols = self._columns.get(device)
-        if cols is None:
-            cols = self._columns[device] = torch.arange(self.rank, device=device).repeat(self.blocks)
-        return cols
-
-    def _build(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-        ranks = self.rank_tensor if self.rank_tensor is not None else self.ranks
-        return rank_mask(ranks, self.rank, self.blocks, self.scale, device, dtype, self._cols(device))
-
-
-def rank_mask(ranks: list[int] | torch.Tensor | None, rank: int, blocks: int, scale: float, device: torch.device,
-              dtype: torch.dtype, cols: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The (B or 1, blocks * rank) mask, scale included, for host ranks (a list; None: full rank)
-    or a (B,) rank tensor on the device; None where it would be all ones. Entry (b, j) is set when
-    rank j mod `rank` is below sample b's rank."""
-    if cols is None:
-        cols = torch.arange(rank, device=device).repeat(blocks)
-    width = rank * blocks
-    if isinstance(ranks, torch.Tensor):
-        m = (cols.unsqueeze(0) < ranks.to(device).reshape(-1, 1)).to(dtype)
-    elif ranks is None or all(k >= rank for k in ranks):
-        return None if scale == 1.0 else torch.full((1, width), scale, device=device, dtype=dtype)
-    elif all(k == ranks[0] for k in ranks):
-        m = (cols < ranks[0]).to(dtype).unsqueeze(0)
-    else:  # one host-to-device copy per forward, shared by every layer
-        m = (cols.unsqueeze(0) < torch.tensor(ranks, device=device).unsqueeze(1)).to(dtype)
-    return m * scale if scale != 1.0 else m
-
-
-def lowrank_update(x: torch.Tensor, factors: list[torch.Tensor], ranks: list[int] | None = None,
-                   scale: float = 1.0) -> torch.Tensor:
-    """The adapter's output for x at `ranks` (None: full rank; one, or one per sample), as a
-    differentiable function of x and the trainable factors (in the kernels' order: T-LoRA's
-    p, lam, q, p0, lam0, q0, or LoRA's down, up). What a TLoraLinear adds to its base layer."""
-    tlora = len(factors) == 6
-    rank = factors[0].shape[1] if tlora else factors[0].shape[0]
-    if ranks is not None:
-        if len(ranks) == 0:
-            raise ValueError("ranks must not be empty")
-        for k in ranks:
-            if isinstance(k, bool) or not 1 <= int(k) <= rank:
-                raise ValueError(f"rank {k} is outside 1..={rank}")
-        ranks = [int(k) for k in ranks]
-    if x.dtype not in _COMPUTE_DTYPES:
-        raise ValueError(f"input dtype {x.dtype} is not supported: use float32, float16, bfloat16 or float64")
-    mask = rank_mask(ranks, rank, 2 if tlora else 1, scale, x.device, x.dtype)
-    d, u = _native.lowrank_operands(list(factors), None, _DTYPE_NAMES[x.dtype])
-    return Update.apply(None, x, mask, d, u, 3 if tlora else 2, *factors)
-
-
-class Update(torch.autograd.Function):
-    """The adapter's output for x, added into `y` in place when given (the base layer's fresh
-    output) and returned; differentiable in y, x and the trainable factors."""
-
-    @staticmethod
-    def forward(ctx, y, x, mask, d, u, n_trainable, *factors):  # type: ignore[override]
-        delta, h = _native.lowrank_forward(x, d, u, mask, y)
-        if y is not None:
-            ctx.mark_dirty(y)
-        # P and lam (T-LoRA) enter the factors' gradients; Q, A and B do not.
-        ctx.save_for_backward(x, h, *(factors[:2] if len(factors) == 6 else ()))
-        ctx.mask, ctx.d, ctx.u, ctx.factors, ctx.n_trainable = mask, d, u, factors, n_trainable
-        ctx.has_y = y is not None
-        return y if y is not None else delta
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
-        x, h, *_ = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        n = ctx.n_trainable
-        wanted = [needs[1]] + [needs[6 + i] for i in range(n)] + [False] * (3 - n)
-        head = (grad if ctx.has_y else None,)
-        if not any(wanted):
-            return head + (None,) * (5 + len(ctx.factors))
-        gx, *gf = _native.lowrank_backward(grad, x, h, ctx.d, ctx.u, ctx.mask, list(ctx.factors), wanted)
-        gf = [g if g is None or g.dtype == f.dtype else g.to(f.dtype) for g, f in zip(gf[:n], ctx.factors)]
-        return head + (gx, None, None, None, None, *gf, *([None] * (len(ctx.factors) - n)))
-
-
-# ---- torch.compile ----------------------------------------------------------------------------
-# Dynamo cannot trace into the extension, so compiled models run the update as custom ops with
-# fake kernels and a registered backward. The mask is an input: every rank runs the same graph.
-# The forward returns h for the backward, which recomputes only the (small) operands.
-
-@torch.library.custom_op("tlora::update", mutates_args=())
-def _update_op(x: torch.Tensor, factors: list[torch.Tensor], mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    d, u = _native.lowrank_operands(factors, None, _DTYPE_NAMES[x.dtype])
-    delta, h = _native.lowrank_forward(x, d, u, mask, None)
-    return delta, h
-
-
-@_update_op.register_fake
-def _(x, factors, mask):
-    width = 2 * factors[0].shape[1] if len(factors) == 6 else factors[0].shape[0]
-    out_f = factors[0].shape[0] if len(factors) == 6 else factors[1].shape[0]
-    return x.new_empty((*x.shape[:-1], out_f)), x.new_empty((*x.shape[:-1], width))
-
-
-@torch.library.custom_op("tlora::update_backward", mutates_args=())
-def _update_backward_op(grad: torch.Tensor, x: torch.Tensor, h: torch.Tensor, factors: list[torch.Tensor],
-                        mask: torch.Tensor | None, needs: list[bool]) -> list[torch.Tensor]:
-    d, u = _native.lowrank_operands(factors, None, _DTYPE_NAMES[x.dtype])
-    grads = _native.lowrank_backward(grad.contiguous(), x, h, d, u, mask, factors, needs)
-    # Custom ops return tensors: an empty one stands for "not computed".
-    return [g if g is not None else x.new_empty(0) for g in grads]
-
-
-@_update_backward_op.register_fake
-def _(grad, x, h, factors, mask, needs):
-    like = [x, *factors[:3]] if len(factors) == 6 else [x, *factors]
-    return [torch.empty_like(like[i]) if i < len(like) and needs[i] else x.new_empty(0) for i in range(4)]
-
-
-def _update_setup_context(ctx, inputs, output):
-    x, factors, mask = inputs
-    ctx.save_for_backward(x, output[1], *factors)
-    ctx.has_mask = mask is not None
-    if mask is not None:
-        ctx.mask = mask
-    ctx.mark_non_differentiable(output[1])
-
-
-def _update_backward(ctx, grad, _grad_h):
-    x, h, *factors = ctx.saved_tensors
-    n = 3 if len(factors) == 6 else 2
-    needs_x, needs_f = ctx.needs_input_grad[0], list(ctx.needs_input_grad[1])
-    needs = [bool(needs_x)] + [bool(needs_f[i]) if i < n else False for i in range(3)]
-    if not any(needs):
-        return None, [None] * len(factors), None
-    gx, *gf = _update_backward_op(grad, x, h, factors, ctx.mask if ctx.has_mask else None, needs)
-    factor_grads = [gf[i].to(factors[i].dtype) if i < n and needs[1 + i] else None for i in range(len(factors))]
-    return (gx if needs[0] else None), factor_grads, None
-
-
-_update_op.register_autograd(_update_backward, setup_context=_update_setup_context)
+from .. import _native
+from .. import factors as factor_rules
+from ..config import AdapterConfig
+from .ops import COMPUTE_DTYPES, DTYPE_NAMES, Update, check_compute_dtype, update_op
+from .state import RankState
 
 
 def _plain_linear(base: nn.Module) -> bool:
@@ -324,14 +63,14 @@ class TLoraLinear(nn.Module):
         self._operand_bufs: dict[tuple, list] = {}
         self._frozen: tuple[tuple, torch.Tensor] | None = None
         if config.variant == "tlora":
-            for name in ("p", "lam", "q"):
+            for name in factor_rules.trainable("tlora"):
                 setattr(self, name, nn.Parameter(factors[name]))
-            for name in ("p0", "lam0", "q0"):
+            for name in factor_rules.FROZEN:
                 self.register_buffer(name, factors[name])
             self._house_q()
         else:
-            self.down = nn.Parameter(factors["down"])
-            self.up = nn.Parameter(factors["up"])
+            for name in factor_rules.LORA:
+                setattr(self, name, nn.Parameter(factors[name]))
         # Inference folds by (rank, device, dtype), valid for `_folded_for`.
         self._folded: dict[tuple, torch.Tensor] = {}
         self._folded_for: tuple | None = None
@@ -363,7 +102,7 @@ class TLoraLinear(nn.Module):
         return [params["down"], params["up"]]
 
     def factor_names(self) -> tuple[str, ...]:
-        return ("p", "lam", "q", "p0", "lam0", "q0") if self.config.variant == "tlora" else ("down", "up")
+        return factor_rules.names(self.config.variant)
 
     def _house_q(self) -> None:
         """Keep Q as the first rows of its float32 operand buffer D = [Q; Q0 - Q], so that a
@@ -436,8 +175,7 @@ class TLoraLinear(nn.Module):
         device = x.device
         autocast = torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocast else x.dtype
-        if dtype not in _COMPUTE_DTYPES:
-            raise ValueError(f"input dtype {x.dtype} is not supported: use float32, float16, bfloat16 or float64")
+        check_compute_dtype(dtype)
         if autocast:
             # Run the update in the autocast dtype, as the base layer did; the kernels handle the
             # float32 factors themselves, so autocast must not rewrite their ops.
@@ -450,7 +188,7 @@ class TLoraLinear(nn.Module):
     def _add_update(self, y: torch.Tensor, x: torch.Tensor, factors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         mask = self.state.mask(x.device, dtype)
         d, u = self._operands(factors, dtype, x.device)
-        n_trainable = 3 if len(factors) == 6 else 2
+        n_trainable = factor_rules.n_trainable(factors)
         if y.dtype == dtype and y._base is None and y.is_contiguous() and y.numel() // max(y.shape[-1], 1) == x.numel() // max(x.shape[-1], 1):
             # y is the base layer's fresh output that nobody else holds: add into it.
             return Update.apply(y, x, mask, d, u, n_trainable, *factors)
@@ -459,7 +197,7 @@ class TLoraLinear(nn.Module):
 
     def _operands(self, factors: list[torch.Tensor], dtype: torch.dtype, device: torch.device):
         """(D, U) in `dtype`: T-LoRA's written into this layer's buffers, LoRA's its factors."""
-        if len(factors) == 2:
+        if not factor_rules.is_tlora(factors):
             down, up = factors
             return (down, up) if down.dtype == dtype else (down.to(dtype), up.to(dtype))
         p, lam, q, p0, lam0, q0 = factors
@@ -475,7 +213,7 @@ class TLoraLinear(nn.Module):
             bufs = self._operand_bufs[key] = [torch.empty(2 * r, in_f, dtype=dtype, device=p.device), None, True]
         if bufs[1] is None:
             bufs[1] = torch.empty(out_f, 2 * r, dtype=dtype, device=p.device)
-        d, u = _native.lowrank_operands(factors, self._frozen[1], _DTYPE_NAMES[dtype], bufs[0], bufs[1], bufs[2])
+        d, u = _native.lowrank_operands(factors, self._frozen[1], DTYPE_NAMES[dtype], bufs[0], bufs[1], bufs[2])
         bufs[2] = False
         return d, u
 
@@ -486,9 +224,9 @@ class TLoraLinear(nn.Module):
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
             with torch.autocast(device.type, enabled=False):
-                delta, _ = _update_op(x.to(dtype), factors, self.state.mask(device, dtype))
+                delta, _ = update_op(x.to(dtype), factors, self.state.mask(device, dtype))
         else:
-            delta, _ = _update_op(x, factors, self.state.mask(device, x.dtype))
+            delta, _ = update_op(x, factors, self.state.mask(device, x.dtype))
         return y + delta.to(y.dtype)
 
     # ---- inference fast path ------------------------------------------------------------------
@@ -520,15 +258,13 @@ class TLoraLinear(nn.Module):
             return None
         autocast = torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocast else w.dtype
-        if (x.dtype != dtype and not autocast) or dtype not in _COMPUTE_DTYPES or x.dtype not in _COMPUTE_DTYPES:
+        if (x.dtype != dtype and not autocast) or dtype not in COMPUTE_DTYPES or x.dtype not in COMPUTE_DTYPES:
             return None
         tokens = x.numel() // in_f
         ranks = state.ranks
         if ranks is None:
             groups = [(r, None, tokens)]
         else:
-            if any(not 1 <= k <= r for k in ranks):
-                return None
             first = ranks[0]
             if all(k == first for k in ranks):
                 groups = [(first, None, tokens)]
