@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import tlora
+from tlora.atomic import write_atomic
 
 T = 1000
 RANK = 64  # --dry-run: 4
@@ -302,12 +303,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("bench-results/gpu"))
@@ -331,8 +326,8 @@ def main(argv=None) -> int:
         "cuda": torch.version.cuda, "device": device, "dtype": str(dtype).replace("torch.", "")}}
 
     def save():
-        write_atomically(args.out / "gpu.json", json.dumps(result, indent=1))
-        write_atomically(args.out / "gpu.md", markdown(result))
+        write_atomic(args.out / "gpu.json", json.dumps(result, indent=1))
+        write_atomic(args.out / "gpu.md", markdown(result))
 
     for name, section in (("sdxl", sdxl_section), ("flux", flux_section)):
         if name == "flux":

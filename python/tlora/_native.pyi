@@ -1,15 +1,23 @@
 """Type stubs for the Rust extension (src/python.rs)."""
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-def rank_schedule(timesteps: torch.Tensor, rank: int, min_rank: int, exponent: float, num_train_timesteps: float) -> torch.Tensor: ...
+def rank_schedule(
+    timesteps: torch.Tensor, rank: int, min_rank: int, exponent: float, num_train_timesteps: float
+) -> torch.Tensor: ...
 def orthogonal_init(
-    out_features: int, in_features: int, rank: int, component: str, seed: int, weight: torch.Tensor | None = None,
+    out_features: int,
+    in_features: int,
+    rank: int,
+    component: str,
+    seed: int,
+    weight: torch.Tensor | None = None,
     device: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 def gaussian(rows: int, cols: int, std: float, seed: int) -> torch.Tensor: ...
+
 _Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 def frozen_block(p0: torch.Tensor, lam0: torch.Tensor) -> torch.Tensor:

@@ -6,16 +6,17 @@ import contextlib
 import inspect
 import weakref
 import zlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import _native
-from . import timesteps as conventions
 from . import factors as factor_rules
-from .errors import ConfigError, TloraError
+from . import timesteps as conventions
 from .config import AdapterConfig, check_ranks, rank_limit_error
+from .errors import ConfigError, TloraError
 from .layer import RankState, TLoraLinear
 from .quantized import adaptable_linear, dequantized_weight, describe
 from .targets import find_targets, linear_at
@@ -24,7 +25,9 @@ _ATTR = "_tlora_adapter"
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
-def rank_schedule(timesteps, rank: int, min_rank: int, exponent: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+def rank_schedule(
+    timesteps, rank: int, min_rank: int, exponent: float = 1.0, num_train_timesteps: int = 1000
+) -> torch.Tensor:
     """r(t) = floor(((T - t) / T)^a * (r - r_min)) + r_min for each timestep: an int64 CPU tensor."""
     t = torch.as_tensor(timesteps)
     return _native.rank_schedule(t, rank, min_rank, float(exponent), float(num_train_timesteps))
@@ -43,11 +46,11 @@ def inject(
     num_train_timesteps: int = 1000,
     timestep_scale: float | None = None,
     seed: int = 0,
-    timestep_convention: "str | conventions.Mapping | None" = None,
+    timestep_convention: str | conventions.Mapping | None = None,
     fast_path: bool = True,
     fold_cache_bytes: int | None = None,
     host_ranks: bool | None = None,
-) -> "Adapter":
+) -> Adapter:
     """Patch the matching `nn.Linear` layers of `model` in place with T-LoRA and return the Adapter.
 
     - `rank`, `min_rank` (default rank // 2), `rank_exponent`: the schedule
@@ -78,9 +81,17 @@ def inject(
     The base model's parameters are frozen; the adapter's are float32 and trainable.
     """
     config = AdapterConfig(
-        rank=rank, min_rank=min_rank, rank_exponent=rank_exponent, variant=variant, init=init,
-        init_from=init_from, target_modules=target_modules, lora_alpha=lora_alpha,
-        num_train_timesteps=num_train_timesteps, timestep_scale=timestep_scale, seed=seed,
+        rank=rank,
+        min_rank=min_rank,
+        rank_exponent=rank_exponent,
+        variant=variant,
+        init=init,
+        init_from=init_from,
+        target_modules=target_modules,
+        lora_alpha=lora_alpha,
+        num_train_timesteps=num_train_timesteps,
+        timestep_scale=timestep_scale,
+        seed=seed,
         timestep_convention=conventions.resolve_name(model, timestep_convention, timestep_scale),
     )
     _check_run_options(fast_path, fold_cache_bytes, host_ranks)
@@ -92,16 +103,21 @@ def inject(
 def _check_run_options(fast_path: Any, fold_cache_bytes: Any, host_ranks: Any) -> None:
     if not isinstance(fast_path, bool):
         raise ConfigError(f"fast_path must be True or False, got {fast_path!r}")
-    if fold_cache_bytes is not None and (isinstance(fold_cache_bytes, bool) or not isinstance(fold_cache_bytes, int)
-                                         or fold_cache_bytes < 0):
+    if fold_cache_bytes is not None and (
+        isinstance(fold_cache_bytes, bool) or not isinstance(fold_cache_bytes, int) or fold_cache_bytes < 0
+    ):
         raise ConfigError(f"fold_cache_bytes must be None or an integer >= 0, got {fold_cache_bytes!r}")
     if host_ranks is not None and not isinstance(host_ranks, bool):
         raise ConfigError(f"host_ranks must be None, True or False, got {host_ranks!r}")
 
 
-def inject_config(model: nn.Module, config: AdapterConfig, module_names: Sequence[str] | None = None,
-                  factors: dict[str, dict[str, torch.Tensor]] | None = None,
-                  timestep_fn: "conventions.Mapping | None" = None) -> "Adapter":
+def inject_config(
+    model: nn.Module,
+    config: AdapterConfig,
+    module_names: Sequence[str] | None = None,
+    factors: dict[str, dict[str, torch.Tensor]] | None = None,
+    timestep_fn: conventions.Mapping | None = None,
+) -> Adapter:
     """`inject` from a config; `module_names` (exact paths) and `factors` (per module) are used by
     `tlora.load`; `timestep_fn` is the function behind a "custom" convention. Everything is checked
     before the model is touched."""
@@ -116,8 +132,10 @@ def inject_config(model: nn.Module, config: AdapterConfig, module_names: Sequenc
     for name in names:
         _, base = linear_at(modules, name)
         if not adaptable_linear(base):
-            raise ValueError(f"module {name!r} is {describe(base)}, expected nn.Linear (plain or quantized by "
-                             "optimum-quanto, torchao or bitsandbytes)")
+            raise ValueError(
+                f"module {name!r} is {describe(base)}, expected nn.Linear (plain or quantized by "
+                "optimum-quanto, torchao or bitsandbytes)"
+            )
         too_large = rank_limit_error(config.rank, base.out_features, base.in_features, name)
         if too_large:
             raise ValueError(f"{too_large}: lower rank or leave this module out of target_modules")
@@ -129,7 +147,7 @@ def inject_config(model: nn.Module, config: AdapterConfig, module_names: Sequenc
     return Adapter(model, config, {n: (bases[n], built[n]) for n in names}, state, timestep_map)
 
 
-def _timestep_map(model: nn.Module, config: AdapterConfig, fn: "conventions.Mapping | None") -> "conventions.Mapping":
+def _timestep_map(model: nn.Module, config: AdapterConfig, fn: conventions.Mapping | None) -> conventions.Mapping:
     """The argument -> t function of `config` for `model` (files from before conventions: resolved
     from the class and timestep_scale, as inject does)."""
     name = config.timestep_convention or conventions.resolve_name(model, None, config.timestep_scale)
@@ -163,9 +181,14 @@ class Adapter:
     """A T-LoRA patch on one model. Holds the adapted layers, the timestep hook and what `remove`
     needs to put the model back exactly as it was."""
 
-    def __init__(self, model: nn.Module, config: AdapterConfig,
-                 parts: dict[str, tuple[nn.Linear, dict[str, torch.Tensor]]], state: RankState,
-                 timestep_map: "conventions.Mapping | None" = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: AdapterConfig,
+        parts: dict[str, tuple[nn.Linear, dict[str, torch.Tensor]]],
+        state: RankState,
+        timestep_map: conventions.Mapping | None = None,
+    ):
         self.model = model
         self.config = config
         self.timestep_map = timestep_map or _timestep_map(model, config, None)
@@ -209,8 +232,11 @@ class Adapter:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every factor (trainable and frozen) under the adapter file's keys."""
-        return {f"{name}.{key}": t for name, layer in self.layers.items()
-                for key, t in zip(layer.factor_names(), layer.factors())}
+        return {
+            f"{name}.{key}": t
+            for name, layer in self.layers.items()
+            for key, t in zip(layer.factor_names(), layer.factors())
+        }
 
     # ---- run options (see `inject`) ----------------------------------------------------------
     @property
@@ -245,8 +271,10 @@ class Adapter:
         the argument's device (no host round trip)."""
         t = torch.as_tensor(timesteps)
         if t.dtype == torch.bool:
-            raise ValueError(f"{type(self.model).__name__} got a boolean timestep ({t.tolist() if t.numel() < 5 else '...'}): "
-                             "pass the diffusion timestep as a number or a numeric tensor")
+            raise ValueError(
+                f"{type(self.model).__name__} got a boolean timestep ({t.tolist() if t.numel() < 5 else '...'}): "
+                "pass the diffusion timestep as a number or a numeric tensor"
+            )
         if t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
             raise ValueError(f"timestep dtype {t.dtype} is not a real number type")
         return self.timestep_map(t)
@@ -272,7 +300,9 @@ class Adapter:
             # One timestep per token or frame (Wan 2.2 TI2V, LTX conditioning): each sample takes
             # the ranks of its noisiest token, the fewest any of its tokens would get.
             if batch is not None and t.shape[0] not in (1, batch):
-                raise ValueError(f"{type(self.model).__name__} got timesteps of shape {tuple(t.shape)} for a batch of {batch}")
+                raise ValueError(
+                    f"{type(self.model).__name__} got timesteps of shape {tuple(t.shape)} for a batch of {batch}"
+                )
             return t
         t = t.reshape(-1)
         if t.numel() == 0:
@@ -321,8 +351,11 @@ class Adapter:
         if compiling:
             self.state.set_device(self.device_ranks(torch.as_tensor(t)))
             return
-        sample = args[0] if args and isinstance(args[0], torch.Tensor) else next(
-            (v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+        sample = (
+            args[0]
+            if args and isinstance(args[0], torch.Tensor)
+            else next((v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
+        )
         batch = sample.shape[0] if sample is not None and sample.dim() >= 2 else None
         if self.host_ranks is not None:
             on_host = self.host_ranks
@@ -362,11 +395,11 @@ class Adapter:
     def _wrap_checkpointing(self) -> None:
         """Make checkpoint recomputation run with the ranks of the forward it replays, even when
         other forwards (with other timesteps) ran in between."""
+        state = self.state
         for m in self._ckpt_modules:
             func = getattr(m, "_gradient_checkpointing_func", None)
             if func is None or getattr(func, "_tlora_wrapped", False):
                 continue
-            state = self.state
 
             def wrapped(block, *args, _orig=func, **kwargs):
                 ranks = state.snapshot()
@@ -398,7 +431,7 @@ class Adapter:
                 m._gradient_checkpointing_func = func._tlora_original
         # Each layer where it is now (a PEFT layer around it may have been added or unloaded since).
         where = {id(m): n for n, m in self.model.named_modules(remove_duplicate=False)}
-        for name, layer in self.layers.items():
+        for layer in self.layers.values():
             path = where.get(id(layer))
             if path is not None:
                 _set_submodule(self.model, path, layer.base_layer)
@@ -409,8 +442,10 @@ class Adapter:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"Adapter({c.variant}, rank={c.rank}, min_rank={c.min_rank}, layers={len(self.layers)}, "
-                f"model={type(self.model).__name__})")
+        return (
+            f"Adapter({c.variant}, rank={c.rank}, min_rank={c.min_rank}, layers={len(self.layers)}, "
+            f"model={type(self.model).__name__})"
+        )
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

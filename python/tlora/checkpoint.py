@@ -42,9 +42,15 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[list[tuple[str, torc
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(out: Path, step: int, adapter: Adapter, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator, extra: dict[str, Any],
-                    generator_states: list[torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    adapter: Adapter,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    extra: dict[str, Any],
+    generator_states: list[torch.Tensor] | None = None,
+) -> Path:
     """`generator_states`: under DDP, every process's generator state (index = process index), so
     that each process resumes its own random stream."""
     final = out / f"checkpoint-{step}"
@@ -76,8 +82,9 @@ def latest_checkpoint(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def load_checkpoint(ckpt: Path, adapter: Adapter, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-                    process_index: int = 0) -> int:
+def load_checkpoint(
+    ckpt: Path, adapter: Adapter, optimizer: torch.optim.Optimizer, generator: torch.Generator, process_index: int = 0
+) -> int:
     """Restore adapter weights, optimizer and RNG (this process's own, when the checkpoint has one
     per process) from `ckpt`; returns its step. Everything is read and checked before anything is
     restored; a checkpoint of another adapter or one missing a part is a CheckpointError."""
@@ -88,14 +95,18 @@ def load_checkpoint(ckpt: Path, adapter: Adapter, optimizer: torch.optim.Optimiz
     for field in ("variant", "rank", "min_rank", "rank_exponent", "num_train_timesteps"):
         theirs, ours = getattr(f.config, field), getattr(c, field)
         if theirs != ours:
-            raise CheckpointError(f"{ckpt} was trained with {field} = {theirs!r}, this run asks for {ours!r}: "
-                                  "resume with the checkpoint's setting, or start a new run (--overwrite or another --out)")
+            raise CheckpointError(
+                f"{ckpt} was trained with {field} = {theirs!r}, this run asks for {ours!r}: "
+                "resume with the checkpoint's setting, or start a new run (--overwrite or another --out)"
+            )
     if set(f.tensors) != set(own):
         raise CheckpointError(f"{ckpt} belongs to another adapter (different modules or variant)")
 
     state_file = ckpt / "state.safetensors"
     if not state_file.exists():
-        raise CheckpointError(f"{ckpt} has no state.safetensors (optimizer and RNG state): it cannot be resumed exactly")
+        raise CheckpointError(
+            f"{ckpt} has no state.safetensors (optimizer and RNG state): it cannot be resumed exactly"
+        )
     raw, meta = read_raw(state_file)
     state_tensors = dict(raw)
     try:
@@ -112,19 +123,25 @@ def load_checkpoint(ckpt: Path, adapter: Adapter, optimizer: torch.optim.Optimiz
             idx, name = key.split(".", 1)
             state.setdefault(int(idx), {})[name] = value
     except KeyError as e:
-        raise CheckpointError(f"{state_file} has no optimizer state ({e.args[0]!r} missing): it cannot be resumed") from None
+        raise CheckpointError(
+            f"{state_file} has no optimizer state ({e.args[0]!r} missing): it cannot be resumed"
+        ) from None
     except (TypeError, ValueError, AttributeError, RecursionError) as e:
         raise CheckpointError(f"{state_file}: the optimizer state is malformed ({e})") from None
     rng = state_tensors.get(f"rng.generator.{process_index}", state_tensors.get("rng.generator"))
     if rng is None:
-        raise CheckpointError(f"{state_file} has no RNG state (rng.generator): the run cannot continue the same random "
-                              "sequence; start a new run (--overwrite) instead")
+        raise CheckpointError(
+            f"{state_file} has no RNG state (rng.generator): the run cannot continue the same random "
+            "sequence; start a new run (--overwrite) instead"
+        )
     try:
         step = json.loads((ckpt / "state.json").read_text())["step"]
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise TypeError(f"step must be an integer >= 0, got {step!r}")
     except (OSError, KeyError, TypeError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{ckpt / 'state.json'} does not hold the checkpoint's step ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{ckpt / 'state.json'} does not hold the checkpoint's step ({type(e).__name__}: {e})"
+        ) from None
     # Restore into copies first, so that a bad optimizer or RNG state changes nothing.
     saved_opt = optimizer.state_dict()
     saved_rng = generator.get_state()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import ConfigError
 
@@ -77,9 +78,14 @@ class AdapterConfig:
         if not _is_int(self.seed) or not -SEED_RANGE <= self.seed < SEED_RANGE:
             raise ConfigError(f"seed must be an integer in -2**63..2**63-1, got {self.seed!r}")
         t = self.target_modules
-        if t is not None and not isinstance(t, str) and not (
-                isinstance(t, (list, tuple)) and all(isinstance(x, str) for x in t)):
-            raise ConfigError(f"target_modules must be None, a regular expression or a list of module-name suffixes, got {t!r}")
+        if (
+            t is not None
+            and not isinstance(t, str)
+            and not (isinstance(t, (list, tuple)) and all(isinstance(x, str) for x in t))
+        ):
+            raise ConfigError(
+                f"target_modules must be None, a regular expression or a list of module-name suffixes, got {t!r}"
+            )
         if self.timestep_convention is not None and not isinstance(self.timestep_convention, str):
             raise ConfigError(f"timestep_convention must be a name (str) in a config, got {self.timestep_convention!r}")
         if not isinstance(self.extra, dict):
@@ -101,7 +107,7 @@ class AdapterConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"an adapter config is a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -149,8 +155,13 @@ def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
 
 def check_float(name: str, value: Any, lo: float, hi: float | None = None, lo_inclusive: bool = True) -> float:
     """`value` if it is a finite number in [lo, hi] ((lo, hi] without lo_inclusive), else a ConfigError."""
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-          and (value >= lo if lo_inclusive else value > lo) and (hi is None or value <= hi))
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and math.isfinite(value)
+        and (value >= lo if lo_inclusive else value > lo)
+        and (hi is None or value <= hi)
+    )
     if not ok:
         bound = f"{'>=' if lo_inclusive else '>'} {lo:g}" + ("" if hi is None else f" and <= {hi:g}")
         raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")

@@ -65,5 +65,13 @@ class InputError(TloraError):
     """Other bad input: images, model folders, devices, non-regular files."""
 
 
-__all__ = ["AdapterFileError", "CheckpointError", "ConfigError", "InputError", "MissingFileError",
-           "ModelMismatchError", "TloraError", "TrainingError"]
+__all__ = [
+    "AdapterFileError",
+    "CheckpointError",
+    "ConfigError",
+    "InputError",
+    "MissingFileError",
+    "ModelMismatchError",
+    "TloraError",
+    "TrainingError",
+]

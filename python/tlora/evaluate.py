@@ -27,9 +27,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,22 +40,48 @@ from .images import IMAGE_SUFFIXES, _open, to_rgb
 
 # The context prompts of DreamBooth's evaluation (Ruiz et al. 2023), which the T-LoRA paper uses:
 # 25 per concept, one list for objects and one for live subjects (pets). {} is "token class".
-_SHARED = ("a {} in the jungle", "a {} in the snow", "a {} on the beach", "a {} on a cobblestone street",
-           "a {} on top of pink fabric", "a {} on top of a wooden floor", "a {} with a city in the background",
-           "a {} with a mountain in the background", "a {} with a blue house in the background",
-           "a {} on top of a purple rug in a forest")
+_SHARED = (
+    "a {} in the jungle",
+    "a {} in the snow",
+    "a {} on the beach",
+    "a {} on a cobblestone street",
+    "a {} on top of pink fabric",
+    "a {} on top of a wooden floor",
+    "a {} with a city in the background",
+    "a {} with a mountain in the background",
+    "a {} with a blue house in the background",
+    "a {} on top of a purple rug in a forest",
+)
 _RECOLOUR = ("a red {}", "a purple {}", "a shiny {}", "a wet {}", "a cube shaped {}")
 PAPER_PROMPTS = {
-    "object": _SHARED + ("a {} with a wheat field in the background",
-                         "a {} with a tree and autumn leaves in the background",
-                         "a {} with the Eiffel Tower in the background", "a {} floating on top of water",
-                         "a {} floating in an ocean of milk", "a {} on top of green grass with sunflowers around it",
-                         "a {} on top of a mirror", "a {} on top of the sidewalk in a crowded street",
-                         "a {} on top of a dirt road", "a {} on top of a white rug") + _RECOLOUR,
-    "live": _SHARED + ("a {} wearing a red hat", "a {} wearing a santa hat", "a {} wearing a rainbow scarf",
-                       "a {} wearing a black top hat and a monocle", "a {} in a chef outfit",
-                       "a {} in a firefighter outfit", "a {} in a police outfit", "a {} wearing pink glasses",
-                       "a {} wearing a yellow shirt", "a {} in a purple wizard outfit") + _RECOLOUR,
+    "object": _SHARED
+    + (
+        "a {} with a wheat field in the background",
+        "a {} with a tree and autumn leaves in the background",
+        "a {} with the Eiffel Tower in the background",
+        "a {} floating on top of water",
+        "a {} floating in an ocean of milk",
+        "a {} on top of green grass with sunflowers around it",
+        "a {} on top of a mirror",
+        "a {} on top of the sidewalk in a crowded street",
+        "a {} on top of a dirt road",
+        "a {} on top of a white rug",
+    )
+    + _RECOLOUR,
+    "live": _SHARED
+    + (
+        "a {} wearing a red hat",
+        "a {} wearing a santa hat",
+        "a {} wearing a rainbow scarf",
+        "a {} wearing a black top hat and a monocle",
+        "a {} in a chef outfit",
+        "a {} in a firefighter outfit",
+        "a {} in a police outfit",
+        "a {} wearing pink glasses",
+        "a {} wearing a yellow shirt",
+        "a {} in a purple wizard outfit",
+    )
+    + _RECOLOUR,
 }
 
 CLIP_TYPES = ("clip",)
@@ -73,6 +99,7 @@ def paper_prompts(kind: str) -> list[str]:
 
 # ---- models -----------------------------------------------------------------------------------
 
+
 def _model_type(source: str, flag: str, wanted: tuple[str, ...], example: str) -> str:
     """model_type of a local folder or hub id, refusing a folder of the wrong kind before loading weights."""
     from transformers import AutoConfig
@@ -80,22 +107,31 @@ def _model_type(source: str, flag: str, wanted: tuple[str, ...], example: str) -
     path = Path(source).expanduser()
     looks_local = path.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1
     if looks_local and not path.is_dir():
-        raise FileNotFoundError(f"{flag} {source}: no such model folder (give a local transformers folder "
-                                f"or a hub id such as {example})")
+        raise FileNotFoundError(
+            f"{flag} {source}: no such model folder (give a local transformers folder or a hub id such as {example})"
+        )
     if looks_local and not (path / "config.json").is_file():
-        raise ValueError(f"{flag} {source} has no config.json: it is not a transformers model folder "
-                         f"(save one with model.save_pretrained(folder), e.g. of {example})")
+        raise ValueError(
+            f"{flag} {source} has no config.json: it is not a transformers model folder "
+            f"(save one with model.save_pretrained(folder), e.g. of {example})"
+        )
     try:
         kind = AutoConfig.from_pretrained(str(path) if looks_local else source).model_type
     except (OSError, ValueError) as e:
         if looks_local:
-            raise ValueError(f"{flag} {source}: its config.json is not a transformers model's ({e}); give a "
-                             f"folder like {example} saved with save_pretrained") from None
-        raise OSError(f"{flag} {source}: no such local folder, and reading it as a hub id failed ({e}); "
-                      "give a local folder where the hub is unreachable") from None
+            raise ValueError(
+                f"{flag} {source}: its config.json is not a transformers model's ({e}); give a "
+                f"folder like {example} saved with save_pretrained"
+            ) from None
+        raise OSError(
+            f"{flag} {source}: no such local folder, and reading it as a hub id failed ({e}); "
+            "give a local folder where the hub is unreachable"
+        ) from None
     if kind not in wanted:
-        raise ValueError(f"{flag} {source} holds a {kind!r} model (config.json model_type), not "
-                         f"{' / '.join(repr(w) for w in wanted)}: give {flag} a model like {example}")
+        raise ValueError(
+            f"{flag} {source} holds a {kind!r} model (config.json model_type), not "
+            f"{' / '.join(repr(w) for w in wanted)}: give {flag} a model like {example}"
+        )
     return str(path) if looks_local else source
 
 
@@ -110,7 +146,7 @@ class Encoders:
     device: str = "cpu"
 
     @classmethod
-    def load(cls, clip: str | None = None, dino: str | None = None, device: str | None = None) -> "Encoders":
+    def load(cls, clip: str | None = None, dino: str | None = None, device: str | None = None) -> Encoders:
         from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
         if not clip and not dino:
@@ -118,20 +154,26 @@ class Encoders:
         enc = cls(device=device or "cpu")
         # Check both kinds before loading either: a swapped pair fails at once.
         clip_src = _model_type(clip, "--clip", CLIP_TYPES, "openai/clip-vit-base-patch32") if clip else None
-        dino_src = _model_type(dino, "--dino", DINO_TYPES, "facebook/dinov2-small or facebook/dino-vits16") if dino else None
+        dino_src = (
+            _model_type(dino, "--dino", DINO_TYPES, "facebook/dinov2-small or facebook/dino-vits16") if dino else None
+        )
         if clip_src:
             try:
                 enc.clip_processor = CLIPProcessor.from_pretrained(clip_src)
             except (OSError, ValueError, TypeError) as e:
-                raise ValueError(f"--clip {clip}: cannot load its CLIPProcessor ({e}); the folder needs the "
-                                 "image processor and tokenizer files (processor.save_pretrained(folder))") from None
+                raise ValueError(
+                    f"--clip {clip}: cannot load its CLIPProcessor ({e}); the folder needs the "
+                    "image processor and tokenizer files (processor.save_pretrained(folder))"
+                ) from None
             enc.clip = CLIPModel.from_pretrained(clip_src).eval().to(enc.device)
         if dino_src:
             try:
                 enc.dino_processor = AutoImageProcessor.from_pretrained(dino_src)
             except (OSError, ValueError, TypeError) as e:
-                raise ValueError(f"--dino {dino}: cannot load its image processor ({e}); the folder needs "
-                                 "preprocessor_config.json (image_processor.save_pretrained(folder))") from None
+                raise ValueError(
+                    f"--dino {dino}: cannot load its image processor ({e}); the folder needs "
+                    "preprocessor_config.json (image_processor.save_pretrained(folder))"
+                ) from None
             enc.dino = AutoModel.from_pretrained(dino_src).eval().to(enc.device)
         return enc
 
@@ -143,8 +185,9 @@ class Encoders:
     @torch.no_grad()
     def clip_texts(self, texts: Sequence[str]) -> torch.Tensor:
         tok = self.clip_processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
-        out = self.clip.get_text_features(input_ids=tok["input_ids"].to(self.device),
-                                          attention_mask=tok["attention_mask"].to(self.device))
+        out = self.clip.get_text_features(
+            input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
+        )
         return _pooled(out).double().cpu()
 
     @torch.no_grad()
@@ -168,13 +211,16 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # ---- inputs -----------------------------------------------------------------------------------
 
+
 def masked_reference(image: Image.Image, mask: Image.Image, fill=(255, 255, 255), where: str = "") -> Image.Image:
     """The reference with its background (mask < 128) replaced by the constant colour `fill`."""
     image = to_rgb(image)
     m = to_rgb(mask).convert("L")
     if m.size != image.size:
-        raise ValueError(f"mask {where} is {m.width}x{m.height} but its reference image is "
-                         f"{image.width}x{image.height}: give a mask of the same size")
+        raise ValueError(
+            f"mask {where} is {m.width}x{m.height} but its reference image is "
+            f"{image.width}x{image.height}: give a mask of the same size"
+        )
     subject = np.asarray(m) >= 128
     if not subject.any():
         raise ValueError(f"mask {where} is empty: white pixels mark the subject")
@@ -187,11 +233,16 @@ def _generated_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"generated-image folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name not in SKIPPED_FILES)
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name not in SKIPPED_FILES
+    )
     if not files:
-        raise ValueError(f"generated-image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}; "
-                         f"{', '.join(SKIPPED_FILES)} is skipped)")
+        raise ValueError(
+            f"generated-image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}; "
+            f"{', '.join(SKIPPED_FILES)} is skipped)"
+        )
     return files
 
 
@@ -212,21 +263,30 @@ def _read_manifest(path: str | Path) -> dict[str, str]:
     elif isinstance(data, list) and all(isinstance(d, dict) and {"file", "prompt"} <= d.keys() for d in data):
         items = [(d["file"], d["prompt"]) for d in data]
     else:
-        raise ValueError(f"prompt manifest {path}: expected a JSON object {{file: prompt}} or a list / JSONL "
-                         'of {"file": ..., "prompt": ...} objects')
+        raise ValueError(
+            f"prompt manifest {path}: expected a JSON object {{file: prompt}} or a list / JSONL "
+            'of {"file": ..., "prompt": ...} objects'
+        )
     if not all(isinstance(f, str) and isinstance(p, str) for f, p in items):
         raise ValueError(f"prompt manifest {path}: file names and prompts must be strings")
     return {Path(f).name: p for f, p in items}
 
 
-def _prompts_for(files: list[Path], images: list[Image.Image], manifest: str | Path | None,
-                 prompt_set: str | None, concept: str | None) -> list[str | None]:
+def _prompts_for(
+    files: list[Path],
+    images: list[Image.Image],
+    manifest: str | Path | None,
+    prompt_set: str | None,
+    concept: str | None,
+) -> list[str | None]:
     table = _read_manifest(manifest) if manifest else {}
     if table:
         unknown = sorted(set(table) - {f.name for f in files})
         if unknown:
-            raise ValueError(f"prompt manifest {manifest} names {len(unknown)} file(s) not in the folder "
-                             f"(e.g. {unknown[0]}): its entries and the generated images do not match")
+            raise ValueError(
+                f"prompt manifest {manifest} names {len(unknown)} file(s) not in the folder "
+                f"(e.g. {unknown[0]}): its entries and the generated images do not match"
+            )
     templates = paper_prompts(prompt_set) if prompt_set else None
     if templates and not concept:
         raise ValueError("--prompt-set needs --concept, the words that replace {} (e.g. 'dog' or 'sks dog')")
@@ -236,8 +296,10 @@ def _prompts_for(files: list[Path], images: list[Image.Image], manifest: str | P
         if prompt is None and templates:
             m = re.match(r"(\d+)-", f.name)
             if not m or int(m.group(1)) >= len(templates):
-                raise ValueError(f"{f.name}: with --prompt-set the files must be named NN-*.png with NN the "
-                                 f"prompt's index 0..{len(templates) - 1}, as `tlora generate` names them")
+                raise ValueError(
+                    f"{f.name}: with --prompt-set the files must be named NN-*.png with NN the "
+                    f"prompt's index 0..{len(templates) - 1}, as `tlora generate` names them"
+                )
             prompt = templates[int(m.group(1))].replace("{}", concept)
         prompts.append(prompt)
     return prompts
@@ -245,22 +307,35 @@ def _prompts_for(files: list[Path], images: list[Image.Image], manifest: str | P
 
 # ---- the evaluation ---------------------------------------------------------------------------
 
-def evaluate(generated: str | Path, references: Sequence[str | Path], clip: str | None = None,
-             dino: str | None = None, masks: Sequence[str | Path] | None = None, prompts: str | Path | None = None,
-             prompt_set: str | None = None, concept: str | None = None, drop_words: Sequence[str] = (),
-             mask_fill: tuple[int, int, int] = (255, 255, 255), device: str | None = None,
-             batch_size: int = 16, encoders: Encoders | None = None) -> dict:
+
+def evaluate(
+    generated: str | Path,
+    references: Sequence[str | Path],
+    clip: str | None = None,
+    dino: str | None = None,
+    masks: Sequence[str | Path] | None = None,
+    prompts: str | Path | None = None,
+    prompt_set: str | None = None,
+    concept: str | None = None,
+    drop_words: Sequence[str] = (),
+    mask_fill: tuple[int, int, int] = (255, 255, 255),
+    device: str | None = None,
+    batch_size: int = 16,
+    encoders: Encoders | None = None,
+) -> dict:
     """Score every generated image against the references (and its prompt); returns the report
     dict that `write_report` saves. `drop_words` are removed from prompts before CLIP-T (e.g. the
     rare token "sks", which CLIP's text encoder does not know)."""
     if not references:
         raise ValueError("no reference image: pass --reference PATH (repeatable)")
     if masks and len(masks) != len(references):
-        raise ValueError(f"{len(masks)} mask(s) for {len(references)} reference image(s): give one --mask per "
-                         "--reference, in the same order")
+        raise ValueError(
+            f"{len(masks)} mask(s) for {len(references)} reference image(s): give one --mask per "
+            "--reference, in the same order"
+        )
     refs = [to_rgb(_open(r, "reference image")) for r in references]
     if masks:
-        refs = [masked_reference(img, _open(m, "mask"), mask_fill, str(m)) for img, m, in zip(refs, masks)]
+        refs = [masked_reference(img, _open(m, "mask"), mask_fill, str(m)) for img, m in zip(refs, masks)]
     files = _generated_files(generated)
     images = [_open(f, "generated image") for f in files]  # keep .info (PNG text) for the prompts
     texts = _prompts_for(files, images, prompts, prompt_set, concept)
@@ -268,12 +343,14 @@ def evaluate(generated: str | Path, references: Sequence[str | Path], clip: str 
     enc = encoders or Encoders.load(clip, dino, device)
     if enc.clip is not None and any(t is None for t in texts):
         missing = [f.name for f, t in zip(files, texts) if t is None]
-        raise ValueError(f"no prompt for {len(missing)} generated image(s) (e.g. {missing[0]}), needed for CLIP-T: "
-                         "give --prompts MANIFEST, or --prompt-set with --concept, or images written by "
-                         "`tlora generate` (their PNGs carry the prompt)")
+        raise ValueError(
+            f"no prompt for {len(missing)} generated image(s) (e.g. {missing[0]}), needed for CLIP-T: "
+            "give --prompts MANIFEST, or --prompt-set with --concept, or images written by "
+            "`tlora generate` (their PNGs carry the prompt)"
+        )
 
     def batched(fn, items):
-        return torch.cat([fn(items[i:i + batch_size]) for i in range(0, len(items), batch_size)])
+        return torch.cat([fn(items[i : i + batch_size]) for i in range(0, len(items), batch_size)])
 
     scores: dict[str, list[float]] = {}
     if enc.clip is not None:
@@ -285,13 +362,17 @@ def evaluate(generated: str | Path, references: Sequence[str | Path], clip: str 
     if enc.dino is not None:
         scores["dino"] = _cosine(batched(enc.dino_images, images), enc.dino_images(refs)).mean(1).tolist()
 
-    per_image = [{"file": f.name, "prompt": t, **{k: v[i] for k, v in scores.items()}}
-                 for i, (f, t) in enumerate(zip(files, texts))]
+    per_image = [
+        {"file": f.name, "prompt": t, **{k: v[i] for k, v in scores.items()}}
+        for i, (f, t) in enumerate(zip(files, texts))
+    ]
     groups: dict[str | None, list[dict]] = {}
     for row in per_image:
         groups.setdefault(row["prompt"], []).append(row)
-    per_prompt = [{"prompt": p, "images": len(rows), **{k: float(np.mean([r[k] for r in rows])) for k in scores}}
-                  for p, rows in groups.items()]
+    per_prompt = [
+        {"prompt": p, "images": len(rows), **{k: float(np.mean([r[k] for r in rows])) for k in scores}}
+        for p, rows in groups.items()
+    ]
     return {
         "models": {"clip": clip, "dino": dino},
         "references": [str(r) for r in references],
@@ -324,10 +405,13 @@ def markdown(report: dict) -> str:
         lines.append(f"| {prompt} | {row['images']} | " + " | ".join(fmt(row[k]) for k in keys) + " |")
     o = report["overall"]
     lines.append(f"| **mean over all images** | {o['images']} | " + " | ".join(f"**{fmt(o[k])}**" for k in keys) + " |")
-    note = ("CLIP-I and DINO: mean cosine to the reference image(s)"
-            + (f", reference background filled with RGB {tuple(report['mask_fill'])}" if report["masks"] else "")
-            + "; CLIP-T: cosine to the prompt" + (f" without {report['drop_words']}" if report["drop_words"] else "")
-            + ".")
+    note = (
+        "CLIP-I and DINO: mean cosine to the reference image(s)"
+        + (f", reference background filled with RGB {tuple(report['mask_fill'])}" if report["masks"] else "")
+        + "; CLIP-T: cosine to the prompt"
+        + (f" without {report['drop_words']}" if report["drop_words"] else "")
+        + "."
+    )
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 

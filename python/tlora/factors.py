@@ -75,13 +75,20 @@ def checked(path: Path | None, key: str, t: torch.Tensor) -> torch.Tensor:
     refused, values finite and at most MAX_ABS in magnitude."""
     if t.dtype != torch.float32:
         if t.dtype not in CONVERTIBLE:
-            raise AdapterFileError(path, f"tensor {key} has dtype {str(t.dtype).removeprefix('torch.')}; "
-                                   "adapter factors are float32 (float16, bfloat16 and float64 are converted)")
-        warnings.warn(f"{path}: tensor {key} is {str(t.dtype).removeprefix('torch.')}, converted to float32",
-                      UserWarning, stacklevel=4)
+            raise AdapterFileError(
+                path,
+                f"tensor {key} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                "adapter factors are float32 (float16, bfloat16 and float64 are converted)",
+            )
+        warnings.warn(
+            f"{path}: tensor {key} is {str(t.dtype).removeprefix('torch.')}, converted to float32",
+            UserWarning,
+            stacklevel=4,
+        )
         t = t.float()
     bad = bad_values(t)
     if bad:
-        raise AdapterFileError(path, f"tensor {key} has {bad}; a usable adapter has finite factors of magnitude "
-                               f"<= {MAX_ABS:g}")
+        raise AdapterFileError(
+            path, f"tensor {key} has {bad}; a usable adapter has finite factors of magnitude <= {MAX_ABS:g}"
+        )
     return t

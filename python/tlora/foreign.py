@@ -35,17 +35,42 @@ _EXPONENT_KEYS = ("rank_exponent", "tlora_alpha", "alpha_rank_scale")
 _T_KEYS = ("num_train_timesteps",)
 
 _REF_PROJ = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
-_REF_KEY = re.compile(r"^(?:(?:unet|transformer)\.)?(?P<attn>.+)\.processor\.(?P<proj>to_q_lora|to_k_lora|to_v_lora|to_out_lora)\.(?P<param>.+)$")
-_REF_PARAMS = {"q_layer.weight": "q", "p_layer.weight": "p", "lambda_layer": "lam", "base_q.weight": "q0",
-               "base_p.weight": "p0", "base_lambda": "lam0", "down.weight": "down", "up.weight": "up"}
-_LYCO_PARAMS = {"q_layer.weight": "q", "p_layer.weight": "p", "lambda_layer": "lam", "base_q": "q0",
-                "base_q.weight": "q0", "base_p": "p0", "base_p.weight": "p0", "base_lambda": "lam0", "alpha": "alpha"}
+_REF_KEY = re.compile(
+    r"^(?:(?:unet|transformer)\.)?(?P<attn>.+)\.processor\.(?P<proj>to_q_lora|to_k_lora|to_v_lora|to_out_lora)\.(?P<param>.+)$"
+)
+_REF_PARAMS = {
+    "q_layer.weight": "q",
+    "p_layer.weight": "p",
+    "lambda_layer": "lam",
+    "base_q.weight": "q0",
+    "base_p.weight": "p0",
+    "base_lambda": "lam0",
+    "down.weight": "down",
+    "up.weight": "up",
+}
+_LYCO_PARAMS = {
+    "q_layer.weight": "q",
+    "p_layer.weight": "p",
+    "lambda_layer": "lam",
+    "base_q": "q0",
+    "base_q.weight": "q0",
+    "base_p": "p0",
+    "base_p.weight": "p0",
+    "base_lambda": "lam0",
+    "alpha": "alpha",
+}
 
 
-def read_foreign(model: nn.Module, path: Path, raw_tensors: list[tuple[str, torch.Tensor]], raw_meta: dict[str, str],
-                 min_rank: int | None = None, rank_exponent: float | None = None,
-                 num_train_timesteps: int | None = None,
-                 reconstruct_base: bool = False) -> tuple[AdapterConfig, dict[str, dict[str, torch.Tensor]]]:
+def read_foreign(
+    model: nn.Module,
+    path: Path,
+    raw_tensors: list[tuple[str, torch.Tensor]],
+    raw_meta: dict[str, str],
+    min_rank: int | None = None,
+    rank_exponent: float | None = None,
+    num_train_timesteps: int | None = None,
+    reconstruct_base: bool = False,
+) -> tuple[AdapterConfig, dict[str, dict[str, torch.Tensor]]]:
     """The config and the float32 CPU factors (by module path) of another tool's T-LoRA file,
     read with `tlora.io.read_raw`, for `model`.
 
@@ -78,24 +103,32 @@ def read_foreign(model: nn.Module, path: Path, raw_tensors: list[tuple[str, torc
         if base is None:
             other = dict(model.named_modules()).get(name)
             what = "does not exist" if other is None else f"is a {type(other).__name__}, not nn.Linear"
-            raise ModelMismatchError(f"{path} ({source}) adapts module {name!r}, which {what} in this {type(model).__name__}")
+            raise ModelMismatchError(
+                f"{path} ({source}) adapts module {name!r}, which {what} in this {type(model).__name__}"
+            )
         ranks[name] = _check_factors(path, name, f, variant, base)
     distinct = sorted(set(ranks.values()))
     if len(distinct) != 1:
         example = ", ".join(f"{n}: {r}" for n, r in list(ranks.items())[:4])
-        raise AdapterFileError(path, f"{path} uses several ranks ({distinct}; {example}); a tlora adapter has one rank for all modules")
+        raise AdapterFileError(
+            path, f"{path} uses several ranks ({distinct}; {example}); a tlora adapter has one rank for all modules"
+        )
     r = distinct[0]
 
     if variant == "tlora" and any("p0" not in f for f in modules.values()):
         if source != "LyCORIS":
-            raise AdapterFileError(path, f"{path} ({source}) has no frozen base copies (base_q, base_p, base_lambda): the file is incomplete")
+            raise AdapterFileError(
+                path,
+                f"{path} ({source}) has no frozen base copies (base_q, base_p, base_lambda): the file is incomplete",
+            )
         if not reconstruct_base:
             raise AdapterFileError(
-                path, f"{path} ({source}) has no frozen base copies (base_q, base_p, base_lambda), without which a T-LoRA "
+                path,
+                f"{path} ({source}) has no frozen base copies (base_q, base_p, base_lambda), without which a T-LoRA "
                 "update cannot be computed: LyCORIS's save_weights() leaves them out. Save them with the "
                 "trained factors, e.g. {f'{m.lora_name}.{k}': v for m in network.loras for k, v in "
                 "torch.nn.Module.state_dict(m).items()}, or pass reconstruct_base=True if the network was "
-                "trained with LyCORIS's default init (use_data_init=True, sig_type='principal')"
+                "trained with LyCORIS's default init (use_data_init=True, sig_type='principal')",
             )
         for name, f in modules.items():
             if "p0" not in f:
@@ -107,17 +140,25 @@ def read_foreign(model: nn.Module, path: Path, raw_tensors: list[tuple[str, torc
         warnings.warn(
             f"{path.name} does not say its minimum rank: using the paper's r_min = r // 2 = {settings['min_rank']} "
             "(pass min_rank=... to tlora.load if it was trained with another)",
-            UserWarning, stacklevel=3,  # the caller of tlora.load
+            UserWarning,
+            stacklevel=3,  # the caller of tlora.load
         )
     names = sorted(modules)
     try:
         config = AdapterConfig(
-            rank=r, variant=variant, target_modules=names, lora_alpha=alpha,
-            extra={"imported_from": source, "source_file": path.name}, **settings,
+            rank=r,
+            variant=variant,
+            target_modules=names,
+            lora_alpha=alpha,
+            extra={"imported_from": source, "source_file": path.name},
+            **settings,
         )
     except ConfigError as e:
-        raise AdapterFileError(path, f"{path} ({source}): the rank settings from the arguments and the file's metadata "
-                               f"do not form a valid adapter: {e}") from None
+        raise AdapterFileError(
+            path,
+            f"{path} ({source}): the rank settings from the arguments and the file's metadata "
+            f"do not form a valid adapter: {e}",
+        ) from None
     keys = factor_rules.names(variant)
     return config, {name: {k: modules[name][k].float().contiguous() for k in keys} for name in names}
 
@@ -134,7 +175,9 @@ def _parse_reference(path: Path, tensors: dict[str, torch.Tensor]):
         name = f"{m.group('attn')}.{_REF_PROJ[m.group('proj')]}"
         modules.setdefault(name, {})[param] = t
     if unknown:
-        raise AdapterFileError(path, f"{path}: keys that are not part of the reference T-LoRA layout: {', '.join(sorted(unknown)[:5])}")
+        raise AdapterFileError(
+            path, f"{path}: keys that are not part of the reference T-LoRA layout: {', '.join(sorted(unknown)[:5])}"
+        )
     _check_foreign_tensors(path, "reference T-LoRA code", modules)
     variant = _variant_of(path, modules, "reference T-LoRA code")
     return modules, variant, None  # the reference code has no alpha: scale 1
@@ -159,21 +202,27 @@ def _parse_lycoris(path: Path, tensors: dict[str, torch.Tensor], all_names: list
         if factor is None:
             if param in ("lora_down.weight", "lora_up.weight", "hada_w1_a", "lokr_w1", "oft_blocks", "oft_diag"):
                 raise AdapterFileError(
-                    path, f"{path} is a LyCORIS network of another algorithm ({param!r} in {key!r}), not T-LoRA "
-                    "(algo='tlora'): load it with LyCORIS or with pipe.load_lora_weights"
+                    path,
+                    f"{path} is a LyCORIS network of another algorithm ({param!r} in {key!r}), not T-LoRA "
+                    "(algo='tlora'): load it with LyCORIS or with pipe.load_lora_weights",
                 )
             raise AdapterFileError(path, f"{path} (LyCORIS): unexpected tensor {key!r} for a T-LoRA module")
         if factor == "alpha":
             value = t.double().reshape(-1) if t.is_floating_point() or t.dtype in (torch.int32, torch.int64) else None
             if value is None or value.numel() != 1 or not bool(torch.isfinite(value).all()) or float(value[0]) < 0:
-                raise AdapterFileError(path, f"{path} (LyCORIS): {key!r} must hold one finite number >= 0, got "
-                                       f"{'a ' + str(t.dtype) if value is None else value.tolist()}")
+                raise AdapterFileError(
+                    path,
+                    f"{path} (LyCORIS): {key!r} must hold one finite number >= 0, got "
+                    f"{'a ' + str(t.dtype) if value is None else value.tolist()}",
+                )
             alphas[name] = float(value[0])
         else:
             modules.setdefault(name, {})[factor] = t
     conv = next((n for n, f in modules.items() if any(t.dim() > 2 for t in f.values())), None)
     if conv is not None:
-        raise AdapterFileError(path, f"{path} (LyCORIS) adapts a convolution ({conv}); tlora adapts nn.Linear layers only")
+        raise AdapterFileError(
+            path, f"{path} (LyCORIS) adapts a convolution ({conv}); tlora adapts nn.Linear layers only"
+        )
     _check_foreign_tensors(path, "LyCORIS", modules)
     variant = _variant_of(path, modules, "LyCORIS")
     # LyCORIS: scale = alpha / lora_dim, alpha = 0 or missing meaning lora_dim (scale 1).
@@ -183,7 +232,9 @@ def _parse_lycoris(path: Path, tensors: dict[str, torch.Tensor], all_names: list
         a = alphas.get(name, 0.0)
         values.add(float(r) if a == 0 else a)
     if len(values) > 1:
-        raise AdapterFileError(path, f"{path} (LyCORIS) uses several alphas ({sorted(values)}); a tlora adapter has one scale")
+        raise AdapterFileError(
+            path, f"{path} (LyCORIS) uses several alphas ({sorted(values)}); a tlora adapter has one scale"
+        )
     return modules, variant, values.pop() if values else None
 
 
@@ -195,8 +246,11 @@ def _check_foreign_tensors(path: Path, source: str, modules: dict[str, dict[str,
             dims_ok = (t.dim() == 1 or (t.dim() == 2 and t.shape[0] == 1)) if k in ("lam", "lam0") else t.dim() == 2
             if not dims_ok or t.numel() == 0:
                 want = "1-D (r,) or (1, r)" if k in ("lam", "lam0") else "2-D"
-                raise AdapterFileError(path, f"{path} ({source}): module {name!r} has factor {k} of shape "
-                                       f"{tuple(t.shape)}; it must be {want} and not empty")
+                raise AdapterFileError(
+                    path,
+                    f"{path} ({source}): module {name!r} has factor {k} of shape "
+                    f"{tuple(t.shape)}; it must be {want} and not empty",
+                )
             f[k] = factor_rules.checked(path, f"{name}.{k}", t)
 
 
@@ -208,15 +262,21 @@ def _variant_of(path: Path, modules: dict[str, dict[str, torch.Tensor]], source:
             partial = [k for k in factor_rules.FROZEN if k in f]
             if partial and len(partial) != 3:
                 missing = sorted(set(factor_rules.FROZEN) - set(partial))
-                raise AdapterFileError(path, f"{path} ({source}): module {name!r} has only some frozen base copies (missing {missing})")
+                raise AdapterFileError(
+                    path, f"{path} ({source}): module {name!r} has only some frozen base copies (missing {missing})"
+                )
             extra = set(f) - set(factor_rules.TLORA)
         elif {"down", "up"} <= f.keys():
             variants.add("vanilla")  # LoRA factors with the timestep mask, as the reference code's "lora"
             extra = set(f) - {"down", "up"}
         else:
-            raise AdapterFileError(path, f"{path} ({source}): module {name!r} has an incomplete set of factors ({sorted(f)})")
+            raise AdapterFileError(
+                path, f"{path} ({source}): module {name!r} has an incomplete set of factors ({sorted(f)})"
+            )
         if extra:
-            raise AdapterFileError(path, f"{path} ({source}): module {name!r} mixes T-LoRA and LoRA factors ({sorted(f)})")
+            raise AdapterFileError(
+                path, f"{path} ({source}): module {name!r} mixes T-LoRA and LoRA factors ({sorted(f)})"
+            )
     if len(variants) != 1:
         raise AdapterFileError(path, f"{path} ({source}) mixes T-LoRA and LoRA modules; tlora adapters use one variant")
     return variants.pop()
@@ -233,8 +293,9 @@ def _check_factors(path: Path, name: str, f: dict[str, torch.Tensor], variant: s
         expected = factor_rules.shape(k, r, out_f, in_f)
         if tuple(t.shape) != expected:
             raise AdapterFileError(
-                path, f"{path}: module {name!r} ({out_f} x {in_f} in this model) has factor {k} of shape "
-                f"{tuple(t.shape)}, expected {expected}: the file was made for another model"
+                path,
+                f"{path}: module {name!r} ({out_f} x {in_f} in this model) has factor {k} of shape "
+                f"{tuple(t.shape)}, expected {expected}: the file was made for another model",
             )
     too_large = rank_limit_error(r, out_f, in_f, name)
     if too_large:
@@ -287,9 +348,11 @@ def _unknown_layout(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     keys = sorted(tensors)
     head = f"{path} has no 'tlora' metadata: it is a safetensors file, but not a tlora adapter"
     if any(k.endswith((".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight")) for k in keys):
-        return (f"{head}; it holds a static LoRA (lora_A/lora_B or lora_down/lora_up keys), which has no "
-                "timestep ranks: load it with pipe.load_lora_weights(file)")
-    return (f"{head}, nor a T-LoRA checkpoint of the reference code (<attention>.processor.to_q_lora.q_layer.weight "
-            f"...) or of LyCORIS (lycoris_<module>.q_layer.weight ...). First keys: {', '.join(keys[:4]) or '(none)'}")
-
-
+        return (
+            f"{head}; it holds a static LoRA (lora_A/lora_B or lora_down/lora_up keys), which has no "
+            "timestep ranks: load it with pipe.load_lora_weights(file)"
+        )
+    return (
+        f"{head}, nor a T-LoRA checkpoint of the reference code (<attention>.processor.to_q_lora.q_layer.weight "
+        f"...) or of LyCORIS (lycoris_<module>.q_layer.weight ...). First keys: {', '.join(keys[:4]) or '(none)'}"
+    )

@@ -3,8 +3,8 @@ an adapter injected, write PNGs and one grid."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -27,22 +27,44 @@ def fill(prompt: str, concept: str) -> str:
     return prompt.replace("{}", concept)
 
 
-def sample_images(pipe, texts: Sequence[str], n: int = 1, steps: int = 25, guidance: float = 5.0, seed: int = 0,
-                  size: tuple[int, int] | None = None, desc: str = "sample") -> list[list[Image.Image]]:
+def sample_images(
+    pipe,
+    texts: Sequence[str],
+    n: int = 1,
+    steps: int = 25,
+    guidance: float = 5.0,
+    seed: int = 0,
+    size: tuple[int, int] | None = None,
+    desc: str = "sample",
+) -> list[list[Image.Image]]:
     """n images for each finished prompt (no {} left), seeded per prompt so that methods compare
     on the same noise."""
     rows = []
     for i, text in enumerate(tqdm(texts, desc=desc, leave=False)):
-        kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n,
-                      generator=torch.Generator().manual_seed(seed + i))
+        kwargs = dict(
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            num_images_per_prompt=n,
+            generator=torch.Generator().manual_seed(seed + i),
+        )
         if size:
             kwargs.update(height=size[0], width=size[1])
         rows.append(pipe(text, **kwargs).images)
     return rows
 
 
-def sample_grid(pipe, prompts: Sequence[str], concept: str, out: Path, n: int = 1, steps: int = 25,
-                guidance: float = 5.0, seed: int = 0, size: tuple[int, int] | None = None, label: str = "") -> Path:
+def sample_grid(
+    pipe,
+    prompts: Sequence[str],
+    concept: str,
+    out: Path,
+    n: int = 1,
+    steps: int = 25,
+    guidance: float = 5.0,
+    seed: int = 0,
+    size: tuple[int, int] | None = None,
+    label: str = "",
+) -> Path:
     """Render n images per prompt ({} -> concept) into `out` as PNGs (each carries its prompt as a PNG
     text chunk, which `tlora evaluate` reads); returns the grid's path: one row per prompt, columns
     labelled `label` (method, rank, step) and the sample number."""
@@ -62,9 +84,20 @@ def sample_grid(pipe, prompts: Sequence[str], concept: str, out: Path, n: int = 
     return path
 
 
-def generate(model: str, adapter: str, prompts: Sequence[str], out: str, n: int = 4, steps: int | None = None,
-             guidance: float | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
-             device: str | None = None, dtype: str = "fp32") -> Path:
+def generate(
+    model: str,
+    adapter: str,
+    prompts: Sequence[str],
+    out: str,
+    n: int = 4,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    device: str | None = None,
+    dtype: str = "fp32",
+) -> Path:
     """Sample `n` images per prompt with the adapter; `{}` in a prompt becomes 'token class' from the
     adapter's metadata. Returns the grid's path.
 
@@ -98,6 +131,15 @@ def generate(model: str, adapter: str, prompts: Sequence[str], out: str, n: int 
     side = fam.default_resolution()
     size = (height or side, width or side) if (height or width) else None
     c = meta["config"]
-    return sample_grid(pipe, prompts, concept, Path(out), n=n, steps=steps or fam.default_steps,
-                       guidance=fam.default_guidance if guidance is None else guidance, seed=seed, size=size,
-                       label=f"{c.get('variant', 'adapter')} rank {c.get('rank', '?')}")
+    return sample_grid(
+        pipe,
+        prompts,
+        concept,
+        Path(out),
+        n=n,
+        steps=steps or fam.default_steps,
+        guidance=fam.default_guidance if guidance is None else guidance,
+        seed=seed,
+        size=size,
+        label=f"{c.get('variant', 'adapter')} rank {c.get('rank', '?')}",
+    )

@@ -6,8 +6,8 @@ import math
 import os
 import stat
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -54,8 +54,10 @@ def _open(path: str | Path, what: str) -> Image.Image:
             img = Image.open(path)
         w, h = img.size
         if w * h > MAX_PIXELS:
-            raise InputError(f"{what} {path} is {w}x{h} pixels, more than the {MAX_PIXELS:,}-pixel limit: "
-                             "downscale it first (or it is a decompression bomb)")
+            raise InputError(
+                f"{what} {path} is {w}x{h} pixels, more than the {MAX_PIXELS:,}-pixel limit: "
+                "downscale it first (or it is a decompression bomb)"
+            )
         img.load()
     except InputError:
         raise
@@ -90,8 +92,10 @@ def load_image(path: str | Path, resolution: int) -> torch.Tensor:
     """A training image as a (1, 3, R, R) float tensor in [-1, 1], centre-cropped to R."""
     img = _open(path, "image")
     if min(img.size) < min_side(resolution):
-        raise InputError(f"image {path} is {img.width}x{img.height}; at resolution {resolution} its shorter "
-                         f"side must be at least {min_side(resolution)} px")
+        raise InputError(
+            f"image {path} is {img.width}x{img.height}; at resolution {resolution} its shorter "
+            f"side must be at least {min_side(resolution)} px"
+        )
     img = centre_crop(to_rgb(img), resolution)
     a = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
     return a.unsqueeze(0)
@@ -138,7 +142,7 @@ def wrap(text: str, font, width: int) -> list[str]:
         for word in para.split():
             while font.getlength(word) > width and len(word) > 1:  # a word wider than the column
                 cut = 1
-                while cut < len(word) and font.getlength(word[:cut + 1]) <= width:
+                while cut < len(word) and font.getlength(word[: cut + 1]) <= width:
                     cut += 1
                 if line:
                     lines.append(line)
@@ -168,8 +172,13 @@ def text_block(text: str, width: int, font, pad: int) -> Image.Image:
     return img
 
 
-def grid(images: Sequence[Image.Image], cols: int | None = None, col_labels: Sequence[str] | None = None,
-         row_labels: Sequence[str] | None = None, font_size: int | None = None) -> Image.Image:
+def grid(
+    images: Sequence[Image.Image],
+    cols: int | None = None,
+    col_labels: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    font_size: int | None = None,
+) -> Image.Image:
     """Tile images (all the same size) into one picture, row-major. With `col_labels` (one per column:
     method, rank, step...) a header row names the columns; with `row_labels` (one per row: the prompt)
     a left margin names the rows, text wrapped to fit. `font_size` defaults to a size that reads at

@@ -14,10 +14,10 @@ is the rank-2k LoRA in difference form, A = [c1 Q_k; c2 (Q_k - Q0_k)] and
 B = s [(P_k diag(lam_k) - P0_k diag(lam0_k)) / c1, P0_k diag(lam0_k) / c2]
 (B A = s (PΛ - P0Λ0) Q + s P0Λ0 (Q - Q0)), the two small differences formed in float64 and stored
 in float32, each block balanced (c = sqrt(||B block|| / ||A block||)) so that no entry sinks into
-float16's subnormal range: a loader that casts A and B to
-float16 / bfloat16 then multiplies small terms, instead of subtracting two nearly equal products
-(the form [Q; Q0], [PΛ, -P0Λ0] loses the update to cancellation in half precision once training
-has moved the factors only a little). A LoRA update `s up_k down_k` is A = down_k, B = s up_k. The scale s is folded into B and the file's
+float16's subnormal range: a loader that casts A and B to float16 / bfloat16 then multiplies small
+terms, instead of subtracting two nearly equal products (the form [Q; Q0], [PΛ, -P0Λ0] loses the
+update to cancellation in half precision once training has moved the factors only a little). A
+LoRA update `s up_k down_k` is A = down_k, B = s up_k. The scale s is folded into B and the file's
 alpha equals its rank, so every loader's alpha / rank is 1. What is lost: a static LoRA applies
 the same rank at every timestep, not T-LoRA's r(t).
 
@@ -52,6 +52,7 @@ LOSS_NOTE = (
 
 # ==== export =======================================================================================
 
+
 @dataclasses.dataclass
 class ExportResult:
     """What `export` wrote: the weights file (and PEFT's config), the rank k of the T-LoRA adapter
@@ -67,9 +68,14 @@ class ExportResult:
     config_path: Path | None = None
 
 
-def export(adapter_path: str | os.PathLike | Adapter | nn.Module, out_path: str | os.PathLike,
-           format: str = "diffusers", timestep: float | None = None, rank: int | None = None,
-           prefix: str | None = None) -> ExportResult:
+def export(
+    adapter_path: str | os.PathLike | Adapter | nn.Module,
+    out_path: str | os.PathLike,
+    format: str = "diffusers",
+    timestep: float | None = None,
+    rank: int | None = None,
+    prefix: str | None = None,
+) -> ExportResult:
     """Bake an adapter (a tlora file, an `Adapter`, or a model with one) into a static LoRA.
 
     - `rank`: the T-LoRA rank k to bake (1..r); `timestep`: bake r(t) instead, t on the training
@@ -99,29 +105,55 @@ def export(adapter_path: str | os.PathLike | Adapter | nn.Module, out_path: str 
         _check_kohya_names(names)
     factors = {name: _bake(tensors, name, config, k) for name in names}
     lora_rank = next(iter(factors.values()))[0].shape[0]
-    note = LOSS_NOTE.format(k=k, r=config.rank) if config.masked else (
-        "variant 'lora' has no per-timestep ranks: the static LoRA is the same update at every timestep")
-    info = {"variant": config.variant, "rank": k, "adapter_rank": config.rank, "lora_rank": lora_rank,
-            "timestep": timestep, "base_model": base_model, "note": note}
+    note = (
+        LOSS_NOTE.format(k=k, r=config.rank)
+        if config.masked
+        else ("variant 'lora' has no per-timestep ranks: the static LoRA is the same update at every timestep")
+    )
+    info = {
+        "variant": config.variant,
+        "rank": k,
+        "adapter_rank": config.rank,
+        "lora_rank": lora_rank,
+        "timestep": timestep,
+        "base_model": base_model,
+        "note": note,
+    }
     meta = {EXPORT_METADATA_KEY: json.dumps(info)}
     out = Path(out_path)
     config_path = None
 
     if format == "diffusers":
         _check_suffix(out, format)
-        items = [(f"{prefix}.{n}.lora_{ab}.weight", t) for n, (a, b) in factors.items() for ab, t in (("A", a), ("B", b))]
+        items = [
+            (f"{prefix}.{n}.lora_{ab}.weight", t) for n, (a, b) in factors.items() for ab, t in (("A", a), ("B", b))
+        ]
         write_tensors(out, items, meta)
     elif format == "peft":
         if out.suffix == ".safetensors":
             weights, config_path = out, out.parent / "adapter_config.json"
         else:
             weights, config_path = out / "adapter_model.safetensors", out / "adapter_config.json"
-        items = [(f"base_model.model.{n}.lora_{ab}.weight", t) for n, (a, b) in factors.items() for ab, t in (("A", a), ("B", b))]
+        items = [
+            (f"base_model.model.{n}.lora_{ab}.weight", t)
+            for n, (a, b) in factors.items()
+            for ab, t in (("A", a), ("B", b))
+        ]
         peft_config = {
-            "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-            "r": lora_rank, "lora_alpha": lora_rank, "lora_dropout": 0.0, "bias": "none",
-            "target_modules": names, "fan_in_fan_out": False, "init_lora_weights": True,
-            "use_rslora": False, "use_dora": False, "modules_to_save": None,
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": None,
+            "inference_mode": True,
+            "r": lora_rank,
+            "lora_alpha": lora_rank,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "target_modules": names,
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "use_rslora": False,
+            "use_dora": False,
+            "modules_to_save": None,
         }
         weights.parent.mkdir(parents=True, exist_ok=True)
         write_tensors(weights, items, meta)
@@ -132,12 +164,16 @@ def export(adapter_path: str | os.PathLike | Adapter | nn.Module, out_path: str 
         items = []
         for n, (a, b) in factors.items():
             key = "lora_unet_" + n.replace(".", "_")
-            items += [(f"{key}.lora_down.weight", a), (f"{key}.lora_up.weight", b),
-                      (f"{key}.alpha", torch.tensor(float(lora_rank)))]
+            items += [
+                (f"{key}.lora_down.weight", a),
+                (f"{key}.lora_up.weight", b),
+                (f"{key}.alpha", torch.tensor(float(lora_rank))),
+            ]
         meta.update(ss_network_module="networks.lora", ss_network_dim=str(lora_rank), ss_network_alpha=str(lora_rank))
         write_tensors(out, items, meta)
-    return ExportResult(path=out, format=format, rank=k, lora_rank=lora_rank, modules=len(names), note=note,
-                        config_path=config_path)
+    return ExportResult(
+        path=out, format=format, rank=k, lora_rank=lora_rank, modules=len(names), note=note, config_path=config_path
+    )
 
 
 def _export_source(source) -> tuple[dict[str, torch.Tensor], AdapterConfig, str]:
@@ -169,12 +205,17 @@ def _export_rank(config: AdapterConfig, timestep: float | None, rank: int | None
             raise ConfigError(f"timestep must be in 0..{T} (the training scale), got {timestep!r}")
         if not config.masked:
             return r
-        return int(rank_schedule(torch.tensor([float(timestep)], dtype=torch.float64), r, config.min_rank,
-                                 config.rank_exponent, T)[0])
+        return int(
+            rank_schedule(
+                torch.tensor([float(timestep)], dtype=torch.float64), r, config.min_rank, config.rank_exponent, T
+            )[0]
+        )
     return r
 
 
-def _bake(tensors: dict[str, torch.Tensor], name: str, config: AdapterConfig, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _bake(
+    tensors: dict[str, torch.Tensor], name: str, config: AdapterConfig, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of module `name` at rank k: the LoRA with B @ A = the adapter's update, scale included."""
     s = config.scale
     if config.variant == "tlora":
@@ -184,8 +225,10 @@ def _bake(tensors: dict[str, torch.Tensor], name: str, config: AdapterConfig, k:
         # Balance each block's magnitudes (A c, B / c: the same product) so that neither factor's
         # entries sink into float16's subnormal range when a loader casts them.
         blocks = [(a_ * c, b_ / c) for a_, b_ in blocks for c in [_balance(a_, b_)]]
-        return (torch.cat([blocks[0][0], blocks[1][0]], dim=0).float().contiguous(),
-                torch.cat([blocks[0][1], blocks[1][1]], dim=1).float().contiguous())
+        return (
+            torch.cat([blocks[0][0], blocks[1][0]], dim=0).float().contiguous(),
+            torch.cat([blocks[0][1], blocks[1][1]], dim=1).float().contiguous(),
+        )
     else:
         a = tensors[f"{name}.down"].float()[:k]
         b = tensors[f"{name}.up"].float()[:, :k]
@@ -232,8 +275,9 @@ def _check_suffix(out: Path, format: str) -> None:
         raise ConfigError(f"a {format} export is one .safetensors file; got {out.name!r}")
 
 
-def import_file(adapter_path: str | os.PathLike, model: str | nn.Module, out_path: str | os.PathLike,
-                **options: Any) -> tuple[Adapter, Path]:
+def import_file(
+    adapter_path: str | os.PathLike, model: str | nn.Module, out_path: str | os.PathLike, **options: Any
+) -> tuple[Adapter, Path]:
     """Convert another tool's T-LoRA file into a tlora adapter file (what `tlora import` runs).
 
     `model`: the base denoiser, or a diffusers folder / hub id whose `unet/` or `transformer/` is

@@ -27,9 +27,10 @@ import math
 import os
 import stat
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,6 +49,7 @@ METADATA_KEY = "tlora"
 
 
 # ==== writing =====================================================================================
+
 
 def save(model_or_adapter: nn.Module | Adapter, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write the adapter of a model (or an Adapter) to `path`, atomically. `extra` (JSON-able) is
@@ -102,6 +104,7 @@ def adapter_checksum(tensors: Iterable[tuple[str, torch.Tensor]], meta: dict[str
 
 # ==== reading =====================================================================================
 
+
 def refuse_pickle(path: Path) -> None:
     """Raise (without opening the file) for pickle-based checkpoints, saying how to convert them."""
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl"):
@@ -126,9 +129,17 @@ def check_regular_file(path: str | os.PathLike, what: str = "adapter file") -> P
     if stat.S_ISDIR(st.st_mode):
         raise AdapterFileError(path, f"is a folder, not a regular file: give the {what} itself")
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
-                else "a block device" if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
-                else "not a regular file")
+        kind = (
+            "a named pipe (FIFO)"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a character device"
+            if stat.S_ISCHR(st.st_mode)
+            else "a block device"
+            if stat.S_ISBLK(st.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(st.st_mode)
+            else "not a regular file"
+        )
         raise AdapterFileError(path, f"is {kind}, not a regular file: give the {what} itself (a .safetensors file)")
     return path
 
@@ -168,15 +179,20 @@ class AdapterFile(AdapterHeader):
     tensors: dict[str, torch.Tensor]
 
 
-def read_adapter(path: str | os.PathLike, before_tensors: Callable[[AdapterHeader], None] | None = None,
-                 raw: tuple[list[tuple[str, torch.Tensor]], dict[str, str]] | None = None) -> AdapterFile:
+def read_adapter(
+    path: str | os.PathLike,
+    before_tensors: Callable[[AdapterHeader], None] | None = None,
+    raw: tuple[list[tuple[str, torch.Tensor]], dict[str, str]] | None = None,
+) -> AdapterFile:
     """The one validating reader of tlora files. `before_tensors` runs on the validated header
     before the tensors are checked (tlora.load checks the model there, so that a file made for
     another model says so first). `raw`: the file's `read_raw` result, if already read."""
     path = Path(path)
     tensors, strings = raw if raw is not None else read_raw(path)
     if METADATA_KEY not in strings:
-        raise AdapterFileError(path, f"has no {METADATA_KEY!r} metadata: it is a safetensors file, but not a tlora adapter")
+        raise AdapterFileError(
+            path, f"has no {METADATA_KEY!r} metadata: it is a safetensors file, but not a tlora adapter"
+        )
     header = parse_header(path, strings[METADATA_KEY])
     if before_tensors is not None:
         before_tensors(header)
@@ -186,6 +202,7 @@ def read_adapter(path: str | os.PathLike, before_tensors: Callable[[AdapterHeade
 
 def parse_header(path: Path, text: str) -> AdapterHeader:
     """Validate the "tlora" metadata string against the schema (module docstring)."""
+
     def fail(field: str | None, message: str):
         raise AdapterFileError(path, message, field=field)
 
@@ -204,8 +221,10 @@ def parse_header(path: Path, text: str) -> AdapterHeader:
         fail("format_version", f"must be an integer, got {version!r}")
     if version != FORMAT_VERSION:
         raise AdapterFileError(
-            path, f"has adapter format version {version!r}; this tlora reads version {FORMAT_VERSION}: "
-            "upgrade tlora (pip install -U tlora) or re-export the adapter")
+            path,
+            f"has adapter format version {version!r}; this tlora reads version {FORMAT_VERSION}: "
+            "upgrade tlora (pip install -U tlora) or re-export the adapter",
+        )
     for key, kind in (("config", dict), ("modules", dict), ("base_model", str)):
         if key not in meta:
             fail(key, "missing")
@@ -258,11 +277,18 @@ def _check_tensors(header: AdapterHeader, raw: list[tuple[str, torch.Tensor]]) -
         raise AdapterFileError(path, f"has tensors that belong to no adapted module: {', '.join(sorted(tensors)[:5])}")
     expected_sum = header.meta.get("checksum")
     if expected_sum is None:
-        warnings.warn(f"{path} has no checksum (written by an older tlora): its tensors cannot be verified",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{path} has no checksum (written by an older tlora): its tensors cannot be verified",
+            UserWarning,
+            stacklevel=3,
+        )
     elif adapter_checksum(checked.items(), header.meta) != expected_sum:
-        raise AdapterFileError(path, "the metadata and tensors do not match the file's checksum: the file is "
-                               "corrupted (or was edited); re-save or re-download it", field="checksum")
+        raise AdapterFileError(
+            path,
+            "the metadata and tensors do not match the file's checksum: the file is "
+            "corrupted (or was edited); re-save or re-download it",
+            field="checksum",
+        )
     return {key: factor_rules.checked(path, key, t) for key, t in checked.items()}
 
 
@@ -273,9 +299,16 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, An
     return f.tensors, f.meta
 
 
-def load(model: nn.Module, path: str | os.PathLike, device: torch.device | str | None = None, *,
-         min_rank: int | None = None, rank_exponent: float | None = None, num_train_timesteps: int | None = None,
-         reconstruct_base: bool = False) -> Adapter:
+def load(
+    model: nn.Module,
+    path: str | os.PathLike,
+    device: torch.device | str | None = None,
+    *,
+    min_rank: int | None = None,
+    rank_exponent: float | None = None,
+    num_train_timesteps: int | None = None,
+    reconstruct_base: bool = False,
+) -> Adapter:
     """Inject the adapter stored at `path` into `model` and load its weights.
 
     A tlora file is read with `read_adapter`. A safetensors file without tlora metadata is read as
@@ -293,19 +326,26 @@ def load(model: nn.Module, path: str | os.PathLike, device: torch.device | str |
     if existing is not None:
         raise ModelMismatchError(
             f"cannot load {path}: {type(model).__name__} already has a tlora adapter ({existing.config.variant}, "
-            f"rank {existing.config.rank}); call adapter.remove() (or tlora.remove(model)) first")
+            f"rank {existing.config.rank}); call adapter.remove() (or tlora.remove(model)) first"
+        )
     options = {"min_rank": min_rank, "rank_exponent": rank_exponent, "num_train_timesteps": num_train_timesteps}
     if METADATA_KEY not in raw[1]:
         config, factors = read_foreign(model, path, *raw, reconstruct_base=reconstruct_base, **options)
     else:
         given = [k for k, v in options.items() if v is not None] + (["reconstruct_base"] if reconstruct_base else [])
         if given:
-            raise ConfigError(f"{', '.join(given)}: these settings are for other tools' T-LoRA files; {path} is a "
-                              "tlora adapter, which records its own: leave them out")
+            raise ConfigError(
+                f"{', '.join(given)}: these settings are for other tools' T-LoRA files; {path} is a "
+                "tlora adapter, which records its own: leave them out"
+            )
         config, factors = _read_for(model, path, raw)
     modules = dict(model.named_modules())
-    placed = {name: {k: t.to(device if device is not None else linear_at(modules, name)[1].weight.device)
-                     for k, t in f.items()} for name, f in factors.items()}
+    placed = {
+        name: {
+            k: t.to(device if device is not None else linear_at(modules, name)[1].weight.device) for k, t in f.items()
+        }
+        for name, f in factors.items()
+    }
     return inject_config(model, config, module_names=list(placed), factors=placed)
 
 
@@ -324,7 +364,8 @@ def _read_for(model: nn.Module, path: Path, raw) -> tuple[AdapterConfig, dict[st
             if (base.out_features, base.in_features) != (out_f, in_f):
                 raise ModelMismatchError(
                     f"{path} was made for a different model: module {name!r} is {base.out_features} x "
-                    f"{base.in_features} here but {out_f} x {in_f} in the file")
+                    f"{base.in_features} here but {out_f} x {in_f} in the file"
+                )
 
     f = read_adapter(path, before_tensors=fits_model, raw=raw)
     keys = factor_rules.names(f.config.variant)
@@ -336,9 +377,16 @@ def _is_int(value: Any) -> bool:
 
 
 def _finite_positive(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), type(value).__name__)

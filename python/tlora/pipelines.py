@@ -22,7 +22,15 @@ SUPPORTED = {
 # class but lacks them is another model mislabelled (e.g. an SD 1.x folder called SD-XL).
 REQUIRED_COMPONENTS = {
     "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-    "StableDiffusionXLPipeline": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+    "StableDiffusionXLPipeline": (
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "scheduler",
+    ),
     "FluxPipeline": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
 }
 # Largest image side trained on or sampled (SD-XL is 1024, FLUX up to 2048).
@@ -45,10 +53,13 @@ def resolve_device(name: str | None = None) -> torch.device:
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise InputError(f"device {name!r} is not available: this machine has no CUDA GPU that torch can use "
-                             "(use --device cpu)")
+            raise InputError(
+                f"device {name!r} is not available: this machine has no CUDA GPU that torch can use (use --device cpu)"
+            )
         if dev.index is not None and dev.index >= count:
-            raise InputError(f"device {name!r} is not available: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+            raise InputError(
+                f"device {name!r} is not available: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}"
+            )
         return dev
     if dev.type == "mps":
         if not torch.backends.mps.is_available():
@@ -64,8 +75,10 @@ def check_dtype(dtype: str, device: torch.device, option: str = "--dtype") -> to
     if key not in DTYPES:
         raise InputError(f"{option} must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if key == "fp16" and device.type == "cpu":
-        raise InputError(f"{option} {dtype} needs a CUDA GPU (tlora does not run float16 on the CPU): use bf16 or "
-                         f"{'no' if option == '--mixed-precision' else 'fp32'} with --device cpu")
+        raise InputError(
+            f"{option} {dtype} needs a CUDA GPU (tlora does not run float16 on the CPU): use bf16 or "
+            f"{'no' if option == '--mixed-precision' else 'fp32'} with --device cpu"
+        )
     return DTYPES[key]
 
 
@@ -78,7 +91,9 @@ def check_model_folder(path: str) -> None:
             raise MissingFileError(f"model folder {path} does not exist (and it is not a hub id like 'org/name')")
         return  # a hub id: diffusers resolves it
     if not root.is_dir():
-        raise InputError(f"--model {root} is not a folder: give a diffusers model folder (with model_index.json) or a hub id")
+        raise InputError(
+            f"--model {root} is not a folder: give a diffusers model folder (with model_index.json) or a hub id"
+        )
     index = root / "model_index.json"
     if not index.is_file():
         raise InputError(f"{root} is not a diffusers model folder: it has no model_index.json (as a regular file)")
@@ -101,12 +116,16 @@ def check_model_folder(path: str) -> None:
         if value[0] is None:
             continue
         if not (root / name).is_dir():
-            raise InputError(f"{root} is missing component {name!r} (model_index.json lists it as {value[1]}): "
-                             f"copy the {name}/ folder from the original model")
+            raise InputError(
+                f"{root} is missing component {name!r} (model_index.json lists it as {value[1]}): "
+                f"copy the {name}/ folder from the original model"
+            )
     missing = [c for c in REQUIRED_COMPONENTS[cls] if not (isinstance(spec.get(c), list) and spec[c][0] is not None)]
     if missing:
-        raise InputError(f"{index} says {cls} but lists no {', '.join(missing)}: the folder holds another kind of "
-                         "model (is _class_name right?)")
+        raise InputError(
+            f"{index} says {cls} but lists no {', '.join(missing)}: the folder holds another kind of "
+            "model (is _class_name right?)"
+        )
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, quantize: str | None = None):
@@ -127,7 +146,9 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, quantize: str 
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, **kwargs)
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as e:
         # A folder whose components do not fit its pipeline class; diffusers' own error is raw.
-        raise InputError(f"cannot load model {model}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise InputError(
+            f"cannot load model {model}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     family_of(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -150,7 +171,7 @@ def load_denoiser(model: str) -> nn.Module:
     raise InputError(f"{model} has no unet/ or transformer/ denoiser" + (f" ({errors[-1]})" if errors else ""))
 
 
-def family_of(pipe) -> "Family":
+def family_of(pipe) -> Family:
     name = type(pipe).__name__
     key = SUPPORTED.get(name)
     if key is None:
@@ -236,11 +257,15 @@ class StableDiffusionXL(Family):
 
     @torch.no_grad()
     def encode_prompt(self, prompt, resolution):
-        embeds, _, pooled, _ = self.pipe.encode_prompt(prompt, device=self.pipe.device, do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt, device=self.pipe.device, do_classifier_free_guidance=False
+        )
         # original size, crop top-left, target size: the centre-cropped training image.
         time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
-        return {"encoder_hidden_states": embeds.float(),
-                "added_cond_kwargs": {"text_embeds": pooled.float(), "time_ids": time_ids.to(embeds.device)}}
+        return {
+            "encoder_hidden_states": embeds.float(),
+            "added_cond_kwargs": {"text_embeds": pooled.float(), "time_ids": time_ids.to(embeds.device)},
+        }
 
 
 class Flux(Family):
@@ -257,8 +282,9 @@ class Flux(Family):
 
     @torch.no_grad()
     def encode_prompt(self, prompt, resolution):
-        embeds, pooled, text_ids = self.pipe.encode_prompt(prompt, prompt_2=None, device=self.pipe.device,
-                                                           max_sequence_length=self._max_seq())
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt, prompt_2=None, device=self.pipe.device, max_sequence_length=self._max_seq()
+        )
         cond = {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float(), "txt_ids": text_ids}
         if self.denoiser.config.guidance_embeds:
             cond["guidance"] = torch.tensor([self.default_guidance], device=embeds.device)
@@ -280,8 +306,10 @@ class Flux(Family):
 
     def predict(self, model, noised, cond):
         b, n, _ = noised.model_input.shape
-        side = int(round(n ** 0.5))
-        img_ids = self.pipe._prepare_latent_image_ids(b, side, side, noised.model_input.device, noised.model_input.dtype)
+        side = int(round(n**0.5))
+        img_ids = self.pipe._prepare_latent_image_ids(
+            b, side, side, noised.model_input.device, noised.model_input.dtype
+        )
         cond = dict(cond)
         if "guidance" in cond:
             cond["guidance"] = cond["guidance"].expand(b)

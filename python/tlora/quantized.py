@@ -120,8 +120,10 @@ def quantization_config(choice: str):
     except ImportError as e:
         raise ConfigError("--quantize nf4 needs bitsandbytes: pip install bitsandbytes") from e
     if not torch.cuda.is_available():
-        raise ConfigError("--quantize nf4 (bitsandbytes through diffusers) needs a CUDA GPU, which diffusers asks for: "
-                         "on the CPU use --quantize int8 or int4 (optimum-quanto)")
+        raise ConfigError(
+            "--quantize nf4 (bitsandbytes through diffusers) needs a CUDA GPU, which diffusers asks for: "
+            "on the CPU use --quantize int8 or int4 (optimum-quanto)"
+        )
     from diffusers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
@@ -137,4 +139,6 @@ def _ninja_for_quanto() -> None:
     if (here / "ninja").exists():
         os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
         return
-    raise ConfigError("--quantize int4 (optimum-quanto) builds a C++ extension with ninja on the CPU: pip install ninja")
+    raise ConfigError(
+        "--quantize int4 (optimum-quanto) builds a C++ extension with ninja on the CPU: pip install ninja"
+    )

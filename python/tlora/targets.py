@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -60,7 +60,8 @@ def find_targets(model: nn.Module, targets: Sequence[str] | str | None) -> list[
     if wrong_type:
         raise ValueError(
             "target_modules selects modules that are not nn.Linear, which T-LoRA cannot adapt: "
-            + ", ".join(wrong_type[:5]) + ("" if len(wrong_type) <= 5 else f" and {len(wrong_type) - 5} more")
+            + ", ".join(wrong_type[:5])
+            + ("" if len(wrong_type) <= 5 else f" and {len(wrong_type) - 5} more")
         )
     if not names:
         raise ValueError(_no_match_message(model, targets))

@@ -34,7 +34,8 @@ A callable given to `inject` is stored in adapter files as "custom": register it
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -132,43 +133,101 @@ def known_names() -> list[str]:
 
 BY_CLASS: dict[str, str] = {
     # DDPM/DDIM-family UNets and DiTs: the scheduler's integer-valued t (0..999).
-    **dict.fromkeys((
-        "UNet2DConditionModel", "UNet2DModel", "UNet3DConditionModel", "UNetMotionModel", "I2VGenXLUNet",
-        "UNetControlNetXSModel", "ControlNetModel", "ControlNetUnionModel", "SparseControlNetModel",
-        "Kandinsky3UNet", "PixArtTransformer2DModel", "Transformer2DModel", "DiTTransformer2DModel",
-        "HunyuanDiT2DModel", "HunyuanDiT2DControlNetModel", "LatteTransformer3DModel",
-        "AllegroTransformer3DModel", "CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel",
-        "CogView3PlusTransformer2DModel",
-    ), "timesteps"),
+    **dict.fromkeys(
+        (
+            "UNet2DConditionModel",
+            "UNet2DModel",
+            "UNet3DConditionModel",
+            "UNetMotionModel",
+            "I2VGenXLUNet",
+            "UNetControlNetXSModel",
+            "ControlNetModel",
+            "ControlNetUnionModel",
+            "SparseControlNetModel",
+            "Kandinsky3UNet",
+            "PixArtTransformer2DModel",
+            "Transformer2DModel",
+            "DiTTransformer2DModel",
+            "HunyuanDiT2DModel",
+            "HunyuanDiT2DControlNetModel",
+            "LatteTransformer3DModel",
+            "AllegroTransformer3DModel",
+            "CogVideoXTransformer3DModel",
+            "ConsisIDTransformer3DModel",
+            "CogView3PlusTransformer2DModel",
+        ),
+        "timesteps",
+    ),
     # Flow matching whose pipelines pass the scheduler's timesteps, sigma * 1000, unchanged.
-    **dict.fromkeys((
-        "SD3Transformer2DModel", "SD3ControlNetModel", "CogView4Transformer2DModel", "WanTransformer3DModel",
-        "WanVACETransformer3DModel", "WanAnimateTransformer3DModel", "WanAnimate2Transformer3DModel",
-        "ChronoEditTransformer3DModel", "SkyReelsV2Transformer3DModel", "HunyuanVideoTransformer3DModel",
-        "HunyuanVideoFramepackTransformer3DModel", "HunyuanVideo15Transformer3DModel",
-        "HunyuanImageTransformer2DModel", "LTXVideoTransformer3DModel", "LTX2VideoTransformer3DModel",
-        "HiDreamImageTransformer2DModel", "EasyAnimateTransformer3DModel", "OmniGenTransformer2DModel",
-        "BriaTransformer2DModel", "BriaFiboTransformer2DModel", "ErnieImageTransformer2DModel",
-        "DreamLiteTransformer2DModel", "DreamLiteUNetModel", "Kandinsky5Transformer3DModel",
-        "Kandinsky6Transformer3DModel", "MotifVideoTransformer3DModel", "HeliosTransformer3DModel",
-        "SanaVideoTransformer3DModel", "JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel",
-        "Kandinsky6SRTransformer3DModel", "SanaWMTransformer3DModel", "AnyFlowTransformer3DModel",
-        "AnyFlowFARTransformer3DModel",
-    ), "timesteps"),
+    **dict.fromkeys(
+        (
+            "SD3Transformer2DModel",
+            "SD3ControlNetModel",
+            "CogView4Transformer2DModel",
+            "WanTransformer3DModel",
+            "WanVACETransformer3DModel",
+            "WanAnimateTransformer3DModel",
+            "WanAnimate2Transformer3DModel",
+            "ChronoEditTransformer3DModel",
+            "SkyReelsV2Transformer3DModel",
+            "HunyuanVideoTransformer3DModel",
+            "HunyuanVideoFramepackTransformer3DModel",
+            "HunyuanVideo15Transformer3DModel",
+            "HunyuanImageTransformer2DModel",
+            "LTXVideoTransformer3DModel",
+            "LTX2VideoTransformer3DModel",
+            "HiDreamImageTransformer2DModel",
+            "EasyAnimateTransformer3DModel",
+            "OmniGenTransformer2DModel",
+            "BriaTransformer2DModel",
+            "BriaFiboTransformer2DModel",
+            "ErnieImageTransformer2DModel",
+            "DreamLiteTransformer2DModel",
+            "DreamLiteUNetModel",
+            "Kandinsky5Transformer3DModel",
+            "Kandinsky6Transformer3DModel",
+            "MotifVideoTransformer3DModel",
+            "HeliosTransformer3DModel",
+            "SanaVideoTransformer3DModel",
+            "JoyImageEditTransformer3DModel",
+            "JoyImageEditPlusTransformer3DModel",
+            "Kandinsky6SRTransformer3DModel",
+            "SanaWMTransformer3DModel",
+            "AnyFlowTransformer3DModel",
+            "AnyFlowFARTransformer3DModel",
+        ),
+        "timesteps",
+    ),
     # Multi-ControlNet wrappers get their members' timestep.
-    **dict.fromkeys(("MultiControlNetModel", "SD3MultiControlNetModel", "HunyuanDiT2DMultiControlNetModel"), "timesteps"),
+    **dict.fromkeys(
+        ("MultiControlNetModel", "SD3MultiControlNetModel", "HunyuanDiT2DMultiControlNetModel"), "timesteps"
+    ),
     **dict.fromkeys(("FluxMultiControlNetModel", "QwenImageMultiControlNetModel"), "unit"),
     # Flow matching on the 0..1 scale: the pipeline divides by 1000.
-    **dict.fromkeys((
-        "FluxTransformer2DModel", "FluxControlNetModel", "Flux2Transformer2DModel", "Flux3Transformer2DModel",
-        "AuraFlowTransformer2DModel", "ChromaTransformer2DModel", "QwenImageTransformer2DModel",
-        "QwenImageControlNetModel", "QwenImage21Transformer2DModel", "LongCatImageTransformer2DModel",
-        "OvisImageTransformer2DModel", "BriaFibo2Transformer2DModel", "Krea2Transformer2DModel",
-        "NucleusMoEImageTransformer2DModel", "PRXTransformer2DModel",
-    ), "unit"),
+    **dict.fromkeys(
+        (
+            "FluxTransformer2DModel",
+            "FluxControlNetModel",
+            "Flux2Transformer2DModel",
+            "Flux3Transformer2DModel",
+            "AuraFlowTransformer2DModel",
+            "ChromaTransformer2DModel",
+            "QwenImageTransformer2DModel",
+            "QwenImageControlNetModel",
+            "QwenImage21Transformer2DModel",
+            "LongCatImageTransformer2DModel",
+            "OvisImageTransformer2DModel",
+            "BriaFibo2Transformer2DModel",
+            "Krea2Transformer2DModel",
+            "NucleusMoEImageTransformer2DModel",
+            "PRXTransformer2DModel",
+        ),
+        "unit",
+    ),
     # 0 = noise, 1 = image: the pipeline passes 1 - t / 1000.
-    **dict.fromkeys(("Lumina2Transformer2DModel", "LuminaNextDiT2DModel", "Ideogram4Transformer2DModel"),
-                    "reversed_unit"),
+    **dict.fromkeys(
+        ("Lumina2Transformer2DModel", "LuminaNextDiT2DModel", "Ideogram4Transformer2DModel"), "reversed_unit"
+    ),
     "MochiTransformer3DModel": "reversed",
     "GlmImageTransformer2DModel": "t_minus_1",
     "SanaTransformer2DModel": "sana",
@@ -179,9 +238,11 @@ BY_CLASS: dict[str, str] = {
 
 # Classes whose pipelines disagree: the caller must say which (or use convention_for(pipe)).
 AMBIGUOUS: dict[str, str] = {
-    name: ("Cosmos 1 pipelines (EDMEulerScheduler) pass 0.25*log(sigma): timestep_convention='edm_flow'; "
-           "Cosmos 2 / 2.5 pipelines pass the flow time sigma/(1+sigma) or sigma in 0..1: "
-           "timestep_convention='unit'")
+    name: (
+        "Cosmos 1 pipelines (EDMEulerScheduler) pass 0.25*log(sigma): timestep_convention='edm_flow'; "
+        "Cosmos 2 / 2.5 pipelines pass the flow time sigma/(1+sigma) or sigma in 0..1: "
+        "timestep_convention='unit'"
+    )
     for name in ("CosmosTransformer3DModel", "CosmosControlNetModel")
 }
 
@@ -235,11 +296,15 @@ def unknown_class_message(model: nn.Module) -> str:
     name = type(model).__name__
     why = next((AMBIGUOUS[n] for n in _class_names(model) if n in AMBIGUOUS), None)
     if why is not None:
-        return (f"{name}: its timestep argument depends on the pipeline ({why}); pass "
-                f"tlora.inject(..., timestep_convention=...) or tlora.timesteps.convention_for(pipe)")
-    return (f"tlora does not know what {name}'s pipelines pass as `timestep`, so it cannot tell the noise "
-            f"level t that picks the ranks: pass tlora.inject(..., timestep_convention=NAME or a function "
-            f"from the argument to t in 0..T), NAME one of {', '.join(known_names())}")
+        return (
+            f"{name}: its timestep argument depends on the pipeline ({why}); pass "
+            f"tlora.inject(..., timestep_convention=...) or tlora.timesteps.convention_for(pipe)"
+        )
+    return (
+        f"tlora does not know what {name}'s pipelines pass as `timestep`, so it cannot tell the noise "
+        f"level t that picks the ranks: pass tlora.inject(..., timestep_convention=NAME or a function "
+        f"from the argument to t in 0..T), NAME one of {', '.join(known_names())}"
+    )
 
 
 def is_diffusers_class(model: nn.Module) -> bool:
@@ -248,18 +313,23 @@ def is_diffusers_class(model: nn.Module) -> bool:
 
 # ---- resolution --------------------------------------------------------------------------------
 
+
 def resolve_name(model: nn.Module, convention: str | Mapping | None, timestep_scale: float | None) -> str:
     """The name to store for `model`'s convention; raises for a diffusers class nobody registered.
     A plain nn.Module (your own model, called by your own loop) defaults to "timesteps"."""
     if timestep_scale is not None and convention not in (None, "scale"):
-        raise ValueError(f"timestep_scale={timestep_scale!r} is the 'scale' convention; it cannot go with "
-                         f"timestep_convention={getattr(convention, '__name__', convention)!r}: pass one of them")
+        raise ValueError(
+            f"timestep_scale={timestep_scale!r} is the 'scale' convention; it cannot go with "
+            f"timestep_convention={getattr(convention, '__name__', convention)!r}: pass one of them"
+        )
     if callable(convention):
         return "custom"
     if convention is not None:
         if convention not in known_names() and convention != "custom":
-            raise ValueError(f"unknown timestep_convention {convention!r}: one of {', '.join(known_names())}, "
-                             "or a function from the timestep argument to t in 0..T")
+            raise ValueError(
+                f"unknown timestep_convention {convention!r}: one of {', '.join(known_names())}, "
+                "or a function from the timestep argument to t in 0..T"
+            )
         return convention
     if timestep_scale is not None:
         return "scale"
@@ -271,18 +341,28 @@ def resolve_name(model: nn.Module, convention: str | Mapping | None, timestep_sc
     return "timesteps"
 
 
-def mapping(name: str, model: nn.Module, num_train_timesteps: int, timestep_scale: float | None = None,
-            fn: Mapping | None = None) -> Mapping:
+def mapping(
+    name: str,
+    model: nn.Module,
+    num_train_timesteps: int,
+    timestep_scale: float | None = None,
+    fn: Mapping | None = None,
+) -> Mapping:
     """The function argument -> t (float32, argument's device, clamped into [0, T]) for a stored name;
     `fn` is the callable behind "custom" (or any user name) when the caller has it at hand."""
     T = num_train_timesteps
     if fn is None and name not in CONVENTIONS and name != "scale":
         fn = _USER.get(name)
         if fn is None:
-            hint = ("a function given to inject, which adapter files cannot hold" if name == "custom"
-                    else "a user-registered one")
-            raise ValueError(f"timestep convention {name!r} ({hint}) is not registered in this process: call "
-                             f"tlora.timesteps.register({name!r}, fn) with the same function first (e.g. before tlora.load)")
+            hint = (
+                "a function given to inject, which adapter files cannot hold"
+                if name == "custom"
+                else "a user-registered one"
+            )
+            raise ValueError(
+                f"timestep convention {name!r} ({hint}) is not registered in this process: call "
+                f"tlora.timesteps.register({name!r}, fn) with the same function first (e.g. before tlora.load)"
+            )
     if fn is not None:
         user = fn
 
@@ -295,6 +375,7 @@ def mapping(name: str, model: nn.Module, num_train_timesteps: int, timestep_scal
         def mapped(a: Any) -> torch.Tensor:
             x = _as_float(a)
             return _into_range(x * scale if core is None else core(x, T, model), T)
+
     mapped.convention = name  # type: ignore[attr-defined]
     return mapped
 
@@ -320,5 +401,4 @@ def _as_float(a: Any) -> torch.Tensor:
 
 def scale_of(name: str, num_train_timesteps: int, timestep_scale: float | None) -> float | None:
     """The multiplier a convention amounts to, for files' `timestep_scale`; None when it is not one."""
-    return {"timesteps": 1.0, "unit": float(num_train_timesteps),
-            "scale": timestep_scale}.get(name)
+    return {"timesteps": 1.0, "unit": float(num_train_timesteps), "scale": timestep_scale}.get(name)

@@ -19,9 +19,6 @@ packed into (LATENT_SIZE/2)^2 tokens of 4 channels. Prompts tokenize to TOKENS t
 from __future__ import annotations
 
 import contextlib
-import json
-import string
-import tempfile
 from pathlib import Path
 
 import torch
@@ -78,10 +75,12 @@ def tiny_t5_tokenizer(max_length: int = T5_MAX_LENGTH):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=max_length)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
 
 
 def t5_vocab_size() -> int:
@@ -90,15 +89,24 @@ def t5_vocab_size() -> int:
 
 # ---- text encoders ----------------------------------------------------------------------------
 
+
 def _clip_config(projection_dim: int = 32):
     from transformers import CLIPTextConfig
 
     tok = tiny_clip_tokenizer()
     return CLIPTextConfig(
-        vocab_size=clip_vocab_size(), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=TOKENS, projection_dim=projection_dim,
-        hidden_act="gelu", layer_norm_eps=1e-5,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=clip_vocab_size(),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TOKENS,
+        projection_dim=projection_dim,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
 
 
@@ -120,10 +128,21 @@ def tiny_t5_encoder(seed: int = 0):
     from transformers import T5Config, T5EncoderModel
 
     cfg = T5Config(
-        vocab_size=t5_vocab_size(), d_model=FLUX_JOINT_DIM, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=t5_vocab_size(),
+        d_model=FLUX_JOINT_DIM,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
     with _seeded(seed):
         return T5EncoderModel(cfg).eval()
@@ -131,16 +150,22 @@ def tiny_t5_encoder(seed: int = 0):
 
 # ---- denoisers and VAEs -----------------------------------------------------------------------
 
+
 def tiny_sd_unet(seed: int = 0):
     from diffusers import UNet2DConditionModel
 
     with _seeded(seed):
         return UNet2DConditionModel(
-            sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(16, 32), norm_num_groups=8,
+            sample_size=LATENT_SIZE,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(16, 32),
+            norm_num_groups=8,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=SD_CROSS_DIM, attention_head_dim=4,
+            cross_attention_dim=SD_CROSS_DIM,
+            attention_head_dim=4,
         ).eval()
 
 
@@ -150,13 +175,20 @@ def tiny_sdxl_unet(seed: int = 0):
     time_dim = 8
     with _seeded(seed):
         return UNet2DConditionModel(
-            sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(16, 32), norm_num_groups=8,
+            sample_size=LATENT_SIZE,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(16, 32),
+            norm_num_groups=8,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=SDXL_CROSS_DIM, attention_head_dim=(2, 4), use_linear_projection=True,
+            cross_attention_dim=SDXL_CROSS_DIM,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
             transformer_layers_per_block=(1, 1),
-            addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
             # 6 micro-conditioning values (original size, crop, target size) + the pooled text embedding
             projection_class_embeddings_input_dim=6 * time_dim + SDXL_POOLED_DIM,
         ).eval()
@@ -167,21 +199,38 @@ def tiny_flux_transformer(seed: int = 0):
 
     with _seeded(seed):
         return FluxTransformer2DModel(
-            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=FLUX_JOINT_DIM, pooled_projection_dim=FLUX_POOLED_DIM,
-            guidance_embeds=False, axes_dims_rope=[4, 4, 8],
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=FLUX_JOINT_DIM,
+            pooled_projection_dim=FLUX_POOLED_DIM,
+            guidance_embeds=False,
+            axes_dims_rope=[4, 4, 8],
         ).eval()
 
 
 def tiny_vae(seed: int = 0, latent_channels: int = 4, flux: bool = False):
     from diffusers import AutoencoderKL
 
-    extra = dict(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False) if flux else {}
+    extra = (
+        dict(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+        if flux
+        else {}
+    )
     with _seeded(seed):
         return AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=latent_channels, sample_size=IMAGE_SIZE,
-            block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=latent_channels,
+            sample_size=IMAGE_SIZE,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
             **extra,
         ).eval()
 
@@ -193,11 +242,18 @@ def denoiser(pipe) -> torch.nn.Module:
 
 # ---- pipelines --------------------------------------------------------------------------------
 
+
 def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
     from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
-    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                  steps_offset=1, timestep_spacing="leading")
+    common = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
     if scheduler == "ddim":
         sched = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **common)
     elif scheduler == "euler":
@@ -205,9 +261,15 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
     else:
         raise ValueError(f"unknown scheduler {scheduler!r}: ddim or euler")
     pipe = StableDiffusionPipeline(
-        vae=tiny_vae(seed + 1), text_encoder=tiny_clip_text_model(seed + 2), tokenizer=tiny_clip_tokenizer(),
-        unet=tiny_sd_unet(seed), scheduler=sched, safety_checker=None, feature_extractor=None,
-        image_encoder=None, requires_safety_checker=False,
+        vae=tiny_vae(seed + 1),
+        text_encoder=tiny_clip_text_model(seed + 2),
+        tokenizer=tiny_clip_tokenizer(),
+        unet=tiny_sd_unet(seed),
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -216,14 +278,26 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim"):
 def tiny_sdxl_pipeline(seed: int = 0):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                   beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+    sched = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
     pipe = StableDiffusionXLPipeline(
-        vae=tiny_vae(seed + 1), text_encoder=tiny_clip_text_model(seed + 2),
+        vae=tiny_vae(seed + 1),
+        text_encoder=tiny_clip_text_model(seed + 2),
         text_encoder_2=tiny_clip_text_model_with_projection(seed + 3),
-        tokenizer=tiny_clip_tokenizer(), tokenizer_2=tiny_clip_tokenizer(),
-        unet=tiny_sdxl_unet(seed), scheduler=sched, image_encoder=None, feature_extractor=None,
-        force_zeros_for_empty_prompt=True, add_watermarker=False,
+        tokenizer=tiny_clip_tokenizer(),
+        tokenizer_2=tiny_clip_tokenizer(),
+        unet=tiny_sdxl_unet(seed),
+        scheduler=sched,
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -235,8 +309,10 @@ def tiny_flux_pipeline(seed: int = 0):
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
         vae=tiny_vae(seed + 1, latent_channels=1, flux=True),
-        text_encoder=tiny_clip_text_model(seed + 2, projection_dim=FLUX_POOLED_DIM), tokenizer=tiny_clip_tokenizer(),
-        text_encoder_2=tiny_t5_encoder(seed + 3), tokenizer_2=tiny_t5_tokenizer(),
+        text_encoder=tiny_clip_text_model(seed + 2, projection_dim=FLUX_POOLED_DIM),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_t5_encoder(seed + 3),
+        tokenizer_2=tiny_t5_tokenizer(),
         transformer=tiny_flux_transformer(seed),
     )
     pipe.set_progress_bar_config(disable=True)
@@ -288,15 +364,30 @@ def save_tiny_clip(folder, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tok = tiny_clip_tokenizer(EVAL_TOKENS)
-    text = dict(vocab_size=clip_vocab_size(), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=EVAL_TOKENS, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=EVAL_IMAGE_SIZE, patch_size=8)
+    text = dict(
+        vocab_size=clip_vocab_size(),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=EVAL_TOKENS,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=EVAL_IMAGE_SIZE,
+        patch_size=8,
+    )
     with _seeded(seed):
         model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
-    images = CLIPImageProcessor(size={"shortest_edge": EVAL_IMAGE_SIZE},
-                                crop_size={"height": EVAL_IMAGE_SIZE, "width": EVAL_IMAGE_SIZE})
+    images = CLIPImageProcessor(
+        size={"shortest_edge": EVAL_IMAGE_SIZE}, crop_size={"height": EVAL_IMAGE_SIZE, "width": EVAL_IMAGE_SIZE}
+    )
     folder = Path(folder)
     model.save_pretrained(folder)
     CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(folder)
@@ -308,11 +399,22 @@ def save_tiny_dino(folder, seed: int = 0) -> Path:
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
     with _seeded(seed):
-        model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
-                                         image_size=EVAL_IMAGE_SIZE, patch_size=8)).eval()
+        model = Dinov2Model(
+            Dinov2Config(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                mlp_ratio=2,
+                image_size=EVAL_IMAGE_SIZE,
+                patch_size=8,
+            )
+        ).eval()
     folder = Path(folder)
     model.save_pretrained(folder)
-    BitImageProcessor(size={"shortest_edge": EVAL_IMAGE_SIZE},
-                      crop_size={"height": EVAL_IMAGE_SIZE, "width": EVAL_IMAGE_SIZE},
-                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    BitImageProcessor(
+        size={"shortest_edge": EVAL_IMAGE_SIZE},
+        crop_size={"height": EVAL_IMAGE_SIZE, "width": EVAL_IMAGE_SIZE},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(folder)
     return folder

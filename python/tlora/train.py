@@ -13,9 +13,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,9 @@ class TrainConfig:
         if self.resolution is not None:
             check_int("--resolution", self.resolution, 8, MAX_SIDE)
             if self.resolution % 8:
-                raise ConfigError(f"--resolution must be a multiple of 8 (the autoencoder's stride), got {self.resolution}")
+                raise ConfigError(
+                    f"--resolution must be a multiple of 8 (the autoencoder's stride), got {self.resolution}"
+                )
         if self.validation_steps is not None:
             check_int("--validation-steps", self.validation_steps, 1, 1000)
         check_float("--prior-weight", self.prior_weight, 0.0)
@@ -102,8 +104,13 @@ class TrainConfig:
         self.adapter_config()
 
     def adapter_config(self) -> AdapterConfig:
-        return AdapterConfig(rank=self.rank, min_rank=self.min_rank, rank_exponent=self.rank_exponent,
-                             variant=self.variant, target_modules=self.target_modules)
+        return AdapterConfig(
+            rank=self.rank,
+            min_rank=self.min_rank,
+            rank_exponent=self.rank_exponent,
+            variant=self.variant,
+            target_modules=self.target_modules,
+        )
 
     @property
     def prompt(self) -> str:
@@ -128,11 +135,13 @@ def _lock_out(out: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise CheckpointError(f"another tlora run is writing to {out}: wait for it to finish or choose another --out") from None
+        raise CheckpointError(
+            f"another tlora run is writing to {out}: wait for it to finish or choose another --out"
+        ) from None
     return fd
 
 
-def _prepare_out(out: Path, cfg: "TrainConfig") -> None:
+def _prepare_out(out: Path, cfg: TrainConfig) -> None:
     """Refuse an --out that holds another run unless --resume (same settings) or --overwrite
     (its run files are removed)."""
     found = sorted(p.name for p in out.iterdir() if p.name in RUN_FILES or CHECKPOINT_NAME.match(p.name))
@@ -146,25 +155,36 @@ def _prepare_out(out: Path, cfg: "TrainConfig") -> None:
     if not cfg.resume:
         raise CheckpointError(
             f"{out} holds another run ({', '.join(found[:4])}{' ...' if len(found) > 4 else ''}): pass --resume to "
-            "continue it, --overwrite to replace it, or choose another --out")
+            "continue it, --overwrite to replace it, or choose another --out"
+        )
     try:
         previous = json.loads((out / "config.json").read_text())
         before_train, before_adapter = previous["train"], previous["adapter"]
     except FileNotFoundError:
         return  # checkpoints without config.json: load_checkpoint still checks the adapter
     except (OSError, KeyError, TypeError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{out / 'config.json'} is unreadable ({type(e).__name__}: {e}): cannot check that "
-                              "--resume continues the same run; use --overwrite to start over") from None
+        raise CheckpointError(
+            f"{out / 'config.json'} is unreadable ({type(e).__name__}: {e}): cannot check that "
+            "--resume continues the same run; use --overwrite to start over"
+        ) from None
     now_train = json.loads(json.dumps(asdict(cfg)))
     now_adapter = cfg.adapter_config().to_dict()
-    changed = [(k, before_train.get(k), now_train[k]) for k in RESUME_FIXED_TRAIN
-               if k in before_train and _same_setting(k, before_train[k]) != _same_setting(k, now_train[k])]
-    changed += [(k, before_adapter.get(k), now_adapter[k]) for k in RESUME_FIXED_ADAPTER
-                if k in before_adapter and before_adapter[k] != now_adapter[k]]
+    changed = [
+        (k, before_train.get(k), now_train[k])
+        for k in RESUME_FIXED_TRAIN
+        if k in before_train and _same_setting(k, before_train[k]) != _same_setting(k, now_train[k])
+    ]
+    changed += [
+        (k, before_adapter.get(k), now_adapter[k])
+        for k in RESUME_FIXED_ADAPTER
+        if k in before_adapter and before_adapter[k] != now_adapter[k]
+    ]
     if changed:
         what = "; ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, a, b in changed)
-        raise CheckpointError(f"--resume cannot continue the run in {out} with other settings ({what}): "
-                              "resume with its settings, or start a new run (--overwrite or another --out)")
+        raise CheckpointError(
+            f"--resume cannot continue the run in {out} with other settings ({what}): "
+            "resume with its settings, or start a new run (--overwrite or another --out)"
+        )
 
 
 def _same_setting(key: str, value):
@@ -177,8 +197,10 @@ def _same_setting(key: str, value):
 def _check_finite_factors(adapter: Adapter, step: int, out: Path) -> None:
     for name, p in adapter.named_parameters():
         if not bool(torch.isfinite(p).all()):
-            raise TrainingError(f"the adapter's factor {name} became non-finite at step {step}: training diverged "
-                                f"(lr too high?). {_last_good(out)}")
+            raise TrainingError(
+                f"the adapter's factor {name} became non-finite at step {step}: training diverged "
+                f"(lr too high?). {_last_good(out)}"
+            )
 
 
 def _last_good(out: Path) -> str:
@@ -191,7 +213,7 @@ def _last_good(out: Path) -> str:
 @dataclass
 class TrainResult:
     adapter_path: Path  # the final adapter.safetensors (written by the main process)
-    adapter: "Adapter"  # the trained adapter, still injected into pipe's denoiser
+    adapter: Adapter  # the trained adapter, still injected into pipe's denoiser
     pipe: object  # the loaded pipeline, ready to sample with the adapter
 
 
@@ -247,9 +269,16 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> Train
     model = fam.denoiser
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    adapter = inject(model, rank=cfg.rank, min_rank=cfg.min_rank, rank_exponent=cfg.rank_exponent,
-                     variant=cfg.variant, target_modules=cfg.target_modules,
-                     num_train_timesteps=fam.num_train_timesteps, seed=cfg.seed)
+    adapter = inject(
+        model,
+        rank=cfg.rank,
+        min_rank=cfg.min_rank,
+        rank_exponent=cfg.rank_exponent,
+        variant=cfg.variant,
+        target_modules=cfg.target_modules,
+        num_train_timesteps=fam.num_train_timesteps,
+        seed=cfg.seed,
+    )
     adapter.config.extra.update(token=cfg.token, class_name=cfg.class_name, prompt=cfg.prompt, family=fam.name)
     # Paper settings: AdamW, betas (0.9, 0.999), weight decay 1e-4, constant lr, batch 1.
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4)
@@ -266,12 +295,16 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> Train
         if old_lr != cfg.lr:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr
-            acc.print(f"--lr {cfg.lr:g} differs from the checkpoint's {old_lr:g}: the optimizer continues with {cfg.lr:g}")
+            acc.print(
+                f"--lr {cfg.lr:g} differs from the checkpoint's {old_lr:g}: the optimizer continues with {cfg.lr:g}"
+            )
     elif cfg.resume:
         acc.print(f"no checkpoint in {out}: starting from step 0")
     loss_log = out / "loss.jsonl"
     if acc.is_main_process:
-        write_json(out / "config.json", {"train": asdict(cfg), "adapter": adapter.config.to_dict(), "resolution": resolution})
+        write_json(
+            out / "config.json", {"train": asdict(cfg), "adapter": adapter.config.to_dict(), "resolution": resolution}
+        )
         _truncate_log(loss_log, start)
 
     T = fam.num_train_timesteps
@@ -290,7 +323,9 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> Train
         w = fam.layout(weight_mask.expand_as(latents).float())
         return (err * w).sum() / w.sum()
 
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not acc.is_local_main_process)
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not acc.is_local_main_process
+    )
     for step in bar:
         tic = time.perf_counter()
         loss = loss_on(lat_mean, lat_std, cond, mask)
@@ -298,8 +333,9 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> Train
             loss = loss + cfg.prior_weight * loss_on(*prior)
         value = acc.reduce(loss.detach(), reduction="mean").item()
         if not math.isfinite(value):  # every process sees the same reduced value and stops
-            raise TrainingError(f"the loss is {value} at step {step + 1} (lr {cfg.lr:g}): training diverged. "
-                                f"{_last_good(out)}")
+            raise TrainingError(
+                f"the loss is {value} at step {step + 1} (lr {cfg.lr:g}): training diverged. {_last_good(out)}"
+            )
         acc.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -307,7 +343,9 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> Train
         done = step + 1
         if acc.is_main_process:
             with open(loss_log, "a") as f:
-                f.write(json.dumps({"step": done, "loss": value, "seconds": round(time.perf_counter() - tic, 4)}) + "\n")
+                f.write(
+                    json.dumps({"step": done, "loss": value, "seconds": round(time.perf_counter() - tic, 4)}) + "\n"
+                )
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             # Every process draws its own timesteps: keep all their RNG states, not just the main one's.
             gen_states = list(acc.gather(gen.get_state()[None].to(acc.device)).cpu()) if acc.num_processes > 1 else None
@@ -318,10 +356,17 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> Train
                 if cfg.validation_prompts:
                     from .generate import sample_grid
 
-                    sample_grid(pipe, cfg.validation_prompts, f"{cfg.token} {cfg.class_name}", ckpt / "samples",
-                                steps=cfg.validation_steps or fam.default_steps, guidance=fam.default_guidance,
-                                seed=cfg.seed, size=(resolution, resolution),
-                                label=f"{cfg.variant} rank {cfg.rank}\nstep {done}")
+                    sample_grid(
+                        pipe,
+                        cfg.validation_prompts,
+                        f"{cfg.token} {cfg.class_name}",
+                        ckpt / "samples",
+                        steps=cfg.validation_steps or fam.default_steps,
+                        guidance=fam.default_guidance,
+                        seed=cfg.seed,
+                        size=(resolution, resolution),
+                        label=f"{cfg.variant} rank {cfg.rank}\nstep {done}",
+                    )
     acc.wait_for_everyone()
     final = out / "adapter.safetensors"
     if acc.is_main_process:

@@ -41,9 +41,15 @@ def _plain_linear(base: nn.Module) -> bool:
     from torch.nn.modules import module as _m
 
     # (a quantized weight, e.g. torchao's tensor subclasses in a plain nn.Linear, is no float matrix to fold into)
-    return (type(base) is nn.Linear and type(base._parameters["weight"]) is nn.Parameter
-            and not base._forward_hooks and not base._forward_pre_hooks
-            and "forward" not in base.__dict__ and not _m._global_forward_hooks and not _m._global_forward_pre_hooks)
+    return (
+        type(base) is nn.Linear
+        and type(base._parameters["weight"]) is nn.Parameter
+        and not base._forward_hooks
+        and not base._forward_pre_hooks
+        and "forward" not in base.__dict__
+        and not _m._global_forward_hooks
+        and not _m._global_forward_pre_hooks
+    )
 
 
 class TLoraLinear(nn.Module):
@@ -54,7 +60,9 @@ class TLoraLinear(nn.Module):
     buffers; "vanilla" and "lora" train `down` (r x in) and `up` (out x r).
     """
 
-    def __init__(self, base_layer: nn.Linear, config: AdapterConfig, state: RankState, factors: dict[str, torch.Tensor]):
+    def __init__(
+        self, base_layer: nn.Linear, config: AdapterConfig, state: RankState, factors: dict[str, torch.Tensor]
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.config = config
@@ -108,7 +116,7 @@ class TLoraLinear(nn.Module):
         """Keep Q as the first rows of its float32 operand buffer D = [Q; Q0 - Q], so that a
         float32 call does not copy it. (Anything that later replaces Q's storage, such as
         `.data =` or a sharded wrapper, only costs that copy: the kernels check.)"""
-        q, p = self._parameters["q"], self._parameters["p"]
+        q = self._parameters["q"]
         self._operand_bufs.clear()
         if q.dtype != torch.float32 or q.is_meta:
             return
@@ -159,8 +167,10 @@ class TLoraLinear(nn.Module):
         if torch.compiler.is_compiling():
             return self._compiled_forward(x, factors, base)
         training = torch.is_grad_enabled() and (
-            x.requires_grad or any(f.requires_grad for f in factors)
-            or any(p.requires_grad for p in base._parameters.values() if p is not None))
+            x.requires_grad
+            or any(f.requires_grad for f in factors)
+            or any(p.requires_grad for p in base._parameters.values() if p is not None)
+        )
         if training:
             if self._folded:  # the factors are about to change
                 self.state.fold_cache.drop(self)
@@ -185,11 +195,18 @@ class TLoraLinear(nn.Module):
             out = self._add_update(y, x, factors, dtype)
         return out.view(*x.shape[:-1], out.shape[-1]) if out.dim() != x.dim() else out
 
-    def _add_update(self, y: torch.Tensor, x: torch.Tensor, factors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def _add_update(
+        self, y: torch.Tensor, x: torch.Tensor, factors: list[torch.Tensor], dtype: torch.dtype
+    ) -> torch.Tensor:
         mask = self.state.mask(x.device, dtype)
         d, u = self._operands(factors, dtype, x.device)
         n_trainable = factor_rules.n_trainable(factors)
-        if y.dtype == dtype and y._base is None and y.is_contiguous() and y.numel() // max(y.shape[-1], 1) == x.numel() // max(x.shape[-1], 1):
+        if (
+            y.dtype == dtype
+            and y._base is None
+            and y.is_contiguous()
+            and y.numel() // max(y.shape[-1], 1) == x.numel() // max(x.shape[-1], 1)
+        ):
             # y is the base layer's fresh output that nobody else holds: add into it.
             return Update.apply(y, x, mask, d, u, n_trainable, *factors)
         delta = Update.apply(None, x, mask, d, u, n_trainable, *factors)
@@ -306,17 +323,21 @@ class TLoraLinear(nn.Module):
     def _fold(self, w: torch.Tensor, factors: list[torch.Tensor], k: int, dtype: torch.dtype) -> torch.Tensor:
         """W + dW_k in `dtype`, computed in float32 (float64 for double models) and rounded once."""
         with torch.no_grad():
-            folded = _native.fold_weight(w.detach(), [f.detach() for f in factors],
-                                         None if k == self.config.rank else k, self.config.scale)
+            folded = _native.fold_weight(
+                w.detach(), [f.detach() for f in factors], None if k == self.config.rank else k, self.config.scale
+            )
             return folded.to(dtype)
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"variant={c.variant}, rank={c.rank}, min_rank={c.min_rank}, in={self.in_features}, out={self.out_features}"
+        return (
+            f"variant={c.variant}, rank={c.rank}, min_rank={c.min_rank}, in={self.in_features}, out={self.out_features}"
+        )
 
 
-def _grouped_linear(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, groups: list,
-                    out_f: int) -> torch.Tensor:
+def _grouped_linear(
+    x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None, groups: list, out_f: int
+) -> torch.Tensor:
     """x W_k^T + b, with W_k the weight of each sample's group."""
     if len(weights) == 1:
         return F.linear(x, weights[0], bias)

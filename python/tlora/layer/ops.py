@@ -23,8 +23,9 @@ def check_compute_dtype(dtype: torch.dtype) -> None:
         raise ValueError(f"input dtype {dtype} is not supported: use float32, float16, bfloat16 or float64")
 
 
-def lowrank_update(x: torch.Tensor, factors: list[torch.Tensor], ranks: list[int] | None = None,
-                   scale: float = 1.0) -> torch.Tensor:
+def lowrank_update(
+    x: torch.Tensor, factors: list[torch.Tensor], ranks: list[int] | None = None, scale: float = 1.0
+) -> torch.Tensor:
     """The adapter's output for x at `ranks` (None: full rank; one, or one per sample), as a
     differentiable function of x and the trainable factors (in the kernels' order: T-LoRA's
     p, lam, q, p0, lam0, q0, or LoRA's down, up). What a TLoraLinear adds to its base layer."""
@@ -73,8 +74,11 @@ class Update(torch.autograd.Function):
 # fake kernels and a registered backward. The mask is an input: every rank runs the same graph.
 # The forward returns h for the backward, which recomputes only the (small) operands.
 
+
 @torch.library.custom_op("tlora::update", mutates_args=())
-def update_op(x: torch.Tensor, factors: list[torch.Tensor], mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def update_op(
+    x: torch.Tensor, factors: list[torch.Tensor], mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     d, u = _native.lowrank_operands(factors, None, DTYPE_NAMES[x.dtype])
     delta, h = _native.lowrank_forward(x, d, u, mask, None)
     return delta, h
@@ -89,8 +93,14 @@ def _(x, factors, mask):
 
 
 @torch.library.custom_op("tlora::update_backward", mutates_args=())
-def update_backward_op(grad: torch.Tensor, x: torch.Tensor, h: torch.Tensor, factors: list[torch.Tensor],
-                        mask: torch.Tensor | None, needs: list[bool]) -> list[torch.Tensor]:
+def update_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    factors: list[torch.Tensor],
+    mask: torch.Tensor | None,
+    needs: list[bool],
+) -> list[torch.Tensor]:
     d, u = _native.lowrank_operands(factors, None, DTYPE_NAMES[x.dtype])
     grads = _native.lowrank_backward(grad.contiguous(), x, h, d, u, mask, factors, needs)
     # Custom ops return tensors: an empty one stands for "not computed".

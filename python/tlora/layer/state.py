@@ -33,7 +33,7 @@ class FoldCache:
 
     def __init__(self, budget: int | None = None) -> None:
         self.budget = budget
-        self._sizes: dict[tuple, tuple["TLoraLinear", int]] = {}
+        self._sizes: dict[tuple, tuple[TLoraLinear, int]] = {}
         self._used: dict[torch.device, int] = {}
         self.hits = self.misses = self.stores = 0
 
@@ -47,13 +47,13 @@ class FoldCache:
     def budget_for(self, device: torch.device) -> int:
         return default_fold_budget(device) if self.budget is None else self.budget
 
-    def get(self, layer: "TLoraLinear", key: tuple) -> torch.Tensor | None:
+    def get(self, layer: TLoraLinear, key: tuple) -> torch.Tensor | None:
         w = layer._folded.get(key)
         if w is not None:
             self.hits += 1
         return w
 
-    def put(self, layer: "TLoraLinear", key: tuple, w: torch.Tensor) -> bool:
+    def put(self, layer: TLoraLinear, key: tuple, w: torch.Tensor) -> bool:
         """Keep `w` if it fits the budget of its device as things are."""
         size = w.numel() * w.element_size()
         used = self._used.get(w.device, 0)
@@ -66,7 +66,7 @@ class FoldCache:
         self.stores += 1
         return True
 
-    def drop(self, layer: "TLoraLinear") -> None:
+    def drop(self, layer: TLoraLinear) -> None:
         """Forget one layer's folds."""
         for key, w in layer._folded.items():
             _, size = self._sizes.pop((id(layer), key))
@@ -80,7 +80,13 @@ class FoldCache:
         self._used.clear()
 
     def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "stores": self.stores, "entries": len(self), "bytes": self.nbytes}
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "stores": self.stores,
+            "entries": len(self),
+            "bytes": self.nbytes,
+        }
 
 
 class RankState:
@@ -152,8 +158,15 @@ class RankState:
         return rank_mask(ranks, self.rank, self.blocks, self.scale, device, dtype, self._cols(device))
 
 
-def rank_mask(ranks: list[int] | torch.Tensor | None, rank: int, blocks: int, scale: float, device: torch.device,
-              dtype: torch.dtype, cols: torch.Tensor | None = None) -> torch.Tensor | None:
+def rank_mask(
+    ranks: list[int] | torch.Tensor | None,
+    rank: int,
+    blocks: int,
+    scale: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    cols: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """The (B or 1, blocks * rank) mask, scale included, for host ranks (a list; None: full rank)
     or a (B,) rank tensor on the device; None where it would be all ones. Entry (b, j) is set when
     rank j mod `rank` is below sample b's rank."""

@@ -10,8 +10,8 @@ prompt.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -104,9 +104,7 @@ def concept(name: str) -> Concept:
         raise ValueError(f"unknown concept {name!r}; known: {', '.join(CONCEPTS)}") from None
 
 
-def render_concept(
-    c: Concept, position: str, background: str, rng: np.random.Generator | None = None
-) -> np.ndarray:
+def render_concept(c: Concept, position: str, background: str, rng: np.random.Generator | None = None) -> np.ndarray:
     """The sprite pasted at `position` on a plain `background` (32x32 uint8).
 
     With `rng` the sprite moves by up to +-2 px (kept inside the image), mirroring the jitter of

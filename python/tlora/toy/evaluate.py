@@ -43,13 +43,17 @@ METHODS = {
 
 def model_dir() -> Path:
     if not (MODEL_DIR / "model_index.json").is_file():
-        raise FileNotFoundError(f"the bundled toy model is missing from {MODEL_DIR}: "
-                                "reinstall tlora, or rebuild it with python -m tlora.toy.pretrain")
+        raise FileNotFoundError(
+            f"the bundled toy model is missing from {MODEL_DIR}: "
+            "reinstall tlora, or rebuild it with python -m tlora.toy.pretrain"
+        )
     return MODEL_DIR
 
 
 def score_rows(rows: list[list[Image.Image]], concept: Concept) -> dict[str, float]:
-    per_prompt = [metrics.score([np.asarray(i) for i in row], concept, target) for row, target in zip(rows, EVAL_PROMPTS)]
+    per_prompt = [
+        metrics.score([np.asarray(i) for i in row], concept, target) for row, target in zip(rows, EVAL_PROMPTS)
+    ]
     return {k: float(np.mean([s[k] for s in per_prompt])) for k in per_prompt[0]}
 
 
@@ -86,8 +90,18 @@ def sample_base(concept: Concept, n: int, seed: int, steps: int = 25, guidance: 
     return Run("base model", score_rows(rows, concept), rows, time.perf_counter() - tic)
 
 
-def finetune(concept: Concept, method: str, out: Path, rank: int = TOY_RANK, steps: int = TOY_STEPS,
-             lr: float = TOY_LR, seed: int = 0, n: int = 4, sample_steps: int = 25, guidance: float = 5.0) -> Run:
+def finetune(
+    concept: Concept,
+    method: str,
+    out: Path,
+    rank: int = TOY_RANK,
+    steps: int = TOY_STEPS,
+    lr: float = TOY_LR,
+    seed: int = 0,
+    n: int = 4,
+    sample_steps: int = 25,
+    guidance: float = 5.0,
+) -> Run:
     """Train `method` on the concept's one image, then sample and score the evaluation prompts."""
     import time
 
@@ -99,9 +113,22 @@ def finetune(concept: Concept, method: str, out: Path, rank: int = TOY_RANK, ste
     image = out / "concept.png"
     Image.fromarray(concept.training_image()).save(image)
     tic = time.perf_counter()
-    result = train(model=str(model_dir()), image=str(image), token=concept.token, class_name=concept.class_word,
-                   out=str(out / method.replace(" ", "-").lower()), variant=variant, rank=rank,
-                   min_rank=min_rank(rank), steps=steps, lr=lr, resolution=32, checkpoint_every=steps, seed=seed)
-    rows = sample_images(result.pipe, [p.text(concept) for p in EVAL_PROMPTS], n, sample_steps, guidance, seed,
-                         desc=f"sample {method}")
+    result = train(
+        model=str(model_dir()),
+        image=str(image),
+        token=concept.token,
+        class_name=concept.class_word,
+        out=str(out / method.replace(" ", "-").lower()),
+        variant=variant,
+        rank=rank,
+        min_rank=min_rank(rank),
+        steps=steps,
+        lr=lr,
+        resolution=32,
+        checkpoint_every=steps,
+        seed=seed,
+    )
+    rows = sample_images(
+        result.pipe, [p.text(concept) for p in EVAL_PROMPTS], n, sample_steps, guidance, seed, desc=f"sample {method}"
+    )
     return Run(method, score_rows(rows, concept), rows, time.perf_counter() - tic)

@@ -14,7 +14,8 @@ from itertools import combinations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .concepts import Concept, concept as _concept_by_name
+from .concepts import Concept
+from .concepts import concept as _concept_by_name
 from .world import PALETTE, POSITIONS
 
 _NAMES = tuple(PALETTE)

@@ -43,20 +43,51 @@ def build_components(seed: int):
 
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(world.VOCAB_WORDS, MAX_TOKENS)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=16, sample_size=world.SIZE)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=world.SIZE,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
     unet = UNet2DConditionModel(
-        sample_size=world.SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
-        attention_head_dim=8, norm_num_groups=16)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
-                              set_alpha_to_one=False, prediction_type="v_prediction", timestep_spacing="trailing",
-                              steps_offset=1)
+        sample_size=world.SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        steps_offset=1,
+    )
     return tokenizer, vae, text_encoder, unet, scheduler
 
 
@@ -171,7 +202,7 @@ def encode_dataset(vae, pixels: torch.Tensor, device) -> tuple[torch.Tensor, tor
     sf = vae.config.scaling_factor
     means, stds = [], []
     for i in range(0, len(pixels), 4096):
-        dist = vae.encode(to_unit(pixels[i:i + 4096]).to(device)).latent_dist
+        dist = vae.encode(to_unit(pixels[i : i + 4096]).to(device)).latent_dist
         means.append(dist.mean * sf)
         stds.append(dist.std * sf)
     return torch.cat(means), torch.cat(stds)
@@ -185,8 +216,9 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     return ids[torch.tensor([row[c] for c in captions])]
 
 
-def train_denoiser(tokenizer, text_encoder, unet, scheduler, latents, ids, gen, budget: Budget, batch: int,
-                   lr: float, device):
+def train_denoiser(
+    tokenizer, text_encoder, unet, scheduler, latents, ids, gen, budget: Budget, batch: int, lr: float, device
+):
     """UNet and text encoder trained jointly on v-prediction (10% empty captions for classifier-free
     guidance), constant learning rate after warm-up, EMA of the weights. v-prediction matters here:
     with epsilon prediction the high-noise steps, where the background colour is decided, are
@@ -235,14 +267,21 @@ def evaluate(folder: Path, n: int, seed: int, steps: int = 25, device: str = "cp
     rng = np.random.default_rng(seed)
     batch = [world.sample_scene(rng, split="heldout", second_prob=0.0) for _ in range(n)]
     report: dict = {"heldout_samples": n}
-    phrasings = {"": world.caption,
-                 "placeholder_": lambda s: world.describe(f"{world.PLACEHOLDERS[0]} {s.shape}", s.position, s.background)}
+    phrasings = {
+        "": world.caption,
+        "placeholder_": lambda s: world.describe(f"{world.PLACEHOLDERS[0]} {s.shape}", s.position, s.background),
+    }
     for prefix, text in phrasings.items():
         bg_ok = pos_ok = 0
         for i in tqdm(range(0, n, 16), desc=f"eval {prefix or 'exact'}"):
-            chunk = batch[i:i + 16]
-            out = pipe([text(s) for s in chunk], num_inference_steps=steps, guidance_scale=5.0,
-                       generator=torch.Generator().manual_seed(seed + i), output_type="np").images
+            chunk = batch[i : i + 16]
+            out = pipe(
+                [text(s) for s in chunk],
+                num_inference_steps=steps,
+                guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(seed + i),
+                output_type="np",
+            ).images
             for s, img in zip(chunk, (out * 255).round().astype(np.uint8)):
                 bg_ok += metrics.background_colour(img) == s.background
                 pos_ok += metrics.object_position(img, s.background) == s.position
@@ -259,12 +298,20 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=3331, help="UNet + text encoder steps (at most)")
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--minutes", type=float, default=None,
-                    help="wall-clock budget for training (10%% VAE, 90%% denoiser); stages stop early when it "
-                         "is spent and pretrain.json records the steps run")
+    ap.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-clock budget for training (10%% VAE, 90%% denoiser); stages stop early when it "
+        "is spent and pretrain.json records the steps run",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                    help="processes that render the training set (the set does not depend on it)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes that render the training set (the set does not depend on it)",
+    )
     ap.add_argument("--eval-samples", type=int, default=200)
     args = ap.parse_args(argv)
     from diffusers import StableDiffusionPipeline
@@ -285,18 +332,35 @@ def main(argv=None) -> None:
     ids = tokenize(tokenizer, captions).to(args.device)
     budget = None if args.minutes is None else 60 * args.minutes - (time.time() - tic)
     unet_budget = Budget(args.steps, budget)
-    ema_unet, ema_text = train_denoiser(tokenizer, text_encoder, unet, scheduler, latents, ids, gen, unet_budget,
-                                        args.batch, args.lr, args.device)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    ema_unet, ema_text = train_denoiser(
+        tokenizer, text_encoder, unet, scheduler, latents, ids, gen, unet_budget, args.batch, args.lr, args.device
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=ema_text,
+        tokenizer=tokenizer,
+        unet=ema_unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
     pipe.to("cpu", torch.float16).save_pretrained(tmp, safe_serialization=True)
-    report = {"seed": args.seed, "scenes": args.scenes, "vae_steps": vae_budget.done, "steps": unet_budget.done,
-              "batch": args.batch, "lr": args.lr, "train_seconds": round(time.time() - tic),
-              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads",
-              "torch": torch.__version__}
+    report = {
+        "seed": args.seed,
+        "scenes": args.scenes,
+        "vae_steps": vae_budget.done,
+        "steps": unet_budget.done,
+        "batch": args.batch,
+        "lr": args.lr,
+        "train_seconds": round(time.time() - tic),
+        "device": torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"cpu, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+    }
     report.update(evaluate(tmp, args.eval_samples, args.seed + 1, device=args.device))
     (tmp / "pretrain.json").write_text(json.dumps(report, indent=2))
     if out.exists():

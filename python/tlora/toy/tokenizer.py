@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import string
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -74,5 +74,6 @@ def clip_tokenizer(words: Iterable[str], max_length: int):
         (Path(d) / "vocab.json").write_text(json.dumps(vocab))
         (Path(d) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
         # An explicit model_max_length is required: the default overflows when tokenizing.
-        return CLIPTokenizer.from_pretrained(d, model_max_length=max_length, pad_token="<|endoftext|>",
-                                             local_files_only=True)
+        return CLIPTokenizer.from_pretrained(
+            d, model_max_length=max_length, pad_token="<|endoftext|>", local_files_only=True
+        )
