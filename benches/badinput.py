@@ -15,16 +15,13 @@ Outcome classes:
 
 Corpus: the adapter files of tests/fuzz_corpus.py through load, read, info, export and import;
 non-regular files; API arguments; CLI arguments, images, model folders and training faults on the
-tiny offline SD pipeline.
+tiny offline SD pipeline (tests/train_inputs.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import io
-import json
 import os
 import shutil
 import subprocess
@@ -37,17 +34,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 import tlora  # noqa: E402
-from tlora import cli, interop  # noqa: E402
 from tlora.adapter import adapter_of  # noqa: E402
 
-from fuzz_corpus import FuzzModel, build, file_tensors, valid_file  # noqa: E402
+from fuzz_corpus import (  # noqa: E402
+    READERS, FuzzModel, build, file_tensors, run_cli, run_in_thread, run_reader, valid_file)
+from train_inputs import (  # noqa: E402
+    break_model_index, drop_checkpoint_state, nan_on_call, optimizer_lrs, set_flag, train_args, write_bomb, write_photo)
 
-READERS = ("load", "read", "info", "export", "import")
 CAUGHT = (ValueError, OSError)  # what the CLI reports as "error: ..." with exit 2
 
 
@@ -59,31 +55,9 @@ def refused(error: BaseException | str, names: list[str]) -> str:
     return "clear" if any(n in str(error) for n in names) else "unclear"
 
 
-def run_with_timeout(fn, *args, timeout: float = 30.0) -> dict:
-    box: dict = {}
-
-    def target():
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                box["result"] = fn(*args)
-            box["warnings"] = [str(w.message) for w in caught]
-        except BaseException as e:  # noqa: BLE001 - classified by the caller
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        box["hang"] = True
-    return box
-
-
 def cli_quiet(args: list[str]) -> tuple[int, str]:
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        rc = cli.main(args)
-    return rc, err.getvalue() + out.getvalue()
+    rc, err, out = run_cli(args)
+    return rc, err + out
 
 
 # ---- adapter files ----------------------------------------------------------------------------
@@ -111,18 +85,7 @@ def file_outcomes(root: Path) -> collections.Counter:
 
 
 def classify_file(reader, path, case, must_fail, model, reference, root) -> str:
-    def call():
-        if reader == "load":
-            return tlora.load(model, path)
-        if reader == "read":
-            return tlora.read(path)
-        if reader == "info":
-            return cli_quiet(["info", str(path)])
-        if reader == "export":
-            return interop.export(path, root / "export.safetensors")
-        return interop.import_adapter(model, path)
-
-    box = run_with_timeout(call)
+    box = run_in_thread(run_reader, reader, path, model, root, timeout=30.0)
     if box.get("hang"):
         return "hang"
     if "error" in box:
@@ -226,17 +189,13 @@ def cli_outcomes(root: Path) -> collections.Counter:
     counts: collections.Counter = collections.Counter()
     torch.set_num_threads(1)
     model = save_tiny_pipeline("sd", root / "sd")
-    image = root / "dog.png"
-    y, x = np.mgrid[0:16, 0:16]
-    Image.fromarray(np.stack([x * 16, y * 16, np.full_like(x, 90)], -1).astype(np.uint8)).save(image)
+    image = write_photo(root / "dog.png")
 
-    def train_args(out, *extra, img=image, mdl=model, steps=2):
-        return ["train", "--model", str(mdl), "--image", str(img), "--out", str(out), "--token", "sks",
-                "--class-name", "dog", "--resolution", "16", "--rank", "4", "--lr", "3e-2", "--steps", str(steps),
-                "--checkpoint-every", "1", *extra]
+    def args_for(out, *extra, img=image, mdl=model, steps=2):
+        return train_args(mdl, img, out, steps, 1, *extra)
 
     def expect_refusal(args, names):
-        box = run_with_timeout(cli_quiet, args, timeout=120)
+        box = run_in_thread(cli_quiet, args, timeout=120)
         if box.get("hang"):
             return "hang"
         if "error" in box:
@@ -256,7 +215,7 @@ def cli_outcomes(root: Path) -> collections.Counter:
 
     gen = ["generate", "--model", str(model), "--prompt", "a {}", "--out", str(root / "gen")]
     trained = out()
-    assert cli_quiet(train_args(trained))[0] == 0
+    assert cli_quiet(args_for(trained))[0] == 0
     adapter = str(trained / "adapter.safetensors")
     for extra, names in ((["-n", "0"], ["-n"]), (["-n", "-1"], ["-n"]), (["--steps", "0"], ["--steps"]),
                          (["--guidance", "nan"], ["--guidance"]), (["--height", "0"], ["--height"])):
@@ -268,87 +227,56 @@ def cli_outcomes(root: Path) -> collections.Counter:
     counts[cli_subprocess([*gen, "--adapter", str(fifo)], [fifo.name])] += 1
     for flag, value in (("--lr", "inf"), ("--lr", "nan"), ("--resolution", "0"), ("--steps", "0"), ("--steps", "-3"),
                         ("--mixed-precision", "fp16")):
-        args = train_args(out())
-        if flag in args:
-            args[args.index(flag) + 1] = value
-        else:
-            args += [flag, value]
-        counts[expect_refusal(args, [flag])] += 1
+        counts[expect_refusal(set_flag(args_for(out()), flag, value), [flag])] += 1
     # Images.
-    bomb = root / "bomb.png"
-    Image.new("1", (14000, 14000)).save(bomb)
-    counts[expect_refusal(train_args(out(), img=bomb), ["bomb.png"])] += 1
+    bomb = write_bomb(root / "bomb.png", 14000)
+    counts[expect_refusal(args_for(out(), img=bomb), ["bomb.png"])] += 1
     prior = root / "prior"
     prior.mkdir()
     shutil.copy(bomb, prior / "a.png")
-    counts[expect_refusal(train_args(out(), "--prior-dir", str(prior)), ["a.png"])] += 1
-    counts[expect_refusal(train_args(out(), img=prior), ["folder"])] += 1
+    counts[expect_refusal(args_for(out(), "--prior-dir", str(prior)), ["a.png"])] += 1
+    counts[expect_refusal(args_for(out(), img=prior), ["folder"])] += 1
     # Model folders.
-    for label, edit in (("list", lambda s: [s]), ("class list", lambda s: {**s, "_class_name": [s["_class_name"]]}),
-                        ("sd as sdxl", lambda s: {**s, "_class_name": "StableDiffusionXLPipeline"})):
-        bad = root / f"model-{label.replace(' ', '-')}"
+    for case in ("index is a list", "class name is a list", "sd labelled sdxl"):
+        bad = root / f"model-{case.replace(' ', '-')}"
         shutil.copytree(model, bad)
-        spec = json.loads((bad / "model_index.json").read_text())
-        (bad / "model_index.json").write_text(json.dumps(edit(spec)))
-        counts[expect_refusal(train_args(out(), mdl=bad), ["model_index.json", "_class_name"])] += 1
+        break_model_index(bad, case)
+        counts[expect_refusal(args_for(out(), mdl=bad), ["model_index.json", "_class_name"])] += 1
     # Resume faults.
-    from safetensors.torch import load_file, save_file
-
     for drop in ("rng", "optimizer"):
         run = out()
         shutil.copytree(trained, run)
-        state = run / "checkpoint-2" / "state.safetensors"
-        with open(state, "rb") as f:
-            meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
-        tensors = load_file(str(state))
-        if drop == "rng":
-            tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
-        else:
-            meta = {}
-        save_file(tensors, str(state), metadata=meta)
-        counts[expect_refusal(train_args(run, "--resume", steps=3), ["state.safetensors"])] += 1
+        drop_checkpoint_state(run / "checkpoint-2" / "state.safetensors", drop)
+        counts[expect_refusal(args_for(run, "--resume", steps=3), ["state.safetensors"])] += 1
     for flag, value in (("--rank", "2"), ("--min-rank", "1")):
         run = out()
         shutil.copytree(trained, run)
-        args = train_args(run, "--resume", steps=3)
-        if flag in args:
-            args[args.index(flag) + 1] = value
-        else:
-            args += [flag, value]
-        counts[expect_refusal(args, [flag])] += 1
+        counts[expect_refusal(set_flag(args_for(run, "--resume", steps=3), flag, value), [flag])] += 1
     # A new lr on resume must be applied (or refused): check the optimizer state it saved.
     run = out()
     shutil.copytree(trained, run)
-    args = train_args(run, "--resume", steps=3)
+    args = args_for(run, "--resume", steps=3)
     args[args.index("--lr") + 1] = "1e-3"
     rc, _ = cli_quiet(args)
-    with open(run / "checkpoint-3" / "state.safetensors", "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    lrs = [g["lr"] for g in json.loads(header["__metadata__"]["optimizer"])["param_groups"]]
+    lrs = optimizer_lrs(run / "checkpoint-3" / "state.safetensors")
     counts["clear" if rc == 0 and lrs == [1e-3] else "silent"] += 1
     # Another run in --out without --resume: refused, or its checkpoints mixed in (loss).
     run = out()
     shutil.copytree(trained, run)
-    rc, _ = cli_quiet(train_args(run, steps=1))
+    rc, _ = cli_quiet(args_for(run, steps=1))
     counts["loss" if rc == 0 and (run / "checkpoint-2").exists() else "clear" if rc == 2 else "silent"] += 1
     # A non-finite loss (the third loss computed is NaN): stop with an error, or write NaN (silent).
     import torch.nn.functional as F
 
-    real, calls = F.mse_loss, []
-
-    def poisoned(*a, **k):
-        calls.append(1)
-        loss = real(*a, **k)
-        return loss * float("nan") if len(calls) == 3 else loss
-
-    F.mse_loss = poisoned
+    real = F.mse_loss
+    F.mse_loss = nan_on_call(real, 3)
     try:
-        counts[expect_refusal(train_args(out(), steps=4), ["loss", "nan"])] += 1
+        counts[expect_refusal(args_for(out(), steps=4), ["loss", "nan"])] += 1
     finally:
         F.mse_loss = real
     # Two concurrent runs into one --out: a slow one in a subprocess, a second one meanwhile.
     run = out()
-    slow = subprocess.Popen([sys.executable, "-m", "tlora.cli", *train_args(run, steps=400)],
+    slow = subprocess.Popen([sys.executable, "-m", "tlora.cli", *args_for(run, steps=400)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
@@ -356,7 +284,7 @@ def cli_outcomes(root: Path) -> collections.Counter:
             if (run / "loss.jsonl").exists():
                 break
             threading.Event().wait(0.1)
-        rc, _ = cli_quiet(train_args(run, "--resume", steps=400))
+        rc, _ = cli_quiet(args_for(run, "--resume", steps=400))
     finally:
         slow_rc = slow.wait(timeout=600)
     counts["loss" if rc == 0 and slow_rc == 0 else "clear" if rc == 2 else "silent"] += 1

@@ -29,10 +29,8 @@ import collections
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -44,30 +42,8 @@ from tlora.config import DEFAULT_TARGETS
 from tlora.targets import find_targets
 
 HERE = Path(__file__).resolve().parent
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRss:
-    """Samples this process's RSS in a thread while the block runs."""
-
-    def __enter__(self):
-        self.peak, self._stop = rss_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_bytes())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+sys.path.insert(0, str(HERE))
+from memory import PeakRss, max_rss_mb, rss_bytes  # noqa: E402
 
 
 def build_sdxl() -> nn.Module:
@@ -127,7 +103,7 @@ def run_case(case: str, rank: int, baseline: bool) -> dict:
         "inject_s": round(inject_s, 2), "rss_before_inject_gb": round(rss_before / 1e9, 2),
         "peak_rss_during_inject_gb": round(peak.peak / 1e9, 2),
         "inject_rss_increase_gb": round((peak.peak - rss_before) / 1e9, 3),
-        "process_max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
+        "process_max_rss_gb": round(max_rss_mb() * 2**20 / 1e9, 2),
         "adapter_bytes": sum(t.numel() * t.element_size() for t in factors.values()),
         "adapter_trainable_bytes": trainable,
         "weight_dtype": str(next(iter(adapter.layers.values())).base_layer.weight.dtype),

@@ -3,46 +3,28 @@
 One adapted 320 -> 320 projection, rank 64 (r_min 32), its own weight and bias zeroed so that the
 module's output is the T-LoRA update; the trained factors are moved from the frozen copies by a
 relative `drift`; the base layer is cast to bf16/fp16 (the adapter stays float32). The reference is
-the paper's update in float64 from the same factors: max |out - ref| / max |ref|.
+the paper's update in float64 from the same factors (benches/reference.py): max |out - ref| / max |ref|.
 
     python benches/precision.py
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import sys
+from pathlib import Path
 
-import tlora
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference import drifted_update_model, layer_factors, rank_at, rel_error, update_f64  # noqa: E402
 
 IN_F = OUT_F = 320
 RANK, MIN_RANK, T_STEP = 64, 32, 300
 
 
-class Proj(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.to_q = nn.Linear(IN_F, OUT_F)
-
-    def forward(self, x, timestep=None):
-        return self.to_q(x)
-
-
 def update_error(dtype: torch.dtype, drift: float, path: str, seed: int = 0) -> float:
-    torch.manual_seed(seed)
-    model = Proj()
-    adapter = tlora.inject(model, rank=RANK, min_rank=MIN_RANK, target_modules=["to_q"])
-    layer = adapter.layers["to_q"]
-    with torch.no_grad():
-        layer.base_layer.weight.zero_()
-        layer.base_layer.bias.zero_()
-        for p in adapter.parameters():
-            p.mul_(1 + drift * torch.randn(p.shape))
-    layer.base_layer.to(dtype)
-    k = int((1000 - T_STEP) / 1000 * (RANK - MIN_RANK)) + MIN_RANK
-    f = {n: getattr(layer, n).detach().double() for n in ("p", "lam", "q", "p0", "lam0", "q0")}
-    m = (torch.arange(RANK) < k).double()
-    dw = f["p"] @ torch.diag(f["lam"] * m) @ f["q"] - f["p0"] @ torch.diag(f["lam0"] * m) @ f["q0"]
+    model, _, layer = drifted_update_model(IN_F, OUT_F, RANK, MIN_RANK, drift, dtype, seed)
+    dw = update_f64(layer_factors(layer), rank_at(T_STEP, RANK, MIN_RANK))
     x = torch.randn(2, 256, IN_F).to(dtype)
     want = x.double() @ dw.T
     t = torch.tensor([T_STEP, T_STEP])
@@ -51,11 +33,12 @@ def update_error(dtype: torch.dtype, drift: float, path: str, seed: int = 0) -> 
     else:
         with torch.no_grad():
             out = model(x, t)
-    return ((out.double() - want).abs().max() / want.abs().max()).item()
+    return rel_error(out, want)
 
 
 def main() -> None:
-    print(f"update relative error, {IN_F}->{OUT_F}, rank {RANK} (min {MIN_RANK}), t = {T_STEP}, torch {torch.__version__}")
+    print(f"update relative error, {IN_F}->{OUT_F}, rank {RANK} (min {MIN_RANK}), t = {T_STEP}, "
+          f"torch {torch.__version__}")
     print("| dtype | drift | training | inference (fold) |")
     print("|---|---|---|---|")
     for dtype in (torch.bfloat16, torch.float16):

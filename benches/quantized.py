@@ -21,7 +21,6 @@ import ctypes
 import gc
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import TARGETS, UNET, Cycle, _status_mb, machine_info, sdxl_like_unet, unet_inputs  # noqa: E402
+from memory import peak_rss_mb, reset_peak, status_mb  # noqa: E402
+from speed import TARGETS, UNET, Cycle, machine_info, sdxl_like_unet, unet_inputs  # noqa: E402
 
 CASES = ("float32", "quanto-int8", "quanto-int4", "torchao-int8", "bnb-nf4", "bnb-int8")
 
@@ -119,7 +119,7 @@ def memory_case(case: str, folder: str, latent: int, steps: int) -> dict:
 
     import_backend(case)
     release_free_heap()
-    import_mb = _status_mb("VmRSS")
+    import_mb = status_mb("VmRSS")
     unet = load_unet(case, folder)
     unet.requires_grad_(False)
     weights = linear_weight_bytes(unet)
@@ -132,12 +132,8 @@ def memory_case(case: str, folder: str, latent: int, steps: int) -> dict:
     cyc = Cycle(1)
     gc.collect()
     release_free_heap()
-    setup_mb = _status_mb("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        reset = True
-    except OSError:
-        reset = False
+    setup_mb = status_mb("VmRSS")
+    reset = reset_peak()
     losses = []
     for _ in range(steps):
         pred = unet(inputs["sample"], cyc.next(), inputs["encoder_hidden_states"],
@@ -147,7 +143,7 @@ def memory_case(case: str, folder: str, latent: int, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    peak = _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb(reset)
     return {"case": case, "latent": latent, "linear_weight_mb": weights / 2**20, "import_rss_mb": import_mb,
             "model_rss_mb": setup_mb - import_mb, "setup_rss_mb": setup_mb,
             "peak_rss_mb": peak, "step_peak_mb": peak - setup_mb, "hwm_reset": reset, "losses": losses}

@@ -42,7 +42,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import tlora
-import tlora.layer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import max_rss_mb, peak_rss_mb, reset_peak, status_mb  # noqa: E402
 
 T = 1000
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -158,20 +159,13 @@ def bench_layer(tokens: int, in_f: int, out_f: int, r: int, repeats: int, lycori
     gout = torch.randn(batch, tokens, out_f)
     steps = {}
 
-    def add(name, fn, params, **switches):
-        """One forward + backward of `fn` per call, with tlora.layer's module switches set."""
+    def add(name, fn, params):
+        """One forward + backward of `fn` per call."""
         cyc = Cycle(batch)
 
         def step():
-            saved = {k: getattr(tlora.layer, k) for k in switches}
-            for k, v in switches.items():
-                setattr(tlora.layer, k, v)
-            try:
-                xi = x.clone().requires_grad_(True)
-                fn(xi, cyc.next()).backward(gout)
-            finally:
-                for k, v in saved.items():
-                    setattr(tlora.layer, k, v)
+            xi = x.clone().requires_grad_(True)
+            fn(xi, cyc.next()).backward(gout)
             for p in params:
                 p.grad = None
         steps[name] = step
@@ -181,13 +175,13 @@ def bench_layer(tokens: int, in_f: int, out_f: int, r: int, repeats: int, lycori
 
     base = linear()
     add("bare", lambda xi, t: base(xi), [])
-    for variant, switches in (("tlora", {}), ("lora", {})):
+    for variant in ("tlora", "lora"):
         m = Holder(linear())
         ad = tlora.inject(m, rank=r, variant="lora" if variant == "lora" else "tlora")
         with torch.no_grad():
             for p in ad.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        add(f"tlora-{variant}", lambda xi, t, m=m: m(xi, t), list(ad.parameters()), **switches)
+        add(f"tlora-{variant}", lambda xi, t, m=m: m(xi, t), list(ad.parameters()))
     pm = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["to_q"], init_lora_weights="gaussian"),
                                  Holder(linear()))
     add("peft-lora", lambda xi, t: pm(xi, t), [p for p in pm.parameters() if p.requires_grad])
@@ -442,30 +436,18 @@ def sample_section(quick: bool, latents, steps: int = 25) -> list[dict]:
     return rows
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
 def memory_case(case: str, latent: int, steps: int = 3) -> dict:
     """Runs in a fresh process: peak memory of `steps` training steps. The peak resident set size
     is reset (Linux /proc/self/clear_refs) after the model is built, so that the peak of the steps
     is not hidden under the peak of importing torch."""
     step = train_step_fn(case, latent)
-    setup_mb = _status_mb("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        reset = True
-    except OSError:
-        reset = False
+    setup_mb = status_mb("VmRSS")
+    reset = reset_peak()
     for _ in range(steps):
         step()
-    peak = _status_mb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb(reset)
     out = {"case": case, "latent": latent, "setup_rss_mb": setup_mb, "peak_rss_mb": peak,
-           "step_peak_mb": peak - setup_mb, "hwm_reset": reset,
-           "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+           "step_peak_mb": peak - setup_mb, "hwm_reset": reset, "ru_maxrss_mb": max_rss_mb()}
     if torch.cuda.is_available():
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out

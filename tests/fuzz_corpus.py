@@ -1,18 +1,23 @@
-"""A deterministic corpus of corrupted adapter files, built from one valid tlora file.
+"""A deterministic corpus of corrupted adapter files, built from one valid tlora file, and the
+readers to run each file through.
 
-Used by tests/test_fuzz.py and benches/badinput.py. Uses only `tlora.inject`, `tlora.save` and
-the safetensors package (so that it runs against older tlora versions too); the checksum of
-rewritten files is recomputed here independently, as tlora.io documents it (sha256 of the
-description without "checksum" as sorted-key JSON, then per tensor sorted by name: JSON
+Used by tests/test_fuzz.py and benches/badinput.py. Building the corpus uses only `tlora.inject`,
+`tlora.save` and the safetensors package (so that it runs against older tlora versions too); the
+checksum of rewritten files is recomputed here independently, as tlora.io documents it (sha256 of
+the description without "checksum" as sorted-key JSON, then per tensor sorted by name: JSON
 [name, dtype, shape] and the stored bytes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import random
+import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -271,3 +276,58 @@ def file_tensors(path: Path) -> dict[str, torch.Tensor]:
     """An independent read of a file's tensors (safetensors' own reader), as float32."""
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k).float() for k in f.keys()}
+
+
+# ---- running the readers ----------------------------------------------------------------------
+
+READERS = ("load", "read", "info", "export", "import")
+
+
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    """`tlora ARGS` in this process with its output captured: (exit code, stderr, stdout)."""
+    from tlora import cli
+
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        rc = cli.main(args)
+    return rc, err.getvalue(), out.getvalue()
+
+
+def run_reader(reader: str, path: Path, model: nn.Module, out_dir: Path):
+    """One of READERS on the file at `path`: load or import into `model`, read, export into
+    `out_dir`, or `tlora info` (which returns (exit code, stderr))."""
+    import tlora
+    from tlora import interop
+
+    if reader == "load":
+        return tlora.load(model, path)
+    if reader == "read":
+        return tlora.read(path)
+    if reader == "info":
+        rc, err, _ = run_cli(["info", str(path)])
+        return rc, err
+    if reader == "export":
+        return interop.export(path, out_dir / f"{path.stem}-export.safetensors")
+    return interop.import_adapter(model, path)
+
+
+def run_in_thread(fn: Callable, *args, timeout: float) -> dict:
+    """fn(*args) in a daemon thread, its warnings recorded: {"result": ..., "warnings": [messages]}
+    or {"error": the exception}, with "hang": True when it did not return within `timeout` s."""
+    box: dict = {}
+
+    def target():
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                box["result"] = fn(*args)
+            box["warnings"] = [str(w.message) for w in caught]
+        except BaseException as e:  # noqa: BLE001 - recorded and judged by the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        box["hang"] = True
+    return box

@@ -11,46 +11,29 @@ as it was.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import subprocess
 import sys
-import threading
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 import tlora
-from tlora import cli, interop
 from tlora.adapter import adapter_of
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fuzz_corpus import FuzzModel, build, file_tensors, valid_file  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+from fuzz_corpus import READERS, FuzzModel, build, file_tensors, run_in_thread, run_reader, valid_file  # noqa: E402
+from reference import update_f64  # noqa: E402  (benches/reference.py: the paper's update in float64)
 
 TIMEOUT_S = 20.0
-READERS = ("load", "read", "info", "export", "import")
 
 
 def call_with_timeout(fn, *args):
     """(result, exception) of fn(*args) run in a daemon thread; fails the test on a hang."""
-    box: dict = {}
-
-    def target():
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                box["result"] = fn(*args)
-            box["warnings"] = [str(w.message) for w in caught]
-        except BaseException as e:  # noqa: BLE001 - recorded and judged by the caller
-            box["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(TIMEOUT_S)
-    assert not thread.is_alive(), f"{fn.__name__} did not return within {TIMEOUT_S} s"
+    box = run_in_thread(fn, *args, timeout=TIMEOUT_S)
+    assert not box.get("hang"), f"{fn.__name__} did not return within {TIMEOUT_S} s"
     return box
 
 
@@ -70,8 +53,7 @@ def assert_untouched(model, before, label):
 
 def update64(tensors: dict[str, torch.Tensor], name: str, scale: float) -> torch.Tensor:
     """The paper's update s (P diag(lam) Q - P0 diag(lam0) Q0) in float64, from a file's tensors."""
-    f = {k: tensors[f"{name}.{k}"].double() for k in ("p", "lam", "q", "p0", "lam0", "q0")}
-    return scale * (f["p"] * f["lam"] @ f["q"] - f["p0"] * f["lam0"] @ f["q0"])
+    return scale * update_f64({k: tensors[f"{name}.{k}"] for k in ("p", "lam", "q", "p0", "lam0", "q0")})
 
 
 @pytest.fixture(scope="module")
@@ -98,21 +80,6 @@ def test_corpus_is_large_and_deterministic(corpus, tmp_path):
     assert {"truncated", "header", "data", "metadata", "config.rank", "reference", "lycoris"} <= kinds
 
 
-def _run_reader(reader: str, path: Path, model, out_dir: Path):
-    if reader == "load":
-        return tlora.load(model, path)
-    if reader == "read":
-        return tlora.read(path)
-    if reader == "info":
-        err, out = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            rc = cli.main(["info", str(path)])
-        return rc, err.getvalue()
-    if reader == "export":
-        return interop.export(path, out_dir / f"{path.stem}-export.safetensors")
-    return interop.import_adapter(model, path)
-
-
 def test_every_reader_loads_exactly_or_refuses_clearly(corpus, tmp_path):
     root, reference, cases, paths = corpus
     model = FuzzModel()
@@ -122,7 +89,7 @@ def test_every_reader_loads_exactly_or_refuses_clearly(corpus, tmp_path):
     for case, path in zip(cases, paths):
         for reader in READERS:
             label = f"{case.name} [{reader}]"
-            box = call_with_timeout(_run_reader, reader, path, model, tmp_path)
+            box = call_with_timeout(run_reader, reader, path, model, tmp_path)
             error = box.get("error")
             if reader == "info" and error is None:
                 rc, err = box["result"]
@@ -190,7 +157,7 @@ def test_non_regular_files_are_refused_without_blocking(tmp_path):
     before = snapshot(model)
     for path, fragment in ((fifo, "named pipe"), (Path("/dev/zero"), "character device"), (folder, "is a folder")):
         for reader in READERS:
-            box = call_with_timeout(_run_reader, reader, path, model, tmp_path)
+            box = call_with_timeout(run_reader, reader, path, model, tmp_path)
             error = box.get("error")
             if reader == "info":
                 assert error is None and box["result"][0] == 2 and fragment in box["result"][1], box

@@ -3,18 +3,18 @@ GPU-shaped layer (kernel launches per layer against PEFT LoRA, no host synchroni
 
 Half-precision accuracy is measured on the update itself: the adapted projection's own weight and
 bias are zeroed, so the module's output is the update, and it is compared with the same update in
-float64 from the factors (the paper's equation, written here). A whole output would hide a 100 %
-error of a small update behind the base layer's much larger output.
+float64 from the factors (the paper's equation, written plainly in benches/reference.py). A whole
+output would hide a 100 % error of a small update behind the base layer's much larger output.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import tlora
 import tlora.layer
@@ -22,48 +22,27 @@ from tlora.tiny import LATENT_SIZE, SD_CROSS_DIM, TOKENS, tiny_denoiser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
 import ops  # noqa: E402  (benches/ops.py: the op counter, shared with the benchmark)
+import reference  # noqa: E402  (benches/reference.py: the float64 update, shared with benches/precision.py)
 
 R, R_MIN, T = 8, 4, 1000
-
-
-class Proj(nn.Module):
-    def __init__(self, in_f: int = 48, out_f: int = 40):
-        super().__init__()
-        self.to_q = nn.Linear(in_f, out_f)
-
-    def forward(self, x, timestep=None):
-        return self.to_q(x)
+IN_F, OUT_F = 48, 40
+Proj = functools.partial(reference.Projection, IN_F, OUT_F)
+rel = reference.rel_error
 
 
 def rank_at(t: float) -> int:
-    return int(((T - t) / T) * (R - R_MIN)) + R_MIN
+    return reference.rank_at(t, R, R_MIN, T)
 
 
 def dense_update_f64(layer, k: int) -> torch.Tensor:
     """P diag(lam m) Q - P0 diag(lam0 m) Q0 in float64, m the first k ranks (the paper's eq.)."""
-    f = {n: getattr(layer, n).detach().double() for n in layer.factor_names()}
-    m = (torch.arange(R) < k).double()
-    return f["p"] @ torch.diag(f["lam"] * m) @ f["q"] - f["p0"] @ torch.diag(f["lam0"] * m) @ f["q0"]
+    return reference.update_f64(reference.layer_factors(layer), k)
 
 
 def drifted_update_model(drift: float, dtype: torch.dtype, seed: int = 0):
     """A projection whose output is its T-LoRA update only, trained factors moved by `drift`
     (relative) from the frozen copies, then cast to `dtype` (the factors stay float32)."""
-    torch.manual_seed(seed)
-    model = Proj()
-    adapter = tlora.inject(model, rank=R, min_rank=R_MIN, target_modules=["to_q"])
-    layer = adapter.layers["to_q"]
-    with torch.no_grad():
-        layer.base_layer.weight.zero_()
-        layer.base_layer.bias.zero_()
-        for p in adapter.parameters():
-            p.mul_(1 + drift * torch.randn(p.shape))
-    model.to(dtype)
-    return model, adapter, layer
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+    return reference.drifted_update_model(IN_F, OUT_F, R, R_MIN, drift, dtype, seed)
 
 
 TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -88,8 +67,7 @@ def test_half_precision_update_is_accurate_in_training_and_inference(dtype, drif
     g = torch.randn(out.shape).to(dtype)
     out.backward(g)
     ref = {n: getattr(layer, n).detach().double().requires_grad_(n in ("p", "lam", "q")) for n in layer.factor_names()}
-    m = (torch.arange(R) < k).double()
-    dw_ref = ref["p"] @ torch.diag(ref["lam"] * m) @ ref["q"] - ref["p0"] @ torch.diag(ref["lam0"] * m) @ ref["q0"]
+    dw_ref = reference.update_f64(ref, k)
     (x.double() @ dw_ref.T * g.double()).sum().backward()
     for n in ("p", "lam", "q"):
         got = getattr(layer, n).grad

@@ -42,10 +42,11 @@ from tlora.images import MIN_LABELLED_TILE, load_image
 from tlora.io import read
 from tlora.pipelines import family_of
 from tlora.train import train
+from train_inputs import (  # tests/train_inputs.py, shared with benches/badinput.py
+    break_model_index, drop_checkpoint_state, nan_on_call, optimizer_lrs, set_flag, train_args, write_bomb, write_photo)
 
 KINDS = ("sd", "sdxl", "flux")
 PROMPT = "a photo of sks dog"
-COMMON = ["--token", "sks", "--class-name", "dog", "--resolution", "16", "--rank", "4", "--lr", "3e-2", "--seed", "0"]
 # Settings of the resume tests' shared uninterrupted reference run.
 RESUME_STEPS, RESUME_EVERY = 12, 4
 
@@ -70,13 +71,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def image(tmp_path_factory) -> Path:
     """A 16x16 RGB photo: a yellow disc on a colour gradient."""
-    y, x = np.mgrid[0:16, 0:16]
-    a = np.zeros((16, 16, 3), np.uint8)
-    a[..., 0], a[..., 1], a[..., 2] = x * 16, y * 16, 90
-    a[(x - 8) ** 2 + (y - 8) ** 2 < 20] = (255, 255, 0)
-    path = tmp_path_factory.mktemp("images") / "dog.png"
-    Image.fromarray(a).save(path)
-    return path
+    return write_photo(tmp_path_factory.mktemp("images") / "dog.png")
 
 
 def subprocess_env() -> dict[str, str]:
@@ -84,11 +79,6 @@ def subprocess_env() -> dict[str, str]:
     for key in [k for k in env if k.startswith("ACCELERATE_")]:
         del env[key]
     return env
-
-
-def train_args(model: Path, image: Path, out: Path, steps: int, every: int, *extra: str) -> list[str]:
-    return ["train", "--model", str(model), "--image", str(image), "--out", str(out), *COMMON,
-            "--steps", str(steps), "--checkpoint-every", str(every), *extra]
 
 
 def log_entries(out: Path) -> list[dict]:
@@ -515,11 +505,7 @@ def _cli(args: list[str], capsys) -> tuple[int, str]:
     ("--prior-weight", "nan", "argument --prior-weight: must be a finite number"),
 ])
 def test_train_numeric_arguments_are_range_checked(flag, value, fragment, models, image, tmp_path, capsys):
-    args = train_args(models["sd"], image, tmp_path / "run", 1, 1)
-    if flag in args:
-        args[args.index(flag) + 1] = value
-    else:
-        args += [flag, value]
+    args = set_flag(train_args(models["sd"], image, tmp_path / "run", 1, 1), flag, value)
     rc, message = _cli(args, capsys)
     assert rc == 2 and fragment in message, message
     assert written_files(tmp_path / "run") == []
@@ -594,11 +580,7 @@ def test_out_holding_another_run_needs_resume_or_overwrite(models, image, traine
 ])
 def test_resume_refuses_settings_it_cannot_honour(flag, value, fragment, models, image, trained, tmp_path, capsys):
     out = _copy_run(trained, tmp_path)
-    args = train_args(models["sd"], image, out, 3, 1, "--resume")
-    if flag in args:
-        args[args.index(flag) + 1] = value
-    else:
-        args += [flag, value]
+    args = set_flag(train_args(models["sd"], image, out, 3, 1, "--resume"), flag, value)
     rc, message = _cli(args, capsys)
     assert rc == 2 and "--resume cannot continue the run" in message and fragment in message, message
     assert not (out / "checkpoint-3").exists()
@@ -618,10 +600,7 @@ def test_resume_applies_a_new_lr_and_says_so(models, image, trained, tmp_path, c
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "--lr 0.001 differs from the checkpoint's 0.03: the optimizer continues with 0.001" in printed
-    with open(out / "checkpoint-3" / "state.safetensors", "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    groups = json.loads(header["__metadata__"]["optimizer"])["param_groups"]
-    assert [g["lr"] for g in groups] == [1e-3]
+    assert optimizer_lrs(out / "checkpoint-3" / "state.safetensors") == [1e-3]
 
 
 def test_second_concurrent_run_is_refused(models, image, trained, tmp_path, capsys):
@@ -641,32 +620,16 @@ def test_second_concurrent_run_is_refused(models, image, trained, tmp_path, caps
 
 @pytest.mark.parametrize("drop,fragment", [("rng", "has no RNG state"), ("optimizer", "has no optimizer state")])
 def test_resume_from_a_checkpoint_missing_state(drop, fragment, models, image, trained, tmp_path, capsys):
-    from safetensors.torch import save_file
-
     out = _copy_run(trained, tmp_path)
     state = out / "checkpoint-2" / "state.safetensors"
-    with open(state, "rb") as f:
-        meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
-    tensors = load_file(str(state))
-    if drop == "rng":
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
-    else:
-        meta = {}
-    save_file(tensors, str(state), metadata=meta)
+    drop_checkpoint_state(state, drop)
     rc, message = _cli(train_args(models["sd"], image, out, 3, 1, "--resume"), capsys)
     assert rc == 2 and fragment in message and str(state) in message, message
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(models, image, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    real, calls = F.mse_loss, []
-
-    def poisoned(*args, **kwargs):
-        calls.append(1)
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 3 else loss
-
-    monkeypatch.setattr(tlora.train.F, "mse_loss", poisoned)
+    monkeypatch.setattr(tlora.train.F, "mse_loss", nan_on_call(F.mse_loss, 3))
     rc, message = _cli(train_args(models["sd"], image, out, 4, 2), capsys)
     monkeypatch.undo()
     assert rc == 2 and "the loss is nan at step 3" in message, message
@@ -676,19 +639,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(models, image,
     read(out / "checkpoint-2" / "adapter.safetensors")  # intact and finite
 
 
-def _bomb(path: Path, side: int) -> Path:
-    Image.new("1", (side, side)).save(path)  # a few kB on disk, side^2 pixels when decoded
-    return path
-
-
 @pytest.mark.parametrize("side,fragment", [(9000, "more than the 67,108,864-pixel limit"), (14000, "decompression bomb")])
 def test_decompression_bombs_are_refused(side, fragment, models, image, tmp_path, capsys):
-    bomb = _bomb(tmp_path / "bomb.png", side)
+    bomb = write_bomb(tmp_path / "bomb.png", side)
     rc, message = _cli(train_args(models["sd"], bomb, tmp_path / "run", 1, 1), capsys)
     assert rc == 2 and str(bomb) in message and fragment in message, message
     prior = tmp_path / "prior"
     prior.mkdir()
-    _bomb(prior / "a.png", side)
+    write_bomb(prior / "a.png", side)
     rc, message = _cli(train_args(models["sd"], image, tmp_path / "run", 1, 1, "--prior-dir", str(prior)), capsys)
     assert rc == 2 and str(prior / "a.png") in message and fragment in message, message
 
@@ -719,15 +677,6 @@ def test_non_regular_inputs_are_refused(models, image, tmp_path, capsys):
 def test_broken_model_index_is_refused_clearly(case, fragment, models, image, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(models["sd"], model)
-    index = model / "model_index.json"
-    spec = json.loads(index.read_text())
-    if case == "index is a list":
-        index.write_text(json.dumps([spec]))
-    elif case == "class name is a list":
-        index.write_text(json.dumps({**spec, "_class_name": ["StableDiffusionPipeline"]}))
-    elif case == "sd labelled sdxl":
-        index.write_text(json.dumps({**spec, "_class_name": "StableDiffusionXLPipeline"}))
-    else:
-        index.write_text("{" + json.dumps(spec))
+    break_model_index(model, case)
     rc, message = _cli(train_args(model, image, tmp_path / "run", 1, 1), capsys)
     assert rc == 2 and fragment in message, message

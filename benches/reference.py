@@ -1,0 +1,66 @@
+"""The paper's T-LoRA update written plainly in float64 PyTorch, and the "drifted" projection the
+half-precision checks measure it on; shared by benches/precision.py and tests/test_real_path.py.
+
+The reference is independent of tlora's kernels: it only reads the layer's factors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import tlora
+
+FACTORS = ("p", "lam", "q", "p0", "lam0", "q0")
+
+
+class Projection(nn.Module):
+    """One adapted attention-style projection `to_q`, called like a denoiser (x, timestep)."""
+
+    def __init__(self, in_f: int, out_f: int):
+        super().__init__()
+        self.to_q = nn.Linear(in_f, out_f)
+
+    def forward(self, x, timestep=None):
+        return self.to_q(x)
+
+
+def rank_at(t: float, rank: int, min_rank: int, num_train_timesteps: int = 1000) -> int:
+    """The paper's schedule: r(t) = floor((T - t) / T * (r - r_min)) + r_min."""
+    return int(((num_train_timesteps - t) / num_train_timesteps) * (rank - min_rank)) + min_rank
+
+
+def layer_factors(layer) -> dict[str, torch.Tensor]:
+    """The layer's six factors, detached."""
+    return {n: getattr(layer, n).detach() for n in FACTORS}
+
+
+def update_f64(factors: dict[str, torch.Tensor], k: int | None = None) -> torch.Tensor:
+    """P diag(lam m) Q - P0 diag(lam0 m) Q0 in float64, m keeping the first k ranks (all if None)."""
+    f = {n: factors[n].double() for n in FACTORS}
+    rank = f["lam"].numel()
+    m = (torch.arange(rank) < (rank if k is None else k)).double()
+    return f["p"] @ torch.diag(f["lam"] * m) @ f["q"] - f["p0"] @ torch.diag(f["lam0"] * m) @ f["q0"]
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|, in float64."""
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
+def drifted_update_model(in_f: int, out_f: int, rank: int, min_rank: int, drift: float, dtype: torch.dtype,
+                         seed: int = 0):
+    """(model, adapter, layer): a Projection whose output is its T-LoRA update only (its own weight
+    and bias zeroed), the trained factors moved by a relative `drift` from the frozen copies, then
+    cast to `dtype` (the factors stay float32)."""
+    torch.manual_seed(seed)
+    model = Projection(in_f, out_f)
+    adapter = tlora.inject(model, rank=rank, min_rank=min_rank, target_modules=["to_q"])
+    layer = adapter.layers["to_q"]
+    with torch.no_grad():
+        layer.base_layer.weight.zero_()
+        layer.base_layer.bias.zero_()
+        for p in adapter.parameters():
+            p.mul_(1 + drift * torch.randn(p.shape))
+    model.to(dtype)
+    return model, adapter, layer
