@@ -35,14 +35,20 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import torch  # noqa: E402
+from fuzz_corpus import READERS, FuzzModel, build, file_tensors, run_cli, run_in_thread, run_reader, valid_file  # noqa: E402
+from train_inputs import (  # noqa: E402
+    break_model_index,
+    drop_checkpoint_state,
+    nan_on_call,
+    optimizer_lrs,
+    set_flag,
+    train_args,
+    write_bomb,
+    write_photo,
+)
 
 import tlora  # noqa: E402
 from tlora.adapter import adapter_of  # noqa: E402
-
-from fuzz_corpus import (  # noqa: E402
-    READERS, FuzzModel, build, file_tensors, run_cli, run_in_thread, run_reader, valid_file)
-from train_inputs import (  # noqa: E402
-    break_model_index, drop_checkpoint_state, nan_on_call, optimizer_lrs, set_flag, train_args, write_bomb, write_photo)
 
 CAUGHT = (ValueError, OSError)  # what the CLI reports as "error: ..." with exit 2
 
@@ -61,6 +67,7 @@ def cli_quiet(args: list[str]) -> tuple[int, str]:
 
 
 # ---- adapter files ----------------------------------------------------------------------------
+
 
 def file_outcomes(root: Path) -> collections.Counter:
     counts: collections.Counter = collections.Counter()
@@ -125,11 +132,18 @@ def special_file_outcomes(root: Path) -> collections.Counter:
 
 
 def cli_subprocess(args: list[str], names: list[str], timeout: float = 150.0) -> str:
-    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
-            "from tlora.cli import main; sys.exit(main(sys.argv[1:]))")
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
+        "from tlora.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     try:
-        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
+        )
     except subprocess.TimeoutExpired:
         return "hang"
     if "Traceback" in proc.stderr or proc.returncode not in (0, 2):
@@ -141,12 +155,18 @@ def cli_subprocess(args: list[str], names: list[str], timeout: float = 150.0) ->
 
 # ---- API arguments ----------------------------------------------------------------------------
 
+
 def api_outcomes(root: Path) -> collections.Counter:
     counts: collections.Counter = collections.Counter()
-    for kwargs, names in ((dict(rank=True), ["rank"]), (dict(lora_alpha=float("inf")), ["lora_alpha"]),
-                          (dict(rank_exponent=float("inf")), ["rank_exponent"]),
-                          (dict(timestep_scale=float("inf")), ["timestep_scale"]), (dict(seed="x"), ["seed"]),
-                          (dict(rank=4, min_rank=True), ["min_rank"]), (dict(num_train_timesteps=True), ["num_train"])):
+    for kwargs, names in (
+        (dict(rank=True), ["rank"]),
+        (dict(lora_alpha=float("inf")), ["lora_alpha"]),
+        (dict(rank_exponent=float("inf")), ["rank_exponent"]),
+        (dict(timestep_scale=float("inf")), ["timestep_scale"]),
+        (dict(seed="x"), ["seed"]),
+        (dict(rank=4, min_rank=True), ["min_rank"]),
+        (dict(num_train_timesteps=True), ["num_train"]),
+    ):
         model = FuzzModel()
         try:
             tlora.inject(model, **{"rank": 4, **kwargs})
@@ -183,6 +203,7 @@ def api_outcomes(root: Path) -> collections.Counter:
 
 # ---- CLI --------------------------------------------------------------------------------------
 
+
 def cli_outcomes(root: Path) -> collections.Counter:
     from tlora.tiny import save_tiny_pipeline
 
@@ -217,16 +238,27 @@ def cli_outcomes(root: Path) -> collections.Counter:
     trained = out()
     assert cli_quiet(args_for(trained))[0] == 0
     adapter = str(trained / "adapter.safetensors")
-    for extra, names in ((["-n", "0"], ["-n"]), (["-n", "-1"], ["-n"]), (["--steps", "0"], ["--steps"]),
-                         (["--guidance", "nan"], ["--guidance"]), (["--height", "0"], ["--height"])):
+    for extra, names in (
+        (["-n", "0"], ["-n"]),
+        (["-n", "-1"], ["-n"]),
+        (["--steps", "0"], ["--steps"]),
+        (["--guidance", "nan"], ["--guidance"]),
+        (["--height", "0"], ["--height"]),
+    ):
         counts[expect_refusal([*gen, "--adapter", adapter, "--height", "16", "--width", "16", *extra], names)] += 1
     # The ones that can hang or exhaust memory: in a subprocess.
     counts[cli_subprocess([*gen, "--adapter", adapter, "--height", "100000", "--steps", "1"], ["--height"])] += 1
     fifo = root / "a-pipe.safetensors"
     os.mkfifo(fifo)
     counts[cli_subprocess([*gen, "--adapter", str(fifo)], [fifo.name])] += 1
-    for flag, value in (("--lr", "inf"), ("--lr", "nan"), ("--resolution", "0"), ("--steps", "0"), ("--steps", "-3"),
-                        ("--mixed-precision", "fp16")):
+    for flag, value in (
+        ("--lr", "inf"),
+        ("--lr", "nan"),
+        ("--resolution", "0"),
+        ("--steps", "0"),
+        ("--steps", "-3"),
+        ("--mixed-precision", "fp16"),
+    ):
         counts[expect_refusal(set_flag(args_for(out()), flag, value), [flag])] += 1
     # Images.
     bomb = write_bomb(root / "bomb.png", 14000)
@@ -276,9 +308,12 @@ def cli_outcomes(root: Path) -> collections.Counter:
         F.mse_loss = real
     # Two concurrent runs into one --out: a slow one in a subprocess, a second one meanwhile.
     run = out()
-    slow = subprocess.Popen([sys.executable, "-m", "tlora.cli", *args_for(run, steps=400)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    slow = subprocess.Popen(
+        [sys.executable, "-m", "tlora.cli", *args_for(run, steps=400)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     try:
         for _ in range(1200):
             if (run / "loss.jsonl").exists():
@@ -299,9 +334,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "files").mkdir()
-        groups = {"adapter files x 5 readers": file_outcomes(root / "files"),
-                  "non-regular files (info)": special_file_outcomes(root),
-                  "API arguments": api_outcomes(root)}
+        groups = {
+            "adapter files x 5 readers": file_outcomes(root / "files"),
+            "non-regular files (info)": special_file_outcomes(root),
+            "API arguments": api_outcomes(root),
+        }
         if not args.quick:
             (root / "cli").mkdir()
             groups["CLI (args, images, folders, resume, faults)"] = cli_outcomes(root / "cli")

@@ -44,20 +44,55 @@ RANK = 64  # --dry-run: 4
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
-SDXL = dict(sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816)
-SDXL_DRY = dict(SDXL, sample_size=8, layers_per_block=1, block_out_channels=(32, 64, 128), transformer_layers_per_block=(1, 1, 1),
-                attention_head_dim=(2, 4, 8), cross_attention_dim=64, addition_time_embed_dim=16,
-                projection_class_embeddings_input_dim=32 + 6 * 16, norm_num_groups=16)
-FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56))
-FLUX_DRY = dict(FLUX, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-                joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
+SDXL = dict(
+    sample_size=128,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_DRY = dict(
+    SDXL,
+    sample_size=8,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 128),
+    transformer_layers_per_block=(1, 1, 1),
+    attention_head_dim=(2, 4, 8),
+    cross_attention_dim=64,
+    addition_time_embed_dim=16,
+    projection_class_embeddings_input_dim=32 + 6 * 16,
+    norm_num_groups=16,
+)
+FLUX = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+FLUX_DRY = dict(
+    FLUX,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    axes_dims_rope=(4, 6, 6),
+)
 
 
 def build(cls, config: dict, device: str, dtype: torch.dtype, seed: int = 0):
@@ -98,6 +133,7 @@ def reset_memory(device: str) -> None:
 
 # ---- the models' inputs -------------------------------------------------------------------------
 
+
 def sdxl_inputs(config: dict, batch: int, device: str, dtype):
     g = torch.Generator().manual_seed(0)
     side, text = config["sample_size"], (77 if config["sample_size"] >= 64 else 8)
@@ -107,10 +143,14 @@ def sdxl_inputs(config: dict, batch: int, device: str, dtype):
 
     pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
     px = float(side * 8)
-    return {"sample": randn(batch, 4, side, side),
-            "encoder_hidden_states": randn(batch, text, config["cross_attention_dim"]),
-            "added_cond_kwargs": {"text_embeds": randn(batch, pooled),
-                                  "time_ids": torch.tensor([[px, px, 0.0, 0.0, px, px]]).repeat(batch, 1).to(device, dtype)}}
+    return {
+        "sample": randn(batch, 4, side, side),
+        "encoder_hidden_states": randn(batch, text, config["cross_attention_dim"]),
+        "added_cond_kwargs": {
+            "text_embeds": randn(batch, pooled),
+            "time_ids": torch.tensor([[px, px, 0.0, 0.0, px, px]]).repeat(batch, 1).to(device, dtype),
+        },
+    }
 
 
 def flux_inputs(config: dict, image_tokens: int, text_tokens: int, device: str, dtype):
@@ -119,18 +159,22 @@ def flux_inputs(config: dict, image_tokens: int, text_tokens: int, device: str, 
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(device, dtype)
 
-    side = int(image_tokens ** 0.5)
+    side = int(image_tokens**0.5)
     img_ids = torch.zeros(side, side, 3)
     img_ids[..., 1] = torch.arange(side)[:, None]
     img_ids[..., 2] = torch.arange(side)[None, :]
-    return {"hidden_states": randn(1, image_tokens, config["in_channels"]),
-            "encoder_hidden_states": randn(1, text_tokens, config["joint_attention_dim"]),
-            "pooled_projections": randn(1, config["pooled_projection_dim"]),
-            "txt_ids": torch.zeros(text_tokens, 3).to(device, dtype), "img_ids": img_ids.reshape(-1, 3).to(device, dtype),
-            "guidance": torch.full((1,), 3.5).to(device, dtype)}
+    return {
+        "hidden_states": randn(1, image_tokens, config["in_channels"]),
+        "encoder_hidden_states": randn(1, text_tokens, config["joint_attention_dim"]),
+        "pooled_projections": randn(1, config["pooled_projection_dim"]),
+        "txt_ids": torch.zeros(text_tokens, 3).to(device, dtype),
+        "img_ids": img_ids.reshape(-1, 3).to(device, dtype),
+        "guidance": torch.full((1,), 3.5).to(device, dtype),
+    }
 
 
 # ---- adapters -----------------------------------------------------------------------------------
+
 
 def adapt(case: str, model, targets):
     """Adapt `model` for `case`; returns (trainable parameters or None, undo)."""
@@ -142,14 +186,18 @@ def adapt(case: str, model, targets):
     if case == "peft":
         from peft import LoraConfig
 
-        model.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=targets),
-                          adapter_name="bench")
+        model.add_adapter(
+            LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=targets),
+            adapter_name="bench",
+        )
         # unload_lora puts the original modules back (delete_adapters would leave empty wrappers).
         return [p for p in model.parameters() if p.requires_grad], model.unload_lora
     raise ValueError(case)
 
 
-def train_case(case: str, model, call, model_input: torch.Tensor, targets, device: str, warmup: int, steps: int) -> dict:
+def train_case(
+    case: str, model, call, model_input: torch.Tensor, targets, device: str, warmup: int, steps: int
+) -> dict:
     params, undo = adapt(case, model, targets)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4) if params else None
     g = torch.Generator().manual_seed(1)
@@ -169,17 +217,23 @@ def train_case(case: str, model, call, model_input: torch.Tensor, targets, devic
 
     reset_memory(device)
     seconds = timed(step, device, warmup, steps)
-    row = {"case": case, "ms": seconds * 1e3, "max_memory_allocated_gib": peak_memory(device),
-           "trainable_parameters": sum(p.numel() for p in params) if params else 0}
-    del opt, params
+    row = {
+        "case": case,
+        "ms": seconds * 1e3,
+        "max_memory_allocated_gib": peak_memory(device),
+        "trainable_parameters": sum(p.numel() for p in params) if params else 0,
+    }
+    opt = params = None  # (step() holds opt: release the optimizer state before undo)
     undo()
     return row
 
 
 def sdxl_call(inputs):
     def call(unet, x, t):
-        return unet(x, t, inputs["encoder_hidden_states"], added_cond_kwargs=inputs["added_cond_kwargs"],
-                    return_dict=False)[0]
+        return unet(
+            x, t, inputs["encoder_hidden_states"], added_cond_kwargs=inputs["added_cond_kwargs"], return_dict=False
+        )[0]
+
     return call
 
 
@@ -187,6 +241,7 @@ def flux_call(inputs):
     def call(model, x, t):
         kw = {k: v for k, v in inputs.items() if k != "hidden_states"}
         return model(hidden_states=x, timestep=t.to(x.dtype) / T, return_dict=False, **kw)[0]
+
     return call
 
 
@@ -203,8 +258,13 @@ def sampling_case(case: str, unet, config: dict, device: str, dtype, steps: int,
             sync(device)
             tic = time.perf_counter()
             for t in schedule:
-                both = unet(torch.cat([x, x]), t, inputs["encoder_hidden_states"],
-                            added_cond_kwargs=inputs["added_cond_kwargs"], return_dict=False)[0]
+                both = unet(
+                    torch.cat([x, x]),
+                    t,
+                    inputs["encoder_hidden_states"],
+                    added_cond_kwargs=inputs["added_cond_kwargs"],
+                    return_dict=False,
+                )[0]
                 uncond, cond = both.chunk(2)
                 x = x - 0.01 * (uncond + 5.0 * (cond - uncond))
             sync(device)
@@ -214,6 +274,7 @@ def sampling_case(case: str, unet, config: dict, device: str, dtype, steps: int,
 
 
 # ---- sections ---------------------------------------------------------------------------------
+
 
 def sdxl_section(args, device: str, dtype) -> dict:
     from diffusers import UNet2DConditionModel
@@ -227,21 +288,32 @@ def sdxl_section(args, device: str, dtype) -> dict:
     call = sdxl_call(inputs)
     warmup, steps = (1, 1) if args.dry_run else (3, 10)
     unet.train()
-    train = [train_case(case, unet, call, inputs["sample"], UNET_TARGETS, device, warmup, steps)
-             for case in ("bare", "tlora", "peft")]
+    train = [
+        train_case(case, unet, call, inputs["sample"], UNET_TARGETS, device, warmup, steps)
+        for case in ("bare", "tlora", "peft")
+    ]
     unet.eval()
     sample_steps = 2 if args.dry_run else 25
-    sampling = [sampling_case(case, unet, config, device, dtype, sample_steps, runs)
-                for case, runs in (("bare", 2), ("tlora", 2), ("peft", 1))]
+    sampling = [
+        sampling_case(case, unet, config, device, dtype, sample_steps, runs)
+        for case, runs in (("bare", 2), ("tlora", 2), ("peft", 1))
+    ]
     by = {r["case"]: r for r in train}
     bare_sample = min(sampling[0]["ms_per_step"])
-    out = {"parameters": n_params, "build_seconds": built, "latent": config["sample_size"], "train": train,
-           "sampling": sampling, "steps": sample_steps,
-           "tlora_vs_peft": by["tlora"]["ms"] / by["peft"]["ms"], "tlora_vs_bare": by["tlora"]["ms"] / by["bare"]["ms"],
-           "peft_vs_bare": by["peft"]["ms"] / by["bare"]["ms"],
-           "sampling_tlora_vs_bare_first": sampling[1]["ms_per_step"][0] / bare_sample,
-           "sampling_tlora_vs_bare_cached": sampling[1]["ms_per_step"][-1] / bare_sample,
-           "sampling_peft_vs_bare": sampling[2]["ms_per_step"][0] / bare_sample}
+    out = {
+        "parameters": n_params,
+        "build_seconds": built,
+        "latent": config["sample_size"],
+        "train": train,
+        "sampling": sampling,
+        "steps": sample_steps,
+        "tlora_vs_peft": by["tlora"]["ms"] / by["peft"]["ms"],
+        "tlora_vs_bare": by["tlora"]["ms"] / by["bare"]["ms"],
+        "peft_vs_bare": by["peft"]["ms"] / by["bare"]["ms"],
+        "sampling_tlora_vs_bare_first": sampling[1]["ms_per_step"][0] / bare_sample,
+        "sampling_tlora_vs_bare_cached": sampling[1]["ms_per_step"][-1] / bare_sample,
+        "sampling_peft_vs_bare": sampling[2]["ms_per_step"][0] / bare_sample,
+    }
     if by["bare"]["max_memory_allocated_gib"] is not None:
         out["memory_tlora_vs_peft"] = by["tlora"]["max_memory_allocated_gib"] / by["peft"]["max_memory_allocated_gib"]
     del unet
@@ -260,12 +332,21 @@ def flux_section(args, device: str, dtype) -> dict:
     inputs = flux_inputs(config, image_tokens, text_tokens, device, dtype)
     warmup, steps = (1, 1) if args.dry_run else (2, 5)
     model.train()
-    train = [train_case(case, model, flux_call(inputs), inputs["hidden_states"], FLUX_TARGETS, device, warmup, steps)
-             for case in ("bare", "tlora", "peft")]
+    train = [
+        train_case(case, model, flux_call(inputs), inputs["hidden_states"], FLUX_TARGETS, device, warmup, steps)
+        for case in ("bare", "tlora", "peft")
+    ]
     by = {r["case"]: r for r in train}
-    out = {"parameters": n_params, "build_seconds": built, "image_tokens": image_tokens, "text_tokens": text_tokens,
-           "train": train, "tlora_vs_peft": by["tlora"]["ms"] / by["peft"]["ms"],
-           "tlora_vs_bare": by["tlora"]["ms"] / by["bare"]["ms"], "peft_vs_bare": by["peft"]["ms"] / by["bare"]["ms"]}
+    out = {
+        "parameters": n_params,
+        "build_seconds": built,
+        "image_tokens": image_tokens,
+        "text_tokens": text_tokens,
+        "train": train,
+        "tlora_vs_peft": by["tlora"]["ms"] / by["peft"]["ms"],
+        "tlora_vs_bare": by["tlora"]["ms"] / by["bare"]["ms"],
+        "peft_vs_bare": by["peft"]["ms"] / by["bare"]["ms"],
+    }
     if by["bare"]["max_memory_allocated_gib"] is not None:
         out["memory_tlora_vs_peft"] = by["tlora"]["max_memory_allocated_gib"] / by["peft"]["max_memory_allocated_gib"]
     del model
@@ -274,9 +355,13 @@ def flux_section(args, device: str, dtype) -> dict:
 
 def markdown(result: dict) -> str:
     env = result["environment"]
-    lines = [f"# tlora GPU benchmark{' (dry run: tiny models, figures meaningless)' if result['dry_run'] else ''}", "",
-             f"{env['device_name']}, torch {env['torch']}, tlora {env['tlora']}, Python {env['python']}, "
-             f"{env['dtype']} weights, rank {RANK} (r_min {RANK // 2}).", ""]
+    lines = [
+        f"# tlora GPU benchmark{' (dry run: tiny models, figures meaningless)' if result['dry_run'] else ''}",
+        "",
+        f"{env['device_name']}, torch {env['torch']}, tlora {env['tlora']}, Python {env['python']}, "
+        f"{env['dtype']} weights, rank {RANK} (r_min {RANK // 2}).",
+        "",
+    ]
     for name, title in (("sdxl", "SD-XL UNet"), ("flux", "FLUX.1-sized transformer")):
         sec = result.get(name)
         if sec is None:
@@ -284,20 +369,33 @@ def markdown(result: dict) -> str:
         if "error" in sec:
             lines += [f"## {title}: failed", "", "```", sec["error"], "```", ""]
             continue
-        lines += [f"## {title} ({sec['parameters'] / 1e9:.2f} B parameters)", "",
-                  "| training step | ms | max_memory_allocated (GiB) | trainable parameters |", "|---|---|---|---|"]
+        lines += [
+            f"## {title} ({sec['parameters'] / 1e9:.2f} B parameters)",
+            "",
+            "| training step | ms | max_memory_allocated (GiB) | trainable parameters |",
+            "|---|---|---|---|",
+        ]
         for row in sec["train"]:
             mem = "-" if row["max_memory_allocated_gib"] is None else f"{row['max_memory_allocated_gib']:.2f}"
             lines.append(f"| {row['case']} | {row['ms']:.1f} | {mem} | {row['trainable_parameters'] / 1e6:.1f} M |")
-        lines += ["", f"tlora / PEFT: {sec['tlora_vs_peft']:.3f} x; tlora / bare: {sec['tlora_vs_bare']:.3f} x; "
-                      f"PEFT / bare: {sec['peft_vs_bare']:.3f} x"
-                  + (f"; memory tlora / PEFT: {sec['memory_tlora_vs_peft']:.3f} x" if "memory_tlora_vs_peft" in sec else ""), ""]
+        lines += [
+            "",
+            f"tlora / PEFT: {sec['tlora_vs_peft']:.3f} x; tlora / bare: {sec['tlora_vs_bare']:.3f} x; "
+            f"PEFT / bare: {sec['peft_vs_bare']:.3f} x"
+            + (f"; memory tlora / PEFT: {sec['memory_tlora_vs_peft']:.3f} x" if "memory_tlora_vs_peft" in sec else ""),
+            "",
+        ]
         if "sampling" in sec:
-            lines += [f"Sampling, {sec['steps']} CFG steps (batch 2), ms per step: "
-                      + "; ".join(f"{s['case']} " + " / ".join(f"{v:.1f}" for v in s["ms_per_step"]) for s in sec["sampling"]),
-                      f"tlora / bare: {sec['sampling_tlora_vs_bare_first']:.3f} x (first run, folding), "
-                      f"{sec['sampling_tlora_vs_bare_cached']:.3f} x (second run); PEFT unmerged / bare: "
-                      f"{sec['sampling_peft_vs_bare']:.3f} x", ""]
+            lines += [
+                f"Sampling, {sec['steps']} CFG steps (batch 2), ms per step: "
+                + "; ".join(
+                    f"{s['case']} " + " / ".join(f"{v:.1f}" for v in s["ms_per_step"]) for s in sec["sampling"]
+                ),
+                f"tlora / bare: {sec['sampling_tlora_vs_bare_first']:.3f} x (first run, folding), "
+                f"{sec['sampling_tlora_vs_bare_cached']:.3f} x (second run); PEFT unmerged / bare: "
+                f"{sec['sampling_peft_vs_bare']:.3f} x",
+                "",
+            ]
     if result.get("skipped"):
         lines += [f"Skipped: {result['skipped']}", ""]
     return "\n".join(lines)
@@ -305,7 +403,9 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("bench-results/gpu"))
+    ap.add_argument(
+        "--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("bench-results/gpu")
+    )
     ap.add_argument("--dry-run", action="store_true", help="tiny models on the CPU: checks the script, not the speed")
     ap.add_argument("--skip-flux", action="store_true")
     ap.add_argument("--budget", type=float, default=300.0, help="seconds; FLUX runs only if 40%% of it is left")
@@ -320,10 +420,18 @@ def main(argv=None) -> int:
         RANK = 4
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"dry_run": args.dry_run, "environment": {
-        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__, "tlora": tlora.__version__, "python": platform.python_version(),
-        "cuda": torch.version.cuda, "device": device, "dtype": str(dtype).replace("torch.", "")}}
+    result = {
+        "dry_run": args.dry_run,
+        "environment": {
+            "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "tlora": tlora.__version__,
+            "python": platform.python_version(),
+            "cuda": torch.version.cuda,
+            "device": device,
+            "dtype": str(dtype).replace("torch.", ""),
+        },
+    }
 
     def save():
         write_atomic(args.out / "gpu.json", json.dumps(result, indent=1))

@@ -15,9 +15,10 @@ Reported per case: inject seconds, RSS before inject, peak RSS during inject (sa
 and the process's getrusage maximum), and adapter memory (bytes of all factors, trainable and
 frozen copies).
 
-Baseline (same process, sdxl only, one libtorch thread): the previous init (a seeded float64 Gaussian out x in matrix and
-its full SVD on the CPU, per projection), timed once per distinct projection shape and summed over
-the model's projections: an estimate of the old inject's init time without running it 560 times.
+Baseline (same process, sdxl only, one libtorch thread): the previous init (a seeded float64
+Gaussian out x in matrix and its full SVD on the CPU, per projection), timed once per distinct
+projection shape and summed over the model's projections: an estimate of the old inject's init
+time without running it 560 times.
 
 Writes benches/inject.json and benches/INJECT.md.
 """
@@ -52,12 +53,18 @@ def build_sdxl() -> nn.Module:
 
     with init_empty_weights():
         unet = UNet2DConditionModel(
-            sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            sample_size=128,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-            cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
         )
     return unet.to_empty(device="cpu")
 
@@ -68,9 +75,16 @@ def build_flux() -> nn.Module:
 
     with init_empty_weights():
         model = FluxTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-            guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+            patch_size=1,
+            in_channels=64,
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
         )
     # Only what inject adapts gets real storage, in bfloat16; the rest stays on the meta device.
     modules = dict(model.named_modules())
@@ -98,9 +112,14 @@ def run_case(case: str, rank: int, baseline: bool) -> dict:
     factors = adapter.state_dict()
     trainable = sum(p.numel() * p.element_size() for p in adapter.parameters())
     row = {
-        "case": case, "rank": rank, "parameters": params, "build_s": round(build_s, 1),
-        "adapted_layers": len(adapter.layers), "shapes": {f"{o}x{i}": c for (o, i), c in sorted(shapes.items())},
-        "inject_s": round(inject_s, 2), "rss_before_inject_gb": round(rss_before / 1e9, 2),
+        "case": case,
+        "rank": rank,
+        "parameters": params,
+        "build_s": round(build_s, 1),
+        "adapted_layers": len(adapter.layers),
+        "shapes": {f"{o}x{i}": c for (o, i), c in sorted(shapes.items())},
+        "inject_s": round(inject_s, 2),
+        "rss_before_inject_gb": round(rss_before / 1e9, 2),
         "peak_rss_during_inject_gb": round(peak.peak / 1e9, 2),
         "inject_rss_increase_gb": round((peak.peak - rss_before) / 1e9, 3),
         "process_max_rss_gb": round(max_rss_mb() * 2**20 / 1e9, 2),
@@ -140,11 +159,12 @@ def markdown(results: dict) -> str:
         "# tlora.inject on full-size models",
         "",
         f"Machine: {results['machine']}; torch {results['torch']}; `python benches/inject.py` "
-        f"({results['date']}). Rank {results['rank']}, default targets, init \"last\" from random. "
+        f'({results["date"]}). Rank {results["rank"]}, default targets, init "last" from random. '
         f"Load average before / after: {results.get('load_average_before_after', 'not recorded')} "
         "(the machine is shared).",
         "",
-        "| model | parameters | weights | adapted layers | inject | RSS before | peak RSS during inject | increase | adapter (all factors) | trainable |",
+        "| model | parameters | weights | adapted layers | inject | RSS before | peak RSS during inject | increase "
+        "| adapter (all factors) | trainable |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["cases"]:
@@ -172,9 +192,17 @@ def markdown(results: dict) -> str:
         ]
         for shape, s in b["per_shape"].items():
             lines.append(f"| {shape} | {s['count']} | {s['old_s']:.3f} s | {s['new_s'] * 1000:.1f} ms |")
-    lines += ["", "FLUX: the model is built on the meta device and only the adapted projections get real "
-              "bfloat16 storage (a float32 FLUX.1 is 48 GB); uninitialised weights are never touched by "
-              "inject, so their pages stay out of RSS.", "", "```json", json.dumps(results, indent=1), "```", ""]
+    lines += [
+        "",
+        "FLUX: the model is built on the meta device and only the adapted projections get real "
+        "bfloat16 storage (a float32 FLUX.1 is 48 GB); uninitialised weights are never touched by "
+        "inject, so their pages stay out of RSS.",
+        "",
+        "```json",
+        json.dumps(results, indent=1),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -190,7 +218,9 @@ def main() -> None:
         return
     cases, load_before = [], os.getloadavg()[0]
     for case in args.only.split(","):
-        cmd = [sys.executable, __file__, "--case", case, "--rank", str(args.rank)] + (["--no-baseline"] if args.no_baseline else [])
+        cmd = [sys.executable, __file__, "--case", case, "--rank", str(args.rank)] + (
+            ["--no-baseline"] if args.no_baseline else []
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"case {case} failed:\n{proc.stderr[-4000:]}")
@@ -199,8 +229,11 @@ def main() -> None:
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
         "load_average_before_after": [round(load_before, 1), round(os.getloadavg()[0], 1)],
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "rank": args.rank, "targets": list(DEFAULT_TARGETS), "cases": cases,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rank": args.rank,
+        "targets": list(DEFAULT_TARGETS),
+        "cases": cases,
     }
     (HERE / "inject.json").write_text(json.dumps(results, indent=2) + "\n")
     tmp = HERE / "INJECT.md.tmp"

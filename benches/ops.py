@@ -23,15 +23,52 @@ from torch import nn
 
 # Ops that launch no kernel: views, aliasing, metadata, allocation.
 NO_WORK = {
-    "aten::view", "aten::reshape", "aten::_unsafe_view", "aten::_reshape_alias", "aten::narrow", "aten::slice",
-    "aten::select", "aten::t", "aten::transpose", "aten::as_strided", "aten::expand", "aten::expand_as",
-    "aten::unsqueeze", "aten::squeeze", "aten::permute", "aten::detach", "aten::alias", "aten::lift_fresh",
-    "aten::view_as", "aten::unflatten", "aten::flatten", "aten::split", "aten::chunk", "aten::unbind",
-    "aten::contiguous", "aten::result_type", "aten::resolve_conj", "aten::resolve_neg", "aten::empty",
-    "aten::empty_like", "aten::empty_strided", "aten::size", "aten::stride", "aten::is_nonzero",
-    "aten::_has_compatible_shallow_copy_type", "aten::set_", "aten::resize_", "aten::numpy_T", "aten::matrix_H",
-    "aten::_to_copy_noop", "aten::to",  # `to` without a copy has no child; with one, its copy_ counts
-    "aten::detach_", "aten::requires_grad_", "aten::_version", "aten::output_nr", "aten::_nested_tensor_size",
+    "aten::view",
+    "aten::reshape",
+    "aten::_unsafe_view",
+    "aten::_reshape_alias",
+    "aten::narrow",
+    "aten::slice",
+    "aten::select",
+    "aten::t",
+    "aten::transpose",
+    "aten::as_strided",
+    "aten::expand",
+    "aten::expand_as",
+    "aten::unsqueeze",
+    "aten::squeeze",
+    "aten::permute",
+    "aten::detach",
+    "aten::alias",
+    "aten::lift_fresh",
+    "aten::view_as",
+    "aten::unflatten",
+    "aten::flatten",
+    "aten::split",
+    "aten::chunk",
+    "aten::unbind",
+    "aten::contiguous",
+    "aten::result_type",
+    "aten::resolve_conj",
+    "aten::resolve_neg",
+    "aten::empty",
+    "aten::empty_like",
+    "aten::empty_strided",
+    "aten::size",
+    "aten::stride",
+    "aten::is_nonzero",
+    "aten::_has_compatible_shallow_copy_type",
+    "aten::set_",
+    "aten::resize_",
+    "aten::numpy_T",
+    "aten::matrix_H",
+    "aten::_to_copy_noop",
+    "aten::to",  # `to` without a copy has no child; with one, its copy_ counts
+    "aten::detach_",
+    "aten::requires_grad_",
+    "aten::_version",
+    "aten::output_nr",
+    "aten::_nested_tensor_size",
 }
 
 IN_F = OUT_F = 320
@@ -50,7 +87,7 @@ class Stack(nn.Module):
             block = nn.Module()
             block.to_q = nn.Linear(IN_F, OUT_F)
             with torch.no_grad():
-                block.to_q.weight.copy_(torch.randn(OUT_F, IN_F, generator=gen) / IN_F ** 0.5)
+                block.to_q.weight.copy_(torch.randn(OUT_F, IN_F, generator=gen) / IN_F**0.5)
             self.blocks.append(block)
         self.to(dtype)
 
@@ -75,7 +112,7 @@ def _has_working_descendant(ev) -> bool:
     return any(_working(c) or _has_working_descendant(c) for c in ev.cpu_children)
 
 
-def op_names(prof) -> "collections.Counter[str]":
+def op_names(prof) -> collections.Counter[str]:
     """The working leaf ops of a profile, by name: working ops with no working op below them."""
     return collections.Counter(ev.name for ev in prof.events() if _working(ev) and not _has_working_descendant(ev))
 
@@ -90,7 +127,9 @@ def build(method: str, layers: int, dtype: torch.dtype, autocast: bool):
     elif method == "peft":
         from peft import LoraConfig, inject_adapter_in_model
 
-        model = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["to_q"], init_lora_weights=False), model)
+        model = inject_adapter_in_model(
+            LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["to_q"], init_lora_weights=False), model
+        )
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
             if "lora_" in n:
@@ -126,15 +165,21 @@ def per_layer(method: str, dtype: torch.dtype, timesteps: list[int], autocast: b
     return two - one
 
 
-CASES = [("fp32", torch.float32, False), ("fp16", torch.float16, False), ("bf16", torch.bfloat16, False),
-         ("autocast bf16", torch.float32, True)]
+CASES = [
+    ("fp32", torch.float32, False),
+    ("fp16", torch.float16, False),
+    ("bf16", torch.bfloat16, False),
+    ("autocast bf16", torch.float32, True),
+]
 TIMESTEPS = {"one timestep": [500, 500], "two timesteps": [100, 900]}
 
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    print(f"ops per adapted {IN_F}->{OUT_F} projection above the bare layer, rank {RANK} (min {MIN_RANK}), "
-          f"batch {BATCH} x {TOKENS} tokens, training forward + backward, torch {torch.__version__}")
+    print(
+        f"ops per adapted {IN_F}->{OUT_F} projection above the bare layer, rank {RANK} (min {MIN_RANK}), "
+        f"batch {BATCH} x {TOKENS} tokens, training forward + backward, torch {torch.__version__}"
+    )
     print("| dtype | timesteps | PEFT LoRA | tlora | tlora - PEFT |")
     print("|---|---|---|---|---|")
     for name, dtype, autocast in CASES:

@@ -37,8 +37,9 @@ def update_error(dtype: torch.dtype, drift: float, path: str, seed: int = 0) -> 
 
 
 def main() -> None:
-    print(f"update relative error, {IN_F}->{OUT_F}, rank {RANK} (min {MIN_RANK}), t = {T_STEP}, "
-          f"torch {torch.__version__}")
+    print(
+        f"update relative error, {IN_F}->{OUT_F}, rank {RANK} (min {MIN_RANK}), t = {T_STEP}, torch {torch.__version__}"
+    )
     print("| dtype | drift | training | inference (fold) |")
     print("|---|---|---|---|")
     for dtype in (torch.bfloat16, torch.float16):

@@ -7,9 +7,10 @@ Each cell fine-tunes the bundled toy model on one concept image (tlora.toy.evalu
 samples every evaluation prompt and scores the pixels. Results go to bench-results/quality.json,
 quality.md (mean ± std over concepts x seeds) and quality.png (fidelity against alignment).
 quality.md also has paired differences (T-LoRA minus LoRA on the same concept, rank and seed), a
-per-concept table and every run. Runs resume: finished cells are read back from quality.json. With --workers N, N processes each
-fine-tune one cell at a time on one thread (on a 2-core machine two workers finish about 1.8x as many
-cells per hour as one two-thread process: the tiny model's steps are dominated by per-op overhead).
+per-concept table and every run. Runs resume: finished cells are read back from quality.json. With
+--workers N, N processes each fine-tune one cell at a time on one thread (on a 2-core machine two
+workers finish about 1.8x as many cells per hour as one two-thread process: the tiny model's steps
+are dominated by per-op overhead).
 """
 
 from __future__ import annotations
@@ -70,10 +71,15 @@ def paired(cells: list[dict], a: str = "T-LoRA", b: str = "LoRA") -> str:
             continue
         df = [x["fidelity"] - y["fidelity"] for x, y in pairs]
         da = [x["alignment"] - y["alignment"] for x, y in pairs]
-        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+
+        def sd(v):
+            return statistics.stdev(v) if len(v) > 1 else 0.0
+
         wins = sum(d > 0 for d in da)
-        lines.append(f"| {r} | {statistics.mean(df):+.3f} ± {sd(df):.3f} | {statistics.mean(da):+.3f} ± {sd(da):.3f} "
-                     f"| {wins} of {len(pairs)} |")
+        lines.append(
+            f"| {r} | {statistics.mean(df):+.3f} ± {sd(df):.3f} | {statistics.mean(da):+.3f} ± {sd(da):.3f} "
+            f"| {wins} of {len(pairs)} |"
+        )
     return "\n".join(lines)
 
 
@@ -85,21 +91,29 @@ def per_concept(cells: list[dict]) -> str:
         row = []
         for name in names:
             sel = [c["scores"] for c in cells if c["method"] == method and c["concept"] == name]
-            row.append(f"{statistics.mean(s['fidelity'] for s in sel):.3f} / {statistics.mean(s['alignment'] for s in sel):.3f}"
-                       if sel else "")
+            row.append(
+                f"{statistics.mean(s['fidelity'] for s in sel):.3f} / "
+                f"{statistics.mean(s['alignment'] for s in sel):.3f}"
+                if sel
+                else ""
+            )
         lines.append(f"| {method} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def report(cells: list[dict], settings: dict) -> str:
-    runs = "\n".join(f"- {c['method']}, {c['rank']}, {c['concept']}, {c['seed']}: {c['scores']['fidelity']:.3f} / "
-                     f"{c['scores']['alignment']:.3f} / {c['scores']['diversity']:.3f}"
-                     for c in sorted(cells, key=lambda c: (c["concept"], c["rank"], c["seed"], list(METHODS).index(c["method"]))))
-    return (f"Settings: {settings}; {len(cells)} runs.\n\n"
-            f"Mean ± std over concepts x seeds:\n\n{table(cells)}\n\n"
-            f"Paired differences (same concept, rank, seed):\n\n{paired(cells)}\n\n"
-            f"Fidelity / alignment per concept (mean over ranks and seeds):\n\n{per_concept(cells)}\n\n"
-            f"Every run (method, rank, concept, seed: fidelity / alignment / diversity):\n\n{runs}\n")
+    runs = "\n".join(
+        f"- {c['method']}, {c['rank']}, {c['concept']}, {c['seed']}: {c['scores']['fidelity']:.3f} / "
+        f"{c['scores']['alignment']:.3f} / {c['scores']['diversity']:.3f}"
+        for c in sorted(cells, key=lambda c: (c["concept"], c["rank"], c["seed"], list(METHODS).index(c["method"])))
+    )
+    return (
+        f"Settings: {settings}; {len(cells)} runs.\n\n"
+        f"Mean ± std over concepts x seeds:\n\n{table(cells)}\n\n"
+        f"Paired differences (same concept, rank, seed):\n\n{paired(cells)}\n\n"
+        f"Fidelity / alignment per concept (mean over ranks and seeds):\n\n{per_concept(cells)}\n\n"
+        f"Every run (method, rank, concept, seed: fidelity / alignment / diversity):\n\n{runs}\n"
+    )
 
 
 def plot(cells: list[dict], path: Path) -> None:
@@ -143,8 +157,10 @@ def main() -> None:
     args = ap.parse_args()
     too_big = [r for r in args.ranks if r > MAX_TOY_RANK]
     if too_big:
-        ap.error(f"rank {too_big[0]} exceeds the toy model's narrowest adapted layers ({MAX_TOY_RANK} wide); "
-                 f"use ranks up to {MAX_TOY_RANK}")
+        ap.error(
+            f"rank {too_big[0]} exceeds the toy model's narrowest adapted layers ({MAX_TOY_RANK} wide); "
+            f"use ranks up to {MAX_TOY_RANK}"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "quality.json"
@@ -153,12 +169,20 @@ def main() -> None:
     if store.exists():
         saved = json.loads(store.read_text())
         if {k: saved[k] for k in settings} != settings:
-            ap.error(f"{store} holds runs with {({k: saved[k] for k in settings})}, not {settings}: "
-                     "pass the same --steps/--lr/-n to resume, or another --out")
+            ap.error(
+                f"{store} holds runs with { ({k: saved[k] for k in settings}) }, not {settings}: "
+                "pass the same --steps/--lr/-n to resume, or another --out"
+            )
         cells = saved["cells"]
     done = {(c["method"], c["rank"], c["concept"], c["seed"]) for c in cells}
-    todo = [(method, r, name, seed) for seed in args.seeds for name in args.concepts for r in args.ranks
-            for method in args.methods if (method, r, name, seed) not in done]
+    todo = [
+        (method, r, name, seed)
+        for seed in args.seeds
+        for name in args.concepts
+        for r in args.ranks
+        for method in args.methods
+        if (method, r, name, seed) not in done
+    ]
     print(f"{len(done)} runs in {store}, {len(todo)} to go", flush=True)
 
     def record(cell: dict) -> None:

@@ -43,13 +43,16 @@ def load_unet(case: str, folder: str):
     if case.startswith("quanto"):
         from diffusers import QuantoConfig
 
-        return UNet2DConditionModel.from_pretrained(folder, quantization_config=QuantoConfig(weights_dtype=case.split("-")[1]))
+        return UNet2DConditionModel.from_pretrained(
+            folder, quantization_config=QuantoConfig(weights_dtype=case.split("-")[1])
+        )
     if case == "torchao-int8":
         from diffusers import TorchAoConfig
         from torchao.quantization import Int8WeightOnlyConfig
 
-        return UNet2DConditionModel.from_pretrained(folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
-                                                    torch_dtype=torch.float32)
+        return UNet2DConditionModel.from_pretrained(
+            folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=torch.float32
+        )
     unet = UNet2DConditionModel.from_pretrained(folder)
     if case.startswith("bnb"):
         import bitsandbytes as bnb
@@ -58,11 +61,17 @@ def load_unet(case: str, folder: str):
             if type(m) is not torch.nn.Linear:
                 continue
             if case == "bnb-nf4":
-                q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
-                                      compute_dtype=torch.float32, quant_type="nf4")
+                q = bnb.nn.Linear4bit(
+                    m.in_features,
+                    m.out_features,
+                    bias=m.bias is not None,
+                    compute_dtype=torch.float32,
+                    quant_type="nf4",
+                )
             else:
-                q = bnb.nn.Linear8bitLt(m.in_features, m.out_features, bias=m.bias is not None,
-                                        has_fp16_weights=False, threshold=0.0)
+                q = bnb.nn.Linear8bitLt(
+                    m.in_features, m.out_features, bias=m.bias is not None, has_fp16_weights=False, threshold=0.0
+                )
             q.load_state_dict(m.state_dict())
             parent, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent) if parent else unet, child, q.to("cpu"))
@@ -136,26 +145,49 @@ def memory_case(case: str, folder: str, latent: int, steps: int) -> dict:
     reset = reset_peak()
     losses = []
     for _ in range(steps):
-        pred = unet(inputs["sample"], cyc.next(), inputs["encoder_hidden_states"],
-                    added_cond_kwargs=inputs["added_cond_kwargs"]).sample
+        pred = unet(
+            inputs["sample"], cyc.next(), inputs["encoder_hidden_states"], added_cond_kwargs=inputs["added_cond_kwargs"]
+        ).sample
         loss = F.mse_loss(pred, noise)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     peak = peak_rss_mb(reset)
-    return {"case": case, "latent": latent, "linear_weight_mb": weights / 2**20, "import_rss_mb": import_mb,
-            "model_rss_mb": setup_mb - import_mb, "setup_rss_mb": setup_mb,
-            "peak_rss_mb": peak, "step_peak_mb": peak - setup_mb, "hwm_reset": reset, "losses": losses}
+    return {
+        "case": case,
+        "latent": latent,
+        "linear_weight_mb": weights / 2**20,
+        "import_rss_mb": import_mb,
+        "model_rss_mb": setup_mb - import_mb,
+        "setup_rss_mb": setup_mb,
+        "peak_rss_mb": peak,
+        "step_peak_mb": peak - setup_mb,
+        "hwm_reset": reset,
+        "losses": losses,
+    }
 
 
 def md_table(rows: list[dict]) -> str:
-    cols = ["case", "linear_weight_mb", "import_rss_mb", "model_rss_mb", "setup_rss_mb", "peak_rss_mb", "step_peak_mb",
-            "peak_vs_float32", "model_vs_float32", "step_vs_float32"]
+    cols = [
+        "case",
+        "linear_weight_mb",
+        "import_rss_mb",
+        "model_rss_mb",
+        "setup_rss_mb",
+        "peak_rss_mb",
+        "step_peak_mb",
+        "peak_vs_float32",
+        "model_vs_float32",
+        "step_vs_float32",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
-                                       for c in cols) + " |")
+        lines.append(
+            "| "
+            + " | ".join(f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in cols)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -179,8 +211,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         sdxl_like_unet().save_pretrained(folder)
         for case in args.cases.split(","):
-            proc = subprocess.run([sys.executable, __file__, "--case", case, "--folder", folder, "--latent", str(args.latent),
-                                   "--steps", str(args.steps)], capture_output=True, text=True, env=env)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--case",
+                    case,
+                    "--folder",
+                    folder,
+                    "--latent",
+                    str(args.latent),
+                    "--steps",
+                    str(args.steps),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             if proc.returncode != 0:
                 tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
                 print(f"{case}: failed ({tail})", flush=True)

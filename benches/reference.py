@@ -48,8 +48,9 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
-def drifted_update_model(in_f: int, out_f: int, rank: int, min_rank: int, drift: float, dtype: torch.dtype,
-                         seed: int = 0):
+def drifted_update_model(
+    in_f: int, out_f: int, rank: int, min_rank: int, drift: float, dtype: torch.dtype, seed: int = 0
+):
     """(model, adapter, layer): a Projection whose output is its T-LoRA update only (its own weight
     and bias zeroed), the trained factors moved by a relative `drift` from the frozen copies, then
     cast to `dtype` (the factors stay float32)."""

@@ -103,6 +103,7 @@ class Cycle:
 
 # ---- a. one layer --------------------------------------------------------------------------
 
+
 class Holder(nn.Module):
     def __init__(self, lin: nn.Linear):
         super().__init__()
@@ -133,8 +134,9 @@ def reference_layer(lin: nn.Linear, r: int, r_min: int):
 def lycoris_layer(lin: nn.Linear, r: int, r_min: int, bypass: bool):
     from lycoris.modules.tlora import TLoraModule, compute_timestep_mask, set_timestep_mask
 
-    module = TLoraModule("lora_unet_to_q", lin, lora_dim=r, alpha=r, sig_type="last", use_data_init=False,
-                         bypass_mode=bypass)
+    module = TLoraModule(
+        "lora_unet_to_q", lin, lora_dim=r, alpha=r, sig_type="last", use_data_init=False, bypass_mode=bypass
+    )
     module.apply_to()
     params = [p for p in module.parameters() if p.requires_grad]
     masks = {}
@@ -168,6 +170,7 @@ def bench_layer(tokens: int, in_f: int, out_f: int, r: int, repeats: int, lycori
             fn(xi, cyc.next()).backward(gout)
             for p in params:
                 p.grad = None
+
         steps[name] = step
 
     def linear():
@@ -182,8 +185,9 @@ def bench_layer(tokens: int, in_f: int, out_f: int, r: int, repeats: int, lycori
             for p in ad.parameters():
                 p.add_(0.01 * torch.randn_like(p))
         add(f"tlora-{variant}", lambda xi, t, m=m: m(xi, t), list(ad.parameters()))
-    pm = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["to_q"], init_lora_weights="gaussian"),
-                                 Holder(linear()))
+    pm = inject_adapter_in_model(
+        LoraConfig(r=r, lora_alpha=r, target_modules=["to_q"], init_lora_weights="gaussian"), Holder(linear())
+    )
     add("peft-lora", lambda xi, t: pm(xi, t), [p for p in pm.parameters() if p.requires_grad])
     ref, ref_params = reference_layer(linear(), r, r // 2)
     add("reference", ref, ref_params)
@@ -202,16 +206,26 @@ def bench_layer(tokens: int, in_f: int, out_f: int, r: int, repeats: int, lycori
 
 def layer_section(quick: bool, batch: int = 2) -> list[dict]:
     repeats = 5 if quick else 15
-    shapes = [(1024, 640, 640), (1024, 2048, 1280)] if quick else [
-        (t, i, o) for t in (1024, 4096) for i, o in ((640, 640), (1280, 1280), (2048, 640), (2048, 1280))]
+    shapes = (
+        [(1024, 640, 640), (1024, 2048, 1280)]
+        if quick
+        else [(t, i, o) for t in (1024, 4096) for i, o in ((640, 640), (1280, 1280), (2048, 640), (2048, 1280))]
+    )
     rows = []
     for tokens, in_f, out_f in shapes:
         res = bench_layer(tokens, in_f, out_f, 64, repeats, lycoris=True, batch=batch)
         bare = res["bare"]
-        row = {"batch": batch, "tokens": tokens, "in": in_f, "out": out_f, "rank": 64, **{k: v * 1e3 for k, v in res.items()},
-               "overhead_vs_reference": (res["tlora-tlora"] - bare) / (res["reference"] - bare),
-               "tlora_vs_peft": res["tlora-tlora"] / res["peft-lora"],
-               "tlora_vs_bare": res["tlora-tlora"] / bare}
+        row = {
+            "batch": batch,
+            "tokens": tokens,
+            "in": in_f,
+            "out": out_f,
+            "rank": 64,
+            **{k: v * 1e3 for k, v in res.items()},
+            "overhead_vs_reference": (res["tlora-tlora"] - bare) / (res["reference"] - bare),
+            "tlora_vs_peft": res["tlora-tlora"] / res["peft-lora"],
+            "tlora_vs_bare": res["tlora-tlora"] / bare,
+        }
         rows.append(row)
         print("layer", json.dumps(row), flush=True)
     return rows
@@ -229,13 +243,20 @@ def sdxl_like_unet(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=UNET["widths"], norm_num_groups=32,
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=UNET["widths"],
+            norm_num_groups=32,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=UNET["layers"], attention_head_dim=UNET["heads"],
-            cross_attention_dim=UNET["cross"], use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            transformer_layers_per_block=UNET["layers"],
+            attention_head_dim=UNET["heads"],
+            cross_attention_dim=UNET["cross"],
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
             projection_class_embeddings_input_dim=6 * time_dim + pooled,
         )
     unet.requires_grad_(False)
@@ -248,8 +269,10 @@ def unet_inputs(batch: int, latent: int, seed: int = 0) -> dict:
     return {
         "sample": torch.randn(batch, 4, latent, latent, generator=g),
         "encoder_hidden_states": torch.randn(batch, UNET["text_tokens"], UNET["cross"], generator=g),
-        "added_cond_kwargs": {"text_embeds": torch.randn(batch, 64, generator=g),
-                              "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(batch, 1)},
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(batch, 64, generator=g),
+            "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(batch, 1),
+        },
     }
 
 
@@ -282,8 +305,9 @@ class ReferenceProcessor(nn.Module):
         p0, lam0, q0 = self.frozen[name]
         return ((x @ q.T) * lam * mask) @ p.T - ((x @ q0.T) * lam0 * mask) @ p0.T
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 sigma_mask=None, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, sigma_mask=None, **kwargs
+    ):
         residual = hidden_states
         ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
@@ -304,7 +328,7 @@ class ReferenceProcessor(nn.Module):
 def reference_setup(unet, r: int) -> list:
     """Installs a ReferenceProcessor on every attention module; returns its trainable parameters."""
     procs = {}
-    for name, proc in unet.attn_processors.items():
+    for name, _proc in unet.attn_processors.items():
         attn = unet.get_submodule(name.rsplit(".processor", 1)[0])
         procs[name] = ReferenceProcessor(attn, r)
     params = [p for proc in procs.values() for p in proc.parameters()]
@@ -349,9 +373,12 @@ def train_step_fn(case: str, latent: int, batch: int = 1):
         if case == "reference":
             # The rank mask for this step's timesteps, passed to the processors as the reference does.
             ranks = tlora.rank_schedule(t, r, r // 2)
-            kwargs["cross_attention_kwargs"] = {"sigma_mask": (torch.arange(r)[None, :] < ranks[:, None]).float()[:, None, :]}
-        pred = unet(sample, t, inputs["encoder_hidden_states"],
-                    added_cond_kwargs=inputs["added_cond_kwargs"], **kwargs).sample
+            kwargs["cross_attention_kwargs"] = {
+                "sigma_mask": (torch.arange(r)[None, :] < ranks[:, None]).float()[:, None, :]
+            }
+        pred = unet(
+            sample, t, inputs["encoder_hidden_states"], added_cond_kwargs=inputs["added_cond_kwargs"], **kwargs
+        ).sample
         F.mse_loss(pred, noise).backward()
         if opt is not None:
             opt.step()
@@ -364,12 +391,20 @@ def train_section(quick: bool, latents) -> list[dict]:
     rounds = 4 if quick else 10
     rows = []
     for latent in latents:
-        times = interleaved({case: train_step_fn(case, latent) for case in ("bare", "peft", "tlora", "reference")}, rounds)
+        times = interleaved(
+            {case: train_step_fn(case, latent) for case in ("bare", "peft", "tlora", "reference")}, rounds
+        )
         res = {k: statistics.median(v) for k, v in times.items()}
-        row = {"latent": latent, **{k: v * 1e3 for k, v in res.items()},
-               "tlora_vs_peft": res["tlora"] / res["peft"], "tlora_vs_reference": res["tlora"] / res["reference"],
-               "reference_vs_peft": res["reference"] / res["peft"], "peft_vs_bare": res["peft"] / res["bare"],
-               "tlora_vs_bare": res["tlora"] / res["bare"], "rounds": rounds}
+        row = {
+            "latent": latent,
+            **{k: v * 1e3 for k, v in res.items()},
+            "tlora_vs_peft": res["tlora"] / res["peft"],
+            "tlora_vs_reference": res["tlora"] / res["reference"],
+            "reference_vs_peft": res["reference"] / res["peft"],
+            "peft_vs_bare": res["peft"] / res["bare"],
+            "tlora_vs_bare": res["tlora"] / res["bare"],
+            "rounds": rounds,
+        }
         rows.append(row)
         print("train", json.dumps(row), flush=True)
     return rows
@@ -388,8 +423,9 @@ def sampling_run(unet, latent: int, steps: int) -> float:
     tic = time.perf_counter()
     with torch.no_grad():
         for t in sample_timesteps(steps):
-            both = unet(torch.cat([x, x]), t, inputs["encoder_hidden_states"],
-                        added_cond_kwargs=inputs["added_cond_kwargs"]).sample
+            both = unet(
+                torch.cat([x, x]), t, inputs["encoder_hidden_states"], added_cond_kwargs=inputs["added_cond_kwargs"]
+            ).sample
             uncond, cond = both.chunk(2)
             x = x - 0.01 * (uncond + 5.0 * (cond - uncond))
     return (time.perf_counter() - tic) / steps
@@ -410,18 +446,23 @@ def sample_section(quick: bool, latents, steps: int = 25) -> list[dict]:
             def run():
                 if not cached:
                     adapter.state.fold_cache.clear()
-                adapter.state.fast_path = fast
+                adapter.fast_path = fast
                 try:
                     return sampling_run(unets["tlora"], latent, steps)
                 finally:
-                    adapter.state.fast_path = True
+                    adapter.fast_path = True
+
             return run
 
         # tlora: a first run after training (no folded weights yet); tlora-cached: the same
         # schedule again, every folded weight cached; tlora-factored: the fast path switched off.
-        cases = {"bare": lambda: sampling_run(unets["bare"], latent, steps), "tlora": tlora_run(False),
-                 "tlora-cached": tlora_run(True), "tlora-factored": tlora_run(True, fast=False),
-                 "peft": lambda: sampling_run(unets["peft"], latent, steps)}
+        cases = {
+            "bare": lambda: sampling_run(unets["bare"], latent, steps),
+            "tlora": tlora_run(False),
+            "tlora-cached": tlora_run(True),
+            "tlora-factored": tlora_run(True, fast=False),
+            "peft": lambda: sampling_run(unets["peft"], latent, steps),
+        }
         for unet in unets.values():  # warm-up
             sampling_run(unet, latent, 2)
         per_step: dict[str, list[float]] = {k: [] for k in cases}
@@ -429,8 +470,13 @@ def sample_section(quick: bool, latents, steps: int = 25) -> list[dict]:
             for key, fn in cases.items():
                 per_step[key].append(fn())
         res = {k: min(v) for k, v in per_step.items()}
-        row = {"latent": latent, "steps": steps, "rounds": rounds, **{k: v * 1e3 for k, v in res.items()},
-               **{f"{k}_vs_bare": v / res["bare"] for k, v in res.items() if k != "bare"}}
+        row = {
+            "latent": latent,
+            "steps": steps,
+            "rounds": rounds,
+            **{k: v * 1e3 for k, v in res.items()},
+            **{f"{k}_vs_bare": v / res["bare"] for k, v in res.items() if k != "bare"},
+        }
         rows.append(row)
         print("sample", json.dumps(row), flush=True)
     return rows
@@ -446,8 +492,15 @@ def memory_case(case: str, latent: int, steps: int = 3) -> dict:
     for _ in range(steps):
         step()
     peak = peak_rss_mb(reset)
-    out = {"case": case, "latent": latent, "setup_rss_mb": setup_mb, "peak_rss_mb": peak,
-           "step_peak_mb": peak - setup_mb, "hwm_reset": reset, "ru_maxrss_mb": max_rss_mb()}
+    out = {
+        "case": case,
+        "latent": latent,
+        "setup_rss_mb": setup_mb,
+        "peak_rss_mb": peak,
+        "step_peak_mb": peak - setup_mb,
+        "hwm_reset": reset,
+        "ru_maxrss_mb": max_rss_mb(),
+    }
     if torch.cuda.is_available():
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -458,16 +511,30 @@ def memory_section(latents) -> list[dict]:
     for latent in latents:
         res = {}
         for case in ("bare", "peft", "tlora", "reference"):
-            proc = subprocess.run([sys.executable, __file__, "--memory-case", case, "--latent", str(latent),
-                                   "--train-rank", str(UNET["rank"])],
-                                  capture_output=True, text=True, check=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--memory-case",
+                    case,
+                    "--latent",
+                    str(latent),
+                    "--train-rank",
+                    str(UNET["rank"]),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             res[case] = json.loads(proc.stdout.strip().splitlines()[-1])
-        row = {"latent": latent,
-               **{f"{c}_peak_rss_mb": res[c]["peak_rss_mb"] for c in res},
-               **{f"{c}_step_peak_mb": res[c]["step_peak_mb"] for c in res},
-               "tlora_vs_peft_peak_rss": res["tlora"]["peak_rss_mb"] / res["peft"]["peak_rss_mb"],
-               "tlora_vs_peft_step_peak": res["tlora"]["step_peak_mb"] / res["peft"]["step_peak_mb"],
-               "tlora_vs_reference_peak_rss": res["tlora"]["peak_rss_mb"] / res["reference"]["peak_rss_mb"]}
+        row = {
+            "latent": latent,
+            **{f"{c}_peak_rss_mb": res[c]["peak_rss_mb"] for c in res},
+            **{f"{c}_step_peak_mb": res[c]["step_peak_mb"] for c in res},
+            "tlora_vs_peft_peak_rss": res["tlora"]["peak_rss_mb"] / res["peft"]["peak_rss_mb"],
+            "tlora_vs_peft_step_peak": res["tlora"]["step_peak_mb"] / res["peft"]["step_peak_mb"],
+            "tlora_vs_reference_peak_rss": res["tlora"]["peak_rss_mb"] / res["reference"]["peak_rss_mb"],
+        }
         if "cuda_max_allocated_mb" in res["tlora"]:
             row.update({f"{c}_cuda_max_allocated_mb": res[c]["cuda_max_allocated_mb"] for c in res})
         rows.append(row)
@@ -476,6 +543,7 @@ def memory_section(latents) -> list[dict]:
 
 
 # ---- e. scaling --------------------------------------------------------------------------------
+
 
 def adapter_flops(kind: str, tokens: int, in_f: int, out_f: int, k: int) -> float:
     """Forward + backward FLOPs (2 per multiply-add) of the adapter alone at active rank k, on the
@@ -494,9 +562,15 @@ def adapter_flops(kind: str, tokens: int, in_f: int, out_f: int, k: int) -> floa
 def with_flops(row: dict) -> dict:
     t, d, r = row["tokens"], row["dim"], row["rank"]
     f_t, f_p = adapter_flops("tlora", t, d, d, r), adapter_flops("peft", t, d, d, r)
-    row.update({"tlora_adapter_gflop": f_t / 1e9, "peft_adapter_gflop": f_p / 1e9, "bare_gflop": 4.0 * t * d * d / 1e9,
-                "tlora_adapter_gflops": f_t / max(row["tlora_adapter_ms"] * 1e-3, 1e-9) / 1e9,
-                "peft_adapter_gflops": f_p / max(row["peft_adapter_ms"] * 1e-3, 1e-9) / 1e9})
+    row.update(
+        {
+            "tlora_adapter_gflop": f_t / 1e9,
+            "peft_adapter_gflop": f_p / 1e9,
+            "bare_gflop": 4.0 * t * d * d / 1e9,
+            "tlora_adapter_gflops": f_t / max(row["tlora_adapter_ms"] * 1e-3, 1e-9) / 1e9,
+            "peft_adapter_gflops": f_p / max(row["peft_adapter_ms"] * 1e-3, 1e-9) / 1e9,
+        }
+    )
     return row
 
 
@@ -521,6 +595,7 @@ def scaling_section(quick: bool) -> list[dict]:
                 fn(xi).backward(gout)
                 for p in params:
                     p.grad = None
+
             return median_time(step, repeats)
 
         base = nn.Linear(dim, dim).requires_grad_(False)
@@ -529,17 +604,28 @@ def scaling_section(quick: bool) -> list[dict]:
         ad = tlora.inject(m, rank=r, min_rank=r // 2)
         with ad.rank(r):
             tl = run(lambda xi: m(xi, None), ad.parameters())
-        pm = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["to_q"], init_lora_weights="gaussian"),
-                                     Holder(nn.Linear(dim, dim).requires_grad_(False)))
+        pm = inject_adapter_in_model(
+            LoraConfig(r=r, lora_alpha=r, target_modules=["to_q"], init_lora_weights="gaussian"),
+            Holder(nn.Linear(dim, dim).requires_grad_(False)),
+        )
         pe = run(lambda xi: pm(xi, None), [p for p in pm.parameters() if p.requires_grad])
-        row = with_flops({"tokens": tokens, "dim": dim, "rank": r, "bare_ms": bare * 1e3,
-                          "tlora_adapter_ms": (tl - bare) * 1e3, "peft_adapter_ms": (pe - bare) * 1e3})
+        row = with_flops(
+            {
+                "tokens": tokens,
+                "dim": dim,
+                "rank": r,
+                "bare_ms": bare * 1e3,
+                "tlora_adapter_ms": (tl - bare) * 1e3,
+                "peft_adapter_ms": (pe - bare) * 1e3,
+            }
+        )
         rows.append(row)
         print("scaling", json.dumps(row), flush=True)
     return rows
 
 
 # ---- output ------------------------------------------------------------------------------------
+
 
 def _fmt(v) -> str:
     if not isinstance(v, float):
@@ -560,6 +646,7 @@ def machine_info() -> dict:
 
     try:
         import lycoris
+
         lyc = getattr(lycoris, "__version__", "4.1.3")
     except ImportError:
         lyc = None
@@ -569,11 +656,19 @@ def machine_info() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "peft": peft.__version__, "lycoris": lyc, "tlora": tlora.__version__,
-            "load_avg_at_start": os.getloadavg()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "lycoris": lyc,
+        "tlora": tlora.__version__,
+        "load_avg_at_start": os.getloadavg(),
+    }
 
 
 def main() -> None:
@@ -582,8 +677,12 @@ def main() -> None:
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--only", default="layer,train,sample,memory,scaling", help="comma-separated sections")
     ap.add_argument("--layer-batch", type=int, default=2, help="batch of case a (samples with their own timesteps)")
-    ap.add_argument("--train-rank", type=int, default=UNET["rank"],
-                    help="adapter rank of cases b and d (default: scaled with the widths as rank 64 on SD-XL)")
+    ap.add_argument(
+        "--train-rank",
+        type=int,
+        default=UNET["rank"],
+        help="adapter rank of cases b and d (default: scaled with the widths as rank 64 on SD-XL)",
+    )
     ap.add_argument("--rewrite", action="store_true", help="rewrite speed.md from the speed.json in --out")
     ap.add_argument("--memory-case", help=argparse.SUPPRESS)
     ap.add_argument("--latent", type=int, help=argparse.SUPPRESS)
@@ -603,8 +702,11 @@ def main() -> None:
     info = machine_info()
     print(json.dumps(info), flush=True)
     start = time.perf_counter()
-    results: dict = {"info": info, "quick": args.quick, "unet": {k: list(v) if isinstance(v, tuple) else v
-                                                                for k, v in UNET.items()}}
+    results: dict = {
+        "info": info,
+        "quick": args.quick,
+        "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in UNET.items()},
+    }
     if "layer" in only:
         results["layer"] = layer_section(args.quick, args.layer_batch)
     if "train" in only:
@@ -625,29 +727,107 @@ def write_outputs(results: dict, out: Path) -> None:
     (out / "speed.json").write_text(json.dumps(results, indent=2))
     parts = [f"Machine: {json.dumps(info)}; quick={quick}; {results['seconds']:.0f} s\n"]
     if "layer" in results:
-        parts.append("### a. One layer, forward + backward, ms (median); per-sample timesteps\n\n" + md_table(
-            results["layer"], ["batch", "tokens", "in", "out", "bare", "tlora-tlora", "tlora-lora", "peft-lora", "reference",
-                               "lycoris", "lycoris-bypass", "overhead_vs_reference", "tlora_vs_peft", "tlora_vs_bare"]))
+        parts.append(
+            "### a. One layer, forward + backward, ms (median); per-sample timesteps\n\n"
+            + md_table(
+                results["layer"],
+                [
+                    "batch",
+                    "tokens",
+                    "in",
+                    "out",
+                    "bare",
+                    "tlora-tlora",
+                    "tlora-lora",
+                    "peft-lora",
+                    "reference",
+                    "lycoris",
+                    "lycoris-bypass",
+                    "overhead_vs_reference",
+                    "tlora_vs_peft",
+                    "tlora_vs_bare",
+                ],
+            )
+        )
     if "train" in results:
-        parts.append(f"### b. Training step (batch 1, AdamW), ms (median of interleaved rounds); UNet {UNET}\n\n" + md_table(
-            results["train"], ["latent", "bare", "peft", "tlora", "reference", "tlora_vs_peft", "tlora_vs_reference",
-                                "reference_vs_peft", "peft_vs_bare", "tlora_vs_bare"]))
+        parts.append(
+            f"### b. Training step (batch 1, AdamW), ms (median of interleaved rounds); UNet {UNET}\n\n"
+            + md_table(
+                results["train"],
+                [
+                    "latent",
+                    "bare",
+                    "peft",
+                    "tlora",
+                    "reference",
+                    "tlora_vs_peft",
+                    "tlora_vs_reference",
+                    "reference_vs_peft",
+                    "peft_vs_bare",
+                    "tlora_vs_bare",
+                ],
+            )
+        )
     if "sample" in results:
-        parts.append("### c. Sampling, 25 steps with CFG (batch 2), ms per step (best of the rounds)\n\n" + md_table(
-            results["sample"], ["latent", "bare", "tlora", "tlora-cached", "tlora-factored", "peft", "tlora_vs_bare",
-                                "tlora-cached_vs_bare", "tlora-factored_vs_bare", "peft_vs_bare"]))
+        parts.append(
+            "### c. Sampling, 25 steps with CFG (batch 2), ms per step (best of the rounds)\n\n"
+            + md_table(
+                results["sample"],
+                [
+                    "latent",
+                    "bare",
+                    "tlora",
+                    "tlora-cached",
+                    "tlora-factored",
+                    "peft",
+                    "tlora_vs_bare",
+                    "tlora-cached_vs_bare",
+                    "tlora-factored_vs_bare",
+                    "peft_vs_bare",
+                ],
+            )
+        )
     if "memory" in results:
-        parts.append("### d. Peak memory of 3 training steps (fresh process per case; peak RSS after the model is "
-                     "built, and that peak minus the RSS before the first step), MB\n\n" + md_table(
-            results["memory"], ["latent", "bare_peak_rss_mb", "peft_peak_rss_mb", "tlora_peak_rss_mb",
-                                "bare_step_peak_mb", "peft_step_peak_mb", "tlora_step_peak_mb",
-                                "reference_peak_rss_mb", "tlora_vs_peft_peak_rss", "tlora_vs_peft_step_peak",
-                                "tlora_vs_reference_peak_rss"]))
+        parts.append(
+            "### d. Peak memory of 3 training steps (fresh process per case; peak RSS after the model is "
+            "built, and that peak minus the RSS before the first step), MB\n\n"
+            + md_table(
+                results["memory"],
+                [
+                    "latent",
+                    "bare_peak_rss_mb",
+                    "peft_peak_rss_mb",
+                    "tlora_peak_rss_mb",
+                    "bare_step_peak_mb",
+                    "peft_step_peak_mb",
+                    "tlora_step_peak_mb",
+                    "reference_peak_rss_mb",
+                    "tlora_vs_peft_peak_rss",
+                    "tlora_vs_peft_step_peak",
+                    "tlora_vs_reference_peak_rss",
+                ],
+            )
+        )
     if "scaling" in results:
-        parts.append("### e. Adapter cost (minus bare) of one layer, forward + backward, full rank\n\n" + md_table(
-            results["scaling"], ["tokens", "dim", "rank", "bare_ms", "tlora_adapter_ms", "peft_adapter_ms",
-                                 "tlora_adapter_gflop", "peft_adapter_gflop", "bare_gflop", "tlora_adapter_gflops",
-                                 "peft_adapter_gflops"]))
+        parts.append(
+            "### e. Adapter cost (minus bare) of one layer, forward + backward, full rank\n\n"
+            + md_table(
+                results["scaling"],
+                [
+                    "tokens",
+                    "dim",
+                    "rank",
+                    "bare_ms",
+                    "tlora_adapter_ms",
+                    "peft_adapter_ms",
+                    "tlora_adapter_gflop",
+                    "peft_adapter_gflop",
+                    "bare_gflop",
+                    "tlora_adapter_gflops",
+                    "peft_adapter_gflops",
+                ],
+            )
+        )
     text = "\n\n".join(parts) + "\n"
     (out / "speed.md").write_text(text)
     print(text)

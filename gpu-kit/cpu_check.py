@@ -24,9 +24,9 @@ import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from make_kit import IMAGE, normalise
 from packaging.requirements import Requirement
 
-from make_kit import IMAGE, normalise
 
 def image_stand_in(work: Path) -> Path:
     """A venv whose extra site folder holds links to the image's distributions only."""
@@ -74,12 +74,16 @@ def main(argv: list[str]) -> int:
         kit = work / "kit"
         shutil.copytree(kit_src, kit)
         out = work / "out"
-        path = [p for p in os.environ["PATH"].split(os.pathsep)
-                if p and not (Path(p) / "cargo").exists() and not (Path(p) / "rustc").exists()]
+        path = [
+            p
+            for p in os.environ["PATH"].split(os.pathsep)
+            if p and not (Path(p) / "cargo").exists() and not (Path(p) / "rustc").exists()
+        ]
         env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "OUT")}
         env.update(PATH=os.pathsep.join(path), PYTHON=str(python))
-        run = subprocess.run([str(kit / "gpu-check"), "--cpu", str(out)], cwd=work, env=env,
-                             capture_output=True, text=True, timeout=1200)
+        run = subprocess.run(
+            [str(kit / "gpu-check"), "--cpu", str(out)], cwd=work, env=env, capture_output=True, text=True, timeout=1200
+        )
         print(run.stdout[-6000:], run.stderr[-3000:], sep="\n")
         assert run.returncode == 0, f"gpu-check --cpu exited {run.returncode}"
         summary = (out / "summary.txt").read_text()
@@ -93,8 +97,10 @@ def main(argv: list[str]) -> int:
         assert failed == 0 and tests - skipped >= 6, (tests, skipped, failed)
         bench = json.loads((out / "gpu.json").read_text())
         assert bench["dry_run"] and "train" in bench["sdxl"] and "train" in bench["flux"], bench
-        print(f"cpu check ok: {tests - skipped} of {tests} CUDA tests ran on the CPU, {skipped} skipped; "
-              f"dry-run bench in {bench['seconds']:.0f} s; out: {files}")
+        print(
+            f"cpu check ok: {tests - skipped} of {tests} CUDA tests ran on the CPU, {skipped} skipped; "
+            f"dry-run bench in {bench['seconds']:.0f} s; out: {files}"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -34,11 +34,22 @@ TORCH = "2.11.0"
 # lacks for tlora: diffusers 0.42.1, its importlib_metadata and that one's lazy-importer. zipp
 # travels in case theirs is older than importlib_metadata needs (>= 3.20).
 EXTRA_WHEELS = ["diffusers==0.42.1", "importlib_metadata==10.2.0", "lazy-importer==0.1.0", "zipp==4.1.2"]
-PLATFORM_ARGS = ["--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:",
-                 "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
-                 "--platform", "manylinux2014_x86_64"]
+PLATFORM_ARGS = [
+    "--python-version",
+    "3.12",
+    "--implementation",
+    "cp",
+    "--only-binary=:all:",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--platform",
+    "manylinux_2_17_x86_64",
+    "--platform",
+    "manylinux2014_x86_64",
+]
 # The GPU image's Python packages (device notes, KINDS.md, read 2026-11-17), normalised names.
-IMAGE = set("""
+IMAGE = set(
+    """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
 charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
 cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
@@ -60,9 +71,8 @@ sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server 
 tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics
 torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop
 wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
-""".split())
-
-
+""".split()
+)
 
 
 def normalise(name: str) -> str:
@@ -87,12 +97,17 @@ def check_closed(wheels: Path) -> None:
             if req.marker is not None and not req.marker.evaluate({"extra": "", "python_version": "3.12"}):
                 continue
             if normalise(req.name) not in have:
-                raise SystemExit(f"{name} needs {req}, which neither the GPU image nor the kit has: add it "
-                                 "to EXTRA_WHEELS")
+                raise SystemExit(
+                    f"{name} needs {req}, which neither the GPU image nor the kit has: add it to EXTRA_WHEELS"
+                )
 
 
-COPY = {"gpu-kit/gpu-check": "gpu-check", "gpu-kit/README.md": "README.md",
-        "tests/cuda/test_cuda.py": "tests/cuda/test_cuda.py", "benches/gpu.py": "benches/gpu.py"}
+COPY = {
+    "gpu-kit/gpu-check": "gpu-check",
+    "gpu-kit/README.md": "README.md",
+    "tests/cuda/test_cuda.py": "tests/cuda/test_cuda.py",
+    "benches/gpu.py": "benches/gpu.py",
+}
 PYTEST_INI = """[pytest]
 addopts = -ra
 markers =
@@ -103,19 +118,34 @@ markers =
 def tlora_wheel(wheel_dir: Path) -> Path:
     found = sorted(wheel_dir.glob("tlora-*-cp311-abi3-*.whl"))
     if len(found) != 1:
-        raise SystemExit(f"expected one tlora abi3 wheel in {wheel_dir}, found {[p.name for p in found]}: "
-                         "run `make gpu-kit` (it builds the torch 2.11 wheel first)")
+        raise SystemExit(
+            f"expected one tlora abi3 wheel in {wheel_dir}, found {[p.name for p in found]}: "
+            "run `make gpu-kit` (it builds the torch 2.11 wheel first)"
+        )
     with zipfile.ZipFile(found[0]) as z:
         meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
     if f"Requires-Dist: torch=={TORCH}" not in meta.splitlines():
-        raise SystemExit(f"{found[0]} is not built for torch {TORCH} (its metadata: "
-                         f"{[line for line in meta.splitlines() if line.startswith('Requires-Dist: torch')]})")
+        raise SystemExit(
+            f"{found[0]} is not built for torch {TORCH} (its metadata: "
+            f"{[line for line in meta.splitlines() if line.startswith('Requires-Dist: torch')]})"
+        )
     return found[0]
 
 
 def download(dest: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check",
-           *PLATFORM_ARGS, "-d", str(dest), *EXTRA_WHEELS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        "--disable-pip-version-check",
+        *PLATFORM_ARGS,
+        "-d",
+        str(dest),
+        *EXTRA_WHEELS,
+    ]
     subprocess.run(cmd, check=True)
 
 

@@ -18,9 +18,10 @@ import json
 import random
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -91,7 +92,7 @@ def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
 def _parts(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = st_load(data)
     header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + header_len])
+    header = json.loads(data[8 : 8 + header_len])
     return tensors, json.loads(header["__metadata__"]["tlora"])
 
 
@@ -115,18 +116,33 @@ def build(valid: bytes) -> list[Case]:
         cases.append(Case(name, data, must_fail, kind))
 
     # Truncations: inside the length prefix, the header and the data.
-    cuts = sorted({0, 1, 4, 7, 8, 9, 16, 8 + header_len // 2, 8 + header_len - 1, 8 + header_len,
-                   8 + header_len + 1, len(valid) - 1, len(valid) - 4}
-                  | {rng.randrange(1, len(valid)) for _ in range(30)})
+    cuts = sorted(
+        {
+            0,
+            1,
+            4,
+            7,
+            8,
+            9,
+            16,
+            8 + header_len // 2,
+            8 + header_len - 1,
+            8 + header_len,
+            8 + header_len + 1,
+            len(valid) - 1,
+            len(valid) - 4,
+        }
+        | {rng.randrange(1, len(valid)) for _ in range(30)}
+    )
     for n in cuts:
         add(f"truncated at {n}", valid[:n], True)
     # Byte flips in the header (JSON, metadata) and in the tensor data.
-    for i in range(70):
+    for _i in range(70):
         pos = rng.randrange(0, 8 + header_len)
         b = bytearray(valid)
         b[pos] ^= rng.randrange(1, 256)
         add(f"header byte {pos} flipped", bytes(b), None)
-    for i in range(70):
+    for _i in range(70):
         pos = rng.randrange(8 + header_len, len(valid))
         b = bytearray(valid)
         b[pos] ^= 1 << rng.randrange(8)
@@ -150,6 +166,7 @@ def build(valid: bytes) -> list[Case]:
             for key in path[:-1]:
                 target = target[key]
             target[path[-1]] = value
+
         return change
 
     def deleter(path: list):
@@ -158,6 +175,7 @@ def build(valid: bytes) -> list[Case]:
             for key in path[:-1]:
                 target = target[key]
             del target[path[-1]]
+
         return change
 
     for value in ([1, 2], "adapter", 42, None, True):
@@ -171,26 +189,80 @@ def build(valid: bytes) -> list[Case]:
             edit(f"{key} is {value!r}", setter([key], value))
     edit("modules empty", setter(["modules"], {}))
     first = next(iter(meta["modules"]))
-    for value in (None, [32], [16, "16"], [16, 16.0], [True, 16], [0, 16], [-1, 16], [16, 16, 16], "16x16",
-                  [10**30, 16], [2, 2]):
+    for value in (
+        None,
+        [32],
+        [16, "16"],
+        [16, 16.0],
+        [True, 16],
+        [0, 16],
+        [-1, 16],
+        [16, 16, 16],
+        "16x16",
+        [10**30, 16],
+        [2, 2],
+    ):
         edit(f"module shape {value!r}", setter(["modules", first], value))
     edit("module name empty", lambda m: m.update(modules={"" if k == first else k: v for k, v in m["modules"].items()}))
-    for key, value in (("scale", "1"), ("scale", 2.0), ("scale", float("nan")), ("scale", -0.5),
-                       ("timestep_scale", "x"), ("timestep_scale", float("inf")), ("timestep_scale", 0),
-                       ("base_model", 5), ("base_model", None), ("checksum", 5), ("checksum", "md5:00"),
-                       ("checksum", "sha256:" + "0" * 64)):
+    for key, value in (
+        ("scale", "1"),
+        ("scale", 2.0),
+        ("scale", float("nan")),
+        ("scale", -0.5),
+        ("timestep_scale", "x"),
+        ("timestep_scale", float("inf")),
+        ("timestep_scale", 0),
+        ("base_model", 5),
+        ("base_model", None),
+        ("checksum", 5),
+        ("checksum", "md5:00"),
+        ("checksum", "sha256:" + "0" * 64),
+    ):
         edit(f"{key} {value!r}", setter([key], value), restamps=(False,) if key == "checksum" else (False, True))
-    for key, value in (("rank", True), ("rank", "4"), ("rank", 4.0), ("rank", 1e400), ("rank", 0), ("rank", 8),
-                       ("rank", 10**400), ("rank", 2**70), ("min_rank", "1e400"), ("min_rank", 9), ("min_rank", 0),
-                       ("rank_exponent", float("inf")), ("rank_exponent", 0), ("rank_exponent", "1"),
-                       ("lora_alpha", float("inf")), ("lora_alpha", float("nan")), ("lora_alpha", -1),
-                       ("seed", "x"), ("seed", 1.5), ("seed", None), ("seed", 10**30), ("variant", "dora"), ("variant", 5),
-                       ("variant", "lora"), ("init", []), ("num_train_timesteps", True), ("num_train_timesteps", 0),
-                       ("timestep_scale", float("nan")), ("target_modules", 5), ("target_modules", [1, 2]),
-                       ("num_train_timesteps", 10**40), ("extra", [])):
+    for key, value in (
+        ("rank", True),
+        ("rank", "4"),
+        ("rank", 4.0),
+        ("rank", 1e400),
+        ("rank", 0),
+        ("rank", 8),
+        ("rank", 10**400),
+        ("rank", 2**70),
+        ("min_rank", "1e400"),
+        ("min_rank", 9),
+        ("min_rank", 0),
+        ("rank_exponent", float("inf")),
+        ("rank_exponent", 0),
+        ("rank_exponent", "1"),
+        ("lora_alpha", float("inf")),
+        ("lora_alpha", float("nan")),
+        ("lora_alpha", -1),
+        ("seed", "x"),
+        ("seed", 1.5),
+        ("seed", None),
+        ("seed", 10**30),
+        ("variant", "dora"),
+        ("variant", 5),
+        ("variant", "lora"),
+        ("init", []),
+        ("num_train_timesteps", True),
+        ("num_train_timesteps", 0),
+        ("timestep_scale", float("nan")),
+        ("target_modules", 5),
+        ("target_modules", [1, 2]),
+        ("num_train_timesteps", 10**40),
+        ("extra", []),
+    ):
         edit(f"config.{key} {str(value)[:20]}", setter(["config", key], value))
-    for raw in ("{not json", "", "[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000,
-                "\x00\x01", json.dumps(meta)[:-1], '{"format_version": 1e400}'):
+    for raw in (
+        "{not json",
+        "",
+        "[" * 100_000 + "]" * 100_000,
+        '{"a":' * 50_000 + "1" + "}" * 50_000,
+        "\x00\x01",
+        json.dumps(meta)[:-1],
+        '{"format_version": 1e400}',
+    ):
         add(f"raw metadata {raw[:12]!r}... ({len(raw)} chars)", _write(tensors, None, False, raw=raw), True)
     add("no tlora metadata", st_save(tensors), True)
 
@@ -206,8 +278,12 @@ def build(valid: bytes) -> list[Case]:
             add(f"{name} as {dtype}", _write(t, meta, True), True)
     for name in names:
         t0 = tensors[name]
-        shapes = {"0-d": t0.reshape(-1)[0].clone(), "empty": t0.reshape(-1)[:0].clone(),
-                  "one more row": torch.cat([t0, t0[:1]]), "flattened": t0.reshape(-1).clone()}
+        shapes = {
+            "0-d": t0.reshape(-1)[0].clone(),
+            "empty": t0.reshape(-1)[:0].clone(),
+            "one more row": torch.cat([t0, t0[:1]]),
+            "flattened": t0.reshape(-1).clone(),
+        }
         if t0.dim() == 2:
             shapes["transposed"] = t0.t().contiguous()
         else:
@@ -235,13 +311,28 @@ def foreign_cases(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> lis
         attn, proj = n.rsplit(".", 1)
         stem = f"{attn}.processor.{proj}_lora"
         f = {k: tensors[f"{n}.{k}"] for k in ("p", "lam", "q", "p0", "lam0", "q0")}
-        ref.update({f"{stem}.q_layer.weight": f["q"], f"{stem}.p_layer.weight": f["p"],
-                    f"{stem}.lambda_layer": f["lam"][None], f"{stem}.base_q.weight": f["q0"],
-                    f"{stem}.base_p.weight": f["p0"], f"{stem}.base_lambda": f["lam0"][None]})
+        ref.update(
+            {
+                f"{stem}.q_layer.weight": f["q"],
+                f"{stem}.p_layer.weight": f["p"],
+                f"{stem}.lambda_layer": f["lam"][None],
+                f"{stem}.base_q.weight": f["q0"],
+                f"{stem}.base_p.weight": f["p0"],
+                f"{stem}.base_lambda": f["lam0"][None],
+            }
+        )
         ly = "lycoris_" + n.replace(".", "_")
-        lyco.update({f"{ly}.q_layer.weight": f["q"], f"{ly}.p_layer.weight": f["p"], f"{ly}.lambda_layer": f["lam"],
-                     f"{ly}.base_q": f["q0"], f"{ly}.base_p": f["p0"], f"{ly}.base_lambda": f["lam0"],
-                     f"{ly}.alpha": torch.tensor(2.0)})
+        lyco.update(
+            {
+                f"{ly}.q_layer.weight": f["q"],
+                f"{ly}.p_layer.weight": f["p"],
+                f"{ly}.lambda_layer": f["lam"],
+                f"{ly}.base_q": f["q0"],
+                f"{ly}.base_p": f["p0"],
+                f"{ly}.base_lambda": f["lam0"],
+                f"{ly}.alpha": torch.tensor(2.0),
+            }
+        )
     cases = []
     settings = {"min_rank": str(meta["config"]["min_rank"])}
 
@@ -308,7 +399,8 @@ def run_reader(reader: str, path: Path, model: nn.Module, out_dir: Path):
         return rc, err
     if reader == "export":
         return interop.export(path, out_dir / f"{path.stem}-export.safetensors")
-    return interop.import_adapter(model, path)
+    adapter, _ = interop.import_file(path, model, out_dir / f"{path.stem}-import.safetensors")
+    return adapter
 
 
 def run_in_thread(fn: Callable, *args, timeout: float) -> dict:

@@ -53,6 +53,7 @@ def grads(model, adapter, t, x, cond, target) -> list[torch.Tensor]:
 
 # ---- torch.compile ----------------------------------------------------------------------------
 
+
 def test_compile_matches_eager_without_graph_breaks():
     """The adapted layers run as the custom ops tlora::update (+ its backward) and the timestep
     hook is plain tensor code, so dynamo traces the whole UNet, hook included: no graph breaks.
@@ -113,6 +114,7 @@ def test_compiled_custom_op_matches_the_kernels():
 
 # ---- half precision ---------------------------------------------------------------------------
 
+
 def test_float16_base_with_float32_adapter_and_grad_scaler():
     ref, ref_adapter = adapted()
     model, adapter = adapted(torch.float16)
@@ -167,20 +169,27 @@ def add_peft_lora(model, name: str = "style"):
     with random non-zero lora_B so that it changes the output."""
     from peft import LoraConfig
 
-    model.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=PEFT_TARGETS, init_lora_weights=False),
-                      adapter_name=name)
+    model.add_adapter(
+        LoraConfig(r=2, lora_alpha=4, target_modules=PEFT_TARGETS, init_lora_weights=False), adapter_name=name
+    )
 
 
 def peft_deltas(model, name: str = "style") -> dict[str, torch.Tensor]:
     """The dense update of every PEFT LoRA layer: scaling * B @ A."""
     from peft.tuners.lora import LoraLayer
 
-    return {n: m.scaling[name] * m.lora_B[name].weight @ m.lora_A[name].weight
-            for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return {
+        n: m.scaling[name] * m.lora_B[name].weight @ m.lora_A[name].weight
+        for n, m in model.named_modules()
+        if isinstance(m, LoraLayer)
+    }
 
 
 def tlora_deltas(adapter, rank: int) -> dict[str, torch.Tensor]:
-    return {n: tlora._native.dense_update(layer.factors(), rank, adapter.config.scale) for n, layer in adapter.layers.items()}
+    return {
+        n: tlora._native.dense_update(layer.factors(), rank, adapter.config.scale)
+        for n, layer in adapter.layers.items()
+    }
 
 
 @torch.no_grad()

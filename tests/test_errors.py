@@ -76,22 +76,26 @@ def raises_and_untouched(model, exc, fragment, fn, *args, **kwargs):
 
 # ---- inject ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,fragment", [
-    (dict(rank=0), r"rank must be an integer >= 1, got 0"),
-    (dict(rank=-3), r"rank must be an integer >= 1"),
-    (dict(rank=4, min_rank=5), r"min_rank must be an integer in 1\.\.rank \(4\), got 5"),
-    (dict(rank=4, min_rank=0), r"min_rank must be an integer in 1\.\.rank"),
-    (dict(variant="dora"), r"unknown variant 'dora': choose one of tlora, vanilla, lora"),
-    (dict(init="first"), r"unknown init 'first': choose one of principal, middle, last"),
-    (dict(init_from="noise"), r"unknown init_from 'noise'"),
-    (dict(rank_exponent=0.0), r"rank_exponent must be > 0"),
-    (dict(rank_exponent=-1.0), r"rank_exponent must be > 0"),
-    (dict(variant="lora", min_rank=2, rank=4), r"variant 'lora' has no timestep mask"),
-    (dict(variant="vanilla", init="principal"), r"init/init_from apply to variant 'tlora' only"),
-    (dict(lora_alpha=0.0), r"lora_alpha must be > 0"),
-    (dict(num_train_timesteps=0), r"num_train_timesteps must be an integer >= 1"),
-    (dict(timestep_scale=-1.0), r"timestep_scale must be > 0"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(rank=0), r"rank must be an integer >= 1, got 0"),
+        (dict(rank=-3), r"rank must be an integer >= 1"),
+        (dict(rank=4, min_rank=5), r"min_rank must be an integer in 1\.\.rank \(4\), got 5"),
+        (dict(rank=4, min_rank=0), r"min_rank must be an integer in 1\.\.rank"),
+        (dict(variant="dora"), r"unknown variant 'dora': choose one of tlora, vanilla, lora"),
+        (dict(init="first"), r"unknown init 'first': choose one of principal, middle, last"),
+        (dict(init_from="noise"), r"unknown init_from 'noise'"),
+        (dict(rank_exponent=0.0), r"rank_exponent must be > 0"),
+        (dict(rank_exponent=-1.0), r"rank_exponent must be > 0"),
+        (dict(variant="lora", min_rank=2, rank=4), r"variant 'lora' has no timestep mask"),
+        (dict(variant="vanilla", init="principal"), r"init/init_from apply to variant 'tlora' only"),
+        (dict(lora_alpha=0.0), r"lora_alpha must be > 0"),
+        (dict(num_train_timesteps=0), r"num_train_timesteps must be an integer >= 1"),
+        (dict(timestep_scale=-1.0), r"timestep_scale must be > 0"),
+    ],
+)
 def test_inject_bad_config(kwargs, fragment):
     model = Model()
     raises_and_untouched(model, ValueError, fragment, tlora.inject, model, **{"rank": 4, **kwargs})
@@ -100,25 +104,47 @@ def test_inject_bad_config(kwargs, fragment):
 def test_rank_larger_than_a_target_names_the_module():
     # to_v is 16 -> 8, so rank 12 fits to_q and to_k but not to_v; nothing may be swapped in.
     model = Model()
-    msg = raises_and_untouched(model, ValueError, r"rank 12 is larger than module 'blocks\.0\.attn\.to_v' allows",
-                               tlora.inject, model, rank=12, target_modules=["to_q", "to_v"])
+    msg = raises_and_untouched(
+        model,
+        ValueError,
+        r"rank 12 is larger than module 'blocks\.0\.attn\.to_v' allows",
+        tlora.inject,
+        model,
+        rank=12,
+        target_modules=["to_q", "to_v"],
+    )
     assert "8 x 16, at most 8" in msg
 
 
 def test_target_matching_nothing_suggests_close_names():
     model = Model()
-    msg = raises_and_untouched(model, ValueError, r"target_modules \['to_qq'\] matches no nn\.Linear in Model",
-                               tlora.inject, model, rank=4, target_modules=["to_qq"])
+    msg = raises_and_untouched(
+        model,
+        ValueError,
+        r"target_modules \['to_qq'\] matches no nn\.Linear in Model",
+        tlora.inject,
+        model,
+        rank=4,
+        target_modules=["to_qq"],
+    )
     assert "Close names:" in msg and "to_q" in msg.split("Close names:")[1]
-    msg = raises_and_untouched(model, ValueError, r"matches no nn\.Linear", tlora.inject, model,
-                               rank=4, target_modules=r".*\.to_z")
+    msg = raises_and_untouched(
+        model, ValueError, r"matches no nn\.Linear", tlora.inject, model, rank=4, target_modules=r".*\.to_z"
+    )
     assert "proj_out" in msg  # lists what the Linear layers are called
 
 
 def test_target_that_is_not_linear():
     model = Model()
-    raises_and_untouched(model, ValueError, r"not nn\.Linear.*blocks\.0\.attn\.norm \(LayerNorm\)",
-                         tlora.inject, model, rank=4, target_modules=["norm"])
+    raises_and_untouched(
+        model,
+        ValueError,
+        r"not nn\.Linear.*blocks\.0\.attn\.norm \(LayerNorm\)",
+        tlora.inject,
+        model,
+        rank=4,
+        target_modules=["norm"],
+    )
 
 
 def test_empty_target_list():
@@ -129,8 +155,15 @@ def test_empty_target_list():
 def test_inject_twice():
     model = Model()
     first = tlora.inject(model, rank=4)
-    msg = raises_and_untouched(model, ValueError, r"already has a tlora adapter \(tlora, rank 4\)",
-                               tlora.inject, model, rank=2, target_modules=["proj_out"])
+    msg = raises_and_untouched(
+        model,
+        ValueError,
+        r"already has a tlora adapter \(tlora, rank 4\)",
+        tlora.inject,
+        model,
+        rank=2,
+        target_modules=["proj_out"],
+    )
     assert "remove()" in msg
     assert adapter_of(model) is first
     first.remove()
@@ -141,6 +174,7 @@ def test_inject_twice():
 
 # ---- forward -----------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def adapted():
     model = Model()
@@ -148,16 +182,23 @@ def adapted():
     return model
 
 
-@pytest.mark.parametrize("timestep,exc,fragment", [
-    (float("nan"), ValueError, r"timestep is NaN"),
-    (torch.tensor([10.0, float("nan"), 3.0]), ValueError, r"NaN"),
-    (-1, ValueError, r"timestep -1 is outside \[0, 1000\]"),
-    (torch.tensor([5, -2, 5]), ValueError, r"outside \[0, 1000\]"),
-    (1001, ValueError, r"timestep 1001 is outside \[0, 1000\]"),
-    (torch.tensor([2, 3]), ValueError, r"got 2 timesteps for a batch of 3: pass one timestep, or one per sample"),
-    (torch.tensor([2, 3, 4, 5]), ValueError, r"got 4 timesteps for a batch of 3"),
-    (torch.zeros(3, 1, 1), ValueError, r"timestep must be a number, a 1-D tensor or \(batch, tokens\), got shape \(3, 1, 1\)"),
-])
+@pytest.mark.parametrize(
+    "timestep,exc,fragment",
+    [
+        (float("nan"), ValueError, r"timestep is NaN"),
+        (torch.tensor([10.0, float("nan"), 3.0]), ValueError, r"NaN"),
+        (-1, ValueError, r"timestep -1 is outside \[0, 1000\]"),
+        (torch.tensor([5, -2, 5]), ValueError, r"outside \[0, 1000\]"),
+        (1001, ValueError, r"timestep 1001 is outside \[0, 1000\]"),
+        (torch.tensor([2, 3]), ValueError, r"got 2 timesteps for a batch of 3: pass one timestep, or one per sample"),
+        (torch.tensor([2, 3, 4, 5]), ValueError, r"got 4 timesteps for a batch of 3"),
+        (
+            torch.zeros(3, 1, 1),
+            ValueError,
+            r"timestep must be a number, a 1-D tensor or \(batch, tokens\), got shape \(3, 1, 1\)",
+        ),
+    ],
+)
 def test_bad_timestep(adapted, timestep, exc, fragment):
     x = torch.randn(3, 5, 16)
     raises_and_untouched(adapted, exc, fragment, adapted, x, timestep)
@@ -168,8 +209,9 @@ def test_bad_timestep(adapted, timestep, exc, fragment):
 
 def test_forward_without_timestep(adapted):
     x = torch.randn(2, 5, 16)
-    raises_and_untouched(adapted, ValueError, r"Model\.forward was called without a timestep.*adapter\.timestep",
-                         adapted, x)
+    raises_and_untouched(
+        adapted, ValueError, r"Model\.forward was called without a timestep.*adapter\.timestep", adapted, x
+    )
     with adapter_of(adapted).timestep(100):
         assert adapted(x).shape == (2, 5, 16)
 
@@ -180,14 +222,17 @@ def test_bad_rank_block(adapted):
             pass
 
 
-@pytest.mark.parametrize("x,ranks,fragment", [
-    (torch.randn(3, 5, 12), [4], r"input shape \[3, 5, 12\] does not end in in_features = 16"),
-    (torch.randint(0, 3, (3, 5, 16)), [4], r"input dtype (Int64|torch.int64) is not supported"),
-    (torch.randn(3, 5, 16), [5], r"rank 5 is outside 1\.\.4"),
-    (torch.randn(3, 5, 16), [0], r"rank 0 is outside 1\.\.4"),
-    (torch.randn(3, 5, 16), [], r"ranks must not be empty"),
-    (torch.randn(3, 5, 16), [4, 2], r"got 2 per-sample ranks for an input of shape \[3, 5, 16\]"),
-])
+@pytest.mark.parametrize(
+    "x,ranks,fragment",
+    [
+        (torch.randn(3, 5, 12), [4], r"input shape \[3, 5, 12\] does not end in in_features = 16"),
+        (torch.randint(0, 3, (3, 5, 16)), [4], r"input dtype (Int64|torch.int64) is not supported"),
+        (torch.randn(3, 5, 16), [5], r"rank 5 is outside 1\.\.4"),
+        (torch.randn(3, 5, 16), [0], r"rank 0 is outside 1\.\.4"),
+        (torch.randn(3, 5, 16), [], r"ranks must not be empty"),
+        (torch.randn(3, 5, 16), [4, 2], r"got 2 per-sample ranks for an input of shape \[3, 5, 16\]"),
+    ],
+)
 def test_kernel_rejects_bad_input(adapted, x, ranks, fragment):
     layer = adapted.blocks[0].attn.to_q
     before = snapshot(adapted)
@@ -207,6 +252,7 @@ def test_kernel_rejects_mismatched_factors():
 
 
 # ---- adapter files -----------------------------------------------------------------------------
+
 
 def _make_adapter_file(path, model=None):
     src = model if model is not None else Model()
@@ -232,7 +278,12 @@ def test_good_file_loads(tmp_path):
     model = copy.deepcopy(src)
     path = _make_adapter_file(tmp_path / "a.safetensors", src)
     adapter = tlora.load(model, path)
-    assert sorted(adapter.layers) == ["blocks.0.attn.to_k", "blocks.0.attn.to_q", "blocks.1.attn.to_k", "blocks.1.attn.to_q"]
+    assert sorted(adapter.layers) == [
+        "blocks.0.attn.to_k",
+        "blocks.0.attn.to_q",
+        "blocks.1.attn.to_k",
+        "blocks.1.attn.to_q",
+    ]
     assert adapter.config.extra == {"token": "sks"}
     x, t = torch.randn(2, 3, 16), torch.tensor([100, 900])
     with torch.no_grad():
@@ -280,8 +331,8 @@ def test_safetensors_without_tlora_metadata(tmp_path):
 
 def _rewrite(path, edit_meta=None, edit_tensors=None, raw_meta=None):
     """Re-save an adapter file with its metadata or tensors changed (safetensors' own writer)."""
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["tlora"])
@@ -309,14 +360,20 @@ def test_made_for_another_model_class(saved):
 
 
 def test_module_shape_mismatch(saved):
-    msg = _load_fails(Model(out=24), saved, ValueError,
-                      r"made for a different model: module 'blocks\.0\.attn\.to_q' is 24 x 16 here but 16 x 16 in the file")
+    msg = _load_fails(
+        Model(out=24),
+        saved,
+        ValueError,
+        r"made for a different model: module 'blocks\.0\.attn\.to_q' is 24 x 16 here but 16 x 16 in the file",
+    )
     assert "to_k" not in msg
 
 
 def test_module_missing_from_model(saved):
     _rewrite(saved, edit_meta=lambda m: m["modules"].update({"blocks.2.attn.to_q": [16, 16]}))
-    _load_fails(Model(), saved, ValueError, r"adapts module 'blocks\.2\.attn\.to_q', which does not exist in this Model")
+    _load_fails(
+        Model(), saved, ValueError, r"adapts module 'blocks\.2\.attn\.to_q', which does not exist in this Model"
+    )
 
 
 def test_tensor_with_wrong_shape(saved):
@@ -324,7 +381,9 @@ def test_tensor_with_wrong_shape(saved):
         t["blocks.1.attn.to_k.q"] = t["blocks.1.attn.to_k.q"][:3].contiguous()
 
     _rewrite(saved, edit_tensors=shrink)
-    _load_fails(Model(), saved, ValueError, r"tensor blocks\.1\.attn\.to_k\.q is shape \(3, 16\), expected shape \(4, 16\)")
+    _load_fails(
+        Model(), saved, ValueError, r"tensor blocks\.1\.attn\.to_k\.q is shape \(3, 16\), expected shape \(4, 16\)"
+    )
 
 
 def test_tensor_missing(saved):
@@ -357,18 +416,22 @@ def test_save_errors(tmp_path):
 
 # ---- issue 13: types, checksums, messages ------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,fragment", [
-    (dict(rank=True), r"rank must be an integer >= 1, got True"),
-    (dict(rank=4, min_rank=True), r"min_rank must be an integer in 1\.\.rank \(4\), got True"),
-    (dict(lora_alpha=float("inf")), r"lora_alpha must be > 0 and finite, got inf"),
-    (dict(lora_alpha=float("nan")), r"lora_alpha must be > 0 and finite, got nan"),
-    (dict(rank_exponent=float("inf")), r"rank_exponent must be > 0 and finite, got inf"),
-    (dict(timestep_scale=float("inf")), r"timestep_scale must be > 0 and finite, got inf"),
-    (dict(timestep_scale=True), r"timestep_scale must be > 0 and finite, got True"),
-    (dict(seed=1.5), r"seed must be an integer"),
-    (dict(seed="x"), r"seed must be an integer"),
-    (dict(num_train_timesteps=True), r"num_train_timesteps must be an integer >= 1, got True"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(rank=True), r"rank must be an integer >= 1, got True"),
+        (dict(rank=4, min_rank=True), r"min_rank must be an integer in 1\.\.rank \(4\), got True"),
+        (dict(lora_alpha=float("inf")), r"lora_alpha must be > 0 and finite, got inf"),
+        (dict(lora_alpha=float("nan")), r"lora_alpha must be > 0 and finite, got nan"),
+        (dict(rank_exponent=float("inf")), r"rank_exponent must be > 0 and finite, got inf"),
+        (dict(timestep_scale=float("inf")), r"timestep_scale must be > 0 and finite, got inf"),
+        (dict(timestep_scale=True), r"timestep_scale must be > 0 and finite, got True"),
+        (dict(seed=1.5), r"seed must be an integer"),
+        (dict(seed="x"), r"seed must be an integer"),
+        (dict(num_train_timesteps=True), r"num_train_timesteps must be an integer >= 1, got True"),
+    ],
+)
 def test_inject_refuses_bools_and_non_finite_values(kwargs, fragment):
     model = Model()
     msg = raises_and_untouched(model, tlora.ConfigError, fragment, tlora.inject, model, **{"rank": 4, **kwargs})
@@ -376,8 +439,16 @@ def test_inject_refuses_bools_and_non_finite_values(kwargs, fragment):
 
 
 def test_error_types_are_value_errors_and_exported():
-    for name in ("TloraError", "ConfigError", "AdapterFileError", "MissingFileError", "ModelMismatchError",
-                 "CheckpointError", "TrainingError", "InputError"):
+    for name in (
+        "TloraError",
+        "ConfigError",
+        "AdapterFileError",
+        "MissingFileError",
+        "ModelMismatchError",
+        "CheckpointError",
+        "TrainingError",
+        "InputError",
+    ):
         cls = getattr(tlora, name)
         assert issubclass(cls, tlora.TloraError) and issubclass(cls, ValueError), name
     assert issubclass(tlora.MissingFileError, FileNotFoundError)
@@ -421,16 +492,22 @@ def test_file_without_checksum_loads_with_a_note(saved):
     assert len(adapter.layers) == 4
 
 
-@pytest.mark.parametrize("edit,fragment", [
-    (lambda m: m["modules"].update({"blocks.0.attn.to_q": [32]}), r"modules\['blocks\.0\.attn\.to_q'\]: must be \[out_features, in_features\]"),
-    (lambda m: m["modules"].update({"blocks.0.attn.to_q": None}), r"modules\['blocks\.0\.attn\.to_q'\]: must be"),
-    (lambda m: m.update(format_version=True), r"format_version: must be an integer, got True"),
-    (lambda m: m["config"].update(seed="x"), r"config: seed must be an integer"),
-    (lambda m: m["config"].update(rank=True), r"config: rank must be an integer >= 1, got True"),
-    (lambda m: m.update(scale=3.0), r"scale: 3\.0 disagrees with the config"),
-    (lambda m: m.pop("modules"), r"modules: missing"),
-    (lambda m: m.update(config=[1]), r"config: must be a JSON object, got a list"),
-])
+@pytest.mark.parametrize(
+    "edit,fragment",
+    [
+        (
+            lambda m: m["modules"].update({"blocks.0.attn.to_q": [32]}),
+            r"modules\['blocks\.0\.attn\.to_q'\]: must be \[out_features, in_features\]",
+        ),
+        (lambda m: m["modules"].update({"blocks.0.attn.to_q": None}), r"modules\['blocks\.0\.attn\.to_q'\]: must be"),
+        (lambda m: m.update(format_version=True), r"format_version: must be an integer, got True"),
+        (lambda m: m["config"].update(seed="x"), r"config: seed must be an integer"),
+        (lambda m: m["config"].update(rank=True), r"config: rank must be an integer >= 1, got True"),
+        (lambda m: m.update(scale=3.0), r"scale: 3\.0 disagrees with the config"),
+        (lambda m: m.pop("modules"), r"modules: missing"),
+        (lambda m: m.update(config=[1]), r"config: must be a JSON object, got a list"),
+    ],
+)
 def test_malformed_description_names_file_and_field(saved, edit, fragment):
     _rewrite(saved, edit_meta=edit)
     msg = _load_fails(Model(), saved, tlora.AdapterFileError, fragment)
@@ -442,6 +519,7 @@ def test_metadata_that_is_not_an_object_or_too_deep(saved):
     _load_fails(Model(), saved, tlora.AdapterFileError, r"metadata must be a JSON object, got a list")
     _rewrite_raw = "[" * 100_000 + "]" * 100_000
     from safetensors.torch import load_file, save_file
+
     save_file(load_file(str(saved)), str(saved), metadata={"tlora": _rewrite_raw})
     _load_fails(Model(), saved, tlora.AdapterFileError, r"nested too deeply")
 

@@ -135,8 +135,12 @@ def test_prompt_sources(models, tmp_path):
     rep = evaluate(gen, [ref], prompts=manifest, encoders=enc)
     assert [r["prompt"] for r in rep["per_image"]] == ["x one", "x two"]
     assert len(paper_prompts("object")) == len(paper_prompts("live")) == 25
-    assert len(set(paper_prompts("object")) | set(paper_prompts("live"))) == 35  # 15 shared (10 scenes, 5 recolourings) + 10 + 10
-    assert "| a dog in the jungle | 1 |" in markdown(evaluate(gen, [ref], prompt_set="live", concept="dog", encoders=enc))
+    assert (
+        len(set(paper_prompts("object")) | set(paper_prompts("live"))) == 35
+    )  # 15 shared (10 scenes, 5 recolourings) + 10 + 10
+    assert "| a dog in the jungle | 1 |" in markdown(
+        evaluate(gen, [ref], prompt_set="live", concept="dog", encoders=enc)
+    )
 
 
 def test_cli_writes_json_and_markdown(models, tmp_path, capsys):
@@ -147,8 +151,24 @@ def test_cli_writes_json_and_markdown(models, tmp_path, capsys):
         for j in range(2):
             _save(_noise(10 * i + j), gen / f"{i:02d}-{j}.png", f"prompt {i}")
     ref = _save(_noise(99), tmp_path / "ref.png")
-    assert main(["evaluate", "--generated", str(gen), "--reference", str(ref), "--clip", str(clip),
-                 "--dino", str(dino), "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--generated",
+                str(gen),
+                "--reference",
+                str(ref),
+                "--clip",
+                str(clip),
+                "--dino",
+                str(dino),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     rep = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert [p["prompt"] for p in rep["per_prompt"]] == ["prompt 0", "prompt 1"]
     assert rep["overall"]["images"] == 4 and set(rep["metrics"]) == {"clip_i", "clip_t", "dino"}
@@ -219,6 +239,7 @@ def test_bad_inputs_refused(models, tmp_path, capsys):
 
 # ---- labelled grids ---------------------------------------------------------------------------
 
+
 def _ink_box(img: Image.Image):
     """Bounding box of the non-white pixels."""
     a = np.asarray(img.convert("L")) < 250
@@ -237,7 +258,7 @@ def test_grid_labels_are_drawn():
     side, head = lw - 200, lh - 200  # the tiles keep their size (the labels fit a 100 px row): margins are the rest
     a = np.asarray(labelled)
     # The tiles sit right of the row labels and under the column labels, unchanged.
-    assert (a[head:head + 100, side:side + 100] == (255, 0, 0)).all()
+    assert (a[head : head + 100, side : side + 100] == (255, 0, 0)).all()
     assert (a[-100:, -100:] == np.asarray(Image.new("RGB", (1, 1), "gray"))[0, 0]).all()
     # Each header cell holds exactly its label as Pillow draws it alone.
     font = label_font(12)
@@ -266,7 +287,9 @@ def test_grid_labels_are_drawn():
     small = [_noise(k, size=16) for k in range(2)]
     g = np.asarray(grid(small, cols=2, col_labels=["a", "b"]))
     k = -(-MIN_LABELLED_TILE // 16)
-    assert g.shape[1] == 2 * 16 * k and (g[-16 * k:, -16 * k:] == np.asarray(small[1]).repeat(k, 0).repeat(k, 1)).all()
+    assert (
+        g.shape[1] == 2 * 16 * k and (g[-16 * k :, -16 * k :] == np.asarray(small[1]).repeat(k, 0).repeat(k, 1)).all()
+    )
 
 
 def test_demo_comparison_grid_is_labelled(tmp_path, monkeypatch, capsys):
@@ -279,8 +302,12 @@ def test_demo_comparison_grid_is_labelled(tmp_path, monkeypatch, capsys):
 
     n = 2
     scores = dict(fidelity=0.0, alignment=0.0, background_accuracy=0.0, position_accuracy=0.0, diversity=0.0)
-    fake = lambda method, seed: toy.Run(method, scores, [[_noise(seed + i * n + j, 32) for j in range(n)]  # noqa: E731
-                                                         for i in range(len(EVAL_PROMPTS))], 0.0)
+
+    def fake(method, seed):
+        return toy.Run(
+            method, scores, [[_noise(seed + i * n + j, 32) for j in range(n)] for i in range(len(EVAL_PROMPTS))], 0.0
+        )
+
     monkeypatch.setattr(toy, "sample_base", lambda c, n, seed: fake("base model", 0))
     monkeypatch.setattr(toy, "finetune", lambda c, method, out, **kw: fake(method, 100 if method == "LoRA" else 200))
     monkeypatch.setattr(toy, "autoencoder_ceiling", lambda c: 0.9)
@@ -290,7 +317,9 @@ def test_demo_comparison_grid_is_labelled(tmp_path, monkeypatch, capsys):
     assert img.width > cols * 128 and img.height > rows * 128  # 4x tiles plus the label margins
     a = np.asarray(img)
     side, head = img.width - cols * 128, img.height - rows * 128
-    assert (np.asarray(img.convert("L"))[:head, side:] < 128).any() and (np.asarray(img.convert("L"))[head:, :side] < 128).any()
+    assert (np.asarray(img.convert("L"))[:head, side:] < 128).any() and (
+        np.asarray(img.convert("L"))[head:, :side] < 128
+    ).any()
     # Last tile, bottom-right: the blank separator; the one before it: T-LoRA's last sample of the last prompt.
     assert (a[-128:, -128:] == 255).all()
     last = _noise(200 + (rows - 1) * n + n - 1, 32).resize((128, 128), Image.NEAREST)

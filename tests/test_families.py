@@ -18,7 +18,7 @@ import torch
 
 import tlora
 from tlora import timesteps as conventions
-from tlora.tiny import sample_kwargs, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_flux_pipeline
+from tlora.tiny import sample_kwargs, tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 D = pytest.importorskip("diffusers")
 
@@ -56,6 +56,7 @@ def inject(model, **kw):
 
 # ---- real pipelines ----------------------------------------------------------------------------
 
+
 def test_sd_pipeline_ddim():
     """StableDiffusionPipeline passes the DDIM scheduler's integer t (0..999) unchanged."""
     pipe = tiny_sd_pipeline()
@@ -92,14 +93,16 @@ def test_playground_edm_pipeline():
     import numpy as np
 
     pipe = tiny_sdxl_pipeline()
-    pipe.scheduler = D.EDMDPMSolverMultistepScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5,
-                                                       num_train_timesteps=1000, prediction_type="epsilon")
+    pipe.scheduler = D.EDMDPMSolverMultistepScheduler(
+        sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, num_train_timesteps=1000, prediction_type="epsilon"
+    )
     assert conventions.convention_for(pipe) == "edm"
     log = RankLog(inject(pipe.unet, timestep_convention=conventions.convention_for(pipe)), batch=2)
     pipe(**sample_kwargs("sdxl", steps=5), generator=torch.Generator().manual_seed(0))
     assert (pipe.scheduler.timesteps < 0).any()  # the small sigmas: refused before conventions
-    sdxl = D.EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                    beta_schedule="scaled_linear")
+    sdxl = D.EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
     log_sigmas = np.log(((1 - sdxl.alphas_cumprod.double()) / sdxl.alphas_cumprod.double()).numpy() ** 0.5)
     sigmas = pipe.scheduler.sigmas[:-1].double().numpy()
     t_steps = [float(sdxl._sigma_to_t(np.array([s]), log_sigmas)[0]) for s in sigmas]
@@ -108,6 +111,7 @@ def test_playground_edm_pipeline():
 
 
 # ---- forward-driven families -------------------------------------------------------------------
+
 
 def r(*shape):
     return torch.randn(*shape)
@@ -128,68 +132,170 @@ def expand(t):
 # name: (build model + inputs, scheduler, what the pipeline passes for scheduler step t, the noise level of step t)
 # Each builder returns (model, kwargs without the timestep, name of the timestep argument).
 def sd3():
-    m = D.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                                num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-                                pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16)
+    m = D.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
     return m, dict(hidden_states=r(B, 4, 8, 8), encoder_hidden_states=r(B, 5, 16), pooled_projections=r(B, 8))
 
 
 def flux2():
-    m = D.Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                                  num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=32,
-                                  axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
-    return m, dict(hidden_states=r(B, 16, 4), encoder_hidden_states=r(B, 5, 16), img_ids=torch.zeros(16, 4),
-                   txt_ids=torch.zeros(5, 4))
+    m = D.Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )
+    return m, dict(
+        hidden_states=r(B, 16, 4),
+        encoder_hidden_states=r(B, 5, 16),
+        img_ids=torch.zeros(16, 4),
+        txt_ids=torch.zeros(5, 4),
+    )
 
 
 def auraflow():
-    m = D.AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
-                                     num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2,
-                                     joint_attention_dim=16, caption_projection_dim=16, out_channels=4,
-                                     pos_embed_max_size=64)
+    m = D.AuraFlowTransformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_mmdit_layers=1,
+        num_single_dit_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        out_channels=4,
+        pos_embed_max_size=64,
+    )
     return m, dict(hidden_states=r(B, 4, 8, 8), encoder_hidden_states=r(B, 5, 16))
 
 
 def lumina2():
-    m = D.Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=1,
-                                    num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=8,
-                                    axes_dim_rope=(4, 2, 2), axes_lens=(64, 16, 16), cap_feat_dim=16)
-    return m, dict(hidden_states=r(B, 4, 8, 8), encoder_hidden_states=r(B, 5, 16),
-                   encoder_attention_mask=torch.ones(B, 5, dtype=torch.bool))
+    m = D.Lumina2Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=16,
+        num_layers=1,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=1,
+        multiple_of=8,
+        axes_dim_rope=(4, 2, 2),
+        axes_lens=(64, 16, 16),
+        cap_feat_dim=16,
+    )
+    return m, dict(
+        hidden_states=r(B, 4, 8, 8),
+        encoder_hidden_states=r(B, 5, 16),
+        encoder_attention_mask=torch.ones(B, 5, dtype=torch.bool),
+    )
 
 
 def pixart():
-    m = D.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                   num_layers=1, cross_attention_dim=16, sample_size=8, patch_size=2,
-                                   caption_channels=16, use_additional_conditions=False)
-    return m, dict(hidden_states=r(B, 4, 8, 8), encoder_hidden_states=r(B, 5, 16),
-                   added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    m = D.PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        cross_attention_dim=16,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=16,
+        use_additional_conditions=False,
+    )
+    return m, dict(
+        hidden_states=r(B, 4, 8, 8),
+        encoder_hidden_states=r(B, 5, 16),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    )
 
 
 def sana(timestep_scale=1.0):
-    m = D.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-                                 num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
-                                 cross_attention_dim=16, caption_channels=16, sample_size=8, patch_size=1,
-                                 timestep_scale=timestep_scale)
+    m = D.SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=16,
+        sample_size=8,
+        patch_size=1,
+        timestep_scale=timestep_scale,
+    )
     return m, dict(hidden_states=r(B, 4, 8, 8), encoder_hidden_states=r(B, 5, 16))
 
 
 def hunyuandit():
-    m = D.HunyuanDiT2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8,
-                            hidden_size=16, num_layers=1, cross_attention_dim=16, cross_attention_dim_t5=16,
-                            pooled_projection_dim=16, text_len=5, text_len_t5=5)
-    return m, dict(hidden_states=r(B, 4, 8, 8), encoder_hidden_states=r(B, 5, 16), text_embedding_mask=torch.ones(B, 5),
-                   encoder_hidden_states_t5=r(B, 5, 16), text_embedding_mask_t5=torch.ones(B, 5),
-                   image_meta_size=torch.tensor([[64.0, 64, 64, 64, 0, 0]] * B), style=torch.zeros(B, dtype=torch.long),
-                   image_rotary_emb=(torch.ones(16, 8), torch.zeros(16, 8)))
+    m = D.HunyuanDiT2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        patch_size=2,
+        sample_size=8,
+        hidden_size=16,
+        num_layers=1,
+        cross_attention_dim=16,
+        cross_attention_dim_t5=16,
+        pooled_projection_dim=16,
+        text_len=5,
+        text_len_t5=5,
+    )
+    return m, dict(
+        hidden_states=r(B, 4, 8, 8),
+        encoder_hidden_states=r(B, 5, 16),
+        text_embedding_mask=torch.ones(B, 5),
+        encoder_hidden_states_t5=r(B, 5, 16),
+        text_embedding_mask_t5=torch.ones(B, 5),
+        image_meta_size=torch.tensor([[64.0, 64, 64, 64, 0, 0]] * B),
+        style=torch.zeros(B, dtype=torch.long),
+        image_rotary_emb=(torch.ones(16, 8), torch.zeros(16, 8)),
+    )
 
 
 def _cogview(cls, **extra):
-    m = cls(patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-            text_embed_dim=16, time_embed_dim=16, condition_dim=8, pos_embed_max_size=16, sample_size=8, **extra)
+    m = cls(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        text_embed_dim=16,
+        time_embed_dim=16,
+        condition_dim=8,
+        pos_embed_max_size=16,
+        sample_size=8,
+        **extra,
+    )
     hw = torch.tensor([[64.0, 64]] * B)
-    return m, dict(hidden_states=r(B, 4, 8, 8), encoder_hidden_states=r(B, 5, 16), original_size=hw, target_size=hw,
-                   crop_coords=torch.zeros(B, 2))
+    return m, dict(
+        hidden_states=r(B, 4, 8, 8),
+        encoder_hidden_states=r(B, 5, 16),
+        original_size=hw,
+        target_size=hw,
+        crop_coords=torch.zeros(B, 2),
+    )
 
 
 def cogview3():
@@ -201,22 +307,56 @@ def cogview4():
 
 
 def cogvideox():
-    m = D.CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                                      time_embed_dim=8, text_embed_dim=16, num_layers=1, sample_width=8,
-                                      sample_height=8, sample_frames=9, patch_size=2, max_text_seq_length=5)
+    m = D.CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=16,
+        num_layers=1,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        max_text_seq_length=5,
+    )
     return m, dict(hidden_states=r(B, 3, 4, 8, 8), encoder_hidden_states=r(B, 5, 16))
 
 
 def ltx():
-    m = D.LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-                                     cross_attention_dim=16, num_layers=1, caption_channels=16)
-    return m, dict(hidden_states=r(B, 2 * 4 * 4, 4), encoder_hidden_states=r(B, 5, 16),
-                   encoder_attention_mask=torch.ones(B, 5), num_frames=2, height=4, width=4)
+    m = D.LTXVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        num_layers=1,
+        caption_channels=16,
+    )
+    return m, dict(
+        hidden_states=r(B, 2 * 4 * 4, 4),
+        encoder_hidden_states=r(B, 5, 16),
+        encoder_attention_mask=torch.ones(B, 5),
+        num_frames=2,
+        height=4,
+        width=4,
+    )
 
 
 def _wan(cls):
-    m = cls(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-            text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1, rope_max_seq_len=32)
+    m = cls(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=16,
+        num_layers=1,
+        rope_max_seq_len=32,
+    )
     return m, dict(hidden_states=r(B, 4, 2, 8, 8), encoder_hidden_states=r(B, 5, 16))
 
 
@@ -229,71 +369,178 @@ def skyreels():
 
 
 def mochi():
-    m = D.MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-                                  pooled_projection_dim=16, in_channels=4, text_embed_dim=16, time_embed_dim=4,
-                                  max_sequence_length=5)
-    return m, dict(hidden_states=r(B, 4, 2, 8, 8), encoder_hidden_states=r(B, 5, 16),
-                   encoder_attention_mask=torch.ones(B, 5, dtype=torch.bool))
+    m = D.MochiTransformer3DModel(
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        pooled_projection_dim=16,
+        in_channels=4,
+        text_embed_dim=16,
+        time_embed_dim=4,
+        max_sequence_length=5,
+    )
+    return m, dict(
+        hidden_states=r(B, 4, 2, 8, 8),
+        encoder_hidden_states=r(B, 5, 16),
+        encoder_attention_mask=torch.ones(B, 5, dtype=torch.bool),
+    )
 
 
 def hunyuanvideo():
-    m = D.HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-                                         num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
-                                         patch_size_t=1, guidance_embeds=False, text_embed_dim=16,
-                                         pooled_projection_dim=8, rope_axes_dim=(2, 2, 4))
-    return m, dict(hidden_states=r(B, 4, 1, 8, 8), encoder_hidden_states=r(B, 5, 16),
-                   encoder_attention_mask=torch.ones(B, 5), pooled_projections=r(B, 8))
+    m = D.HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=2,
+        patch_size_t=1,
+        guidance_embeds=False,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 2, 4),
+    )
+    return m, dict(
+        hidden_states=r(B, 4, 1, 8, 8),
+        encoder_hidden_states=r(B, 5, 16),
+        encoder_attention_mask=torch.ones(B, 5),
+        pooled_projections=r(B, 8),
+    )
 
 
 def allegro():
-    m = D.AllegroTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                                    num_layers=1, cross_attention_dim=16, sample_height=8, sample_width=8,
-                                    sample_frames=2, caption_channels=16)
+    m = D.AllegroTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        cross_attention_dim=16,
+        sample_height=8,
+        sample_width=8,
+        sample_frames=2,
+        caption_channels=16,
+    )
     return m, dict(hidden_states=r(B, 4, 2, 8, 8), encoder_hidden_states=r(B, 5, 16))
 
 
 def cosmos():
-    m = D.CosmosTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
-                                   num_layers=1, mlp_ratio=2, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 32, 32),
-                                   patch_size=(1, 2, 2), concat_padding_mask=False)
+    m = D.CosmosTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=12,
+        num_layers=1,
+        mlp_ratio=2,
+        text_embed_dim=16,
+        adaln_lora_dim=4,
+        max_size=(4, 32, 32),
+        patch_size=(1, 2, 2),
+        concat_padding_mask=False,
+    )
     return m, dict(hidden_states=r(B, 4, 1, 8, 8), encoder_hidden_states=r(B, 5, 16), fps=24)
 
 
 def chroma():
-    m = D.ChromaTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                                   num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 4, 8),
-                                   approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1)
-    return m, dict(hidden_states=r(B, 16, 4), encoder_hidden_states=r(B, 5, 16), img_ids=torch.zeros(16, 3),
-                   txt_ids=torch.zeros(5, 3))
+    m = D.ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(4, 4, 8),
+        approximator_num_channels=8,
+        approximator_hidden_dim=16,
+        approximator_layers=1,
+    )
+    return m, dict(
+        hidden_states=r(B, 16, 4),
+        encoder_hidden_states=r(B, 5, 16),
+        img_ids=torch.zeros(16, 3),
+        txt_ids=torch.zeros(5, 3),
+    )
 
 
 def qwenimage():
-    m = D.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=16,
-                                      num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 4, 8))
-    return m, dict(hidden_states=r(B, 16, 16), encoder_hidden_states=r(B, 5, 16),
-                   encoder_hidden_states_mask=torch.ones(B, 5), img_shapes=[[(1, 4, 4)]] * B)
+    m = D.QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(4, 4, 8),
+    )
+    return m, dict(
+        hidden_states=r(B, 16, 16),
+        encoder_hidden_states=r(B, 5, 16),
+        encoder_hidden_states_mask=torch.ones(B, 5),
+        img_shapes=[[(1, 4, 4)]] * B,
+    )
 
 
 def hidream():
-    m = D.HiDreamImageTransformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=8, num_attention_heads=2, caption_channels=[16, 16],
-                                         text_emb_dim=16, num_routed_experts=2, num_activated_experts=1,
-                                         axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=[0, 1])
-    return m, dict(hidden_states=r(B, 4, 8, 8), encoder_hidden_states_t5=r(B, 5, 16),
-                   encoder_hidden_states_llama3=r(2, B, 5, 16), pooled_embeds=r(B, 16))
+    m = D.HiDreamImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_channels=[16, 16],
+        text_emb_dim=16,
+        num_routed_experts=2,
+        num_activated_experts=1,
+        axes_dims_rope=(4, 2, 2),
+        max_resolution=(32, 32),
+        llama_layers=[0, 1],
+    )
+    return m, dict(
+        hidden_states=r(B, 4, 8, 8),
+        encoder_hidden_states_t5=r(B, 5, 16),
+        encoder_hidden_states_llama3=r(2, B, 5, 16),
+        pooled_embeds=r(B, 16),
+    )
 
 
 def easyanimate():
-    m = D.EasyAnimateTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-                                        patch_size=2, sample_width=8, sample_height=8, num_layers=1, mmdit_layers=1,
-                                        time_embed_dim=8, text_embed_dim=16)
+    m = D.EasyAnimateTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        patch_size=2,
+        sample_width=8,
+        sample_height=8,
+        num_layers=1,
+        mmdit_layers=1,
+        time_embed_dim=8,
+        text_embed_dim=16,
+    )
     return m, dict(hidden_states=r(B, 4, 2, 8, 8), encoder_hidden_states=r(B, 5, 16))
 
 
 def latte():
-    m = D.LatteTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                  num_layers=1, cross_attention_dim=16, sample_size=8, patch_size=2,
-                                  norm_type="ada_norm_single", caption_channels=16, video_length=2)
+    m = D.LatteTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        cross_attention_dim=16,
+        sample_size=8,
+        patch_size=2,
+        norm_type="ada_norm_single",
+        caption_channels=16,
+        video_length=2,
+    )
     return m, dict(hidden_states=r(B, 4, 2, 8, 8), encoder_hidden_states=r(B, 5, 16))
 
 
@@ -400,9 +647,16 @@ def test_cosmos_either_pipeline(version):
     torch.manual_seed(0)
     model, kwargs = cosmos()
     if version == "cosmos1_edm":
-        scheduler = D.EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras",
-                                        num_train_timesteps=1000, prediction_type="epsilon", rho=7.0,
-                                        final_sigmas_type="sigma_min")
+        scheduler = D.EDMEulerScheduler(
+            sigma_min=0.002,
+            sigma_max=80.0,
+            sigma_data=0.5,
+            sigma_schedule="karras",
+            num_train_timesteps=1000,
+            prediction_type="epsilon",
+            rho=7.0,
+            final_sigmas_type="sigma_min",
+        )
         scheduler.set_timesteps(6)
         # pipeline_cosmos_text2world: timestep = t.expand(latents.shape[0])
         args = [expand(t) for t in scheduler.timesteps]
@@ -437,6 +691,7 @@ def test_per_sample_timesteps_reversed_family():
 
 # ---- the conventions as functions --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", sorted(conventions.CONVENTIONS))
 def test_conventions_are_tensor_ops_on_any_device_and_dtype(name):
     """No host sync: a meta tensor (which has no values to read) maps without error; every input dtype
@@ -444,8 +699,13 @@ def test_conventions_are_tensor_ops_on_any_device_and_dtype(name):
     fn = conventions.mapping(name, None, T)
     out = fn(torch.zeros(3, device="meta"))
     assert out.device.type == "meta" and out.dtype == torch.float32 and out.shape == (3,)
-    for a in (torch.tensor(0.5), torch.tensor([0.25, 0.5], dtype=torch.float16), torch.tensor([0.5], dtype=torch.bfloat16),
-              torch.tensor([0, 1], dtype=torch.int64), 0.5):
+    for a in (
+        torch.tensor(0.5),
+        torch.tensor([0.25, 0.5], dtype=torch.float16),
+        torch.tensor([0.5], dtype=torch.bfloat16),
+        torch.tensor([0, 1], dtype=torch.int64),
+        0.5,
+    ):
         y = fn(a)
         assert y.dtype == torch.float32 and y.shape == torch.as_tensor(a).shape
         assert bool(((y >= 0) & (y <= T)).all())
@@ -454,8 +714,12 @@ def test_conventions_are_tensor_ops_on_any_device_and_dtype(name):
 def test_convention_values_against_plain_formulas():
     a = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
     expect = {
-        "timesteps": a, "unit": T * a, "reversed_unit": T * (1 - a), "reversed": (T - a).clamp(0, T),
-        "t_minus_1": a + 1, "edm_flow": T * torch.exp(4 * a) / (1 + torch.exp(4 * a)),
+        "timesteps": a,
+        "unit": T * a,
+        "reversed_unit": T * (1 - a),
+        "reversed": (T - a).clamp(0, T),
+        "t_minus_1": a + 1,
+        "edm_flow": T * torch.exp(4 * a) / (1 + torch.exp(4 * a)),
     }
     for name, want in expect.items():
         got = conventions.mapping(name, None, T)(a)
@@ -466,9 +730,16 @@ def test_convention_values_against_plain_formulas():
 
 # ---- choosing a convention ---------------------------------------------------------------------
 
+
 def test_unknown_diffusers_class_refused_naming_class_and_option():
-    prior = D.PriorTransformer(num_attention_heads=2, attention_head_dim=4, num_layers=1, embedding_dim=8,
-                               num_embeddings=4, additional_embeddings=1)
+    prior = D.PriorTransformer(
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_layers=1,
+        embedding_dim=8,
+        num_embeddings=4,
+        additional_embeddings=1,
+    )
     with pytest.raises(ValueError, match=r"PriorTransformer.*timestep_convention"):
         tlora.inject(prior, rank=2)
     assert tlora.adapter_of(prior) is None

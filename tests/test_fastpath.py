@@ -5,8 +5,6 @@ never serve a folded weight built from factors that have changed since."""
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
@@ -110,6 +108,7 @@ def cache_mode(request):
 
 # ---- one layer --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", ["tlora", "vanilla", "lora"])
 @pytest.mark.parametrize("timesteps", [[500], [0, 500, 999], [999, 999, 10], None])
 def test_layer_matches_factored_path(variant, timesteps, cache_mode, calls):
@@ -151,8 +150,8 @@ def test_mixed_ranks_group_by_rank(calls):
     with torch.no_grad():
         both = model(x, t)
         for i in range(4):
-            alone = factored(lambda: model(x[i:i + 1], t[i:i + 1]))
-            assert rel_err(both[i:i + 1], alone) < RTOL
+            alone = factored(lambda: model(x[i : i + 1], t[i : i + 1]))
+            assert rel_err(both[i : i + 1], alone) < RTOL
     assert calls.fold == 3
 
 
@@ -232,6 +231,7 @@ def test_half_precision_and_autocast(dtype):
 
 # ---- training: never folded, cache invalidated --------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", ["tlora", "vanilla"])
 def test_gradients_unaffected(variant, calls):
     torch.manual_seed(5)
@@ -278,9 +278,11 @@ def test_cache_invalidated_by_optimizer_step(calls):
 
     # Factors changed in place without any training forward (no_grad edit, load_state_dict):
     # the version counters tell.
-    for edit in (lambda: adapter.layers["to_q"].lam.mul_(1.5),
-                 lambda: model.load_state_dict({k: v * 0.9 for k, v in model.state_dict().items()}),
-                 lambda: adapter.layers["to_q"].base_layer.weight.add_(0.1)):
+    for edit in (
+        lambda: adapter.layers["to_q"].lam.mul_(1.5),
+        lambda: model.load_state_dict({k: v * 0.9 for k, v in model.state_dict().items()}),
+        lambda: adapter.layers["to_q"].base_layer.weight.add_(0.1),
+    ):
         with torch.no_grad():
             model(x, t)
             edit()
@@ -353,6 +355,7 @@ def test_default_budget_is_per_device():
 
 
 # ---- a stock pipeline --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("variant", ["tlora", "lora"])
 def test_sd_pipeline_images_match_factored_path(variant, cache_mode, calls):

@@ -38,8 +38,11 @@ def call_with_timeout(fn, *args):
 
 
 def snapshot(model):
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            [(n, type(m)) for n, m in model.named_modules()], len(model._forward_pre_hooks))
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        [(n, type(m)) for n, m in model.named_modules()],
+        len(model._forward_pre_hooks),
+    )
 
 
 def assert_untouched(model, before, label):
@@ -100,7 +103,9 @@ def test_every_reader_loads_exactly_or_refuses_clearly(corpus, tmp_path):
             foreign_to_tlora_reader = case.kind == "foreign" and reader in ("read", "info", "export")
             must_fail = True if foreign_to_tlora_reader else case.must_fail
             if error is not None:
-                if isinstance(error, BaseException) and not (isinstance(error, tlora.TloraError) and path.name in str(error)):
+                if isinstance(error, BaseException) and not (
+                    isinstance(error, tlora.TloraError) and path.name in str(error)
+                ):
                     failures.append(f"{label}: {type(error).__name__}: {error}"[:300])
                 elif must_fail is False:
                     failures.append(f"{label}: refused a file that must load: {error}"[:300])
@@ -162,13 +167,20 @@ def test_non_regular_files_are_refused_without_blocking(tmp_path):
             if reader == "info":
                 assert error is None and box["result"][0] == 2 and fragment in box["result"][1], box
             else:
-                assert isinstance(error, tlora.AdapterFileError) and fragment in str(error) and str(path) in str(error), error
+                assert (
+                    isinstance(error, tlora.AdapterFileError) and fragment in str(error) and str(path) in str(error)
+                ), error
             assert_untouched(model, before, f"{path} [{reader}]")
 
 
 def test_cli_info_on_a_fifo_exits_2_in_a_subprocess(tmp_path):
     fifo = tmp_path / "pipe.safetensors"
     os.mkfifo(fifo)
-    proc = subprocess.run([sys.executable, "-m", "tlora.cli", "info", str(fifo)], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlora.cli", "info", str(fifo)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 2 and "named pipe (FIFO)" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -53,7 +53,7 @@ def reference(init: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.randn(SEEDS, OUT, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(1234)) / R
     u, s, vh = torch.linalg.svd(g, full_matrices=False)
     k = START[init]
-    return u[:, :, k:k + R], s[:, k:k + R], vh[:, k:k + R, :]
+    return u[:, :, k : k + R], s[:, k : k + R], vh[:, k : k + R, :]
 
 
 def drawn(init: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,7 +85,7 @@ def test_the_comparison_can_tell_a_wrong_law_apart():
     passing above is evidence, not the absence of a test."""
     ref_lam = reference("last")[1]
     g = torch.randn(SEEDS, OUT + 1, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(99)) / R
-    wrong = torch.linalg.svdvals(g)[:, START["last"]:START["last"] + R]
+    wrong = torch.linalg.svdvals(g)[:, START["last"] : START["last"] + R]
     assert min(ks_pvalue(wrong[:, j], ref_lam[:, j]) for j in range(R)) < 1e-3
 
 

@@ -50,20 +50,31 @@ def inputs(kind: str, batch: int = 2, seed: int = 0) -> dict:
         return torch.randn(*shape, generator=g)
 
     if kind == "sd":
-        return {"sample": randn(batch, 4, LATENT_SIZE, LATENT_SIZE), "encoder_hidden_states": randn(batch, TOKENS, SD_CROSS_DIM)}
+        return {
+            "sample": randn(batch, 4, LATENT_SIZE, LATENT_SIZE),
+            "encoder_hidden_states": randn(batch, TOKENS, SD_CROSS_DIM),
+        }
     if kind == "sdxl":
         s = float(IMAGE_SIZE)
-        return {"sample": randn(batch, 4, LATENT_SIZE, LATENT_SIZE),
-                "encoder_hidden_states": randn(batch, TOKENS, SDXL_CROSS_DIM),
-                "added_cond_kwargs": {"text_embeds": randn(batch, SDXL_POOLED_DIM),
-                                      "time_ids": torch.tensor([[s, s, 0.0, 0.0, s, s]]).repeat(batch, 1)}}
+        return {
+            "sample": randn(batch, 4, LATENT_SIZE, LATENT_SIZE),
+            "encoder_hidden_states": randn(batch, TOKENS, SDXL_CROSS_DIM),
+            "added_cond_kwargs": {
+                "text_embeds": randn(batch, SDXL_POOLED_DIM),
+                "time_ids": torch.tensor([[s, s, 0.0, 0.0, s, s]]).repeat(batch, 1),
+            },
+        }
     side = LATENT_SIZE // 2
     img_ids = torch.zeros(side, side, 3)
     img_ids[..., 1] = torch.arange(side)[:, None]
     img_ids[..., 2] = torch.arange(side)[None, :]
-    return {"hidden_states": randn(batch, side * side, 4), "encoder_hidden_states": randn(batch, TOKENS, FLUX_JOINT_DIM),
-            "pooled_projections": randn(batch, FLUX_POOLED_DIM), "txt_ids": torch.zeros(TOKENS, 3),
-            "img_ids": img_ids.reshape(-1, 3)}
+    return {
+        "hidden_states": randn(batch, side * side, 4),
+        "encoder_hidden_states": randn(batch, TOKENS, FLUX_JOINT_DIM),
+        "pooled_projections": randn(batch, FLUX_POOLED_DIM),
+        "txt_ids": torch.zeros(TOKENS, 3),
+        "img_ids": img_ids.reshape(-1, 3),
+    }
 
 
 @torch.no_grad()
@@ -100,16 +111,19 @@ def reference_output(kind, model, adapter, k):
 
 # ---- export -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,variant", [("sd", "tlora"), ("sdxl", "tlora"), ("flux", "tlora"),
-                                          ("sd", "vanilla"), ("sd", "lora")])
+
+@pytest.mark.parametrize(
+    "kind,variant", [("sd", "tlora"), ("sdxl", "tlora"), ("flux", "tlora"), ("sd", "vanilla"), ("sd", "lora")]
+)
 def test_diffusers_export_loads_with_load_lora_weights(kind, variant, tmp_path):
     pipe = tiny_pipeline(kind)
     model = denoiser(pipe)
     adapter, path = adapted(model, tmp_path, variant)
     k = R if variant == "lora" else 3
     ref = reference_output(kind, model, adapter, k)
-    result = interop.export(path, tmp_path / "lora.safetensors", format="diffusers",
-                            rank=None if variant == "lora" else k)
+    result = interop.export(
+        path, tmp_path / "lora.safetensors", format="diffusers", rank=None if variant == "lora" else k
+    )
     assert result.lora_rank == (2 * k if variant == "tlora" else k)
     assert "per-timestep ranks" in result.note and (variant == "lora") == ("no per-timestep ranks" in result.note)
     keys = load_file(str(result.path))
@@ -233,7 +247,9 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", "--adapter", str(path), "--format", "kohya", "--timestep", "999", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "per-timestep ranks" in printed and "rank 4" in printed  # r(999) = r_min = 2: a LoRA of rank 4
-    assert load_file(str(out))[f"lora_unet_{next(iter(adapter.layers)).replace('.', '_')}.lora_down.weight"].shape[0] == 4
+    assert (
+        load_file(str(out))[f"lora_unet_{next(iter(adapter.layers)).replace('.', '_')}.lora_down.weight"].shape[0] == 4
+    )
     assert main(["export", "--adapter", str(path), "--format", "kohya", "--rank", "9", "--out", str(out)]) == 2
     assert "rank must be an integer in 1..4" in capsys.readouterr().err
 
@@ -250,9 +266,16 @@ def reference_layout(adapter) -> dict[str, torch.Tensor]:
         attn, proj = next((name[: -len(s) - 1], p) for s, p in _REF_PROJ.items() if name.endswith("." + s))
         stem = f"{attn}.processor.{proj}"
         if adapter.config.variant == "tlora":
-            out.update({f"{stem}.q_layer.weight": layer.q, f"{stem}.p_layer.weight": layer.p,
-                        f"{stem}.lambda_layer": layer.lam[None], f"{stem}.base_q.weight": layer.q0,
-                        f"{stem}.base_p.weight": layer.p0, f"{stem}.base_lambda": layer.lam0[None]})
+            out.update(
+                {
+                    f"{stem}.q_layer.weight": layer.q,
+                    f"{stem}.p_layer.weight": layer.p,
+                    f"{stem}.lambda_layer": layer.lam[None],
+                    f"{stem}.base_q.weight": layer.q0,
+                    f"{stem}.base_p.weight": layer.p0,
+                    f"{stem}.base_lambda": layer.lam0[None],
+                }
+            )
         else:
             out.update({f"{stem}.down.weight": layer.down, f"{stem}.up.weight": layer.up})
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
@@ -396,7 +419,9 @@ def test_cli_import_writes_a_tlora_file(tmp_path, capsys):
     out = tmp_path / "imported.safetensors"
     assert main(["import", "--adapter", str(ref), "--model", str(folder), "--out", str(out), "--min-rank", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "tlora adapter of rank 4 (min rank 1" in printed and "reference T-LoRA code" in printed and str(out) in printed
+    assert (
+        "tlora adapter of rank 4 (min rank 1" in printed and "reference T-LoRA code" in printed and str(out) in printed
+    )
     tensors, meta = tlora.read(out)  # tlora's own format now
     assert meta["base_model"] == "UNet2DConditionModel" and meta["config"]["min_rank"] == 1
     assert set(meta["modules"]) == set(adapter.layers)
@@ -428,6 +453,7 @@ def test_import_file_from_lycoris(lycoris_source, tmp_path):
 
 
 # ---- half precision: the export must not cancel ------------------------------------------------
+
 
 class _OneProjection(nn.Module):
     def __init__(self):

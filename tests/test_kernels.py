@@ -38,6 +38,7 @@ class Tiny(nn.Module):
 
 # ---- the reference ---------------------------------------------------------------------------
 
+
 def ref_rank(t: float, r: int, r_min: int, a: float, big_t: int = T) -> int:
     return math.floor(((big_t - t) / big_t) ** a * (r - r_min)) + r_min
 
@@ -57,29 +58,38 @@ def ref_delta_w(variant: str, f: dict[str, torch.Tensor], m: torch.Tensor) -> to
     return f["up"] @ f["down"]
 
 
-def ref_update(variant: str, x: torch.Tensor, f: dict[str, torch.Tensor], ranks: list[int] | None,
-               r: int, scale: float) -> torch.Tensor:
+def ref_update(
+    variant: str, x: torch.Tensor, f: dict[str, torch.Tensor], ranks: list[int] | None, r: int, scale: float
+) -> torch.Tensor:
     """scale * x dW^T, sample b of the batch with ranks[b] (or one shared rank, or full rank)."""
     if ranks is None:
         ranks = [r]
     if len(ranks) == 1:
         return scale * x @ ref_delta_w(variant, f, ref_mask(ranks[0], r, x.dtype)).T
-    return torch.stack([scale * x[b] @ ref_delta_w(variant, f, ref_mask(rb, r, x.dtype)).T
-                        for b, rb in enumerate(ranks)])
+    return torch.stack(
+        [scale * x[b] @ ref_delta_w(variant, f, ref_mask(rb, r, x.dtype)).T for b, rb in enumerate(ranks)]
+    )
 
 
 TRAINABLE = {"tlora": ("p", "lam", "q"), "vanilla": ("down", "up"), "lora": ("down", "up")}
 ORDER = {"tlora": ("p", "lam", "q", "p0", "lam0", "q0"), "vanilla": ("down", "up"), "lora": ("down", "up")}
 
 
-def random_factors(variant: str, out_f: int, in_f: int, r: int, gen: torch.Generator,
-                   dtype=torch.float64) -> dict[str, torch.Tensor]:
+def random_factors(
+    variant: str, out_f: int, in_f: int, r: int, gen: torch.Generator, dtype=torch.float64
+) -> dict[str, torch.Tensor]:
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=dtype)
 
     if variant == "tlora":
-        return {"p": rnd(out_f, r), "lam": rnd(r), "q": rnd(r, in_f),
-                "p0": rnd(out_f, r), "lam0": rnd(r), "q0": rnd(r, in_f)}
+        return {
+            "p": rnd(out_f, r),
+            "lam": rnd(r),
+            "q": rnd(r, in_f),
+            "p0": rnd(out_f, r),
+            "lam0": rnd(r),
+            "q0": rnd(r, in_f),
+        }
     return {"down": rnd(r, in_f), "up": rnd(out_f, r)}
 
 
@@ -111,8 +121,16 @@ def test_injected_layer_matches_reference(case):
     variant, in_f, out_f, r, r_min, a, alpha, batch, tokens, bias = case
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     model = Tiny(in_f, out_f, bias)
-    adapter = tlora.inject(model, rank=r, min_rank=r_min, rank_exponent=a, variant=variant,
-                           target_modules=["to_q"], lora_alpha=alpha, seed=3)
+    adapter = tlora.inject(
+        model,
+        rank=r,
+        min_rank=r_min,
+        rank_exponent=a,
+        variant=variant,
+        target_modules=["to_q"],
+        lora_alpha=alpha,
+        seed=3,
+    )
     layer = model.to_q
     perturb(layer, gen)
     scale = 1.0 if alpha is None else alpha / r
@@ -136,8 +154,10 @@ def test_injected_layer_matches_reference(case):
 
         # Reference in float64 with autograd.
         xr = x.detach().double().requires_grad_(True)
-        fr = {k: t.detach().double().requires_grad_(k in TRAINABLE[variant])
-              for k, t in zip(layer.factor_names(), layer.factors())}
+        fr = {
+            k: t.detach().double().requires_grad_(k in TRAINABLE[variant])
+            for k, t in zip(layer.factor_names(), layer.factors())
+        }
         w = layer.base_layer.weight.detach().double()
         b = layer.base_layer.bias.detach().double() if bias else 0.0
         ref = xr @ w.T + b + ref_update(variant, xr, fr, ranks, r, scale)
@@ -250,8 +270,11 @@ def test_lowrank_update_only_x_requires_grad():
 
 # ---- rank schedule -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("r,r_min,a,big_t", [(64, 32, 1.0, 1000), (8, 4, 2.0, 1000), (16, 1, 0.5, 1000),
-                                              (5, 5, 1.0, 1000), (32, 3, 1.7, 50), (4, 1, 3.0, 1)])
+
+@pytest.mark.parametrize(
+    "r,r_min,a,big_t",
+    [(64, 32, 1.0, 1000), (8, 4, 2.0, 1000), (16, 1, 0.5, 1000), (5, 5, 1.0, 1000), (32, 3, 1.7, 50), (4, 1, 3.0, 1)],
+)
 def test_rank_schedule_matches_formula(r, r_min, a, big_t):
     gen = torch.Generator().manual_seed(r * 100 + r_min)
     ints = torch.arange(0, big_t + 1)
@@ -276,21 +299,24 @@ def test_rank_schedule_hand_values():
     assert got.tolist() == [64, 63, 63, 62, 48, 32, 32]
 
 
-@pytest.mark.parametrize("kwargs,fragment", [
-    (dict(timesteps=float("nan")), "NaN"),
-    (dict(timesteps=torch.tensor([10.0, float("nan")])), "NaN"),
-    (dict(timesteps=-1), "outside"),
-    (dict(timesteps=-0.001), "outside"),
-    (dict(timesteps=1000.5), "outside"),
-    (dict(timesteps=torch.tensor([0, 2000])), "outside"),
-    (dict(timesteps=10, min_rank=9), "min_rank"),
-    (dict(timesteps=10, min_rank=0), "min_rank"),
-    (dict(timesteps=10, rank=0, min_rank=0), "rank must be >= 1"),
-    (dict(timesteps=10, exponent=0.0), "rank_exponent"),
-    (dict(timesteps=10, exponent=-1.0), "rank_exponent"),
-    (dict(timesteps=10, exponent=float("nan")), "rank_exponent"),
-    (dict(timesteps=10, num_train_timesteps=0), "num_train_timesteps"),
-])
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(timesteps=float("nan")), "NaN"),
+        (dict(timesteps=torch.tensor([10.0, float("nan")])), "NaN"),
+        (dict(timesteps=-1), "outside"),
+        (dict(timesteps=-0.001), "outside"),
+        (dict(timesteps=1000.5), "outside"),
+        (dict(timesteps=torch.tensor([0, 2000])), "outside"),
+        (dict(timesteps=10, min_rank=9), "min_rank"),
+        (dict(timesteps=10, min_rank=0), "min_rank"),
+        (dict(timesteps=10, rank=0, min_rank=0), "rank must be >= 1"),
+        (dict(timesteps=10, exponent=0.0), "rank_exponent"),
+        (dict(timesteps=10, exponent=-1.0), "rank_exponent"),
+        (dict(timesteps=10, exponent=float("nan")), "rank_exponent"),
+        (dict(timesteps=10, num_train_timesteps=0), "num_train_timesteps"),
+    ],
+)
 def test_rank_schedule_errors(kwargs, fragment):
     args = dict(rank=8, min_rank=4, exponent=1.0, num_train_timesteps=1000)
     args.update(kwargs)
@@ -300,8 +326,10 @@ def test_rank_schedule_errors(kwargs, fragment):
 
 # ---- initialisation ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant,init_from", [("tlora", "random"), ("tlora", "weight"),
-                                               ("vanilla", "random"), ("lora", "random")])
+
+@pytest.mark.parametrize(
+    "variant,init_from", [("tlora", "random"), ("tlora", "weight"), ("vanilla", "random"), ("lora", "random")]
+)
 def test_zero_update_at_init(variant, init_from):
     torch.manual_seed(0)
     model = Tiny(24, 20)
@@ -347,7 +375,7 @@ def test_orthogonal_init(init, init_from, shape):
         s = torch.linalg.svdvals(w)
         full = min(out_f, in_f)
         start = {"principal": 0, "middle": (full - r) // 2, "last": full - r}[init]
-        torch.testing.assert_close(lam, s[start:start + r], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lam, s[start : start + r], rtol=1e-5, atol=1e-6)
         # Each left vector is paired with its own right vector and singular value: P^T W Q^T = diag(lam).
         torch.testing.assert_close(p.T @ w @ q.T, torch.diag(lam), rtol=0, atol=1e-5)
     else:
@@ -375,6 +403,7 @@ def test_init_is_seeded_and_leaves_global_rng_alone():
 
 
 # ---- half precision and autocast ---------------------------------------------------------------
+
 
 def _pair(variant: str, dtype: torch.dtype):
     """Two models with identical (non-zero) adapters: one float32, one with a `dtype` base layer."""

@@ -93,18 +93,22 @@ def test_lycoris_semantics_as_documented():
     assert module.p_layer.weight.shape == (10, 8) and module.q_layer.weight.shape == (8, 12)
 
 
-@pytest.mark.parametrize("in_f,out_f,rank,min_rank,exponent,alpha", [
-    (24, 16, 8, 4, 1.0, 8.0),
-    (16, 32, 8, 2, 2.0, 4.0),
-    (20, 20, 6, 1, 0.5, 12.0),
-])
+@pytest.mark.parametrize(
+    "in_f,out_f,rank,min_rank,exponent,alpha",
+    [
+        (24, 16, 8, 4, 1.0, 8.0),
+        (16, 32, 8, 2, 2.0, 4.0),
+        (20, 20, 6, 1, 0.5, 12.0),
+    ],
+)
 @pytest.mark.parametrize("mode", ["float64", "bypass"])
 def test_tlora_factors_in_lycoris_give_the_same_output(in_f, out_f, rank, min_rank, exponent, alpha, mode):
     torch.manual_seed(0)
     model = Tiny(in_f, out_f)
     base = copy.deepcopy(model.to_q)
-    tlora.inject(model, rank=rank, min_rank=min_rank, rank_exponent=exponent, lora_alpha=alpha,
-                 target_modules=["to_q"], seed=11)
+    tlora.inject(
+        model, rank=rank, min_rank=min_rank, rank_exponent=exponent, lora_alpha=alpha, target_modules=["to_q"], seed=11
+    )
     layer = model.to_q
     _perturb([layer.p, layer.lam, layer.q], seed=1)
 
@@ -212,7 +216,9 @@ def test_weight_init_matches_lycoris_data_init(sig_type):
     torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("rank,min_rank,exponent", [(8, 4, 1.0), (64, 32, 1.0), (16, 1, 2.0), (10, 3, 0.7), (6, 6, 1.0)])
+@pytest.mark.parametrize(
+    "rank,min_rank,exponent", [(8, 4, 1.0), (64, 32, 1.0), (16, 1, 2.0), (10, 3, 0.7), (6, 6, 1.0)]
+)
 def test_rank_schedule_matches_lycoris_mask(rank, min_rank, exponent):
     t = torch.arange(0, T + 1)
     ours = tlora.rank_schedule(t, rank, min_rank, exponent, T).tolist()

@@ -61,6 +61,7 @@ def perturb(adapter, seed: int = 1, std: float = 0.05) -> None:
 
 # ---- calling a bare denoiser ------------------------------------------------------------------
 
+
 def denoiser_inputs(kind: str, batch: int, seed: int = 0) -> dict:
     """Random conditioning and noisy input for `tiny_denoiser(kind)` (everything but the timestep)."""
     g = torch.Generator().manual_seed(seed)
@@ -69,23 +70,30 @@ def denoiser_inputs(kind: str, batch: int, seed: int = 0) -> dict:
         return torch.randn(*shape, generator=g)
 
     if kind == "sd":
-        return {"sample": randn(batch, 4, LATENT_SIZE, LATENT_SIZE),
-                "encoder_hidden_states": randn(batch, TOKENS, SD_CROSS_DIM)}
+        return {
+            "sample": randn(batch, 4, LATENT_SIZE, LATENT_SIZE),
+            "encoder_hidden_states": randn(batch, TOKENS, SD_CROSS_DIM),
+        }
     if kind == "sdxl":
         size = float(IMAGE_SIZE)
         time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(batch, 1)
-        return {"sample": randn(batch, 4, LATENT_SIZE, LATENT_SIZE),
-                "encoder_hidden_states": randn(batch, TOKENS, SDXL_CROSS_DIM),
-                "added_cond_kwargs": {"text_embeds": randn(batch, SDXL_POOLED_DIM), "time_ids": time_ids}}
+        return {
+            "sample": randn(batch, 4, LATENT_SIZE, LATENT_SIZE),
+            "encoder_hidden_states": randn(batch, TOKENS, SDXL_CROSS_DIM),
+            "added_cond_kwargs": {"text_embeds": randn(batch, SDXL_POOLED_DIM), "time_ids": time_ids},
+        }
     # FLUX: 1 latent channel, 2x2 patches packed into tokens of 4 channels.
     side = LATENT_SIZE // 2
     img_ids = torch.zeros(side, side, 3)
     img_ids[..., 1] = torch.arange(side)[:, None]
     img_ids[..., 2] = torch.arange(side)[None, :]
-    return {"hidden_states": randn(batch, side * side, 4),
-            "encoder_hidden_states": randn(batch, TOKENS, FLUX_JOINT_DIM),
-            "pooled_projections": randn(batch, FLUX_POOLED_DIM),
-            "txt_ids": torch.zeros(TOKENS, 3), "img_ids": img_ids.reshape(-1, 3)}
+    return {
+        "hidden_states": randn(batch, side * side, 4),
+        "encoder_hidden_states": randn(batch, TOKENS, FLUX_JOINT_DIM),
+        "pooled_projections": randn(batch, FLUX_POOLED_DIM),
+        "txt_ids": torch.zeros(TOKENS, 3),
+        "img_ids": img_ids.reshape(-1, 3),
+    }
 
 
 def model_input(inputs: dict) -> torch.Tensor:
@@ -114,13 +122,14 @@ def noised_example(kind: str, t: int, seed: int = 3):
         s = t / T
         inputs[key], target = (1 - s) * x0 + s * eps, eps - x0
     else:
-        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, T, dtype=torch.float64) ** 2
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2
         abar = torch.cumprod(1 - betas, 0)[t].item()
         inputs[key], target = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * eps, eps
     return inputs, target
 
 
 # ---- observing the kernel's ranks -------------------------------------------------------------
+
 
 class RankRecorder:
     """Wraps the native forward kernel and records the `ranks` argument of every call, grouped by
@@ -131,7 +140,9 @@ class RankRecorder:
         self.forwards: list[list] = []
         self.batches: list[int] = []
         # Every forward must reach the factored kernels: no folded weights (inference fast path).
-        monkeypatch.setattr(tlora.layer.RankState, "fast_path", property(lambda self: False, lambda self, v: None), raising=False)
+        monkeypatch.setattr(
+            tlora.layer.RankState, "fast_path", property(lambda self: False, lambda self, v: None), raising=False
+        )
 
         forward = tlora._native.lowrank_forward
 
@@ -173,6 +184,7 @@ def test_expected_rank_formula_matches_rank_schedule():
 
 # ---- sampling with the stock pipelines --------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_stock_pipeline_uses_scheduled_ranks(kind, recorder):
     pipe = tiny_pipeline(kind)
@@ -213,21 +225,28 @@ def test_per_sample_timesteps_in_training(kind, recorder):
         if kind == "flux":
             both = call(kind, model, inputs, [10, 900])
         else:  # as a training loop calls the UNet: positional, integer timesteps
-            both = model(inputs["sample"], torch.tensor([10, 900]), inputs["encoder_hidden_states"],
-                         added_cond_kwargs=inputs.get("added_cond_kwargs"), return_dict=False)[0]
+            both = model(
+                inputs["sample"],
+                torch.tensor([10, 900]),
+                inputs["encoder_hidden_states"],
+                added_cond_kwargs=inputs.get("added_cond_kwargs"),
+                return_dict=False,
+            )[0]
     assert recorder.forwards[-1] == [[expected_rank(10), expected_rank(900)]] * len(adapter.layers)
     assert expected_rank(10) != expected_rank(900)
 
     # Each sample of the mixed batch is computed at its own rank: it equals that sample alone.
     with torch.no_grad():
         for i, t in enumerate((10, 900)):
-            single = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and k not in ("txt_ids", "img_ids") else v)
-                      for k, v in inputs.items()}
+            single = {
+                k: (v[i : i + 1] if isinstance(v, torch.Tensor) and k not in ("txt_ids", "img_ids") else v)
+                for k, v in inputs.items()
+            }
             if "added_cond_kwargs" in inputs:
-                single["added_cond_kwargs"] = {k: v[i:i + 1] for k, v in inputs["added_cond_kwargs"].items()}
+                single["added_cond_kwargs"] = {k: v[i : i + 1] for k, v in inputs["added_cond_kwargs"].items()}
             alone = call(kind, model, single, [t])
             assert recorder.forwards[-1][0] == [expected_rank(t)]
-            torch.testing.assert_close(both[i:i + 1], alone, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(both[i : i + 1], alone, rtol=1e-4, atol=1e-5)
         # and not at the other sample's rank
         with adapter.timestep(900 if kind != "flux" else 0.9):
             swapped = call(kind, model, {**inputs}, [10, 900])
@@ -235,6 +254,7 @@ def test_per_sample_timesteps_in_training(kind, recorder):
 
 
 # ---- training ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind,variant", [(k, "tlora") for k in KINDS] + [("sd", "vanilla"), ("sd", "lora")])
 def test_adamw_steps_lower_the_denoising_loss(kind, variant):
@@ -260,6 +280,7 @@ def test_adamw_steps_lower_the_denoising_loss(kind, variant):
 
 
 # ---- save / load ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kind", KINDS)
@@ -309,13 +330,14 @@ def test_save_load_keeps_trained_factors_not_init(tmp_path):
 
 # ---- remove -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_remove_restores_every_bit(kind, variant):
     model = tiny_denoiser(kind)
     # A user's mixed requires_grad pattern, which inject overrides and remove must restore.
     names = [n for n, _ in model.named_parameters()]
-    for i, (n, p) in enumerate(model.named_parameters()):
+    for i, (_n, p) in enumerate(model.named_parameters()):
         p.requires_grad_(i % 3 != 0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     types = {n: type(m) for n, m in model.named_modules()}
@@ -354,6 +376,7 @@ def test_remove_restores_every_bit(kind, variant):
 
 # ---- gradient checkpointing -------------------------------------------------------------------
 
+
 def _two_timestep_grads(kind, checkpointing: str | None, recorder):
     model = tiny_denoiser(kind)
     if checkpointing == "before":
@@ -373,7 +396,9 @@ def _two_timestep_grads(kind, checkpointing: str | None, recorder):
     adapter.remove()
     if checkpointing:
         # remove() gives the blocks back diffusers' own checkpoint function
-        assert ckpt_funcs and not any(getattr(m._gradient_checkpointing_func, "_tlora_wrapped", False) for m in ckpt_funcs)
+        assert ckpt_funcs and not any(
+            getattr(m._gradient_checkpointing_func, "_tlora_wrapped", False) for m in ckpt_funcs
+        )
     return grads, replayed
 
 
@@ -393,6 +418,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind, order, recorder):
 
 
 # ---- attention processors ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_inject_keeps_the_attention_processors(kind, recorder):
@@ -420,6 +446,7 @@ def test_inject_keeps_the_attention_processors(kind, recorder):
 
 
 # ---- the tiny pipeline builders themselves ----------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_tiny_builders_are_seeded(kind):
@@ -453,17 +480,21 @@ def test_saved_tiny_pipeline_loads_back(kind, tmp_path):
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
         elif hasattr(comp, "config"):  # scheduler
             assert type(other) is type(comp)
-            assert {k: v for k, v in other.config.items() if not k.startswith("_")} == \
-                   {k: v for k, v in comp.config.items() if not k.startswith("_")}
+            assert {k: v for k, v in other.config.items() if not k.startswith("_")} == {
+                k: v for k, v in comp.config.items() if not k.startswith("_")
+            }
         else:  # tokenizer
             text = "a photo of sks dog"
             assert other.model_max_length == comp.model_max_length, name
-            assert other(text, padding="max_length", max_length=TOKENS).input_ids == \
-                   comp(text, padding="max_length", max_length=TOKENS).input_ids, name
+            assert (
+                other(text, padding="max_length", max_length=TOKENS).input_ids
+                == comp(text, padding="max_length", max_length=TOKENS).input_ids
+            ), name
 
     def sample(pipe):
-        return pipe(**sample_kwargs(kind, steps=2), output_type="latent",
-                    generator=torch.Generator().manual_seed(0)).images
+        return pipe(
+            **sample_kwargs(kind, steps=2), output_type="latent", generator=torch.Generator().manual_seed(0)
+        ).images
 
     # Weights read from disk can sit at other memory alignments, which changes float rounding
     # in a few kernels: equal up to a few ulps, not necessarily bit for bit.

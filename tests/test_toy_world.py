@@ -61,7 +61,7 @@ def test_concept_renders_are_aligned_with_their_eval_prompts():
 
 def test_renders_that_contradict_the_prompt_score_low():
     scores = []
-    for i, s in enumerate(_clean_scenes()):
+    for _i, s in enumerate(_clean_scenes()):
         wrong_bg = BGS[(BGS.index(s.background) + 1) % len(BGS)]
         wrong_pos = "centre" if s.position != "centre" else "left"
         scores.append(metrics.alignment(world.render(s), wrong_pos, wrong_bg))
@@ -81,10 +81,7 @@ def test_fidelity_finds_the_concept_and_only_the_concept():
     for name, c in CONCEPTS.items():
         rgb, alpha = c.sprite()
         assert rgb.shape == (*alpha.shape, 3) and rgb.dtype == np.uint8 and alpha.dtype == bool
-        own = [
-            metrics.fidelity(render_concept(c, p.position, p.background, rng), rgb, alpha)
-            for p in EVAL_PROMPTS
-        ]
+        own = [metrics.fidelity(render_concept(c, p.position, p.background, rng), rgb, alpha) for p in EVAL_PROMPTS]
         others = [
             metrics.fidelity(render_concept(o, "left", "black", rng), rgb, alpha)
             for o in CONCEPTS.values()
@@ -138,7 +135,10 @@ def test_captions_are_deterministic_short_and_in_the_vocabulary():
         words = text.split()
         assert set(words) <= vocab and len(words) < 20
         assert not set(words) & set(PLACEHOLDERS)
-    assert world.caption(Scene("circle", "red", "left", "blue")) == "a photo of a red circle on the left on a blue background"
+    assert (
+        world.caption(Scene("circle", "red", "left", "blue"))
+        == "a photo of a red circle on the left on a blue background"
+    )
     assert world.caption(Scene("ring", "orange", "top", "white", ("cross", "green", "bottom"))) == (
         "a photo of an orange ring at the top and green cross at the bottom on a white background"
     )

@@ -35,6 +35,17 @@ try:
 except ImportError:
     from tiny_models import save_tiny_pipeline
 
+from train_inputs import (  # tests/train_inputs.py, shared with benches/badinput.py
+    break_model_index,
+    drop_checkpoint_state,
+    nan_on_call,
+    optimizer_lrs,
+    set_flag,
+    train_args,
+    write_bomb,
+    write_photo,
+)
+
 import tlora.checkpoint
 from tlora import cli
 from tlora.generate import generate
@@ -42,8 +53,6 @@ from tlora.images import MIN_LABELLED_TILE, load_image
 from tlora.io import read
 from tlora.pipelines import family_of
 from tlora.train import train
-from train_inputs import (  # tests/train_inputs.py, shared with benches/badinput.py
-    break_model_index, drop_checkpoint_state, nan_on_call, optimizer_lrs, set_flag, train_args, write_bomb, write_photo)
 
 KINDS = ("sd", "sdxl", "flux")
 PROMPT = "a photo of sks dog"
@@ -52,6 +61,7 @@ RESUME_STEPS, RESUME_EVERY = 12, 4
 
 
 # ---- fixtures and helpers ---------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -125,9 +135,21 @@ def test_train_then_generate(kind, models, image, tmp_path, capsys):
     out = tmp_path / "run"
     steps = STEPS[kind]
     every = steps // 3
-    result = train(model=str(models[kind]), image=str(image), token="sks", class_name="dog", out=str(out),
-                   resolution=16, rank=4, lr=3e-2, steps=steps, checkpoint_every=every, seed=0,
-                   validation_prompts=["a {} on a beach", "a {} in the snow"], validation_steps=2)
+    result = train(
+        model=str(models[kind]),
+        image=str(image),
+        token="sks",
+        class_name="dog",
+        out=str(out),
+        resolution=16,
+        rank=4,
+        lr=3e-2,
+        steps=steps,
+        checkpoint_every=every,
+        seed=0,
+        validation_prompts=["a {} on a beach", "a {} in the snow"],
+        validation_steps=2,
+    )
 
     # The adapter learned the image: the denoising loss on fixed draws falls against the base model.
     after = denoising_loss(result.pipe, image)
@@ -145,8 +167,9 @@ def test_train_then_generate(kind, models, image, tmp_path, capsys):
     assert [e["step"] for e in log] == list(range(1, steps + 1))
     assert all(np.isfinite(e["loss"]) for e in log)
     checkpoints = [every, 2 * every, steps]
-    assert sorted(p.name for p in out.iterdir()) == sorted(["adapter.safetensors", "config.json", "loss.jsonl",
-                                                           *(f"checkpoint-{n}" for n in checkpoints)])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["adapter.safetensors", "config.json", "loss.jsonl", *(f"checkpoint-{n}" for n in checkpoints)]
+    )
     for n in checkpoints:
         ckpt = out / f"checkpoint-{n}"
         assert {p.name for p in ckpt.iterdir()} == {"adapter.safetensors", "state.safetensors", "state.json", "samples"}
@@ -164,9 +187,29 @@ def test_train_then_generate(kind, models, image, tmp_path, capsys):
 
     # `tlora generate`: n PNGs per prompt and a grid.
     gen_out = tmp_path / "samples"
-    rc = cli.main(["generate", "--model", str(models[kind]), "--adapter", str(out / "adapter.safetensors"),
-                   "--prompt", "a {} on a beach", "--prompt", "a {} in the snow", "-n", "2", "--steps", "2",
-                   "--height", "16", "--width", "16", "--out", str(gen_out)])
+    rc = cli.main(
+        [
+            "generate",
+            "--model",
+            str(models[kind]),
+            "--adapter",
+            str(out / "adapter.safetensors"),
+            "--prompt",
+            "a {} on a beach",
+            "--prompt",
+            "a {} in the snow",
+            "-n",
+            "2",
+            "--steps",
+            "2",
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--out",
+            str(gen_out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert "grid.png" in capsys.readouterr().out
     assert sorted(p.name for p in gen_out.iterdir()) == ["00-0.png", "00-1.png", "01-0.png", "01-1.png", "grid.png"]
@@ -175,8 +218,16 @@ def test_train_then_generate(kind, models, image, tmp_path, capsys):
     assert g.shape[0] > 2 * big and g.shape[1] > 2 * big and (g[-big:, -big:] == enlarged(gen_out / "01-1.png")).all()
 
     # The Python API, with an earlier checkpoint's adapter: it is applied, so the image differs.
-    grid = generate(str(models[kind]), str(out / f"checkpoint-{every}" / "adapter.safetensors"), ["a {} on a beach"],
-                    str(tmp_path / "early"), n=2, steps=2, height=16, width=16)
+    grid = generate(
+        str(models[kind]),
+        str(out / f"checkpoint-{every}" / "adapter.safetensors"),
+        ["a {} on a beach"],
+        str(tmp_path / "early"),
+        n=2,
+        steps=2,
+        height=16,
+        width=16,
+    )
     assert grid == tmp_path / "early" / "grid.png" and grid.is_file()
     early = np.asarray(Image.open(tmp_path / "early" / "00-0.png"), dtype=np.int16)
     final = np.asarray(Image.open(gen_out / "00-0.png"), dtype=np.int16)
@@ -191,7 +242,11 @@ def test_cli_train_validation_prompts_and_resume_continues_log(models, image, tm
     first = (out / "loss.jsonl").read_text()
     assert [e["step"] for e in log_entries(out)] == [1, 2, 3, 4, 5, 6]
     for n in (3, 6):
-        assert sorted(p.name for p in (out / f"checkpoint-{n}" / "samples").iterdir()) == ["00-0.png", "01-0.png", "grid.png"]
+        assert sorted(p.name for p in (out / f"checkpoint-{n}" / "samples").iterdir()) == [
+            "00-0.png",
+            "01-0.png",
+            "grid.png",
+        ]
 
     # Resume from checkpoint-6 to 9 steps: the log goes on at step 7, the first 6 lines untouched.
     assert cli.main(train_args(models["sd"], image, out, 9, 3, *prompts, "--resume")) == 0
@@ -208,6 +263,7 @@ def test_cli_train_validation_prompts_and_resume_continues_log(models, image, tm
 
 # ---- resuming equals an uninterrupted run -----------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def reference_run(models, image, tmp_path_factory) -> Path:
     """An uninterrupted 12-step run (checkpoints at 4, 8, 12) that the resumed runs must equal."""
@@ -219,8 +275,12 @@ def reference_run(models, image, tmp_path_factory) -> Path:
 def assert_equals_reference(out: Path, reference: Path) -> None:
     assert_same_tensors(out / "adapter.safetensors", reference / "adapter.safetensors")
     for n in range(RESUME_EVERY, RESUME_STEPS + 1, RESUME_EVERY):
-        assert_same_tensors(out / f"checkpoint-{n}" / "adapter.safetensors", reference / f"checkpoint-{n}" / "adapter.safetensors")
-        assert_same_tensors(out / f"checkpoint-{n}" / "state.safetensors", reference / f"checkpoint-{n}" / "state.safetensors")
+        assert_same_tensors(
+            out / f"checkpoint-{n}" / "adapter.safetensors", reference / f"checkpoint-{n}" / "adapter.safetensors"
+        )
+        assert_same_tensors(
+            out / f"checkpoint-{n}" / "state.safetensors", reference / f"checkpoint-{n}" / "state.safetensors"
+        )
     ours, theirs = log_entries(out), log_entries(reference)
     assert [e["step"] for e in ours] == list(range(1, RESUME_STEPS + 1))  # no step twice
     assert [e["loss"] for e in ours] == [e["loss"] for e in theirs]
@@ -262,8 +322,12 @@ def test_sigkill_then_resume_equals_uninterrupted_run(models, image, reference_r
     env = dict(subprocess_env(), TLORA_TEST_BLOCK_AT="11", TLORA_TEST_MARKER=str(marker))
     log = tmp_path / "killed.log"
     with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, str(script), *train_args(models["sd"], image, out, RESUME_STEPS, RESUME_EVERY)],
-                                env=env, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), *train_args(models["sd"], image, out, RESUME_STEPS, RESUME_EVERY)],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 120
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -287,7 +351,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(models, image, reference_r
     assert_equals_reference(out, reference_run)
 
 
-def test_disk_full_during_checkpoint_keeps_the_previous_one(models, image, reference_run, tmp_path, monkeypatch, capsys):
+def test_disk_full_during_checkpoint_keeps_the_previous_one(
+    models, image, reference_run, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     real_save = tlora.checkpoint._native.save_file
     attempts = []
@@ -321,6 +387,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(models, image, refer
 
 # ---- bad input --------------------------------------------------------------------------------
 
+
 def _tiny_image(folder: Path) -> Path:
     path = folder / "tiny.png"
     Image.new("RGB", (3, 3), "red").save(path)
@@ -333,8 +400,18 @@ def _text_as_png(folder: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["missing image", "unreadable image", "tiny image", "missing vae",
-                                  "prompt without {}", "zero steps", "out under a file"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing image",
+        "unreadable image",
+        "tiny image",
+        "missing vae",
+        "prompt without {}",
+        "zero steps",
+        "out under a file",
+    ],
+)
 def test_bad_input_is_a_clear_error_and_writes_nothing(case, models, image, tmp_path, capsys):
     out = tmp_path / "run"
     model, img, extra = models["sd"], image, []
@@ -431,13 +508,32 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def launch_ddp(tmp_path: Path, model: Path, image: Path, out: Path, ranks: Path, steps: int, resume: bool = False) -> None:
+def launch_ddp(
+    tmp_path: Path, model: Path, image: Path, out: Path, ranks: Path, steps: int, resume: bool = False
+) -> None:
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     ranks.mkdir(parents=True, exist_ok=True)
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(script), str(model), str(image), str(out), str(ranks), str(steps), "1" if resume else "0"]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        str(model),
+        str(image),
+        str(out),
+        str(ranks),
+        str(steps),
+        "1" if resume else "0",
+    ]
     env = dict(subprocess_env(), ACCELERATE_USE_CPU="true")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -457,16 +553,36 @@ def test_ddp_two_processes_train_one_adapter(ddp_run, models, image, tmp_path):
     assert_same_tensors(r0, r1)  # gradients were averaged: both replicas hold the same adapter
     assert_same_tensors(r0, out / "adapter.safetensors")
     # The main process alone wrote the files: one adapter, one set of checkpoints, one log line per step.
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "checkpoint-2", "checkpoint-4",
-                                                    "config.json", "loss.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter.safetensors",
+        "checkpoint-2",
+        "checkpoint-4",
+        "config.json",
+        "loss.jsonl",
+    ]
     assert [e["step"] for e in log_entries(out)] == [1, 2, 3, 4]
     for n in (2, 4):
-        assert {p.name for p in (out / f"checkpoint-{n}").iterdir()} == {"adapter.safetensors", "state.safetensors", "state.json"}
+        assert {p.name for p in (out / f"checkpoint-{n}").iterdir()} == {
+            "adapter.safetensors",
+            "state.safetensors",
+            "state.json",
+        }
 
     # Both processes contributed (each draws its own timesteps): the result differs from one process's run.
     single = tmp_path / "single"
-    train(model=str(models["sd"]), image=str(image), token="sks", class_name="dog", out=str(single), resolution=16,
-          rank=4, lr=3e-2, steps=4, checkpoint_every=2, seed=0)
+    train(
+        model=str(models["sd"]),
+        image=str(image),
+        token="sks",
+        class_name="dog",
+        out=str(single),
+        resolution=16,
+        rank=4,
+        lr=3e-2,
+        steps=4,
+        checkpoint_every=2,
+        seed=0,
+    )
     a, b = load_file(str(single / "adapter.safetensors")), load_file(str(r0))
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
@@ -484,6 +600,7 @@ def test_ddp_resume_equals_uninterrupted_ddp_run(ddp_run, models, image, tmp_pat
 
 # ---- issue 13: the CLI refuses what it cannot honour ------------------------------------------
 
+
 def _cli(args: list[str], capsys) -> tuple[int, str]:
     rc = cli.main(args)
     err = capsys.readouterr().err
@@ -491,19 +608,22 @@ def _cli(args: list[str], capsys) -> tuple[int, str]:
     return rc, err.strip().splitlines()[-1] if err.strip() else ""
 
 
-@pytest.mark.parametrize("flag,value,fragment", [
-    ("--lr", "inf", "argument --lr: must be a finite number > 0"),
-    ("--lr", "nan", "argument --lr: must be a finite number"),
-    ("--lr", "0", "argument --lr: must be a finite number > 0"),
-    ("--steps", "-3", "argument --steps: must be an integer in 1..10000000, got -3"),
-    ("--resolution", "0", "argument --resolution: must be an integer in 8..4096, got 0"),
-    ("--resolution", "20", "argument --resolution: 20 is not a multiple of 8"),
-    ("--rank", "0", "argument --rank: must be an integer in 1..4096, got 0"),
-    ("--seed", "-1", "argument --seed: must be an integer in 0..4294967295"),
-    ("--checkpoint-every", "0", "argument --checkpoint-every: must be an integer >= 1"),
-    ("--rank-exponent", "inf", "argument --rank-exponent: must be a finite number > 0"),
-    ("--prior-weight", "nan", "argument --prior-weight: must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "flag,value,fragment",
+    [
+        ("--lr", "inf", "argument --lr: must be a finite number > 0"),
+        ("--lr", "nan", "argument --lr: must be a finite number"),
+        ("--lr", "0", "argument --lr: must be a finite number > 0"),
+        ("--steps", "-3", "argument --steps: must be an integer in 1..10000000, got -3"),
+        ("--resolution", "0", "argument --resolution: must be an integer in 8..4096, got 0"),
+        ("--resolution", "20", "argument --resolution: 20 is not a multiple of 8"),
+        ("--rank", "0", "argument --rank: must be an integer in 1..4096, got 0"),
+        ("--seed", "-1", "argument --seed: must be an integer in 0..4294967295"),
+        ("--checkpoint-every", "0", "argument --checkpoint-every: must be an integer >= 1"),
+        ("--rank-exponent", "inf", "argument --rank-exponent: must be a finite number > 0"),
+        ("--prior-weight", "nan", "argument --prior-weight: must be a finite number"),
+    ],
+)
 def test_train_numeric_arguments_are_range_checked(flag, value, fragment, models, image, tmp_path, capsys):
     args = set_flag(train_args(models["sd"], image, tmp_path / "run", 1, 1), flag, value)
     rc, message = _cli(args, capsys)
@@ -511,18 +631,34 @@ def test_train_numeric_arguments_are_range_checked(flag, value, fragment, models
     assert written_files(tmp_path / "run") == []
 
 
-@pytest.mark.parametrize("extra,fragment", [
-    (["-n", "0"], "argument -n: must be an integer in 1..256, got 0"),
-    (["-n", "-1"], "argument -n: must be an integer in 1..256, got -1"),
-    (["--height", "100000"], "argument --height: must be an integer in 8..4096, got 100000"),
-    (["--height", "0"], "argument --height: must be an integer in 8..4096, got 0"),
-    (["--steps", "0"], "argument --steps: must be an integer in 1..1000, got 0"),
-    (["--guidance", "nan"], "argument --guidance: must be a finite number >= 0 and <= 100, got nan"),
-    (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
-])
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["-n", "0"], "argument -n: must be an integer in 1..256, got 0"),
+        (["-n", "-1"], "argument -n: must be an integer in 1..256, got -1"),
+        (["--height", "100000"], "argument --height: must be an integer in 8..4096, got 100000"),
+        (["--height", "0"], "argument --height: must be an integer in 8..4096, got 0"),
+        (["--steps", "0"], "argument --steps: must be an integer in 1..1000, got 0"),
+        (["--guidance", "nan"], "argument --guidance: must be a finite number >= 0 and <= 100, got nan"),
+        (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    ],
+)
 def test_generate_numeric_arguments_are_range_checked(extra, fragment, models, tmp_path, capsys):
-    rc, message = _cli(["generate", "--model", str(models["sd"]), "--adapter", str(tmp_path / "a.safetensors"),
-                        "--prompt", "a {}", "--out", str(tmp_path / "out"), *extra], capsys)
+    rc, message = _cli(
+        [
+            "generate",
+            "--model",
+            str(models["sd"]),
+            "--adapter",
+            str(tmp_path / "a.safetensors"),
+            "--prompt",
+            "a {}",
+            "--out",
+            str(tmp_path / "out"),
+            *extra,
+        ],
+        capsys,
+    )
     assert rc == 2 and fragment in message, message
 
 
@@ -549,8 +685,25 @@ def test_device_and_half_precision_refused_clearly_on_the_cpu(models, image, tra
     assert rc == 2 and "device 'cuda' is not available" in message, message
     rc, message = _cli([*args, "--device", "tpu9"], capsys)
     assert rc == 2 and "unknown device 'tpu9'" in message, message
-    gen = ["generate", "--model", str(models["sd"]), "--adapter", str(trained / "adapter.safetensors"),
-           "--prompt", "a {}", "-n", "1", "--steps", "2", "--height", "16", "--width", "16", "--out", str(tmp_path / "g")]
+    gen = [
+        "generate",
+        "--model",
+        str(models["sd"]),
+        "--adapter",
+        str(trained / "adapter.safetensors"),
+        "--prompt",
+        "a {}",
+        "-n",
+        "1",
+        "--steps",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--out",
+        str(tmp_path / "g"),
+    ]
     rc, message = _cli([*gen, "--dtype", "fp16"], capsys)
     assert rc == 2 and "--dtype fp16 needs a CUDA GPU" in message, message
     rc, message = _cli([*gen, "--device", "cuda:3"], capsys)
@@ -572,12 +725,15 @@ def test_out_holding_another_run_needs_resume_or_overwrite(models, image, traine
     assert [e["step"] for e in log_entries(out)] == [1]
 
 
-@pytest.mark.parametrize("flag,value,fragment", [
-    ("--rank", "2", "--rank was 4, now 2"),
-    ("--min-rank", "1", "--min-rank was 2, now 1"),
-    ("--variant", "vanilla", "--variant was 'tlora', now 'vanilla'"),
-    ("--seed", "5", "--seed was 0, now 5"),
-])
+@pytest.mark.parametrize(
+    "flag,value,fragment",
+    [
+        ("--rank", "2", "--rank was 4, now 2"),
+        ("--min-rank", "1", "--min-rank was 2, now 1"),
+        ("--variant", "vanilla", "--variant was 'tlora', now 'vanilla'"),
+        ("--seed", "5", "--seed was 0, now 5"),
+    ],
+)
 def test_resume_refuses_settings_it_cannot_honour(flag, value, fragment, models, image, trained, tmp_path, capsys):
     out = _copy_run(trained, tmp_path)
     args = set_flag(train_args(models["sd"], image, out, 3, 1, "--resume"), flag, value)
@@ -639,7 +795,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(models, image,
     read(out / "checkpoint-2" / "adapter.safetensors")  # intact and finite
 
 
-@pytest.mark.parametrize("side,fragment", [(9000, "more than the 67,108,864-pixel limit"), (14000, "decompression bomb")])
+@pytest.mark.parametrize(
+    "side,fragment", [(9000, "more than the 67,108,864-pixel limit"), (14000, "decompression bomb")]
+)
 def test_decompression_bombs_are_refused(side, fragment, models, image, tmp_path, capsys):
     bomb = write_bomb(tmp_path / "bomb.png", side)
     rc, message = _cli(train_args(models["sd"], bomb, tmp_path / "run", 1, 1), capsys)
@@ -655,7 +813,9 @@ def test_non_regular_inputs_are_refused(models, image, tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
     rc, message = _cli(train_args(models["sd"], folder, tmp_path / "run", 1, 1), capsys)
-    assert rc == 2 and f"image {folder} is a folder, not an image file (for a folder of photos use --image-dir)" in message
+    assert (
+        rc == 2 and f"image {folder} is a folder, not an image file (for a folder of photos use --image-dir)" in message
+    )
     fifo = tmp_path / "photo.png"
     os.mkfifo(fifo)
     rc, message = _cli(train_args(models["sd"], fifo, tmp_path / "run", 1, 1), capsys)
@@ -668,12 +828,18 @@ def test_non_regular_inputs_are_refused(models, image, tmp_path, capsys):
         assert rc == 2 and fragment in message, message
 
 
-@pytest.mark.parametrize("case,fragment", [
-    ("index is a list", "must be a JSON object with _class_name and components, got a list"),
-    ("class name is a list", "_class_name must be a pipeline class name (a string), got ['StableDiffusionPipeline']"),
-    ("sd labelled sdxl", "says StableDiffusionXLPipeline but lists no text_encoder_2, tokenizer_2"),
-    ("index not json", "model_index.json is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "case,fragment",
+    [
+        ("index is a list", "must be a JSON object with _class_name and components, got a list"),
+        (
+            "class name is a list",
+            "_class_name must be a pipeline class name (a string), got ['StableDiffusionPipeline']",
+        ),
+        ("sd labelled sdxl", "says StableDiffusionXLPipeline but lists no text_encoder_2, tokenizer_2"),
+        ("index not json", "model_index.json is not valid JSON"),
+    ],
+)
 def test_broken_model_index_is_refused_clearly(case, fragment, models, image, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(models["sd"], model)

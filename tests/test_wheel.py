@@ -36,8 +36,10 @@ def wheel() -> Path:
     else:
         found = sorted((ROOT / "dist" / f"torch-{TORCH_RELEASE}").glob("tlora-*.whl"))
         if not found:
-            pytest.fail(f"no wheel for torch {TORCH_RELEASE} in dist/torch-{TORCH_RELEASE}/: run `make wheel` "
-                        "(or set TLORA_WHEEL)")
+            pytest.fail(
+                f"no wheel for torch {TORCH_RELEASE} in dist/torch-{TORCH_RELEASE}/: run `make wheel` "
+                "(or set TLORA_WHEEL)"
+            )
         path = found[-1]
     assert path.is_file(), path
     return path
@@ -122,15 +124,35 @@ def test_wheel_installs_and_runs_without_rust(wheel, tmp_path):
     (purelib / "_shared_site.pth").write_text(f"{shared}\n")
     py = venv / "bin" / "python"
 
-    no_rust = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
-                              if p and not (Path(p) / "cargo").exists() and not (Path(p) / "rustc").exists())
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "CARGO_HOME", "RUSTUP_HOME", "LIBTORCH_USE_PYTORCH")}
+    no_rust = os.pathsep.join(
+        p
+        for p in os.environ.get("PATH", "").split(os.pathsep)
+        if p and not (Path(p) / "cargo").exists() and not (Path(p) / "rustc").exists()
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "VIRTUAL_ENV", "CARGO_HOME", "RUSTUP_HOME", "LIBTORCH_USE_PYTORCH")
+    }
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{no_rust}"
     install = subprocess.run(
-        [py, "-m", "pip", "install", "--no-index", "--no-cache-dir", "--disable-pip-version-check",
-         "--ignore-installed", "--no-deps", str(wheel)],
-        cwd=tmp_path, env=env, capture_output=True, text=True)
+        [
+            py,
+            "-m",
+            "pip",
+            "install",
+            "--no-index",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--ignore-installed",
+            "--no-deps",
+            str(wheel),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert install.returncode == 0, install.stdout + install.stderr
     # The metadata's requirements, torch's pin included, are met by what the venv sees.
     check = subprocess.run([py, "-c", CHECK_REQUIREMENTS], cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -8,15 +8,27 @@ Used by tests/test_train.py and benches/badinput.py.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-TRAIN_FLAGS = ["--token", "sks", "--class-name", "dog", "--resolution", "16", "--rank", "4", "--lr", "3e-2",
-               "--seed", "0"]
+TRAIN_FLAGS = [
+    "--token",
+    "sks",
+    "--class-name",
+    "dog",
+    "--resolution",
+    "16",
+    "--rank",
+    "4",
+    "--lr",
+    "3e-2",
+    "--seed",
+    "0",
+]
 
 
 def write_photo(path: Path) -> Path:
@@ -30,8 +42,21 @@ def write_photo(path: Path) -> Path:
 
 
 def train_args(model: Path, image: Path, out: Path, steps: int, every: int, *extra: str) -> list[str]:
-    return ["train", "--model", str(model), "--image", str(image), "--out", str(out), *TRAIN_FLAGS,
-            "--steps", str(steps), "--checkpoint-every", str(every), *extra]
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--image",
+        str(image),
+        "--out",
+        str(out),
+        *TRAIN_FLAGS,
+        "--steps",
+        str(steps),
+        "--checkpoint-every",
+        str(every),
+        *extra,
+    ]
 
 
 def set_flag(args: list[str], flag: str, value: str) -> list[str]:

@@ -53,6 +53,7 @@ def _exact_float32():
 
 # ---- the reference ---------------------------------------------------------------------------
 
+
 def ref_rank(t: float, r: int, r_min: int, a: float) -> int:
     return math.floor(((T - t) / T) ** a * (r - r_min)) + r_min
 
@@ -90,6 +91,7 @@ def normalized_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 # ---- kernels against the equations -------------------------------------------------------------
 
+
 @needs_device
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("variant", ["tlora", "vanilla"])
@@ -98,11 +100,12 @@ def test_layer_matches_float64_equations_with_per_sample_ranks(variant, dtype, t
     gen = torch.Generator().manual_seed(7)
     model = OneLayer(in_f, out_f)
     with torch.no_grad():  # weights of a realistic size relative to the update
-        model.to_q.weight.normal_(0, in_f ** -0.5, generator=gen)
+        model.to_q.weight.normal_(0, in_f**-0.5, generator=gen)
         model.to_q.bias.normal_(0, 0.1, generator=gen)
     model = model.to(DEVICE, DTYPES[dtype])
-    adapter = tlora.inject(model, rank=r, min_rank=r_min, rank_exponent=a, variant=variant,
-                           target_modules=["to_q"], lora_alpha=8.0, seed=3)
+    adapter = tlora.inject(
+        model, rank=r, min_rank=r_min, rank_exponent=a, variant=variant, target_modules=["to_q"], lora_alpha=8.0, seed=3
+    )
     params = adapter.parameters()
     assert all(p.device.type == torch.device(DEVICE).type for p in params)
     with torch.no_grad():  # move away from the initialisation, where the tlora update is zero
@@ -122,8 +125,10 @@ def test_layer_matches_float64_equations_with_per_sample_ranks(variant, dtype, t
     tlora.save(model, path)
     saved, meta = read_adapter(path)
     scale = meta["scale"]
-    f = {k.rsplit(".", 1)[1]: v.requires_grad_(k.rsplit(".", 1)[1] in ("p", "lam", "q", "up", "down"))
-         for k, v in saved.items()}
+    f = {
+        k.rsplit(".", 1)[1]: v.requires_grad_(k.rsplit(".", 1)[1] in ("p", "lam", "q", "up", "down"))
+        for k, v in saved.items()
+    }
     w = model.to_q.weight.detach().double().cpu()
     bias = model.to_q.bias.detach().double().cpu()
     xr = x.detach().double().cpu().requires_grad_(True)
@@ -142,6 +147,7 @@ def test_layer_matches_float64_equations_with_per_sample_ranks(variant, dtype, t
 
 
 # ---- the tiny pipelines ----------------------------------------------------------------------
+
 
 @needs_device
 @pytest.mark.parametrize("kind", tiny.KINDS)
@@ -171,10 +177,13 @@ def test_tiny_pipeline_on_device_matches_cpu(kind, tmp_path):
 
 # ---- no host synchronisation ----------------------------------------------------------------
 
+
 def sd_inputs(batch: int, device):
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(batch, 4, tiny.LATENT_SIZE, tiny.LATENT_SIZE, generator=g).to(device),
-            torch.randn(batch, tiny.TOKENS, tiny.SD_CROSS_DIM, generator=g).to(device))
+    return (
+        torch.randn(batch, 4, tiny.LATENT_SIZE, tiny.LATENT_SIZE, generator=g).to(device),
+        torch.randn(batch, tiny.TOKENS, tiny.SD_CROSS_DIM, generator=g).to(device),
+    )
 
 
 def run_without_sync(model, adapter, forward, steps_host, steps_dev, host_t, train_input, target):
@@ -223,8 +232,16 @@ def test_adapted_layer_trains_and_samples_without_synchronizing():
     model = OneLayer(64, 64).cuda()
     adapter = tlora.inject(model, rank=8, min_rank=2, target_modules=["to_q"])
     x = torch.randn(2, 40, 64, device="cuda")
-    out = run_without_sync(model, adapter, model, STEPS, device_timesteps(), torch.tensor([15, 870]), x,
-                           torch.randn(2, 40, 64, device="cuda"))
+    out = run_without_sync(
+        model,
+        adapter,
+        model,
+        STEPS,
+        device_timesteps(),
+        torch.tensor([15, 870]),
+        x,
+        torch.randn(2, 40, 64, device="cuda"),
+    )
     assert torch.isfinite(out).all()
 
 
@@ -249,12 +266,14 @@ def test_unet_trains_and_samples_without_synchronizing():
         torch.cuda.set_sync_debug_mode("default")
     unet = tiny.tiny_sd_unet().cuda()
     adapter = tlora.inject(unet, rank=8, min_rank=2)
-    out = run_without_sync(unet, adapter, forward_of(unet), STEPS, steps_dev, torch.tensor([15, 870]),
-                           sample, torch.randn_like(sample))
+    out = run_without_sync(
+        unet, adapter, forward_of(unet), STEPS, steps_dev, torch.tensor([15, 870]), sample, torch.randn_like(sample)
+    )
     assert torch.isfinite(out).all()
 
 
 # ---- torch.compile ---------------------------------------------------------------------------
+
 
 @needs_cuda
 def test_compiled_unet_matches_eager():
