@@ -37,7 +37,7 @@ fn kind_of(dtype: Dtype) -> Result<Kind> {
 }
 
 /// Serialises `tensors` (copied to the CPU) with `metadata` and writes them atomically to `path`.
-pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> Result<()> {
+pub fn save_file(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<String, String>) -> Result<()> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let t = t.to_device(Device::Cpu).contiguous();
@@ -86,7 +86,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Reads an adapter file: its tensors (on the CPU, in file order) and its metadata.
-pub fn read(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+pub fn load_file(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
     let buffer = std::fs::read(path).with_context(|| format!("cannot read adapter file {}", path.display()))?;
     let parsed = SafeTensors::deserialize(&buffer).map_err(|e| {
         anyhow!("{} is not a valid safetensors file (truncated or another format): {e:?}", path.display())
@@ -117,8 +117,8 @@ mod tests {
         let a = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).reshape([2, 3]);
         let b = Tensor::from_slice(&[0.5f32, -1.5]);
         let meta = HashMap::from([("tlora".to_string(), "{\"format_version\": 1}".to_string())]);
-        write(&path, &[("x.q".into(), a.shallow_clone()), ("x.lam".into(), b.shallow_clone())], &meta).unwrap();
-        let (tensors, m) = read(&path).unwrap();
+        save_file(&path, &[("x.q".into(), a.shallow_clone()), ("x.lam".into(), b.shallow_clone())], &meta).unwrap();
+        let (tensors, m) = load_file(&path).unwrap();
         assert_eq!(m, meta);
         let get = |n: &str| tensors.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
         assert!(get("x.q").equal(&a));
@@ -132,20 +132,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.safetensors");
         let t = Tensor::ones([16, 16], (Kind::Float, Device::Cpu));
-        write(&path, &[("w".into(), t)], &HashMap::new()).unwrap();
+        save_file(&path, &[("w".into(), t)], &HashMap::new()).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
-        assert!(read(&path).unwrap_err().to_string().contains("not a valid safetensors"));
+        assert!(load_file(&path).unwrap_err().to_string().contains("not a valid safetensors"));
         std::fs::write(&path, b"PK\x03\x04 this is a zip, like a torch pickle").unwrap();
-        assert!(read(&path).unwrap_err().to_string().contains("not a valid safetensors"));
-        assert!(read(&dir.path().join("missing.safetensors")).unwrap_err().to_string().contains("cannot read"));
+        assert!(load_file(&path).unwrap_err().to_string().contains("not a valid safetensors"));
+        assert!(load_file(&dir.path().join("missing.safetensors")).unwrap_err().to_string().contains("cannot read"));
     }
 
     #[test]
     fn missing_folder_is_an_error_and_target_survives_failure() {
         let dir = tempfile::tempdir().unwrap();
         let bad = dir.path().join("nope").join("a.safetensors");
-        assert!(write(&bad, &[], &HashMap::new()).unwrap_err().to_string().contains("does not exist"));
+        assert!(save_file(&bad, &[], &HashMap::new()).unwrap_err().to_string().contains("does not exist"));
         let path = dir.path().join("a.safetensors");
         write_atomic(&path, b"first").unwrap();
         // Renaming onto a directory fails; the old content must remain readable.

@@ -6,6 +6,9 @@
 //! - [`format`]: the adapter file (safetensors + JSON metadata), written atomically.
 //!
 //! Nothing here knows about Python; the bindings live in `python.rs` behind the `python` feature.
+//! Each binding has the name of the core function it calls (`tlora._native.fold_weight` calls
+//! [`kernel::fold_weight`], `save_file` calls [`format::save_file`], ...), so that a name found on
+//! one side of the boundary can be searched for on the other.
 
 pub mod format;
 pub mod init;

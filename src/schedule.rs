@@ -61,6 +61,13 @@ impl RankSchedule {
     }
 }
 
+/// r(t) for every timestep (any shape, real dtype, CPU or CUDA): an int64 CPU tensor of the same
+/// shape, after checking the parameters and every timestep.
+pub fn rank_schedule(timesteps: &Tensor, rank: i64, min_rank: i64, exponent: f64, num_train_timesteps: f64) -> Result<Tensor> {
+    crate::kernel::check_device(timesteps, "the timestep tensor")?;
+    RankSchedule::new(rank, min_rank, exponent, num_train_timesteps)?.ranks(timesteps)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,7 +29,7 @@
 //! Gradients are returned for the input and the trainable factors only, at full rank (the masked
 //! ranks get exactly zero).
 //!
-//! [`fold`] folds the update at one rank into the base weight for inference (same difference
+//! [`fold_weight`] folds the update at one rank into the base weight for inference (same difference
 //! form, float32), and [`dense_update`] is the update as a weight matrix.
 
 use anyhow::{bail, ensure, Result};
@@ -145,7 +145,7 @@ pub struct Scratch<'a> {
 
 /// Builds the operands at full rank in `kind`. `frozen` is [`frozen_block`] (computed here when
 /// absent).
-pub fn operands(f: &Factors, frozen: Option<&Tensor>, kind: Kind, scratch: Option<Scratch>) -> Result<Operands> {
+pub fn lowrank_operands(f: &Factors, frozen: Option<&Tensor>, kind: Kind, scratch: Option<Scratch>) -> Result<Operands> {
     // Operands are data for the kernels, which differentiate by hand: no autograd graph.
     let _no_grad = tch::no_grad_guard();
     let (r, in_f, out_f) = f.dims()?;
@@ -246,8 +246,8 @@ fn mask_for(mask: &Tensor, x: &Tensor, w: i64) -> Result<Tensor> {
 
 /// Forward: h = (x D^T) * M, and h U^T added into `acc` in place when given (the base layer's
 /// output, x's dtype, the same rows: shape (..., out) or flattened to 2-D), else returned as
-/// delta. Returns (delta, h); h is what [`backward`] needs.
-pub fn forward(x: &Tensor, ops: &Operands, mask: Option<&Tensor>, acc: Option<&Tensor>) -> Result<(Option<Tensor>, Tensor)> {
+/// delta. Returns (delta, h); h is what [`lowrank_backward`] needs.
+pub fn lowrank_forward(x: &Tensor, ops: &Operands, mask: Option<&Tensor>, acc: Option<&Tensor>) -> Result<(Option<Tensor>, Tensor)> {
     let ds = ops.d.size();
     ensure!(ds.len() == 2 && ops.u.dim() == 2 && ops.u.size()[1] == ds[0], "operands have shapes {ds:?} and {:?}", ops.u.size());
     let (w, in_f, out_f) = (ds[0], ds[1], ops.u.size()[0]);
@@ -276,9 +276,9 @@ pub fn forward(x: &Tensor, ops: &Operands, mask: Option<&Tensor>, acc: Option<&T
     Ok((delta, h))
 }
 
-/// Backward of [`forward`] given the gradient of delta and the h it returned. `needs` = (input,
+/// Backward of [`lowrank_forward`] given the gradient of delta and the h it returned. `needs` = (input,
 /// factor 0, 1, 2) says which gradients to compute; frozen tensors never get one.
-pub fn backward(grad: &Tensor, x: &Tensor, h: &Tensor, ops: &Operands, mask: Option<&Tensor>, f: &Factors, needs: [bool; 4]) -> Result<Grads> {
+pub fn lowrank_backward(grad: &Tensor, x: &Tensor, h: &Tensor, ops: &Operands, mask: Option<&Tensor>, f: &Factors, needs: [bool; 4]) -> Result<Grads> {
     let (r, in_f, out_f) = f.dims()?;
     let w = f.width()?;
     ensure!(ops.d.size() == [w, in_f] && ops.u.size() == [out_f, w], "operands have shapes {:?} and {:?}, expected [{w}, {in_f}] and [{out_f}, {w}]", ops.d.size(), ops.u.size());
@@ -357,7 +357,7 @@ pub fn dense_update(f: &Factors, rank: Option<i64>, scale: f64) -> Result<Tensor
     let (r, _, _) = f.dims()?;
     let k = rank.unwrap_or(r);
     ensure!((1..=r).contains(&k), "rank {k} is outside 1..={r}");
-    let ops = operands(f, None, f.first().kind(), None)?;
+    let ops = lowrank_operands(f, None, f.first().kind(), None)?;
     let (d, u) = narrow_ops(f, &ops, k)?;
     Ok(u.f_matmul(&d)?.f_mul_scalar(scale)?)
 }
@@ -376,8 +376,8 @@ fn narrow_ops(f: &Factors, ops: &Operands, k: i64) -> Result<(Tensor, Tensor)> {
 
 /// The folded weight W + dW at one rank (None: full rank), computed in float32 (float64 when the
 /// weight or the factors are) from the difference form and returned in that dtype: what the base
-/// layer plus [`forward`] compute for every sample of that rank, as one weight (inference).
-pub fn fold(weight: &Tensor, f: &Factors, rank: Option<i64>, scale: f64) -> Result<Tensor> {
+/// layer plus [`lowrank_forward`] compute for every sample of that rank, as one weight (inference).
+pub fn fold_weight(weight: &Tensor, f: &Factors, rank: Option<i64>, scale: f64) -> Result<Tensor> {
     let (r, in_f, out_f) = f.dims()?;
     let k = rank.unwrap_or(r);
     ensure!((1..=r).contains(&k), "rank {k} is outside 1..={r}");
@@ -386,7 +386,7 @@ pub fn fold(weight: &Tensor, f: &Factors, rank: Option<i64>, scale: f64) -> Resu
     ensure!(weight.device() == f.first().device(), "the weight is on {:?} but the adapter is on {:?}", weight.device(), f.first().device());
     ensure!(is_compute_kind(weight.kind()), "weight dtype {:?} cannot be folded into", weight.kind());
     let kind = if weight.kind() == Kind::Double || f.first().kind() == Kind::Double { Kind::Double } else { Kind::Float };
-    let ops = operands(f, None, kind, None)?;
+    let ops = lowrank_operands(f, None, kind, None)?;
     let (d, u) = narrow_ops(f, &ops, k)?;
     let u = if scale == 1.0 { u } else { u.f_mul_scalar(scale)? };
     Ok(cast(weight, kind)?.f_addmm(&u, &d)?)
