@@ -119,17 +119,6 @@ pub fn gaussian(rows: i64, cols: i64, std: f64, seed: u64) -> Result<Tensor> {
     Ok(Tensor::from_slice(&values).reshape([rows, cols]))
 }
 
-fn check_rank(out_f: i64, in_f: i64, rank: i64) -> Result<i64> {
-    let full = out_f.min(in_f);
-    if out_f < 1 || in_f < 1 {
-        bail!("weight shape must be positive, got {out_f} x {in_f}");
-    }
-    if rank < 1 || rank > full {
-        bail!("rank {rank} is outside 1..={full} for a weight of shape {out_f} x {in_f}");
-    }
-    Ok(full)
-}
-
 /// Keeps `rank` singular triplets of `matrix` (out x in) chosen by `component`: an exact SVD in
 /// float64 on the CPU (for `init_from = "weight"`). Factors come back float32 on the CPU.
 pub fn orthogonal_factors(matrix: &Tensor, rank: i64, component: Component) -> Result<OrthoFactors> {
@@ -137,7 +126,7 @@ pub fn orthogonal_factors(matrix: &Tensor, rank: i64, component: Component) -> R
     if size.len() != 2 {
         bail!("expected a 2-D weight (out x in), got shape {size:?}");
     }
-    let full = check_rank(size[0], size[1], rank)?;
+    let full = crate::ranks::check_init_rank(size[0], size[1], rank)?;
     let m = matrix.to_device(Device::Cpu).to_kind(Kind::Double);
     if !bool::try_from(m.isfinite().all())? {
         bail!("the matrix to decompose has NaN or infinite entries");
@@ -302,7 +291,7 @@ pub fn bidiagonal_singular_values(diag: &[f64], superdiag: &[f64], start: usize,
 /// The paper's init: `component` triplets of a seeded N(0, (1/r)^2) matrix of shape out x in, drawn
 /// from their law without forming the matrix (see the module docs), float32 on `device`.
 pub fn orthogonal_random_on(out_f: i64, in_f: i64, rank: i64, component: Component, seed: u64, device: Device) -> Result<OrthoFactors> {
-    let full = check_rank(out_f, in_f, rank)?;
+    let full = crate::ranks::check_init_rank(out_f, in_f, rank)?;
     let (diag, superdiag) = gaussian_bidiagonal(out_f, in_f, &mut stream(seed, 2))?;
     let start = component.start(full, rank) as usize;
     let sigma = 1.0 / rank as f64;

@@ -3,6 +3,7 @@
 //! - [`schedule`]: the timestep-dependent rank r(t).
 //! - [`init`]: orthogonal (SVD) initialisation of the adapter factors.
 //! - [`kernel`]: forward and backward of the masked, rank-adaptive low-rank update.
+//! - [`ranks`]: every rank rule (schedule, adapter, init), checked in one place.
 //! - [`format`]: the adapter file (safetensors + JSON metadata), written atomically.
 //!
 //! Nothing here knows about Python; the bindings live in `python.rs` behind the `python` feature.
@@ -13,6 +14,7 @@
 pub mod format;
 pub mod init;
 pub mod kernel;
+pub mod ranks;
 pub mod schedule;
 
 #[cfg(feature = "python")]

@@ -21,14 +21,6 @@ fn to_py(err: anyhow::Error) -> PyErr {
     }
 }
 
-fn factors_of(tensors: &[Tensor]) -> anyhow::Result<kernel::Factors<'_>> {
-    match tensors {
-        [p, lam, q, p0, lam0, q0] => Ok(kernel::Factors::Ortho { p, lam, q, p0, lam0, q0 }),
-        [down, up] => Ok(kernel::Factors::Plain { down, up }),
-        other => anyhow::bail!("expected 6 factors (p, lam, q, p0, lam0, q0) or 2 (down, up), got {}", other.len()),
-    }
-}
-
 /// Runs `work` without the GIL and turns both its errors and any panic (a libtorch error surfacing
 /// through a non-fallible tch call) into Python exceptions: nothing unwinds into Python as
 /// `PanicException`.
@@ -133,7 +125,7 @@ fn lowrank_operands(
     let ops = run(py, move || {
         let kind = kind_of(&dtype)?;
         let scratch = bufs.as_ref().map(|(d, u)| kernel::Scratch { d, u, write_frozen });
-        kernel::lowrank_operands(&factors_of(&factors)?, nf.as_ref(), kind, scratch)
+        kernel::lowrank_operands(&kernel::Factors::from_slice(&factors)?, nf.as_ref(), kind, scratch)
     })?;
     Ok((PyTensor(ops.d), PyTensor(ops.u)))
 }
@@ -167,7 +159,7 @@ fn lowrank_backward(
 ) -> PyResult<Grads4> {
     let (grad, x, h, factors) = (grad.0, x.0, h.0, owned(factors));
     let (ops, mask) = (kernel::Operands { d: d.0, u: u.0 }, mask.map(|t| t.0));
-    let g = run(py, move || kernel::lowrank_backward(&grad, &x, &h, &ops, mask.as_ref(), &factors_of(&factors)?, needs))?;
+    let g = run(py, move || kernel::lowrank_backward(&grad, &x, &h, &ops, mask.as_ref(), &kernel::Factors::from_slice(&factors)?, needs))?;
     let [a, b, c] = g.factors;
     Ok((g.input.map(PyTensor), a.map(PyTensor), b.map(PyTensor), c.map(PyTensor)))
 }
@@ -177,7 +169,7 @@ fn lowrank_backward(
 #[pyo3(signature = (factors, rank, scale))]
 fn dense_update(py: Python<'_>, factors: Vec<PyTensor>, rank: Option<i64>, scale: f64) -> PyResult<PyTensor> {
     let factors = owned(factors);
-    run(py, move || kernel::dense_update(&factors_of(&factors)?, rank, scale)).map(PyTensor)
+    run(py, move || kernel::dense_update(&kernel::Factors::from_slice(&factors)?, rank, scale)).map(PyTensor)
 }
 
 /// The folded weight W + dW at one rank (None: full rank), in float32 (float64 when the weight or
@@ -186,7 +178,7 @@ fn dense_update(py: Python<'_>, factors: Vec<PyTensor>, rank: Option<i64>, scale
 #[pyo3(signature = (weight, factors, rank, scale))]
 fn fold_weight(py: Python<'_>, weight: PyTensor, factors: Vec<PyTensor>, rank: Option<i64>, scale: f64) -> PyResult<PyTensor> {
     let (weight, factors) = (weight.0, owned(factors));
-    run(py, move || kernel::fold_weight(&weight, &factors_of(&factors)?, rank, scale)).map(PyTensor)
+    run(py, move || kernel::fold_weight(&weight, &kernel::Factors::from_slice(&factors)?, rank, scale)).map(PyTensor)
 }
 
 /// Writes tensors and string metadata to a safetensors file, atomically.

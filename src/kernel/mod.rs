@@ -32,6 +32,7 @@
 //! [`fold_weight`] folds the update at one rank into the base weight for inference (same difference
 //! form, float32), and [`dense_update`] is the update as a weight matrix.
 
+use crate::ranks;
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -50,7 +51,17 @@ pub struct Grads {
     pub factors: [Option<Tensor>; 3],
 }
 
-impl Factors<'_> {
+impl<'a> Factors<'a> {
+    /// The variant, from the number of factors: 6 (P, lam, Q, P0, lam0, Q0) is T-LoRA, 2 (down,
+    /// up) is LoRA. The only place that tells the variants apart by count.
+    pub fn from_slice(tensors: &'a [Tensor]) -> Result<Self> {
+        match tensors {
+            [p, lam, q, p0, lam0, q0] => Ok(Factors::Ortho { p, lam, q, p0, lam0, q0 }),
+            [down, up] => Ok(Factors::Plain { down, up }),
+            other => bail!("expected 6 factors (p, lam, q, p0, lam0, q0) or 2 (down, up), got {}", other.len()),
+        }
+    }
+
     /// (rank r, in_features, out_features), after checking every shape, dtype and device against
     /// the others.
     pub fn dims(&self) -> Result<(i64, i64, i64)> {
@@ -73,7 +84,7 @@ impl Factors<'_> {
                 (ds[0], ds[1], us[0], vec![*down, *up])
             }
         };
-        ensure!(r >= 1, "the adapter has rank {r}: it must be at least 1");
+        ranks::check_adapter_rank(r)?;
         let (kind, device) = (all[0].kind(), all[0].device());
         for t in &all {
             ensure!(matches!(t.kind(), Kind::Float | Kind::Double), "adapter factors must be float32 (or float64), got {:?}", t.kind());
@@ -355,8 +366,7 @@ pub fn lowrank_backward(grad: &Tensor, x: &Tensor, h: &Tensor, ops: &Operands, m
 /// dtype: U_k D_k over the first k ranks of each block (difference form).
 pub fn dense_update(f: &Factors, rank: Option<i64>, scale: f64) -> Result<Tensor> {
     let (r, _, _) = f.dims()?;
-    let k = rank.unwrap_or(r);
-    ensure!((1..=r).contains(&k), "rank {k} is outside 1..={r}");
+    let k = ranks::rank_or_full(rank, r)?;
     let ops = lowrank_operands(f, None, f.first().kind(), None)?;
     let (d, u) = narrow_ops(f, &ops, k)?;
     Ok(u.f_matmul(&d)?.f_mul_scalar(scale)?)
@@ -379,8 +389,7 @@ fn narrow_ops(f: &Factors, ops: &Operands, k: i64) -> Result<(Tensor, Tensor)> {
 /// layer plus [`lowrank_forward`] compute for every sample of that rank, as one weight (inference).
 pub fn fold_weight(weight: &Tensor, f: &Factors, rank: Option<i64>, scale: f64) -> Result<Tensor> {
     let (r, in_f, out_f) = f.dims()?;
-    let k = rank.unwrap_or(r);
-    ensure!((1..=r).contains(&k), "rank {k} is outside 1..={r}");
+    let k = ranks::rank_or_full(rank, r)?;
     check_device(weight, "the base weight")?;
     ensure!(weight.size() == [out_f, in_f], "weight has shape {:?}, expected [{out_f}, {in_f}]", weight.size());
     ensure!(weight.device() == f.first().device(), "the weight is on {:?} but the adapter is on {:?}", weight.device(), f.first().device());
@@ -390,17 +399,6 @@ pub fn fold_weight(weight: &Tensor, f: &Factors, rank: Option<i64>, scale: f64) 
     let (d, u) = narrow_ops(f, &ops, k)?;
     let u = if scale == 1.0 { u } else { u.f_mul_scalar(scale)? };
     Ok(cast(weight, kind)?.f_addmm(&u, &d)?)
-}
-
-/// Checks a rank list against r (1..=r each, at least one).
-pub fn check_ranks(ranks: &[i64], r: i64) -> Result<()> {
-    if ranks.is_empty() {
-        bail!("ranks must not be empty");
-    }
-    for &rb in ranks {
-        ensure!((1..=r).contains(&rb), "rank {rb} is outside 1..={r}");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

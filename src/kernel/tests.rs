@@ -238,5 +238,15 @@ fn bad_arguments_are_named() {
     let f = Factors::Ortho { p: &w.p, lam: &ints, q: &w.q, p0: &w.p0, lam0: &w.lam0, q0: &w.q0 };
     assert!(f.dims().unwrap_err().to_string().contains("float32"));
     assert!(dense_update(&w.factors(), Some(4), 1.0).unwrap_err().to_string().contains("outside"));
-    assert!(check_ranks(&[], 3).is_err() && check_ranks(&[0], 3).is_err() && check_ranks(&[3], 3).is_ok());
+    assert!(ranks::check_ranks(&[], 3).is_err() && ranks::check_ranks(&[0], 3).is_err() && ranks::check_ranks(&[3], 3).is_ok());
+}
+
+#[test]
+fn the_variant_follows_the_number_of_factors() {
+    let w = Ortho::new(5, 4, 3, 60, 0.1, Kind::Double);
+    let six: Vec<Tensor> = [&w.p, &w.lam, &w.q, &w.p0, &w.lam0, &w.q0].iter().map(|t| t.shallow_clone()).collect();
+    assert!(matches!(Factors::from_slice(&six).unwrap(), Factors::Ortho { .. }));
+    assert!(matches!(Factors::from_slice(&six[..2]).unwrap(), Factors::Plain { .. }));
+    let err = Factors::from_slice(&six[..3]).err().unwrap().to_string();
+    assert_eq!(err, "expected 6 factors (p, lam, q, p0, lam0, q0) or 2 (down, up), got 3");
 }
