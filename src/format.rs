@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 fn dtype_of(kind: Kind) -> Result<Dtype> {
@@ -56,14 +56,34 @@ pub fn save_file(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<S
     write_atomic(path, &buffer)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// The folder of a file to write does not exist. A type of its own so that the binding
+/// `write_atomic` can raise FileNotFoundError for it, while `save_file` keeps raising ValueError.
+#[derive(Debug)]
+pub struct MissingFolder {
+    pub path: PathBuf,
+    pub folder: PathBuf,
+}
+
+impl std::fmt::Display for MissingFolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot write {}: folder {} does not exist", self.path.display(), self.folder.display())
+    }
+}
+
+impl std::error::Error for MissingFolder {}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder (written, fsynced), a
+/// rename over `path`, and an fsync of the folder, so that a crash leaves either the old file or
+/// the new one. Fails with [`MissingFolder`] when the folder does not exist, and with the
+/// `std::io::Error` as root cause (in a context naming `path`) when the write or the rename fails;
+/// the temporary file is removed then.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
+        _ => PathBuf::from("."),
     };
     if !dir.is_dir() {
-        bail!("cannot write {}: folder {} does not exist", path.display(), dir.display());
+        return Err(MissingFolder { path: path.to_path_buf(), folder: dir }.into());
     }
     let name = path.file_name().ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
@@ -154,5 +174,28 @@ mod tests {
         assert!(write_atomic(&as_dir, b"second").is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"first");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    /// What the binding `write_atomic` maps to FileNotFoundError / OSError: a typed missing folder,
+    /// an I/O root cause otherwise, both naming the target.
+    #[test]
+    fn write_atomic_errors_are_typed_and_name_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("nope").join("a.json");
+        let err = write_atomic(&bad, b"{}").unwrap_err();
+        let missing = err.downcast_ref::<MissingFolder>().expect("a MissingFolder");
+        assert_eq!(missing.folder, dir.path().join("nope"));
+        assert_eq!(err.to_string(), format!("cannot write {}: folder {} does not exist", bad.display(), missing.folder.display()));
+        let as_dir = dir.path().join("d");
+        std::fs::create_dir(&as_dir).unwrap();
+        let err = write_atomic(&as_dir, b"x").unwrap_err();
+        assert!(err.downcast_ref::<MissingFolder>().is_none());
+        assert!(err.root_cause().downcast_ref::<std::io::Error>().is_some(), "{err:#}");
+        assert!(format!("{err:#}").starts_with(&format!("cannot write {}: ", as_dir.display())), "{err:#}");
+        // A file in the current folder (no parent component) is written there.
+        let name = format!("tlora-write-atomic-test-{}.tmp", std::process::id());
+        write_atomic(Path::new(&name), b"here").unwrap();
+        assert_eq!(std::fs::read(&name).unwrap(), b"here");
+        std::fs::remove_file(&name).unwrap();
     }
 }

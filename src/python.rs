@@ -195,6 +195,25 @@ fn load_file(py: Python<'_>, path: PathBuf) -> PyResult<(Vec<(String, PyTensor)>
     Ok((tensors.into_iter().map(|(n, t)| (n, PyTensor(t))).collect(), meta))
 }
 
+/// Maps an error of `format::write_atomic` to OSError: FileNotFoundError when the folder is missing.
+fn to_os_error(err: anyhow::Error) -> PyErr {
+    let msg = format!("{err:#}");
+    let not_found = err.downcast_ref::<format::MissingFolder>().is_some()
+        || err.root_cause().downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound);
+    if not_found {
+        PyFileNotFoundError::new_err(msg)
+    } else {
+        PyOSError::new_err(msg)
+    }
+}
+
+/// Writes `data` to `path` atomically (temporary file in the same folder, fsync, rename, fsync of
+/// the folder): Python's one atomic writer.
+#[pyfunction]
+fn write_atomic(py: Python<'_>, path: PathBuf, data: &[u8]) -> PyResult<()> {
+    py.allow_threads(|| format::write_atomic(&path, data)).map_err(to_os_error)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Panics are caught and raised as Python exceptions with their message (see `run`); the
@@ -211,5 +230,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fold_weight, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
     m.add_function(wrap_pyfunction!(load_file, m)?)?;
+    m.add_function(wrap_pyfunction!(write_atomic, m)?)?;
     Ok(())
 }
