@@ -55,9 +55,7 @@ impl RankCycle {
     fn new() -> Self {
         let schedule = RankSchedule::new(RANK, MIN_RANK, 1.0, 1000.0).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let pairs = (0..64)
-            .map(|_| (0..BATCH).map(|_| schedule.rank_at(rng.gen_range(0.0..1000.0)).unwrap()).collect())
-            .collect();
+        let pairs = (0..64).map(|_| (0..BATCH).map(|_| schedule.rank_at(rng.gen_range(0.0..1000.0)).unwrap()).collect()).collect();
         Self { pairs, next: Cell::new(0) }
     }
 
@@ -229,7 +227,15 @@ fn print_overheads() {
         let t: Option<Vec<f64>> = METHODS.iter().map(|m| estimate("layer", m, &shape)).collect();
         let Some(t) = t else { continue };
         let over = |i: usize| (t[i] - t[0]) / (t[1] - t[0]);
-        println!("| {shape} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |", t[0] / 1e6, t[1] / 1e6, t[2] / 1e6, t[3] / 1e6, over(2), over(3));
+        println!(
+            "| {shape} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |",
+            t[0] / 1e6,
+            t[1] / 1e6,
+            t[2] / 1e6,
+            t[3] / 1e6,
+            over(2),
+            over(3)
+        );
     }
 }
 

@@ -48,10 +48,8 @@ pub fn save_file(path: &Path, tensors: &[(String, Tensor)], metadata: &HashMap<S
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         owned.push((name.clone(), dtype, shape, bytes));
     }
-    let views: Vec<(String, TensorView)> = owned
-        .iter()
-        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
+    let views: Vec<(String, TensorView)> =
+        owned.iter().map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?))).collect::<Result<_>>()?;
     let buffer = safetensors::tensor::serialize(views, &Some(metadata.clone()))?;
     write_atomic(path, &buffer)
 }
@@ -105,14 +103,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// An adapter file's content: its named tensors in file order and its string metadata.
+pub type FileContents = (Vec<(String, Tensor)>, HashMap<String, String>);
+
 /// Reads an adapter file: its tensors (on the CPU, in file order) and its metadata.
-pub fn load_file(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+pub fn load_file(path: &Path) -> Result<FileContents> {
     let buffer = std::fs::read(path).with_context(|| format!("cannot read adapter file {}", path.display()))?;
-    let parsed = SafeTensors::deserialize(&buffer).map_err(|e| {
-        anyhow!("{} is not a valid safetensors file (truncated or another format): {e:?}", path.display())
-    })?;
-    let (_, header) = SafeTensors::read_metadata(&buffer)
-        .map_err(|e| anyhow!("{}: unreadable safetensors header: {e:?}", path.display()))?;
+    let parsed = SafeTensors::deserialize(&buffer)
+        .map_err(|e| anyhow!("{} is not a valid safetensors file (truncated or another format): {e:?}", path.display()))?;
+    let (_, header) =
+        SafeTensors::read_metadata(&buffer).map_err(|e| anyhow!("{}: unreadable safetensors header: {e:?}", path.display()))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let mut named: Vec<(String, TensorView)> = parsed.tensors();
     // Keep the order in which the tensors lie in the file, not the hash order.

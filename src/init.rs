@@ -309,11 +309,7 @@ pub fn orthogonal_random_on(out_f: i64, in_f: i64, rank: i64, component: Compone
     let p_cols = frame_columns(o, r, p_rng)?;
     let p: Vec<f32> = (0..o * r).map(|k| p_cols[(k % r) * o + k / r] as f32).collect();
     let q: Vec<f32> = frame_columns(i, r, q_rng)?.iter().map(|&v| v as f32).collect();
-    Ok(OrthoFactors {
-        p: cpu_tensor(&p, &[out_f, rank]).to_device(device),
-        lam,
-        q: cpu_tensor(&q, &[rank, in_f]).to_device(device),
-    })
+    Ok(OrthoFactors { p: cpu_tensor(&p, &[out_f, rank]).to_device(device), lam, q: cpu_tensor(&q, &[rank, in_f]).to_device(device) })
 }
 
 /// The orthogonal factors, float32 on `device`: the exact SVD of `weight` (its triplets
@@ -416,7 +412,7 @@ mod tests {
         let n = diag.len() as i64;
         let mut b = Tensor::from_slice(diag).diag(0);
         if n > 1 {
-            b = b + Tensor::from_slice(superdiag).diag(1);
+            b += Tensor::from_slice(superdiag).diag(1);
         }
         b
     }

@@ -47,7 +47,14 @@ fn owned(tensors: Vec<PyTensor>) -> Vec<Tensor> {
 
 /// r(t) for every timestep: an int64 CPU tensor of the same shape.
 #[pyfunction]
-fn rank_schedule(py: Python<'_>, timesteps: PyTensor, rank: i64, min_rank: i64, exponent: f64, num_train_timesteps: f64) -> PyResult<PyTensor> {
+fn rank_schedule(
+    py: Python<'_>,
+    timesteps: PyTensor,
+    rank: i64,
+    min_rank: i64,
+    exponent: f64,
+    num_train_timesteps: f64,
+) -> PyResult<PyTensor> {
     let t = timesteps.0;
     run(py, move || schedule::rank_schedule(&t, rank, min_rank, exponent, num_train_timesteps)).map(PyTensor)
 }
@@ -57,6 +64,7 @@ fn rank_schedule(py: Python<'_>, timesteps: PyTensor, rank: i64, min_rank: i64, 
 /// out_features x in_features drawn from their law without forming the matrix (see init.rs).
 #[pyfunction]
 #[pyo3(signature = (out_features, in_features, rank, component, seed, weight=None, device=None))]
+// One Rust parameter per Python parameter (plus the GIL token): the Python signature sets the count.
 #[allow(clippy::too_many_arguments)]
 fn orthogonal_init(
     py: Python<'_>,
@@ -134,7 +142,14 @@ fn lowrank_operands(
 /// base layer's output, same rows); h is what `lowrank_backward` needs.
 #[pyfunction]
 #[pyo3(signature = (x, d, u, mask=None, acc=None))]
-fn lowrank_forward(py: Python<'_>, x: PyTensor, d: PyTensor, u: PyTensor, mask: Option<PyTensor>, acc: Option<PyTensor>) -> PyResult<(Option<PyTensor>, PyTensor)> {
+fn lowrank_forward(
+    py: Python<'_>,
+    x: PyTensor,
+    d: PyTensor,
+    u: PyTensor,
+    mask: Option<PyTensor>,
+    acc: Option<PyTensor>,
+) -> PyResult<(Option<PyTensor>, PyTensor)> {
     let (x, ops, mask, acc) = (x.0, kernel::Operands { d: d.0, u: u.0 }, mask.map(|t| t.0), acc.map(|t| t.0));
     let (delta, h) = run(py, move || kernel::lowrank_forward(&x, &ops, mask.as_ref(), acc.as_ref()))?;
     Ok((delta.map(PyTensor), PyTensor(h)))
@@ -145,6 +160,7 @@ type Grads4 = (Option<PyTensor>, Option<PyTensor>, Option<PyTensor>, Option<PyTe
 /// Gradients (input, factor 0, 1, 2) of `lowrank_forward`; `needs` says which to compute.
 #[pyfunction]
 #[pyo3(signature = (grad, x, h, d, u, mask, factors, needs))]
+// One Rust parameter per Python parameter (plus the GIL token): the Python signature sets the count.
 #[allow(clippy::too_many_arguments)]
 fn lowrank_backward(
     py: Python<'_>,
@@ -188,9 +204,12 @@ fn save_file(py: Python<'_>, path: PathBuf, tensors: Vec<(String, PyTensor)>, me
     run(py, move || format::save_file(&path, &tensors, &metadata))
 }
 
+/// [`format::FileContents`] with the tensors wrapped for Python.
+type PyFileContents = (Vec<(String, PyTensor)>, HashMap<String, String>);
+
 /// Reads a safetensors file: ([(name, tensor)] in file order, metadata).
 #[pyfunction]
-fn load_file(py: Python<'_>, path: PathBuf) -> PyResult<(Vec<(String, PyTensor)>, HashMap<String, String>)> {
+fn load_file(py: Python<'_>, path: PathBuf) -> PyResult<PyFileContents> {
     let (tensors, meta) = run(py, move || format::load_file(&path))?;
     Ok((tensors.into_iter().map(|(n, t)| (n, PyTensor(t))).collect(), meta))
 }

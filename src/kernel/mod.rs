@@ -237,7 +237,14 @@ fn check_input(x: &Tensor, ops: &Operands, in_f: i64) -> Result<()> {
 /// The mask shaped to broadcast over an intermediate like `x`'s: (B, 1, ..., 1, w).
 fn mask_for(mask: &Tensor, x: &Tensor, w: i64) -> Result<Tensor> {
     ensure!(mask.dim() == 2 && mask.size()[1] == w, "the rank mask has shape {:?}, expected (batch, {w})", mask.size());
-    ensure!(mask.kind() == x.kind() && mask.device() == x.device(), "the rank mask is {:?} on {:?}, the input {:?} on {:?}", mask.kind(), mask.device(), x.kind(), x.device());
+    ensure!(
+        mask.kind() == x.kind() && mask.device() == x.device(),
+        "the rank mask is {:?} on {:?}, the input {:?} on {:?}",
+        mask.kind(),
+        mask.device(),
+        x.kind(),
+        x.device()
+    );
     let b = mask.size()[0];
     if b != 1 {
         ensure!(
@@ -272,7 +279,11 @@ pub fn lowrank_forward(x: &Tensor, ops: &Operands, mask: Option<&Tensor>, acc: O
         Some(y) => {
             let rows = if in_f == 0 { 0 } else { x.numel() as i64 / in_f };
             ensure!(
-                y.kind() == x.kind() && y.device() == x.device() && y.dim() >= 1 && y.size()[y.dim() - 1] == out_f && y.numel() as i64 == rows * out_f,
+                y.kind() == x.kind()
+                    && y.device() == x.device()
+                    && y.dim() >= 1
+                    && y.size()[y.dim() - 1] == out_f
+                    && y.numel() as i64 == rows * out_f,
                 "the output to add into has shape {:?} ({:?}), expected {rows} rows of {out_f} features ({:?})",
                 y.size(),
                 y.kind(),
@@ -289,12 +300,30 @@ pub fn lowrank_forward(x: &Tensor, ops: &Operands, mask: Option<&Tensor>, acc: O
 
 /// Backward of [`lowrank_forward`] given the gradient of delta and the h it returned. `needs` = (input,
 /// factor 0, 1, 2) says which gradients to compute; frozen tensors never get one.
-pub fn lowrank_backward(grad: &Tensor, x: &Tensor, h: &Tensor, ops: &Operands, mask: Option<&Tensor>, f: &Factors, needs: [bool; 4]) -> Result<Grads> {
+pub fn lowrank_backward(
+    grad: &Tensor,
+    x: &Tensor,
+    h: &Tensor,
+    ops: &Operands,
+    mask: Option<&Tensor>,
+    f: &Factors,
+    needs: [bool; 4],
+) -> Result<Grads> {
     let (r, in_f, out_f) = f.dims()?;
     let w = f.width()?;
-    ensure!(ops.d.size() == [w, in_f] && ops.u.size() == [out_f, w], "operands have shapes {:?} and {:?}, expected [{w}, {in_f}] and [{out_f}, {w}]", ops.d.size(), ops.u.size());
+    ensure!(
+        ops.d.size() == [w, in_f] && ops.u.size() == [out_f, w],
+        "operands have shapes {:?} and {:?}, expected [{w}, {in_f}] and [{out_f}, {w}]",
+        ops.d.size(),
+        ops.u.size()
+    );
     check_input(x, ops, in_f)?;
-    ensure!(h.size().last() == Some(&w) && h.kind() == x.kind(), "saved intermediate has shape {:?} ({:?}), expected (..., {w})", h.size(), h.kind());
+    ensure!(
+        h.size().last() == Some(&w) && h.kind() == x.kind(),
+        "saved intermediate has shape {:?} ({:?}), expected (..., {w})",
+        h.size(),
+        h.kind()
+    );
     let rows = x.numel() as i64 / in_f.max(1);
     ensure!(
         grad.dim() >= 1 && grad.size()[grad.dim() - 1] == out_f && grad.numel() as i64 == rows * out_f,

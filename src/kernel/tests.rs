@@ -190,7 +190,16 @@ fn zero_update_at_init_and_frozen_tensors_get_no_gradient() {
     let ops = lowrank_operands(&w.factors(), None, Kind::Float, None).unwrap();
     let (delta, h) = lowrank_forward(&x, &ops, None, None).unwrap();
     assert_eq!(delta.unwrap().abs().max().double_value(&[]), 0.0);
-    let g = lowrank_backward(&x.narrow(2, 0, 1).expand([2, 4, 6], false).contiguous(), &x, &h, &ops, None, &w.factors(), [false, true, false, false]).unwrap();
+    let g = lowrank_backward(
+        &x.narrow(2, 0, 1).expand([2, 4, 6], false).contiguous(),
+        &x,
+        &h,
+        &ops,
+        None,
+        &w.factors(),
+        [false, true, false, false],
+    )
+    .unwrap();
     assert!(g.input.is_none() && g.factors[0].is_some() && g.factors[1].is_none() && g.factors[2].is_none());
 }
 
