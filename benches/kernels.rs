@@ -9,8 +9,8 @@
 //! - `bare`: the base layer alone (x W^T + b, gradient for x): the limit;
 //! - `reference`: the paper's equations through libtorch autograd: two full-rank branches times
 //!   the rank mask, trainable minus frozen;
-//! - `tlora`: [`kernel::operands`] (difference form) + [`kernel::forward`] into the base output +
-//!   [`kernel::backward`], at the full rank with the per-sample rank mask (ranks as data);
+//! - `tlora`: [`kernel::lowrank_operands`] (difference form) + [`kernel::lowrank_forward`] into the base output +
+//!   [`kernel::lowrank_backward`], at the full rank with the per-sample rank mask (ranks as data);
 //! - `lora`: a plain LoRA at the full rank 64 through the same kernel (PEFT's cost).
 //!
 //! Every method computes the same scalar loss sum(y * g) so that autograd's seed costs the same.
@@ -55,9 +55,7 @@ impl RankCycle {
     fn new() -> Self {
         let schedule = RankSchedule::new(RANK, MIN_RANK, 1.0, 1000.0).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let pairs = (0..64)
-            .map(|_| (0..BATCH).map(|_| schedule.rank_at(rng.gen_range(0.0..1000.0)).unwrap()).collect())
-            .collect();
+        let pairs = (0..64).map(|_| (0..BATCH).map(|_| schedule.rank_at(rng.gen_range(0.0..1000.0)).unwrap()).collect()).collect();
         Self { pairs, next: Cell::new(0) }
     }
 
@@ -144,15 +142,15 @@ impl Layer {
     fn factored(&self, f: &Factors, ranks: Option<&[i64]>) -> Vec<Tensor> {
         let _guard = tch::no_grad_guard();
         let y = self.x.linear(&self.w, Some(&self.b));
-        let ops = kernel::operands(f, None, Kind::Float, None).unwrap();
+        let ops = kernel::lowrank_operands(f, None, Kind::Float, None).unwrap();
         let blocks = if matches!(f, Factors::Ortho { .. }) { 2 } else { 1 };
         let mask = ranks.map(|r| {
             let cols = Tensor::arange(RANK, (Kind::Int64, tch::Device::Cpu)).repeat([blocks]);
             cols.unsqueeze(0).lt_tensor(&Tensor::from_slice(r).unsqueeze(1)).to_kind(Kind::Float) * SCALE
         });
-        let (_, h) = kernel::forward(&self.x, &ops, mask.as_ref(), Some(&y)).unwrap();
+        let (_, h) = kernel::lowrank_forward(&self.x, &ops, mask.as_ref(), Some(&y)).unwrap();
         let _ = self.loss(&y);
-        let grads = kernel::backward(&self.g, &self.x, &h, &ops, mask.as_ref(), f, [true; 4]).unwrap();
+        let grads = kernel::lowrank_backward(&self.g, &self.x, &h, &ops, mask.as_ref(), f, [true; 4]).unwrap();
         let mut gx = grads.input.unwrap();
         let _ = gx.g_add_(&self.g.matmul(&self.w));
         let mut out = vec![gx];
@@ -205,7 +203,7 @@ fn bench_init_and_fold(c: &mut Criterion) {
         });
         let layer = Layer::new(1, in_f, out_f);
         group.bench_function(BenchmarkId::new("fold_rank_48", format!("{out_f}x{in_f}")), |bench| {
-            bench.iter(|| kernel::fold(&layer.w, &layer.ortho(), Some(48), SCALE).unwrap())
+            bench.iter(|| kernel::fold_weight(&layer.w, &layer.ortho(), Some(48), SCALE).unwrap())
         });
     }
     group.finish();
@@ -229,7 +227,15 @@ fn print_overheads() {
         let t: Option<Vec<f64>> = METHODS.iter().map(|m| estimate("layer", m, &shape)).collect();
         let Some(t) = t else { continue };
         let over = |i: usize| (t[i] - t[0]) / (t[1] - t[0]);
-        println!("| {shape} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |", t[0] / 1e6, t[1] / 1e6, t[2] / 1e6, t[3] / 1e6, over(2), over(3));
+        println!(
+            "| {shape} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |",
+            t[0] / 1e6,
+            t[1] / 1e6,
+            t[2] / 1e6,
+            t[3] / 1e6,
+            over(2),
+            over(3)
+        );
     }
 }
 

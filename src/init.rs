@@ -109,7 +109,7 @@ fn stream(seed: u64, index: u64) -> ChaCha8Rng {
 ///
 /// Generated with a ChaCha stream rather than libtorch's generator so that initialising an adapter
 /// never touches the global torch RNG that the user's training loop depends on.
-pub fn seeded_gaussian(rows: i64, cols: i64, std: f64, seed: u64) -> Result<Tensor> {
+pub fn gaussian(rows: i64, cols: i64, std: f64, seed: u64) -> Result<Tensor> {
     if rows < 1 || cols < 1 {
         bail!("matrix shape must be positive, got {rows} x {cols}");
     }
@@ -119,17 +119,6 @@ pub fn seeded_gaussian(rows: i64, cols: i64, std: f64, seed: u64) -> Result<Tens
     Ok(Tensor::from_slice(&values).reshape([rows, cols]))
 }
 
-fn check_rank(out_f: i64, in_f: i64, rank: i64) -> Result<i64> {
-    let full = out_f.min(in_f);
-    if out_f < 1 || in_f < 1 {
-        bail!("weight shape must be positive, got {out_f} x {in_f}");
-    }
-    if rank < 1 || rank > full {
-        bail!("rank {rank} is outside 1..={full} for a weight of shape {out_f} x {in_f}");
-    }
-    Ok(full)
-}
-
 /// Keeps `rank` singular triplets of `matrix` (out x in) chosen by `component`: an exact SVD in
 /// float64 on the CPU (for `init_from = "weight"`). Factors come back float32 on the CPU.
 pub fn orthogonal_factors(matrix: &Tensor, rank: i64, component: Component) -> Result<OrthoFactors> {
@@ -137,7 +126,7 @@ pub fn orthogonal_factors(matrix: &Tensor, rank: i64, component: Component) -> R
     if size.len() != 2 {
         bail!("expected a 2-D weight (out x in), got shape {size:?}");
     }
-    let full = check_rank(size[0], size[1], rank)?;
+    let full = crate::ranks::check_init_rank(size[0], size[1], rank)?;
     let m = matrix.to_device(Device::Cpu).to_kind(Kind::Double);
     if !bool::try_from(m.isfinite().all())? {
         bail!("the matrix to decompose has NaN or infinite entries");
@@ -302,7 +291,7 @@ pub fn bidiagonal_singular_values(diag: &[f64], superdiag: &[f64], start: usize,
 /// The paper's init: `component` triplets of a seeded N(0, (1/r)^2) matrix of shape out x in, drawn
 /// from their law without forming the matrix (see the module docs), float32 on `device`.
 pub fn orthogonal_random_on(out_f: i64, in_f: i64, rank: i64, component: Component, seed: u64, device: Device) -> Result<OrthoFactors> {
-    let full = check_rank(out_f, in_f, rank)?;
+    let full = crate::ranks::check_init_rank(out_f, in_f, rank)?;
     let (diag, superdiag) = gaussian_bidiagonal(out_f, in_f, &mut stream(seed, 2))?;
     let start = component.start(full, rank) as usize;
     let sigma = 1.0 / rank as f64;
@@ -320,11 +309,29 @@ pub fn orthogonal_random_on(out_f: i64, in_f: i64, rank: i64, component: Compone
     let p_cols = frame_columns(o, r, p_rng)?;
     let p: Vec<f32> = (0..o * r).map(|k| p_cols[(k % r) * o + k / r] as f32).collect();
     let q: Vec<f32> = frame_columns(i, r, q_rng)?.iter().map(|&v| v as f32).collect();
-    Ok(OrthoFactors {
-        p: cpu_tensor(&p, &[out_f, rank]).to_device(device),
-        lam,
-        q: cpu_tensor(&q, &[rank, in_f]).to_device(device),
-    })
+    Ok(OrthoFactors { p: cpu_tensor(&p, &[out_f, rank]).to_device(device), lam, q: cpu_tensor(&q, &[rank, in_f]).to_device(device) })
+}
+
+/// The orthogonal factors, float32 on `device`: the exact SVD of `weight` (its triplets
+/// chosen by `component`, see [`orthogonal_factors`]) when given, else the paper's seeded random
+/// init of shape out_f x in_f ([`orthogonal_random_on`]).
+pub fn orthogonal_init(
+    out_f: i64,
+    in_f: i64,
+    rank: i64,
+    component: Component,
+    seed: u64,
+    weight: Option<&Tensor>,
+    device: Device,
+) -> Result<OrthoFactors> {
+    match weight {
+        Some(w) => {
+            crate::kernel::check_device(w, "the weight to decompose")?;
+            let f = orthogonal_factors(w, rank, component)?;
+            Ok(OrthoFactors { p: f.p.f_to_device(device)?, lam: f.lam.f_to_device(device)?, q: f.q.f_to_device(device)? })
+        }
+        None => orthogonal_random_on(out_f, in_f, rank, component, seed, device),
+    }
 }
 
 /// [`orthogonal_random_on`] the CPU.
@@ -343,7 +350,7 @@ mod tests {
     #[test]
     fn factors_are_orthonormal_and_paired() {
         for &(o, i, r) in &[(24, 16, 4), (16, 24, 8), (32, 32, 32)] {
-            let m = seeded_gaussian(o, i, 1.0 / r as f64, 7).unwrap();
+            let m = gaussian(o, i, 1.0 / r as f64, 7).unwrap();
             for comp in [Component::Principal, Component::Middle, Component::Last] {
                 let f = orthogonal_factors(&m, r, comp).unwrap();
                 assert_eq!(f.p.size(), vec![o, r]);
@@ -362,7 +369,7 @@ mod tests {
 
     #[test]
     fn components_pick_the_right_singular_values() {
-        let m = seeded_gaussian(20, 12, 0.1, 3).unwrap();
+        let m = gaussian(20, 12, 0.1, 3).unwrap();
         let s = Vec::<f64>::try_from(&m.svd(true, false).1).unwrap();
         let lam = |c| Vec::<f32>::try_from(&orthogonal_factors(&m, 3, c).unwrap().lam).unwrap();
         let close = |a: &[f32], b: &[f64]| a.iter().zip(b).all(|(x, y)| (*x as f64 - y).abs() < 1e-5);
@@ -373,9 +380,9 @@ mod tests {
 
     #[test]
     fn seeded_and_scaled() {
-        let a = seeded_gaussian(64, 64, 0.25, 11).unwrap();
-        let b = seeded_gaussian(64, 64, 0.25, 11).unwrap();
-        let c = seeded_gaussian(64, 64, 0.25, 12).unwrap();
+        let a = gaussian(64, 64, 0.25, 11).unwrap();
+        let b = gaussian(64, 64, 0.25, 11).unwrap();
+        let c = gaussian(64, 64, 0.25, 12).unwrap();
         assert!(a.equal(&b));
         assert!(!a.equal(&c));
         let std = a.std(true).double_value(&[]);
@@ -384,7 +391,7 @@ mod tests {
 
     #[test]
     fn bad_rank_and_input() {
-        let mut m = seeded_gaussian(8, 4, 1.0, 0).unwrap();
+        let mut m = gaussian(8, 4, 1.0, 0).unwrap();
         assert!(orthogonal_factors(&m, 5, Component::Last).unwrap_err().to_string().contains("8 x 4"));
         assert!(orthogonal_factors(&m, 0, Component::Last).is_err());
         assert!(orthogonal_factors(&m.flatten(0, -1), 1, Component::Last).is_err());
@@ -405,7 +412,7 @@ mod tests {
         let n = diag.len() as i64;
         let mut b = Tensor::from_slice(diag).diag(0);
         if n > 1 {
-            b = b + Tensor::from_slice(superdiag).diag(1);
+            b += Tensor::from_slice(superdiag).diag(1);
         }
         b
     }

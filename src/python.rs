@@ -21,14 +21,6 @@ fn to_py(err: anyhow::Error) -> PyErr {
     }
 }
 
-fn factors_of(tensors: &[Tensor]) -> anyhow::Result<kernel::Factors<'_>> {
-    match tensors {
-        [p, lam, q, p0, lam0, q0] => Ok(kernel::Factors::Ortho { p, lam, q, p0, lam0, q0 }),
-        [down, up] => Ok(kernel::Factors::Plain { down, up }),
-        other => anyhow::bail!("expected 6 factors (p, lam, q, p0, lam0, q0) or 2 (down, up), got {}", other.len()),
-    }
-}
-
 /// Runs `work` without the GIL and turns both its errors and any panic (a libtorch error surfacing
 /// through a non-fallible tch call) into Python exceptions: nothing unwinds into Python as
 /// `PanicException`.
@@ -55,13 +47,16 @@ fn owned(tensors: Vec<PyTensor>) -> Vec<Tensor> {
 
 /// r(t) for every timestep: an int64 CPU tensor of the same shape.
 #[pyfunction]
-fn rank_schedule(py: Python<'_>, timesteps: PyTensor, rank: i64, min_rank: i64, exponent: f64, num_train_timesteps: f64) -> PyResult<PyTensor> {
+fn rank_schedule(
+    py: Python<'_>,
+    timesteps: PyTensor,
+    rank: i64,
+    min_rank: i64,
+    exponent: f64,
+    num_train_timesteps: f64,
+) -> PyResult<PyTensor> {
     let t = timesteps.0;
-    run(py, move || {
-        kernel::check_device(&t, "the timestep tensor")?;
-        schedule::RankSchedule::new(rank, min_rank, exponent, num_train_timesteps)?.ranks(&t)
-    })
-    .map(PyTensor)
+    run(py, move || schedule::rank_schedule(&t, rank, min_rank, exponent, num_train_timesteps)).map(PyTensor)
 }
 
 /// (P, lam, Q), float32 on `device` ("cpu", "cuda[:N]", "mps"; default the CPU): the exact SVD
@@ -69,6 +64,7 @@ fn rank_schedule(py: Python<'_>, timesteps: PyTensor, rank: i64, min_rank: i64, 
 /// out_features x in_features drawn from their law without forming the matrix (see init.rs).
 #[pyfunction]
 #[pyo3(signature = (out_features, in_features, rank, component, seed, weight=None, device=None))]
+// One Rust parameter per Python parameter (plus the GIL token): the Python signature sets the count.
 #[allow(clippy::too_many_arguments)]
 fn orthogonal_init(
     py: Python<'_>,
@@ -83,21 +79,14 @@ fn orthogonal_init(
     let comp: init::Component = component.parse().map_err(to_py)?;
     let device = device.map(init::parse_device).transpose().map_err(to_py)?.unwrap_or(tch::Device::Cpu);
     let weight = weight.map(|w| w.0);
-    let f = run(py, move || match &weight {
-        Some(w) => {
-            kernel::check_device(w, "the weight to decompose")?;
-            let f = init::orthogonal_factors(w, rank, comp)?;
-            Ok(init::OrthoFactors { p: f.p.f_to_device(device)?, lam: f.lam.f_to_device(device)?, q: f.q.f_to_device(device)? })
-        }
-        None => init::orthogonal_random_on(out_features, in_features, rank, comp, seed, device),
-    })?;
+    let f = run(py, move || init::orthogonal_init(out_features, in_features, rank, comp, seed, weight.as_ref(), device))?;
     Ok((PyTensor(f.p), PyTensor(f.lam), PyTensor(f.q)))
 }
 
 /// A seeded Gaussian matrix (float32, CPU) that does not touch torch's global generator.
 #[pyfunction]
 fn gaussian(py: Python<'_>, rows: i64, cols: i64, std: f64, seed: u64) -> PyResult<PyTensor> {
-    run(py, move || Ok(init::seeded_gaussian(rows, cols, std, seed)?.f_to_kind(Kind::Float)?)).map(PyTensor)
+    run(py, move || Ok(init::gaussian(rows, cols, std, seed)?.f_to_kind(Kind::Float)?)).map(PyTensor)
 }
 
 fn kind_of(dtype: &str) -> anyhow::Result<Kind> {
@@ -144,7 +133,7 @@ fn lowrank_operands(
     let ops = run(py, move || {
         let kind = kind_of(&dtype)?;
         let scratch = bufs.as_ref().map(|(d, u)| kernel::Scratch { d, u, write_frozen });
-        kernel::operands(&factors_of(&factors)?, nf.as_ref(), kind, scratch)
+        kernel::lowrank_operands(&kernel::Factors::from_slice(&factors)?, nf.as_ref(), kind, scratch)
     })?;
     Ok((PyTensor(ops.d), PyTensor(ops.u)))
 }
@@ -153,9 +142,16 @@ fn lowrank_operands(
 /// base layer's output, same rows); h is what `lowrank_backward` needs.
 #[pyfunction]
 #[pyo3(signature = (x, d, u, mask=None, acc=None))]
-fn lowrank_forward(py: Python<'_>, x: PyTensor, d: PyTensor, u: PyTensor, mask: Option<PyTensor>, acc: Option<PyTensor>) -> PyResult<(Option<PyTensor>, PyTensor)> {
+fn lowrank_forward(
+    py: Python<'_>,
+    x: PyTensor,
+    d: PyTensor,
+    u: PyTensor,
+    mask: Option<PyTensor>,
+    acc: Option<PyTensor>,
+) -> PyResult<(Option<PyTensor>, PyTensor)> {
     let (x, ops, mask, acc) = (x.0, kernel::Operands { d: d.0, u: u.0 }, mask.map(|t| t.0), acc.map(|t| t.0));
-    let (delta, h) = run(py, move || kernel::forward(&x, &ops, mask.as_ref(), acc.as_ref()))?;
+    let (delta, h) = run(py, move || kernel::lowrank_forward(&x, &ops, mask.as_ref(), acc.as_ref()))?;
     Ok((delta.map(PyTensor), PyTensor(h)))
 }
 
@@ -164,6 +160,7 @@ type Grads4 = (Option<PyTensor>, Option<PyTensor>, Option<PyTensor>, Option<PyTe
 /// Gradients (input, factor 0, 1, 2) of `lowrank_forward`; `needs` says which to compute.
 #[pyfunction]
 #[pyo3(signature = (grad, x, h, d, u, mask, factors, needs))]
+// One Rust parameter per Python parameter (plus the GIL token): the Python signature sets the count.
 #[allow(clippy::too_many_arguments)]
 fn lowrank_backward(
     py: Python<'_>,
@@ -178,7 +175,7 @@ fn lowrank_backward(
 ) -> PyResult<Grads4> {
     let (grad, x, h, factors) = (grad.0, x.0, h.0, owned(factors));
     let (ops, mask) = (kernel::Operands { d: d.0, u: u.0 }, mask.map(|t| t.0));
-    let g = run(py, move || kernel::backward(&grad, &x, &h, &ops, mask.as_ref(), &factors_of(&factors)?, needs))?;
+    let g = run(py, move || kernel::lowrank_backward(&grad, &x, &h, &ops, mask.as_ref(), &kernel::Factors::from_slice(&factors)?, needs))?;
     let [a, b, c] = g.factors;
     Ok((g.input.map(PyTensor), a.map(PyTensor), b.map(PyTensor), c.map(PyTensor)))
 }
@@ -188,7 +185,7 @@ fn lowrank_backward(
 #[pyo3(signature = (factors, rank, scale))]
 fn dense_update(py: Python<'_>, factors: Vec<PyTensor>, rank: Option<i64>, scale: f64) -> PyResult<PyTensor> {
     let factors = owned(factors);
-    run(py, move || kernel::dense_update(&factors_of(&factors)?, rank, scale)).map(PyTensor)
+    run(py, move || kernel::dense_update(&kernel::Factors::from_slice(&factors)?, rank, scale)).map(PyTensor)
 }
 
 /// The folded weight W + dW at one rank (None: full rank), in float32 (float64 when the weight or
@@ -197,21 +194,43 @@ fn dense_update(py: Python<'_>, factors: Vec<PyTensor>, rank: Option<i64>, scale
 #[pyo3(signature = (weight, factors, rank, scale))]
 fn fold_weight(py: Python<'_>, weight: PyTensor, factors: Vec<PyTensor>, rank: Option<i64>, scale: f64) -> PyResult<PyTensor> {
     let (weight, factors) = (weight.0, owned(factors));
-    run(py, move || kernel::fold(&weight, &factors_of(&factors)?, rank, scale)).map(PyTensor)
+    run(py, move || kernel::fold_weight(&weight, &kernel::Factors::from_slice(&factors)?, rank, scale)).map(PyTensor)
 }
 
 /// Writes tensors and string metadata to a safetensors file, atomically.
 #[pyfunction]
 fn save_file(py: Python<'_>, path: PathBuf, tensors: Vec<(String, PyTensor)>, metadata: HashMap<String, String>) -> PyResult<()> {
     let tensors: Vec<(String, Tensor)> = tensors.into_iter().map(|(n, t)| (n, t.0)).collect();
-    run(py, move || format::write(&path, &tensors, &metadata))
+    run(py, move || format::save_file(&path, &tensors, &metadata))
 }
+
+/// [`format::FileContents`] with the tensors wrapped for Python.
+type PyFileContents = (Vec<(String, PyTensor)>, HashMap<String, String>);
 
 /// Reads a safetensors file: ([(name, tensor)] in file order, metadata).
 #[pyfunction]
-fn load_file(py: Python<'_>, path: PathBuf) -> PyResult<(Vec<(String, PyTensor)>, HashMap<String, String>)> {
-    let (tensors, meta) = run(py, move || format::read(&path))?;
+fn load_file(py: Python<'_>, path: PathBuf) -> PyResult<PyFileContents> {
+    let (tensors, meta) = run(py, move || format::load_file(&path))?;
     Ok((tensors.into_iter().map(|(n, t)| (n, PyTensor(t))).collect(), meta))
+}
+
+/// Maps an error of `format::write_atomic` to OSError: FileNotFoundError when the folder is missing.
+fn to_os_error(err: anyhow::Error) -> PyErr {
+    let msg = format!("{err:#}");
+    let not_found = err.downcast_ref::<format::MissingFolder>().is_some()
+        || err.root_cause().downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound);
+    if not_found {
+        PyFileNotFoundError::new_err(msg)
+    } else {
+        PyOSError::new_err(msg)
+    }
+}
+
+/// Writes `data` to `path` atomically (temporary file in the same folder, fsync, rename, fsync of
+/// the folder): Python's one atomic writer.
+#[pyfunction]
+fn write_atomic(py: Python<'_>, path: PathBuf, data: &[u8]) -> PyResult<()> {
+    py.allow_threads(|| format::write_atomic(&path, data)).map_err(to_os_error)
 }
 
 #[pymodule]
@@ -230,5 +249,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fold_weight, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;
     m.add_function(wrap_pyfunction!(load_file, m)?)?;
+    m.add_function(wrap_pyfunction!(write_atomic, m)?)?;
     Ok(())
 }

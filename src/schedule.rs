@@ -22,12 +22,7 @@ pub struct RankSchedule {
 impl RankSchedule {
     /// Checks the parameters, naming the one that is wrong.
     pub fn new(rank: i64, min_rank: i64, exponent: f64, num_train_timesteps: f64) -> Result<Self> {
-        if rank < 1 {
-            bail!("rank must be >= 1, got {rank}");
-        }
-        if min_rank < 1 || min_rank > rank {
-            bail!("min_rank must be in 1..=rank ({rank}), got {min_rank}");
-        }
+        crate::ranks::check_schedule_ranks(rank, min_rank)?;
         if !(exponent.is_finite() && exponent > 0.0) {
             bail!("rank_exponent must be a finite number > 0, got {exponent}");
         }
@@ -59,6 +54,13 @@ impl RankSchedule {
         let ranks: Vec<i64> = values.iter().map(|&v| self.rank_at(v)).collect::<Result<_>>()?;
         Ok(Tensor::from_slice(&ranks).reshape(&shape))
     }
+}
+
+/// r(t) for every timestep (any shape, real dtype, CPU or CUDA): an int64 CPU tensor of the same
+/// shape, after checking the parameters and every timestep.
+pub fn rank_schedule(timesteps: &Tensor, rank: i64, min_rank: i64, exponent: f64, num_train_timesteps: f64) -> Result<Tensor> {
+    crate::kernel::check_device(timesteps, "the timestep tensor")?;
+    RankSchedule::new(rank, min_rank, exponent, num_train_timesteps)?.ranks(timesteps)
 }
 
 #[cfg(test)]

@@ -29,9 +29,10 @@
 //! Gradients are returned for the input and the trainable factors only, at full rank (the masked
 //! ranks get exactly zero).
 //!
-//! [`fold`] folds the update at one rank into the base weight for inference (same difference
+//! [`fold_weight`] folds the update at one rank into the base weight for inference (same difference
 //! form, float32), and [`dense_update`] is the update as a weight matrix.
 
+use crate::ranks;
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -50,7 +51,17 @@ pub struct Grads {
     pub factors: [Option<Tensor>; 3],
 }
 
-impl Factors<'_> {
+impl<'a> Factors<'a> {
+    /// The variant, from the number of factors: 6 (P, lam, Q, P0, lam0, Q0) is T-LoRA, 2 (down,
+    /// up) is LoRA. The only place that tells the variants apart by count.
+    pub fn from_slice(tensors: &'a [Tensor]) -> Result<Self> {
+        match tensors {
+            [p, lam, q, p0, lam0, q0] => Ok(Factors::Ortho { p, lam, q, p0, lam0, q0 }),
+            [down, up] => Ok(Factors::Plain { down, up }),
+            other => bail!("expected 6 factors (p, lam, q, p0, lam0, q0) or 2 (down, up), got {}", other.len()),
+        }
+    }
+
     /// (rank r, in_features, out_features), after checking every shape, dtype and device against
     /// the others.
     pub fn dims(&self) -> Result<(i64, i64, i64)> {
@@ -73,7 +84,7 @@ impl Factors<'_> {
                 (ds[0], ds[1], us[0], vec![*down, *up])
             }
         };
-        ensure!(r >= 1, "the adapter has rank {r}: it must be at least 1");
+        ranks::check_adapter_rank(r)?;
         let (kind, device) = (all[0].kind(), all[0].device());
         for t in &all {
             ensure!(matches!(t.kind(), Kind::Float | Kind::Double), "adapter factors must be float32 (or float64), got {:?}", t.kind());
@@ -145,7 +156,7 @@ pub struct Scratch<'a> {
 
 /// Builds the operands at full rank in `kind`. `frozen` is [`frozen_block`] (computed here when
 /// absent).
-pub fn operands(f: &Factors, frozen: Option<&Tensor>, kind: Kind, scratch: Option<Scratch>) -> Result<Operands> {
+pub fn lowrank_operands(f: &Factors, frozen: Option<&Tensor>, kind: Kind, scratch: Option<Scratch>) -> Result<Operands> {
     // Operands are data for the kernels, which differentiate by hand: no autograd graph.
     let _no_grad = tch::no_grad_guard();
     let (r, in_f, out_f) = f.dims()?;
@@ -226,7 +237,14 @@ fn check_input(x: &Tensor, ops: &Operands, in_f: i64) -> Result<()> {
 /// The mask shaped to broadcast over an intermediate like `x`'s: (B, 1, ..., 1, w).
 fn mask_for(mask: &Tensor, x: &Tensor, w: i64) -> Result<Tensor> {
     ensure!(mask.dim() == 2 && mask.size()[1] == w, "the rank mask has shape {:?}, expected (batch, {w})", mask.size());
-    ensure!(mask.kind() == x.kind() && mask.device() == x.device(), "the rank mask is {:?} on {:?}, the input {:?} on {:?}", mask.kind(), mask.device(), x.kind(), x.device());
+    ensure!(
+        mask.kind() == x.kind() && mask.device() == x.device(),
+        "the rank mask is {:?} on {:?}, the input {:?} on {:?}",
+        mask.kind(),
+        mask.device(),
+        x.kind(),
+        x.device()
+    );
     let b = mask.size()[0];
     if b != 1 {
         ensure!(
@@ -246,8 +264,8 @@ fn mask_for(mask: &Tensor, x: &Tensor, w: i64) -> Result<Tensor> {
 
 /// Forward: h = (x D^T) * M, and h U^T added into `acc` in place when given (the base layer's
 /// output, x's dtype, the same rows: shape (..., out) or flattened to 2-D), else returned as
-/// delta. Returns (delta, h); h is what [`backward`] needs.
-pub fn forward(x: &Tensor, ops: &Operands, mask: Option<&Tensor>, acc: Option<&Tensor>) -> Result<(Option<Tensor>, Tensor)> {
+/// delta. Returns (delta, h); h is what [`lowrank_backward`] needs.
+pub fn lowrank_forward(x: &Tensor, ops: &Operands, mask: Option<&Tensor>, acc: Option<&Tensor>) -> Result<(Option<Tensor>, Tensor)> {
     let ds = ops.d.size();
     ensure!(ds.len() == 2 && ops.u.dim() == 2 && ops.u.size()[1] == ds[0], "operands have shapes {ds:?} and {:?}", ops.u.size());
     let (w, in_f, out_f) = (ds[0], ds[1], ops.u.size()[0]);
@@ -261,7 +279,11 @@ pub fn forward(x: &Tensor, ops: &Operands, mask: Option<&Tensor>, acc: Option<&T
         Some(y) => {
             let rows = if in_f == 0 { 0 } else { x.numel() as i64 / in_f };
             ensure!(
-                y.kind() == x.kind() && y.device() == x.device() && y.dim() >= 1 && y.size()[y.dim() - 1] == out_f && y.numel() as i64 == rows * out_f,
+                y.kind() == x.kind()
+                    && y.device() == x.device()
+                    && y.dim() >= 1
+                    && y.size()[y.dim() - 1] == out_f
+                    && y.numel() as i64 == rows * out_f,
                 "the output to add into has shape {:?} ({:?}), expected {rows} rows of {out_f} features ({:?})",
                 y.size(),
                 y.kind(),
@@ -276,14 +298,32 @@ pub fn forward(x: &Tensor, ops: &Operands, mask: Option<&Tensor>, acc: Option<&T
     Ok((delta, h))
 }
 
-/// Backward of [`forward`] given the gradient of delta and the h it returned. `needs` = (input,
+/// Backward of [`lowrank_forward`] given the gradient of delta and the h it returned. `needs` = (input,
 /// factor 0, 1, 2) says which gradients to compute; frozen tensors never get one.
-pub fn backward(grad: &Tensor, x: &Tensor, h: &Tensor, ops: &Operands, mask: Option<&Tensor>, f: &Factors, needs: [bool; 4]) -> Result<Grads> {
+pub fn lowrank_backward(
+    grad: &Tensor,
+    x: &Tensor,
+    h: &Tensor,
+    ops: &Operands,
+    mask: Option<&Tensor>,
+    f: &Factors,
+    needs: [bool; 4],
+) -> Result<Grads> {
     let (r, in_f, out_f) = f.dims()?;
     let w = f.width()?;
-    ensure!(ops.d.size() == [w, in_f] && ops.u.size() == [out_f, w], "operands have shapes {:?} and {:?}, expected [{w}, {in_f}] and [{out_f}, {w}]", ops.d.size(), ops.u.size());
+    ensure!(
+        ops.d.size() == [w, in_f] && ops.u.size() == [out_f, w],
+        "operands have shapes {:?} and {:?}, expected [{w}, {in_f}] and [{out_f}, {w}]",
+        ops.d.size(),
+        ops.u.size()
+    );
     check_input(x, ops, in_f)?;
-    ensure!(h.size().last() == Some(&w) && h.kind() == x.kind(), "saved intermediate has shape {:?} ({:?}), expected (..., {w})", h.size(), h.kind());
+    ensure!(
+        h.size().last() == Some(&w) && h.kind() == x.kind(),
+        "saved intermediate has shape {:?} ({:?}), expected (..., {w})",
+        h.size(),
+        h.kind()
+    );
     let rows = x.numel() as i64 / in_f.max(1);
     ensure!(
         grad.dim() >= 1 && grad.size()[grad.dim() - 1] == out_f && grad.numel() as i64 == rows * out_f,
@@ -355,9 +395,8 @@ pub fn backward(grad: &Tensor, x: &Tensor, h: &Tensor, ops: &Operands, mask: Opt
 /// dtype: U_k D_k over the first k ranks of each block (difference form).
 pub fn dense_update(f: &Factors, rank: Option<i64>, scale: f64) -> Result<Tensor> {
     let (r, _, _) = f.dims()?;
-    let k = rank.unwrap_or(r);
-    ensure!((1..=r).contains(&k), "rank {k} is outside 1..={r}");
-    let ops = operands(f, None, f.first().kind(), None)?;
+    let k = ranks::rank_or_full(rank, r)?;
+    let ops = lowrank_operands(f, None, f.first().kind(), None)?;
     let (d, u) = narrow_ops(f, &ops, k)?;
     Ok(u.f_matmul(&d)?.f_mul_scalar(scale)?)
 }
@@ -376,31 +415,19 @@ fn narrow_ops(f: &Factors, ops: &Operands, k: i64) -> Result<(Tensor, Tensor)> {
 
 /// The folded weight W + dW at one rank (None: full rank), computed in float32 (float64 when the
 /// weight or the factors are) from the difference form and returned in that dtype: what the base
-/// layer plus [`forward`] compute for every sample of that rank, as one weight (inference).
-pub fn fold(weight: &Tensor, f: &Factors, rank: Option<i64>, scale: f64) -> Result<Tensor> {
+/// layer plus [`lowrank_forward`] compute for every sample of that rank, as one weight (inference).
+pub fn fold_weight(weight: &Tensor, f: &Factors, rank: Option<i64>, scale: f64) -> Result<Tensor> {
     let (r, in_f, out_f) = f.dims()?;
-    let k = rank.unwrap_or(r);
-    ensure!((1..=r).contains(&k), "rank {k} is outside 1..={r}");
+    let k = ranks::rank_or_full(rank, r)?;
     check_device(weight, "the base weight")?;
     ensure!(weight.size() == [out_f, in_f], "weight has shape {:?}, expected [{out_f}, {in_f}]", weight.size());
     ensure!(weight.device() == f.first().device(), "the weight is on {:?} but the adapter is on {:?}", weight.device(), f.first().device());
     ensure!(is_compute_kind(weight.kind()), "weight dtype {:?} cannot be folded into", weight.kind());
     let kind = if weight.kind() == Kind::Double || f.first().kind() == Kind::Double { Kind::Double } else { Kind::Float };
-    let ops = operands(f, None, kind, None)?;
+    let ops = lowrank_operands(f, None, kind, None)?;
     let (d, u) = narrow_ops(f, &ops, k)?;
     let u = if scale == 1.0 { u } else { u.f_mul_scalar(scale)? };
     Ok(cast(weight, kind)?.f_addmm(&u, &d)?)
-}
-
-/// Checks a rank list against r (1..=r each, at least one).
-pub fn check_ranks(ranks: &[i64], r: i64) -> Result<()> {
-    if ranks.is_empty() {
-        bail!("ranks must not be empty");
-    }
-    for &rb in ranks {
-        ensure!((1..=r).contains(&rb), "rank {rb} is outside 1..={r}");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -89,11 +89,11 @@ fn ortho_forward_and_backward_match_dense_autograd() {
     for ranks in [vec![4], vec![2], vec![4, 1, 3], vec![2, 2, 2]] {
         let x = seeded(&[b, n, in_f], 1);
         let m = mask(&ranks, r, 2, scale, Kind::Double);
-        let ops = operands(&w.factors(), None, Kind::Double, None).unwrap();
-        let (delta, h) = forward(&x, &ops, Some(&m), None).unwrap();
+        let ops = lowrank_operands(&w.factors(), None, Kind::Double, None).unwrap();
+        let (delta, h) = lowrank_forward(&x, &ops, Some(&m), None).unwrap();
         let delta = delta.unwrap();
         let gout = seeded(&[b, n, out_f], 2);
-        let grads = backward(&gout, &x, &h, &ops, Some(&m), &w.factors(), [true; 4]).unwrap();
+        let grads = lowrank_backward(&gout, &x, &h, &ops, Some(&m), &w.factors(), [true; 4]).unwrap();
 
         let xr = x.detach().set_requires_grad(true);
         let pr = w.p.detach().set_requires_grad(true);
@@ -119,10 +119,10 @@ fn plain_forward_and_backward_match_dense_autograd() {
         let f = Factors::Plain { down: &down, up: &up };
         let x = seeded(&[b, n, in_f], 22);
         let m = mask(&ranks, r, 1, scale, Kind::Double);
-        let ops = operands(&f, None, Kind::Double, None).unwrap();
-        let (delta, h) = forward(&x, &ops, Some(&m), None).unwrap();
+        let ops = lowrank_operands(&f, None, Kind::Double, None).unwrap();
+        let (delta, h) = lowrank_forward(&x, &ops, Some(&m), None).unwrap();
         let gout = seeded(&[b, n, out_f], 23);
-        let grads = backward(&gout, &x, &h, &ops, Some(&m), &f, [true; 4]).unwrap();
+        let grads = lowrank_backward(&gout, &x, &h, &ops, Some(&m), &f, [true; 4]).unwrap();
         let dr = down.detach().set_requires_grad(true);
         let ur = up.detach().set_requires_grad(true);
         let mk = |k: i64| {
@@ -141,19 +141,19 @@ fn plain_forward_and_backward_match_dense_autograd() {
 fn buffers_give_the_fresh_operands_and_q_inside_its_buffer_is_not_copied() {
     let (in_f, out_f, r) = (6, 5, 3);
     let w = Ortho::new(out_f, in_f, r, 30, 0.1, Kind::Float);
-    let fresh = operands(&w.factors(), None, Kind::Float, None).unwrap();
+    let fresh = lowrank_operands(&w.factors(), None, Kind::Float, None).unwrap();
     let d = Tensor::zeros([2 * r, in_f], (Kind::Float, Device::Cpu));
     let u = Tensor::zeros([out_f, 2 * r], (Kind::Float, Device::Cpu));
     let nf = frozen_block(&w.p0, &w.lam0).unwrap();
     let s = Scratch { d: &d, u: &u, write_frozen: true };
-    let ops = operands(&w.factors(), Some(&nf), Kind::Float, Some(s)).unwrap();
+    let ops = lowrank_operands(&w.factors(), Some(&nf), Kind::Float, Some(s)).unwrap();
     assert!(ops.d.equal(&fresh.d) && ops.u.equal(&fresh.u));
     // Q living in the buffer's first rows: used in place.
     let mut top = d.narrow(0, 0, r);
     top.copy_(&w.q);
     let q_view = d.narrow(0, 0, r);
     let f = Factors::Ortho { p: &w.p, lam: &w.lam, q: &q_view, p0: &w.p0, lam0: &w.lam0, q0: &w.q0 };
-    let ops = operands(&f, Some(&nf), Kind::Float, Some(Scratch { d: &d, u: &u, write_frozen: false })).unwrap();
+    let ops = lowrank_operands(&f, Some(&nf), Kind::Float, Some(Scratch { d: &d, u: &u, write_frozen: false })).unwrap();
     assert!(ops.d.equal(&fresh.d) && ops.u.equal(&fresh.u));
 }
 
@@ -169,14 +169,14 @@ fn half_precision_update_does_not_cancel() {
 
         for (kind, tol) in [(Kind::BFloat16, 3e-2), (Kind::Half, 1e-2)] {
             let x = x64.to_kind(kind);
-            let ops = operands(&w.factors(), None, kind, None).unwrap();
-            let (delta, _) = forward(&x, &ops, None, None).unwrap();
+            let ops = lowrank_operands(&w.factors(), None, kind, None).unwrap();
+            let (delta, _) = lowrank_forward(&x, &ops, None, None).unwrap();
             // The reference sees the same rounded input.
             let exact_x = reference(&x.to_kind(Kind::Double), &[r], |k| w64.dense(k, &w64.p, &w64.lam, &w64.q), 1.0);
             let err = max_rel(&delta.unwrap(), &exact_x);
             assert!(err < tol, "{kind:?} drift {drift}: forward relative error {err}");
             let zero = Tensor::zeros([out_f, in_f], (kind, Device::Cpu));
-            let folded = fold(&zero, &w.factors(), None, 1.0).unwrap().to_kind(kind);
+            let folded = fold_weight(&zero, &w.factors(), None, 1.0).unwrap().to_kind(kind);
             let err = max_rel(&folded, &w64.dense(r, &w64.p, &w64.lam, &w64.q));
             assert!(err < tol, "{kind:?} drift {drift}: fold relative error {err}");
         }
@@ -187,10 +187,19 @@ fn half_precision_update_does_not_cancel() {
 fn zero_update_at_init_and_frozen_tensors_get_no_gradient() {
     let w = Ortho::new(6, 5, 3, 50, 0.0, Kind::Float);
     let x = seeded(&[2, 4, 5], 51).to_kind(Kind::Float);
-    let ops = operands(&w.factors(), None, Kind::Float, None).unwrap();
-    let (delta, h) = forward(&x, &ops, None, None).unwrap();
+    let ops = lowrank_operands(&w.factors(), None, Kind::Float, None).unwrap();
+    let (delta, h) = lowrank_forward(&x, &ops, None, None).unwrap();
     assert_eq!(delta.unwrap().abs().max().double_value(&[]), 0.0);
-    let g = backward(&x.narrow(2, 0, 1).expand([2, 4, 6], false).contiguous(), &x, &h, &ops, None, &w.factors(), [false, true, false, false]).unwrap();
+    let g = lowrank_backward(
+        &x.narrow(2, 0, 1).expand([2, 4, 6], false).contiguous(),
+        &x,
+        &h,
+        &ops,
+        None,
+        &w.factors(),
+        [false, true, false, false],
+    )
+    .unwrap();
     assert!(g.input.is_none() && g.factors[0].is_some() && g.factors[1].is_none() && g.factors[2].is_none());
 }
 
@@ -200,12 +209,12 @@ fn dense_update_and_fold_equal_forward() {
     let x = seeded(&[3, 5], 61);
     for k in [1, 3, 4] {
         let m = mask(&[k], 4, 2, 0.5, Kind::Double);
-        let ops = operands(&w.factors(), None, Kind::Double, None).unwrap();
-        let (delta, _) = forward(&x, &ops, Some(&m), None).unwrap();
+        let ops = lowrank_operands(&w.factors(), None, Kind::Double, None).unwrap();
+        let (delta, _) = lowrank_forward(&x, &ops, Some(&m), None).unwrap();
         let dw = dense_update(&w.factors(), Some(k), 0.5).unwrap();
         assert!(max_rel(&delta.unwrap(), &x.matmul(&dw.tr())) < 1e-12);
         let weight = seeded(&[6, 5], 62);
-        assert!(max_rel(&fold(&weight, &w.factors(), Some(k), 0.5).unwrap(), &(&weight + &dw)) < 1e-12);
+        assert!(max_rel(&fold_weight(&weight, &w.factors(), Some(k), 0.5).unwrap(), &(&weight + &dw)) < 1e-12);
     }
 }
 
@@ -213,11 +222,11 @@ fn dense_update_and_fold_equal_forward() {
 fn forward_into_adds_in_place() {
     let w = Ortho::new(6, 5, 3, 70, 0.2, Kind::Double);
     let x = seeded(&[2, 4, 5], 71);
-    let ops = operands(&w.factors(), None, Kind::Double, None).unwrap();
-    let (delta, _) = forward(&x, &ops, None, None).unwrap();
+    let ops = lowrank_operands(&w.factors(), None, Kind::Double, None).unwrap();
+    let (delta, _) = lowrank_forward(&x, &ops, None, None).unwrap();
     let y = seeded(&[8, 6], 72);
     let before = y.copy();
-    let (none, _) = forward(&x, &ops, None, Some(&y)).unwrap();
+    let (none, _) = lowrank_forward(&x, &ops, None, Some(&y)).unwrap();
     assert!(none.is_none());
     assert!(max_rel(&y, &(before + delta.unwrap().reshape([8, 6]))) < 1e-12);
 }
@@ -225,12 +234,12 @@ fn forward_into_adds_in_place() {
 #[test]
 fn bad_arguments_are_named() {
     let w = Ortho::new(6, 5, 3, 80, 0.1, Kind::Double);
-    let ops = operands(&w.factors(), None, Kind::Double, None).unwrap();
+    let ops = lowrank_operands(&w.factors(), None, Kind::Double, None).unwrap();
     let err = |r: Result<(Option<Tensor>, Tensor)>| r.err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(err(forward(&seeded(&[2, 4], 1), &ops, None, None)).contains("in_features = 5"));
-    assert!(err(forward(&seeded(&[2, 5], 1).to_kind(Kind::Float), &ops, None, None)).contains("operands are"));
+    assert!(err(lowrank_forward(&seeded(&[2, 4], 1), &ops, None, None)).contains("in_features = 5"));
+    assert!(err(lowrank_forward(&seeded(&[2, 5], 1).to_kind(Kind::Float), &ops, None, None)).contains("operands are"));
     let m = mask(&[1, 2, 3], 3, 2, 1.0, Kind::Double);
-    assert!(err(forward(&seeded(&[2, 4, 5], 1), &ops, Some(&m), None)).contains("per-sample ranks"));
+    assert!(err(lowrank_forward(&seeded(&[2, 4, 5], 1), &ops, Some(&m), None)).contains("per-sample ranks"));
     let short = w.q.narrow(0, 0, 2);
     let f = Factors::Ortho { p: &w.p, lam: &w.lam, q: &short, p0: &w.p0, lam0: &w.lam0, q0: &w.q0 };
     assert!(f.dims().unwrap_err().to_string().contains("Q has 2 rows"));
@@ -238,5 +247,15 @@ fn bad_arguments_are_named() {
     let f = Factors::Ortho { p: &w.p, lam: &ints, q: &w.q, p0: &w.p0, lam0: &w.lam0, q0: &w.q0 };
     assert!(f.dims().unwrap_err().to_string().contains("float32"));
     assert!(dense_update(&w.factors(), Some(4), 1.0).unwrap_err().to_string().contains("outside"));
-    assert!(check_ranks(&[], 3).is_err() && check_ranks(&[0], 3).is_err() && check_ranks(&[3], 3).is_ok());
+    assert!(ranks::check_ranks(&[], 3).is_err() && ranks::check_ranks(&[0], 3).is_err() && ranks::check_ranks(&[3], 3).is_ok());
+}
+
+#[test]
+fn the_variant_follows_the_number_of_factors() {
+    let w = Ortho::new(5, 4, 3, 60, 0.1, Kind::Double);
+    let six: Vec<Tensor> = [&w.p, &w.lam, &w.q, &w.p0, &w.lam0, &w.q0].iter().map(|t| t.shallow_clone()).collect();
+    assert!(matches!(Factors::from_slice(&six).unwrap(), Factors::Ortho { .. }));
+    assert!(matches!(Factors::from_slice(&six[..2]).unwrap(), Factors::Plain { .. }));
+    let err = Factors::from_slice(&six[..3]).err().unwrap().to_string();
+    assert_eq!(err, "expected 6 factors (p, lam, q, p0, lam0, q0) or 2 (down, up), got 3");
 }
