@@ -22,7 +22,7 @@ WHEELDIR   = $(DIST)/torch-$(TORCH)
 MANIFEST   = $$($(BIN)/python tools/torch_build.py manifest)
 TORCH_LIB  = $$($(BIN)/python -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 
-.PHONY: deps install demo test test-rust test-python test-wheel test-torch211 wheel gpu-kit gpu-kit-check bench clean
+.PHONY: deps install demo lint format test test-rust test-python test-wheel test-torch211 wheel gpu-kit gpu-kit-check bench clean
 
 # torch and maturin first: building the extension needs both.
 deps:
@@ -45,7 +45,19 @@ test-rust: install
 test-python: install
 	$(BIN)/python -m pytest -q
 
-test: test-rust test-python
+# Lint and format checks (no file is changed: `make format` fixes what it can).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	cargo fmt --check --manifest-path "$(MANIFEST)"
+	cargo clippy --release --all-targets --features python --manifest-path "$(MANIFEST)" -- -D warnings
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+	cargo fmt --manifest-path "$(MANIFEST)"
+
+test: lint test-rust test-python
 
 # A binary wheel for the venv's torch and every CPython >= 3.11 (abi3), in $(DIST)/torch-$(TORCH)/. It links
 # torch's own libraries at run time (no libtorch inside: auditwheel is skipped) and requires

@@ -1,0 +1,119 @@
+"""The package's imports flow one way (README "Architecture"): cli -> train / generate -> adapter ->
+layer -> native, files through io. Read from the source (every import, also the ones inside
+functions), so a module that calls back up fails here rather than at a reader's desk."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "python" / "tlora"
+
+# Lower numbers sit lower: a module may import modules of its own level or below, never above.
+LEVELS = {
+    "_native": 0,
+    "errors": 1,
+    "timesteps": 1,
+    "atomic": 1,
+    "factors": 2,
+    "config": 2,
+    "quantized": 2,
+    "images": 2,
+    "tiny": 2,  # tiny models from configs, for tests and benchmarks
+    "layer.state": 3,
+    "layer.ops": 4,
+    "layer.linear": 5,
+    "layer": 6,
+    "targets": 7,
+    "adapter": 8,
+    "foreign": 9,
+    "io": 10,
+    "pipelines": 10,
+    "interop": 11,
+    "checkpoint": 11,
+    "evaluate": 11,
+    "generate": 12,
+    "train": 13,
+    "demo": 13,
+    "cli": 14,
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_imports(tree: ast.Module) -> list[ast.ImportFrom | ast.Import]:
+    """Every import statement except those under `if TYPE_CHECKING:` (annotations only)."""
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            skipped.update(id(n) for child in node.body for n in ast.walk(child))
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in skipped]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (names relative to `tlora`, toy/ left out)."""
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py") if "toy" not in p.parts}
+    known = set(files) | {"_native"}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        deps = set()
+        for node in _runtime_imports(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                target = base + (node.module.split(".") if node.module else [])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tlora."):
+                target = node.module.split(".")[1:]
+            else:
+                continue
+            for alias in node.names:
+                full = ".".join([*target, alias.name])
+                deps.add(full if full in known else ".".join(target))
+        graph[name] = {d for d in deps if d in known and d not in ("", name)}
+    return graph
+
+
+def test_every_module_has_a_level():
+    graph = import_graph()
+    assert set(graph) - {""} <= set(LEVELS), sorted(set(graph) - {""} - set(LEVELS))
+
+
+def test_imports_only_go_down():
+    upward = [
+        f"{name} -> {dep}"
+        for name, deps in import_graph().items()
+        if name in LEVELS
+        for dep in deps
+        if LEVELS.get(dep, 0) > LEVELS[name]
+    ]
+    assert not upward, upward
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for dep in graph.get(node, ()):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*trail, node, dep]))
+            if dep not in state:
+                visit(dep, [*trail, node])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [])
+
+
+def test_the_graph_reader_sees_real_edges():
+    # The checks above are only as good as the reader: it must find the known edges, lazy ones too.
+    graph = import_graph()
+    assert {"layer", "factors", "config"} <= graph["adapter"]
+    assert "foreign" in graph["io"] and "_native" in graph["io"]
+    assert {"interop", "train"} <= graph["cli"]  # imported inside functions
+    assert "layer.linear" not in graph["layer.state"]  # under TYPE_CHECKING only
