@@ -1,7 +1,8 @@
 //! The adapter file: one safetensors file whose header metadata holds a JSON description.
 //!
-//! Written atomically (a temporary file in the same folder, flushed, then renamed over the target)
-//! so that a crash or a full disk never leaves a half-written adapter under the final name.
+//! Written atomically ([`write_atomic`]: a temporary file in the same folder, fsynced, renamed over
+//! the target, the folder fsynced) so that a crash or a full disk never leaves a half-written
+//! adapter under the final name.
 
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
