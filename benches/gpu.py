@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from full_size import FLUX_TRANSFORMER, SDXL_UNET
 
 import tlora
 from tlora.atomic import write_atomic
@@ -44,22 +45,8 @@ RANK = 64  # --dry-run: 4
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
-SDXL = dict(
-    sample_size=128,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
 SDXL_DRY = dict(
-    SDXL,
+    SDXL_UNET,
     sample_size=8,
     layers_per_block=1,
     block_out_channels=(32, 64, 128),
@@ -70,20 +57,8 @@ SDXL_DRY = dict(
     projection_class_embeddings_input_dim=32 + 6 * 16,
     norm_num_groups=16,
 )
-FLUX = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
 FLUX_DRY = dict(
-    FLUX,
+    FLUX_TRANSFORMER,
     in_channels=16,
     num_layers=1,
     num_single_layers=2,
@@ -279,7 +254,7 @@ def sampling_case(case: str, unet, config: dict, device: str, dtype, steps: int,
 def sdxl_section(args, device: str, dtype) -> dict:
     from diffusers import UNet2DConditionModel
 
-    config = SDXL_DRY if args.dry_run else SDXL
+    config = SDXL_DRY if args.dry_run else SDXL_UNET
     tic = time.perf_counter()
     unet = build(UNet2DConditionModel, config, device, dtype)
     built = time.perf_counter() - tic
@@ -323,7 +298,7 @@ def sdxl_section(args, device: str, dtype) -> dict:
 def flux_section(args, device: str, dtype) -> dict:
     from diffusers import FluxTransformer2DModel
 
-    config = FLUX_DRY if args.dry_run else FLUX
+    config = FLUX_DRY if args.dry_run else FLUX_TRANSFORMER
     image_tokens, text_tokens = (16, 8) if args.dry_run else (1024, 512)
     tic = time.perf_counter()
     model = build(FluxTransformer2DModel, config, device, dtype)

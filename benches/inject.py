@@ -44,6 +44,7 @@ from tlora.targets import find_targets
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from full_size import FLUX_TRANSFORMER, SDXL_UNET  # noqa: E402
 from memory import PeakRss, max_rss_mb, rss_bytes  # noqa: E402
 
 
@@ -52,20 +53,7 @@ def build_sdxl() -> nn.Module:
     from diffusers import UNet2DConditionModel
 
     with init_empty_weights():
-        unet = UNet2DConditionModel(
-            sample_size=128,
-            layers_per_block=2,
-            block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20),
-            cross_attention_dim=2048,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        )
+        unet = UNet2DConditionModel(**SDXL_UNET)
     return unet.to_empty(device="cpu")
 
 
@@ -74,18 +62,7 @@ def build_flux() -> nn.Module:
     from diffusers import FluxTransformer2DModel
 
     with init_empty_weights():
-        model = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,
-            num_layers=19,
-            num_single_layers=38,
-            attention_head_dim=128,
-            num_attention_heads=24,
-            joint_attention_dim=4096,
-            pooled_projection_dim=768,
-            guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56),
-        )
+        model = FluxTransformer2DModel(**FLUX_TRANSFORMER)
     # Only what inject adapts gets real storage, in bfloat16; the rest stays on the meta device.
     modules = dict(model.named_modules())
     for name in find_targets(model, None):

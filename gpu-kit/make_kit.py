@@ -9,7 +9,7 @@ on a machine with Python 3.12 and torch 2.11 but no diffusers, no Rust and no ne
     wheels/                   tlora (abi3, torch 2.11.0) and what the image lacks: diffusers,
                               importlib_metadata, lazy-importer (+ zipp; the image has one already)
     tests/cuda/test_cuda.py   the CUDA tests (pytest marker `cuda`), pytest.ini
-    benches/gpu.py            the GPU benchmarks
+    benches/gpu.py            the GPU benchmarks (benches/full_size.py: the models' configs)
     MANIFEST.txt              every file with its size and sha256
 """
 
@@ -107,6 +107,7 @@ COPY = {
     "gpu-kit/README.md": "README.md",
     "tests/cuda/test_cuda.py": "tests/cuda/test_cuda.py",
     "benches/gpu.py": "benches/gpu.py",
+    "benches/full_size.py": "benches/full_size.py",
 }
 PYTEST_INI = """[pytest]
 addopts = -ra
