@@ -355,7 +355,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(
     models, image, reference_run, tmp_path, monkeypatch, capsys
 ):
     out = tmp_path / "run"
-    real_save = tlora.checkpoint._native.save_file
+    real_save = tlora._native.save_file
     attempts = []
 
     def save_file(path, *args, **kwargs):
@@ -365,7 +365,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(
             raise OSError(28, "No space left on device")
         return real_save(path, *args, **kwargs)
 
-    monkeypatch.setattr(tlora.checkpoint._native, "save_file", save_file)
+    monkeypatch.setattr(tlora._native, "save_file", save_file)
     rc = cli.main(train_args(models["sd"], image, out, RESUME_STEPS, RESUME_EVERY))
     err = capsys.readouterr().err
     assert attempts, "the failing write was never attempted"

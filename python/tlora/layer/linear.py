@@ -13,10 +13,8 @@ call into two buffers the layer keeps per compute dtype.
 
 Inference adds a fast path: when no gradient is needed and the ranks are known on the host, the
 update at rank k is folded into the weight, W_k = W + dW_k, and y = x W_k^T + b costs what the bare
-layer costs. Folded weights live in the adapter's `FoldCache`: entries are admitted while they
-fit the device's budget and never evicted to make room (a full cache keeps what it has and the
-rest is folded on the spot, so a sweep over more layers than fit never thrashes). An entry is used
-only while the base weight and every factor are the very tensors it was built from at the same
+layer costs. Folded weights live in the adapter's `FoldCache` (state.py). An entry is used only
+while the base weight and every factor are the very tensors it was built from at the same
 in-place version and, inside a PEFT LoRA layer, while PEFT's merged adapters are the same (PEFT's
 `merge()` and diffusers' `fuse_lora()` write the base weight through `.data`, which no version
 counter sees).
