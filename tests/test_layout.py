@@ -117,3 +117,25 @@ def test_the_graph_reader_sees_real_edges():
     assert "foreign" in graph["io"] and "_native" in graph["io"]
     assert {"interop", "train"} <= graph["cli"]  # imported inside functions
     assert "layer.linear" not in graph["layer.state"]  # under TYPE_CHECKING only
+
+
+def test_the_native_stub_matches_the_built_module():
+    # _native.pyi documents the extension; pyo3 records each binding's real signature.
+    import inspect
+
+    from tlora import _native
+
+    stub = ast.parse((PACKAGE / "_native.pyi").read_text())
+    documented = {node.name: node for node in stub.body if isinstance(node, ast.FunctionDef)}
+    built = {name for name in dir(_native) if not name.startswith("_") and callable(getattr(_native, name))}
+    assert set(documented) == built, (sorted(set(documented) - built), sorted(built - set(documented)))
+    for name, node in documented.items():
+        args = node.args
+        defaults = [None] * (len(args.args) - len(args.defaults)) + [ast.literal_eval(d) for d in args.defaults]
+        stubbed = [(a.arg, d) for a, d in zip(args.args, defaults, strict=True)]
+        real = [
+            (p.name, None if p.default is inspect.Parameter.empty else p.default)
+            for p in inspect.signature(getattr(_native, name)).parameters.values()
+        ]
+        assert stubbed == real, name
+        assert ast.get_docstring(node), f"{name} has no docstring in _native.pyi"
