@@ -34,14 +34,6 @@ pub fn rank_or_full(rank: Option<i64>, r: i64) -> Result<i64> {
     Ok(k)
 }
 
-/// A list of per-sample ranks for an adapter of rank `r`: not empty, each in 1..=r.
-pub fn check_ranks(ranks: &[i64], r: i64) -> Result<()> {
-    if ranks.is_empty() {
-        bail!("ranks must not be empty");
-    }
-    ranks.iter().try_for_each(|&k| check_rank_in(k, r))
-}
-
 /// The rank of an init from an out_f x in_f weight: in 1..=min(out_f, in_f), which it returns
 /// (the number of singular triplets the weight has).
 pub fn check_init_rank(out_f: i64, in_f: i64, rank: i64) -> Result<i64> {
@@ -79,9 +71,6 @@ mod tests {
         assert_eq!(rank_or_full(Some(2), 4).unwrap(), 2);
         assert_eq!(message(rank_or_full(Some(5), 4)), "rank 5 is outside 1..=4");
         assert_eq!(message(rank_or_full(Some(0), 4)), "rank 0 is outside 1..=4");
-        assert!(check_ranks(&[1, 3], 3).is_ok());
-        assert_eq!(message(check_ranks(&[], 3)), "ranks must not be empty");
-        assert_eq!(message(check_ranks(&[3, 4], 3)), "rank 4 is outside 1..=3");
     }
 
     #[test]

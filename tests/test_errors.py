@@ -223,6 +223,25 @@ def test_bad_rank_block(adapted):
 
 
 @pytest.mark.parametrize(
+    "option,value,fragment",
+    [
+        ("fast_path", 1, r"fast_path must be True or False, got 1"),
+        ("fold_cache_bytes", -1, r"fold_cache_bytes must be None or an integer >= 0, got -1"),
+        ("fold_cache_bytes", True, r"fold_cache_bytes must be None or an integer >= 0, got True"),
+        ("host_ranks", "cpu", r"host_ranks must be None, True or False, got 'cpu'"),
+    ],
+)
+def test_bad_run_options_are_refused_before_the_model_is_touched(option, value, fragment):
+    model = Model()
+    raises_and_untouched(model, tlora.ConfigError, fragment, tlora.inject, model, rank=4, **{option: value})
+    # The same check when set on an adapter later; the setting in effect stays.
+    adapter = tlora.inject(model, rank=4, fast_path=False, fold_cache_bytes=0, host_ranks=True)
+    with pytest.raises(tlora.ConfigError, match=fragment):
+        setattr(adapter, option, value)
+    assert (adapter.state.fast_path, adapter.state.fold_cache.budget, adapter.host_ranks) == (False, 0, True)
+
+
+@pytest.mark.parametrize(
     "x,ranks,fragment",
     [
         (torch.randn(3, 5, 12), [4], r"input shape \[3, 5, 12\] does not end in in_features = 16"),

@@ -94,21 +94,31 @@ def inject(
         seed=seed,
         timestep_convention=conventions.resolve_name(model, timestep_convention, timestep_scale),
     )
-    _check_run_options(fast_path, fold_cache_bytes, host_ranks)
+    options = {"fast_path": fast_path, "fold_cache_bytes": fold_cache_bytes, "host_ranks": host_ranks}
+    for name, value in options.items():
+        _check_option(name, value)
     adapter = inject_config(model, config, timestep_fn=timestep_convention if callable(timestep_convention) else None)
-    adapter.fast_path, adapter.fold_cache_bytes, adapter.host_ranks = fast_path, fold_cache_bytes, host_ranks
+    for name, value in options.items():
+        setattr(adapter, name, value)
     return adapter
 
 
-def _check_run_options(fast_path: Any, fold_cache_bytes: Any, host_ranks: Any) -> None:
-    if not isinstance(fast_path, bool):
-        raise ConfigError(f"fast_path must be True or False, got {fast_path!r}")
-    if fold_cache_bytes is not None and (
-        isinstance(fold_cache_bytes, bool) or not isinstance(fold_cache_bytes, int) or fold_cache_bytes < 0
-    ):
-        raise ConfigError(f"fold_cache_bytes must be None or an integer >= 0, got {fold_cache_bytes!r}")
-    if host_ranks is not None and not isinstance(host_ranks, bool):
-        raise ConfigError(f"host_ranks must be None, True or False, got {host_ranks!r}")
+# The run options (see `inject`): what each accepts, as a test and as words for the error.
+_RUN_OPTIONS = {
+    "fast_path": (lambda v: isinstance(v, bool), "True or False"),
+    "fold_cache_bytes": (
+        lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+        "None or an integer >= 0",
+    ),
+    "host_ranks": (lambda v: v is None or isinstance(v, bool), "None, True or False"),
+}
+
+
+def _check_option(name: str, value: Any) -> Any:
+    accepts, words = _RUN_OPTIONS[name]
+    if not accepts(value):
+        raise ConfigError(f"{name} must be {words}, got {value!r}")
+    return value
 
 
 def inject_config(
@@ -208,8 +218,7 @@ class Adapter:
         own = {id(p) for p in self._own_parameters()}
         for p in model.parameters():
             p.requires_grad_(id(p) in own)
-        # Where the ranks are computed (see `inject`): None decides by the timestep's device.
-        self.host_ranks: bool | None = None
+        self._host_ranks: bool | None = None
         params = list(inspect.signature(model.forward).parameters)
         self._timestep_index = next((i for i, n in enumerate(params) if n in ("timestep", "timesteps")), None)
         self._ckpt_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
@@ -246,8 +255,7 @@ class Adapter:
 
     @fast_path.setter
     def fast_path(self, value: bool) -> None:
-        _check_run_options(value, None, None)
-        self.state.fast_path = value
+        self.state.fast_path = _check_option("fast_path", value)
 
     @property
     def fold_cache_bytes(self) -> int | None:
@@ -256,8 +264,16 @@ class Adapter:
 
     @fold_cache_bytes.setter
     def fold_cache_bytes(self, value: int | None) -> None:
-        _check_run_options(True, value, None)
-        self.state.fold_cache.budget = value
+        self.state.fold_cache.budget = _check_option("fold_cache_bytes", value)
+
+    @property
+    def host_ranks(self) -> bool | None:
+        """Where the ranks are computed: None decides by the timestep's device (host or not)."""
+        return self._host_ranks
+
+    @host_ranks.setter
+    def host_ranks(self, value: bool | None) -> None:
+        self._host_ranks = _check_option("host_ranks", value)
 
     # ---- ranks ------------------------------------------------------------------------------
     @property
@@ -357,8 +373,8 @@ class Adapter:
             else next((v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() >= 2), None)
         )
         batch = sample.shape[0] if sample is not None and sample.dim() >= 2 else None
-        if self.host_ranks is not None:
-            on_host = self.host_ranks
+        if self._host_ranks is not None:
+            on_host = self._host_ranks
         else:
             on_host = not isinstance(t, torch.Tensor) or t.device.type == "cpu"
         if on_host or (not torch.is_grad_enabled() and self.state.fast_path):

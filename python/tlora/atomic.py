@@ -25,11 +25,11 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
 def save_image(image: Any, path: str | os.PathLike, **options: Any) -> Path:
     """Save a PIL image atomically, in the format its suffix names (`options` go to PIL)."""
     buffer = io.BytesIO()
-    image.save(buffer, format=image_format(path), **options)
+    image.save(buffer, format=_image_format(path), **options)
     return write_atomic(path, buffer.getvalue())
 
 
-def image_format(path: str | os.PathLike) -> str:
+def _image_format(path: str | os.PathLike) -> str:
     from PIL import Image
 
     suffix = Path(path).suffix.lower()

@@ -63,6 +63,7 @@ _LYCO_PARAMS = {
 
 def read_foreign(
     model: nn.Module,
+    model_modules: dict[str, nn.Module],
     path: Path,
     raw_tensors: list[tuple[str, torch.Tensor]],
     raw_meta: dict[str, str],
@@ -72,7 +73,7 @@ def read_foreign(
     reconstruct_base: bool = False,
 ) -> tuple[AdapterConfig, dict[str, dict[str, torch.Tensor]]]:
     """The config and the float32 CPU factors (by module path) of another tool's T-LoRA file,
-    read with `tlora.io.read_raw`, for `model`.
+    read with `tlora.io.read_raw`, for `model` (whose `named_modules()` are `model_modules`).
 
     The rank is read from the shapes; `min_rank`, `rank_exponent` and `num_train_timesteps` from
     the arguments, else from the file's metadata, else the paper's defaults (r_min = r // 2, with
@@ -84,15 +85,14 @@ def read_foreign(
     weight: right only for LyCORIS's default init, use_data_init=True, sig_type="principal").
     """
     tensors = dict(raw_tensors)
-    all_modules = dict(model.named_modules())
-    linear = {n: m for n in all_modules if type(m := linear_at(all_modules, n)[1]) is nn.Linear}
+    linear = {n: m for n in model_modules if type(m := linear_at(model_modules, n)[1]) is nn.Linear}
 
     if any(_REF_KEY.match(k) for k in tensors):
         source = "reference T-LoRA code"
         modules, variant, alpha = _parse_reference(path, tensors)
     elif any(k.startswith("lycoris_") for k in tensors):
         source = "LyCORIS"
-        modules, variant, alpha = _parse_lycoris(path, tensors, [n for n, _ in model.named_modules() if n])
+        modules, variant, alpha = _parse_lycoris(path, tensors, [n for n in model_modules if n])
     else:
         raise AdapterFileError(path, _unknown_layout(path, tensors))
 
@@ -101,7 +101,7 @@ def read_foreign(
     for name, f in modules.items():
         base = linear.get(name)
         if base is None:
-            other = dict(model.named_modules()).get(name)
+            other = model_modules.get(name)
             what = "does not exist" if other is None else f"is a {type(other).__name__}, not nn.Linear"
             raise ModelMismatchError(
                 f"{path} ({source}) adapts module {name!r}, which {what} in this {type(model).__name__}"

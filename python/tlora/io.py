@@ -329,8 +329,9 @@ def load(
             f"rank {existing.config.rank}); call adapter.remove() (or tlora.remove(model)) first"
         )
     options = {"min_rank": min_rank, "rank_exponent": rank_exponent, "num_train_timesteps": num_train_timesteps}
+    modules = dict(model.named_modules())
     if METADATA_KEY not in raw[1]:
-        config, factors = read_foreign(model, path, *raw, reconstruct_base=reconstruct_base, **options)
+        config, factors = read_foreign(model, modules, path, *raw, reconstruct_base=reconstruct_base, **options)
     else:
         given = [k for k, v in options.items() if v is not None] + (["reconstruct_base"] if reconstruct_base else [])
         if given:
@@ -338,8 +339,7 @@ def load(
                 f"{', '.join(given)}: these settings are for other tools' T-LoRA files; {path} is a "
                 "tlora adapter, which records its own: leave them out"
             )
-        config, factors = _read_for(model, path, raw)
-    modules = dict(model.named_modules())
+        config, factors = _read_for(model, modules, path, raw)
     placed = {
         name: {
             k: t.to(device if device is not None else linear_at(modules, name)[1].weight.device) for k, t in f.items()
@@ -349,9 +349,11 @@ def load(
     return inject_config(model, config, module_names=list(placed), factors=placed)
 
 
-def _read_for(model: nn.Module, path: Path, raw) -> tuple[AdapterConfig, dict[str, dict[str, torch.Tensor]]]:
-    """A tlora file's config and factors, the header checked against `model` before the tensors."""
-    modules = dict(model.named_modules())
+def _read_for(
+    model: nn.Module, modules: dict[str, nn.Module], path: Path, raw
+) -> tuple[AdapterConfig, dict[str, dict[str, torch.Tensor]]]:
+    """A tlora file's config and factors, the header checked against `model` (whose
+    `named_modules()` are `modules`) before the tensors."""
 
     def fits_model(header: AdapterHeader) -> None:
         if header.base_model != type(model).__name__:

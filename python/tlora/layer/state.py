@@ -99,7 +99,7 @@ class RankState:
     built once per forward, device and dtype, and shared.
     """
 
-    def __init__(self, config: AdapterConfig, fast_path: bool = True, fold_cache_bytes: int | None = None) -> None:
+    def __init__(self, config: AdapterConfig) -> None:
         self.rank = config.rank
         self.blocks = 2 if config.variant == "tlora" else 1
         self.scale = config.scale
@@ -107,8 +107,8 @@ class RankState:
         self.ranks: list[int] | None = None
         self.rank_tensor: torch.Tensor | None = None
         self.pinned = False  # True inside `with adapter.timestep(...)`: the hook leaves ranks alone
-        self.fast_path = fast_path  # fold the update into the weight at inference
-        self.fold_cache = FoldCache(fold_cache_bytes)
+        self.fast_path = True  # fold the update into the weight at inference
+        self.fold_cache = FoldCache()
         self._masks: dict[tuple, torch.Tensor | None] = {}
         self._columns: dict[torch.device, torch.Tensor] = {}
 
