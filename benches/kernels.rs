@@ -53,7 +53,7 @@ struct RankCycle {
 
 impl RankCycle {
     fn new() -> Self {
-        let schedule = RankSchedule::new(RANK, MIN_RANK, 1.0, 1000.0).unwrap();
+        let schedule = RankSchedule::new(RANK, MIN_RANK, 1.0, 1000).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         let pairs = (0..64).map(|_| (0..BATCH).map(|_| schedule.rank_at(rng.gen_range(0.0..1000.0)).unwrap()).collect()).collect();
         Self { pairs, next: Cell::new(0) }

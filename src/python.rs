@@ -9,15 +9,34 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
-/// Maps an error to ValueError, or to OSError / FileNotFoundError when the root cause is I/O.
-fn to_py(err: anyhow::Error) -> PyErr {
-    // libtorch appends its C++ stack to messages: users need the first part only.
+/// An instance of one of tlora's Python error types (`tlora.errors`, all ValueError subclasses),
+/// so that what the native code refuses reaches Python as the package's own errors do. Falls back
+/// to ValueError / FileNotFoundError if that module cannot be imported (it always can from `tlora`).
+fn tlora_error(kind: &str, msg: String) -> PyErr {
+    Python::with_gil(|py| {
+        let class = py.import("tlora.errors").and_then(|m| m.getattr(kind));
+        match class.and_then(|c| c.call1((msg.clone(),))) {
+            Ok(err) => PyErr::from_value(err),
+            Err(_) if kind == "MissingFileError" => PyFileNotFoundError::new_err(msg),
+            Err(_) => PyValueError::new_err(msg),
+        }
+    })
+}
+
+/// The user's part of a message: libtorch appends its C++ stack, which users do not need.
+fn message_of(err: &anyhow::Error) -> String {
     let full = format!("{err:#}");
-    let msg = full.split("\nException raised from").next().unwrap_or(&full).trim_end().to_string();
+    full.split("\nException raised from").next().unwrap_or(&full).trim_end().to_string()
+}
+
+/// Maps an error to tlora's ConfigError (bad arguments), MissingFileError (also a
+/// FileNotFoundError) when the root cause is a missing file, or OSError for other I/O failures.
+fn to_py(err: anyhow::Error) -> PyErr {
+    let msg = message_of(&err);
     match err.root_cause().downcast_ref::<std::io::Error>() {
-        Some(io) if io.kind() == std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+        Some(io) if io.kind() == std::io::ErrorKind::NotFound => tlora_error("MissingFileError", msg),
         Some(_) => PyOSError::new_err(msg),
-        None => PyValueError::new_err(msg),
+        None => tlora_error("ConfigError", msg),
     }
 }
 
@@ -53,7 +72,7 @@ fn rank_schedule(
     rank: i64,
     min_rank: i64,
     exponent: f64,
-    num_train_timesteps: f64,
+    num_train_timesteps: i64,
 ) -> PyResult<PyTensor> {
     let t = timesteps.0;
     run(py, move || schedule::rank_schedule(&t, rank, min_rank, exponent, num_train_timesteps)).map(PyTensor)
@@ -127,7 +146,7 @@ fn lowrank_operands(
     let bufs = match (d_buf, u_buf) {
         (Some(d), Some(u)) => Some((d.0, u.0)),
         (None, None) => None,
-        _ => return Err(PyValueError::new_err("pass both d_buf and u_buf, or neither")),
+        _ => return Err(tlora_error("ConfigError", "pass both d_buf and u_buf, or neither".into())),
     };
     let dtype = dtype.to_string();
     let ops = run(py, move || {
@@ -214,13 +233,13 @@ fn load_file(py: Python<'_>, path: PathBuf) -> PyResult<PyFileContents> {
     Ok((tensors.into_iter().map(|(n, t)| (n, PyTensor(t))).collect(), meta))
 }
 
-/// Maps an error of `format::write_atomic` to OSError: FileNotFoundError when the folder is missing.
+/// Maps an error of `format::write_atomic` to OSError: MissingFileError (a FileNotFoundError) when the folder is missing.
 fn to_os_error(err: anyhow::Error) -> PyErr {
     let msg = format!("{err:#}");
     let not_found = err.downcast_ref::<format::MissingFolder>().is_some()
         || err.root_cause().downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound);
     if not_found {
-        PyFileNotFoundError::new_err(msg)
+        tlora_error("MissingFileError", msg)
     } else {
         PyOSError::new_err(msg)
     }

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import zlib
+from fractions import Fraction
 
+import mpmath
 import pytest
 import torch
 from torch import nn
@@ -40,7 +42,15 @@ class Tiny(nn.Module):
 
 
 def ref_rank(t: float, r: int, r_min: int, a: float, big_t: int = T) -> int:
-    return math.floor(((big_t - t) / big_t) ** a * (r - r_min)) + r_min
+    """r(t) from the timestep's exact binary value: in rationals for whole exponents, else to 60
+    digits (where 1e-40 is far below any gap between a value and the next integer, and far above
+    the 60-digit error of an exact integer such as 0.25 ** 0.5 * 2)."""
+    frac = (big_t - Fraction(t)) / big_t
+    if float(a).is_integer():
+        return math.floor(frac ** int(a) * (r - r_min)) + r_min
+    with mpmath.workdps(60):
+        value = (mpmath.mpf(frac.numerator) / frac.denominator) ** mpmath.mpf(a) * (r - r_min)
+        return int(mpmath.floor(value + mpmath.mpf("1e-40"))) + r_min
 
 
 def ref_mask(rank: int, r: int, dtype=torch.float64) -> torch.Tensor:
@@ -291,6 +301,31 @@ def test_rank_schedule_matches_formula(r, r_min, a, big_t):
     # Scalars and 2-D tensors keep their shape.
     assert tlora.rank_schedule(0, r, r_min, a, big_t).shape == ()
     assert tlora.rank_schedule(torch.zeros(2, 3), r, r_min, a, big_t).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "r,r_min,a,big_t",
+    [(128, 28, 1.0, 1000), (100, 10, 1.0, 1000), (64, 32, 1.0, 1000), (7, 3, 1.0, 999), (9, 2, 1.0, 7)]
+    + [(128, 28, 2.0, 1000), (100, 10, 0.5, 1000), (64, 16, 3.0, 1000), (33, 5, 1.7, 1000)],
+)
+def test_host_and_device_ranks_are_exact_at_every_timestep(r, r_min, a, big_t):
+    """Both ways tlora computes r(t): the native schedule (host) and tensor ops on the timestep's
+    device (`Adapter.device_ranks`, here on the CPU), at every integer step (where exact products
+    sit on the floor's boundaries: r 128 / 28 at t = 420, 430, 710, r 100 / 10 at t = 300) and on
+    float32 and float64 timesteps, against the exact value."""
+    model = Tiny(16, 16)
+    adapter = tlora.inject(model, rank=r if r <= 16 else 16, min_rank=min(r_min, 16), rank_exponent=a)
+    # The device path for these (r, r_min, T): the same adapter code, with its settings swapped.
+    adapter.config.rank, adapter.config.min_rank, adapter.config.num_train_timesteps = r, r_min, big_t
+    gen = torch.Generator().manual_seed(r * 31 + r_min)
+    ints = torch.arange(0, big_t + 1)
+    floats = torch.rand(400, generator=gen, dtype=torch.float64) * big_t
+    for t in (ints, ints.float(), floats, floats.float()):
+        want = [ref_rank(v, r, r_min, a, big_t) for v in t.double().tolist()]
+        assert tlora.rank_schedule(t, r, r_min, a, big_t).tolist() == want, f"host, {t.dtype}"
+        assert adapter.device_ranks(t).tolist() == want, f"device, {t.dtype}"
+    if (r, r_min, a) == (128, 28, 1.0):
+        assert tlora.rank_schedule(torch.tensor([420, 430, 710]), r, r_min).tolist() == [86, 85, 57]
 
 
 def test_rank_schedule_hand_values():

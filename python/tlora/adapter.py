@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import numbers
 import weakref
 import zlib
 from collections.abc import Iterator, Sequence
@@ -15,7 +16,12 @@ from torch import nn
 from . import _native
 from . import factors as factor_rules
 from . import timesteps as conventions
-from .config import AdapterConfig, check_ranks, rank_limit_error
+from .config import (
+    AdapterConfig,
+    check_ranks,
+    rank_limit_error,
+    ranks_of_levels,
+)
 from .errors import ConfigError, TloraError
 from .layer import RankState, TLoraLinear
 from .quantized import adaptable_linear, dequantized_weight, describe
@@ -28,9 +34,30 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 def rank_schedule(
     timesteps, rank: int, min_rank: int, exponent: float = 1.0, num_train_timesteps: int = 1000
 ) -> torch.Tensor:
-    """r(t) = floor(((T - t) / T)^a * (r - r_min)) + r_min for each timestep: an int64 CPU tensor."""
-    t = torch.as_tensor(timesteps)
-    return _native.rank_schedule(t, rank, min_rank, float(exponent), float(num_train_timesteps))
+    """r(t) = floor(((T - t) / T)^a * (r - r_min)) + r_min for each timestep: an int64 CPU tensor
+    (exact at every timestep: see src/schedule.rs)."""
+    # Types here (a bool, a float rank or an integer past 64 bits is no setting); ranges in ranks.rs.
+    ints = {"rank": rank, "min_rank": min_rank, "num_train_timesteps": num_train_timesteps}
+    for name, value in ints.items():
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{name} must be an integer (64-bit), got {value!r}")
+    if isinstance(exponent, bool) or not isinstance(exponent, numbers.Real):
+        raise ConfigError(f"rank_exponent must be a finite number > 0, got {exponent!r}")
+    t = _timestep_tensor(timesteps)
+    return _native.rank_schedule(t, int(rank), int(min_rank), float(exponent), int(num_train_timesteps))
+
+
+def _timestep_tensor(timesteps: Any) -> torch.Tensor:
+    """`timesteps` as a real tensor, or a ConfigError saying what a timestep is."""
+    if isinstance(timesteps, (str, bytes)) or timesteps is None:
+        raise ConfigError(f"a timestep is a number or a numeric tensor, got {timesteps!r}")
+    try:
+        t = torch.as_tensor(timesteps)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise ConfigError(f"a timestep is a number or a numeric tensor, got {timesteps!r} ({err})") from None
+    if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
+        raise ConfigError(f"a timestep is a real number, got dtype {t.dtype}")
+    return t
 
 
 def inject(
@@ -335,11 +362,12 @@ class Adapter:
         are clamped into [0, T] (NaN counts as T) since they cannot be checked without reading
         them back; host timesteps are checked instead (`ranks_for`)."""
         c = self.config
-        big_t = float(c.num_train_timesteps)
-        level = torch.nan_to_num(self.noise_level(timesteps), nan=big_t).clamp(0.0, big_t)
+        level = self.noise_level(timesteps)
+        if level.is_floating_point():
+            level = torch.nan_to_num(level, nan=float(c.num_train_timesteps))
+        level = level.clamp(0, c.num_train_timesteps)
         level = level.amax(dim=1) if level.dim() == 2 else level.reshape(-1)
-        frac = ((big_t - level) / big_t) ** c.rank_exponent
-        return torch.floor(frac * (c.rank - c.min_rank)).long() + c.min_rank
+        return ranks_of_levels(level, c.rank, c.min_rank, c.rank_exponent, c.num_train_timesteps)
 
     def _find_timestep(self, args: tuple, kwargs: dict):
         for name in ("timestep", "timesteps"):
