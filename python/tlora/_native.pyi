@@ -11,9 +11,10 @@ Factors are passed in the kernels' order, and their number says the variant: 6 t
 copies), 2 tensors `(down, up)` are LoRA (down: r x in, up: out x r). Factors are float32 (float64
 in tests), all of one dtype and on one device, the CPU or a CUDA device.
 
-Errors: every refusal of an input is a `ValueError` whose message names the problem (libtorch's C++
-stack trace cut off); a failure of the file system is an `OSError` (`FileNotFoundError` when the
-file or folder is missing). Arguments of the wrong Python type raise pyo3's `TypeError` (or
+Errors: every refusal of an input is a `tlora.errors.ConfigError` (a `ValueError`; "ValueError" in
+the docstrings below) whose message names the problem (libtorch's C++ stack trace cut off); a
+failure of the file system is an `OSError` (`tlora.errors.MissingFileError`, also a
+`FileNotFoundError`, when the file or folder is missing). Arguments of the wrong Python type raise pyo3's `TypeError` (or
 `OverflowError` for a negative `seed`).
 """
 
@@ -25,7 +26,7 @@ import torch
 _Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 def rank_schedule(
-    timesteps: torch.Tensor, rank: int, min_rank: int, exponent: float, num_train_timesteps: float
+    timesteps: torch.Tensor, rank: int, min_rank: int, exponent: float, num_train_timesteps: int
 ) -> torch.Tensor:
     """
     The timestep-dependent rank r(t) = floor(((T - t) / T)^exponent * (rank - min_rank)) + min_rank,
@@ -36,7 +37,7 @@ def rank_schedule(
         rank: The maximum rank r (at t = 0), >= 1.
         min_rank: The minimum rank (at t = T), in 1..=rank.
         exponent: The schedule's exponent (1: linear), finite and > 0.
-        num_train_timesteps: T, >= 1.
+        num_train_timesteps: T, an integer in 1..=10**9.
 
     Returns:
         The ranks, an int64 tensor of the shape of `timesteps`, on the CPU.
