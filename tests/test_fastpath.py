@@ -12,6 +12,7 @@ from torch import nn
 
 import tlora
 import tlora.layer
+import tlora.tiny
 from tlora.tiny import denoiser, sample_kwargs, tiny_pipeline
 
 RTOL = 1e-5
@@ -290,6 +291,102 @@ def test_cache_invalidated_by_optimizer_step(calls):
             want = factored(lambda: model(x, t))
         assert rel_err(got, want) < RTOL
     assert inference_folds(adapter) == 1  # stale entries are dropped, not kept
+
+
+def _writes(adapter, model):
+    """Every way users and libraries write factors, each a different change of their values."""
+    from diffusers.training_utils import EMAModel
+
+    params = list(adapter.parameters())
+    layer = adapter.layers["to_q"]
+    ema = EMAModel(params, decay=0.5)
+    ema.step([p * 0 + 0.01 for p in params])  # shadow weights that differ from the live ones
+    buffers = [b for b in layer.buffers() if b.dtype == torch.float32 and b.dim() > 0]
+
+    def numpy_view():
+        p = params[0]
+        p.detach().numpy()[...] *= 1.25  # shares memory; no counter sees it
+
+    return {
+        "data.add_": lambda: params[0].data.add_(0.05),
+        "data.copy_": lambda: params[-1].data.copy_(params[-1].data * 1.3),
+        "EMAModel.copy_to": lambda: ema.copy_to(params),
+        "vector_to_parameters": lambda: torch.nn.utils.vector_to_parameters(
+            torch.nn.utils.parameters_to_vector(params) * 0.8, params
+        ),
+        "no_grad in place": lambda: params[0].mul_(1.1),
+        "load_state_dict": lambda: model.load_state_dict({k: v * 0.9 for k, v in model.state_dict().items()}),
+        "numpy view": numpy_view,
+        # (the frozen copies are constants of the method; tlora.load writes them in place)
+        "frozen buffer in place": lambda: buffers[0].mul_(1.2) if buffers else params[0].mul_(1.2),
+    }
+
+
+@pytest.mark.parametrize("variant", ["tlora", "vanilla"])
+@pytest.mark.parametrize("call", ["model", "layer"])
+def test_folds_follow_every_write_to_the_factors(variant, call):
+    """Whatever writes the factors (EMA, `.data`, numpy, load_state_dict, an optimizer), the
+    folded inference output equals the factored one, whether the layer runs inside its model's
+    forward or is called on its own."""
+    torch.manual_seed(3)
+    model = Holder()
+    adapter = inject(model, variant)
+    perturb(adapter)
+    x = torch.randn(2, 40, 32)
+    t = torch.tensor([300])
+    layer = adapter.layers["to_q"]
+
+    def run():
+        if call == "model":
+            return model(x, t)
+        with adapter.timestep(t):
+            return layer(x)
+
+    names = list(_writes(adapter, model))
+    for name in names:
+        write = _writes(adapter, model)[name]
+        with torch.no_grad():
+            run()  # folds (and caches) at the current factors
+            assert len(adapter.state.fold_cache) == 1, name
+            before = run()
+            write()
+            got = run()
+            want = factored(run)
+        assert not torch.equal(got, before), f"{name}: the write changed nothing"
+        assert rel_err(got, want) < RTOL, f"{name}: folded output is stale ({rel_err(got, want):.3g})"
+
+
+def test_ema_validation_on_a_unet_matches_factored_path():
+    """diffusers' EMAModel on a tiny SD UNet, as training scripts use it: validate with the EMA
+    weights (copy_to after store), then restore the raw ones; both outputs equal the factored path."""
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    unet = tlora.tiny.tiny_sd_unet()
+    adapter = inject(unet)
+    perturb(adapter, std=0.05)
+    params = list(adapter.parameters())
+    ema = EMAModel(params, decay=0.9)
+    ema.step(params)  # (its first step copies: decay 0 at step 0)
+    perturb(adapter, seed=2, std=0.5)
+    ema.step(params)  # the shadow weights: 0.9 of the first state, far from the live ones
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(
+        sample=torch.randn(2, 4, tlora.tiny.LATENT_SIZE, tlora.tiny.LATENT_SIZE, generator=g),
+        timestep=torch.tensor([700, 20]),
+        encoder_hidden_states=torch.randn(2, tlora.tiny.TOKENS, tlora.tiny.SD_CROSS_DIM, generator=g),
+    )
+    with torch.no_grad():
+        raw = unet(**kwargs).sample
+        ema.store(params)
+        ema.copy_to(params)
+        with_ema = unet(**kwargs).sample
+        want_ema = factored(lambda: unet(**kwargs).sample)
+        ema.restore(params)
+        back = unet(**kwargs).sample
+        want_raw = factored(lambda: unet(**kwargs).sample)
+    assert rel_err(with_ema, want_ema) < RTOL and rel_err(with_ema, raw) > 100 * RTOL
+    assert rel_err(back, want_raw) < RTOL and torch.equal(back, raw)
 
 
 def test_cache_is_bounded_and_never_thrashes(calls):

@@ -14,8 +14,8 @@ in tests), all of one dtype and on one device, the CPU or a CUDA device.
 Errors: every refusal of an input is a `tlora.errors.ConfigError` (a `ValueError`; "ValueError" in
 the docstrings below) whose message names the problem (libtorch's C++ stack trace cut off); a
 failure of the file system is an `OSError` (`tlora.errors.MissingFileError`, also a
-`FileNotFoundError`, when the file or folder is missing). Arguments of the wrong Python type raise pyo3's `TypeError` (or
-`OverflowError` for a negative `seed`).
+`FileNotFoundError`, when the file or folder is missing). Arguments of the wrong Python type raise
+pyo3's `TypeError` (or `OverflowError` for a negative `seed`).
 """
 
 from collections.abc import Sequence

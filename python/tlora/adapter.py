@@ -250,6 +250,8 @@ class Adapter:
         self._timestep_index = next((i for i, n in enumerate(params) if n in ("timestep", "timesteps")), None)
         self._ckpt_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         self._hook = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
+        # (always_call: a forward that raises still ends, so later direct layer calls check their folds)
+        self._end_hook = model.register_forward_hook(self._on_forward_end, always_call=True)
         setattr(model, _ATTR, self)
 
     # ---- parameters -------------------------------------------------------------------------
@@ -383,6 +385,7 @@ class Adapter:
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         compiling = torch.compiler.is_compiling()
         if not compiling:
+            self.state.begin_forward()
             self._wrap_checkpointing()
         if self.state.pinned:
             return
@@ -410,6 +413,10 @@ class Adapter:
             self.state.set_host(self.ranks_for(t, batch))
         else:
             self.state.set_device(self.device_ranks(self._checked_shape(t, batch)))
+
+    def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not torch.compiler.is_compiling():
+            self.state.end_forward()
 
     @contextlib.contextmanager
     def timestep(self, t: Any):
@@ -468,6 +475,7 @@ class Adapter:
         if getattr(self.model, _ATTR, None) is not self:
             raise ValueError("this adapter was already removed from its model")
         self._hook.remove()
+        self._end_hook.remove()
         self.state.fold_cache.clear()
         for m in self._ckpt_modules:
             func = getattr(m, "_gradient_checkpointing_func", None)

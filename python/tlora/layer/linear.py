@@ -14,10 +14,11 @@ call into two buffers the layer keeps per compute dtype.
 Inference adds a fast path: when no gradient is needed and the ranks are known on the host, the
 update at rank k is folded into the weight, W_k = W + dW_k, and y = x W_k^T + b costs what the bare
 layer costs. Folded weights live in the adapter's `FoldCache` (state.py). An entry is used only
-while the base weight and every factor are the very tensors it was built from at the same
-in-place version and, inside a PEFT LoRA layer, while PEFT's merged adapters are the same (PEFT's
-`merge()` and diffusers' `fuse_lora()` write the base weight through `.data`, which no version
-counter sees).
+while the base weight is the very tensor it was built from at the same in-place version, every
+factor holds the values it was folded from (compared with a copy: writes through `.data`, such as
+diffusers' `EMAModel.copy_to`, bump no version counter) and, inside a PEFT LoRA layer, while PEFT's
+merged adapters are the same (PEFT's `merge()` and diffusers' `fuse_lora()` write the base weight
+through `.data`).
 """
 
 from __future__ import annotations
@@ -216,6 +217,9 @@ class TLoraLinear(nn.Module):
             down, up = factors
             return (down, up) if down.dtype == dtype else (down.to(dtype), up.to(dtype))
         p, lam, q, p0, lam0, q0 = factors
+        # P0 Λ0 by the frozen buffers' identity and version: they are the method's constants, which
+        # tlora.load and load_state_dict write in place (a new version). Forming it afresh at each
+        # call would also see writes through `.data`, at 3 more kernels per layer and call.
         frozen = (p0.data_ptr(), p0._version, lam0.data_ptr(), lam0._version, p0.device)
         if self._frozen is None or self._frozen[0] != frozen:
             self._frozen = (frozen, _native.frozen_block(p0, lam0))
@@ -297,6 +301,8 @@ class TLoraLinear(nn.Module):
             if self._folded:
                 cache.drop(self)
             self._folded_for = valid
+        if self._folded:  # written through `.data` (EMA), numpy, ...: no version counter tells
+            cache.check(self, state.forward)
         folded = []
         for k, _, n in groups:
             key = (k, device, dtype)

@@ -4,6 +4,14 @@ built from them (`RankState`), and the folded inference weights (`FoldCache`).
 Folded weights are admitted while they fit the device's budget and never evicted to make room (a
 full cache keeps what it has and the rest is folded on the spot, so a sweep over more layers than
 fit never thrashes); a layer drops its own entries when its weight or factors change.
+
+A layer's folds are valid while its factors hold the values they were folded from, however they
+were written. In-place version counters miss writes through `.data` (diffusers' `EMAModel.copy_to`
+/ `restore`, `p.data.add_`), and numpy views miss every counter, so the cache keeps a copy of the
+factors each layer's folds came from (factors are small next to a folded weight: r (in + out)
+against in x out) and compares them before a fold is used: once per model forward for all the
+layers at once (one device read-back on a GPU), or at each call of a layer used outside its
+model's forward.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ class FoldCache:
         self.budget = budget
         self._sizes: dict[tuple, tuple[TLoraLinear, int]] = {}
         self._used: dict[torch.device, int] = {}
+        # Per layer with folds: (layer, copies of the factors its folds were made from).
+        self._sources: dict[int, tuple[TLoraLinear, list[torch.Tensor]]] = {}
+        self._checked_forward: int | None = None  # the model forward whose check covers every layer
         self.hits = self.misses = self.stores = 0
 
     def __len__(self) -> int:
@@ -60,6 +71,8 @@ class FoldCache:
         if used + size > self.budget_for(w.device):
             self.misses += 1
             return False
+        if id(layer) not in self._sources:
+            self._sources[id(layer)] = (layer, [f.detach().clone() for f in layer.factors()])
         layer._folded[key] = w
         self._sizes[(id(layer), key)] = (layer, size)
         self._used[w.device] = used + size
@@ -72,12 +85,52 @@ class FoldCache:
             _, size = self._sizes.pop((id(layer), key))
             self._used[w.device] -= size
         layer._folded.clear()
+        self._sources.pop(id(layer), None)
 
     def clear(self) -> None:
         for layer, _ in list(self._sizes.values()):
             layer._folded.clear()
         self._sizes.clear()
         self._used.clear()
+        self._sources.clear()
+
+    def check(self, layer: TLoraLinear, forward: int | None) -> None:
+        """Drop the folds of layers whose factors no longer hold the values they were folded
+        from. Inside model forward number `forward`, every layer is checked at its first call (at
+        once: one read-back), and not again in that forward; outside one (None), `layer` alone."""
+        if forward is None:
+            self._drop_stale([layer])
+        elif forward != self._checked_forward:
+            self._checked_forward = forward
+            self._drop_stale([entry[0] for entry in self._sources.values()])
+
+    def _drop_stale(self, layers: list[TLoraLinear]) -> None:
+        layers = [m for m in layers if id(m) in self._sources]
+        if not layers:
+            return
+        now = [[f.detach() for f in m.factors()] for m in layers]
+        then = [self._sources[id(m)][1] for m in layers]
+        if all(f.device.type == "cpu" for fs in now for f in fs):
+            stale = [not _same(a, b) for a, b in zip(now, then)]
+        else:
+            # Two multi-tensor kernels and one read-back for every layer of the adapter. (A NaN in
+            # a factor reads as changed: such a layer is folded afresh, never wrongly reused.)
+            flat_now = [f for fs in now for f in fs]
+            flat_then = [f for fs in then for f in fs]
+            pairs = zip(flat_now, flat_then)
+            if any(a.shape != b.shape or a.dtype != b.dtype or a.device != b.device for a, b in pairs):
+                stale = [not _same(a, b) for a, b in zip(now, then)]
+            else:
+                norms = torch._foreach_norm(torch._foreach_sub(flat_now, flat_then), float("inf"))
+                changed = (torch.stack([n.to(flat_now[0].device) for n in norms]) != 0).tolist()
+                stale, i = [], 0
+                for fs in now:
+                    stale.append(any(changed[i : i + len(fs)]))
+                    i += len(fs)
+        for m, is_stale in zip(layers, stale):
+            if is_stale:
+                self.drop(m)
+                m._folded_for = None
 
     def stats(self) -> dict[str, int]:
         return {
@@ -87,6 +140,14 @@ class FoldCache:
             "entries": len(self),
             "bytes": self.nbytes,
         }
+
+
+def _same(now: list[torch.Tensor], then: list[torch.Tensor]) -> bool:
+    """The factors hold exactly the values (and shapes, dtypes) of the copies."""
+    return len(now) == len(then) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        for a, b in zip(now, then)
+    )
 
 
 class RankState:
@@ -109,6 +170,10 @@ class RankState:
         self.pinned = False  # True inside `with adapter.timestep(...)`: the hook leaves ranks alone
         self.fast_path = True  # fold the update into the weight at inference
         self.fold_cache = FoldCache()
+        # Which model forward is running (None: none; the adapter's hooks count them), so that the
+        # fold cache checks the factors once per forward.
+        self.forward: int | None = None
+        self._forwards = 0
         self._masks: dict[tuple, torch.Tensor | None] = {}
         self._columns: dict[torch.device, torch.Tensor] = {}
 
@@ -122,6 +187,13 @@ class RankState:
         if not self.masked:
             return self.set_host(None)
         self.ranks, self.rank_tensor, self._masks = None, rank_tensor, {}
+
+    def begin_forward(self) -> None:
+        self._forwards += 1
+        self.forward = self._forwards
+
+    def end_forward(self) -> None:
+        self.forward = None
 
     @property
     def host_known(self) -> bool:
