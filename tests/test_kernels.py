@@ -519,3 +519,32 @@ def test_autocast_bfloat16(variant):
         p = getattr(model.to_q, name)
         assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
         _close_to(p.grad, want_grads[name], 1e-1)
+
+
+# ---- native errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call,fragment",
+    [
+        (lambda: lowrank_update(torch.randn(2, 6), [torch.randn(8, 4), torch.randn(4), torch.randn(3, 6)] * 2), "rows"),
+        (lambda: tlora._native.rank_schedule(torch.tensor([1.0]), 8, 9, 1.0, 1000), "min_rank"),
+        (lambda: tlora._native.orthogonal_init(8, 4, 2, "sideways", 0), "sideways"),
+        (lambda: tlora._native.gaussian(2, 2, float("inf"), 0), "non-finite"),
+        (lambda: tlora.rank_schedule(10, 8, 4, 1.0, 2**70), "64-bit"),
+        (lambda: tlora.rank_schedule("ten", 8, 4), "number"),
+        (lambda: tlora.rank_schedule(10, 8.0, 4), "rank must be an integer"),
+    ],
+)
+def test_native_refusals_are_tlora_errors(call, fragment):
+    """What the Rust core refuses reaches Python as tlora's own error type (a ValueError), not a
+    bare ValueError, TypeError or OverflowError."""
+    with pytest.raises(tlora.ConfigError, match=fragment):
+        call()
+
+
+def test_native_writer_missing_folder_is_missing_file_error(tmp_path):
+    target = tmp_path / "no such folder" / "x.bin"
+    with pytest.raises(tlora.errors.MissingFileError, match="does not exist") as info:
+        tlora._native.write_atomic(str(target), b"x")
+    assert isinstance(info.value, FileNotFoundError)
