@@ -75,11 +75,13 @@ def inject(
     - `target_modules`: module-name suffixes (default: attention to_q, to_k, to_v, to_out.0 and the
       joint-attention add_{q,k,v}_proj) or one regular expression over full module paths.
     - `lora_alpha`: scale the update by alpha / rank (default: no scaling, as in the paper).
-    - `timestep_convention`: how the model's `timestep` argument maps to the noise level t in 0..T:
-      a name from `tlora.timesteps` ("timesteps", "unit", "reversed_unit", "edm", ...), or a function
-      (tensor ops, argument -> t; stored in files as "custom"). Default: the diffusers class's own
-      convention (`tlora.timesteps.BY_CLASS`); an unknown diffusers class is refused.
-      `tlora.timesteps.convention_for(pipe)` also reads the scheduler (EDM schedulers).
+    - `timestep_convention`: how the model's timestep argument (found from its forward's signature:
+      `timestep`, `timesteps`, `t`, ...) maps to the noise level t in 0..T: a name from
+      `tlora.timesteps` ("timesteps", "unit", "reversed_unit", "edm", ...), or a function (tensor
+      ops, argument -> a real tensor of the argument's shape on its device; stored in files as
+      "custom"). Default: the diffusers class's own convention (`tlora.timesteps.BY_CLASS`); an
+      unknown diffusers class is refused. `tlora.timesteps.convention_for(pipe)` also reads the
+      pipeline and scheduler (EDM schedulers, Sana-Sprint, classes whose pipelines disagree).
     - `timestep_scale`: the "scale" convention, t = argument * timestep_scale.
 
     How the adapter runs (not saved with it; also settable later as attributes of the Adapter):
