@@ -120,7 +120,7 @@ def test_target_matching_nothing_suggests_close_names():
     model = Model()
     msg = raises_and_untouched(
         model,
-        ValueError,
+        tlora.ConfigError,
         r"target_modules \['to_qq'\] matches no nn\.Linear in Model",
         tlora.inject,
         model,
@@ -129,7 +129,7 @@ def test_target_matching_nothing_suggests_close_names():
     )
     assert "Close names:" in msg and "to_q" in msg.split("Close names:")[1]
     msg = raises_and_untouched(
-        model, ValueError, r"matches no nn\.Linear", tlora.inject, model, rank=4, target_modules=r".*\.to_z"
+        model, tlora.ConfigError, r"matches no nn\.Linear", tlora.inject, model, rank=4, target_modules=r".*\.to_z"
     )
     assert "proj_out" in msg  # lists what the Linear layers are called
 
@@ -138,7 +138,7 @@ def test_target_that_is_not_linear():
     model = Model()
     raises_and_untouched(
         model,
-        ValueError,
+        tlora.ConfigError,
         r"not nn\.Linear.*blocks\.0\.attn\.norm \(LayerNorm\)",
         tlora.inject,
         model,
@@ -149,7 +149,27 @@ def test_target_that_is_not_linear():
 
 def test_empty_target_list():
     model = Model()
-    raises_and_untouched(model, ValueError, r"target_modules is empty", tlora.inject, model, rank=4, target_modules=[])
+    raises_and_untouched(
+        model, tlora.ConfigError, r"target_modules is empty", tlora.inject, model, rank=4, target_modules=[]
+    )
+
+
+@pytest.mark.parametrize("regex", ["(", "to_q[", "*"])
+def test_target_regex_that_does_not_compile(regex):
+    """A regular expression that does not compile (re.error before) is a setting's error, named."""
+    model = Model()
+    msg = raises_and_untouched(
+        model,
+        tlora.ConfigError,
+        r"target_modules .* is not a valid regular expression \(.*\).*list of module-name suffixes",
+        tlora.inject,
+        model,
+        rank=4,
+        target_modules=regex,
+    )
+    assert repr(regex) in msg
+    with pytest.raises(tlora.ConfigError, match="not a valid regular expression"):
+        tlora.AdapterConfig.from_dict({"rank": 4, "target_modules": regex})
 
 
 def test_inject_twice():
@@ -157,7 +177,7 @@ def test_inject_twice():
     first = tlora.inject(model, rank=4)
     msg = raises_and_untouched(
         model,
-        ValueError,
+        tlora.ModelMismatchError,
         r"already has a tlora adapter \(tlora, rank 4\)",
         tlora.inject,
         model,
@@ -167,7 +187,7 @@ def test_inject_twice():
     assert "remove()" in msg
     assert adapter_of(model) is first
     first.remove()
-    with pytest.raises(ValueError, match="already removed"):
+    with pytest.raises(tlora.ModelMismatchError, match=r"this adapter was already removed from its Model"):
         first.remove()
     tlora.inject(model, rank=2)  # allowed again after remove
 
@@ -185,18 +205,28 @@ def adapted():
 @pytest.mark.parametrize(
     "timestep,exc,fragment",
     [
-        (float("nan"), ValueError, r"timestep is NaN"),
-        (torch.tensor([10.0, float("nan"), 3.0]), ValueError, r"NaN"),
-        (-1, ValueError, r"timestep -1 is outside \[0, 1000\]"),
-        (torch.tensor([5, -2, 5]), ValueError, r"outside \[0, 1000\]"),
-        (1001, ValueError, r"timestep 1001 is outside \[0, 1000\]"),
-        (torch.tensor([2, 3]), ValueError, r"got 2 timesteps for a batch of 3: pass one timestep, or one per sample"),
-        (torch.tensor([2, 3, 4, 5]), ValueError, r"got 4 timesteps for a batch of 3"),
+        (float("nan"), tlora.ConfigError, r"timestep is NaN"),
+        (torch.tensor([10.0, float("nan"), 3.0]), tlora.ConfigError, r"NaN"),
+        (-1, tlora.ConfigError, r"timestep -1 is outside \[0, 1000\]"),
+        (torch.tensor([5, -2, 5]), tlora.ConfigError, r"outside \[0, 1000\]"),
+        (1001, tlora.ConfigError, r"timestep 1001 is outside \[0, 1000\]"),
+        (
+            torch.tensor([2, 3]),
+            tlora.ConfigError,
+            r"got 2 timesteps for a batch of 3: pass one timestep, or one per sample",
+        ),
+        (torch.tensor([2, 3, 4, 5]), tlora.ConfigError, r"got 4 timesteps for a batch of 3"),
         (
             torch.zeros(3, 1, 1),
-            ValueError,
+            tlora.ConfigError,
             r"timestep must be a number, a 1-D tensor or \(batch, tokens\), got shape \(3, 1, 1\)",
         ),
+        ("500", tlora.ConfigError, r"a timestep is a number or a numeric tensor, got '500'"),
+        (b"5", tlora.ConfigError, r"a timestep is a number or a numeric tensor, got b'5'"),
+        ([[1], [2, 3]], tlora.ConfigError, r"a timestep is a number or a numeric tensor, got \[\[1\], \[2, 3\]\]"),
+        (torch.tensor([True, False, True]), tlora.ConfigError, r"a timestep is a real number, got dtype torch\.bool"),
+        (torch.tensor([1j, 2j, 3j]), tlora.ConfigError, r"a timestep is a real number, got dtype torch\.complex"),
+        (torch.empty(0), tlora.ConfigError, r"Model got an empty timestep tensor"),
     ],
 )
 def test_bad_timestep(adapted, timestep, exc, fragment):
@@ -210,16 +240,135 @@ def test_bad_timestep(adapted, timestep, exc, fragment):
 def test_forward_without_timestep(adapted):
     x = torch.randn(2, 5, 16)
     raises_and_untouched(
-        adapted, ValueError, r"Model\.forward was called without a timestep.*adapter\.timestep", adapted, x
+        adapted, tlora.ConfigError, r"Model\.forward was called without a timestep.*adapter\.timestep", adapted, x
     )
     with adapter_of(adapted).timestep(100):
         assert adapted(x).shape == (2, 5, 16)
 
 
-def test_bad_rank_block(adapted):
-    with pytest.raises(ValueError, match=r"rank 5 is outside 1\.\.4"):
-        with adapter_of(adapted).rank(5):
+@pytest.mark.parametrize(
+    "ranks,fragment",
+    [
+        (5, r"rank 5 is outside 1\.\.4"),
+        ([2, 0, 3], r"rank 0 is outside 1\.\.4"),
+        (2.7, r"rank 2\.7 is not an integer: ranks are integers in 1\.\.4"),
+        ("2", r"rank '2' is not an integer"),
+        (True, r"rank True is not an integer"),
+        ([2, 1.5], r"rank 1\.5 is not an integer"),
+        ([], r"ranks must not be empty"),
+    ],
+)
+def test_bad_rank_block(adapted, ranks, fragment):
+    with pytest.raises(tlora.ConfigError, match=fragment):
+        with adapter_of(adapted).rank(ranks):
             pass
+
+
+def _three_levels(a):
+    """A correct user convention: the argument is 1000 - t."""
+    return 1000 - a
+
+
+# What a user's timestep convention returns for the argument tensor([900., 500., 100.]) (a batch of
+# 3), and what the error says about it. Built lazily: the meta tensor and its shapes per case.
+BAD_CONVENTION_OUTPUTS = {
+    "float": (lambda a: 500.0, r"returned float 500\.0"),
+    "0-d tensor": (lambda a: (1000 - a).mean(), r"returned a float64 tensor of shape \(\) on cpu"),
+    "None": (lambda a: None, r"returned NoneType None"),
+    "string": (lambda a: "t", r"returned str 't'"),
+    "wrong shape": (lambda a: (1000 - a)[:2], r"returned a float64 tensor of shape \(2,\) on cpu"),
+    "empty": (lambda a: a[:0], r"returned a float64 tensor of shape \(0,\) on cpu"),
+    "(B, 1)": (lambda a: (1000 - a)[:, None], r"returned a float64 tensor of shape \(3, 1\) on cpu"),
+    "meta": (lambda a: torch.empty(3, device="meta"), r"returned a float32 tensor of shape \(3,\) on meta"),
+    "boolean": (lambda a: a > 0, r"returned a bool tensor of shape \(3,\) on cpu"),
+    "complex": (lambda a: a * 1j, r"returned a complex128 tensor"),
+    "numpy": (lambda a: (1000 - a).numpy(), r"returned ndarray"),
+}
+
+
+@pytest.mark.parametrize("how", ["inject", "registered"])
+@pytest.mark.parametrize("case", sorted(BAD_CONVENTION_OUTPUTS))
+def test_timestep_convention_output_is_checked(case, how):
+    """A convention function's output is checked before it picks ranks: one ConfigError naming the
+    convention, the function, what it returned and what was expected (raw TypeError / RuntimeError
+    before, and an empty result ran every sample at full rank)."""
+    fn, fragment = BAD_CONVENTION_OUTPUTS[case]
+    model = Model()
+    if how == "registered":
+        tlora.timesteps.register("issue21_case", fn)
+    try:
+        convention = "issue21_case" if how == "registered" else fn
+        tlora.inject(model, rank=4, min_rank=2, target_modules=["to_q"], timestep_convention=convention)
+        x, t = torch.randn(3, 5, 16), torch.tensor([900.0, 500.0, 100.0])
+        name = "issue21_case" if how == "registered" else "custom"
+        msg = raises_and_untouched(model, tlora.ConfigError, fragment, model, x, t)
+        assert f"timestep convention {name!r} (" in msg and "<lambda>" in msg
+        assert "for the argument, a float64 tensor of shape (3,) on cpu" in msg
+        assert "it must return a real tensor of shape (3,) on cpu" in msg
+        # The hook's other entry points check the same way.
+        with pytest.raises(tlora.ConfigError, match=fragment):
+            adapter_of(model).ranks_for(t, batch=3)
+    finally:
+        tlora.timesteps._USER.pop("issue21_case", None)
+
+
+def test_a_correct_convention_gives_per_sample_ranks():
+    """The reference for the cases above: the same batch with a correct function gets one rank per
+    sample, r(t) = floor((T - t) / T * (r - r_min)) + r_min at t = 100, 500, 900 and 0, 500, 1000."""
+    model = Model()
+    adapter = tlora.inject(model, rank=4, min_rank=2, target_modules=["to_q"], timestep_convention=_three_levels)
+    for levels in ([100, 500, 900], [0, 500, 1000]):
+        want = [(1000 - t) * 2 // 1000 + 2 for t in levels]
+        assert adapter.ranks_for(1000 - torch.tensor(levels, dtype=torch.float32), batch=3) == want
+        seen = []
+        hook = model.blocks[0].attn.to_q.register_forward_pre_hook(lambda m, a: seen.append(list(adapter.state.ranks)))
+        model(torch.randn(3, 5, 16), 1000 - torch.tensor(levels, dtype=torch.float32))
+        hook.remove()
+        assert seen == [want]
+
+
+@pytest.mark.parametrize(
+    "convention,fragment",
+    [
+        ("edm2", r"unknown timestep_convention 'edm2': one of timesteps, unit,"),
+        (5, r"unknown timestep_convention 5"),
+    ],
+)
+def test_unknown_timestep_convention(convention, fragment):
+    model = Model()
+    raises_and_untouched(
+        model, tlora.ConfigError, fragment, tlora.inject, model, rank=4, timestep_convention=convention
+    )
+
+
+def test_unregistered_custom_convention_on_load(tmp_path):
+    src = Model()
+    tlora.inject(src, rank=4, timestep_convention=_three_levels)
+    path = tlora.save(src, tmp_path / "c.safetensors")
+    model = Model()
+    msg = _load_fails(model, path, tlora.ConfigError, r"timestep convention 'custom' .* is not registered")
+    assert "tlora.timesteps.register('custom', fn)" in msg
+
+
+@pytest.mark.parametrize(
+    "name,fn,fragment",
+    [
+        ("mine", 3, r"register\('mine', fn\): fn must be callable, got int"),
+        ("unit", _three_levels, r"'unit' is a built-in timestep convention"),
+        ("scale", _three_levels, r"'scale' is a built-in timestep convention"),
+        ("", _three_levels, r"name must be a non-empty string, got ''"),
+        (None, _three_levels, r"name must be a non-empty string, got None"),
+    ],
+)
+def test_bad_registration(name, fn, fragment):
+    with pytest.raises(tlora.ConfigError, match=fragment):
+        tlora.timesteps.register(name, fn)
+    assert name not in tlora.timesteps._USER
+
+
+def test_convention_for_without_a_denoiser():
+    with pytest.raises(tlora.ConfigError, match=r"convention_for\(scheduler\) needs the denoiser too"):
+        tlora.timesteps.convention_for(object())
 
 
 @pytest.mark.parametrize(
@@ -476,11 +625,13 @@ def test_error_types_are_value_errors_and_exported():
 def test_inject_twice_names_a_function_that_exists():
     model = Model()
     tlora.inject(model, rank=4)
-    msg = raises_and_untouched(model, ValueError, r"already has a tlora adapter", tlora.inject, model, rank=2)
+    msg = raises_and_untouched(
+        model, tlora.ModelMismatchError, r"already has a tlora adapter", tlora.inject, model, rank=2
+    )
     assert "tlora.remove(model)" in msg
     tlora.remove(model)  # it exists and removes the adapter
     assert adapter_of(model) is None and all(type(m) is not tlora.layer.TLoraLinear for m in model.modules())
-    with pytest.raises(ValueError, match="has no tlora adapter to remove"):
+    with pytest.raises(tlora.ModelMismatchError, match="Model has no tlora adapter to remove"):
         tlora.remove(model)
 
 

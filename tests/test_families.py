@@ -11,6 +11,7 @@ pipeline calls it: the scheduler's `set_timesteps` values through the pipeline's
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -108,6 +109,103 @@ def test_playground_edm_pipeline():
     t_steps = [float(sdxl._sigma_to_t(np.array([s]), log_sigmas)[0]) for s in sigmas]
     assert log.per_step() == [(r_of(t),) * 2 for t in t_steps]
     assert len(set(log.per_step())) > 2
+
+
+def test_sdxl_pipeline_continuous_euler_epsilon():
+    """EulerDiscreteScheduler(timestep_type="continuous") keeps the discrete t (0..999) for epsilon
+    prediction: diffusers' set_timesteps switches to 0.25 * log(sigma) only with v_prediction.
+    convention_for must say "timesteps" (it said "edm", and 9 of 10 steps ran at t = 999)."""
+    pipe = tiny_sdxl_pipeline()
+    pipe.scheduler = D.EulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, timestep_type="continuous", prediction_type="epsilon"
+    )
+    assert conventions.convention_for(pipe) == "timesteps"
+    log = RankLog(inject(pipe.unet, timestep_convention=conventions.convention_for(pipe)), batch=2)
+    pipe(**sample_kwargs("sdxl", steps=4), generator=torch.Generator().manual_seed(0))
+    t_steps = pipe.scheduler.timesteps.tolist()
+    assert min(t_steps) >= 1 and max(t_steps) > 500  # its discrete t, not 0.25 * log(sigma)
+    assert log.per_step() == [(r_of(t),) * 2 for t in t_steps]
+    assert len(set(log.per_step())) > 2
+
+
+def test_continuous_euler_is_edm_only_with_v_prediction():
+    """The scheduler's own timesteps decide: 0.25 * log(sigma) (negative at small sigma) for
+    v_prediction, the discrete t otherwise; convention_for follows the same condition."""
+    unet = tiny_sdxl_pipeline().unet
+    for prediction, edm in (("v_prediction", True), ("epsilon", False), ("sample", False)):
+        scheduler = D.EulerDiscreteScheduler(timestep_type="continuous", prediction_type=prediction)
+        scheduler.set_timesteps(10)
+        assert bool((scheduler.timesteps < 0).any()) == edm, prediction
+        assert conventions.convention_for(scheduler, model=unet) == ("edm" if edm else "timesteps"), prediction
+
+
+def test_sana_sprint_steps_get_the_rank_of_their_flow_time():
+    """SanaSprintPipeline passes the same SanaTransformer2DModel that SanaPipeline drives with
+    sigma * 1000 * scale the flow time sin(s) / (cos(s) + sin(s)) in 0..1 of its SCMScheduler's
+    TrigFlow angle s (pipeline_sana_sprint: scm_timestep = sin(timestep) / (cos(timestep) + sin(timestep));
+    diffusers' Sana-Sprint training script passes the same flow_timestep). The TrigFlow state
+    cos(s) x0 + sin(s) z is (cos(s) + sin(s)) times the flow state (1 - sigma) x0 + sigma z with that
+    sigma, so the step's noise level is t = T * sigma: rank r(t) at r 8 / r_min 4, not near full rank."""
+    rank, min_rank = 8, 4
+    torch.manual_seed(0)
+    model = D.SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=16,
+        sample_size=8,
+        patch_size=1,
+        guidance_embeds=True,  # what makes a Sana transformer a Sprint one
+    ).eval()
+    scheduler = D.SCMScheduler()
+    pipe = D.SanaSprintPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model, scheduler=scheduler)
+    # Every way of choosing says the flow time: the pipeline, its scheduler, the bare transformer.
+    assert conventions.convention_for(pipe) == "unit"
+    assert conventions.convention_for(scheduler, model=model) == "unit"
+    adapter = tlora.inject(model, rank=rank, min_rank=min_rank)
+    assert adapter.config.timestep_convention == "unit"
+    scheduler.set_timesteps(4, max_timesteps=1.57080, intermediate_timesteps=None)
+    angles = scheduler.timesteps[:-1]  # the pipeline drops the final s = 0
+    log = RankLog(adapter, batch=B)
+    kwargs = dict(encoder_hidden_states=r(B, 5, 16), guidance=torch.full((B,), 4.5 * 0.1))
+    with torch.no_grad():
+        for s in angles:
+            timestep = s.expand(B)
+            scm_timestep = torch.sin(timestep) / (torch.cos(timestep) + torch.sin(timestep))
+            model(r(B, 4, 8, 8), timestep=scm_timestep, **kwargs)
+    # (the default max_timesteps 1.57080 is a hair past pi/2: its flow time a hair past 1, i.e. t = T)
+    levels = [min(T, T * math.sin(s) / (math.sin(s) + math.cos(s))) for s in angles.double().tolist()]
+    want = [(math.floor((T - t) / T * (rank - min_rank)) + min_rank,) * B for t in levels]
+    assert log.per_step() == want
+    assert want[0] == (min_rank,) * B and len(set(want)) > 2  # pure noise first, then rising ranks
+
+
+def test_a_guidance_embedded_sana_cannot_run_under_sana_pipeline():
+    """Why the guidance embedding marks a Sprint transformer: SanaPipeline calls the transformer
+    without `guidance`, and that embedding cannot run without one."""
+    m = D.SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=8,
+        cross_attention_dim=16,
+        caption_channels=16,
+        sample_size=8,
+        patch_size=1,
+        guidance_embeds=True,
+    )
+    with pytest.raises(TypeError, match="batch_size"):
+        m(r(B, 4, 8, 8), encoder_hidden_states=r(B, 5, 16), timestep=torch.full((B,), 500.0))
+    plain, _ = sana()
+    assert conventions.class_convention(plain) == "sana" and conventions.class_convention(m) == "unit"
 
 
 # ---- forward-driven families -------------------------------------------------------------------
@@ -689,6 +787,424 @@ def test_per_sample_timesteps_reversed_family():
     assert r_of(900.0) < r_of(100.0)
 
 
+# ---- families whose timestep argument has another name, or which were refused before ------------
+
+
+class _Stop(Exception):
+    """Raised by a hook that runs after tlora's: the ranks of the call are set, the body is not needed."""
+
+
+def ranks_of_call(adapter: tlora.Adapter, call, batch: int = B) -> tuple[int, ...]:
+    """The per-sample ranks tlora's hook sets for `call()` (a forward written as the pipeline calls
+    the model: same positional and keyword arguments), without running the model's body."""
+    seen = []
+
+    def grab(module, args, kwargs):
+        ranks = adapter.state.ranks
+        ranks = ranks.tolist() if isinstance(ranks, torch.Tensor) else list(ranks)
+        seen.append(tuple(ranks * batch if len(ranks) == 1 else ranks))
+        raise _Stop
+
+    handle = adapter.model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad(), pytest.raises(_Stop):
+            call()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def zimage():
+    return D.ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=16,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[2, 2, 4],
+        axes_lens=[64, 64, 64],
+    )
+
+
+def test_zimage_pipeline_call_passes_t_reversed():
+    """ZImageTransformer2DModel.forward(x, t, cap_feats): the argument is named `t` and
+    pipeline_z_image passes timestep = (1000 - t) / 1000 positionally; t = T * (1 - a). A real
+    forward of a tiny model, called the way the pipeline calls it."""
+    torch.manual_seed(0)
+    model = zimage().eval()
+    adapter = inject(model)
+    assert conventions.timestep_parameter(model) == ("t", 1)
+    assert adapter.config.timestep_convention == "reversed_unit"
+    scheduler = flow(3.0)
+    scheduler.set_timesteps(6)
+    latents = [r(4, 1, 8, 8) for _ in range(B)]  # the pipeline's latent_model_input.unsqueeze(2).unbind(0)
+    caps = [r(5, 16) for _ in range(B)]
+    log = RankLog(adapter, batch=B)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            timestep = t.expand(B)
+            timestep = (1000 - timestep) / 1000
+            model(latents, timestep, caps, return_dict=False)
+    expected = [(r_of(float(t)),) * B for t in scheduler.timesteps]
+    assert log.per_step() == expected and len(set(expected)) > 2
+
+
+def _zimage_steps():
+    # pipeline_z_image*: timestep = t.expand(B); timestep = (1000 - timestep) / 1000
+    scheduler = flow(3.0)
+    scheduler.set_timesteps(6)
+    return [float(t) / T for t in scheduler.timesteps], [((1000 - t) / 1000).expand(B) for t in scheduler.timesteps]
+
+
+def _flow_sigmas(n):
+    return torch.linspace(1.0, 1.0 / n, n, dtype=torch.float32).tolist()
+
+
+def _ace_step_steps():
+    from diffusers.pipelines.ace_step.pipeline_ace_step import AceStepPipeline
+
+    # pipeline_ace_step: the scheduler has num_train_timesteps=1, its sigmas the shifted schedule
+    sigmas = AceStepPipeline._get_timestep_schedule(None, num_inference_steps=8, shift=3.0).tolist()
+    scheduler = D.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
+    scheduler.set_timesteps(sigmas=sigmas)
+    return sigmas, [float(t) * torch.ones(B) for t in scheduler.timesteps]
+
+
+def _inverted_flow_steps():
+    # pipeline_longcat_audio_dit: FlowMatchEulerDiscreteScheduler(shift=1.0, invert_sigmas=True),
+    # set from sigmas = linspace(1, 1/n, n); curr_t = t / num_train_timesteps
+    sigmas = _flow_sigmas(6)
+    scheduler = D.FlowMatchEulerDiscreteScheduler(shift=1.0, invert_sigmas=True)
+    scheduler.set_timesteps(sigmas=sigmas)
+    return sigmas, [(t / scheduler.config.num_train_timesteps).expand(B) for t in scheduler.timesteps]
+
+
+def _minimax_music3_steps():
+    # minimax_music3 denoise: sigmas = linspace(1, 1/n, n) on its scheduler, whose t the transformer
+    # takes directly as "flow-matching time in [0, 1], 0 = noise" (so 1 - sigma: the overlap blend
+    # (1 - t) * noise + t * previous is pure noise at t = 0)
+    sigmas = _flow_sigmas(6)
+    scheduler = D.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0, invert_sigmas=True)
+    scheduler.set_timesteps(sigmas=sigmas)
+    assert torch.allclose(scheduler.timesteps, 1 - torch.tensor(sigmas))
+    return sigmas, [t.expand(B) for t in scheduler.timesteps]
+
+
+def _stable_audio_3_steps():
+    from diffusers.pipelines.stable_audio_3.pipeline_stable_audio_3 import logsnr_sigma_schedule
+
+    # pipeline_stable_audio_3: retrieve_timesteps(scheduler, sigmas=logsnr_sigma_schedule(...)),
+    # transformer(latents, t.expand(B), ...) with t "in [0, 1]": a scheduler on num_train_timesteps=1
+    sigmas = logsnr_sigma_schedule(8, -6.2, 2.0)
+    scheduler = D.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=1.0)
+    scheduler.set_timesteps(sigmas=sigmas)
+    return sigmas, [t.expand(B) for t in scheduler.timesteps]
+
+
+def _wuerstchen_steps():
+    # pipeline_stable_cascade(_prior) / pipeline_wuerstchen(_prior) with DDPMWuerstchenScheduler:
+    # timestep_ratio = t.expand(B), t running from 1 (noise) to 0
+    scheduler = D.DDPMWuerstchenScheduler()
+    scheduler.set_timesteps(6)
+    ratios = scheduler.timesteps[:-1]
+    return ratios.tolist(), [t.expand(B) for t in ratios]
+
+
+def _ddpm_steps(scheduler, passes):
+    scheduler.set_timesteps(6)
+    return [float(t) / T for t in scheduler.timesteps], [passes(t) for t in scheduler.timesteps]
+
+
+def _sana_wm_steps():
+    # sana_wm/refiner.py: timestep = torch.full((B, seq_len), sigma * timestep_scale_multiplier)
+    sigmas = _flow_sigmas(6)
+    return sigmas, [torch.full((B, 6), s * 500.0) for s in sigmas]
+
+
+def _wuerstchen_prior():
+    from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_prior import WuerstchenPrior
+
+    return WuerstchenPrior(c_in=4, c=16, c_cond=16, c_r=8, depth=1, nhead=2)
+
+
+def _audioldm2_unet():
+    from diffusers.pipelines.audioldm2 import AudioLDM2UNet2DConditionModel
+
+    return AudioLDM2UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=(16, 16),
+        attention_head_dim=2,
+    )
+
+
+# name: (tiny model, (noise fractions sigma of the steps, what the pipeline passes at each step),
+#        the pipeline's call with argument a, (argument name, its position), convention)
+MORE_FAMILIES = {
+    "zimage_controlnet": (
+        lambda: D.ZImageControlNetModel(
+            control_layers_places=[0], control_in_dim=4, dim=16, n_refiner_layers=1, n_heads=2, n_kv_heads=2
+        ),
+        _zimage_steps,
+        # pipeline_z_image_controlnet: self.controlnet(latents_list, timestep_model_input, prompt_embeds, control)
+        lambda m, a: m([r(4, 1, 8, 8)] * B, a, [r(5, 16)] * B, [r(4, 1, 8, 8)] * B, conditioning_scale=1.0),
+        ("t", 1),
+        "reversed_unit",
+    ),
+    "acestep": (
+        lambda: D.AceStepTransformer1DModel(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            in_channels=8,
+            audio_acoustic_hidden_dim=4,
+            patch_size=2,
+            sliding_window=4,
+            encoder_hidden_size=16,
+        ),
+        _ace_step_steps,
+        lambda m, a: m(
+            hidden_states=r(B, 8, 4),
+            timestep=a,
+            timestep_r=a,
+            encoder_hidden_states=r(B, 5, 16),
+            context_latents=r(B, 8, 4),
+            return_dict=False,
+        ),
+        ("timestep", 1),
+        "unit",
+    ),
+    "longcat_audio": (
+        lambda: D.LongCatAudioDiTTransformer(dit_dim=16, dit_depth=2, dit_heads=2, dit_text_dim=16, latent_dim=4),
+        _inverted_flow_steps,
+        lambda m, a: m(
+            hidden_states=r(B, 8, 4),
+            encoder_hidden_states=r(B, 5, 16),
+            encoder_attention_mask=torch.ones(B, 5, dtype=torch.bool),
+            timestep=a,
+        ),
+        ("timestep", 3),
+        "reversed_unit",
+    ),
+    "minimax_music3": (
+        lambda: D.MiniMaxMusic3Transformer1DModel(
+            in_channels=4,
+            condition_dim=16,
+            num_layers=1,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            ff_inner_dim=32,
+            rotary_dim=4,
+            fourier_embedding_dim=16,
+        ),
+        _minimax_music3_steps,
+        lambda m, a: m(hidden_states=r(B, 4, 8), timestep=a, return_dict=False, encoder_hidden_states=r(B, 5, 16)),
+        ("timestep", 1),
+        "reversed_unit",
+    ),
+    "stable_audio_3": (
+        lambda: D.StableAudio3DiTModel(
+            io_channels=4,
+            embed_dim=16,
+            depth=1,
+            num_heads=2,
+            cond_token_dim=16,
+            global_cond_dim=16,
+            local_add_cond_dim=4,
+            timestep_features_dim=16,
+            num_memory_tokens=2,
+            use_differential_attention=False,
+        ),
+        _stable_audio_3_steps,
+        lambda m, a: m(r(B, 4, 8), a, encoder_hidden_states=r(B, 5, 16), global_hidden_states=r(B, 16)),
+        ("timestep", 1),
+        "unit",
+    ),
+    "stable_cascade": (
+        lambda: D.StableCascadeUNet(
+            in_channels=4,
+            out_channels=4,
+            timestep_ratio_embedding_dim=16,
+            conditioning_dim=16,
+            block_out_channels=(16, 16),
+            num_attention_heads=(2, 2),
+            down_num_layers_per_block=(1, 1),
+            up_num_layers_per_block=(1, 1),
+            clip_text_pooled_in_channels=16,
+            clip_seq=2,
+            dropout=(0.0, 0.0),
+            switch_level=(False,),
+            timestep_conditioning_type=("sca",),
+        ),
+        _wuerstchen_steps,
+        lambda m, a: m(sample=r(B, 4, 8, 8), timestep_ratio=a, clip_text_pooled=r(B, 1, 16), return_dict=False),
+        ("timestep_ratio", 1),
+        "unit",
+    ),
+    "wuerstchen_prior": (
+        _wuerstchen_prior,
+        _wuerstchen_steps,
+        # pipeline_wuerstchen_prior: self.prior(latents, r=ratio, c=text_encoder_hidden_states)
+        lambda m, a: m(r(B, 4, 8, 8), r=a, c=r(B, 5, 16)),
+        ("r", 1),
+        "unit",
+    ),
+    "t5film": (
+        lambda: D.T5FilmDecoder(
+            input_dims=4, targets_length=8, d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32, dropout_rate=0.0
+        ),
+        # pipeline_spectrogram_diffusion: noise_time = t / num_train_timesteps, times ones(batch)
+        lambda: _ddpm_steps(ddpm_scheduler(), lambda t: (t / 1000) * torch.ones(B)),
+        lambda m, a: m(
+            encodings_and_masks=[(r(B, 5, 16), torch.ones(B, 5, dtype=torch.bool))],
+            decoder_input_tokens=r(B, 8, 4),
+            decoder_noise_time=a,
+        ),
+        ("decoder_noise_time", 2),
+        "unit",
+    ),
+    "prior": (
+        lambda: D.PriorTransformer(
+            num_attention_heads=2,
+            attention_head_dim=4,
+            num_layers=1,
+            embedding_dim=8,
+            num_embeddings=4,
+            additional_embeddings=1,
+        ),
+        # pipeline_kandinsky_prior: UnCLIPScheduler; self.prior(latent_model_input, timestep=t, ...)
+        lambda: _ddpm_steps(D.UnCLIPScheduler(), lambda t: t),
+        lambda m, a: m(r(B, 8), timestep=a, proj_embedding=r(B, 8), encoder_hidden_states=r(B, 4, 8)),
+        ("timestep", 1),
+        "timesteps",
+    ),
+    "audioldm2": (
+        _audioldm2_unet,
+        # pipeline_audioldm2: self.unet(latent_model_input, t, encoder_hidden_states=..., ...)
+        lambda: _ddpm_steps(D.DDIMScheduler(), lambda t: t),
+        lambda m, a: m(r(B, 4, 8, 8), a, encoder_hidden_states=r(B, 5, 16)),
+        ("timestep", 1),
+        "timesteps",
+    ),
+    "sana_wm_refiner": (
+        lambda: D.SanaWMLTX2RefinerTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=8,
+            cross_attention_dim=16,
+            num_layers=1,
+            caption_channels=16,
+            audio_in_channels=4,
+            audio_out_channels=4,
+            audio_num_attention_heads=2,
+            audio_attention_head_dim=8,
+            audio_cross_attention_dim=16,
+            timestep_scale_multiplier=500,  # not T: the convention divides by the model's own
+        ),
+        _sana_wm_steps,
+        lambda m, a: m(
+            hidden_states=r(B, 6, 4),
+            encoder_hidden_states=r(B, 5, 16),
+            timestep=a,
+            video_rotary_emb=(r(B, 6, 16), r(B, 6, 16)),
+        ),
+        ("timestep", 2),
+        "scaled_sigma",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MORE_FAMILIES))
+def test_more_families_pipeline_call_ranks(family):
+    """Each family called the way its pipeline calls it (same argument names and positions, the
+    argument as the pipeline computes it from its scheduler): the step with noise fraction sigma
+    gets r(T * sigma), its timestep argument found from the forward's signature."""
+    build, steps, call, argument, convention = MORE_FAMILIES[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    adapter = inject(model)
+    assert adapter.config.timestep_convention == convention
+    assert conventions.timestep_parameter(model) == argument
+    sigmas, args = steps()
+    seen = [ranks_of_call(adapter, lambda a=a: call(model, a)) for a in args]
+    expected = [(r_of(min(T, T * s)),) * B for s in sigmas]
+    assert seen == expected
+    assert len(set(expected)) > 2, "the steps should span several ranks"
+
+
+@pytest.mark.parametrize("scheduler,convention", [("IPNDMScheduler", "unit"), ("DDPMScheduler", "timesteps")])
+def test_unet1d_depends_on_its_pipeline(scheduler, convention):
+    """UNet1DModel: Dance Diffusion (IPNDMScheduler) passes its continuous time atan2(beta, alpha) * 2/pi
+    in 0..1 (`self.unet(audio, t)`), value-guided RL planning (DDPMScheduler) the integer t: inject
+    alone refuses, convention_for reads the scheduler."""
+    torch.manual_seed(0)
+    model = D.UNet1DModel(sample_size=64, block_out_channels=(8, 8, 16), norm_num_groups=4, extra_in_channels=16)
+    with pytest.raises(tlora.ConfigError, match=r"UNet1DModel.*Dance Diffusion.*timestep_convention"):
+        inject(model, target_modules=["query", "key", "value"])
+    sched = getattr(D, scheduler)()
+    name = conventions.convention_for(sched, model=model)
+    assert name == convention
+    adapter = inject(model, target_modules=["query", "key", "value"], timestep_convention=name)
+    sched.set_timesteps(6)
+    levels = [float(t) * (T if convention == "unit" else 1) for t in sched.timesteps]
+    seen = [ranks_of_call(adapter, lambda t=t: model(r(B, 2, 64), t), batch=B) for t in sched.timesteps]
+    assert seen == [(r_of(min(T, t)),) * B for t in levels]
+    assert len(set(seen)) > 2
+
+
+def test_stable_audio_open_depends_on_its_scheduler():
+    """StableAudioDiTModel: with CosineDPMSolverMultistepScheduler (stable-audio-open's) the pipeline
+    passes the scheduler's t = atan(sigma) * 2/pi in 0..1 ("unit"); with an EDM scheduler 0.25 * log(sigma)
+    of a schedule without training steps: refused by convention_for as by inject."""
+    model = D.StableAudioDiTModel(
+        sample_size=8,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        num_key_value_attention_heads=1,
+        out_channels=4,
+        cross_attention_dim=16,
+        time_proj_dim=16,
+        global_states_input_dim=16,
+        cross_attention_input_dim=16,
+    )
+    # (the real CosineDPMSolverMultistepScheduler needs torchsde, absent here: the choice goes by its name)
+    cosine = type("CosineDPMSolverMultistepScheduler", (), {})()
+    assert conventions.convention_for(cosine, model=model) == "unit"
+    edm = D.EDMDPMSolverMultistepScheduler(sigma_min=0.3, sigma_max=500, sigma_data=1.0, sigma_schedule="exponential")
+    with pytest.raises(tlora.ConfigError, match=r"StableAudioDiTModel.*CosineDPMSolverMultistepScheduler"):
+        conventions.convention_for(edm, model=model)
+    with pytest.raises(tlora.ConfigError, match=r"StableAudioDiTModel"):
+        tlora.inject(model, rank=2)
+    adapter = inject(model, timestep_convention="unit")
+    edm.set_timesteps(6)  # the same exponential sigmas 0.3..500
+    sigmas = edm.sigmas[:-1]
+    # scheduling_cosine_dpmsolver_multistep.precondition_noise: sigma.atan() / math.pi * 2;
+    # pipeline_stable_audio: self.transformer(latent_model_input, t.unsqueeze(0), ...)
+    timesteps = sigmas.atan() / math.pi * 2
+    seen = [
+        ranks_of_call(adapter, lambda t=t: model(r(B, 4, 8), t.unsqueeze(0), encoder_hidden_states=r(B, 5, 16)))
+        for t in timesteps
+    ]
+    assert seen == [(r_of(T * math.atan(s) * 2 / math.pi),) * B for s in sigmas.double().tolist()]
+    assert len(set(seen)) > 2
+
+
 # ---- the conventions as functions --------------------------------------------------------------
 
 
@@ -732,29 +1248,65 @@ def test_convention_values_against_plain_formulas():
 
 
 def test_unknown_diffusers_class_refused_naming_class_and_option():
-    prior = D.PriorTransformer(
-        num_attention_heads=2,
-        attention_head_dim=4,
-        num_layers=1,
-        embedding_dim=8,
-        num_embeddings=4,
-        additional_embeddings=1,
-    )
-    with pytest.raises(ValueError, match=r"PriorTransformer.*timestep_convention"):
-        tlora.inject(prior, rank=2)
-    assert tlora.adapter_of(prior) is None
-    assert not any(type(m).__name__ == "TLoraLinear" for m in prior.modules())
+    temporal = D.TransformerTemporalModel(num_attention_heads=2, attention_head_dim=4, in_channels=8, norm_num_groups=4)
+    with pytest.raises(tlora.ConfigError, match=r"TransformerTemporalModel \(a building block.*timestep_convention"):
+        tlora.inject(temporal, rank=2)
+    assert tlora.adapter_of(temporal) is None
+    assert not any(type(m).__name__ == "TLoraLinear" for m in temporal.modules())
     # With a convention it goes through.
-    adapter = tlora.inject(prior, rank=2, timestep_convention="timesteps")
+    adapter = tlora.inject(temporal, rank=2, timestep_convention="timesteps")
     assert adapter.config.timestep_convention == "timesteps"
 
 
 def test_ambiguous_class_refused_without_a_choice():
     model, _ = cosmos()
-    with pytest.raises(ValueError, match=r"CosmosTransformer3DModel.*edm_flow.*timestep_convention"):
+    with pytest.raises(tlora.ConfigError, match=r"CosmosTransformer3DModel.*edm_flow.*timestep_convention"):
         tlora.inject(model, rank=2)
-    with pytest.raises(ValueError, match=r"unknown timestep_convention 'edm2'"):
+    with pytest.raises(tlora.ConfigError, match=r"unknown timestep_convention 'edm2'"):
         tlora.inject(model, rank=2, timestep_convention="edm2")
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q = torch.nn.Linear(8, 8)
+
+    def forward(self, x, t):
+        return self.to_q(x)
+
+
+class _Wrapper(_Net):
+    def forward(self, *args, **kwargs):
+        return self.to_q(args[0])
+
+
+class _KeywordOnly(_Net):
+    def forward(self, x, *, timestep_ratio):
+        return self.to_q(x)
+
+
+def test_timestep_argument_comes_from_the_signature():
+    """The argument is found by name and position in the forward's signature (`t` here, as
+    Z-Image's), keyword-only ones by keyword, and a forward(*args, **kwargs) by keyword."""
+    assert conventions.timestep_parameter(_Net()) == ("t", 1)
+    assert conventions.timestep_parameter(_Net) == ("t", 1)  # the class: `self` does not count
+    assert conventions.timestep_parameter(_KeywordOnly()) == ("timestep_ratio", None)
+    assert conventions.timestep_parameter(_Wrapper()) is None
+    x = torch.randn(B, 8)
+    for model, call in (
+        (_Net(), lambda m, t: m(x, t)),
+        (_Net(), lambda m, t: m(x, t=t)),
+        (_KeywordOnly(), lambda m, t: m(x, timestep_ratio=t)),
+        (_Wrapper(), lambda m, t: m(x, timestep=t)),
+    ):
+        adapter = inject(model)
+        assert [ranks_of_call(adapter, lambda t=t: call(model, t)) for t in (900.0, 100.0)] == [
+            (r_of(900.0),) * B,
+            (r_of(100.0),) * B,
+        ]
+    with pytest.raises(tlora.ConfigError, match=r"_Wrapper\.forward was called without a timestep"):
+        with torch.no_grad():
+            model(x, torch.tensor(500.0))  # positional, into *args: no name to find it by
 
 
 def test_custom_callable_and_reload(tmp_path):
@@ -808,12 +1360,57 @@ def test_files_without_a_convention_use_the_class_default():
     assert adapter.timestep_scale == 1000.0
 
 
-def test_registry_names_real_classes():
-    """Every registered class exists in this diffusers and its forward takes the timestep argument."""
-    import inspect
+# Registered or refused classes that diffusers does not export at its top level, and their modules.
+NOT_EXPORTED = {
+    "MultiControlNetUnionModel": "diffusers.models.controlnets.multicontrolnet_union",
+    "WuerstchenPrior": "diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_prior",
+    "WuerstchenDiffNeXt": "diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_diffnext",
+    "UTransformer2DModel": "diffusers.pipelines.deprecated.unidiffuser.modeling_uvit",
+    "UNetFlatConditionModel": "diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet",
+}
 
-    for name in [*conventions.BY_CLASS, *conventions.AMBIGUOUS]:
-        cls = getattr(D, name, None)
+
+def diffusers_class(name: str):
+    import importlib
+
+    if name in NOT_EXPORTED:
+        return getattr(importlib.import_module(NOT_EXPORTED[name]), name)
+    return getattr(D, name, None)
+
+
+def test_registry_names_real_classes():
+    """Every registered class exists in this diffusers and its forward's signature shows the timestep
+    argument; every refused one exists too."""
+    for name in [*conventions.BY_CLASS, *conventions.AMBIGUOUS, *conventions.REFUSED]:
+        cls = diffusers_class(name)
         assert cls is not None, f"{name} is not a diffusers class"
-        params = inspect.signature(cls.forward).parameters
-        assert "timestep" in params or "timesteps" in params, name
+        if name not in conventions.REFUSED:
+            assert conventions.timestep_parameter(cls) is not None, name
+
+
+def test_every_diffusers_class_with_a_timestep_is_classified_and_the_readme_lists_the_rest():
+    """Each model class diffusers exports whose forward takes a time-like argument is registered,
+    ambiguous (the pipeline decides) or refused with a reason, and the README names every class
+    that is not simply registered."""
+    from pathlib import Path
+
+    import diffusers.models
+    import diffusers.pipelines
+
+    classified = {*conventions.BY_CLASS, *conventions.AMBIGUOUS, *conventions.REFUSED}
+    unclassified = []
+    for package in (diffusers.models, diffusers.pipelines):
+        for name in sorted({n for names in package._import_structure.values() for n in names}):
+            cls = getattr(package, name, None)
+            if not (isinstance(cls, type) and issubclass(cls, D.ModelMixin)):
+                continue
+            params = list(inspect.signature(cls.forward).parameters)[1:]
+            if not any("time" in p or p in conventions.TIMESTEP_ARGS for p in params):
+                continue
+            if not any(c.__name__ in classified for c in cls.__mro__):
+                unclassified.append(f"{name}({', '.join(params[:4])}, ...)")
+    assert not unclassified, unclassified
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Timestep conventions")[1].split("\n## ")[0]
+    missing = [n for n in [*conventions.AMBIGUOUS, *conventions.REFUSED] if f"`{n}`" not in section]
+    assert not missing, f"README's timestep section does not list {missing}"

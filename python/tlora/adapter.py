@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import numbers
 import weakref
 import zlib
@@ -16,13 +15,8 @@ from torch import nn
 from . import _native
 from . import factors as factor_rules
 from . import timesteps as conventions
-from .config import (
-    AdapterConfig,
-    check_ranks,
-    rank_limit_error,
-    ranks_of_levels,
-)
-from .errors import ConfigError, TloraError
+from .config import AdapterConfig, check_ranks, rank_limit_error, ranks_of_levels
+from .errors import ConfigError, ModelMismatchError
 from .layer import RankState, TLoraLinear
 from .quantized import adaptable_linear, dequantized_weight, describe
 from .targets import find_targets, linear_at
@@ -90,11 +84,13 @@ def inject(
     - `target_modules`: module-name suffixes (default: attention to_q, to_k, to_v, to_out.0 and the
       joint-attention add_{q,k,v}_proj) or one regular expression over full module paths.
     - `lora_alpha`: scale the update by alpha / rank (default: no scaling, as in the paper).
-    - `timestep_convention`: how the model's `timestep` argument maps to the noise level t in 0..T:
-      a name from `tlora.timesteps` ("timesteps", "unit", "reversed_unit", "edm", ...), or a function
-      (tensor ops, argument -> t; stored in files as "custom"). Default: the diffusers class's own
-      convention (`tlora.timesteps.BY_CLASS`); an unknown diffusers class is refused.
-      `tlora.timesteps.convention_for(pipe)` also reads the scheduler (EDM schedulers).
+    - `timestep_convention`: how the model's timestep argument (found from its forward's signature:
+      `timestep`, `timesteps`, `t`, ...) maps to the noise level t in 0..T: a name from
+      `tlora.timesteps` ("timesteps", "unit", "reversed_unit", "edm", ...), or a function (tensor
+      ops, argument -> a real tensor of the argument's shape on its device; stored in files as
+      "custom"). Default: the diffusers class's own convention (`tlora.timesteps.BY_CLASS`); an
+      unknown diffusers class is refused. `tlora.timesteps.convention_for(pipe)` also reads the
+      pipeline and scheduler (EDM schedulers, Sana-Sprint, classes whose pipelines disagree).
     - `timestep_scale`: the "scale" convention, t = argument * timestep_scale.
 
     How the adapter runs (not saved with it; also settable later as attributes of the Adapter):
@@ -160,22 +156,25 @@ def inject_config(
     before the model is touched."""
     existing = getattr(model, _ATTR, None)
     if existing is not None:
-        raise ValueError(
+        raise ModelMismatchError(
             f"{type(model).__name__} already has a tlora adapter ({existing.config.variant}, rank "
             f"{existing.config.rank}); call tlora.remove(model) (or adapter.remove()) before injecting again"
         )
     names = list(module_names) if module_names is not None else find_targets(model, config.target_modules)
+    # Exact module names come from a file (tlora.load): a module that does not fit is the model's
+    # mismatch; for `inject` it is the settings'.
+    error = ConfigError if module_names is None else ModelMismatchError
     modules = dict(model.named_modules())
     for name in names:
         _, base = linear_at(modules, name)
         if not adaptable_linear(base):
-            raise ValueError(
+            raise error(
                 f"module {name!r} is {describe(base)}, expected nn.Linear (plain or quantized by "
                 "optimum-quanto, torchao or bitsandbytes)"
             )
         too_large = rank_limit_error(config.rank, base.out_features, base.in_features, name)
         if too_large:
-            raise ValueError(f"{too_large}: lower rank or leave this module out of target_modules")
+            raise error(f"{too_large}: lower rank or leave this module out of target_modules")
     timestep_map = _timestep_map(model, config, timestep_fn)
     state = RankState(config)
     bases = {n: linear_at(modules, n)[1] for n in names}
@@ -246,8 +245,8 @@ class Adapter:
         for p in model.parameters():
             p.requires_grad_(id(p) in own)
         self._host_ranks: bool | None = None
-        params = list(inspect.signature(model.forward).parameters)
-        self._timestep_index = next((i for i, n in enumerate(params) if n in ("timestep", "timesteps")), None)
+        # (name, positional index) of the forward's timestep argument, from its signature.
+        self._timestep_arg = conventions.timestep_parameter(model)
         self._ckpt_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         self._hook = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         # (always_call: a forward that raises still ends, so later direct layer calls check their folds)
@@ -314,15 +313,7 @@ class Adapter:
     def noise_level(self, timesteps: Any) -> torch.Tensor:
         """The model's timestep argument mapped to the noise level t in 0..T, as tensor ops on
         the argument's device (no host round trip)."""
-        t = torch.as_tensor(timesteps)
-        if t.dtype == torch.bool:
-            raise ValueError(
-                f"{type(self.model).__name__} got a boolean timestep ({t.tolist() if t.numel() < 5 else '...'}): "
-                "pass the diffusion timestep as a number or a numeric tensor"
-            )
-        if t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES):
-            raise ValueError(f"timestep dtype {t.dtype} is not a real number type")
-        return self.timestep_map(t)
+        return self.timestep_map(_timestep_tensor(timesteps))
 
     def ranks_for(self, timesteps: Any, batch: int | None = None) -> list[int]:
         """The ranks for a timestep (number or tensor on the model's own scale): one shared rank,
@@ -338,22 +329,22 @@ class Adapter:
         return values[:1] if all(v == values[0] for v in values) else values
 
     def _checked_shape(self, timesteps: Any, batch: int | None) -> torch.Tensor:
-        t = torch.as_tensor(timesteps)
+        t = _timestep_tensor(timesteps)
         if t.dim() > 2:
-            raise ValueError(f"timestep must be a number, a 1-D tensor or (batch, tokens), got shape {tuple(t.shape)}")
+            raise ConfigError(f"timestep must be a number, a 1-D tensor or (batch, tokens), got shape {tuple(t.shape)}")
         if t.dim() == 2:
             # One timestep per token or frame (Wan 2.2 TI2V, LTX conditioning): each sample takes
             # the ranks of its noisiest token, the fewest any of its tokens would get.
             if batch is not None and t.shape[0] not in (1, batch):
-                raise ValueError(
+                raise ConfigError(
                     f"{type(self.model).__name__} got timesteps of shape {tuple(t.shape)} for a batch of {batch}"
                 )
             return t
         t = t.reshape(-1)
         if t.numel() == 0:
-            raise ValueError(f"{type(self.model).__name__} got an empty timestep tensor")
+            raise ConfigError(f"{type(self.model).__name__} got an empty timestep tensor")
         if batch is not None and t.numel() not in (1, batch):
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self.model).__name__} got {t.numel()} timesteps for a batch of {batch}: "
                 "pass one timestep, or one per sample"
             )
@@ -372,12 +363,14 @@ class Adapter:
         return ranks_of_levels(level, c.rank, c.min_rank, c.rank_exponent, c.num_train_timesteps)
 
     def _find_timestep(self, args: tuple, kwargs: dict):
-        for name in ("timestep", "timesteps"):
+        if self._timestep_arg is not None:
+            name, index = self._timestep_arg
             if name in kwargs:
                 return kwargs[name]
-        if self._timestep_index is not None and len(args) > self._timestep_index:
-            return args[self._timestep_index]
-        return None
+            if index is not None and len(args) > index:
+                return args[index]
+        # A forward(*args, **kwargs) wrapper shows no names: look for the usual keyword.
+        return next((kwargs[n] for n in ("timestep", "timesteps") if n in kwargs), None)
 
     # The hook is plain tensor code: under torch.compile it is traced into the model's graph
     # (ranks as data, no graph break); eagerly, a timestep on the host gives host ranks (checked,
@@ -391,7 +384,7 @@ class Adapter:
             return
         t = self._find_timestep(args, kwargs)
         if t is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(module).__name__}.forward was called without a timestep, so T-LoRA cannot pick "
                 "its ranks: pass timestep=..., or wrap the call in `with adapter.timestep(t):`"
             )
@@ -427,7 +420,7 @@ class Adapter:
     @contextlib.contextmanager
     def rank(self, r: int | Sequence[int]):
         """Use rank(s) `r` (one, or one per sample) for every forward inside the block."""
-        ranks = check_ranks([r] if isinstance(r, int) else list(r), self.config.rank)
+        ranks = check_ranks(list(r) if isinstance(r, (list, tuple)) else [r], self.config.rank)
         with self._pinned(ranks if self.config.masked else None):
             yield self
 
@@ -473,7 +466,9 @@ class Adapter:
     def remove(self) -> nn.Module:
         """Put back the original modules and requires_grad flags; returns the model."""
         if getattr(self.model, _ATTR, None) is not self:
-            raise ValueError("this adapter was already removed from its model")
+            raise ModelMismatchError(
+                f"this adapter was already removed from its {type(self.model).__name__}: nothing to remove"
+            )
         self._hook.remove()
         self._end_hook.remove()
         self.state.fold_cache.clear()
@@ -515,5 +510,5 @@ def remove(model: nn.Module) -> nn.Module:
     """Remove the adapter injected into `model` (what `adapter.remove()` does); returns the model."""
     adapter = adapter_of(model)
     if adapter is None:
-        raise TloraError(f"{type(model).__name__} has no tlora adapter to remove")
+        raise ModelMismatchError(f"{type(model).__name__} has no tlora adapter to remove")
     return adapter.remove()

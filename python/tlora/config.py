@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,14 @@ class AdapterConfig:
             raise ConfigError(
                 f"target_modules must be None, a regular expression or a list of module-name suffixes, got {t!r}"
             )
+        if isinstance(t, str):
+            try:
+                re.compile(t)
+            except re.error as e:
+                raise ConfigError(
+                    f"target_modules {t!r} is not a valid regular expression ({e}): fix it, or pass a list "
+                    "of module-name suffixes such as ['to_q', 'to_v']"
+                ) from None
         if self.timestep_convention is not None and not isinstance(self.timestep_convention, str):
             raise ConfigError(f"timestep_convention must be a name (str) in a config, got {self.timestep_convention!r}")
         if not isinstance(self.extra, dict):
@@ -133,7 +142,9 @@ def check_ranks(ranks: Sequence[Any], rank: int) -> list[int]:
     if len(ranks) == 0:
         raise ConfigError("ranks must not be empty")
     for k in ranks:
-        if not _is_int(k) or not 1 <= k <= rank:
+        if not _is_int(k):
+            raise ConfigError(f"rank {k!r} is not an integer: ranks are integers in 1..{rank}")
+        if not 1 <= k <= rank:
             raise ConfigError(f"rank {k} is outside 1..{rank}")
     return [int(k) for k in ranks]
 

@@ -2,13 +2,17 @@
 
 All subclass `ValueError` (so `except ValueError` keeps working) through `TloraError`:
 
-- `ConfigError`: a setting out of range or of the wrong type (`inject` arguments, a file's
-  `config`, command-line options).
+- `ConfigError`: a setting or argument out of range or of the wrong type (`inject` arguments,
+  `target_modules` that match nothing or do not compile, a file's `config`, command-line options,
+  a timestep or rank given to an adapter, a timestep convention: unknown, unregistered, or a
+  function returning something other than one noise level per timestep).
 - `AdapterFileError`: a file that cannot be read as an adapter (not safetensors, malformed
   metadata, wrong tensors, a checksum mismatch, not a regular file). Its message names the file
   and the field or module; `path` and `field` hold them.
 - `MissingFileError`: an input that does not exist; also a `FileNotFoundError`.
-- `ModelMismatchError`: a well-formed adapter that does not fit the model it is loaded into.
+- `ModelMismatchError`: a well-formed adapter that does not fit the model it is loaded into, or a
+  model whose adapter state does not allow the call (injecting into a model that has an adapter,
+  removing one that is not there).
 - `CheckpointError`: a training checkpoint or output folder that cannot be used as asked.
 - `TrainingError`: training stopped (a non-finite loss or factors).
 - `InputError`: other bad command-line input (images, model folders, devices).
@@ -24,7 +28,7 @@ class TloraError(ValueError):
 
 
 class ConfigError(TloraError):
-    """A setting that is out of range or of the wrong type."""
+    """A setting or argument that is out of range or of the wrong type."""
 
 
 class AdapterFileError(TloraError):
@@ -50,7 +54,8 @@ class MissingFileError(TloraError, FileNotFoundError):
 
 
 class ModelMismatchError(TloraError):
-    """An adapter that does not fit the model it is loaded into."""
+    """An adapter that does not fit the model it is loaded into (or a model that already has one,
+    or has none to remove)."""
 
 
 class CheckpointError(TloraError):

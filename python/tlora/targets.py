@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .config import DEFAULT_TARGETS
+from .errors import ConfigError
 from .quantized import adaptable_linear
 
 
@@ -41,14 +42,14 @@ def find_targets(model: nn.Module, targets: Sequence[str] | str | None) -> list[
     """Full paths of the `nn.Linear` modules (plain or quantized) that `targets` selects
     (suffixes or one regex).
 
-    Raises ValueError when nothing matches (naming close candidates) or when a matched module is
+    Raises ConfigError when nothing matches (naming close candidates) or when a matched module is
     not an `nn.Linear`.
     """
     targets = DEFAULT_TARGETS if targets is None else targets
-    if not isinstance(targets, str):
+    if not isinstance(targets, str):  # (a regex is checked to compile by AdapterConfig)
         targets = list(targets)
         if not targets:
-            raise ValueError("target_modules is empty: name at least one module suffix, e.g. ['to_q', 'to_v']")
+            raise ConfigError("target_modules is empty: name at least one module suffix, e.g. ['to_q', 'to_v']")
     names, wrong_type = [], []
     for name, module in model.named_modules():
         if not name or not _matches(name, targets):
@@ -58,13 +59,13 @@ def find_targets(model: nn.Module, targets: Sequence[str] | str | None) -> list[
         elif not list(module.children()) and not _is_adapted(module):
             wrong_type.append(f"{name} ({type(module).__name__})")
     if wrong_type:
-        raise ValueError(
+        raise ConfigError(
             "target_modules selects modules that are not nn.Linear, which T-LoRA cannot adapt: "
             + ", ".join(wrong_type[:5])
             + ("" if len(wrong_type) <= 5 else f" and {len(wrong_type) - 5} more")
         )
     if not names:
-        raise ValueError(_no_match_message(model, targets))
+        raise ConfigError(_no_match_message(model, targets))
     # A regex may select both a PEFT layer and its base_layer: they are one target.
     taken = set(names)
     return [n for n in names if not (n.endswith(".base_layer") and n[: -len(".base_layer")] in taken)]

@@ -19,6 +19,8 @@ Named conventions (`CONVENTIONS`):
 - "reversed": T - t is passed (Mochi: inverted sigmas): t = T - a.
 - "t_minus_1": t - 1 is passed (GLM-Image): t = a + 1.
 - "sana": t * transformer.config.timestep_scale is passed: t = a / timestep_scale.
+- "scaled_sigma": sigma * model.config.timestep_scale_multiplier is passed (Sana-WM's LTX-2
+  refiner): t = T * a / timestep_scale_multiplier.
 - "edm": 0.25 * log(sigma) is passed (EDM schedulers on DDPM-trained UNets: Playground v2.5, SVD):
   sigma = exp(4a), then t is read off the DDPM training schedule the UNet came from (scaled_linear
   betas 0.00085..0.012 over T steps, SD/SD-XL's): sigma_i = sqrt((1 - abar_i) / abar_i) and t
@@ -29,16 +31,32 @@ Named conventions (`CONVENTIONS`):
 - "scale": t = a * timestep_scale (the `timestep_scale` option of `tlora.inject`).
 A callable given to `inject` is stored in adapter files as "custom": register it again
 (`register("custom", fn)`) before `tlora.load`, or register it under a name before `inject`.
+
+A user function (`timestep_convention=fn`, or `register(name, fn)`) gets the argument as a float64
+tensor (float32 on MPS) of the argument's shape on its device, and must return a real (float or
+integer) tensor of exactly that shape on that device: one noise level per timestep value. Anything
+else (a Python number, None, a 0-d result for a batch, a tensor of another shape, on another
+device such as "meta", boolean or complex) raises one `ConfigError` naming the function and what it
+returned. A single t for the whole batch is not guessed from a 0-d result: broadcast it yourself
+(`lambda a: torch.full_like(a, 500.0)`), so that a function that loses the batch by mistake (a
+`.mean()`, a reduction) is caught instead of running every sample at one rank.
+
+Which argument of the denoiser's `forward` is the timestep is read from its signature
+(`timestep_parameter`): `timestep`, `timesteps`, or the names some families use (Z-Image `t`,
+Stable Cascade `timestep_ratio`, T5FilmDecoder `decoder_noise_time`, Wuerstchen `r`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from .errors import ConfigError
 
 Mapping = Callable[[torch.Tensor], torch.Tensor]
 
@@ -69,6 +87,11 @@ def _t_minus_1(a, T, model):
 def _sana(a, T, model):
     scale = float(getattr(getattr(model, "config", None), "timestep_scale", 1.0) or 1.0)
     return a / scale
+
+
+def _scaled_sigma(a, T, model):
+    multiplier = float(getattr(getattr(model, "config", None), "timestep_scale_multiplier", 1000) or 1000)
+    return a * (T / multiplier)
 
 
 _DDPM_LOG_SIGMAS: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
@@ -108,6 +131,7 @@ CONVENTIONS: dict[str, Callable[[torch.Tensor, int, Any], torch.Tensor]] = {
     "reversed": _reversed,
     "t_minus_1": _t_minus_1,
     "sana": _sana,
+    "scaled_sigma": _scaled_sigma,
     "edm": _edm,
     "edm_flow": _edm_flow,
 }
@@ -116,12 +140,15 @@ _USER: dict[str, Mapping] = {}
 
 
 def register(name: str, fn: Mapping) -> None:
-    """Make `fn` (argument tensor -> t in 0..T, tensor ops) available as `timestep_convention=name`,
-    so adapter files can name it. Register "custom" to load a file saved with a bare callable."""
+    """Make `fn` (argument tensor -> t in 0..T, tensor ops; see the module docstring for what it
+    must return) available as `timestep_convention=name`, so adapter files can name it. Register
+    "custom" to load a file saved with a bare callable."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"register(name, fn): name must be a non-empty string, got {name!r}")
     if not callable(fn):
-        raise TypeError(f"register({name!r}, fn): fn must be callable, got {type(fn).__name__}")
+        raise ConfigError(f"register({name!r}, fn): fn must be callable, got {type(fn).__name__}")
     if name in CONVENTIONS or name == "scale":
-        raise ValueError(f"{name!r} is a built-in timestep convention; register yours under another name")
+        raise ConfigError(f"{name!r} is a built-in timestep convention; register yours under another name")
     _USER[name] = fn
 
 
@@ -155,6 +182,11 @@ BY_CLASS: dict[str, str] = {
             "CogVideoXTransformer3DModel",
             "ConsisIDTransformer3DModel",
             "CogView3PlusTransformer2DModel",
+            # pipeline_audioldm2: self.unet(latent_model_input, t, ...)
+            "AudioLDM2UNet2DConditionModel",
+            # Kandinsky 2.x / unCLIP / Stable unCLIP priors and Shap-E: self.prior(..., timestep=t, ...)
+            # (Shap-E's HeunDiscreteScheduler counts 0..1023: inject with num_train_timesteps=1024)
+            "PriorTransformer",
         ),
         "timesteps",
     ),
@@ -200,7 +232,13 @@ BY_CLASS: dict[str, str] = {
     ),
     # Multi-ControlNet wrappers get their members' timestep.
     **dict.fromkeys(
-        ("MultiControlNetModel", "SD3MultiControlNetModel", "HunyuanDiT2DMultiControlNetModel"), "timesteps"
+        (
+            "MultiControlNetModel",
+            "MultiControlNetUnionModel",
+            "SD3MultiControlNetModel",
+            "HunyuanDiT2DMultiControlNetModel",
+        ),
+        "timesteps",
     ),
     **dict.fromkeys(("FluxMultiControlNetModel", "QwenImageMultiControlNetModel"), "unit"),
     # Flow matching on the 0..1 scale: the pipeline divides by 1000.
@@ -221,32 +259,105 @@ BY_CLASS: dict[str, str] = {
             "Krea2Transformer2DModel",
             "NucleusMoEImageTransformer2DModel",
             "PRXTransformer2DModel",
+            # pipeline_ace_step: its scheduler has num_train_timesteps=1, so `timestep=` is sigma in 0..1
+            "AceStepTransformer1DModel",
+            # pipeline_stable_audio_3: `t.expand(...)`, documented "(batch,) in [0, 1]" (rectified flow)
+            "StableAudio3DiTModel",
+            # pipeline_spectrogram_diffusion: noise_time=t / scheduler.config.num_train_timesteps
+            "T5FilmDecoder",
         ),
         "unit",
     ),
+    # Continuous time in 0..1 (1 = noise): Stable Cascade and Wuerstchen pass the
+    # DDPMWuerstchenScheduler's t (or, on another scheduler, the ratio its alphas_cumprod gives).
+    **dict.fromkeys(("StableCascadeUNet", "WuerstchenPrior", "WuerstchenDiffNeXt"), "unit"),
     # 0 = noise, 1 = image: the pipeline passes 1 - t / 1000.
     **dict.fromkeys(
-        ("Lumina2Transformer2DModel", "LuminaNextDiT2DModel", "Ideogram4Transformer2DModel"), "reversed_unit"
+        (
+            "Lumina2Transformer2DModel",
+            "LuminaNextDiT2DModel",
+            "Ideogram4Transformer2DModel",
+            # pipeline_z_image*: timestep = (1000 - timestep) / 1000, passed as the argument `t`
+            "ZImageTransformer2DModel",
+            "ZImageControlNetModel",
+            # pipeline_longcat_audio_dit: inverted sigmas (FlowMatchEulerDiscreteScheduler(invert_sigmas=True)),
+            # timestep = t / num_train_timesteps, so 0 is pure noise
+            "LongCatAudioDiTTransformer",
+            # minimax_music3 denoise: the scheduler's t, "flow-matching time in [0, 1], 0 = noise"
+            "MiniMaxMusic3Transformer1DModel",
+        ),
+        "reversed_unit",
     ),
     "MochiTransformer3DModel": "reversed",
     "GlmImageTransformer2DModel": "t_minus_1",
+    # (a Sana transformer with a guidance embedding is a Sana-Sprint one: "unit", see class_convention)
     "SanaTransformer2DModel": "sana",
     "SanaControlNetModel": "sana",
+    # sana_wm/refiner.py: timestep = sigma * transformer_config.timestep_scale_multiplier, per token
+    "SanaWMLTX2RefinerTransformer3DModel": "scaled_sigma",
     # An EDM scheduler (EulerDiscrete with timestep_type="continuous") on an SD 2.1-derived UNet.
     "UNetSpatioTemporalConditionModel": "edm",
 }
 
 # Classes whose pipelines disagree: the caller must say which (or use convention_for(pipe)).
 AMBIGUOUS: dict[str, str] = {
-    name: (
-        "Cosmos 1 pipelines (EDMEulerScheduler) pass 0.25*log(sigma): timestep_convention='edm_flow'; "
-        "Cosmos 2 / 2.5 pipelines pass the flow time sigma/(1+sigma) or sigma in 0..1: "
-        "timestep_convention='unit'"
-    )
-    for name in ("CosmosTransformer3DModel", "CosmosControlNetModel")
+    **{
+        name: (
+            "Cosmos 1 pipelines (EDMEulerScheduler) pass 0.25*log(sigma): timestep_convention='edm_flow'; "
+            "Cosmos 2 / 2.5 pipelines pass the flow time sigma/(1+sigma) or sigma in 0..1: "
+            "timestep_convention='unit'"
+        )
+        for name in ("CosmosTransformer3DModel", "CosmosControlNetModel")
+    },
+    "UNet1DModel": (
+        "Dance Diffusion (IPNDMScheduler) passes the continuous time atan2(beta, alpha)*2/pi in 0..1: "
+        "timestep_convention='unit'; value-guided RL planning (DDPMScheduler) passes t in 0..T-1: "
+        "timestep_convention='timesteps'"
+    ),
+    "StableAudioDiTModel": (
+        "with CosineDPMSolverMultistepScheduler the pipeline passes atan(sigma)*2/pi in 0..1: "
+        "timestep_convention='unit'; with an EDM scheduler it passes 0.25*log(sigma) of a schedule "
+        "that has no training steps to read t from: pass your own function"
+    ),
+}
+
+# diffusers classes with a timestep argument that no convention describes, and why (README lists them).
+REFUSED: dict[str, str] = {
+    "UniDiffuserModel": (
+        "it takes two noise levels per call (timestep_img, timestep_text); one rank per sample cannot follow both"
+    ),
+    "UTransformer2DModel": "UniDiffuser's inner transformer, called with UniDiffuser's two noise levels",
+    "Cosmos3OmniTransformer": (
+        "it takes one noise level per modality (vision_timesteps, sound_timesteps, action_timesteps)"
+    ),
+    "RFD4ProteinaTransformer": (
+        "it takes two noise levels per call (bb_ca_time, local_latents_time) from two schedulers"
+    ),
+    "MiniMaxH3Transformer3DModel": (
+        "its `timestep` holds the distinct timesteps of a packed sequence (indexed by timestep_indices), "
+        "not one per sample"
+    ),
+    "TransformerTemporalModel": (
+        "a building block that no pipeline calls with a timestep: adapt the denoiser that contains it"
+    ),
+    "UNetFlatConditionModel": (
+        "Versatile Diffusion never calls it: its blocks run inside image_unet (UNet2DConditionModel), adapt that"
+    ),
 }
 
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+# Schedulers whose timesteps are the continuous time of v-diffusion, atan(sigma) * 2/pi in 0..1.
+VTIME_SCHEDULERS = ("IPNDMScheduler", "CosineDPMSolverMultistepScheduler")
+# Sana-Sprint: the SCMScheduler's timesteps are TrigFlow angles s in 0..pi/2, and the Sprint
+# pipelines (their denoising loops and diffusers' Sana-Sprint training script alike) pass the
+# transformer the flow time sin(s) / (cos(s) + sin(s)) in 0..1 instead: t = T * a ("unit").
+SPRINT_PIPELINES = ("SanaSprintPipeline", "SanaSprintImg2ImgPipeline")
+SPRINT_SCHEDULERS = ("SCMScheduler",)
+
+# Names diffusers denoisers give their timestep argument (first found wins), and classes whose
+# argument has a name too generic to look for in any model.
+TIMESTEP_ARGS = ("timestep", "timesteps", "t", "timestep_ratio", "decoder_noise_time")
+TIMESTEP_ARG_BY_CLASS = {"WuerstchenPrior": "r", "WuerstchenDiffNeXt": "r"}
 
 
 def _class_names(model_or_class: Any) -> list[str]:
@@ -254,56 +365,114 @@ def _class_names(model_or_class: Any) -> list[str]:
     return [c.__name__ for c in cls.__mro__]
 
 
+def _is_sana_sprint(model: Any) -> bool:
+    """A Sana transformer built with a guidance embedding: only the Sana-Sprint pipelines can drive
+    one (SanaPipeline calls it without `guidance`, which that embedding cannot run without)."""
+    return bool(getattr(getattr(model, "config", None), "guidance_embeds", False))
+
+
 def class_convention(model: nn.Module) -> str | None:
     """The registered convention of the model's class (or a base class), None when not known."""
     for name in _class_names(model):
         if name in BY_CLASS:
+            if name == "SanaTransformer2DModel" and _is_sana_sprint(model):
+                return "unit"
             return BY_CLASS[name]
         if name in AMBIGUOUS:
             return None
     return None
 
 
+def timestep_parameter(model: Any) -> tuple[str, int | None] | None:
+    """(name, position among the positional parameters after `self`, or None) of the timestep
+    argument of `model.forward` (a model or a model class), read from its signature; None when it
+    has none of the known names."""
+    try:
+        params = dict(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # a builtin or C-implemented forward
+        return None
+    if isinstance(model, type):  # the unbound function: drop `self`
+        params.pop(next(iter(params), None), None)
+    own = next((TIMESTEP_ARG_BY_CLASS[n] for n in _class_names(model) if n in TIMESTEP_ARG_BY_CLASS), None)
+    name = next((n for n in ((own,) if own else TIMESTEP_ARGS) if n in params), None)
+    if name is None:
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [n for n, p in params.items() if p.kind in kinds]
+    return name, positional.index(name) if name in positional else None
+
+
 def is_edm(scheduler: Any) -> bool:
-    """True when the scheduler's timesteps are 0.25 * log(sigma) (EDM preconditioning)."""
+    """True when the scheduler's timesteps are 0.25 * log(sigma) (EDM preconditioning). diffusers'
+    EulerDiscreteScheduler switches to them only for timestep_type="continuous" together with
+    prediction_type="v_prediction" (its set_timesteps); otherwise it keeps the discrete 0..T-1 t."""
     if type(scheduler).__name__ in EDM_SCHEDULERS:
         return True
     config = getattr(scheduler, "config", {}) or {}
-    return type(scheduler).__name__ == "EulerDiscreteScheduler" and config.get("timestep_type") == "continuous"
+    return (
+        type(scheduler).__name__ == "EulerDiscreteScheduler"
+        and config.get("timestep_type") == "continuous"
+        and config.get("prediction_type") == "v_prediction"
+    )
+
+
+def _ambiguous_choice(names: list[str], scheduler: Any) -> str | None:
+    """The convention of an AMBIGUOUS class under `scheduler` (None: the scheduler does not say)."""
+    kind = type(scheduler).__name__
+    if "CosmosTransformer3DModel" in names or "CosmosControlNetModel" in names:
+        return "edm_flow" if is_edm(scheduler) else "unit"
+    if "UNet1DModel" in names:
+        return "unit" if kind in VTIME_SCHEDULERS else "timesteps" if kind == "DDPMScheduler" else None
+    if "StableAudioDiTModel" in names:
+        return "unit" if kind in VTIME_SCHEDULERS else None
+    return None
 
 
 def convention_for(pipe_or_scheduler: Any, model: nn.Module | None = None) -> str:
-    """The convention a pipeline (or a scheduler driving `model`) implies: EDM schedulers make UNets
-    "edm" and Cosmos transformers "edm_flow"; otherwise the denoiser class's own convention."""
+    """The convention a pipeline (or a scheduler driving `model`) implies: Sana-Sprint pipelines
+    (and the SCMScheduler) pass the flow time ("unit"); EDM schedulers make UNets "edm" and Cosmos
+    transformers "edm_flow"; a class whose pipelines disagree is told apart by the scheduler;
+    otherwise the denoiser class's own convention."""
     scheduler = getattr(pipe_or_scheduler, "scheduler", pipe_or_scheduler)
     if model is None:
         model = getattr(pipe_or_scheduler, "transformer", None) or getattr(pipe_or_scheduler, "unet", None)
     if model is None:
-        raise ValueError("convention_for(scheduler) needs the denoiser too: convention_for(scheduler, model=unet)")
-    names = _class_names(model)
-    cosmos = any(n in AMBIGUOUS for n in names)
-    if is_edm(scheduler):
-        return "edm_flow" if cosmos else "edm"
-    if cosmos:
+        raise ConfigError("convention_for(scheduler) needs the denoiser too: convention_for(scheduler, model=unet)")
+    if type(pipe_or_scheduler).__name__ in SPRINT_PIPELINES or type(scheduler).__name__ in SPRINT_SCHEDULERS:
         return "unit"
+    names = _class_names(model)
+    if any(n in AMBIGUOUS for n in names):
+        found = _ambiguous_choice(names, scheduler)
+        if found is None:
+            raise ConfigError(unknown_class_message(model))
+        return found
+    if is_edm(scheduler):
+        return "edm"
     found = class_convention(model)
     if found is None:
-        raise ValueError(unknown_class_message(model))
+        raise ConfigError(unknown_class_message(model))
     return found
 
 
 def unknown_class_message(model: nn.Module) -> str:
     name = type(model).__name__
-    why = next((AMBIGUOUS[n] for n in _class_names(model) if n in AMBIGUOUS), None)
+    names = _class_names(model)
+    why = next((AMBIGUOUS[n] for n in names if n in AMBIGUOUS), None)
     if why is not None:
         return (
             f"{name}: its timestep argument depends on the pipeline ({why}); pass "
             f"tlora.inject(..., timestep_convention=...) or tlora.timesteps.convention_for(pipe)"
         )
+    refused = next((REFUSED[n] for n in names if n in REFUSED), None)
+    what = (
+        f"tlora has no timestep convention for {name} ({refused})"
+        if refused
+        else f"tlora does not know what {name}'s pipelines pass as `timestep`"
+    )
     return (
-        f"tlora does not know what {name}'s pipelines pass as `timestep`, so it cannot tell the noise "
-        f"level t that picks the ranks: pass tlora.inject(..., timestep_convention=NAME or a function "
-        f"from the argument to t in 0..T), NAME one of {', '.join(known_names())}"
+        f"{what}, so it cannot tell the noise level t that picks the ranks: pass tlora.inject(..., "
+        f"timestep_convention=NAME or a function from the argument to t in 0..T), NAME one of "
+        f"{', '.join(known_names())}"
     )
 
 
@@ -318,15 +487,15 @@ def resolve_name(model: nn.Module, convention: str | Mapping | None, timestep_sc
     """The name to store for `model`'s convention; raises for a diffusers class nobody registered.
     A plain nn.Module (your own model, called by your own loop) defaults to "timesteps"."""
     if timestep_scale is not None and convention not in (None, "scale"):
-        raise ValueError(
+        raise ConfigError(
             f"timestep_scale={timestep_scale!r} is the 'scale' convention; it cannot go with "
             f"timestep_convention={getattr(convention, '__name__', convention)!r}: pass one of them"
         )
     if callable(convention):
         return "custom"
     if convention is not None:
-        if convention not in known_names() and convention != "custom":
-            raise ValueError(
+        if not isinstance(convention, str) or (convention not in known_names() and convention != "custom"):
+            raise ConfigError(
                 f"unknown timestep_convention {convention!r}: one of {', '.join(known_names())}, "
                 "or a function from the timestep argument to t in 0..T"
             )
@@ -337,7 +506,7 @@ def resolve_name(model: nn.Module, convention: str | Mapping | None, timestep_sc
     if found is not None:
         return found
     if is_diffusers_class(model) or any(n in AMBIGUOUS for n in _class_names(model)):
-        raise ValueError(unknown_class_message(model))
+        raise ConfigError(unknown_class_message(model))
     return "timesteps"
 
 
@@ -359,7 +528,7 @@ def mapping(
                 if name == "custom"
                 else "a user-registered one"
             )
-            raise ValueError(
+            raise ConfigError(
                 f"timestep convention {name!r} ({hint}) is not registered in this process: call "
                 f"tlora.timesteps.register({name!r}, fn) with the same function first (e.g. before tlora.load)"
             )
@@ -367,7 +536,8 @@ def mapping(
         user = fn
 
         def mapped(a: Any) -> torch.Tensor:
-            return _into_range(torch.as_tensor(user(_as_float(a))), T)
+            x = _as_float(a)
+            return _into_range(_checked_output(user(x), x, user, name), T)
     else:
         core = CONVENTIONS.get(name)
         scale = float(timestep_scale) if timestep_scale is not None else 1.0
@@ -390,6 +560,34 @@ def _into_range(t: torch.Tensor, T: int) -> torch.Tensor:
     t = t.to(torch.float32)
     near = (t >= -ROUNDING_SLACK) & (t <= T + ROUNDING_SLACK)
     return torch.where(near, t.clamp(0.0, float(T)), t)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)} on {value.device}"
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 40 else shown[:37] + '...'}"
+
+
+def _checked_output(out: Any, x: torch.Tensor, fn: Any, name: str) -> torch.Tensor:
+    """`out` if a user convention returned what the hook can use for argument `x`: a real tensor
+    of x's shape on x's device (metadata only: no host sync). Else one ConfigError saying so."""
+    ok = (
+        isinstance(out, torch.Tensor)
+        and not out.is_complex()
+        and out.dtype != torch.bool
+        and out.shape == x.shape
+        and out.device == x.device
+    )
+    if ok:
+        return out
+    label = getattr(fn, "__qualname__", None) or type(fn).__name__
+    raise ConfigError(
+        f"timestep convention {name!r} ({label}) returned {_describe(out)} for the argument, {_describe(x)}: "
+        f"it must return a real tensor of shape {tuple(x.shape)} on {x.device}, the noise level t in 0..T of "
+        f"each timestep value, computed with tensor ops (e.g. lambda a: 1000 * (1 - a); one t for the whole "
+        f"batch: torch.full_like(a, t))"
+    )
 
 
 def _as_float(a: Any) -> torch.Tensor:
