@@ -38,6 +38,7 @@ from torch import nn
 from . import _native
 from . import factors as factor_rules
 from .adapter import Adapter, adapter_of, inject_config
+from .atomic import prepare_target
 from .config import AdapterConfig, rank_limit_error
 from .errors import AdapterFileError, ConfigError, MissingFileError, ModelMismatchError, TloraError
 from .foreign import read_foreign
@@ -84,7 +85,8 @@ def save(model_or_adapter: nn.Module | Adapter, path: str | os.PathLike, extra: 
 
 def write_tensors(path: str | os.PathLike, items: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> Path:
     """The one safetensors writer (adapters, exports, checkpoints): CPU copies of `items` in their
-    order and dtype, with string `metadata`, written atomically."""
+    order and dtype, with string `metadata`, written atomically (into an existing folder)."""
+    prepare_target(Path(path))
     _native.save_file(str(path), [(k, v.detach().cpu().contiguous()) for k, v in items], metadata)
     return Path(path)
 
