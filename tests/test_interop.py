@@ -312,6 +312,26 @@ def test_import_reads_rank_settings_from_metadata(tmp_path):
     assert rel(run("sdxl", target, [999, 600]), run("sdxl", source, [999, 600])) < TOL
 
 
+def test_import_reads_or_refuses_sd_scripts_network_args(tmp_path):
+    """sd-scripts keeps the settings in the JSON `ss_network_args`; one Python cannot parse (an
+    integer of 5000 digits, nesting too deep) raised a bare ValueError / RecursionError."""
+    source = tiny_denoiser("sdxl")
+    adapter = tlora.inject(source, rank=R, min_rank=1, rank_exponent=2.0)
+    layout = reference_layout(adapter)
+    path = tmp_path / "ref.safetensors"
+    save_file(layout, str(path), metadata={"ss_network_args": json.dumps({"min_rank": 1, "rank_exponent": 2.0})})
+    assert (tlora.load(tiny_denoiser("sdxl"), path).config.rank_exponent) == 2.0
+    for args in ('{"min_rank": ' + "1" * 5000 + "}", "[" * 100_000):
+        save_file(layout, str(path), metadata={"ss_network_args": args})
+        target = tiny_denoiser("sdxl")
+        with pytest.raises(tlora.AdapterFileError, match=r"ss_network_args: cannot be read as JSON") as e:
+            tlora.load(target, path)
+        assert e.value.path == str(path) and e.value.field == "ss_network_args" and adapter_of(target) is None
+        # Given as arguments, the settings it may hold are not needed.
+        imported = tlora.load(target, path, min_rank=1, rank_exponent=2.0, num_train_timesteps=1000)
+        assert imported.config.min_rank == 1
+
+
 def lycoris_modules(model, targets=("to_q", "to_k", "to_v", "to_out.0"), alpha: float = 2.0):
     """LyCORIS T-LoRA modules (its default init: SVD of the weight, principal triplets) on the
     model's attention projections, applied, with their trained factors moved off the init."""
