@@ -299,7 +299,36 @@ def build(valid: bytes) -> list[Case]:
     add("tensor missing", _write({k: v for k, v in tensors.items() if k != names[1]}, meta, True), True)
     add("tensor extra", _write(dict(tensors, **{"blocks.0.attn.to_v.q": tensors[names[0]].clone()}), meta, True), True)
     add("tensor renamed", _write({(k + "x" if k == names[3] else k): v for k, v in tensors.items()}, meta, True), True)
+    cases += semantic_cases(tensors, meta)
     cases += foreign_cases(tensors, meta)
+    return cases
+
+
+def semantic_cases(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> list[Case]:
+    """Well-typed descriptions that cannot run, re-signed with a valid checksum so that the checks
+    of meaning behind it are reached; and integers too long for Python's int() (4300 digits)."""
+    cases = []
+
+    def add(name, m):
+        cases.append(Case(f"semantic {name}", _write(tensors, m, True), True, "tlora"))
+
+    for key, value in (("num_train_timesteps", 1), ("target_modules", "("), ("target_modules", "to_[qk")):
+        add(f"config.{key} {value!r}", {**meta, "config": {**meta["config"], key: value}})
+    # A diffusers class whose modules these are not (FLUX has no `blocks`): exports would carry
+    # `transformer.blocks...` keys that no pipeline finds.
+    add("base_model FluxTransformer2DModel", {**meta, "base_model": "FluxTransformer2DModel"})
+    add("base_model UNet2DConditionModel", {**meta, "base_model": "UNet2DConditionModel"})
+    huge = {
+        "format_version": lambda m: m.update(format_version="HUGE"),
+        "config.rank": lambda m: m["config"].update(rank="HUGE"),
+        "config.extra.token": lambda m: m["config"]["extra"].update(token="HUGE"),
+        "a module shape": lambda m: m["modules"][next(iter(m["modules"]))].__setitem__(0, "HUGE"),
+    }
+    for where, put in huge.items():
+        m = copy.deepcopy(meta)
+        put(m)
+        data = _write(tensors, None, False, raw=json.dumps(m).replace('"HUGE"', "9" * 5000))
+        cases.append(Case(f"semantic 5000-digit integer in {where}", data, True, "tlora"))
     return cases
 
 

@@ -92,7 +92,7 @@ def raises_and_untouched(model, exc, fragment, fn, *args, **kwargs):
         (dict(variant="lora", min_rank=2, rank=4), r"variant 'lora' has no timestep mask"),
         (dict(variant="vanilla", init="principal"), r"init/init_from apply to variant 'tlora' only"),
         (dict(lora_alpha=0.0), r"lora_alpha must be > 0"),
-        (dict(num_train_timesteps=0), r"num_train_timesteps must be an integer >= 1"),
+        (dict(num_train_timesteps=0), r"num_train_timesteps must be an integer >= 2"),
         (dict(timestep_scale=-1.0), r"timestep_scale must be > 0"),
     ],
 )
@@ -597,7 +597,7 @@ def test_save_errors(tmp_path):
         (dict(timestep_scale=True), r"timestep_scale must be > 0 and finite, got True"),
         (dict(seed=1.5), r"seed must be an integer"),
         (dict(seed="x"), r"seed must be an integer"),
-        (dict(num_train_timesteps=True), r"num_train_timesteps must be an integer >= 1, got True"),
+        (dict(num_train_timesteps=True), r"num_train_timesteps must be an integer >= 2 .*, got True"),
     ],
 )
 def test_inject_refuses_bools_and_non_finite_values(kwargs, fragment):

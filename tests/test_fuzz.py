@@ -11,7 +11,9 @@ as it was.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +26,17 @@ from tlora.adapter import adapter_of
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
-from fuzz_corpus import READERS, FuzzModel, build, file_tensors, run_in_thread, run_reader, valid_file  # noqa: E402
+from fuzz_corpus import (  # noqa: E402
+    READERS,
+    FuzzModel,
+    build,
+    checksum,
+    file_tensors,
+    run_cli,
+    run_in_thread,
+    run_reader,
+    valid_file,
+)
 from reference import update_f64  # noqa: E402  (benches/reference.py: the paper's update in float64)
 
 TIMEOUT_S = 20.0
@@ -184,3 +196,116 @@ def test_cli_info_on_a_fifo_exits_2_in_a_subprocess(tmp_path):
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert proc.returncode == 2 and "named pipe (FIFO)" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+# ---- files that validate but cannot run ----------------------------------------------------------
+
+
+def resigned(path: Path, out: Path, change) -> Path:
+    """`path`'s tensors with its description edited by `change(meta)` and the checksum recomputed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["tlora"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(meta)
+    meta["checksum"] = checksum(tensors, meta)
+    save_file(tensors, str(out), metadata={"tlora": json.dumps(meta)})
+    return out
+
+
+def refused_by_every_reader(path: Path, model, tmp_path: Path, field: str, fragment: str) -> None:
+    for reader in READERS:
+        box = call_with_timeout(run_reader, reader, path, model, tmp_path)
+        if reader == "info":
+            rc, err = box["result"]
+            assert rc == 2 and str(path) in err and fragment in err and "Traceback" not in err, err
+            continue
+        e = box.get("error")
+        assert isinstance(e, tlora.AdapterFileError) and e.path == str(path) and e.field == field, (reader, e)
+        assert fragment in str(e), (reader, e)
+        assert adapter_of(model) is None
+
+
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("num_train_timesteps", 1, "num_train_timesteps must be an integer >= 2"),
+        ("target_modules", "(", "target_modules '(' is not a valid regular expression"),
+    ],
+)
+def test_a_signed_file_with_settings_that_cannot_run_is_refused(key, value, fragment, tmp_path):
+    """One rule for inject and for every reader (tlora.config), behind a valid checksum."""
+    valid = valid_file(tmp_path / "valid.safetensors")
+    bad = resigned(valid, tmp_path / "bad.safetensors", lambda m: m["config"].update({key: value}))
+    assert tlora.read(valid)  # the same file as written is fine
+    refused_by_every_reader(bad, FuzzModel(), tmp_path, "config", fragment)
+    with pytest.raises(tlora.ConfigError, match=re.escape(fragment)):
+        tlora.inject(FuzzModel(), rank=4, **{key: value})
+    # T = 2 is the least that leaves r(t) something to vary over: it loads and runs.
+    model = FuzzModel()
+    adapter = tlora.inject(model, rank=4, min_rank=1, num_train_timesteps=2, target_modules=["to_q"])
+    assert adapter.ranks_for(0) == [4] and adapter.ranks_for(1) == [2]
+
+
+@pytest.mark.parametrize("kind,label", [("sd", "FluxTransformer2DModel"), ("flux", "UNet2DConditionModel")])
+def test_a_base_model_whose_modules_these_are_not_is_refused(kind, label, tmp_path):
+    """A file labelled FLUX on UNet modules (or the reverse) would export `transformer.down_blocks...`
+    keys that no pipeline finds; the reader checks the label against the class's submodules."""
+    from tlora.tiny import tiny_denoiser
+
+    model = tiny_denoiser(kind)
+    tlora.inject(model, rank=2, target_modules=["to_q"])
+    good = tlora.save(model, tmp_path / "good.safetensors")
+    tlora.remove(model)
+    assert tlora.read(good)[1]["base_model"] != label
+    tlora.load(model, good).remove()  # no false refusal of the real class
+    bad = resigned(good, tmp_path / "relabelled.safetensors", lambda m: m.update(base_model=label))
+    refused_by_every_reader(bad, model, tmp_path, "base_model", f"{label!r} has no submodule")
+
+
+def test_modules_only_some_configs_have_are_not_refused(tmp_path):
+    """SD-XL's add_embedding (a UNet2DConditionModel with addition_embed_type="text_time", absent
+    from the class's default config) and PEFT-wrapped names pass the base_model check."""
+    from tlora.tiny import tiny_denoiser
+
+    model = tiny_denoiser("sdxl")
+    tlora.inject(model, rank=2, target_modules=r"(add_embedding\.linear_1|.*attn1\.to_q)")
+    path = tlora.save(model, tmp_path / "sdxl.safetensors")
+    tlora.remove(model)
+    assert any(n.startswith("add_embedding") for n in tlora.read(path)[1]["modules"])
+    tlora.load(model, path)
+    assert run_cli(["info", str(path)])[0] == 0
+
+
+def test_integers_too_long_for_python_name_the_file_and_field(tmp_path):
+    """Python refuses int() of over 4300 digits with a ValueError that names nothing."""
+    valid = valid_file(tmp_path / "valid.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(valid), "pt") as f:
+        meta, tensors = json.loads(f.metadata()["tlora"]), {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"]["seed"] = "HUGE"
+    bad = tmp_path / "huge.safetensors"
+    save_file(tensors, str(bad), metadata={"tlora": json.dumps(meta).replace('"HUGE"', "7" * 5000)})
+    refused_by_every_reader(bad, FuzzModel(), tmp_path, "config.seed", "an integer of 5000 digits")
+
+
+# ---- where the factors go ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "nonsense", "meta"])
+def test_load_refuses_a_device_before_reading_the_file(device, tmp_path, monkeypatch):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    valid = valid_file(tmp_path / "valid.safetensors")
+    read = []
+    monkeypatch.setattr(tlora.io, "read_raw", lambda *a: read.append(a))
+    model = FuzzModel()
+    before = snapshot(model)
+    with pytest.raises(tlora.InputError, match=rf"cannot load {re.escape(str(valid))} onto device '{device}'"):
+        tlora.load(model, valid, device=device)
+    assert read == []  # refused before the file was opened
+    assert_untouched(model, before, device)

@@ -312,6 +312,26 @@ def test_import_reads_rank_settings_from_metadata(tmp_path):
     assert rel(run("sdxl", target, [999, 600]), run("sdxl", source, [999, 600])) < TOL
 
 
+def test_import_reads_or_refuses_sd_scripts_network_args(tmp_path):
+    """sd-scripts keeps the settings in the JSON `ss_network_args`; one Python cannot parse (an
+    integer of 5000 digits, nesting too deep) raised a bare ValueError / RecursionError."""
+    source = tiny_denoiser("sdxl")
+    adapter = tlora.inject(source, rank=R, min_rank=1, rank_exponent=2.0)
+    layout = reference_layout(adapter)
+    path = tmp_path / "ref.safetensors"
+    save_file(layout, str(path), metadata={"ss_network_args": json.dumps({"min_rank": 1, "rank_exponent": 2.0})})
+    assert (tlora.load(tiny_denoiser("sdxl"), path).config.rank_exponent) == 2.0
+    for args in ('{"min_rank": ' + "1" * 5000 + "}", "[" * 100_000):
+        save_file(layout, str(path), metadata={"ss_network_args": args})
+        target = tiny_denoiser("sdxl")
+        with pytest.raises(tlora.AdapterFileError, match=r"ss_network_args: cannot be read as JSON") as e:
+            tlora.load(target, path)
+        assert e.value.path == str(path) and e.value.field == "ss_network_args" and adapter_of(target) is None
+        # Given as arguments, the settings it may hold are not needed.
+        imported = tlora.load(target, path, min_rank=1, rank_exponent=2.0, num_train_timesteps=1000)
+        assert imported.config.min_rank == 1
+
+
 def lycoris_modules(model, targets=("to_q", "to_k", "to_v", "to_out.0"), alpha: float = 2.0):
     """LyCORIS T-LoRA modules (its default init: SVD of the weight, principal triplets) on the
     model's attention projections, applied, with their trained factors moved off the init."""
@@ -494,3 +514,106 @@ def test_export_survives_half_precision_loaders(drift, tmp_path):
         plain = rel(plain_b.to(dtype).double() @ plain_a.to(dtype).double(), exact)
         assert ours <= bound, (dtype, ours)
         assert plain > bound, (dtype, plain)  # the test can tell the forms apart
+
+
+# ---- writing: never over the input, the PEFT folder whole ---------------------------------------
+
+
+def one_projection_file(tmp_path, name: str = "adapter.safetensors"):
+    model = _OneProjection()
+    adapter = tlora.inject(model, rank=4, target_modules=["to_q"])
+    perturb(adapter, std=0.01)
+    return tlora.save(model, tmp_path / name)
+
+
+def test_export_and_import_refuse_an_output_that_is_the_input(tmp_path, capsys):
+    """`tlora export --adapter x --out x` replaced the adapter with a static LoRA (exit 0)."""
+    import os
+
+    from tlora.cli import main
+
+    path = one_projection_file(tmp_path)
+    original = path.read_bytes()
+    (tmp_path / "link.safetensors").symlink_to(path)
+    os.link(path, tmp_path / "hard.safetensors")
+    (tmp_path / "peft").mkdir()
+    inside = one_projection_file(tmp_path / "peft", "adapter_model.safetensors")
+    for source, out, fmt in (
+        (path, path, "diffusers"),
+        (path, tmp_path / "link.safetensors", "kohya"),
+        (tmp_path / "link.safetensors", path, "diffusers"),
+        (path, tmp_path / "hard.safetensors", "diffusers"),
+        (inside, tmp_path / "peft", "peft"),  # the folder replaced whole holds the input
+    ):
+        with pytest.raises(tlora.ConfigError, match=rf"the output {out}.* is the input {source}"):
+            interop.export(source, out, format=fmt)
+    for out in (path, tmp_path / "hard.safetensors"):
+        with pytest.raises(tlora.ConfigError, match=rf"the output {out} is the input {path} \(the same file\)"):
+            interop.import_file(path, _OneProjection(), out)
+    assert main(["export", "--adapter", str(path), "--format", "diffusers", "--out", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the output {path} is the input {path}" in err
+    assert main(["import", "--adapter", str(path), "--model", str(tmp_path), "--out", str(path)]) == 2
+    assert f"the output {path} is the input {path}" in capsys.readouterr().err
+    assert path.read_bytes() == original and tlora.read(inside)
+
+
+def test_peft_export_is_written_as_one_folder(tmp_path):
+    path = one_projection_file(tmp_path)
+    out = tmp_path / "peft"
+    interop.export(path, out, format="peft", rank=4)
+    first = json.loads((out / "adapter_config.json").read_text())
+    result = interop.export(path, out, format="peft", rank=1)  # an earlier export is replaced whole
+    assert json.loads(result.config_path.read_text())["r"] == 2 != first["r"]
+    assert load_file(str(result.path))["base_model.model.to_q.lora_A.weight"].shape[0] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "peft"]  # no temporaries
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(tlora.ConfigError, match=r"holds files that are not part of a peft export \(notes\.txt\)"):
+        interop.export(path, out, format="peft")
+    assert (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(tlora.ConfigError, match=r"a peft export is a folder .*got the file name 'x\.safetensors'"):
+        interop.export(path, tmp_path / "x.safetensors", format="peft")
+    for out in (tmp_path / "missing" / "peft", tmp_path / "missing" / "x.safetensors"):
+        with pytest.raises(tlora.MissingFileError, match=f"folder {tmp_path / 'missing'} does not exist"):
+            interop.export(path, out, format="peft" if out.suffix == "" else "diffusers")
+
+
+def test_a_peft_export_killed_between_its_two_files_keeps_the_old_pair(tmp_path):
+    """A kill after the weights were written and before the config was: the folder still holds
+    the previous export (weights and config of one rank), not rank-2 weights beside r=8."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    path = one_projection_file(tmp_path)
+    out = tmp_path / "peft"
+    interop.export(path, out, format="peft", rank=4)
+    code = textwrap.dedent(
+        f"""
+        import os, signal
+        from tlora import interop
+
+        def killed(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        interop.write_atomic = killed  # the config, written after the weights
+        interop.export({str(path)!r}, {str(out)!r}, format="peft", rank=1)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.wait(timeout=300) == -9
+    r = json.loads((out / "adapter_config.json").read_text())["r"]
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert r == 8 and weights["base_model.model.to_q.lora_A.weight"].shape[0] == r
+    interop.export(path, out, format="peft", rank=1)  # the next export removes the killed one's folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "peft"]
+
+
+def test_export_arguments_of_the_wrong_type_are_config_errors(tmp_path):
+    path = one_projection_file(tmp_path)
+    for timestep in ("x", True, float("nan"), 1001):
+        with pytest.raises(tlora.ConfigError, match=r"timestep \(on the training scale .*\) must be a finite number"):
+            interop.export(path, tmp_path / "y.safetensors", timestep=timestep)
+    with pytest.raises(tlora.ConfigError, match=r"export reads a tlora file \(a path\).*got int"):
+        interop.export(5, tmp_path / "y.safetensors")

@@ -432,3 +432,90 @@ def test_train_quantize_nf4_without_gpu_is_refused(tiny_sd, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--quantize nf4" in err and "CUDA GPU" in err and "int8" in err, err
     assert not any(p.is_file() for p in out.rglob("*")) if out.exists() else True
+
+
+# ---- quanto's C++ extension build: said, and never blocked by a killed build's lock ---------------
+
+
+def _quanto_extension(root: Path):
+    """A quanto Extension built in `root/build` (as quanto's own under site-packages), never built here."""
+    from optimum.quanto.library.extensions.extension import Extension
+
+    from tlora.quantized import guard_quanto_builds
+
+    guard_quanto_builds()
+    (root / "never_built.cpp").write_text("#error this test must not build\n")
+    return Extension("tlora_test_ext", root_dir=str(root), sources=["never_built.cpp"])
+
+
+@pytest.mark.skipif(not _installed("optimum.quanto"), reason="optimum-quanto is not installed")
+def test_quanto_build_behind_a_killed_builds_lock_is_refused(tmp_path):
+    """A build killed while holding torch's lock file left every later int4 run waiting forever."""
+    import signal
+    import subprocess
+
+    build = tmp_path / "build"
+    build.mkdir()
+    lock = build / "lock"
+    holder = subprocess.Popen(  # takes the lock as torch's FileBaton does, then is killed
+        [
+            sys.executable,
+            "-c",
+            f"import os, time; fd = os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); print(flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    holder.stdout.readline()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert lock.exists()
+    ext = _quanto_extension(tmp_path)
+    with pytest.raises(tlora.InputError, match=rf"stale build lock {lock}.*remove the lock \(rm {lock}\)"):
+        _ = ext.lib  # quanto's `lib` builds on first access
+    assert sorted(p.name for p in build.iterdir()) == ["lock"]  # nothing was built
+
+
+@pytest.mark.skipif(not _installed("optimum.quanto"), reason="optimum-quanto is not installed")
+def test_quanto_build_lock_held_by_a_live_build_is_waited_for(tmp_path, capsys):
+    import threading
+
+    from tlora.quantized import wait_for_build_lock
+
+    lock = tmp_path / "lock"
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # this process builds (another thread)
+    try:
+        held = rf"waited 1 s for the build lock {lock}.*held by process {os.getpid()}"
+        with pytest.raises(tlora.InputError, match=held):
+            wait_for_build_lock(lock, "quanto_cpp", timeout_s=1.0, poll_s=0.05)
+        assert "waiting for another process's build of quanto_cpp" in capsys.readouterr().err
+
+        def release():
+            os.close(fd)
+            lock.unlink()
+
+        threading.Timer(0.3, release).start()
+        wait_for_build_lock(lock, "quanto_cpp", timeout_s=30, poll_s=0.05)  # returns once it is gone
+        assert not lock.exists()
+    finally:
+        if lock.exists():
+            os.close(fd)
+            lock.unlink()
+
+
+@pytest.mark.skipif(not _installed("optimum.quanto"), reason="optimum-quanto is not installed")
+def test_quanto_says_once_that_it_builds_its_extension(tmp_path, capsys):
+    from optimum.quanto.library.extensions import extension
+
+    from tlora.quantized import _guarded_load, quantization_config
+
+    quantization_config("int8")  # what `tlora train --quantize` runs first
+    assert getattr(extension.load, "_tlora_guarded", False)
+    built = []
+    load = _guarded_load(lambda **kw: built.append(kw["name"]))
+    build = tmp_path / "build"
+    build.mkdir()
+    load(name="quanto_cpp", sources=[], build_directory=str(build))
+    assert capsys.readouterr().err.count("building its C++ extension quanto_cpp") == 1
+    (build / "pytorch_version.txt").write_text(torch.__version__)  # quanto's mark of a finished build
+    load(name="quanto_cpp", sources=[], build_directory=str(build))
+    assert capsys.readouterr().err == "" and built == ["quanto_cpp", "quanto_cpp"]

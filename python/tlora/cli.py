@@ -189,7 +189,11 @@ def _import_parser(sub) -> None:
         help="default: the file's metadata, else 1.0",
     )
     p.add_argument(
-        "--num-train-timesteps", type=_int(1, 1_000_000), default=None, help="default: the file's metadata, else 1000"
+        # at least 2, as tlora.config.MIN_TIMESTEPS (not imported: the parser loads no torch)
+        "--num-train-timesteps",
+        type=_int(2, 1_000_000),
+        default=None,
+        help="default: the file's metadata, else 1000",
     )
     p.add_argument(
         "--reconstruct-base",

@@ -21,6 +21,9 @@ INIT_SOURCES = ("random", "weight")
 # Bounds that keep every derived number finite (scale = alpha / rank, seeds in 64 bits).
 MAX_RANK = 65536
 MAX_TIMESTEPS = 10**9
+# Fewer than 2 training timesteps leave r(t) nothing to vary over: training draws t from 0..T-1 (only
+# t = 0, full rank, at T = 1), and the EDM convention interpolates between two table entries.
+MIN_TIMESTEPS = 2
 SEED_RANGE = 2**63
 
 # Attention projections adapted by default: self- and cross-attention of UNets, plus the
@@ -70,10 +73,11 @@ class AdapterConfig:
             raise ConfigError(f"unknown init_from {self.init_from!r}: choose one of {', '.join(INIT_SOURCES)}")
         if self.variant != "tlora" and (self.init, self.init_from) != ("last", "random"):
             raise ConfigError(f"init/init_from apply to variant 'tlora' only, not {self.variant!r}")
-        if not (_is_int(self.num_train_timesteps) and self.num_train_timesteps >= 1):
-            raise ConfigError(f"num_train_timesteps must be an integer >= 1, got {self.num_train_timesteps!r}")
-        if self.num_train_timesteps > MAX_TIMESTEPS:
-            raise ConfigError(f"num_train_timesteps must be at most {MAX_TIMESTEPS}, got {self.num_train_timesteps!r}")
+        if not (_is_int(self.num_train_timesteps) and MIN_TIMESTEPS <= self.num_train_timesteps <= MAX_TIMESTEPS):
+            raise ConfigError(
+                f"num_train_timesteps must be an integer >= {MIN_TIMESTEPS} and <= {MAX_TIMESTEPS} (the scheduler's "
+                f"training steps, e.g. 1000, over which r(t) varies), got {self.num_train_timesteps!r}"
+            )
         if self.timestep_scale is not None:
             _check_positive("timestep_scale", self.timestep_scale)
         if self.lora_alpha is not None:
@@ -92,7 +96,7 @@ class AdapterConfig:
         if isinstance(t, str):
             try:
                 re.compile(t)
-            except re.error as e:
+            except (re.error, RecursionError, OverflowError) as e:
                 raise ConfigError(
                     f"target_modules {t!r} is not a valid regular expression ({e}): fix it, or pass a list "
                     "of module-name suffixes such as ['to_q', 'to_v']"

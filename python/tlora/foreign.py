@@ -311,13 +311,14 @@ def _principal_base(base: nn.Linear, r: int) -> dict[str, torch.Tensor]:
 
 def _rank_settings(path: Path, meta: dict[str, str], min_rank, rank_exponent, num_train_timesteps) -> dict[str, Any]:
     found: dict[str, str] = dict(meta)
+    unreadable = None  # why ss_network_args could not be read, if it could not
     if "ss_network_args" in meta:
         try:
             args = json.loads(meta["ss_network_args"])
             if isinstance(args, dict):
                 found = {**{k: str(v) for k, v in args.items()}, **found}
-        except json.JSONDecodeError:
-            pass
+        except (ValueError, RecursionError) as e:  # ValueError: also integers of over 4300 digits
+            unreadable = str(e)[:120]
 
     def pick(value, keys, cast):
         if value is not None:
@@ -330,8 +331,16 @@ def _rank_settings(path: Path, meta: dict[str, str], min_rank, rank_exponent, nu
                     number = math.nan
                 if not math.isfinite(number) or (cast is int and not number.is_integer()):
                     kind = "an integer" if cast is int else "a finite number"
-                    raise AdapterFileError(path, f"{path}: metadata {k}={found[k]!r} is not {kind}", field=k)
+                    shown = found[k] if len(found[k]) <= 40 else f"{found[k][:20]}... ({len(found[k])} characters)"
+                    raise AdapterFileError(path, f"metadata {k}={shown!r} is not {kind}", field=k)
                 return int(number) if cast is int else number
+        if unreadable is not None:
+            raise AdapterFileError(
+                path,
+                f"cannot be read as JSON ({unreadable}), so the rank settings it may hold ({', '.join(keys)}) are "
+                "unknown: pass them to tlora.load (min_rank=..., rank_exponent=..., num_train_timesteps=...)",
+                field="ss_network_args",
+            )
         return None
 
     out = {"min_rank": pick(min_rank, _MIN_RANK_KEYS, int)}

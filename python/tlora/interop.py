@@ -38,12 +38,13 @@ from torch import nn
 
 from . import factors as factor_rules
 from .adapter import Adapter, adapter_of, rank_schedule
-from .atomic import write_atomic
-from .config import AdapterConfig
+from .atomic import write_atomic, write_folder
+from .config import AdapterConfig, check_float
 from .errors import ConfigError, TloraError
 from .io import load, read_adapter, save, write_tensors
 
 FORMATS = ("diffusers", "peft", "kohya")
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 EXPORT_METADATA_KEY = "tlora_export"
 LOSS_NOTE = (
     "a static LoRA applies one rank at every timestep: T-LoRA's per-timestep ranks r(t) are lost "
@@ -81,16 +82,24 @@ def export(
     - `rank`: the T-LoRA rank k to bake (1..r); `timestep`: bake r(t) instead, t on the training
       scale 0..num_train_timesteps (the paper's t, e.g. 0..1000 for FLUX too). Default: full rank
       r, the rank at t = 0. Variant "lora" has no timestep ranks and is always baked at rank r.
-    - `format`: "diffusers" (a .safetensors file), "peft" (a folder, or a .safetensors path with
-      adapter_config.json written beside it) or "kohya" (a .safetensors file; UNets only).
+    - `format`: "diffusers" (a .safetensors file), "peft" (a folder: adapter_model.safetensors and
+      adapter_config.json, written whole; an existing export folder is replaced) or "kohya" (a
+      .safetensors file; UNets only).
     - `prefix`: the pipeline component in diffusers keys, default "unet" for UNets and
       "transformer" otherwise.
 
-    Files are written atomically. Returns an `ExportResult`; its `note` says that the per-timestep
-    ranks are lost.
+    Files are written atomically, into an existing folder, never over the input. Returns an
+    `ExportResult`; its `note` says that the per-timestep ranks are lost.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
+    out = Path(out_path)
+    if isinstance(adapter_path, (str, os.PathLike)):
+        refuse_overwriting_input(adapter_path, out)
+    if format == "peft":
+        out = _peft_folder(out)
+    else:
+        _check_suffix(out, format)
     tensors, config, base_model = _export_source(adapter_path)
     k = _export_rank(config, timestep, rank)
     if prefix is None:
@@ -120,20 +129,14 @@ def export(
         "note": note,
     }
     meta = {EXPORT_METADATA_KEY: json.dumps(info)}
-    out = Path(out_path)
     config_path = None
 
     if format == "diffusers":
-        _check_suffix(out, format)
         items = [
             (f"{prefix}.{n}.lora_{ab}.weight", t) for n, (a, b) in factors.items() for ab, t in (("A", a), ("B", b))
         ]
         write_tensors(out, items, meta)
     elif format == "peft":
-        if out.suffix == ".safetensors":
-            weights, config_path = out, out.parent / "adapter_config.json"
-        else:
-            weights, config_path = out / "adapter_model.safetensors", out / "adapter_config.json"
         items = [
             (f"base_model.model.{n}.lora_{ab}.weight", t)
             for n, (a, b) in factors.items()
@@ -155,12 +158,15 @@ def export(
             "use_dora": False,
             "modules_to_save": None,
         }
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        write_tensors(weights, items, meta)
-        write_atomic(config_path, json.dumps(peft_config, indent=2) + "\n")
-        out = weights
+
+        def fill(folder: Path) -> None:
+            write_tensors(folder / PEFT_WEIGHTS, items, meta)
+            write_atomic(folder / PEFT_CONFIG, json.dumps(peft_config, indent=2) + "\n")
+
+        # One folder, renamed into place whole: a kill never leaves new weights beside an old config.
+        write_folder(out, fill)
+        out, config_path = out / PEFT_WEIGHTS, out / PEFT_CONFIG
     else:  # kohya
-        _check_suffix(out, format)
         items = []
         for n, (a, b) in factors.items():
             key = "lora_unet_" + n.replace(".", "_")
@@ -176,6 +182,46 @@ def export(
     )
 
 
+def _peft_folder(out: Path) -> Path:
+    """The PEFT export folder `out` (symlinks resolved): new, empty, or a previous export (only
+    PEFT_WEIGHTS and PEFT_CONFIG), since writing it whole replaces everything in it."""
+    if out.suffix == ".safetensors":
+        raise ConfigError(
+            f"a peft export is a folder ({PEFT_WEIGHTS} + {PEFT_CONFIG}, what PeftModel.from_pretrained "
+            f"reads), written whole; got the file name {out.name!r}: give a folder, e.g. {out.with_suffix('')}"
+        )
+    out = Path(os.path.realpath(out))
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise ConfigError(f"{out} exists and is not a folder: a peft export is one; choose another output (--out)")
+        others = sorted(p.name for p in out.iterdir() if p.name not in (PEFT_WEIGHTS, PEFT_CONFIG))
+        if others:
+            raise ConfigError(
+                f"{out} holds files that are not part of a peft export ({', '.join(others[:5])}"
+                f"{' ...' if len(others) > 5 else ''}); exporting replaces the whole folder: give a new or "
+                "empty folder, or an earlier export's"
+            )
+    return out
+
+
+def refuse_overwriting_input(source: str | os.PathLike, out: Path) -> None:
+    """ConfigError when writing `out` would replace the input file `source`: the same file
+    (also through a symlink or a hard link), or, for a folder that is replaced whole, a file in
+    it."""
+    src = Path(source)
+    if not (src.exists() and (out.exists() or out.is_symlink())):
+        return
+    targets = [out, *out.iterdir()] if out.is_dir() else [out]
+    inside = out.is_dir() and Path(os.path.realpath(src)).is_relative_to(os.path.realpath(out))
+    same = next((t for t in targets if t.exists() and os.path.samefile(src, t)), None)
+    if same is not None or inside:
+        where = f"{out} (its {same.name})" if same is not None and same != out else str(out)
+        raise ConfigError(
+            f"the output {where} is the input {src}{' (the same file)' if same is not None else ''}: writing "
+            "it would replace the adapter being read; choose another output (--out)"
+        )
+
+
 def _export_source(source) -> tuple[dict[str, torch.Tensor], AdapterConfig, str]:
     if isinstance(source, nn.Module):
         adapter = adapter_of(source)
@@ -185,6 +231,10 @@ def _export_source(source) -> tuple[dict[str, torch.Tensor], AdapterConfig, str]
     if isinstance(source, Adapter):
         tensors = {k: factor_rules.checked(None, k, v.detach().float().cpu()) for k, v in source.state_dict().items()}
         return tensors, source.config, type(source.model).__name__
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(
+            f"export reads a tlora file (a path), an Adapter or a model with one, got {type(source).__name__}"
+        )
     f = read_adapter(source)
     return f.tensors, f.config, f.base_model
 
@@ -201,8 +251,7 @@ def _export_rank(config: AdapterConfig, timestep: float | None, rank: int | None
         return rank
     if timestep is not None:
         T = config.num_train_timesteps
-        if not 0 <= float(timestep) <= T:
-            raise ConfigError(f"timestep must be in 0..{T} (the training scale), got {timestep!r}")
+        timestep = check_float("timestep (on the training scale 0..num_train_timesteps)", timestep, 0, T)
         if not config.masked:
             return r
         return int(
@@ -288,6 +337,7 @@ def import_file(
     out = Path(out_path)
     if out.suffix != ".safetensors":
         raise ConfigError(f"adapter files are .safetensors; got {out.name!r}")
+    refuse_overwriting_input(adapter_path, out)
     if not isinstance(model, nn.Module):
         from .pipelines import load_denoiser
 

@@ -21,10 +21,13 @@ Metadata schema (format version 1), a JSON object:
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
 import stat
 import warnings
 from collections.abc import Callable, Iterable
@@ -38,8 +41,9 @@ from torch import nn
 from . import _native
 from . import factors as factor_rules
 from .adapter import Adapter, adapter_of, inject_config
+from .atomic import prepare_target
 from .config import AdapterConfig, rank_limit_error
-from .errors import AdapterFileError, ConfigError, MissingFileError, ModelMismatchError, TloraError
+from .errors import AdapterFileError, ConfigError, InputError, MissingFileError, ModelMismatchError, TloraError
 from .foreign import read_foreign
 from .quantized import adaptable_linear, describe
 from .targets import linear_at
@@ -57,9 +61,11 @@ def save(model_or_adapter: nn.Module | Adapter, path: str | os.PathLike, extra: 
     adapter = model_or_adapter if isinstance(model_or_adapter, Adapter) else adapter_of(model_or_adapter)
     if adapter is None:
         raise TloraError(f"{type(model_or_adapter).__name__} has no tlora adapter to save: call tlora.inject first")
-    path = Path(path)
+    path = as_path(path)
     if path.suffix != ".safetensors":
         raise ConfigError(f"adapter files are .safetensors; got {path.name!r}")
+    if extra is not None and not isinstance(extra, dict):
+        raise ConfigError(f"extra must be a dict (JSON-able), got {type(extra).__name__}")
     c = adapter.config
     tensors = [(k, v.detach().float().cpu().contiguous()) for k, v in adapter.state_dict().items()]
     for k, t in tensors:
@@ -84,7 +90,8 @@ def save(model_or_adapter: nn.Module | Adapter, path: str | os.PathLike, extra: 
 
 def write_tensors(path: str | os.PathLike, items: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> Path:
     """The one safetensors writer (adapters, exports, checkpoints): CPU copies of `items` in their
-    order and dtype, with string `metadata`, written atomically."""
+    order and dtype, with string `metadata`, written atomically (into an existing folder)."""
+    prepare_target(Path(path))
     _native.save_file(str(path), [(k, v.detach().cpu().contiguous()) for k, v in items], metadata)
     return Path(path)
 
@@ -103,6 +110,13 @@ def adapter_checksum(tensors: Iterable[tuple[str, torch.Tensor]], meta: dict[str
 
 
 # ==== reading =====================================================================================
+
+
+def as_path(path: Any) -> Path:
+    """`path` (a str or os.PathLike) as a Path, else a ConfigError."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"an adapter file's path must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
 
 
 def refuse_pickle(path: Path) -> None:
@@ -147,7 +161,7 @@ def check_regular_file(path: str | os.PathLike, what: str = "adapter file") -> P
 def read_raw(path: str | os.PathLike) -> tuple[list[tuple[str, torch.Tensor]], dict[str, str]]:
     """Any safetensors file: (tensors in file order, metadata strings), after the pickle and
     regular-file checks. Errors are AdapterFileError (MissingFileError for a missing file)."""
-    path = Path(path)
+    path = as_path(path)
     refuse_pickle(path)
     check_regular_file(path)
     try:
@@ -187,7 +201,7 @@ def read_adapter(
     """The one validating reader of tlora files. `before_tensors` runs on the validated header
     before the tensors are checked (tlora.load checks the model there, so that a file made for
     another model says so first). `raw`: the file's `read_raw` result, if already read."""
-    path = Path(path)
+    path = as_path(path)
     tensors, strings = raw if raw is not None else read_raw(path)
     if METADATA_KEY not in strings:
         raise AdapterFileError(
@@ -207,11 +221,15 @@ def parse_header(path: Path, text: str) -> AdapterHeader:
         raise AdapterFileError(path, message, field=field)
 
     try:
-        meta = json.loads(text)
+        meta = json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as e:
         fail(None, f"the {METADATA_KEY!r} metadata is not valid JSON ({e})")
     except RecursionError:
         fail(None, f"the {METADATA_KEY!r} metadata is nested too deeply to be an adapter description")
+    huge = _find_huge_int(meta)
+    if huge is not None:
+        where, digits = huge
+        fail(where or None, f"holds an integer of {digits} digits, too long to be any setting of an adapter")
     if not isinstance(meta, dict):
         fail(None, f"the {METADATA_KEY!r} metadata must be a JSON object, got {_json_type(meta)}")
     if "format_version" not in meta:
@@ -256,7 +274,91 @@ def parse_header(path: Path, text: str) -> AdapterHeader:
         if too_large:
             fail(f"modules[{name!r}]", too_large)
         modules[name] = (out_f, in_f)
+    _check_base_model(path, meta["base_model"], modules)
     return AdapterHeader(path=path, meta=meta, config=config, base_model=meta["base_model"], modules=modules)
+
+
+class _HugeInt:
+    """A JSON integer too long for int() (Python refuses more than sys.get_int_max_str_digits())."""
+
+    def __init__(self, text: str):
+        self.digits = len(text.lstrip("-"))
+
+
+def _parse_int(text: str) -> int | _HugeInt:
+    try:
+        return int(text)
+    except ValueError:
+        return _HugeInt(text)
+
+
+def _find_huge_int(value: Any) -> tuple[str, int] | None:
+    """(field path, digits) of the first too-long integer in parsed JSON, None when there is none."""
+    stack = [("", value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, _HugeInt):
+            return where, v.digits
+        if isinstance(v, dict):
+            stack.extend((_field(where, k), x) for k, x in reversed(v.items()))
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{i}]", x) for i, x in reversed(list(enumerate(v))))
+    return None
+
+
+def _field(where: str, key: str) -> str:
+    """The path of `key` in the object at `where`: config.rank, modules['blocks.0.attn.to_q']."""
+    if not key.isidentifier():
+        return f"{where}[{key!r}]"
+    return f"{where}.{key}" if where else key
+
+
+def _check_base_model(path: Path, base_model: str, modules: dict[str, tuple[int, int]]) -> None:
+    """A file whose base_model is a diffusers model class must adapt modules such a model has: the
+    first part of every module path is one of the class's submodule names (what `export` and
+    `tlora.load` rely on: a FLUX label on UNet modules exports `transformer.down_blocks...` keys
+    that no pipeline finds). Other classes (your own models) are not checked."""
+    names = _diffusers_submodule_names(base_model)
+    if names is None:
+        return
+    foreign = sorted({name.split(".")[0] for name in modules} - names)
+    if foreign:
+        example = next(n for n in modules if n.split(".")[0] in foreign)
+        raise AdapterFileError(
+            path,
+            f"{base_model!r} has no submodule {foreign[0]!r}, yet the file adapts {example!r}"
+            f"{f' (and {len(foreign) - 1} other top-level names)' if len(foreign) > 1 else ''}: "
+            "the file's base_model or its modules are wrong (re-save it from the model it was trained on)",
+            field="base_model",
+        )
+
+
+@functools.cache
+def _diffusers_submodule_names(class_name: str) -> frozenset[str] | None:
+    """Every name a diffusers model class (or a diffusers base class of it) assigns as `self.NAME
+    = ...` in its source: a superset of its top-level submodules, whatever its config (SD-XL's
+    add_embedding as well as SD's modules). None when `class_name` is no diffusers model class,
+    when diffusers is not installed, or when the class names submodules at run time (setattr)."""
+    try:
+        import diffusers
+
+        cls = getattr(diffusers, class_name, None)
+    except (ImportError, RuntimeError):
+        return None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)) or not cls.__module__.startswith("diffusers.models"):
+        return None  # also diffusers' placeholder classes for missing optional packages
+    names: set[str] = set()
+    for c in cls.__mro__:
+        if not c.__module__.startswith("diffusers."):
+            continue
+        try:
+            source = inspect.getsource(c)
+        except (OSError, TypeError):
+            return None
+        if re.search(r"setattr\(\s*self\b|\.add_module\(|\.register_module\(", source):
+            return None
+        names.update(re.findall(r"\bself\.(\w+)\s*(?::[^=\n]*)?=(?!=)", source))
+    return frozenset(names)
 
 
 def _check_tensors(header: AdapterHeader, raw: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -320,7 +422,9 @@ def load(
     Every name and shape is checked before the model is touched: on any error the model is left
     exactly as it was.
     """
-    path = Path(path)
+    path = as_path(path)
+    if device is not None:
+        _check_device(path, device)
     raw = read_raw(path)
     existing = adapter_of(model)
     if existing is not None:
@@ -347,6 +451,21 @@ def load(
         for name, f in factors.items()
     }
     return inject_config(model, config, module_names=list(placed), factors=placed)
+
+
+def _check_device(path: Path, device: Any) -> None:
+    """Refuse a device the factors cannot be put on, before the file is read: allocate nothing
+    on it, as the load's `.to(device)` would."""
+    try:
+        placed = torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"cannot load {path} onto device {str(device)!r}: {why}; pass device='cpu', a device this machine "
+            "has, or None (each base layer's own device)"
+        ) from None
+    if placed.device.type == "meta":
+        raise InputError(f"cannot load {path} onto device 'meta': meta tensors hold no values; use a real device")
 
 
 def _read_for(

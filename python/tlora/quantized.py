@@ -18,15 +18,17 @@ once that backend is imported, so its module is looked up in `sys.modules`.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 # The `tlora train --quantize` choices, and the backend each one uses.
 QUANTIZE_CHOICES = ("int8", "int4", "nf4")
@@ -112,6 +114,7 @@ def quantization_config(choice: str):
             raise ConfigError(f"--quantize {choice} needs optimum-quanto: pip install optimum-quanto") from e
         if choice == "int4":
             _ninja_for_quanto()
+        guard_quanto_builds()
         from diffusers import QuantoConfig
 
         return QuantoConfig(weights_dtype=choice)
@@ -142,3 +145,104 @@ def _ninja_for_quanto() -> None:
     raise ConfigError(
         "--quantize int4 (optimum-quanto) builds a C++ extension with ninja on the CPU: pip install ninja"
     )
+
+
+# ---- quanto's C++ extensions ---------------------------------------------------------------------
+# optimum-quanto (0.2.7: optimum/quanto/library/extensions/extension.py, `Extension.lib`) builds
+# each extension on first use with torch.utils.cpp_extension.load(build_directory=<the package's
+# extensions/<kind>/build>, inside site-packages), which takes the file lock `<build dir>/lock`
+# (torch's FileBaton: created empty, removed when the build ends) and waits forever while another
+# holds it. A process killed mid-build leaves the lock behind, so every later build waits forever.
+
+# How long to wait for another process's build before giving up (a build takes about 2 minutes).
+QUANTO_LOCK_WAIT_S = 20 * 60
+
+
+def guard_quanto_builds() -> None:
+    """Route quanto's extension builds through `_guarded_load` (once per process)."""
+    try:
+        from optimum.quanto.library.extensions import extension
+    except ImportError:  # another quanto layout: its builds run unguarded
+        return
+    if not getattr(extension.load, "_tlora_guarded", False):
+        extension.load = _guarded_load(extension.load)
+
+
+def _guarded_load(load):
+    """torch's cpp_extension `load` as quanto calls it, saying first that it builds (when the
+    extension is not built yet) and refusing a stale lock instead of waiting on it forever."""
+
+    @functools.wraps(load)
+    def guarded(*args, name: str = "", build_directory: str | None = None, **kwargs):
+        if build_directory is not None:
+            build = Path(build_directory)
+            wait_for_build_lock(build / "lock", name)
+            # quanto writes pytorch_version.txt after a build, and removes the folder when torch changed
+            if not (build / "pytorch_version.txt").exists():
+                print(
+                    f"tlora: optimum-quanto is building its C++ extension {name} in {build} (once, about 2 minutes)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return load(*args, name=name, build_directory=build_directory, **kwargs)
+
+    guarded._tlora_guarded = True
+    return guarded
+
+
+def wait_for_build_lock(lock: Path, name: str, timeout_s: float | None = None, poll_s: float = 0.5) -> None:
+    """Return once `lock` is gone. A lock that no process holds open (a build that was killed)
+    is refused at once, naming it and how to remove it; one that another process holds is waited
+    for, up to `timeout_s` (default QUANTO_LOCK_WAIT_S)."""
+    timeout_s = QUANTO_LOCK_WAIT_S if timeout_s is None else timeout_s
+    start, said, unheld = time.monotonic(), False, 0
+    while lock.exists():
+        holders = _lock_holders(lock)
+        advice = (
+            f"if no other process is building it, remove the lock (rm {lock}) and run again; "
+            "the build restarts from the beginning"
+        )
+        # Twice in a row: torch closes the lock a moment before it removes it.
+        unheld = unheld + 1 if holders == [] else 0
+        if unheld >= 2:
+            raise InputError(
+                f"optimum-quanto's C++ extension {name} has a stale build lock {lock}, left by a build "
+                f"that was stopped (no process holds it): {advice}"
+            )
+        if time.monotonic() - start > timeout_s:
+            raise InputError(
+                f"waited {timeout_s:.0f} s for the build lock {lock} of optimum-quanto's C++ extension {name} "
+                f"(held by {'process ' + ', '.join(map(str, holders)) if holders else 'another process'}): {advice}"
+            )
+        if not said and unheld == 0:
+            print(f"tlora: waiting for another process's build of {name} (lock {lock})", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(poll_s)
+
+
+def _lock_holders(lock: Path) -> list[int] | None:
+    """PIDs of the processes that hold `lock` open (torch's FileBaton keeps it open while it
+    builds), from /proc; None where that cannot be told (no /proc, processes we may not inspect)."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    target = os.path.realpath(lock)
+    holders, unsure = [], False
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except PermissionError:
+            unsure = True
+            continue
+        except OSError:  # the process ended meanwhile
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) == target:
+                    holders.append(int(entry.name))
+                    break
+            except OSError:
+                continue
+    return holders if holders or not unsure else None
