@@ -335,8 +335,8 @@ def _check_base_model(path: Path, base_model: str, modules: dict[str, tuple[int,
 
 @functools.cache
 def _diffusers_submodule_names(class_name: str) -> frozenset[str] | None:
-    """Every name a diffusers model class (or a diffusers base class of it) assigns as `self.NAME
-    = ...` in its source: a superset of its top-level submodules, whatever its config (SD-XL's
+    """Every `self.NAME` a diffusers model class (or a diffusers base class of it) mentions in its
+    source: a superset of its top-level submodules, whatever its config (SD-XL's
     add_embedding as well as SD's modules). None when `class_name` is no diffusers model class,
     when diffusers is not installed, or when the class names submodules at run time (setattr)."""
     try:
@@ -357,7 +357,9 @@ def _diffusers_submodule_names(class_name: str) -> frozenset[str] | None:
             return None
         if re.search(r"setattr\(\s*self\b|\.add_module\(|\.register_module\(", source):
             return None
-        names.update(re.findall(r"\bself\.(\w+)\s*(?::[^=\n]*)?=(?!=)", source))
+        # Every `self.NAME` the source mentions, not only `self.NAME = ...`: a wider superset, so that
+        # no assignment form (tuple unpacking, augmented, walrus) can make a real submodule look foreign.
+        names.update(re.findall(r"\bself\.(\w+)", source))
     return frozenset(names)
 
 
