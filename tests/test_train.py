@@ -37,11 +37,13 @@ except ImportError:
 
 from train_inputs import (  # tests/train_inputs.py, shared with benches/badinput.py
     break_model_index,
+    disc,
     drop_checkpoint_state,
     nan_on_call,
     optimizer_lrs,
     set_flag,
     train_args,
+    write_array,
     write_bomb,
     write_photo,
 )
@@ -49,7 +51,7 @@ from train_inputs import (  # tests/train_inputs.py, shared with benches/badinpu
 import tlora.checkpoint
 from tlora import cli
 from tlora.generate import generate
-from tlora.images import MIN_LABELLED_TILE, load_image
+from tlora.images import MIN_LABELLED_TILE, load_image, load_mask
 from tlora.io import read
 from tlora.pipelines import family_of
 from tlora.train import train
@@ -846,3 +848,80 @@ def test_broken_model_index_is_refused_clearly(case, fragment, models, image, tm
     break_model_index(model, case)
     rc, message = _cli(train_args(model, image, tmp_path / "run", 1, 1), capsys)
     assert rc == 2 and fragment in message, message
+
+
+# ---- issue 21: masks, float images ----------------------------------------------
+
+
+def _photo64(folder: Path) -> Path:
+    return write_array(folder / "photo64.png", np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["smaller mask", "wider mask", "transparent cut-out", "black mask", "subject outside the crop"],
+)
+def test_masks_that_cannot_mask_the_image_are_refused(case, models, tmp_path, capsys):
+    image = _photo64(tmp_path)
+    mask = tmp_path / "mask.png"
+    if case == "smaller mask":  # was cropped out of alignment with the image
+        write_array(mask, np.full((16, 32), 255, np.uint8))
+        fragments = [f"mask {mask} is 32x16 but image {image} is 64x64", "of the image's size"]
+    elif case == "wider mask":
+        write_array(mask, np.full((64, 80), 255, np.uint8))
+        fragments = [f"mask {mask} is 80x64 but image {image} is 64x64"]
+    elif case == "transparent cut-out":  # was composited on white: "all subject"
+        write_array(mask, np.zeros((64, 64, 4), np.uint8))
+        fragments = [f"mask {mask} is transparent everywhere"]
+    elif case == "black mask":
+        write_array(mask, np.zeros((64, 64), np.uint8))
+        fragments = [f"mask {mask} is empty", "white pixels"]
+    else:  # a 64x32 photo whose subject is in its left quarter: the centre crop keeps none of it
+        image = write_array(tmp_path / "wide.png", np.zeros((32, 64, 3), np.uint8))
+        a = np.zeros((32, 64), np.uint8)
+        a[:, :12] = 255
+        write_array(mask, a)
+        fragments = [f"mask {mask}: no subject pixel is left after centre-cropping", "nothing to train on"]
+    out = tmp_path / "run"
+    rc, message = _cli(train_args(models["sd"], image, out, 1, 1, "--mask", str(mask)), capsys)
+    assert rc == 2 and message.startswith("tlora train: error:"), message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert written_files(out) == []
+
+
+def test_cutout_mask_marks_its_opaque_pixels(models, tmp_path, capsys):
+    """An RGBA cut-out's subject is its alpha (>= 128), whatever its colours; a fully opaque RGBA
+    mask is read by its grey levels like any other."""
+    subject = disc(16, 5)
+    cutout = np.zeros((16, 16, 4), np.uint8)
+    cutout[..., :3] = 255  # white everywhere: read as grey levels this was "all subject"
+    cutout[..., 3] = np.where(subject, 255, 0)
+    path = write_array(tmp_path / "cutout.png", cutout)
+    expected = torch.from_numpy(subject.astype(np.float32))[None, None]
+    assert torch.equal(load_mask(path, 16), expected)
+    opaque = np.zeros((16, 16, 4), np.uint8)
+    opaque[..., :3] = np.where(subject, 255, 0)[..., None]
+    opaque[..., 3] = 255
+    assert torch.equal(load_mask(write_array(tmp_path / "opaque.png", opaque), 16), expected)
+    photo = write_photo(tmp_path / "dog.png")  # 16x16, the mask's size
+    assert cli.main(train_args(models["sd"], photo, tmp_path / "run", 1, 1, "--mask", str(path))) == 0, (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_float_images_are_refused(bad, models, tmp_path, capsys):
+    a = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
+    ok = write_array(tmp_path / "ok.tif", a, "F")
+    assert load_image(ok, 16).shape == (1, 3, 16, 16)  # a finite float TIFF trains
+    a = a.copy()
+    a[3, 4] = bad
+    if bad != bad:  # NaN: the whole image, as a float TIFF with missing data
+        a[:] = bad
+    tiff = write_array(tmp_path / "bad.tif", a, "F")
+    out = tmp_path / "run"
+    rc, message = _cli(train_args(models["sd"], tiff, out, 1, 1), capsys)
+    count = 256 if bad != bad else 1
+    assert rc == 2 and f"image {tiff} has {count} non-finite pixel value(s) (NaN or infinity)" in message, message
+    assert written_files(out) == []

@@ -1,6 +1,6 @@
 """Inputs for `tlora train` runs on the tiny offline pipelines, good and bad: the photo, the
 argument list, and the faults (a decompression bomb, broken model_index.json files, a checkpoint
-missing part of its state, a loss that turns NaN).
+missing part of its state, a loss that turns NaN, masks and float images).
 
 Used by tests/test_train.py and benches/badinput.py.
 """
@@ -120,3 +120,15 @@ def nan_on_call(loss_fn: Callable, n: int) -> Callable:
         return loss * float("nan") if len(calls) == n else loss
 
     return poisoned
+
+
+def write_array(path: Path, a: np.ndarray, mode: str | None = None) -> Path:
+    """An image file of array `a` (PIL's mode for it unless `mode` is given)."""
+    Image.fromarray(a, mode).save(path)
+    return path
+
+
+def disc(side: int, radius: float) -> np.ndarray:
+    """A centred disc of `radius` px in a side x side boolean array."""
+    y, x = np.mgrid[0:side, 0:side]
+    return (x - (side - 1) / 2) ** 2 + (y - (side - 1) / 2) ** 2 < radius**2

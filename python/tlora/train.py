@@ -260,7 +260,7 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> Train
     cond = fam.encode_prompt(cfg.prompt, resolution)
     mask = None
     if cfg.mask:
-        mask = load_mask(cfg.mask, lat_mean.shape[-1]).to(acc.device)
+        mask = load_mask(cfg.mask, lat_mean.shape[-1], images=paths).to(acc.device)
     prior = None
     if cfg.prior_dir:
         prior_pixels = torch.cat([load_image(p, resolution) for p in list_images(cfg.prior_dir)])
