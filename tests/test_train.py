@@ -850,7 +850,7 @@ def test_broken_model_index_is_refused_clearly(case, fragment, models, image, tm
     assert rc == 2 and fragment in message, message
 
 
-# ---- issue 21: masks, float images ----------------------------------------------
+# ---- issue 21: masks, float images, resume state ----------------------------------------------
 
 
 def _photo64(folder: Path) -> Path:
@@ -925,3 +925,58 @@ def test_non_finite_float_images_are_refused(bad, models, tmp_path, capsys):
     count = 256 if bad != bad else 1
     assert rc == 2 and f"image {tiff} has {count} non-finite pixel value(s) (NaN or infinity)" in message, message
     assert written_files(out) == []
+
+
+def test_resume_beyond_the_runs_steps_is_refused(models, image, trained, tmp_path, capsys):
+    out = _copy_run(trained, tmp_path)
+    before = {p: p.read_bytes() for p in written_files(out)}
+    rc, message = _cli(train_args(models["sd"], image, out, 1, 1, "--resume"), capsys)
+    state = out / "checkpoint-2" / "state.json"
+    assert rc == 2 and f"{state}: step 2 is beyond this run's --steps 1: give --steps above 2" in message, message
+    assert {p: p.read_bytes() for p in written_files(out)} == before
+
+
+def test_checkpoint_without_checksum_resumes_with_a_warning(models, image, trained, tmp_path, capsys):
+    """A state file from before checksums: every other check still runs, and it resumes exactly."""
+    reference = _copy_run(trained, tmp_path / "a")
+    assert cli.main(train_args(models["sd"], image, reference, 3, 1, "--resume")) == 0
+    out = _copy_run(trained, tmp_path / "b")
+    drop_checkpoint_state(out / "checkpoint-2" / "state.safetensors", "checksum")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="state.safetensors has no checksum"):
+        assert cli.main(train_args(models["sd"], image, out, 3, 1, "--resume")) == 0
+    assert_same_tensors(
+        out / "checkpoint-3" / "adapter.safetensors", reference / "checkpoint-3" / "adapter.safetensors"
+    )
+    assert_same_tensors(out / "checkpoint-3" / "state.safetensors", reference / "checkpoint-3" / "state.safetensors")
+
+
+def test_divergence_after_resume_names_the_validated_checkpoint(models, image, trained, tmp_path, monkeypatch, capsys):
+    out = _copy_run(trained, tmp_path)
+    monkeypatch.setattr(tlora.train.F, "mse_loss", nan_on_call(F.mse_loss, 1))  # the first step after resuming
+    rc, message = _cli(train_args(models["sd"], image, out, 4, 1, "--resume"), capsys)
+    monkeypatch.undo()
+    assert rc == 2 and "the loss is nan at step 3" in message, message
+    assert f"The last good checkpoint is {out / 'checkpoint-2'}" in message
+
+
+def test_optimizer_state_gone_bad_is_not_checkpointed(models, image, tmp_path, monkeypatch, capsys):
+    """Finite factors but a negative second moment (a state AdamW cannot continue from): the run
+    stops before writing that checkpoint and names the last one it wrote."""
+    step = torch.optim.AdamW.step
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            self.state[self.param_groups[0]["params"][0]]["exp_avg_sq"].fill_(-1.0)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    out = tmp_path / "run"
+    rc, message = _cli(train_args(models["sd"], image, out, 3, 1), capsys)
+    monkeypatch.undo()
+    assert rc == 2 and "the optimizer's state 0 exp_avg_sq holds negative values" in message, message
+    assert "at step 2" in message and f"The last good checkpoint is {out / 'checkpoint-1'}" in message, message
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]

@@ -94,12 +94,14 @@ def _metadata(path: Path) -> dict:
 
 
 def drop_checkpoint_state(state: Path, drop: str) -> None:
-    """Rewrites a checkpoint's state.safetensors without its RNG state (drop="rng") or its
-    optimizer state (drop="optimizer")."""
+    """Rewrites a checkpoint's state.safetensors without its RNG state (drop="rng"), its
+    optimizer state (drop="optimizer") or its checksum (drop="checksum", as an older tlora wrote it)."""
     meta = _metadata(state)
     tensors = load_file(str(state))
     if drop == "rng":
         tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+    elif drop == "checksum":
+        del meta["checksum"]
     else:
         meta = {}
     save_file(tensors, str(state), metadata=meta)
