@@ -452,3 +452,332 @@ def run_in_thread(fn: Callable, *args, timeout: float) -> dict:
     if thread.is_alive():
         box["hang"] = True
     return box
+
+
+# ---- resume state: corrupted training checkpoints (`tlora train --resume`) --------------------
+#
+# Each case edits a copy of a finished run folder (tiny SD, 2 steps, checkpoints 1 and 2; made by
+# the caller with tests/train_inputs.py) in one place: checkpoint-2's state.safetensors, state.json
+# or adapter.safetensors, or the run's config.json or loss.jsonl. `file` is the edited file (the
+# refusal must name it). Edits of state.safetensors are "restamped" (its checksum recomputed here,
+# as tlora.checkpoint documents it: the adapter files' scheme over its metadata strings) so that the
+# checks behind the checksum are reached, unless the case says "stale checksum".
+
+
+@dataclass
+class ResumeCase:
+    name: str
+    file: str  # the edited file, relative to the run folder
+    apply: Callable[[Path], None]  # edits the run folder in place
+    # True: --resume must refuse it (exit 2, one line naming `file`, the folder untouched);
+    # False: --resume must continue the run.
+    must_fail: bool = True
+
+
+STATE = "checkpoint-2/state.safetensors"
+STEP_FILE = "checkpoint-2/state.json"
+CKPT_ADAPTER = "checkpoint-2/adapter.safetensors"
+
+
+def _header(data: bytes) -> tuple[int, dict]:
+    n = int.from_bytes(data[:8], "little")
+    return n, json.loads(data[8 : 8 + n])
+
+
+def _edit_state(change: Callable[[dict, dict], Any], restamp: bool = True) -> Callable[[Path], None]:
+    """An edit of state.safetensors: `change(tensors, strings)` edits the tensors and metadata
+    strings in place; the checksum is recomputed when `restamp` (and the file has one)."""
+
+    def apply(run: Path) -> None:
+        path = run / STATE
+        data = path.read_bytes()
+        tensors = st_load(data)
+        strings = dict(_header(data)[1].get("__metadata__", {}))
+        change(tensors, strings)
+        if restamp and "checksum" in strings:
+            strings["checksum"] = checksum(tensors, strings)
+        path.write_bytes(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=strings))
+
+    return apply
+
+
+def _edit_optimizer(change: Callable[[dict], Any]) -> Callable[[Path], None]:
+    """An edit of the optimizer description (parsed JSON; `change` edits it in place or returns
+    ("replace", new text)), restamped."""
+
+    def strings_change(tensors, strings):
+        meta = json.loads(strings["optimizer"])
+        new = change(meta)
+        strings["optimizer"] = new[1] if isinstance(new, tuple) else json.dumps(meta)
+
+    return _edit_state(strings_change)
+
+
+def _put(rel: str, data: bytes | str) -> Callable[[Path], None]:
+    def apply(run: Path) -> None:
+        path = run / rel
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+
+    return apply
+
+
+def _edit_json(rel: str, change: Callable[[Any], Any]) -> Callable[[Path], None]:
+    """An edit of a JSON file: `change(data)` edits it in place or returns ("replace", new data)."""
+
+    def apply(run: Path) -> None:
+        path = run / rel
+        data = json.loads(path.read_text())
+        new = change(data)
+        path.write_text(json.dumps(new[1] if isinstance(new, tuple) else data))
+
+    return apply
+
+
+def _set(*keys_value):
+    *keys, value = keys_value
+
+    def change(d):
+        for k in keys[:-1]:
+            d = d[k]
+        d[keys[-1]] = value
+
+    return change
+
+
+def _drop(*keys):
+    def change(d):
+        for k in keys[:-1]:
+            d = d[k]
+        del d[keys[-1]]
+
+    return change
+
+
+def resume_cases(run: Path) -> list[ResumeCase]:
+    """The corpus for the run folder `run` (read to size the truncations)."""
+    rng = random.Random(4321)
+    cases: list[ResumeCase] = []
+
+    def add(name, file, apply, must_fail=True):
+        cases.append(ResumeCase(name, file, apply, must_fail))
+
+    state = (run / STATE).read_bytes()
+    header_len, header = _header(state)
+    for n in sorted({0, 4, 8, 9, 8 + header_len // 2, 8 + header_len, 8 + header_len + 7, len(state) - 1}):
+        add(f"state truncated at {n}", STATE, _put(STATE, state[:n]))
+    for _ in range(8):
+        b = bytearray(state)
+        pos = rng.randrange(8 + header_len, len(state))
+        b[pos] ^= 1 << rng.randrange(8)
+        add(f"state data byte {pos} flipped", STATE, _put(STATE, bytes(b)))
+    start = state.index(b'"optimizer"')
+    for _ in range(4):
+        b = bytearray(state)
+        pos = rng.randrange(start + 14, start + 200)
+        b[pos] = ord("7") if b[pos] != ord("7") else ord("8")
+        add(f"state metadata byte {pos} changed", STATE, _put(STATE, bytes(b)))
+
+    # The moments: values, dtypes, shapes (restamped).
+    def tensor_edit(key, fn):
+        return _edit_state(lambda t, s: t.__setitem__(key, fn(t[key])))
+
+    def poke(value):
+        def fn(x):
+            x = x.clone()
+            x.reshape(-1)[0] = value
+            return x
+
+        return fn
+
+    for key in ("state.0.exp_avg_sq", "state.4.exp_avg"):
+        for value in (float("nan"), float("inf"), float("-inf")):
+            add(f"{key} holds {value}", STATE, tensor_edit(key, poke(value)))
+    add("state.0.exp_avg_sq negative", STATE, tensor_edit("state.0.exp_avg_sq", poke(-1e-3)))
+    add("state.1.exp_avg_sq all -1", STATE, tensor_edit("state.1.exp_avg_sq", lambda x: -torch.ones_like(x)))
+    add(
+        "state.0.exp_avg_sq NaN (stale checksum)",
+        STATE,
+        _edit_state(
+            lambda t, s: t.__setitem__("state.0.exp_avg_sq", poke(float("nan"))(t["state.0.exp_avg_sq"])), restamp=False
+        ),
+    )
+    for dtype in (torch.float64, torch.float16, torch.bfloat16, torch.int64):
+        add(f"state.0.exp_avg as {dtype}", STATE, tensor_edit("state.0.exp_avg", lambda x, d=dtype: x.to(d)))
+    add("state.0.exp_avg transposed", STATE, tensor_edit("state.0.exp_avg", lambda x: x.t().contiguous()))
+    add("state.0.exp_avg one more row", STATE, tensor_edit("state.0.exp_avg", lambda x: torch.cat([x, x[:1]])))
+    add("state.2.exp_avg_sq flattened", STATE, tensor_edit("state.2.exp_avg_sq", lambda x: x.reshape(-1).clone()))
+    add("state.1.exp_avg 0-d", STATE, tensor_edit("state.1.exp_avg", lambda x: x.reshape(-1)[0].clone()))
+    add(
+        "state.0 and state.1 swapped",
+        STATE,
+        _edit_state(
+            lambda t, s: t.update(
+                {
+                    "state.0.exp_avg": t["state.1.exp_avg"],
+                    "state.0.exp_avg_sq": t["state.1.exp_avg_sq"],
+                    "state.1.exp_avg": t["state.0.exp_avg"],
+                    "state.1.exp_avg_sq": t["state.0.exp_avg_sq"],
+                }
+            )
+        ),
+    )
+    # Step counts: the checkpoint is at step 2, every factor at 2.
+    for value in (0.0, -1.0, 2.5, 3.0, float("nan"), 1e30):
+        add(f"state.0.step {value}", STATE, tensor_edit("state.0.step", lambda x, v=value: torch.tensor(v)))
+    add("state.3.step 1 (others 2)", STATE, tensor_edit("state.3.step", lambda x: torch.tensor(1.0)))
+    add("state.0.step as int64", STATE, tensor_edit("state.0.step", lambda x: x.long()))
+    add("state.0.step of shape (1,)", STATE, tensor_edit("state.0.step", lambda x: x.reshape(1).clone()))
+    # Keys.
+    add("state.0.exp_avg missing", STATE, _edit_state(lambda t, s: t.pop("state.0.exp_avg")))
+    add("state.0.step missing", STATE, _edit_state(lambda t, s: t.pop("state.0.step")))
+    add("state.0.foo extra", STATE, _edit_state(lambda t, s: t.__setitem__("state.0.foo", torch.zeros(2))))
+    add(
+        "state.999 beyond the factors",
+        STATE,
+        _edit_state(
+            lambda t, s: t.update(
+                {f"state.999.{k}": t[f"state.0.{k}"].clone() for k in ("step", "exp_avg", "exp_avg_sq")}
+            )
+        ),
+    )
+    add("state.x.step", STATE, _edit_state(lambda t, s: t.__setitem__("state.x.step", torch.tensor(2.0))))
+    add("state.00.step", STATE, _edit_state(lambda t, s: t.__setitem__("state.00.step", t.pop("state.0.step"))))
+    add("unknown tensor", STATE, _edit_state(lambda t, s: t.__setitem__("extra", torch.zeros(1))))
+    # The RNG state.
+    add("rng.generator missing", STATE, _edit_state(lambda t, s: t.pop("rng.generator")))
+    add("rng.generator cut to 100 bytes", STATE, tensor_edit("rng.generator", lambda x: x[:100].clone()))
+    add("rng.generator as float32", STATE, tensor_edit("rng.generator", lambda x: x.float()))
+    add(
+        "rng.generator.0 of the wrong size",
+        STATE,
+        _edit_state(lambda t, s: t.__setitem__("rng.generator.0", torch.zeros(7, dtype=torch.uint8))),
+    )
+    # The metadata strings.
+    add("optimizer metadata missing", STATE, _edit_state(lambda t, s: s.pop("optimizer")))
+    add("step metadata 7", STATE, _edit_state(lambda t, s: s.__setitem__("step", "7")))
+    add(
+        "checksum wrong",
+        STATE,
+        _edit_state(lambda t, s: s.__setitem__("checksum", "sha256:" + "0" * 64), restamp=False),
+    )
+    add(
+        "checksum removed and a NaN moment",
+        STATE,
+        _edit_state(lambda t, s: (s.pop("checksum"), t["state.0.exp_avg_sq"].reshape(-1).__setitem__(0, float("nan")))),
+    )
+    add("checksum removed (an older tlora's checkpoint)", STATE, _edit_state(lambda t, s: s.pop("checksum")), False)
+    # The optimizer description.
+    for text in ("{not json", "[1, 2]", "null", '"x"', "[" * 100_000 + "]" * 100_000):
+        add(f"optimizer metadata {text[:12]!r}", STATE, _edit_optimizer(lambda m, x=text: ("replace", x)))
+    add("param_groups missing", STATE, _edit_optimizer(_drop("param_groups")))
+    add("scalars missing", STATE, _edit_optimizer(_drop("scalars")))
+    for value in ([], [5], "x", None, [{}]):
+        add(f"param_groups {value!r}", STATE, _edit_optimizer(_set("param_groups", value)))
+    for key, value in (
+        ("params", None),
+        ("params", [0, 0, 1, 2, 3, 4, 5]),
+        ("params", [1, 2, 3]),
+        ("params", ["0"]),
+        ("params", [True]),
+        ("params", list(range(1000))),
+        ("lr", float("nan")),
+        ("lr", -1),
+        ("lr", "x"),
+        ("lr", 1e9),
+        ("lr", True),
+        ("betas", [0.9]),
+        ("betas", [1.0, 0.999]),
+        ("betas", [0.9, float("inf")]),
+        ("betas", "x"),
+        ("eps", 0),
+        ("eps", -1e-8),
+        ("weight_decay", -1),
+        ("weight_decay", float("inf")),
+        ("amsgrad", "yes"),
+        ("amsgrad", True),  # then every factor lacks max_exp_avg_sq
+        ("foreach", 5),
+        ("maximize", True),  # a flag this run's optimizer does not have
+        ("decoupled_weight_decay", False),
+    ):
+        add(f"param_groups[0].{key} {str(value)[:20]}", STATE, _edit_optimizer(_set("param_groups", 0, key, value)))
+    for key in ("lr", "betas", "eps", "weight_decay", "params"):
+        add(f"param_groups[0].{key} missing", STATE, _edit_optimizer(_drop("param_groups", 0, key)))
+    for value in ([], "x", {"0.step": "x"}, {"x": 1}, {"0.step": 2}, {"0.foo": 1}, {"999.step": 2}):
+        add(f"scalars {str(value)[:20]}", STATE, _edit_optimizer(_set("scalars", value)))
+
+    # state.json: the step.
+    for value in (10**10, -1, 0, 3, "2", True, 2.0, None, [2]):
+        add(f"state.json step {value!r}", STEP_FILE, _edit_json(STEP_FILE, _set("step", value)))
+    add("state.json step missing", STEP_FILE, _edit_json(STEP_FILE, _drop("step")))
+    for data in ("[2]", "2", "{not json", "", b"\xff\xfe\x00garbage", "[" * 100_000 + "]" * 100_000):
+        add(f"state.json holds {str(data)[:12]!r}", STEP_FILE, _put(STEP_FILE, data))
+    add("state.json deleted", STEP_FILE, lambda r: (r / STEP_FILE).unlink())
+    add("state.json a folder", STEP_FILE, lambda r: ((r / STEP_FILE).unlink(), (r / STEP_FILE).mkdir()))
+
+    # The checkpoint's adapter file (its own format and checksum: the adapter corpus covers it).
+    adapter = (run / CKPT_ADAPTER).read_bytes()
+    add("checkpoint adapter truncated", CKPT_ADAPTER, _put(CKPT_ADAPTER, adapter[: len(adapter) // 2]))
+    b = bytearray(adapter)
+    b[-3] ^= 0x10
+    add("checkpoint adapter data byte flipped", CKPT_ADAPTER, _put(CKPT_ADAPTER, bytes(b)))
+    add("checkpoint adapter deleted", CKPT_ADAPTER, lambda r: (r / CKPT_ADAPTER).unlink())
+
+    # config.json: sections and the settings --resume compares.
+    cfg = "config.json"
+    for section in ("train", "adapter"):
+        for value in ([1], "x", None, 3):
+            add(f"config {section} is {value!r}", cfg, _edit_json(cfg, _set(section, value)))
+        add(f"config {section} missing", cfg, _edit_json(cfg, _drop(section)))
+    for key, value in (
+        ("model", 5),
+        ("model", ""),
+        ("token", None),
+        ("class_name", ["dog"]),
+        ("resolution", "16"),
+        ("resolution", 0),
+        ("seed", "0"),
+        ("seed", -1),
+        ("seed", 1.5),
+        ("seed", True),
+    ):
+        add(f"config train.{key} {value!r}", cfg, _edit_json(cfg, _set("train", key, value)))
+    for key in ("model", "seed"):
+        add(f"config train.{key} missing", cfg, _edit_json(cfg, _drop("train", key)))
+    for key, value in (
+        ("rank", "4"),
+        ("rank", 0),
+        ("rank", 4.0),
+        ("min_rank", 99),
+        ("variant", "dora"),
+        ("rank_exponent", float("nan")),
+        ("target_modules", 5),
+    ):
+        add(f"config adapter.{key} {value!r}", cfg, _edit_json(cfg, _set("adapter", key, value)))
+    for key in ("rank", "variant"):
+        add(f"config adapter.{key} missing", cfg, _edit_json(cfg, _drop("adapter", key)))
+    for data in ("[1]", "{not json", "", b"\xff\xfe\x00garbage", "[" * 100_000 + "]" * 100_000):
+        add(f"config.json holds {str(data)[:12]!r}", cfg, _put(cfg, data))
+
+    # loss.jsonl: every line a {step, loss, seconds} object, steps increasing.
+    log = "loss.jsonl"
+    first, second = (run / log).read_text().splitlines()
+    for line in (
+        "[1, 2]",
+        '{"loss": 1}',
+        '{"step": 1}',
+        "garbage",
+        '{"step": "1", "loss": 1}',
+        '{"step": true, "loss": 1}',
+        '{"step": 0, "loss": 1}',
+        '{"step": 1, "loss": NaN}',
+        '{"step": 1, "loss": "x"}',
+        '{"step": 1, "loss": -1}',
+        '{"step": 1, "loss": 1, "seconds": -1}',
+        "[" * 100_000 + "]" * 100_000,
+    ):
+        add(f"loss.jsonl line {line[:24]!r}", log, _put(log, f"{line}\n{second}\n"))
+    add("loss.jsonl steps decrease", log, _put(log, f"{second}\n{first}\n"))
+    add("loss.jsonl step repeated", log, _put(log, f"{first}\n{first}\n"))
+    add("loss.jsonl binary", log, _put(log, first.encode() + b"\n\xff\xfe garbage\n"))
+    add("loss.jsonl last line cut short", log, _put(log, f"{first}\n{second}\n{second[:9]}"), False)
+    return cases

@@ -5,14 +5,20 @@ computes the documented cosines: against the models' own feature functions, cosi
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
+from safetensors.torch import load_file, save_file
 
 from tlora.cli import main
+from tlora.errors import InputError
 from tlora.evaluate import Encoders, evaluate, markdown, paper_prompts
 from tlora.images import MIN_LABELLED_TILE, grid, label_font
 from tlora.tiny import save_tiny_clip, save_tiny_dino
@@ -118,6 +124,17 @@ def test_mask_fills_reference_background(models, tmp_path):
             assert abs(a[k] - c[k]) > 1e-4
         assert masked["per_image"][1][k] == pytest.approx(1.0, abs=1e-6)  # generated == masked reference
     assert [r["clip_t"] for r in masked["per_image"]] == [r["clip_t"] for r in plain["per_image"]]  # text: no mask
+    # A cut-out (alpha = the subject, colours white everywhere) masks the same pixels.
+    cutout = np.full((40, 40, 4), 255, np.uint8)
+    cutout[..., 3] = mask
+    cut = evaluate(
+        gen,
+        [ref_p],
+        masks=[_save(Image.fromarray(cutout), tmp_path / "cut.png")],
+        mask_fill=(0, 128, 255),
+        encoders=enc,
+    )
+    assert cut["per_image"] == masked["per_image"]
 
 
 def test_prompt_sources(models, tmp_path):
@@ -324,3 +341,128 @@ def test_demo_comparison_grid_is_labelled(tmp_path, monkeypatch, capsys):
     assert (a[-128:, -128:] == 255).all()
     last = _noise(200 + (rows - 1) * n + n - 1, 32).resize((128, 128), Image.NEAREST)
     assert np.array_equal(a[-128:, -256:-128], np.asarray(last))
+
+
+# ---- issue 21: devices, broken scorer folders, wrong kinds of paths, non-finite scores --------
+
+
+def _inputs(tmp_path):
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    _save(_noise(0), gen / "00-0.png", "a dog")
+    ref = _save(_noise(1), tmp_path / "ref.png")
+    return gen, ref, ["evaluate", "--generated", str(gen), "--reference", str(ref), "--out", str(tmp_path / "o")]
+
+
+def _one_line(capsys, argv) -> str:
+    """The refusal of `tlora ARGV`: exit 2, nothing on stdout, one line on stderr after any progress bars."""
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err, (out, err)
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(lines) == 1 and lines[0].startswith("tlora evaluate: error:"), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "device,fragment",
+    [
+        ("foo", "unknown device 'foo': use auto, cpu, cuda, cuda:N or mps"),
+        ("meta", "device 'meta' is not supported"),
+        pytest.param(
+            "cuda",
+            "device 'cuda' is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU"),
+        ),
+    ],
+)
+def test_devices_are_checked_as_train_and_generate_check_them(device, fragment, models, tmp_path):
+    gen, ref, base = _inputs(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlora.cli", *base, "--clip", str(models[0]), "--device", device],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert fragment in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def _broken_copy(src, dst, case: str):
+    shutil.copytree(src, dst)
+    if case == "truncated weights":
+        data = (dst / "model.safetensors").read_bytes()
+        (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif case in ("wider config", "deeper config"):
+        config = json.loads((dst / "config.json").read_text())
+        vision = config.get("vision_config", config)  # CLIP's image tower, or DINO's config
+        if case == "wider config":
+            vision["hidden_size"] *= 2
+        else:
+            vision["num_hidden_layers"] += 1
+        (dst / "config.json").write_text(json.dumps(config))
+    else:  # NaN weights
+        tensors = load_file(str(dst / "model.safetensors"))
+        for t in tensors.values():
+            if t.is_floating_point():
+                t.fill_(float("nan"))
+        save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize(
+    "flag,case,fragment",
+    [
+        ("--clip", "truncated weights", "its weights cannot be loaded (SafetensorError"),
+        ("--dino", "truncated weights", "its weights cannot be loaded (SafetensorError"),
+        ("--dino", "wider config", "its weights do not fit its config.json"),
+        ("--clip", "wider config", "its weights do not fit its config.json"),
+        ("--dino", "deeper config", "its weights lack"),
+        ("--clip", "NaN weights", "holds non-finite values (NaN or infinity)"),
+        ("--dino", "NaN weights", "holds non-finite values (NaN or infinity)"),
+    ],
+)
+def test_broken_scorer_folders_are_refused_in_one_line(flag, case, fragment, models, tmp_path, capsys):
+    source = models[0] if flag == "--clip" else models[1]
+    broken = _broken_copy(source, tmp_path / "broken", case)
+    gen, ref, base = _inputs(tmp_path)
+    message = _one_line(capsys, [*base, flag, str(broken)])
+    assert f"{flag} {broken}: " in message and fragment in message, message
+    assert not (tmp_path / "o").exists()  # a NaN model wrote "NaN" into evaluation.json (not JSON)
+
+
+def test_wrong_kinds_of_paths_are_named(models, tmp_path, capsys):
+    gen, ref, base = _inputs(tmp_path)
+    clip = ["--clip", str(models[0])]
+    args = [*base, *clip]
+    args[args.index("--generated") + 1] = str(ref)
+    message = _one_line(capsys, args)
+    assert f"generated-image folder {ref} is a file, not a folder" in message, message
+    message = _one_line(capsys, [*base, *clip, "--prompts", str(gen)])
+    assert f"prompt manifest {gen} is a folder, not a JSON or JSONL file" in message, message
+    binary = tmp_path / "prompts.json"
+    binary.write_bytes(b"\xff\xfe\x00\x81 not text")
+    message = _one_line(capsys, [*base, *clip, "--prompts", str(binary)])
+    assert f"prompt manifest {binary} is not UTF-8 text (byte 0 is 0xff)" in message, message
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"file": "00-0.png", "prompt": "a dog"}\n{oops\n')
+    message = _one_line(capsys, [*base, *clip, "--prompts", str(jsonl)])
+    assert f"prompt manifest {jsonl} is neither JSON nor JSONL (line 2:" in message, message
+    nan = tmp_path / "ref.tif"
+    Image.fromarray(np.full((40, 40), np.nan, np.float32), "F").save(nan)
+    args = [*base, *clip]
+    args[args.index("--reference") + 1] = str(nan)
+    message = _one_line(capsys, args)
+    assert f"reference image {nan} has 1600 non-finite pixel value(s)" in message, message
+
+
+def test_non_finite_scores_are_refused(models, tmp_path):
+    """A scorer that gives a zero embedding (cosine 0/0) is refused, naming the metric and image."""
+    gen, ref, _ = _inputs(tmp_path)
+    enc = Encoders.load(clip=str(models[0]))
+    clip_images = enc.clip_images
+    enc.clip_images = lambda images: clip_images(images) * 0
+    with pytest.raises(InputError, match=r"CLIP-I is not finite for 1 image\(s\) \(e.g. 00-0.png\)"):
+        evaluate(gen, [ref], encoders=enc)

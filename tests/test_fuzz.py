@@ -165,6 +165,118 @@ def _check_exact(case, reader, box, path, reference, valid_config, failures, lab
         failures.append(f"{label}: loaded tensors differ from the file's")
 
 
+# ---- resume state: corrupted training checkpoints ---------------------------------------------
+# tests/fuzz_corpus.py `resume_cases`: each edits a copy of a finished 2-step run in one place;
+# `tlora train --resume` must refuse it (exit 2, one line naming the edited file, no "last good
+# checkpoint" for it) and leave the run folder and the model folder exactly as they were.
+
+RESUME_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from fuzz_corpus import run_cli
+    from train_inputs import train_args, write_photo
+
+    from tlora.tiny import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("resume-fuzz")
+    model = save_tiny_pipeline("sd", root / "sd")
+    image = write_photo(root / "dog.png")
+    rc, err, _ = run_cli(train_args(model, image, root / "run", 2, 1))
+    assert rc == 0, err
+    return model, image, root / "run"
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` with its bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def test_resume_corpus_is_large_and_deterministic(finished_run):
+    from fuzz_corpus import resume_cases
+
+    run = finished_run[2]
+    cases = resume_cases(run)
+    assert len(cases) >= 150
+    assert [c.name for c in resume_cases(run)] == [c.name for c in cases]
+    assert {c.file for c in cases} == {
+        "checkpoint-2/state.safetensors",
+        "checkpoint-2/state.json",
+        "checkpoint-2/adapter.safetensors",
+        "config.json",
+        "loss.jsonl",
+    }
+
+
+def test_every_corrupted_checkpoint_is_refused_clearly(finished_run, tmp_path):
+    import shutil
+
+    from fuzz_corpus import resume_cases, run_cli
+    from train_inputs import train_args
+
+    model, image, run = finished_run
+    model_before = folder_bytes(model)
+    failures = []
+    for i, case in enumerate(resume_cases(run)):
+        out = tmp_path / f"run{i:03d}"
+        shutil.copytree(run, out)
+        case.apply(out)
+        before = folder_bytes(out)
+        box = call_with_timeout(run_cli, train_args(model, image, out, RESUME_STEPS, 1, "--resume"))
+        label = f"{case.name} ({case.file})"
+        if "error" in box:
+            failures.append(f"{label}: raised {type(box['error']).__name__}: {box['error']}"[:300])
+            continue
+        rc, err, _ = box["result"]
+        lines = [line for line in err.splitlines() if line.strip()]
+        message = lines[-1] if lines else ""
+        if not case.must_fail:
+            if rc != 0:
+                failures.append(f"{label}: refused a run that must resume: {message}"[:300])
+            elif not (out / f"checkpoint-{RESUME_STEPS}").is_dir():
+                failures.append(f"{label}: resumed but did not train on")
+            continue
+        if rc != 2 or "Traceback" in err or not message.startswith("tlora train: error:"):
+            failures.append(f"{label}: rc {rc}, unclear refusal {message!r}"[:300])
+        elif str(out / case.file) not in message:
+            failures.append(f"{label}: the refusal does not name {case.file}: {message!r}"[:300])
+        elif "last good checkpoint" in message:
+            failures.append(f"{label}: the refusal calls a checkpoint good: {message!r}"[:300])
+        if folder_bytes(out) != before:
+            failures.append(f"{label}: the run folder changed")
+        shutil.rmtree(out)
+    assert folder_bytes(model) == model_before
+    assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:40])
+
+
+def test_cli_resume_from_a_corrupted_checkpoint_exits_2_in_a_subprocess(finished_run, tmp_path):
+    import shutil
+
+    from fuzz_corpus import resume_cases
+    from train_inputs import train_args
+
+    model, image, run = finished_run
+    case = next(c for c in resume_cases(run) if c.name == "state.0.exp_avg_sq holds nan")
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    case.apply(out)
+    before = folder_bytes(out)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlora.cli", *train_args(model, image, out, RESUME_STEPS, 1, "--resume")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
+    )
+    message = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    state = out / "checkpoint-2" / "state.safetensors"
+    assert message.startswith(f"tlora train: error: {state}: state.0.exp_avg_sq: holds 1 non-finite value"), message
+    assert f"{out / 'checkpoint-1'} validates" in message and "--overwrite" in message, message
+    assert folder_bytes(out) == before
+
+
 def test_non_regular_files_are_refused_without_blocking(tmp_path):
     fifo = tmp_path / "pipe.safetensors"
     os.mkfifo(fifo)

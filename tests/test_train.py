@@ -37,11 +37,13 @@ except ImportError:
 
 from train_inputs import (  # tests/train_inputs.py, shared with benches/badinput.py
     break_model_index,
+    disc,
     drop_checkpoint_state,
     nan_on_call,
     optimizer_lrs,
     set_flag,
     train_args,
+    write_array,
     write_bomb,
     write_photo,
 )
@@ -49,7 +51,7 @@ from train_inputs import (  # tests/train_inputs.py, shared with benches/badinpu
 import tlora.checkpoint
 from tlora import cli
 from tlora.generate import generate
-from tlora.images import MIN_LABELLED_TILE, load_image
+from tlora.images import MIN_LABELLED_TILE, load_image, load_mask
 from tlora.io import read
 from tlora.pipelines import family_of
 from tlora.train import train
@@ -846,3 +848,135 @@ def test_broken_model_index_is_refused_clearly(case, fragment, models, image, tm
     break_model_index(model, case)
     rc, message = _cli(train_args(model, image, tmp_path / "run", 1, 1), capsys)
     assert rc == 2 and fragment in message, message
+
+
+# ---- issue 21: masks, float images, resume state ----------------------------------------------
+
+
+def _photo64(folder: Path) -> Path:
+    return write_array(folder / "photo64.png", np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["smaller mask", "wider mask", "transparent cut-out", "black mask", "subject outside the crop"],
+)
+def test_masks_that_cannot_mask_the_image_are_refused(case, models, tmp_path, capsys):
+    image = _photo64(tmp_path)
+    mask = tmp_path / "mask.png"
+    if case == "smaller mask":  # was cropped out of alignment with the image
+        write_array(mask, np.full((16, 32), 255, np.uint8))
+        fragments = [f"mask {mask} is 32x16 but image {image} is 64x64", "of the image's size"]
+    elif case == "wider mask":
+        write_array(mask, np.full((64, 80), 255, np.uint8))
+        fragments = [f"mask {mask} is 80x64 but image {image} is 64x64"]
+    elif case == "transparent cut-out":  # was composited on white: "all subject"
+        write_array(mask, np.zeros((64, 64, 4), np.uint8))
+        fragments = [f"mask {mask} is transparent everywhere"]
+    elif case == "black mask":
+        write_array(mask, np.zeros((64, 64), np.uint8))
+        fragments = [f"mask {mask} is empty", "white pixels"]
+    else:  # a 64x32 photo whose subject is in its left quarter: the centre crop keeps none of it
+        image = write_array(tmp_path / "wide.png", np.zeros((32, 64, 3), np.uint8))
+        a = np.zeros((32, 64), np.uint8)
+        a[:, :12] = 255
+        write_array(mask, a)
+        fragments = [f"mask {mask}: no subject pixel is left after centre-cropping", "nothing to train on"]
+    out = tmp_path / "run"
+    rc, message = _cli(train_args(models["sd"], image, out, 1, 1, "--mask", str(mask)), capsys)
+    assert rc == 2 and message.startswith("tlora train: error:"), message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert written_files(out) == []
+
+
+def test_cutout_mask_marks_its_opaque_pixels(models, tmp_path, capsys):
+    """An RGBA cut-out's subject is its alpha (>= 128), whatever its colours; a fully opaque RGBA
+    mask is read by its grey levels like any other."""
+    subject = disc(16, 5)
+    cutout = np.zeros((16, 16, 4), np.uint8)
+    cutout[..., :3] = 255  # white everywhere: read as grey levels this was "all subject"
+    cutout[..., 3] = np.where(subject, 255, 0)
+    path = write_array(tmp_path / "cutout.png", cutout)
+    expected = torch.from_numpy(subject.astype(np.float32))[None, None]
+    assert torch.equal(load_mask(path, 16), expected)
+    opaque = np.zeros((16, 16, 4), np.uint8)
+    opaque[..., :3] = np.where(subject, 255, 0)[..., None]
+    opaque[..., 3] = 255
+    assert torch.equal(load_mask(write_array(tmp_path / "opaque.png", opaque), 16), expected)
+    photo = write_photo(tmp_path / "dog.png")  # 16x16, the mask's size
+    assert cli.main(train_args(models["sd"], photo, tmp_path / "run", 1, 1, "--mask", str(path))) == 0, (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_float_images_are_refused(bad, models, tmp_path, capsys):
+    a = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
+    ok = write_array(tmp_path / "ok.tif", a, "F")
+    assert load_image(ok, 16).shape == (1, 3, 16, 16)  # a finite float TIFF trains
+    a = a.copy()
+    a[3, 4] = bad
+    if bad != bad:  # NaN: the whole image, as a float TIFF with missing data
+        a[:] = bad
+    tiff = write_array(tmp_path / "bad.tif", a, "F")
+    out = tmp_path / "run"
+    rc, message = _cli(train_args(models["sd"], tiff, out, 1, 1), capsys)
+    count = 256 if bad != bad else 1
+    assert rc == 2 and f"image {tiff} has {count} non-finite pixel value(s) (NaN or infinity)" in message, message
+    assert written_files(out) == []
+
+
+def test_resume_beyond_the_runs_steps_is_refused(models, image, trained, tmp_path, capsys):
+    out = _copy_run(trained, tmp_path)
+    before = {p: p.read_bytes() for p in written_files(out)}
+    rc, message = _cli(train_args(models["sd"], image, out, 1, 1, "--resume"), capsys)
+    state = out / "checkpoint-2" / "state.json"
+    assert rc == 2 and f"{state}: step 2 is beyond this run's --steps 1: give --steps above 2" in message, message
+    assert {p: p.read_bytes() for p in written_files(out)} == before
+
+
+def test_checkpoint_without_checksum_resumes_with_a_warning(models, image, trained, tmp_path, capsys):
+    """A state file from before checksums: every other check still runs, and it resumes exactly."""
+    reference = _copy_run(trained, tmp_path / "a")
+    assert cli.main(train_args(models["sd"], image, reference, 3, 1, "--resume")) == 0
+    out = _copy_run(trained, tmp_path / "b")
+    drop_checkpoint_state(out / "checkpoint-2" / "state.safetensors", "checksum")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="state.safetensors has no checksum"):
+        assert cli.main(train_args(models["sd"], image, out, 3, 1, "--resume")) == 0
+    assert_same_tensors(
+        out / "checkpoint-3" / "adapter.safetensors", reference / "checkpoint-3" / "adapter.safetensors"
+    )
+    assert_same_tensors(out / "checkpoint-3" / "state.safetensors", reference / "checkpoint-3" / "state.safetensors")
+
+
+def test_divergence_after_resume_names_the_validated_checkpoint(models, image, trained, tmp_path, monkeypatch, capsys):
+    out = _copy_run(trained, tmp_path)
+    monkeypatch.setattr(tlora.train.F, "mse_loss", nan_on_call(F.mse_loss, 1))  # the first step after resuming
+    rc, message = _cli(train_args(models["sd"], image, out, 4, 1, "--resume"), capsys)
+    monkeypatch.undo()
+    assert rc == 2 and "the loss is nan at step 3" in message, message
+    assert f"The last good checkpoint is {out / 'checkpoint-2'}" in message
+
+
+def test_optimizer_state_gone_bad_is_not_checkpointed(models, image, tmp_path, monkeypatch, capsys):
+    """Finite factors but a negative second moment (a state AdamW cannot continue from): the run
+    stops before writing that checkpoint and names the last one it wrote."""
+    step = torch.optim.AdamW.step
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            self.state[self.param_groups[0]["params"][0]]["exp_avg_sq"].fill_(-1.0)
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    out = tmp_path / "run"
+    rc, message = _cli(train_args(models["sd"], image, out, 3, 1), capsys)
+    monkeypatch.undo()
+    assert rc == 2 and "the optimizer's state 0 exp_avg_sq holds negative values" in message, message
+    assert "at step 2" in message and f"The last good checkpoint is {out / 'checkpoint-1'}" in message, message
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]

@@ -1,6 +1,6 @@
 """Inputs for `tlora train` runs on the tiny offline pipelines, good and bad: the photo, the
 argument list, and the faults (a decompression bomb, broken model_index.json files, a checkpoint
-missing part of its state, a loss that turns NaN).
+missing part of its state, a loss that turns NaN, masks and float images).
 
 Used by tests/test_train.py and benches/badinput.py.
 """
@@ -94,12 +94,14 @@ def _metadata(path: Path) -> dict:
 
 
 def drop_checkpoint_state(state: Path, drop: str) -> None:
-    """Rewrites a checkpoint's state.safetensors without its RNG state (drop="rng") or its
-    optimizer state (drop="optimizer")."""
+    """Rewrites a checkpoint's state.safetensors without its RNG state (drop="rng"), its
+    optimizer state (drop="optimizer") or its checksum (drop="checksum", as an older tlora wrote it)."""
     meta = _metadata(state)
     tensors = load_file(str(state))
     if drop == "rng":
         tensors = {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+    elif drop == "checksum":
+        del meta["checksum"]
     else:
         meta = {}
     save_file(tensors, str(state), metadata=meta)
@@ -120,3 +122,15 @@ def nan_on_call(loss_fn: Callable, n: int) -> Callable:
         return loss * float("nan") if len(calls) == n else loss
 
     return poisoned
+
+
+def write_array(path: Path, a: np.ndarray, mode: str | None = None) -> Path:
+    """An image file of array `a` (PIL's mode for it unless `mode` is given)."""
+    Image.fromarray(a, mode).save(path)
+    return path
+
+
+def disc(side: int, radius: float) -> np.ndarray:
+    """A centred disc of `radius` px in a side x side boolean array."""
+    y, x = np.mgrid[0:side, 0:side]
+    return (x - (side - 1) / 2) ** 2 + (y - (side - 1) / 2) ** 2 < radius**2

@@ -236,7 +236,7 @@ def _evaluate_parser(sub) -> None:
     )
     p.add_argument("--concept", help="what replaces {} in --prompt-set, e.g. 'dog' or 'sks dog'")
     p.add_argument("--drop-word", action="append", default=[], help="word removed from prompts before CLIP-T, e.g. sks")
-    p.add_argument("--device", default=None, help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto (CUDA when available), cuda or cuda:N")
     p.add_argument("--out", required=True, help="output folder for evaluation.json and evaluation.md")
 
 

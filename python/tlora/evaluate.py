@@ -7,8 +7,9 @@
 - DINO: cosine between the DINO CLS embeddings (last hidden state, token 0) of a generated image and
   of the reference(s).
 
-The paper measures image similarity "with backgrounds masked". We mask the REFERENCE only: where a
-reference's mask (white = subject) is black, its pixels are replaced by one constant colour
+The paper measures image similarity "with backgrounds masked". We mask the REFERENCE only: outside
+a reference's subject (its mask's white pixels, or in a mask with transparency its opaque ones: the
+rule `tlora train --mask` uses, `images.subject_mask`), its pixels are replaced by one constant colour
 (`mask_fill`, white by default) before both CLIP-I and DINO see it, so the score compares the
 generated image with the subject and not with the training photo's background. Generated images are
 used as they are (no masks exist for them).
@@ -36,7 +37,8 @@ import torch
 from PIL import Image
 
 from .atomic import write_atomic
-from .images import IMAGE_SUFFIXES, _open, to_rgb
+from .errors import InputError, MissingFileError
+from .images import IMAGE_SUFFIXES, _open, check_input_file, subject_mask, to_rgb
 
 # The context prompts of DreamBooth's evaluation (Ruiz et al. 2023), which the T-LoRA paper uses:
 # 25 per concept, one list for objects and one for live subjects (pets). {} is "token class".
@@ -93,7 +95,7 @@ METRICS = ("clip_i", "clip_t", "dino")
 def paper_prompts(kind: str) -> list[str]:
     """The 25 DreamBooth context prompts for "object" or "live" subjects, with {} for the concept."""
     if kind not in PAPER_PROMPTS:
-        raise ValueError(f"unknown prompt set {kind!r}: use one of {sorted(PAPER_PROMPTS)}")
+        raise InputError(f"unknown prompt set {kind!r}: use one of {sorted(PAPER_PROMPTS)}")
     return list(PAPER_PROMPTS[kind])
 
 
@@ -107,11 +109,11 @@ def _model_type(source: str, flag: str, wanted: tuple[str, ...], example: str) -
     path = Path(source).expanduser()
     looks_local = path.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1
     if looks_local and not path.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{flag} {source}: no such model folder (give a local transformers folder or a hub id such as {example})"
         )
     if looks_local and not (path / "config.json").is_file():
-        raise ValueError(
+        raise InputError(
             f"{flag} {source} has no config.json: it is not a transformers model folder "
             f"(save one with model.save_pretrained(folder), e.g. of {example})"
         )
@@ -119,16 +121,16 @@ def _model_type(source: str, flag: str, wanted: tuple[str, ...], example: str) -
         kind = AutoConfig.from_pretrained(str(path) if looks_local else source).model_type
     except (OSError, ValueError) as e:
         if looks_local:
-            raise ValueError(
+            raise InputError(
                 f"{flag} {source}: its config.json is not a transformers model's ({e}); give a "
                 f"folder like {example} saved with save_pretrained"
             ) from None
-        raise OSError(
+        raise InputError(
             f"{flag} {source}: no such local folder, and reading it as a hub id failed ({e}); "
             "give a local folder where the hub is unreachable"
         ) from None
     if kind not in wanted:
-        raise ValueError(
+        raise InputError(
             f"{flag} {source} holds a {kind!r} model (config.json model_type), not "
             f"{' / '.join(repr(w) for w in wanted)}: give {flag} a model like {example}"
         )
@@ -147,11 +149,14 @@ class Encoders:
 
     @classmethod
     def load(cls, clip: str | None = None, dino: str | None = None, device: str | None = None) -> Encoders:
+        """`device`: as train's and generate's --device (`pipelines.resolve_device`), default the CPU."""
         from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
+        from .pipelines import resolve_device
+
         if not clip and not dino:
-            raise ValueError("no model given: pass --clip (CLIP-I, CLIP-T) and/or --dino (DINO)")
-        enc = cls(device=device or "cpu")
+            raise InputError("no model given: pass --clip (CLIP-I, CLIP-T) and/or --dino (DINO)")
+        enc = cls(device=str(resolve_device(device or "cpu")))
         # Check both kinds before loading either: a swapped pair fails at once.
         clip_src = _model_type(clip, "--clip", CLIP_TYPES, "openai/clip-vit-base-patch32") if clip else None
         dino_src = (
@@ -161,20 +166,20 @@ class Encoders:
             try:
                 enc.clip_processor = CLIPProcessor.from_pretrained(clip_src)
             except (OSError, ValueError, TypeError) as e:
-                raise ValueError(
+                raise InputError(
                     f"--clip {clip}: cannot load its CLIPProcessor ({e}); the folder needs the "
                     "image processor and tokenizer files (processor.save_pretrained(folder))"
                 ) from None
-            enc.clip = CLIPModel.from_pretrained(clip_src).eval().to(enc.device)
+            enc.clip = _load_weights(CLIPModel, clip_src, "--clip", clip, enc.device)
         if dino_src:
             try:
                 enc.dino_processor = AutoImageProcessor.from_pretrained(dino_src)
             except (OSError, ValueError, TypeError) as e:
-                raise ValueError(
+                raise InputError(
                     f"--dino {dino}: cannot load its image processor ({e}); the folder needs "
                     "preprocessor_config.json (image_processor.save_pretrained(folder))"
                 ) from None
-            enc.dino = AutoModel.from_pretrained(dino_src).eval().to(enc.device)
+            enc.dino = _load_weights(AutoModel, dino_src, "--dino", dino, enc.device)
         return enc
 
     @torch.no_grad()
@@ -196,6 +201,55 @@ class Encoders:
         return self.dino(pixel_values=px).last_hidden_state[:, 0].double().cpu()
 
 
+# Weights a scorer may lack without changing a score: the pooler head, which the metrics do not use
+# (DINO v1 checkpoints ship without it; the score is the last hidden state's CLS token).
+UNUSED_WEIGHTS = ("pooler.",)
+
+
+def _load_weights(model_class, source: str, flag: str, given: str, device: str):
+    """`model_class.from_pretrained(source)` on `device`, in eval mode, refusing (InputError naming
+    `flag`) weights that do not load, that do not fit the folder's config.json (a tensor of another
+    shape, or one missing: transformers would initialise it at random), or that are not finite."""
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
+    # transformers logs a load report table for mismatched or missing weights; the refusal below
+    # says what it would, in one line.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = model_class.from_pretrained(source, output_loading_info=True, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(
+            f"{flag} {given}: its weights cannot be loaded ({type(e).__name__}: {first}); the model file is "
+            "truncated or corrupted: re-save (model.save_pretrained) or re-download it"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, in_file, in_config = mismatched[0]
+        raise InputError(
+            f"{flag} {given}: its weights do not fit its config.json ({len(mismatched)} tensor(s) of another "
+            f"shape, e.g. {key}: {tuple(in_file)} in the weights, {tuple(in_config)} by the config): give the "
+            "config.json saved with these weights"
+        )
+    missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith(UNUSED_WEIGHTS))
+    if missing:
+        raise InputError(
+            f"{flag} {given}: its weights lack {len(missing)} tensor(s) that its config.json needs (e.g. "
+            f"{missing[0]}), which would be random: give the config.json saved with these weights"
+        )
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise InputError(
+                f"{flag} {given}: weight {name} holds non-finite values (NaN or infinity): the model file "
+                "is corrupted; re-save or re-download it"
+            )
+    return model.eval().to(device)
+
+
 def _pooled(out) -> torch.Tensor:
     """get_*_features returns the projected embedding (transformers 4) or an output whose
     pooler_output is that embedding (transformers 5)."""
@@ -213,17 +267,14 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def masked_reference(image: Image.Image, mask: Image.Image, fill=(255, 255, 255), where: str = "") -> Image.Image:
-    """The reference with its background (mask < 128) replaced by the constant colour `fill`."""
+    """The reference with its background (outside `images.subject_mask`) replaced by the constant colour `fill`."""
     image = to_rgb(image)
-    m = to_rgb(mask).convert("L")
-    if m.size != image.size:
-        raise ValueError(
-            f"mask {where} is {m.width}x{m.height} but its reference image is "
+    if mask.size != image.size:
+        raise InputError(
+            f"mask {where} is {mask.width}x{mask.height} but its reference image is "
             f"{image.width}x{image.height}: give a mask of the same size"
         )
-    subject = np.asarray(m) >= 128
-    if not subject.any():
-        raise ValueError(f"mask {where} is empty: white pixels mark the subject")
+    subject = subject_mask(mask, where)
     out = np.asarray(image).copy()
     out[~subject] = np.asarray(fill, dtype=np.uint8)
     return Image.fromarray(out)
@@ -231,15 +282,20 @@ def masked_reference(image: Image.Image, mask: Image.Image, fill=(255, 255, 255)
 
 def _generated_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
+    if not folder.exists():
+        raise MissingFileError(f"generated-image folder {folder} does not exist")
     if not folder.is_dir():
-        raise FileNotFoundError(f"generated-image folder {folder} does not exist")
+        raise InputError(
+            f"generated-image folder {folder} is a file, not a folder: give --generated the folder of "
+            "generated images (as `tlora generate --out` writes it)"
+        )
     files = sorted(
         p
         for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name not in SKIPPED_FILES
     )
     if not files:
-        raise ValueError(
+        raise InputError(
             f"generated-image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}; "
             f"{', '.join(SKIPPED_FILES)} is skipped)"
         )
@@ -247,28 +303,38 @@ def _generated_files(folder: str | Path) -> list[Path]:
 
 
 def _read_manifest(path: str | Path) -> dict[str, str]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt manifest {path} does not exist")
-    text = path.read_text()
+    path = check_input_file(path, "prompt manifest", kind="a JSON or JSONL file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"prompt manifest {path} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}): "
+            "give a JSON or JSONL file"
+        ) from None
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise InputError(f"prompt manifest {path} is nested too deeply to be a manifest") from None
     except json.JSONDecodeError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"prompt manifest {path} is neither JSON nor JSONL ({e})") from None
+        data = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                data.append(json.loads(line))
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise InputError(f"prompt manifest {path} is neither JSON nor JSONL (line {n}: {e})") from None
     if isinstance(data, dict):
         items = list(data.items())
     elif isinstance(data, list) and all(isinstance(d, dict) and {"file", "prompt"} <= d.keys() for d in data):
         items = [(d["file"], d["prompt"]) for d in data]
     else:
-        raise ValueError(
+        raise InputError(
             f"prompt manifest {path}: expected a JSON object {{file: prompt}} or a list / JSONL "
             'of {"file": ..., "prompt": ...} objects'
         )
     if not all(isinstance(f, str) and isinstance(p, str) for f, p in items):
-        raise ValueError(f"prompt manifest {path}: file names and prompts must be strings")
+        raise InputError(f"prompt manifest {path}: file names and prompts must be strings")
     return {Path(f).name: p for f, p in items}
 
 
@@ -283,20 +349,20 @@ def _prompts_for(
     if table:
         unknown = sorted(set(table) - {f.name for f in files})
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"prompt manifest {manifest} names {len(unknown)} file(s) not in the folder "
                 f"(e.g. {unknown[0]}): its entries and the generated images do not match"
             )
     templates = paper_prompts(prompt_set) if prompt_set else None
     if templates and not concept:
-        raise ValueError("--prompt-set needs --concept, the words that replace {} (e.g. 'dog' or 'sks dog')")
+        raise InputError("--prompt-set needs --concept, the words that replace {} (e.g. 'dog' or 'sks dog')")
     prompts = []
     for f, img in zip(files, images):
         prompt = table.get(f.name) or img.info.get("prompt")
         if prompt is None and templates:
             m = re.match(r"(\d+)-", f.name)
             if not m or int(m.group(1)) >= len(templates):
-                raise ValueError(
+                raise InputError(
                     f"{f.name}: with --prompt-set the files must be named NN-*.png with NN the "
                     f"prompt's index 0..{len(templates) - 1}, as `tlora generate` names them"
                 )
@@ -327,9 +393,9 @@ def evaluate(
     dict that `write_report` saves. `drop_words` are removed from prompts before CLIP-T (e.g. the
     rare token "sks", which CLIP's text encoder does not know)."""
     if not references:
-        raise ValueError("no reference image: pass --reference PATH (repeatable)")
+        raise InputError("no reference image: pass --reference PATH (repeatable)")
     if masks and len(masks) != len(references):
-        raise ValueError(
+        raise InputError(
             f"{len(masks)} mask(s) for {len(references)} reference image(s): give one --mask per "
             "--reference, in the same order"
         )
@@ -343,7 +409,7 @@ def evaluate(
     enc = encoders or Encoders.load(clip, dino, device)
     if enc.clip is not None and any(t is None for t in texts):
         missing = [f.name for f, t in zip(files, texts) if t is None]
-        raise ValueError(
+        raise InputError(
             f"no prompt for {len(missing)} generated image(s) (e.g. {missing[0]}), needed for CLIP-T: "
             "give --prompts MANIFEST, or --prompt-set with --concept, or images written by "
             "`tlora generate` (their PNGs carry the prompt)"
@@ -362,6 +428,14 @@ def evaluate(
     if enc.dino is not None:
         scores["dino"] = _cosine(batched(enc.dino_images, images), enc.dino_images(refs)).mean(1).tolist()
 
+    for key, values in scores.items():
+        bad = [f.name for f, v in zip(files, values) if not math.isfinite(v)]
+        if bad:
+            model = "--dino" if key == "dino" else "--clip"
+            raise InputError(
+                f"{NAMES[key]} is not finite for {len(bad)} image(s) (e.g. {bad[0]}): the {model} model gives "
+                "zero or non-finite embeddings for them; check the model's weights"
+            )
     per_image = [
         {"file": f.name, "prompt": t, **{k: v[i] for k, v in scores.items()}}
         for i, (f, t) in enumerate(zip(files, texts))
@@ -420,7 +494,9 @@ def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, text in (("evaluation.json", json.dumps(report, indent=1)), ("evaluation.md", markdown(report))):
+    # allow_nan=False: NaN is not JSON (evaluate refuses non-finite scores before this).
+    as_json = json.dumps(report, indent=1, allow_nan=False)
+    for name, text in (("evaluation.json", as_json), ("evaluation.md", markdown(report))):
         paths.append(write_atomic(out / name, text))
     return paths[0], paths[1]
 
@@ -432,5 +508,5 @@ def parse_colour(text: str) -> tuple[int, int, int]:
     except ValueError:
         rgb = ()
     if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
-        raise ValueError(f"--mask-fill {text!r}: give R,G,B with each 0..255, e.g. 255,255,255")
+        raise InputError(f"--mask-fill {text!r}: give R,G,B with each 0..255, e.g. 255,255,255")
     return rgb  # type: ignore[return-value]

@@ -27,9 +27,9 @@ def min_side(resolution: int) -> int:
     return max(16, resolution // 4)
 
 
-def check_input_file(path: str | Path, what: str) -> Path:
+def check_input_file(path: str | Path, what: str, kind: str = "an image file") -> Path:
     """`path` if it is an existing regular file; folders, FIFOs and devices are refused before
-    they are opened (a FIFO would block the read forever)."""
+    they are opened (a FIFO would block the read forever). `kind` says what is expected there."""
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
@@ -39,9 +39,9 @@ def check_input_file(path: str | Path, what: str) -> Path:
         raise InputError(f"{what} {path} cannot be read ({e.strerror})") from None
     if stat.S_ISDIR(mode):
         hint = " (for a folder of photos use --image-dir)" if what == "image" else ""
-        raise InputError(f"{what} {path} is a folder, not an image file{hint}")
+        raise InputError(f"{what} {path} is a folder, not {kind}{hint}")
     if not stat.S_ISREG(mode):
-        raise InputError(f"{what} {path} is not a regular file (a pipe, device or socket): give an image file")
+        raise InputError(f"{what} {path} is not a regular file (a pipe, device or socket): give {kind}")
     return path
 
 
@@ -65,6 +65,16 @@ def _open(path: str | Path, what: str) -> Image.Image:
         raise InputError(f"{what} {path} is refused as a decompression bomb ({e})") from None
     except Exception as e:  # PIL's decoders raise many types (OSError, SyntaxError, ValueError...) for bad files
         raise InputError(f"{what} {path} cannot be read as an image ({type(e).__name__}: {e})") from None
+    # Float images (32-bit TIFF, mode "F") can hold NaN or infinity, which no conversion to pixels
+    # can mean: refuse them rather than train on (or score) the black image they would become.
+    if img.mode == "F":
+        a = np.asarray(img)
+        bad = int(a.size - np.isfinite(a).sum())
+        if bad:
+            raise InputError(
+                f"{what} {path} has {bad} non-finite pixel value(s) (NaN or infinity) out of {a.size}: "
+                "fix or re-export the image (a float TIFF with missing data?)"
+            )
     return ImageOps.exif_transpose(img)
 
 
@@ -101,13 +111,49 @@ def load_image(path: str | Path, resolution: int) -> torch.Tensor:
     return a.unsqueeze(0)
 
 
-def load_mask(path: str | Path, size: int) -> torch.Tensor:
-    """A subject mask as a (1, 1, size, size) tensor of 0/1 (white = subject), centre-cropped like the image."""
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+
+
+def subject_mask(mask: Image.Image, where: str) -> np.ndarray:
+    """A mask's subject pixels (bool, height x width), the one rule for train and evaluate masks:
+    a mask with transparency (a cut-out) marks the subject by its opaque pixels (alpha >= 128);
+    otherwise white marks it (grey level >= 128). A mask without subject pixels is refused."""
+    if _has_alpha(mask):
+        alpha = np.asarray(mask.convert("RGBA"))[..., 3]
+        if alpha.min() < 255:  # a fully opaque RGBA file is a plain black-and-white mask
+            subject = alpha >= 128
+            if not subject.any():
+                raise InputError(
+                    f"mask {where} is transparent everywhere (no alpha >= 128): a cut-out's opaque pixels mark "
+                    "the subject, and it has none"
+                )
+            return subject
+    subject = np.asarray(to_rgb(mask).convert("L")) >= 128
+    if not subject.any():
+        raise InputError(f"mask {where} is empty: white pixels (or opaque ones, in a cut-out) mark the subject")
+    return subject
+
+
+def load_mask(path: str | Path, size: int, images: Sequence[str | Path] = ()) -> torch.Tensor:
+    """A subject mask as a (1, 1, size, size) tensor of 0/1 (see `subject_mask`), centre-cropped
+    like the image. It must have the size of every one of `images` (the training photos it
+    masks): a mask of another size would be cropped out of alignment with them."""
     img = _open(path, "mask")
-    img = centre_crop(to_rgb(img).convert("L"), size, Image.NEAREST)
-    m = torch.from_numpy((np.asarray(img) >= 128).astype(np.float32))
+    for image in images:
+        w, h = _open(image, "image").size
+        if img.size != (w, h):
+            raise InputError(
+                f"mask {path} is {img.width}x{img.height} but image {image} is {w}x{h}: give a mask of the image's size"
+            )
+    subject = Image.fromarray(subject_mask(img, str(path)).astype(np.uint8) * 255, "L")
+    m = torch.from_numpy((np.asarray(centre_crop(subject, size, Image.NEAREST)) >= 128).astype(np.float32))
     if m.sum() == 0:
-        raise InputError(f"mask {path} is empty: white pixels mark the subject")
+        raise InputError(
+            f"mask {path}: no subject pixel is left after centre-cropping and scaling it to {size}x{size} "
+            "(the subject is outside the square centre crop, or smaller than one latent pixel): "
+            "nothing to train on"
+        )
     return m[None, None]
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,10 +25,18 @@ from tqdm.auto import tqdm
 from .adapter import Adapter, inject
 from .atomic import write_atomic
 from .checkpoint import _NAME as CHECKPOINT_NAME
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json
+from .checkpoint import (
+    Checkpoint,
+    checkpoints,
+    load_checkpoint,
+    optimizer_problem,
+    read_checkpoint,
+    save_checkpoint,
+    write_json,
+)
 from .config import AdapterConfig, check_float, check_int
-from .errors import CheckpointError, ConfigError, TrainingError
-from .images import list_images, load_image, load_mask
+from .errors import CheckpointError, ConfigError, TloraError, TrainingError
+from .images import check_input_file, list_images, load_image, load_mask
 from .io import save as save_adapter
 from .pipelines import MAX_SIDE, check_dtype, family_of, load_pipeline, resolve_device
 
@@ -157,34 +166,146 @@ def _prepare_out(out: Path, cfg: TrainConfig) -> None:
             f"{out} holds another run ({', '.join(found[:4])}{' ...' if len(found) > 4 else ''}): pass --resume to "
             "continue it, --overwrite to replace it, or choose another --out"
         )
-    try:
-        previous = json.loads((out / "config.json").read_text())
-        before_train, before_adapter = previous["train"], previous["adapter"]
-    except FileNotFoundError:
+    _read_log(out / "loss.jsonl")  # refused now if malformed, before anything is written
+    if not (out / "config.json").exists():
         return  # checkpoints without config.json: load_checkpoint still checks the adapter
-    except (OSError, KeyError, TypeError, ValueError, RecursionError) as e:
-        raise CheckpointError(
-            f"{out / 'config.json'} is unreadable ({type(e).__name__}: {e}): cannot check that "
-            "--resume continues the same run; use --overwrite to start over"
-        ) from None
+    before_train, before_adapter = _read_run_config(out / "config.json")
     now_train = json.loads(json.dumps(asdict(cfg)))
     now_adapter = cfg.adapter_config().to_dict()
     changed = [
-        (k, before_train.get(k), now_train[k])
+        (k, before_train[k], now_train[k])
         for k in RESUME_FIXED_TRAIN
-        if k in before_train and _same_setting(k, before_train[k]) != _same_setting(k, now_train[k])
+        if _same_setting(k, before_train[k]) != _same_setting(k, now_train[k])
     ]
-    changed += [
-        (k, before_adapter.get(k), now_adapter[k])
-        for k in RESUME_FIXED_ADAPTER
-        if k in before_adapter and before_adapter[k] != now_adapter[k]
-    ]
+    changed += [(k, a, now_adapter[k]) for k in RESUME_FIXED_ADAPTER if (a := before_adapter[k]) != now_adapter[k]]
     if changed:
         what = "; ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, a, b in changed)
         raise CheckpointError(
             f"--resume cannot continue the run in {out} with other settings ({what}): "
             "resume with its settings, or start a new run (--overwrite or another --out)"
         )
+
+
+def _check_train_setting(key: str, value) -> None:
+    """The type and range of a RESUME_FIXED_TRAIN setting read from config.json (ConfigError)."""
+    if key in ("model", "token", "class_name"):
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"must be a non-empty string, got {value!r}")
+    elif key == "resolution":
+        if value is not None:
+            check_int(key, value, 8, MAX_SIDE)
+    elif key == "seed":
+        check_int(key, value, 0, MAX_SEED)
+
+
+def _read_run_config(path: Path) -> tuple[dict, dict]:
+    """config.json's train and adapter sections, each field that --resume compares checked for
+    type and range (the adapter section as adapter files' configs are); CheckpointError otherwise."""
+    fix = "cannot check that --resume continues the same run: fix the file, or start over with --overwrite"
+    try:
+        check_input_file(path, "run config", kind="a JSON file")
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except TloraError as e:
+        raise CheckpointError(f"{e}: {fix}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}): {fix}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must be a JSON object with train and adapter sections: {fix}")
+    for section in ("train", "adapter"):
+        if not isinstance(data.get(section), dict):
+            got = "missing" if section not in data else f"must be a JSON object, got {data[section]!r}"[:200]
+            raise CheckpointError(f"{path}: {section}: {got}: {fix}")
+    train, adapter = data["train"], data["adapter"]
+    for key in RESUME_FIXED_TRAIN:
+        try:
+            if key not in train:
+                raise ConfigError("missing")
+            _check_train_setting(key, train[key])
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: train.{key}: {e}: {fix}") from None
+    missing = [k for k in RESUME_FIXED_ADAPTER if k not in adapter]
+    if missing:
+        raise CheckpointError(f"{path}: adapter.{missing[0]}: missing: {fix}")
+    try:
+        adapter = AdapterConfig.from_dict(adapter).to_dict()
+    except (ConfigError, TypeError, ValueError, OverflowError) as e:
+        raise CheckpointError(f"{path}: adapter: {e}: {fix}") from None
+    return train, adapter
+
+
+def _read_log(path: Path) -> list[tuple[int, str]]:
+    """loss.jsonl's entries as (step, line): JSON objects with an integer step >= 1 (increasing),
+    a finite loss and seconds >= 0; a malformed line is a CheckpointError naming the file and
+    line. A last line without its newline that is not JSON was cut short by a killed run (it
+    logs steps after the last checkpoint): it is dropped."""
+    if not path.exists():
+        return []
+    fix = "fix or delete that line, or start over with --overwrite"
+    try:
+        check_input_file(path, "loss log", kind="a JSONL file")
+        text = path.read_bytes().decode("utf-8")
+    except TloraError as e:
+        raise CheckpointError(f"{e}: start over with --overwrite") from None
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise CheckpointError(f"{path} line {line}: is not UTF-8 text: {fix}") from None
+    lines = text.split("\n")
+    entries: list[tuple[int, str]] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            if n == len(lines):  # no newline after it: a write cut short
+                break
+            raise CheckpointError(f"{path} line {n}: is not JSON ({type(e).__name__}: {e}): {fix}") from None
+        try:
+            if not isinstance(entry, dict):
+                raise ConfigError(f"must be a JSON object {{step, loss, seconds}}, got {line.strip()[:80]!r}")
+            for key in ("step", "loss"):
+                if key not in entry:
+                    raise ConfigError(f"{key} missing")
+            step = check_int("step", entry["step"], 1)
+            check_float("loss", entry["loss"], 0.0)
+            if "seconds" in entry:
+                check_float("seconds", entry["seconds"], 0.0)
+            if entries and step <= entries[-1][0]:
+                raise ConfigError(f"step {step} follows step {entries[-1][0]}: steps increase")
+        except ConfigError as e:
+            raise CheckpointError(f"{path} line {n}: {e}: {fix}") from None
+        entries.append((step, line))
+    return entries
+
+
+def _checkpoint_to_resume(out: Path, cfg: TrainConfig) -> Checkpoint | None:
+    """The newest checkpoint in `out`, validated (`read_checkpoint`), or None when there is none.
+    A refusal names the newest earlier checkpoint that validates, if any."""
+    found = checkpoints(out)
+    if not found:
+        return None
+    try:
+        cp = read_checkpoint(found[-1])
+    except CheckpointError as e:
+        earlier = next((p for p in reversed(found[:-1]) if _validates(p)), None)
+        raise CheckpointError(f"{e}; {earlier} validates" if earlier else str(e)) from None
+    if cp.step > cfg.steps:
+        raise CheckpointError(
+            f"{cp.path / 'state.json'}: step {cp.step} is beyond this run's --steps {cfg.steps}: give --steps "
+            f"above {cp.step} to train on (its adapter is {cp.path / 'adapter.safetensors'}), or start over "
+            "with --overwrite"
+        )
+    return cp
+
+
+def _validates(ckpt: Path) -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a missing checksum's warning: said for the one resumed from
+        try:
+            read_checkpoint(ckpt)
+        except CheckpointError:
+            return False
+    return True
 
 
 def _same_setting(key: str, value):
@@ -194,20 +315,24 @@ def _same_setting(key: str, value):
     return value
 
 
-def _check_finite_factors(adapter: Adapter, step: int, out: Path) -> None:
+def _check_finite_state(adapter: Adapter, optimizer, step: int, good: Path | None) -> None:
+    """Refuse to checkpoint non-finite factors or optimizer state: a checkpoint that is written is a good one."""
     for name, p in adapter.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise TrainingError(
                 f"the adapter's factor {name} became non-finite at step {step}: training diverged "
-                f"(lr too high?). {_last_good(out)}"
+                f"(lr too high?). {_last_good(good)}"
             )
+    problem = optimizer_problem(optimizer)
+    if problem:
+        raise TrainingError(f"the optimizer's {problem} at step {step}: training diverged. {_last_good(good)}")
 
 
-def _last_good(out: Path) -> str:
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
+def _last_good(good: Path | None) -> str:
+    """`good`: the newest checkpoint this run validated (the one it resumed from, or one it wrote)."""
+    if good is None:
         return "No checkpoint was written; start again with a lower --lr (and --overwrite)."
-    return f"The last good checkpoint is {ckpt}: continue from it with --resume and a lower --lr."
+    return f"The last good checkpoint is {good}: continue from it with --resume and a lower --lr."
 
 
 @dataclass
@@ -241,13 +366,15 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     try:
         if acc.is_main_process:
             _prepare_out(out, cfg)
-        return _train(cfg, acc, out, weight_dtype)
+        # Validated before the model loads: a checkpoint that cannot be resumed fails at once.
+        resume_from = _checkpoint_to_resume(out, cfg) if cfg.resume else None
+        return _train(cfg, acc, out, weight_dtype, resume_from)
     finally:
         if lock is not None:
             os.close(lock)
 
 
-def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> TrainResult:
+def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype, resume_from: Checkpoint | None) -> TrainResult:
 
     pipe = load_pipeline(cfg.model, dtype=weight_dtype, quantize=cfg.quantize).to(acc.device)
     fam = family_of(pipe)
@@ -260,7 +387,7 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> Train
     cond = fam.encode_prompt(cfg.prompt, resolution)
     mask = None
     if cfg.mask:
-        mask = load_mask(cfg.mask, lat_mean.shape[-1]).to(acc.device)
+        mask = load_mask(cfg.mask, lat_mean.shape[-1], images=paths).to(acc.device)
     prior = None
     if cfg.prior_dir:
         prior_pixels = torch.cat([load_image(p, resolution) for p in list_images(cfg.prior_dir)])
@@ -287,10 +414,11 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> Train
     # Each process draws its own timesteps and noise from a seeded CPU generator whose state is
     # checkpointed, so a resumed run continues the exact same sequence.
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
-    start = 0
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
-        start = load_checkpoint(ckpt, adapter, optimizer, gen, acc.process_index)
-        acc.print(f"resuming from {ckpt} (step {start})")
+    start, good = 0, None  # good: the newest checkpoint known to be valid (for a divergence's message)
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, adapter, optimizer, gen, acc.process_index)
+        good = resume_from.path
+        acc.print(f"resuming from {good} (step {start})")
         old_lr = optimizer.param_groups[0]["lr"]
         if old_lr != cfg.lr:
             for group in optimizer.param_groups:
@@ -334,7 +462,7 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> Train
         value = acc.reduce(loss.detach(), reduction="mean").item()
         if not math.isfinite(value):  # every process sees the same reduced value and stops
             raise TrainingError(
-                f"the loss is {value} at step {step + 1} (lr {cfg.lr:g}): training diverged. {_last_good(out)}"
+                f"the loss is {value} at step {step + 1} (lr {cfg.lr:g}): training diverged. {_last_good(good)}"
             )
         acc.backward(loss)
         optimizer.step()
@@ -350,7 +478,7 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> Train
             # Every process draws its own timesteps: keep all their RNG states, not just the main one's.
             gen_states = list(acc.gather(gen.get_state()[None].to(acc.device)).cpu()) if acc.num_processes > 1 else None
             acc.wait_for_everyone()
-            _check_finite_factors(adapter, done, out)
+            _check_finite_state(adapter, optimizer, done, good)
             if acc.is_main_process:
                 ckpt = save_checkpoint(out, done, adapter, optimizer, gen, adapter.config.extra, gen_states)
                 if cfg.validation_prompts:
@@ -367,6 +495,7 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype) -> Train
                         size=(resolution, resolution),
                         label=f"{cfg.variant} rank {cfg.rank}\nstep {done}",
                     )
+            good = out / f"checkpoint-{done}"
     acc.wait_for_everyone()
     final = out / "adapter.safetensors"
     if acc.is_main_process:
@@ -379,5 +508,5 @@ def _truncate_log(path: Path, step: int) -> None:
     """Keep only the loss entries up to `step` (a resumed run rewrites what came after)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = [line for s, line in _read_log(path) if s <= step]
     write_atomic(path, "".join(line + "\n" for line in keep))
