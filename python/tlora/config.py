@@ -10,8 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from .errors import ConfigError
 
 VARIANTS = ("tlora", "vanilla", "lora")
@@ -183,29 +181,3 @@ def check_float(name: str, value: Any, lo: float, hi: float | None = None, lo_in
         bound = f"{'>=' if lo_inclusive else '>'} {lo:g}" + ("" if hi is None else f" and <= {hi:g}")
         raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)
-
-
-# Values of the a != 1 rank rule within this below an integer count as that integer: the same
-# constant as SNAP in src/schedule.rs, whose module comment explains the two rules.
-RANK_SNAP = 1e-9
-
-
-def ranks_of_levels(level: torch.Tensor, rank: int, min_rank: int, exponent: float, num_train_timesteps: int):
-    """r(t) for noise levels t in [0, T] as tensor ops on their device (no host synchronisation):
-    (same shape) int64. The device twin of the native `rank_schedule`, rule for rule (see
-    src/schedule.rs): for a = 1, r - ceil(t (r - r_min) / T) exactly (integer levels in integers;
-    float ones in float64, exact when t (r - r_min) is, as it is for every float32 level); for
-    a != 1, floor(((T - t) / T)^a (r - r_min) + RANK_SNAP) in float64."""
-    d, big_t = rank - min_rank, num_train_timesteps
-    wide = torch.float32 if level.device.type == "mps" else torch.float64  # (MPS has no float64)
-    if exponent == 1.0:
-        if not level.is_floating_point():
-            ceil = (level.long() * d + (big_t - 1)) // big_t
-        else:
-            y = level.to(wide) * d
-            c = torch.ceil(y / big_t)
-            # y / T was rounded: step c onto the exact ceiling (c T and (c - 1) T are exact integers).
-            ceil = (c - ((c - 1) * big_t >= y).to(wide) + (c * big_t < y).to(wide)).long()
-        return (d - ceil) + min_rank
-    frac = ((big_t - level.to(wide)) / big_t) ** exponent
-    return torch.floor(frac * d + RANK_SNAP).long().clamp(max=d) + min_rank
