@@ -10,12 +10,14 @@ Outcome classes:
   crash    an internal exception escaped (a traceback), or a Rust panic
   hang     no answer within the time limit (run in a subprocess with a memory cap)
   silent   accepted: a corrupted file loaded with altered values, a bad value used or ignored
-  loss     two runs' work mixed or lost
+  loss     two runs' work mixed or lost (also: a refused resume that changed the run folder)
   ok       a legitimate input handled correctly (corpus files that may load, and did, exactly)
 
 Corpus: the adapter files of tests/fuzz_corpus.py through load, read, info, export and import;
-non-regular files; API arguments; CLI arguments, images, model folders and training faults on the
-tiny offline SD pipeline (tests/train_inputs.py).
+non-regular files; API arguments; the corrupted training checkpoints of tests/fuzz_corpus.py
+(`resume_cases`) through `tlora train --resume`, judged as tests/test_fuzz.py judges them; CLI
+arguments, images, model folders and training faults on the tiny offline SD pipeline
+(tests/train_inputs.py). --only runs one section (e.g. `--only resume` against an older checkout).
 """
 
 from __future__ import annotations
@@ -35,7 +37,22 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import torch  # noqa: E402
-from fuzz_corpus import READERS, FuzzModel, build, file_tensors, run_cli, run_in_thread, run_reader, valid_file  # noqa: E402
+from fuzz_corpus import (  # noqa: E402
+    READERS,
+    FuzzModel,
+    build,
+    file_tensors,
+    folder_bytes,
+    prepare_resume,
+    resume_args,
+    resume_cases,
+    resume_outcome,
+    run_cli,
+    run_in_thread,
+    run_reader,
+    train_finished_run,
+    valid_file,
+)
 from train_inputs import (  # noqa: E402
     break_model_index,
     drop_checkpoint_state,
@@ -201,6 +218,36 @@ def api_outcomes(root: Path) -> collections.Counter:
     return counts
 
 
+# ---- resume state ------------------------------------------------------------------------------
+
+
+def resume_outcomes(root: Path, quick: bool, problems: list[str]) -> collections.Counter:
+    """Each corrupted checkpoint through `tlora train --resume` of a finished 2-step run, classified
+    by fuzz_corpus.resume_outcome (what tests/test_fuzz.py asserts); --quick: every 6th case of each
+    edited file and those that must resume. What is wrong with each case that is not clear / ok goes to `problems`."""
+    counts: collections.Counter = collections.Counter()
+    torch.set_num_threads(1)
+    model, image, run = train_finished_run(root)
+    model_before = folder_bytes(model)
+    cases = resume_cases(run)
+    if quick:  # every 6th case of each edited file, and the ones that must resume
+        by_file = [[c for c in cases if c.file == f] for f in dict.fromkeys(c.file for c in cases)]
+        cases = [c for group in by_file for j, c in enumerate(group) if j % 6 == 0 or not c.must_fail]
+    for i, case in enumerate(cases):
+        out = root / f"resume{i:03d}"
+        before = prepare_resume(case, run, out)
+        box = run_in_thread(run_cli, resume_args(model, image, out), timeout=120)
+        outcome, problem = resume_outcome(case, out, box, before)
+        counts[outcome] += 1
+        if problem:
+            problems.append(f"{case.name} ({case.file}): {outcome}: {problem}"[:300])
+        if not box.get("hang"):
+            shutil.rmtree(out)
+    if folder_bytes(model) != model_before:
+        counts["model changed"] += 1
+    return counts
+
+
 # ---- CLI --------------------------------------------------------------------------------------
 
 
@@ -328,20 +375,32 @@ def cli_outcomes(root: Path) -> collections.Counter:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="adapter files and API only (no CLI training runs)")
+    ap.add_argument("--quick", action="store_true", help="a sixth of the resume cases, no CLI section")
+    sections = {
+        "files": "adapter files x 5 readers",
+        "special": "non-regular files (info)",
+        "api": "API arguments",
+        "resume": "corrupted checkpoints (train --resume)",
+        "cli": "CLI (args, images, folders, resume, faults)",
+    }
+    ap.add_argument("--only", choices=sections, help="run this section only")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    problems: list[str] = []
+    run = {
+        "files": file_outcomes,
+        "special": special_file_outcomes,
+        "api": api_outcomes,
+        "resume": lambda root: resume_outcomes(root, args.quick, problems),
+        "cli": cli_outcomes,
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / "files").mkdir()
-        groups = {
-            "adapter files x 5 readers": file_outcomes(root / "files"),
-            "non-regular files (info)": special_file_outcomes(root),
-            "API arguments": api_outcomes(root),
-        }
-        if not args.quick:
-            (root / "cli").mkdir()
-            groups["CLI (args, images, folders, resume, faults)"] = cli_outcomes(root / "cli")
+        groups = {}
+        for key, name in sections.items():
+            if (args.only or key) != key or (args.quick and key == "cli"):
+                continue
+            (Path(tmp) / key).mkdir()
+            groups[name] = run[key](Path(tmp) / key)
     classes = ["clear", "unclear", "crash", "hang", "silent", "loss", "ok"]
     print(f"tlora from {Path(tlora.__file__).parent}")
     print("| group | " + " | ".join(classes) + " | total |")
@@ -352,7 +411,10 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(str(c.get(k, 0)) for k in classes) + f" | {sum(c[k] for k in classes)} |")
     print("| all | " + " | ".join(str(total.get(k, 0)) for k in classes) + f" | {sum(total[k] for k in classes)} |")
     if total.get("model changed"):
-        print(f"model changed by a failed load: {total['model changed']}")
+        print(f"model changed by a failed load (or the model folder by a resume): {total['model changed']}")
+    if problems:
+        print(f"\nresume cases not clear / ok ({len(problems)}):")
+        print("\n".join(problems))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """A deterministic corpus of corrupted adapter files, built from one valid tlora file, and the
-readers to run each file through.
+readers to run each file through; and one of corrupted training checkpoints (resume_cases), with
+what runs and judges a resume of each.
 
 Used by tests/test_fuzz.py and benches/badinput.py. Building the corpus uses only `tlora.inject`,
 `tlora.save` and the safetensors package (so that it runs against older tlora versions too); the
@@ -16,6 +17,7 @@ import hashlib
 import io
 import json
 import random
+import shutil
 import threading
 import warnings
 from collections.abc import Callable
@@ -660,12 +662,16 @@ def resume_cases(run: Path) -> list[ResumeCase]:
         STATE,
         _edit_state(lambda t, s: s.__setitem__("checksum", "sha256:" + "0" * 64), restamp=False),
     )
+    # pop(.., None): these two also apply to an older tlora's checkpoint (benches/badinput.py runs them).
     add(
         "checksum removed and a NaN moment",
         STATE,
-        _edit_state(lambda t, s: (s.pop("checksum"), t["state.0.exp_avg_sq"].reshape(-1).__setitem__(0, float("nan")))),
+        _edit_state(
+            lambda t, s: (s.pop("checksum", None), t["state.0.exp_avg_sq"].reshape(-1).__setitem__(0, float("nan")))
+        ),
     )
-    add("checksum removed (an older tlora's checkpoint)", STATE, _edit_state(lambda t, s: s.pop("checksum")), False)
+    old_checkpoint = _edit_state(lambda t, s: s.pop("checksum", None))
+    add("checksum removed (an older tlora's checkpoint)", STATE, old_checkpoint, False)
     # The optimizer description.
     for text in ("{not json", "[1, 2]", "null", '"x"', "[" * 100_000 + "]" * 100_000):
         add(f"optimizer metadata {text[:12]!r}", STATE, _edit_optimizer(lambda m, x=text: ("replace", x)))
@@ -781,3 +787,82 @@ def resume_cases(run: Path) -> list[ResumeCase]:
     add("loss.jsonl binary", log, _put(log, first.encode() + b"\n\xff\xfe garbage\n"))
     add("loss.jsonl last line cut short", log, _put(log, f"{first}\n{second}\n{second[:9]}"), False)
     return cases
+
+
+# ---- running a resume case ---------------------------------------------------------------------
+
+RESUME_STEPS = 3  # --resume of the finished 2-step run trains on to step 3
+
+
+def train_finished_run(root: Path) -> tuple[Path, Path, Path]:
+    """(model folder, photo, run folder) under `root`: the tiny SD pipeline and a finished 2-step
+    run of it with checkpoints 1 and 2, the run that resume_cases edits."""
+    from train_inputs import train_args, write_photo
+
+    from tlora.tiny import save_tiny_pipeline
+
+    model = save_tiny_pipeline("sd", root / "sd")
+    image = write_photo(root / "dog.png")
+    rc, err, _ = run_cli(train_args(model, image, root / "run", 2, 1))
+    assert rc == 0, err
+    return model, image, root / "run"
+
+
+def resume_args(model: Path, image: Path, out: Path) -> list[str]:
+    """`tlora train --resume` arguments for a copy of the finished run at `out`, on to RESUME_STEPS."""
+    from train_inputs import train_args
+
+    return train_args(model, image, out, RESUME_STEPS, 1, "--resume")
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` with its bytes (None for a folder)."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def prepare_resume(case: ResumeCase, run: Path, out: Path) -> dict[str, bytes | None]:
+    """Copies the finished `run` to `out` and applies `case` there: the folder_bytes of `out` then."""
+    shutil.copytree(run, out)
+    case.apply(out)
+    return folder_bytes(out)
+
+
+def resume_outcome(case: ResumeCase, out: Path, box: dict, before: dict[str, bytes | None]) -> tuple[str, str]:
+    """(outcome, what is wrong) of `tlora train --resume` on the run folder `out` that `case` edited,
+    `box` being run_in_thread(run_cli, resume_args(...)) and `before` prepare_resume's snapshot.
+    The outcome is one of benches/badinput.py's classes:
+      ok       a case that must resume resumed and trained on to RESUME_STEPS
+      clear    refused: exit 2, one line "tlora train: error: ..." naming the edited file (its path)
+               that calls no checkpoint "the last good checkpoint", the run folder as it was
+      unclear  refused otherwise (or a case that must resume refused)
+      crash    an exception escaped the CLI, a traceback, an exit status other than 0 and 2
+      hang     no answer within run_in_thread's timeout
+      silent   exit 0 on a corrupted checkpoint (or a resume that did not train on)
+      loss     refused, but the run folder changed (the run's checkpoints or log rewritten)
+    "what is wrong" is "" for ok and clear."""
+    if box.get("hang"):
+        return "hang", "no answer within the time limit"
+    if "error" in box:
+        return "crash", f"raised {type(box['error']).__name__}: {box['error']}"
+    rc, err, _ = box["result"]
+    lines = [line for line in err.splitlines() if line.strip()]
+    message = lines[-1] if lines else ""
+    if "Traceback" in err or rc not in (0, 2):
+        return "crash", f"rc {rc}, a traceback or crash: {message!r}"
+    if not case.must_fail:
+        if rc != 0:
+            return "unclear", f"refused a run that must resume: {message}"
+        if not (out / f"checkpoint-{RESUME_STEPS}").is_dir():
+            return "silent", "resumed but did not train on"
+        return "ok", ""
+    if rc == 0:
+        return "silent", "resumed from the corrupted checkpoint (exit 0)"
+    if folder_bytes(out) != before:
+        return "loss", f"refused, but the run folder changed: {message!r}"
+    if not message.startswith("tlora train: error:"):
+        return "unclear", f"rc {rc}, unclear refusal {message!r}"
+    if str(out / case.file) not in message:
+        return "unclear", f"the refusal does not name {case.file}: {message!r}"
+    if "last good checkpoint" in message:
+        return "unclear", f"the refusal calls a checkpoint good: {message!r}"
+    return "clear", ""

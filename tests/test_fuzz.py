@@ -170,27 +170,12 @@ def _check_exact(case, reader, box, path, reference, valid_config, failures, lab
 # `tlora train --resume` must refuse it (exit 2, one line naming the edited file, no "last good
 # checkpoint" for it) and leave the run folder and the model folder exactly as they were.
 
-RESUME_STEPS = 3
-
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    from fuzz_corpus import run_cli
-    from train_inputs import train_args, write_photo
+    from fuzz_corpus import train_finished_run
 
-    from tlora.tiny import save_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("resume-fuzz")
-    model = save_tiny_pipeline("sd", root / "sd")
-    image = write_photo(root / "dog.png")
-    rc, err, _ = run_cli(train_args(model, image, root / "run", 2, 1))
-    assert rc == 0, err
-    return model, image, root / "run"
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes | None]:
-    """Every path under `folder` with its bytes (None for a folder)."""
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+    return train_finished_run(tmp_path_factory.mktemp("resume-fuzz"))
 
 
 def test_resume_corpus_is_large_and_deterministic(finished_run):
@@ -210,60 +195,36 @@ def test_resume_corpus_is_large_and_deterministic(finished_run):
 
 
 def test_every_corrupted_checkpoint_is_refused_clearly(finished_run, tmp_path):
+    """Each case's outcome is judged by fuzz_corpus.resume_outcome (as benches/badinput.py counts
+    them): a case that must resume trains on ("ok"), every other one is a "clear" refusal."""
     import shutil
 
-    from fuzz_corpus import resume_cases, run_cli
-    from train_inputs import train_args
+    from fuzz_corpus import folder_bytes, prepare_resume, resume_args, resume_cases, resume_outcome, run_cli
 
     model, image, run = finished_run
     model_before = folder_bytes(model)
     failures = []
     for i, case in enumerate(resume_cases(run)):
         out = tmp_path / f"run{i:03d}"
-        shutil.copytree(run, out)
-        case.apply(out)
-        before = folder_bytes(out)
-        box = call_with_timeout(run_cli, train_args(model, image, out, RESUME_STEPS, 1, "--resume"))
-        label = f"{case.name} ({case.file})"
-        if "error" in box:
-            failures.append(f"{label}: raised {type(box['error']).__name__}: {box['error']}"[:300])
-            continue
-        rc, err, _ = box["result"]
-        lines = [line for line in err.splitlines() if line.strip()]
-        message = lines[-1] if lines else ""
-        if not case.must_fail:
-            if rc != 0:
-                failures.append(f"{label}: refused a run that must resume: {message}"[:300])
-            elif not (out / f"checkpoint-{RESUME_STEPS}").is_dir():
-                failures.append(f"{label}: resumed but did not train on")
-            continue
-        if rc != 2 or "Traceback" in err or not message.startswith("tlora train: error:"):
-            failures.append(f"{label}: rc {rc}, unclear refusal {message!r}"[:300])
-        elif str(out / case.file) not in message:
-            failures.append(f"{label}: the refusal does not name {case.file}: {message!r}"[:300])
-        elif "last good checkpoint" in message:
-            failures.append(f"{label}: the refusal calls a checkpoint good: {message!r}"[:300])
-        if folder_bytes(out) != before:
-            failures.append(f"{label}: the run folder changed")
+        before = prepare_resume(case, run, out)
+        box = call_with_timeout(run_cli, resume_args(model, image, out))
+        outcome, problem = resume_outcome(case, out, box, before)
+        if outcome != ("clear" if case.must_fail else "ok"):
+            failures.append(f"{case.name} ({case.file}): {outcome}: {problem}"[:300])
         shutil.rmtree(out)
     assert folder_bytes(model) == model_before
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:40])
 
 
 def test_cli_resume_from_a_corrupted_checkpoint_exits_2_in_a_subprocess(finished_run, tmp_path):
-    import shutil
-
-    from fuzz_corpus import resume_cases
-    from train_inputs import train_args
+    from fuzz_corpus import folder_bytes, prepare_resume, resume_args, resume_cases
 
     model, image, run = finished_run
     case = next(c for c in resume_cases(run) if c.name == "state.0.exp_avg_sq holds nan")
     out = tmp_path / "run"
-    shutil.copytree(run, out)
-    case.apply(out)
-    before = folder_bytes(out)
+    before = prepare_resume(case, run, out)
     proc = subprocess.run(
-        [sys.executable, "-m", "tlora.cli", *train_args(model, image, out, RESUME_STEPS, 1, "--resume")],
+        [sys.executable, "-m", "tlora.cli", *resume_args(model, image, out)],
         capture_output=True,
         text=True,
         timeout=300,
