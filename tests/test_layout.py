@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "python" / "tlora"
 LEVELS = {
     "_native": 0,
     "errors": 1,
+    "options": 1,  # the options' choices and limits, for the parser and the library
     "timesteps": 1,
     "atomic": 1,
     "factors": 2,
