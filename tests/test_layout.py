@@ -111,6 +111,18 @@ def test_no_import_cycles():
             visit(node, [])
 
 
+def test_the_native_module_is_imported_through_the_package():
+    # `from . import _native` asks tlora.__getattr__, which imports torch first (the extension
+    # links libtorch_python); `from ._native import x` or `import tlora._native` would not.
+    direct = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in _runtime_imports(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            if any(n.split(".")[-1] == "_native" or n.startswith("tlora._native") for n in names):
+                direct.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not direct, direct
+
+
 def test_the_graph_reader_sees_real_edges():
     # The checks above are only as good as the reader: it must find the known edges, lazy ones too.
     graph = import_graph()

@@ -165,7 +165,12 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the base model the adapter was trained on")
     p.add_argument("--adapter", required=True, help="adapter .safetensors file")
     p.add_argument(
-        "--prompt", dest="prompts", action="append", required=True, help="prompt with {} for the concept; repeatable"
+        "--prompt",
+        dest="prompts",
+        metavar="PROMPT",
+        action="append",
+        required=True,
+        help="prompt with {} for the concept; repeatable",
     )
     p.add_argument("-n", type=_int(1, MAX_IMAGES), default=4, help="images per prompt")
     p.add_argument("--steps", type=_int(1, MAX_SAMPLE_STEPS), default=None, help="denoising steps (SD-XL 25, FLUX 28)")
@@ -254,6 +259,7 @@ def _evaluate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--reference",
         dest="references",
+        metavar="REFERENCE",
         action="append",
         required=True,
         help="the real image of the concept; repeatable",
@@ -261,6 +267,7 @@ def _evaluate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--mask",
         dest="masks",
+        metavar="MASK",
         action="append",
         default=None,
         help="subject mask of each --reference (white = subject), in the same order; the background "
@@ -284,6 +291,7 @@ def _evaluate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--drop-word",
         dest="drop_words",
+        metavar="DROP_WORD",
         action="append",
         default=[],
         help="word removed from prompts before CLIP-T, e.g. sks",
