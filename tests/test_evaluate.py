@@ -18,8 +18,8 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load_file, save_file
 
 from tlora.cli import main
-from tlora.errors import InputError
-from tlora.evaluate import Encoders, evaluate, markdown, paper_prompts
+from tlora.errors import InputError, MissingFileError
+from tlora.evaluate import Encoders, evaluate, markdown, paper_prompts, parse_colour
 from tlora.images import MIN_LABELLED_TILE, grid, label_font
 from tlora.tiny import save_tiny_clip, save_tiny_dino
 
@@ -354,6 +354,23 @@ def _inputs(tmp_path):
     return gen, ref, ["evaluate", "--generated", str(gen), "--reference", str(ref), "--out", str(tmp_path / "o")]
 
 
+def test_the_api_names_settings_not_flags(tmp_path):
+    # evaluate's errors name its arguments (the CLI shows them as flags: test_bad_inputs_refused).
+    gen, ref, _ = _inputs(tmp_path)
+    cases = [
+        (lambda: Encoders.load(), ("clip", "dino"), "no model given: pass clip (CLIP-I, CLIP-T) and/or dino (DINO)"),
+        (lambda: evaluate(gen, [ref], prompt_set="live"), ("concept", "prompt_set"), "prompt_set needs concept, "),
+        (lambda: evaluate(gen, [ref], masks=[ref, ref]), ("masks", "references"), "2 mask(s) for 1 reference image(s)"),
+        (lambda: evaluate(gen, [ref], clip=str(tmp_path / "nope")), ("clip",), f"clip {tmp_path / 'nope'}: no such"),
+        (lambda: parse_colour("1,2"), ("mask_fill",), "mask_fill '1,2': give R,G,B"),
+    ]
+    for call, fields, start in cases:
+        with pytest.raises((InputError, MissingFileError)) as info:
+            call()
+        assert info.value.fields == fields and str(info.value).startswith(start), str(info.value)
+        assert "--" not in str(info.value)
+
+
 def _one_line(capsys, argv) -> str:
     """The refusal of `tlora ARGV`: exit 2, nothing on stdout, one line on stderr after any progress bars."""
     assert main(argv) == 2
@@ -367,11 +384,11 @@ def _one_line(capsys, argv) -> str:
 @pytest.mark.parametrize(
     "device,fragment",
     [
-        ("foo", "unknown device 'foo': use auto, cpu, cuda, cuda:N or mps"),
-        ("meta", "device 'meta' is not supported"),
+        ("foo", "--device 'foo' is unknown: use auto, cpu, cuda, cuda:N or mps"),
+        ("meta", "--device 'meta' is not supported"),
         pytest.param(
             "cuda",
-            "device 'cuda' is not available",
+            "--device 'cuda' is not available",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU"),
         ),
     ],

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "python" / "tlora"
 LEVELS = {
     "_native": 0,
     "errors": 1,
+    "options": 1,  # the options' choices and limits, for the parser and the library
     "timesteps": 1,
     "atomic": 1,
     "factors": 2,
@@ -108,6 +109,18 @@ def test_no_import_cycles():
     for node in graph:
         if node not in state:
             visit(node, [])
+
+
+def test_the_native_module_is_imported_through_the_package():
+    # `from . import _native` asks tlora.__getattr__, which imports torch first (the extension
+    # links libtorch_python); `from ._native import x` or `import tlora._native` would not.
+    direct = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in _runtime_imports(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            if any(n.split(".")[-1] == "_native" or n.startswith("tlora._native") for n in names):
+                direct.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not direct, direct
 
 
 def test_the_graph_reader_sees_real_edges():

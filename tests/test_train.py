@@ -50,11 +50,13 @@ from train_inputs import (  # tests/train_inputs.py, shared with benches/badinpu
 
 import tlora.checkpoint
 from tlora import cli
+from tlora.config import MAX_RANK
+from tlora.errors import ConfigError
 from tlora.generate import generate
 from tlora.images import MIN_LABELLED_TILE, load_image, load_mask
 from tlora.io import read
 from tlora.pipelines import family_of
-from tlora.train import train
+from tlora.train import TrainConfig, train
 
 KINDS = ("sd", "sdxl", "flux")
 PROMPT = "a photo of sks dog"
@@ -619,7 +621,7 @@ def _cli(args: list[str], capsys) -> tuple[int, str]:
         ("--steps", "-3", "argument --steps: must be an integer in 1..10000000, got -3"),
         ("--resolution", "0", "argument --resolution: must be an integer in 8..4096, got 0"),
         ("--resolution", "20", "argument --resolution: 20 is not a multiple of 8"),
-        ("--rank", "0", "argument --rank: must be an integer in 1..4096, got 0"),
+        ("--rank", "0", f"argument --rank: must be an integer in 1..{MAX_RANK}, got 0"),
         ("--seed", "-1", "argument --seed: must be an integer in 0..4294967295"),
         ("--checkpoint-every", "0", "argument --checkpoint-every: must be an integer >= 1"),
         ("--rank-exponent", "inf", "argument --rank-exponent: must be a finite number > 0"),
@@ -664,6 +666,51 @@ def test_generate_numeric_arguments_are_range_checked(extra, fragment, models, t
     assert rc == 2 and fragment in message, message
 
 
+@pytest.mark.parametrize(
+    "settings,fields,message",
+    [
+        ({"steps": 0}, ("steps",), "steps must be an integer in 1..10000000, got 0"),
+        ({"lr": 2.0}, ("lr",), "lr must be a finite number > 0 and <= 1, got 2.0"),
+        ({"resolution": 20}, ("resolution",), "resolution must be a multiple of 8 (the autoencoder's stride), got 20"),
+        ({"validation_steps": 0}, ("validation_steps",), "validation_steps must be an integer in 1..1000, got 0"),
+        (
+            {"image": None},
+            ("image", "image_dir"),
+            "give exactly one of image (one photo, the paper's setting) or image_dir",
+        ),
+        ({"token": " "}, ("token", "class_name"), "token and class_name must not be empty"),
+        ({"quantize": "fp8"}, ("quantize",), "quantize must be one of int8, int4, nf4, got 'fp8'"),
+        ({"mixed_precision": "fp8"}, ("mixed_precision",), "mixed_precision must be one of no, fp16, bf16, got 'fp8'"),
+    ],
+)
+def test_train_config_names_fields_not_flags(settings, fields, message, tmp_path):
+    # The library speaks in field names (the CLI shows flags: test_cli_shows_flags_for_fields).
+    base = dict(model="m", image="photo.png", token="sks", class_name="dog", out=str(tmp_path / "run"))
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**{**base, **settings})
+    assert str(info.value) == message and info.value.fields == fields and info.value.field == fields[0]
+
+
+def test_generate_names_fields_not_flags(tmp_path):
+    for settings, field, message in [
+        ({"n": 0}, "n", "n must be an integer in 1..256, got 0"),
+        ({"steps": 0}, "steps", "steps must be an integer in 1..1000, got 0"),
+        ({"guidance": -1.0}, "guidance", "guidance must be a finite number >= 0 and <= 100, got -1.0"),
+        ({"width": 20}, "width", "width must be a multiple of 8 (the autoencoder's stride), got 20"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            generate("m", str(tmp_path / "a.safetensors"), ["a {}"], str(tmp_path / "out"), **settings)
+        assert str(info.value) == message and info.value.field == field
+
+
+def test_cli_shows_flags_for_fields(models, image, tmp_path, capsys):
+    # A library error about a field, through the CLI: the flag the user typed.
+    args = set_flag(train_args(models["sd"], image, tmp_path / "run", 1, 1), "--token", " ")
+    rc, message = _cli(args, capsys)
+    assert rc == 2 and message == "tlora train: error: --token and --class-name must not be empty", message
+    assert written_files(tmp_path / "run") == []
+
+
 @pytest.fixture(scope="module")
 def trained(models, image, tmp_path_factory) -> Path:
     """A finished 2-step run (checkpoints 1 and 2) to copy."""
@@ -684,9 +731,9 @@ def test_device_and_half_precision_refused_clearly_on_the_cpu(models, image, tra
     rc, message = _cli([*args, "--mixed-precision", "fp16"], capsys)
     assert rc == 2 and "--mixed-precision fp16 needs a CUDA GPU" in message and "use bf16 or no" in message, message
     rc, message = _cli([*args, "--device", "cuda"], capsys)
-    assert rc == 2 and "device 'cuda' is not available" in message, message
+    assert rc == 2 and "--device 'cuda' is not available" in message, message
     rc, message = _cli([*args, "--device", "tpu9"], capsys)
-    assert rc == 2 and "unknown device 'tpu9'" in message, message
+    assert rc == 2 and "--device 'tpu9' is unknown" in message, message
     gen = [
         "generate",
         "--model",
@@ -709,7 +756,7 @@ def test_device_and_half_precision_refused_clearly_on_the_cpu(models, image, tra
     rc, message = _cli([*gen, "--dtype", "fp16"], capsys)
     assert rc == 2 and "--dtype fp16 needs a CUDA GPU" in message, message
     rc, message = _cli([*gen, "--device", "cuda:3"], capsys)
-    assert rc == 2 and "device 'cuda:3' is not available" in message, message
+    assert rc == 2 and "--device 'cuda:3' is not available" in message, message
     assert written_files(tmp_path / "run") == [] and written_files(tmp_path / "g") == []
     # bf16 runs on the CPU: sampling and training.
     assert cli.main([*gen, "--dtype", "bf16"]) == 0

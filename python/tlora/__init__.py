@@ -7,13 +7,16 @@ tlora.load(other_unet, "concept.safetensors")
 adapter.remove()
 """
 
-# torch must be imported before the native module: wrapping a tensor needs torch's Python types.
-import torch  # noqa: F401
+# The exports load lazily (PEP 562): `import tlora` and `tlora --help` import no torch; the first
+# use of `tlora.inject` (or any name below, or a submodule as `tlora.io`) imports what it needs.
 
-from . import _native as _native  # noqa: E402  (loaded here, after torch)
-from .adapter import Adapter, adapter_of, inject, rank_schedule, remove  # noqa: E402
-from .config import AdapterConfig  # noqa: E402
-from .errors import (  # noqa: E402
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
+
+from .errors import (
     AdapterFileError,
     CheckpointError,
     ConfigError,
@@ -23,9 +26,45 @@ from .errors import (  # noqa: E402
     TloraError,
     TrainingError,
 )
-from .io import load, read, save  # noqa: E402
+
+if TYPE_CHECKING:
+    from .adapter import Adapter, adapter_of, inject, rank_schedule, remove
+    from .config import AdapterConfig
+    from .io import load, read, save
 
 __version__ = "0.1.0"
+
+# Name -> the submodule that defines it.
+_LAZY = {
+    "Adapter": "adapter",
+    "adapter_of": "adapter",
+    "inject": "adapter",
+    "rank_schedule": "adapter",
+    "remove": "adapter",
+    "AdapterConfig": "config",
+    "load": "io",
+    "read": "io",
+    "save": "io",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name == "_native":
+        # The extension links libtorch_python: `import torch` must run before it is imported.
+        # Modules import it as `from . import _native`, which asks this function first.
+        import torch  # noqa: F401
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)  # a submodule: `tlora.io`, `tlora.tiny`
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "Adapter",

@@ -165,6 +165,30 @@ def read_checkpoint(ckpt: Path) -> Checkpoint:
     except TloraError as e:  # AdapterFileError, MissingFileError: the message names the file
         raise CheckpointError(f"{e}: {FIX}") from None
     state_file = ckpt / "state.safetensors"
+    tensors, strings, rng = _read_state_file(ckpt, state_file)
+    step = _read_step(ckpt, strings)
+    groups, scalars = _read_optimizer(state_file, strings["optimizer"])
+    shapes = _trainable_shapes(f)
+    _check_groups(state_file, groups, len(shapes))
+    amsgrad = any(g.get("amsgrad") is True for g in groups)
+    state = _optimizer_state(state_file, tensors, scalars, rng)
+    _check_state(state_file, state, shapes, amsgrad, step)
+    for key, t in rng.items():
+        if t.dtype != torch.uint8 or t.shape != _GENERATOR_STATE.shape:
+            raise _fail(
+                state_file,
+                key,
+                f"is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}, not a CPU generator's state "
+                f"(uint8 {tuple(_GENERATOR_STATE.shape)})",
+            )
+    return Checkpoint(path=ckpt, step=step, adapter=f, state=state, groups=groups, rng=rng)
+
+
+def _read_state_file(
+    ckpt: Path, state_file: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, torch.Tensor]]:
+    """state.safetensors' tensors, metadata strings and RNG states, its parts present and its
+    checksum verified (a file written before checksums: a warning)."""
     if not state_file.exists():
         raise CheckpointError(
             f"{ckpt} has no state.safetensors (optimizer and RNG state): it cannot be resumed exactly; {FIX}"
@@ -189,7 +213,7 @@ def read_checkpoint(ckpt: Path) -> Checkpoint:
         warnings.warn(
             f"{state_file} has no checksum (written by an older tlora): its state is checked but cannot be verified",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     elif adapter_checksum(raw, strings) != expected:
         raise _fail(
@@ -198,11 +222,14 @@ def read_checkpoint(ckpt: Path) -> Checkpoint:
             "the optimizer state and its description do not match the file's checksum: the file is corrupted "
             "(or was edited)",
         )
-    step = _read_step(ckpt, strings)
-    groups, scalars = _read_optimizer(state_file, strings["optimizer"])
-    shapes = _trainable_shapes(f)
-    _check_groups(state_file, groups, len(shapes))
-    amsgrad = any(g.get("amsgrad") is True for g in groups)
+    return tensors, strings, rng
+
+
+def _optimizer_state(
+    state_file: Path, tensors: dict[str, torch.Tensor], scalars: dict, rng: dict[str, torch.Tensor]
+) -> dict[int, dict[str, Any]]:
+    """Trainable factor index -> its AdamW state, from the `state.<i>.<name>` tensors and the
+    optimizer description's `<i>.<name>` scalars (each named so, each name once)."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key in rng:
@@ -219,16 +246,7 @@ def read_checkpoint(ckpt: Path) -> Checkpoint:
         if name in state.get(int(m.group(1)), {}):
             raise _fail(state_file, f"optimizer.scalars[{key!r}]", "is also stored as a tensor")
         state.setdefault(int(m.group(1)), {})[name] = value
-    _check_state(state_file, state, shapes, amsgrad, step)
-    for key, t in rng.items():
-        if t.dtype != torch.uint8 or t.shape != _GENERATOR_STATE.shape:
-            raise _fail(
-                state_file,
-                key,
-                f"is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}, not a CPU generator's state "
-                f"(uint8 {tuple(_GENERATOR_STATE.shape)})",
-            )
-    return Checkpoint(path=ckpt, step=step, adapter=f, state=state, groups=groups, rng=rng)
+    return state
 
 
 def _trainable_shapes(f: AdapterFile) -> list[tuple[int, ...]]:
@@ -380,6 +398,29 @@ def load_checkpoint(
     read and checked before anything is restored; a checkpoint of another adapter or one missing a
     part is a CheckpointError."""
     cp = ckpt if isinstance(ckpt, Checkpoint) else read_checkpoint(ckpt)
+    _check_fits(cp, adapter, optimizer)
+    state_file = cp.path / "state.safetensors"
+    rng = cp.rng.get(f"rng.generator.{process_index}", cp.rng["rng.generator"])
+    # Restore into copies first, so that a bad optimizer or RNG state changes nothing.
+    saved_opt = optimizer.state_dict()
+    saved_rng = generator.get_state()
+    try:
+        optimizer.load_state_dict({"state": cp.state, "param_groups": cp.groups})
+        generator.set_state(rng)
+    except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as e:
+        optimizer.load_state_dict(saved_opt)
+        generator.set_state(saved_rng)
+        raise _fail(state_file, None, f"cannot restore the optimizer or RNG state ({e})") from None
+    own = adapter.state_dict()
+    with torch.no_grad():
+        for k, v in cp.adapter.tensors.items():
+            own[k].copy_(v)
+    return cp.step
+
+
+def _check_fits(cp: Checkpoint, adapter: Adapter, optimizer: torch.optim.Optimizer) -> None:
+    """Checkpoint `cp` belongs to this run: the adapter's settings and tensors, and the
+    optimizer's parameter groups, flags and factor shapes (CheckpointError otherwise)."""
     f, path = cp.adapter, cp.path
     own, c = adapter.state_dict(), adapter.config
     for field in ("variant", "rank", "min_rank", "rank_exponent", "num_train_timesteps"):
@@ -414,18 +455,3 @@ def load_checkpoint(
                     f"state.{idx}.{key}",
                     f"has shape {tuple(t.shape)}, this run's factor {tuple(params[idx].shape)}",
                 )
-    rng = cp.rng.get(f"rng.generator.{process_index}", cp.rng["rng.generator"])
-    # Restore into copies first, so that a bad optimizer or RNG state changes nothing.
-    saved_opt = optimizer.state_dict()
-    saved_rng = generator.get_state()
-    try:
-        optimizer.load_state_dict({"state": cp.state, "param_groups": cp.groups})
-        generator.set_state(rng)
-    except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as e:
-        optimizer.load_state_dict(saved_opt)
-        generator.set_state(saved_rng)
-        raise _fail(state_file, None, f"cannot restore the optimizer or RNG state ({e})") from None
-    with torch.no_grad():
-        for k, v in f.tensors.items():
-            own[k].copy_(v)
-    return cp.step

@@ -1,11 +1,36 @@
-"""The `tlora` command line. Each subcommand is a thin wrapper over the Python API of the same name."""
+"""The `tlora` command line. Each subcommand is a thin wrapper over the Python API of the same name.
+
+The parser imports no torch (only `tlora.options`, `tlora.config` and `tlora.errors`), so `tlora
+--help`, `tlora COMMAND --help` and argument errors are quick; a command's handler imports what it
+runs. Each option's dest is the library's name for it (`--reference` sets `references`), so the
+handlers pass options through and an error about a setting is shown with the flag the user typed.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import sys
+
+from .config import MAX_RANK, MAX_TIMESTEPS, MIN_TIMESTEPS, VARIANTS
+from .options import (
+    DTYPES,
+    EXPORT_FORMATS,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_LR,
+    MAX_SAMPLE_STEPS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_TRAIN_STEPS,
+    MIXED_PRECISION,
+    PAPER_STEPS,
+    PROMPT_SETS,
+    QUANTIZE,
+    SIDE_STRIDE,
+)
 
 DESCRIPTION = """\
 T-LoRA: customize a text-to-image diffusion model from ONE image without overfitting.
@@ -19,9 +44,6 @@ layout and background.
   tlora export --adapter A --format diffusers --out lora.safetensors   bake into a static LoRA
   tlora import --adapter ref.safetensors --model M --out tlora.safetensors   read another tool's T-LoRA
 """
-
-
-MAX_SIDE = 4096  # as tlora.pipelines.MAX_SIDE (not imported: the parser loads no torch)
 
 
 def _int(lo: int, hi: int | None = None):
@@ -58,17 +80,25 @@ def _float(lo: float, hi: float | None = None, lo_inclusive: bool = True):
 
 
 def _side(text: str) -> int:
-    value = _int(8, MAX_SIDE)(text)
-    if value % 8:
-        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 8 (the autoencoder's stride)")
+    value = _int(SIDE_STRIDE, MAX_SIDE)(text)
+    if value % SIDE_STRIDE:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of {SIDE_STRIDE} (the autoencoder's stride)")
     return value
 
 
-SEED = _int(0, 2**32 - 1)
+def _paper_steps() -> str:
+    """ "800 (tlora), 500 (vanilla, lora)": PAPER_STEPS for the --steps help."""
+    by_steps: dict[int, list[str]] = {}
+    for variant, steps in PAPER_STEPS.items():
+        by_steps.setdefault(steps, []).append(variant)
+    return ", ".join(f"{steps} ({', '.join(variants)})" for steps, variants in by_steps.items())
+
+
+SEED = _int(0, MAX_SEED)
 DEVICE_HELP = "auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N"
 
 
-def _train_parser(sub) -> None:
+def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train an adapter from one image",
@@ -80,17 +110,17 @@ def _train_parser(sub) -> None:
     p.add_argument("--token", required=True, help="rare word that will name the subject, e.g. sks")
     p.add_argument("--class-name", required=True, help="the subject's class, e.g. dog")
     p.add_argument("--out", required=True, help="output folder (adapter, checkpoints, samples, logs)")
-    p.add_argument("--variant", default="tlora", choices=["tlora", "vanilla", "lora"])
-    p.add_argument("--rank", type=_int(1, 4096), default=64)
-    p.add_argument("--min-rank", type=_int(1, 4096), default=None, help="rank at t = T (default rank // 2)")
+    p.add_argument("--variant", default="tlora", choices=VARIANTS)
+    p.add_argument("--rank", type=_int(1, MAX_RANK), default=64)
+    p.add_argument("--min-rank", type=_int(1, MAX_RANK), default=None, help="rank at t = T (default rank // 2)")
     p.add_argument("--rank-exponent", type=_float(0, 1000, lo_inclusive=False), default=1.0)
-    p.add_argument("--steps", type=_int(1, 10_000_000), default=None, help="default 800 (tlora), 500 (vanilla, lora)")
-    p.add_argument("--lr", type=_float(0, 1, lo_inclusive=False), default=1e-4)
+    p.add_argument("--steps", type=_int(1, MAX_TRAIN_STEPS), default=None, help=f"default {_paper_steps()}")
+    p.add_argument("--lr", type=_float(0, MAX_LR, lo_inclusive=False), default=1e-4)
     p.add_argument("--resolution", type=_side, default=None, help="default: the model's native size")
     p.add_argument(
         "--mixed-precision",
         default="no",
-        choices=["no", "fp16", "bf16"],
+        choices=MIXED_PRECISION,
         help="weights of the frozen model in fp16/bf16 with autocast (the adapter stays float32); fp16 needs a GPU",
     )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -108,7 +138,9 @@ def _train_parser(sub) -> None:
         default="",
         help='"#"-separated prompts with {} for the concept, e.g. "a {} in the jungle#a {} on a beach"',
     )
-    p.add_argument("--validation-steps", type=_int(1, 1000), default=None, help="denoising steps of validation samples")
+    p.add_argument(
+        "--validation-steps", type=_int(1, MAX_SAMPLE_STEPS), default=None, help="denoising steps of validation samples"
+    )
     p.add_argument("--mask", help="subject mask (white = subject): the loss sees only these pixels")
     p.add_argument("--prior-dir", help="class images for DreamBooth prior preservation")
     p.add_argument("--prior-weight", type=_float(0, 1000), default=1.0)
@@ -117,13 +149,14 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--quantize",
         default=None,
-        choices=["int8", "int4", "nf4"],
+        choices=QUANTIZE,
         help="keep the denoiser's Linear layers quantized and frozen: int8/int4 (optimum-quanto), "
         "nf4 (bitsandbytes, GPU)",
     )
+    return p
 
 
-def _generate_parser(sub) -> None:
+def _generate_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate",
         help="sample images with an adapter",
@@ -131,24 +164,34 @@ def _generate_parser(sub) -> None:
     )
     p.add_argument("--model", required=True, help="the base model the adapter was trained on")
     p.add_argument("--adapter", required=True, help="adapter .safetensors file")
-    p.add_argument("--prompt", action="append", required=True, help="prompt with {} for the concept; repeatable")
-    p.add_argument("-n", type=_int(1, 256), default=4, help="images per prompt")
-    p.add_argument("--steps", type=_int(1, 1000), default=None, help="denoising steps (SD-XL 25, FLUX 28)")
-    p.add_argument("--guidance", type=_float(0, 100), default=None, help="guidance scale (SD-XL 5.0, FLUX 3.5)")
+    p.add_argument(
+        "--prompt",
+        dest="prompts",
+        metavar="PROMPT",
+        action="append",
+        required=True,
+        help="prompt with {} for the concept; repeatable",
+    )
+    p.add_argument("-n", type=_int(1, MAX_IMAGES), default=4, help="images per prompt")
+    p.add_argument("--steps", type=_int(1, MAX_SAMPLE_STEPS), default=None, help="denoising steps (SD-XL 25, FLUX 28)")
+    p.add_argument(
+        "--guidance", type=_float(0, MAX_GUIDANCE), default=None, help="guidance scale (SD-XL 5.0, FLUX 3.5)"
+    )
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--height", type=_side, default=None, help=f"multiple of 8, at most {MAX_SIDE}")
-    p.add_argument("--width", type=_side, default=None, help=f"multiple of 8, at most {MAX_SIDE}")
+    p.add_argument("--height", type=_side, default=None, help=f"multiple of {SIDE_STRIDE}, at most {MAX_SIDE}")
+    p.add_argument("--width", type=_side, default=None, help=f"multiple of {SIDE_STRIDE}, at most {MAX_SIDE}")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--dtype",
         default="fp32",
-        choices=["fp32", "fp16", "bf16"],
+        choices=list(DTYPES),
         help="the pipeline's weights (the adapter stays float32); fp16 needs a GPU",
     )
     p.add_argument("--out", required=True, help="output folder for PNGs and grid.png")
+    return p
 
 
-def _export_parser(sub) -> None:
+def _export_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="bake an adapter into a static LoRA (diffusers, peft, kohya)",
@@ -159,7 +202,7 @@ def _export_parser(sub) -> None:
     p.add_argument(
         "--format",
         required=True,
-        choices=["diffusers", "peft", "kohya"],
+        choices=EXPORT_FORMATS,
         help="diffusers: pipe.load_lora_weights(file); peft: PeftModel.from_pretrained(denoiser, folder); "
         "kohya: lora_unet_* keys (SD/SD-XL UNets)",
     )
@@ -167,9 +210,10 @@ def _export_parser(sub) -> None:
     which.add_argument("--timestep", type=_float(0), default=None, help="bake rank r(t), t on the training scale 0..T")
     which.add_argument("--rank", type=_int(1), default=None, help="bake this rank (default: full rank, r(0))")
     p.add_argument("--out", required=True, help=".safetensors file (peft: a folder)")
+    return p
 
 
-def _import_parser(sub) -> None:
+def _import_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "import",
         help="convert a reference-code or LyCORIS T-LoRA file to a tlora adapter",
@@ -189,9 +233,8 @@ def _import_parser(sub) -> None:
         help="default: the file's metadata, else 1.0",
     )
     p.add_argument(
-        # at least 2, as tlora.config.MIN_TIMESTEPS (not imported: the parser loads no torch)
         "--num-train-timesteps",
-        type=_int(2, 1_000_000),
+        type=_int(MIN_TIMESTEPS, MAX_TIMESTEPS),
         default=None,
         help="default: the file's metadata, else 1000",
     )
@@ -201,9 +244,10 @@ def _import_parser(sub) -> None:
         help="LyCORIS files without base_q/base_p/base_lambda: rebuild them from the model's weights "
         "(right only for LyCORIS's default init)",
     )
+    return p
 
 
-def _evaluate_parser(sub) -> None:
+def _evaluate_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate",
         help="CLIP-I, CLIP-T and DINO scores of generated images",
@@ -212,9 +256,18 @@ def _evaluate_parser(sub) -> None:
         "Writes evaluation.json and evaluation.md (per prompt and overall mean).",
     )
     p.add_argument("--generated", required=True, help="folder of generated images (grid.png is skipped)")
-    p.add_argument("--reference", action="append", required=True, help="the real image of the concept; repeatable")
+    p.add_argument(
+        "--reference",
+        dest="references",
+        metavar="REFERENCE",
+        action="append",
+        required=True,
+        help="the real image of the concept; repeatable",
+    )
     p.add_argument(
         "--mask",
+        dest="masks",
+        metavar="MASK",
         action="append",
         default=None,
         help="subject mask of each --reference (white = subject), in the same order; the background "
@@ -230,32 +283,135 @@ def _evaluate_parser(sub) -> None:
     )
     p.add_argument(
         "--prompt-set",
-        choices=["object", "live"],
+        choices=PROMPT_SETS,
         default=None,
         help="the 25 DreamBooth context prompts (object or live subject); file NN-*.png has prompt NN",
     )
     p.add_argument("--concept", help="what replaces {} in --prompt-set, e.g. 'dog' or 'sks dog'")
-    p.add_argument("--drop-word", action="append", default=[], help="word removed from prompts before CLIP-T, e.g. sks")
+    p.add_argument(
+        "--drop-word",
+        dest="drop_words",
+        metavar="DROP_WORD",
+        action="append",
+        default=[],
+        help="word removed from prompts before CLIP-T, e.g. sks",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default), auto (CUDA when available), cuda or cuda:N")
     p.add_argument("--out", required=True, help="output folder for evaluation.json and evaluation.md")
+    return p
+
+
+def _info_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("info", help="show an adapter file's settings and modules")
+    p.add_argument("adapter")
+    return p
+
+
+# ---- the handlers: each imports what it runs --------------------------------------------------
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """The command's options by the library's names (their dests)."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "func", "flags")}
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from .train import TrainConfig, train
+
+    opts = _options(args)
+    opts["validation_prompts"] = [p for p in opts["validation_prompts"].split("#") if p.strip()]
+    result = train(TrainConfig(**opts))
+    print(f"adapter written to {result.adapter_path}")
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from .generate import generate
+
+    path = generate(**_options(args))
+    print(f"images written to {path.parent} (grid: {path})")
+
+
+def _run_info(args: argparse.Namespace) -> None:
+    from .io import read_adapter
+
+    f = read_adapter(args.adapter)
+    n = sum(t.numel() for k, t in f.tensors.items() if not k.endswith(("0",)))
+    print(json.dumps({k: v for k, v in f.meta.items() if k != "modules"}, indent=2))
+    print(f"{len(f.modules)} adapted modules, {n:,} trainable values")
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from .interop import export
+
+    result = export(args.adapter, args.out, format=args.format, timestep=args.timestep, rank=args.rank)
+    where = f"{result.path} and {result.config_path}" if result.config_path else str(result.path)
+    print(f"{args.format} LoRA of rank {result.lora_rank} ({result.modules} modules) written to {where}")
+    print(f"note: {result.note}")
+
+
+def _run_import(args: argparse.Namespace) -> None:
+    from .interop import import_file
+
+    adapter, out = import_file(
+        args.adapter,
+        args.model,
+        args.out,
+        min_rank=args.min_rank,
+        rank_exponent=args.rank_exponent,
+        num_train_timesteps=args.num_train_timesteps,
+        reconstruct_base=args.reconstruct_base,
+    )
+    c = adapter.config
+    print(
+        f"{c.variant} adapter of rank {c.rank} (min rank {c.min_rank}, {len(adapter.layers)} modules) "
+        f"from {c.extra.get('imported_from', 'a tlora file')} written to {out}"
+    )
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate, markdown, parse_colour, write_report
+
+    opts = _options(args)
+    out = opts.pop("out")
+    opts["mask_fill"] = parse_colour(opts["mask_fill"])
+    report = evaluate(**opts)
+    print(markdown(report) + f"written to {', '.join(map(str, write_report(report, out)))}")
+
+
+def _handled_by(p: argparse.ArgumentParser, run) -> None:
+    """`run(args)` runs the command; `flags` maps each option's dest (the library's name for the
+    setting) to its flag, for the error messages."""
+    flags = {a.dest: max(a.option_strings, key=len) for a in p._actions if a.option_strings}
+    p.set_defaults(func=run, flags=flags)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import add_parser as demo_parser
+    from .demo import run as run_demo
+
     parser = argparse.ArgumentParser(
         prog="tlora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
-    _generate_parser(sub)
-    info = sub.add_parser("info", help="show an adapter file's settings and modules")
-    info.add_argument("adapter")
-    _export_parser(sub)
-    _import_parser(sub)
-    _evaluate_parser(sub)
-    from .demo import add_parser as add_demo
-
-    add_demo(sub)
+    _handled_by(_train_parser(sub), _run_train)
+    _handled_by(_generate_parser(sub), _run_generate)
+    _handled_by(_info_parser(sub), _run_info)
+    _handled_by(_export_parser(sub), _run_export)
+    _handled_by(_import_parser(sub), _run_import)
+    _handled_by(_evaluate_parser(sub), _run_evaluate)
+    _handled_by(demo_parser(sub), run_demo)
     return parser
+
+
+def in_flags(error: Exception, flags: dict[str, str]) -> str:
+    """The error's message with the settings it names (`fields`, the library's names: see
+    tlora.errors) shown as the command's flags: the first whole-word use of each name."""
+    text = str(error)
+    for field in getattr(error, "fields", ()):
+        if field in flags:
+            pattern = rf"(?<![\w./'\"-]){re.escape(field)}(?![\w./'\"-])"
+            text = re.sub(pattern, lambda _, flag=flags[field]: flag, text, count=1)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,85 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse's usage errors (exit 2, message printed) and --help (0)
         return e.code if isinstance(e.code, int) else 2
     try:
-        if args.command == "train":
-            from .train import TrainConfig, train
-
-            opts = {k: v for k, v in vars(args).items() if k != "command"}
-            opts["validation_prompts"] = [p for p in opts["validation_prompts"].split("#") if p.strip()]
-            result = train(TrainConfig(**opts))
-            print(f"adapter written to {result.adapter_path}")
-        elif args.command == "generate":
-            from .generate import generate
-
-            path = generate(
-                args.model,
-                args.adapter,
-                args.prompt,
-                args.out,
-                n=args.n,
-                steps=args.steps,
-                guidance=args.guidance,
-                seed=args.seed,
-                height=args.height,
-                width=args.width,
-                device=args.device,
-                dtype=args.dtype,
-            )
-            print(f"images written to {path.parent} (grid: {path})")
-        elif args.command == "info":
-            from .io import read_adapter
-
-            f = read_adapter(args.adapter)
-            n = sum(t.numel() for k, t in f.tensors.items() if not k.endswith(("0",)))
-            print(json.dumps({k: v for k, v in f.meta.items() if k != "modules"}, indent=2))
-            print(f"{len(f.modules)} adapted modules, {n:,} trainable values")
-        elif args.command == "export":
-            from .interop import export
-
-            result = export(args.adapter, args.out, format=args.format, timestep=args.timestep, rank=args.rank)
-            where = f"{result.path} and {result.config_path}" if result.config_path else str(result.path)
-            print(f"{args.format} LoRA of rank {result.lora_rank} ({result.modules} modules) written to {where}")
-            print(f"note: {result.note}")
-        elif args.command == "import":
-            from .interop import import_file
-
-            adapter, out = import_file(
-                args.adapter,
-                args.model,
-                args.out,
-                min_rank=args.min_rank,
-                rank_exponent=args.rank_exponent,
-                num_train_timesteps=args.num_train_timesteps,
-                reconstruct_base=args.reconstruct_base,
-            )
-            c = adapter.config
-            print(
-                f"{c.variant} adapter of rank {c.rank} (min rank {c.min_rank}, {len(adapter.layers)} modules) "
-                f"from {c.extra.get('imported_from', 'a tlora file')} written to {out}"
-            )
-        elif args.command == "evaluate":
-            from .evaluate import evaluate, markdown, parse_colour, write_report
-
-            report = evaluate(
-                args.generated,
-                args.reference,
-                clip=args.clip,
-                dino=args.dino,
-                masks=args.mask,
-                prompts=args.prompts,
-                prompt_set=args.prompt_set,
-                concept=args.concept,
-                drop_words=args.drop_word,
-                mask_fill=parse_colour(args.mask_fill),
-                device=args.device,
-            )
-            print(markdown(report) + f"written to {', '.join(map(str, write_report(report, args.out)))}")
-        elif args.command == "demo":
-            from .demo import run
-
-            run(args)
+        args.func(args)
     except (ValueError, OSError) as e:  # OSError: missing files, permissions, a full disk
-        print(f"tlora {args.command}: error: {e}", file=sys.stderr)
+        print(f"tlora {args.command}: error: {in_flags(e, args.flags)}", file=sys.stderr)
         return 2
     return 0
 

@@ -8,10 +8,12 @@ diversity measured from pixels, and writes a side-by-side grid. No downloads; a 
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
-def add_parser(sub) -> None:
+def add_parser(sub) -> argparse.ArgumentParser:
+    """The `demo` subcommand's parser (torch-free: the toy's concepts and settings only)."""
     from .toy.concepts import CONCEPTS
     from .toy.evaluate import TOY_RANK, TOY_STEPS
 
@@ -19,7 +21,7 @@ def add_parser(sub) -> None:
         "demo",
         help="LoRA vs T-LoRA on the bundled toy model (no downloads)",
         description=__doc__,
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--concept", default="split_cross", choices=sorted(CONCEPTS), help="which concept to learn")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -29,6 +31,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("-n", type=int, default=4, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
+    return p
 
 
 def run(args) -> None:

@@ -16,18 +16,35 @@ All subclass `ValueError` (so `except ValueError` keeps working) through `TloraE
 - `CheckpointError`: a training checkpoint or output folder that cannot be used as asked.
 - `TrainingError`: training stopped (a non-finite loss or factors).
 - `InputError`: other bad command-line input (images, model folders, devices).
+
+The library names settings as its API does (`steps`, `lr`, `clip`), never by command-line flag.
+A `ConfigError`, `InputError` or `MissingFileError` about settings carries their names in `fields`
+(`field`: the first, the one at fault), each named in the message by that name, first where it
+means the setting; `tlora`'s command line shows those names as the flags the user typed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 
 class TloraError(ValueError):
     """Base class of tlora's errors."""
 
 
-class ConfigError(TloraError):
+class _SettingError(TloraError):
+    """An error about settings: `field` names the one at fault, or a tuple names it first and
+    the others the message mentions."""
+
+    def __init__(self, message: str = "", field: str | tuple[str, ...] | None = None):
+        super().__init__(message)
+        self.fields: tuple[str, ...] = (field,) if isinstance(field, str) else tuple(field or ())
+        self.field = self.fields[0] if self.fields else None
+
+
+class ConfigError(_SettingError):
     """A setting or argument that is out of range or of the wrong type."""
 
 
@@ -43,14 +60,26 @@ class AdapterFileError(TloraError):
         super().__init__(f"{where}{what}{message}")
 
 
-class MissingFileError(TloraError, FileNotFoundError):
+class MissingFileError(_SettingError, FileNotFoundError):
     """An input file or folder that does not exist."""
 
-    def __init__(self, message: str):
-        TloraError.__init__(self, message)
+    def __init__(self, message: str, field: str | tuple[str, ...] | None = None):
+        _SettingError.__init__(self, message, field)
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+@contextlib.contextmanager
+def about(*fields: str) -> Iterator[None]:
+    """A ConfigError, InputError or MissingFileError raised inside that names no settings is
+    about `fields` (e.g. `config.check_int(name, ...)`'s, which names the setting by `name`)."""
+    try:
+        yield
+    except _SettingError as e:
+        if not e.fields:
+            e.fields, e.field = fields, fields[0]
+        raise
 
 
 class ModelMismatchError(TloraError):
@@ -66,7 +95,7 @@ class TrainingError(TloraError):
     """Training stopped because it cannot go on meaningfully (a non-finite loss)."""
 
 
-class InputError(TloraError):
+class InputError(_SettingError):
     """Other bad input: images, model folders, devices, non-regular files."""
 
 

@@ -39,6 +39,7 @@ from PIL import Image
 from .atomic import write_atomic
 from .errors import InputError, MissingFileError
 from .images import IMAGE_SUFFIXES, _open, check_input_file, subject_mask, to_rgb
+from .options import PROMPT_SETS
 
 # The context prompts of DreamBooth's evaluation (Ruiz et al. 2023), which the T-LoRA paper uses:
 # 25 per concept, one list for objects and one for live subjects (pets). {} is "token class".
@@ -55,8 +56,9 @@ _SHARED = (
     "a {} on top of a purple rug in a forest",
 )
 _RECOLOUR = ("a red {}", "a purple {}", "a shiny {}", "a wet {}", "a cube shaped {}")
+_OBJECT, _LIVE = PROMPT_SETS  # the sets' names (tlora.options)
 PAPER_PROMPTS = {
-    "object": _SHARED
+    _OBJECT: _SHARED
     + (
         "a {} with a wheat field in the background",
         "a {} with a tree and autumn leaves in the background",
@@ -70,7 +72,7 @@ PAPER_PROMPTS = {
         "a {} on top of a white rug",
     )
     + _RECOLOUR,
-    "live": _SHARED
+    _LIVE: _SHARED
     + (
         "a {} wearing a red hat",
         "a {} wearing a santa hat",
@@ -95,44 +97,50 @@ METRICS = ("clip_i", "clip_t", "dino")
 def paper_prompts(kind: str) -> list[str]:
     """The 25 DreamBooth context prompts for "object" or "live" subjects, with {} for the concept."""
     if kind not in PAPER_PROMPTS:
-        raise InputError(f"unknown prompt set {kind!r}: use one of {sorted(PAPER_PROMPTS)}")
+        raise InputError(f"unknown prompt set {kind!r}: use one of {sorted(PAPER_PROMPTS)}", field="prompt_set")
     return list(PAPER_PROMPTS[kind])
 
 
 # ---- models -----------------------------------------------------------------------------------
 
 
-def _model_type(source: str, flag: str, wanted: tuple[str, ...], example: str) -> str:
-    """model_type of a local folder or hub id, refusing a folder of the wrong kind before loading weights."""
+def _model_type(source: str, field: str, wanted: tuple[str, ...], example: str) -> str:
+    """`source` as transformers reads it (a local folder or a hub id), refusing one that is not a
+    `wanted` model_type before loading weights; `field`: the setting it came from, clip or dino."""
     from transformers import AutoConfig
 
     path = Path(source).expanduser()
     looks_local = path.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1
     if looks_local and not path.is_dir():
         raise MissingFileError(
-            f"{flag} {source}: no such model folder (give a local transformers folder or a hub id such as {example})"
+            f"{field} {source}: no such model folder (give a local transformers folder or a hub id such as {example})",
+            field=field,
         )
     if looks_local and not (path / "config.json").is_file():
         raise InputError(
-            f"{flag} {source} has no config.json: it is not a transformers model folder "
-            f"(save one with model.save_pretrained(folder), e.g. of {example})"
+            f"{field} {source} has no config.json: it is not a transformers model folder "
+            f"(save one with model.save_pretrained(folder), e.g. of {example})",
+            field=field,
         )
     try:
         kind = AutoConfig.from_pretrained(str(path) if looks_local else source).model_type
     except (OSError, ValueError) as e:
         if looks_local:
             raise InputError(
-                f"{flag} {source}: its config.json is not a transformers model's ({e}); give a "
-                f"folder like {example} saved with save_pretrained"
+                f"{field} {source}: its config.json is not a transformers model's ({e}); give a "
+                f"folder like {example} saved with save_pretrained",
+                field=field,
             ) from None
         raise InputError(
-            f"{flag} {source}: no such local folder, and reading it as a hub id failed ({e}); "
-            "give a local folder where the hub is unreachable"
+            f"{field} {source}: no such local folder, and reading it as a hub id failed ({e}); "
+            "give a local folder where the hub is unreachable",
+            field=field,
         ) from None
     if kind not in wanted:
         raise InputError(
-            f"{flag} {source} holds a {kind!r} model (config.json model_type), not "
-            f"{' / '.join(repr(w) for w in wanted)}: give {flag} a model like {example}"
+            f"{field} {source} holds a {kind!r} model (config.json model_type), not "
+            f"{' / '.join(repr(w) for w in wanted)}: give a model like {example}",
+            field=field,
         )
     return str(path) if looks_local else source
 
@@ -155,31 +163,33 @@ class Encoders:
         from .pipelines import resolve_device
 
         if not clip and not dino:
-            raise InputError("no model given: pass --clip (CLIP-I, CLIP-T) and/or --dino (DINO)")
+            raise InputError("no model given: pass clip (CLIP-I, CLIP-T) and/or dino (DINO)", field=("clip", "dino"))
         enc = cls(device=str(resolve_device(device or "cpu")))
         # Check both kinds before loading either: a swapped pair fails at once.
-        clip_src = _model_type(clip, "--clip", CLIP_TYPES, "openai/clip-vit-base-patch32") if clip else None
+        clip_src = _model_type(clip, "clip", CLIP_TYPES, "openai/clip-vit-base-patch32") if clip else None
         dino_src = (
-            _model_type(dino, "--dino", DINO_TYPES, "facebook/dinov2-small or facebook/dino-vits16") if dino else None
+            _model_type(dino, "dino", DINO_TYPES, "facebook/dinov2-small or facebook/dino-vits16") if dino else None
         )
         if clip_src:
             try:
                 enc.clip_processor = CLIPProcessor.from_pretrained(clip_src)
             except (OSError, ValueError, TypeError) as e:
                 raise InputError(
-                    f"--clip {clip}: cannot load its CLIPProcessor ({e}); the folder needs the "
-                    "image processor and tokenizer files (processor.save_pretrained(folder))"
+                    f"clip {clip}: cannot load its CLIPProcessor ({e}); the folder needs the "
+                    "image processor and tokenizer files (processor.save_pretrained(folder))",
+                    field="clip",
                 ) from None
-            enc.clip = _load_weights(CLIPModel, clip_src, "--clip", clip, enc.device)
+            enc.clip = _load_weights(CLIPModel, clip_src, "clip", clip, enc.device)
         if dino_src:
             try:
                 enc.dino_processor = AutoImageProcessor.from_pretrained(dino_src)
             except (OSError, ValueError, TypeError) as e:
                 raise InputError(
-                    f"--dino {dino}: cannot load its image processor ({e}); the folder needs "
-                    "preprocessor_config.json (image_processor.save_pretrained(folder))"
+                    f"dino {dino}: cannot load its image processor ({e}); the folder needs "
+                    "preprocessor_config.json (image_processor.save_pretrained(folder))",
+                    field="dino",
                 ) from None
-            enc.dino = _load_weights(AutoModel, dino_src, "--dino", dino, enc.device)
+            enc.dino = _load_weights(AutoModel, dino_src, "dino", dino, enc.device)
         return enc
 
     @torch.no_grad()
@@ -206,9 +216,9 @@ class Encoders:
 UNUSED_WEIGHTS = ("pooler.",)
 
 
-def _load_weights(model_class, source: str, flag: str, given: str, device: str):
-    """`model_class.from_pretrained(source)` on `device`, in eval mode, refusing (InputError naming
-    `flag`) weights that do not load, that do not fit the folder's config.json (a tensor of another
+def _load_weights(model_class, source: str, field: str, given: str, device: str):
+    """`model_class.from_pretrained(source)` on `device`, in eval mode, refusing (InputError about
+    setting `field`) weights that do not load, that do not fit the folder's config.json (a tensor of another
     shape, or one missing: transformers would initialise it at random), or that are not finite."""
     from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
@@ -222,8 +232,9 @@ def _load_weights(model_class, source: str, flag: str, given: str, device: str):
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise InputError(
-            f"{flag} {given}: its weights cannot be loaded ({type(e).__name__}: {first}); the model file is "
-            "truncated or corrupted: re-save (model.save_pretrained) or re-download it"
+            f"{field} {given}: its weights cannot be loaded ({type(e).__name__}: {first}); the model file is "
+            "truncated or corrupted: re-save (model.save_pretrained) or re-download it",
+            field=field,
         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -231,21 +242,24 @@ def _load_weights(model_class, source: str, flag: str, given: str, device: str):
     if mismatched:
         key, in_file, in_config = mismatched[0]
         raise InputError(
-            f"{flag} {given}: its weights do not fit its config.json ({len(mismatched)} tensor(s) of another "
+            f"{field} {given}: its weights do not fit its config.json ({len(mismatched)} tensor(s) of another "
             f"shape, e.g. {key}: {tuple(in_file)} in the weights, {tuple(in_config)} by the config): give the "
-            "config.json saved with these weights"
+            "config.json saved with these weights",
+            field=field,
         )
     missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith(UNUSED_WEIGHTS))
     if missing:
         raise InputError(
-            f"{flag} {given}: its weights lack {len(missing)} tensor(s) that its config.json needs (e.g. "
-            f"{missing[0]}), which would be random: give the config.json saved with these weights"
+            f"{field} {given}: its weights lack {len(missing)} tensor(s) that its config.json needs (e.g. "
+            f"{missing[0]}), which would be random: give the config.json saved with these weights",
+            field=field,
         )
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise InputError(
-                f"{flag} {given}: weight {name} holds non-finite values (NaN or infinity): the model file "
-                "is corrupted; re-save or re-download it"
+                f"{field} {given}: weight {name} holds non-finite values (NaN or infinity): the model file "
+                "is corrupted; re-save or re-download it",
+                field=field,
             )
     return model.eval().to(device)
 
@@ -286,8 +300,8 @@ def _generated_files(folder: str | Path) -> list[Path]:
         raise MissingFileError(f"generated-image folder {folder} does not exist")
     if not folder.is_dir():
         raise InputError(
-            f"generated-image folder {folder} is a file, not a folder: give --generated the folder of "
-            "generated images (as `tlora generate --out` writes it)"
+            f"generated-image folder {folder} is a file, not a folder: give the folder of generated images "
+            "(as `tlora generate --out` writes it)"
         )
     files = sorted(
         p
@@ -355,7 +369,10 @@ def _prompts_for(
             )
     templates = paper_prompts(prompt_set) if prompt_set else None
     if templates and not concept:
-        raise InputError("--prompt-set needs --concept, the words that replace {} (e.g. 'dog' or 'sks dog')")
+        raise InputError(
+            "prompt_set needs concept, the words that replace {} (e.g. 'dog' or 'sks dog')",
+            field=("concept", "prompt_set"),
+        )
     prompts = []
     for f, img in zip(files, images):
         prompt = table.get(f.name) or img.info.get("prompt")
@@ -363,8 +380,9 @@ def _prompts_for(
             m = re.match(r"(\d+)-", f.name)
             if not m or int(m.group(1)) >= len(templates):
                 raise InputError(
-                    f"{f.name}: with --prompt-set the files must be named NN-*.png with NN the "
-                    f"prompt's index 0..{len(templates) - 1}, as `tlora generate` names them"
+                    f"prompt_set {prompt_set!r} needs files named NN-*.png with NN the prompt's index "
+                    f"0..{len(templates) - 1}, as `tlora generate` names them; {f.name} is not",
+                    field="prompt_set",
                 )
             prompt = templates[int(m.group(1))].replace("{}", concept)
         prompts.append(prompt)
@@ -391,17 +409,9 @@ def evaluate(
 ) -> dict:
     """Score every generated image against the references (and its prompt); returns the report
     dict that `write_report` saves. `drop_words` are removed from prompts before CLIP-T (e.g. the
-    rare token "sks", which CLIP's text encoder does not know)."""
-    if not references:
-        raise InputError("no reference image: pass --reference PATH (repeatable)")
-    if masks and len(masks) != len(references):
-        raise InputError(
-            f"{len(masks)} mask(s) for {len(references)} reference image(s): give one --mask per "
-            "--reference, in the same order"
-        )
-    refs = [to_rgb(_open(r, "reference image")) for r in references]
-    if masks:
-        refs = [masked_reference(img, _open(m, "mask"), mask_fill, str(m)) for img, m in zip(refs, masks)]
+    rare token "sks", which CLIP's text encoder does not know). A bad input is an InputError (or
+    MissingFileError) naming the setting (`fields`: see tlora.errors)."""
+    refs = _references(references, masks, mask_fill)
     files = _generated_files(generated)
     images = [_open(f, "generated image") for f in files]  # keep .info (PNG text) for the prompts
     texts = _prompts_for(files, images, prompts, prompt_set, concept)
@@ -411,9 +421,50 @@ def evaluate(
         missing = [f.name for f, t in zip(files, texts) if t is None]
         raise InputError(
             f"no prompt for {len(missing)} generated image(s) (e.g. {missing[0]}), needed for CLIP-T: "
-            "give --prompts MANIFEST, or --prompt-set with --concept, or images written by "
-            "`tlora generate` (their PNGs carry the prompt)"
+            "give prompts (a manifest), or prompt_set with concept, or images written by "
+            "`tlora generate` (their PNGs carry the prompt)",
+            field=("prompts", "prompt_set", "concept"),
         )
+    scores = _scores(enc, images, refs, texts, drop_words, batch_size)
+    for key, values in scores.items():
+        bad = [f.name for f, v in zip(files, values) if not math.isfinite(v)]
+        if bad:
+            field = "dino" if key == "dino" else "clip"
+            raise InputError(
+                f"{NAMES[key]} is not finite for {len(bad)} image(s) (e.g. {bad[0]}): the {field} model gives "
+                "zero or non-finite embeddings for them; check the model's weights",
+                field=field,
+            )
+    return _report(files, texts, scores, clip, dino, references, masks, mask_fill, drop_words)
+
+
+def _references(
+    references: Sequence[str | Path], masks: Sequence[str | Path] | None, mask_fill: tuple[int, int, int]
+) -> list[Image.Image]:
+    """The reference images in RGB, each with its background filled (`masked_reference`) when masks are given."""
+    if not references:
+        raise InputError("no reference image: give references, one path or more", field="references")
+    if masks and len(masks) != len(references):
+        raise InputError(
+            f"{len(masks)} mask(s) for {len(references)} reference image(s): give one mask per reference "
+            "image, masks and references in the same order",
+            field=("masks", "references"),
+        )
+    refs = [to_rgb(_open(r, "reference image")) for r in references]
+    if masks:
+        refs = [masked_reference(img, _open(m, "mask"), mask_fill, str(m)) for img, m in zip(refs, masks)]
+    return refs
+
+
+def _scores(
+    enc: Encoders,
+    images: list[Image.Image],
+    refs: list[Image.Image],
+    texts: list[str | None],
+    drop_words: Sequence[str],
+    batch_size: int,
+) -> dict[str, list[float]]:
+    """Metric -> one score per generated image, for the metrics `enc`'s models give."""
 
     def batched(fn, items):
         return torch.cat([fn(items[i : i + batch_size]) for i in range(0, len(items), batch_size)])
@@ -427,15 +478,11 @@ def evaluate(
         scores["clip_t"] = (_cosine(gen, txt).diagonal()).tolist()
     if enc.dino is not None:
         scores["dino"] = _cosine(batched(enc.dino_images, images), enc.dino_images(refs)).mean(1).tolist()
+    return scores
 
-    for key, values in scores.items():
-        bad = [f.name for f, v in zip(files, values) if not math.isfinite(v)]
-        if bad:
-            model = "--dino" if key == "dino" else "--clip"
-            raise InputError(
-                f"{NAMES[key]} is not finite for {len(bad)} image(s) (e.g. {bad[0]}): the {model} model gives "
-                "zero or non-finite embeddings for them; check the model's weights"
-            )
+
+def _report(files, texts, scores, clip, dino, references, masks, mask_fill, drop_words) -> dict:
+    """The report `evaluate` returns: its inputs, then the scores overall, per prompt and per image."""
     per_image = [
         {"file": f.name, "prompt": t, **{k: v[i] for k, v in scores.items()}}
         for i, (f, t) in enumerate(zip(files, texts))
@@ -508,5 +555,5 @@ def parse_colour(text: str) -> tuple[int, int, int]:
     except ValueError:
         rgb = ()
     if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
-        raise InputError(f"--mask-fill {text!r}: give R,G,B with each 0..255, e.g. 255,255,255")
+        raise InputError(f"mask_fill {text!r}: give R,G,B with each 0..255, e.g. 255,255,255", field="mask_fill")
     return rgb  # type: ignore[return-value]

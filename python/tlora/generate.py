@@ -12,13 +12,11 @@ from tqdm.auto import tqdm
 
 from .atomic import save_image
 from .config import check_float, check_int
-from .errors import AdapterFileError, ConfigError
+from .errors import AdapterFileError, ConfigError, about
 from .images import grid
 from .io import load, read
-from .pipelines import MAX_SIDE, check_dtype, family_of, load_pipeline, resolve_device
-
-MAX_IMAGES = 256  # per prompt
-MAX_STEPS = 1000
+from .options import MAX_GUIDANCE, MAX_IMAGES, MAX_SAMPLE_STEPS, MAX_SEED
+from .pipelines import check_dtype, check_side, family_of, load_pipeline, resolve_device
 
 
 def fill(prompt: str, concept: str) -> str:
@@ -102,18 +100,9 @@ def generate(
     adapter's metadata. Returns the grid's path.
 
     `device`: "auto" / None (CUDA when available, else the CPU), "cpu", "cuda", "cuda:N";
-    `dtype`: the pipeline's weights, "fp32", "fp16" (GPU only) or "bf16" (the adapter stays float32)."""
-    check_int("-n", n, 1, MAX_IMAGES)
-    if steps is not None:
-        check_int("--steps", steps, 1, MAX_STEPS)
-    if guidance is not None:
-        check_float("--guidance", guidance, 0.0, 100.0)
-    check_int("--seed", seed, 0, 2**32 - 1)
-    for name, value in (("--height", height), ("--width", width)):
-        if value is not None:
-            check_int(name, value, 8, MAX_SIDE)
-            if value % 8:
-                raise ConfigError(f"{name} must be a multiple of 8 (the autoencoder's stride), got {value}")
+    `dtype`: the pipeline's weights, "fp32", "fp16" (GPU only) or "bf16" (the adapter stays float32).
+    A bad setting is a ConfigError or InputError naming it (`fields`: see tlora.errors)."""
+    _check_settings(n, steps, guidance, seed, height, width)
     dev = resolve_device(device)
     weight_dtype = check_dtype(dtype, dev)
     _, meta = read(adapter)
@@ -143,3 +132,22 @@ def generate(
         size=size,
         label=f"{c.get('variant', 'adapter')} rank {c.get('rank', '?')}",
     )
+
+
+def _check_settings(
+    n: int, steps: int | None, guidance: float | None, seed: int, height: int | None, width: int | None
+) -> None:
+    """`generate`'s numbers in range, each refusal a ConfigError about its setting."""
+    with about("n"):
+        check_int("n", n, 1, MAX_IMAGES)
+    if steps is not None:
+        with about("steps"):
+            check_int("steps", steps, 1, MAX_SAMPLE_STEPS)
+    if guidance is not None:
+        with about("guidance"):
+            check_float("guidance", guidance, 0.0, MAX_GUIDANCE)
+    with about("seed"):
+        check_int("seed", seed, 0, MAX_SEED)
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            check_side(name, value)

@@ -11,7 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError, MissingFileError
+from .config import check_int
+from .errors import ConfigError, InputError, MissingFileError, about
+from .options import DTYPES as DTYPE_NAMES
+from .options import MAX_SIDE, SIDE_STRIDE
 
 SUPPORTED = {
     "StableDiffusionPipeline": "sd",
@@ -33,53 +36,68 @@ REQUIRED_COMPONENTS = {
     ),
     "FluxPipeline": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
 }
-# Largest image side trained on or sampled (SD-XL is 1024, FLUX up to 2048).
-MAX_SIDE = 4096
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {name: getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items()}
 
 
 def resolve_device(name: str | None = None) -> torch.device:
     """The device to run on: "auto" / None (CUDA when available, else the CPU), "cpu", "cuda",
-    "cuda:N" or "mps"; one that is not there is refused with what is available."""
+    "cuda:N" or "mps"; one that is not there is refused with what is available (an InputError
+    about the setting `device`)."""
     name = "auto" if name is None else str(name).strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise InputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+        raise InputError(f"device {name!r} is unknown: use auto, cpu, cuda, cuda:N or mps", field="device") from None
     if dev.type == "cpu":
         return dev
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise InputError(
-                f"device {name!r} is not available: this machine has no CUDA GPU that torch can use (use --device cpu)"
+                f"device {name!r} is not available: this machine has no CUDA GPU that torch can use (use cpu)",
+                field="device",
             )
         if dev.index is not None and dev.index >= count:
             raise InputError(
-                f"device {name!r} is not available: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}"
+                f"device {name!r} is not available: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}",
+                field="device",
             )
         return dev
     if dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise InputError(f"device {name!r} is not available on this machine (use --device cpu)")
+            raise InputError(f"device {name!r} is not available on this machine (use cpu)", field="device")
         return dev
-    raise InputError(f"device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+    raise InputError(f"device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps", field="device")
 
 
-def check_dtype(dtype: str, device: torch.device, option: str = "--dtype") -> torch.dtype:
+def check_dtype(dtype: str, device: torch.device, field: str = "dtype") -> torch.dtype:
     """The torch dtype for "fp32" / "fp16" / "bf16" ("no" = fp32) on `device`: float16 runs on GPUs
-    only (the CPU has no float16 matrix kernels for every layer a pipeline uses)."""
+    only (the CPU has no float16 matrix kernels for every layer a pipeline uses). `field`: the
+    setting `dtype` came from ("dtype", or training's "mixed_precision")."""
     key = "fp32" if dtype == "no" else dtype
     if key not in DTYPES:
-        raise InputError(f"{option} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise InputError(f"{field} must be one of {', '.join(DTYPES)}, got {dtype!r}", field=field)
     if key == "fp16" and device.type == "cpu":
         raise InputError(
-            f"{option} {dtype} needs a CUDA GPU (tlora does not run float16 on the CPU): use bf16 or "
-            f"{'no' if option == '--mixed-precision' else 'fp32'} with --device cpu"
+            f"{field} {dtype} needs a CUDA GPU (tlora does not run float16 on the CPU): use bf16 or "
+            f"{'no' if field == 'mixed_precision' else 'fp32'} with device cpu",
+            field=(field, "device"),
         )
     return DTYPES[key]
+
+
+def check_side(field: str, value: int) -> int:
+    """An image side (setting `field`): an integer in SIDE_STRIDE..MAX_SIDE, a multiple of
+    SIDE_STRIDE; a ConfigError about `field` otherwise."""
+    with about(field):
+        check_int(field, value, SIDE_STRIDE, MAX_SIDE)
+    if value % SIDE_STRIDE:
+        raise ConfigError(
+            f"{field} must be a multiple of {SIDE_STRIDE} (the autoencoder's stride), got {value}", field=field
+        )
+    return int(value)
 
 
 def check_model_folder(path: str) -> None:
@@ -88,11 +106,14 @@ def check_model_folder(path: str) -> None:
     root = Path(path)
     if not root.exists():
         if path.startswith((".", "/", "~")) or path.count("/") != 1:
-            raise MissingFileError(f"model folder {path} does not exist (and it is not a hub id like 'org/name')")
+            raise MissingFileError(
+                f"model folder {path} does not exist (and it is not a hub id like 'org/name')", field="model"
+            )
         return  # a hub id: diffusers resolves it
     if not root.is_dir():
         raise InputError(
-            f"--model {root} is not a folder: give a diffusers model folder (with model_index.json) or a hub id"
+            f"model {root} is not a folder: give a diffusers model folder (with model_index.json) or a hub id",
+            field="model",
         )
     index = root / "model_index.json"
     if not index.is_file():

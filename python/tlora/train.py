@@ -35,14 +35,22 @@ from .checkpoint import (
     write_json,
 )
 from .config import AdapterConfig, check_float, check_int
-from .errors import CheckpointError, ConfigError, TloraError, TrainingError
+from .errors import CheckpointError, ConfigError, TloraError, TrainingError, about
 from .images import check_input_file, list_images, load_image, load_mask
 from .io import save as save_adapter
-from .pipelines import MAX_SIDE, check_dtype, family_of, load_pipeline, resolve_device
+from .options import (
+    MAX_LR,
+    MAX_SAMPLE_STEPS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_TRAIN_STEPS,
+    MIXED_PRECISION,
+    PAPER_STEPS,
+    QUANTIZE,
+    SIDE_STRIDE,
+)
+from .pipelines import Family, check_dtype, check_side, family_of, load_pipeline, resolve_device
 
-PAPER_STEPS = {"tlora": 800, "vanilla": 500, "lora": 500}
-MAX_STEPS = 10_000_000
-MAX_SEED = 2**32 - 1
 # Files of a run in --out: another run's are refused unless --resume or --overwrite.
 RUN_FILES = ("config.json", "loss.jsonl", "adapter.safetensors")
 # Settings a resumed run must share with the run it continues (the lr may change: it is applied).
@@ -81,34 +89,47 @@ class TrainConfig:
     quantize: str | None = None  # "int8" | "int4" (optimum-quanto) | "nf4" (bitsandbytes): a quantized frozen base
 
     def __post_init__(self) -> None:
+        """Each refusal is a ConfigError naming the field (`fields`: see tlora.errors)."""
         if self.steps is None:
             self.steps = PAPER_STEPS.get(self.variant, 800)
-        check_int("--steps", self.steps, 1, MAX_STEPS)
-        check_int("--checkpoint-every", self.checkpoint_every, 1)
-        check_float("--lr", self.lr, 0.0, 1.0, lo_inclusive=False)
-        check_int("--seed", self.seed, 0, MAX_SEED)
+        with about("steps"):
+            check_int("steps", self.steps, 1, MAX_TRAIN_STEPS)
+        with about("checkpoint_every"):
+            check_int("checkpoint_every", self.checkpoint_every, 1)
+        with about("lr"):
+            check_float("lr", self.lr, 0.0, MAX_LR, lo_inclusive=False)
+        with about("seed"):
+            check_int("seed", self.seed, 0, MAX_SEED)
         if self.resolution is not None:
-            check_int("--resolution", self.resolution, 8, MAX_SIDE)
-            if self.resolution % 8:
-                raise ConfigError(
-                    f"--resolution must be a multiple of 8 (the autoencoder's stride), got {self.resolution}"
-                )
+            check_side("resolution", self.resolution)
         if self.validation_steps is not None:
-            check_int("--validation-steps", self.validation_steps, 1, 1000)
-        check_float("--prior-weight", self.prior_weight, 0.0)
+            with about("validation_steps"):
+                check_int("validation_steps", self.validation_steps, 1, MAX_SAMPLE_STEPS)
+        with about("prior_weight"):
+            check_float("prior_weight", self.prior_weight, 0.0)
         if (self.image is None) == (self.image_dir is None):
-            raise ConfigError("give exactly one of --image (one photo, the paper's setting) or --image-dir")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.quantize not in (None, "int8", "int4", "nf4"):
-            raise ConfigError(f"--quantize must be int8, int4 or nf4, got {self.quantize!r}")
+            raise ConfigError(
+                "give exactly one of image (one photo, the paper's setting) or image_dir", field=("image", "image_dir")
+            )
+        for name, choices in (("mixed_precision", MIXED_PRECISION), ("quantize", (None, *QUANTIZE))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(c for c in choices if c)}, got {getattr(self, name)!r}",
+                    field=name,
+                )
         for p in self.validation_prompts:
             if "{}" not in p:
-                raise ConfigError(f"validation prompt {p!r} has no {{}} where '{self.token} {self.class_name}' goes")
+                raise ConfigError(
+                    f"validation prompt {p!r} has no {{}} where '{self.token} {self.class_name}' goes",
+                    field="validation_prompts",
+                )
         if not self.token.strip() or not self.class_name.strip():
-            raise ConfigError("--token and --class-name must not be empty")
+            raise ConfigError("token and class_name must not be empty", field=("token", "class_name"))
         if self.resume and self.overwrite:
-            raise ConfigError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+            raise ConfigError(
+                "resume continues the run in out and overwrite replaces it: give one of them",
+                field=("resume", "overwrite", "out"),
+            )
         # The adapter's own settings, validated as inject validates them.
         self.adapter_config()
 
@@ -193,7 +214,7 @@ def _check_train_setting(key: str, value) -> None:
             raise ConfigError(f"must be a non-empty string, got {value!r}")
     elif key == "resolution":
         if value is not None:
-            check_int(key, value, 8, MAX_SIDE)
+            check_int(key, value, SIDE_STRIDE, MAX_SIDE)
     elif key == "seed":
         check_int(key, value, 0, MAX_SEED)
 
@@ -350,7 +371,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     cfg = config or TrainConfig(**kwargs)
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
-    weight_dtype = check_dtype(cfg.mixed_precision, device, "--mixed-precision")
+    weight_dtype = check_dtype(cfg.mixed_precision, device, "mixed_precision")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device.index)
     # accelerate keeps one mixed-precision setting per process: forget the previous run's (the
@@ -375,133 +396,176 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype, resume_from: Checkpoint | None) -> TrainResult:
-
-    pipe = load_pipeline(cfg.model, dtype=weight_dtype, quantize=cfg.quantize).to(acc.device)
-    fam = family_of(pipe)
-    resolution = cfg.resolution if cfg.resolution is not None else fam.default_resolution()
-    paths = [Path(cfg.image)] if cfg.image else list_images(cfg.image_dir)
-    pixels = torch.cat([load_image(p, resolution) for p in paths])
-
-    # The images and the prompt never change: encode them once.
-    lat_mean, lat_std = fam.encode_image(pixels)
-    cond = fam.encode_prompt(cfg.prompt, resolution)
-    mask = None
-    if cfg.mask:
-        mask = load_mask(cfg.mask, lat_mean.shape[-1], images=paths).to(acc.device)
-    prior = None
-    if cfg.prior_dir:
-        prior_pixels = torch.cat([load_image(p, resolution) for p in list_images(cfg.prior_dir)])
-        prior = (*fam.encode_image(prior_pixels), fam.encode_prompt(f"a photo of {cfg.class_name}", resolution))
-
-    model = fam.denoiser
-    if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    adapter = inject(
-        model,
-        rank=cfg.rank,
-        min_rank=cfg.min_rank,
-        rank_exponent=cfg.rank_exponent,
-        variant=cfg.variant,
-        target_modules=cfg.target_modules,
-        num_train_timesteps=fam.num_train_timesteps,
-        seed=cfg.seed,
+    run = _Run(cfg, acc, out, weight_dtype)
+    start = run.resume(resume_from)
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not acc.is_local_main_process
     )
-    adapter.config.extra.update(token=cfg.token, class_name=cfg.class_name, prompt=cfg.prompt, family=fam.name)
-    # Paper settings: AdamW, betas (0.9, 0.999), weight decay 1e-4, constant lr, batch 1.
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4)
-    ddp_model, optimizer = acc.prepare(model, optimizer)
+    for step in bar:
+        bar.set_postfix(loss=f"{run.step(step):.4f}")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            run.checkpoint(done)
+    return run.finish()
 
-    # Each process draws its own timesteps and noise from a seeded CPU generator whose state is
-    # checkpointed, so a resumed run continues the exact same sequence.
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
-    start, good = 0, None  # good: the newest checkpoint known to be valid (for a divergence's message)
-    if resume_from is not None:
-        start = load_checkpoint(resume_from, adapter, optimizer, gen, acc.process_index)
-        good = resume_from.path
-        acc.print(f"resuming from {good} (step {start})")
-        old_lr = optimizer.param_groups[0]["lr"]
-        if old_lr != cfg.lr:
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr
-            acc.print(
-                f"--lr {cfg.lr:g} differs from the checkpoint's {old_lr:g}: the optimizer continues with {cfg.lr:g}"
+
+class _Run:
+    """One training run, in the order `_train` calls it: built (`_prepare`: the pipeline, the
+    images and prompts encoded once; `_build`: the adapter, its optimizer and the seeded
+    generator), `resume`, then `step` and `checkpoint`, and `finish` (the adapter file)."""
+
+    def __init__(self, cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype):
+        self.cfg, self.acc, self.out, self.weight_dtype = cfg, acc, out, weight_dtype
+        self.loss_log = out / "loss.jsonl"
+        self.good: Path | None = None  # the newest checkpoint known to be valid (for a divergence's message)
+        self._prepare()
+        self._build()
+
+    def _prepare(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        self.pipe = load_pipeline(cfg.model, dtype=self.weight_dtype, quantize=cfg.quantize).to(acc.device)
+        fam: Family = family_of(self.pipe)
+        self.fam = fam
+        self.resolution = resolution = cfg.resolution if cfg.resolution is not None else fam.default_resolution()
+        paths = [Path(cfg.image)] if cfg.image else list_images(cfg.image_dir)
+        pixels = torch.cat([load_image(p, resolution) for p in paths])
+
+        # The images and the prompt never change: encode them once.
+        self.lat_mean, self.lat_std = fam.encode_image(pixels)
+        self.cond = fam.encode_prompt(cfg.prompt, resolution)
+        self.mask = None
+        if cfg.mask:
+            self.mask = load_mask(cfg.mask, self.lat_mean.shape[-1], images=paths).to(acc.device)
+        self.prior = None
+        if cfg.prior_dir:
+            prior_pixels = torch.cat([load_image(p, resolution) for p in list_images(cfg.prior_dir)])
+            self.prior = (
+                *fam.encode_image(prior_pixels),
+                fam.encode_prompt(f"a photo of {cfg.class_name}", resolution),
             )
-    elif cfg.resume:
-        acc.print(f"no checkpoint in {out}: starting from step 0")
-    loss_log = out / "loss.jsonl"
-    if acc.is_main_process:
-        write_json(
-            out / "config.json", {"train": asdict(cfg), "adapter": adapter.config.to_dict(), "resolution": resolution}
+
+    def _build(self) -> None:
+        cfg, fam = self.cfg, self.fam
+        model = fam.denoiser
+        if cfg.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        self.adapter = inject(
+            model,
+            rank=cfg.rank,
+            min_rank=cfg.min_rank,
+            rank_exponent=cfg.rank_exponent,
+            variant=cfg.variant,
+            target_modules=cfg.target_modules,
+            num_train_timesteps=fam.num_train_timesteps,
+            seed=cfg.seed,
         )
-        _truncate_log(loss_log, start)
+        self.adapter.config.extra.update(token=cfg.token, class_name=cfg.class_name, prompt=cfg.prompt, family=fam.name)
+        # Paper settings: AdamW, betas (0.9, 0.999), weight decay 1e-4, constant lr, batch 1.
+        optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4)
+        self.ddp_model, self.optimizer = self.acc.prepare(model, optimizer)
+        # Each process draws its own timesteps and noise from a seeded CPU generator whose state is
+        # checkpointed, so a resumed run continues the exact same sequence.
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.acc.process_index)
 
-    T = fam.num_train_timesteps
+    def resume(self, resume_from: Checkpoint | None) -> int:
+        """Restore `resume_from` (validated by `_checkpoint_to_resume`, or None: a new run) and
+        write the run's config.json and its loss log up to that step; returns the step to start from."""
+        cfg, acc = self.cfg, self.acc
+        start = 0
+        if resume_from is not None:
+            start = load_checkpoint(resume_from, self.adapter, self.optimizer, self.gen, acc.process_index)
+            self.good = resume_from.path
+            acc.print(f"resuming from {self.good} (step {start})")
+            old_lr = self.optimizer.param_groups[0]["lr"]
+            if old_lr != cfg.lr:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = cfg.lr
+                acc.print(
+                    f"--lr {cfg.lr:g} differs from the checkpoint's {old_lr:g}: the optimizer continues with {cfg.lr:g}"
+                )
+        elif cfg.resume:
+            acc.print(f"no checkpoint in {self.out}: starting from step 0")
+        if acc.is_main_process:
+            config = {"train": asdict(cfg), "adapter": self.adapter.config.to_dict(), "resolution": self.resolution}
+            write_json(self.out / "config.json", config)
+            _truncate_log(self.loss_log, start)
+        return start
 
-    def loss_on(mean, std, c, weight_mask=None):
+    def _loss(self, mean, std, c, weight_mask=None) -> torch.Tensor:
+        """The denoising loss of one image of `mean`/`std` (latent distributions) under prompt
+        `c`, at a random timestep; `weight_mask`: only the subject's latents count."""
+        acc, fam, gen, dtype = self.acc, self.fam, self.gen, self.weight_dtype
         idx = torch.randint(0, mean.shape[0], (1,), generator=gen)
         eps = torch.randn(mean[idx].shape, generator=gen)
         latents = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(mean.device)
-        t = torch.randint(0, T, (1,), generator=gen).to(acc.device)
-        noised = fam.noise(latents.to(weight_dtype), eps.to(acc.device, weight_dtype), t)
+        t = torch.randint(0, fam.num_train_timesteps, (1,), generator=gen).to(acc.device)
+        noised = fam.noise(latents.to(dtype), eps.to(acc.device, dtype), t)
         with acc.autocast():
-            pred = fam.predict(ddp_model, noised, c)
+            pred = fam.predict(self.ddp_model, noised, c)
         err = F.mse_loss(pred.float(), noised.target.float(), reduction="none")
         if weight_mask is None:
             return err.mean()
         w = fam.layout(weight_mask.expand_as(latents).float())
         return (err * w).sum() / w.sum()
 
-    bar = tqdm(
-        range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not acc.is_local_main_process
-    )
-    for step in bar:
+    def step(self, step: int) -> float:
+        """Optimizer step `step + 1`, logged to loss.jsonl; returns the loss (every process's mean).
+        A non-finite loss stops training (TrainingError)."""
+        cfg, acc = self.cfg, self.acc
         tic = time.perf_counter()
-        loss = loss_on(lat_mean, lat_std, cond, mask)
-        if prior is not None:
-            loss = loss + cfg.prior_weight * loss_on(*prior)
+        loss = self._loss(self.lat_mean, self.lat_std, self.cond, self.mask)
+        if self.prior is not None:
+            loss = loss + cfg.prior_weight * self._loss(*self.prior)
         value = acc.reduce(loss.detach(), reduction="mean").item()
         if not math.isfinite(value):  # every process sees the same reduced value and stops
             raise TrainingError(
-                f"the loss is {value} at step {step + 1} (lr {cfg.lr:g}): training diverged. {_last_good(good)}"
+                f"the loss is {value} at step {step + 1} (lr {cfg.lr:g}): training diverged. {_last_good(self.good)}"
             )
         acc.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{value:.4f}")
-        done = step + 1
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         if acc.is_main_process:
-            with open(loss_log, "a") as f:
-                f.write(
-                    json.dumps({"step": done, "loss": value, "seconds": round(time.perf_counter() - tic, 4)}) + "\n"
-                )
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            # Every process draws its own timesteps: keep all their RNG states, not just the main one's.
-            gen_states = list(acc.gather(gen.get_state()[None].to(acc.device)).cpu()) if acc.num_processes > 1 else None
-            acc.wait_for_everyone()
-            _check_finite_state(adapter, optimizer, done, good)
-            if acc.is_main_process:
-                ckpt = save_checkpoint(out, done, adapter, optimizer, gen, adapter.config.extra, gen_states)
-                if cfg.validation_prompts:
-                    from .generate import sample_grid
+            entry = {"step": step + 1, "loss": value, "seconds": round(time.perf_counter() - tic, 4)}
+            with open(self.loss_log, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        return value
 
-                    sample_grid(
-                        pipe,
-                        cfg.validation_prompts,
-                        f"{cfg.token} {cfg.class_name}",
-                        ckpt / "samples",
-                        steps=cfg.validation_steps or fam.default_steps,
-                        guidance=fam.default_guidance,
-                        seed=cfg.seed,
-                        size=(resolution, resolution),
-                        label=f"{cfg.variant} rank {cfg.rank}\nstep {done}",
-                    )
-            good = out / f"checkpoint-{done}"
-    acc.wait_for_everyone()
-    final = out / "adapter.safetensors"
-    if acc.is_main_process:
-        save_adapter(adapter, final)
-    acc.end_training()
-    return TrainResult(final, adapter, pipe)
+    def checkpoint(self, done: int) -> None:
+        """checkpoint-`done` (only finite state is checkpointed), with validation samples when asked."""
+        cfg, acc = self.cfg, self.acc
+        # Every process draws its own timesteps: keep all their RNG states, not just the main one's.
+        gen_states = (
+            list(acc.gather(self.gen.get_state()[None].to(acc.device)).cpu()) if acc.num_processes > 1 else None
+        )
+        acc.wait_for_everyone()
+        _check_finite_state(self.adapter, self.optimizer, done, self.good)
+        if acc.is_main_process:
+            extra = self.adapter.config.extra
+            ckpt = save_checkpoint(self.out, done, self.adapter, self.optimizer, self.gen, extra, gen_states)
+            if cfg.validation_prompts:
+                from .generate import sample_grid
+
+                sample_grid(
+                    self.pipe,
+                    cfg.validation_prompts,
+                    f"{cfg.token} {cfg.class_name}",
+                    ckpt / "samples",
+                    steps=cfg.validation_steps or self.fam.default_steps,
+                    guidance=self.fam.default_guidance,
+                    seed=cfg.seed,
+                    size=(self.resolution, self.resolution),
+                    label=f"{cfg.variant} rank {cfg.rank}\nstep {done}",
+                )
+        self.good = self.out / f"checkpoint-{done}"
+
+    def finish(self) -> TrainResult:
+        """The final adapter.safetensors, written by the main process once every process is done."""
+        self.acc.wait_for_everyone()
+        final = self.out / "adapter.safetensors"
+        if self.acc.is_main_process:
+            save_adapter(self.adapter, final)
+        self.acc.end_training()
+        return TrainResult(final, self.adapter, self.pipe)
 
 
 def _truncate_log(path: Path, step: int) -> None:

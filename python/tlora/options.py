@@ -1,0 +1,35 @@
+"""The choices and limits of tlora's options, one definition each: the library's checks and the
+command line's parser both read them from here.
+
+It imports nothing, so the parser (`tlora --help`, argument errors) loads no torch. The adapter's
+own settings (variants, the rank and timestep limits) live in `tlora.config`, torch-free too.
+"""
+
+from __future__ import annotations
+
+# Largest image side trained on or sampled (SD-XL is 1024, FLUX up to 2048).
+MAX_SIDE = 4096
+# Image sides are multiples of the autoencoder's stride.
+SIDE_STRIDE = 8
+# Seeds of training and sampling (torch generators seeded per process / per prompt from them).
+MAX_SEED = 2**32 - 1
+
+# Training.
+MAX_TRAIN_STEPS = 10_000_000
+PAPER_STEPS = {"tlora": 800, "vanilla": 500, "lora": 500}  # the paper's steps per variant
+MAX_LR = 1.0  # the learning rate is in (0, MAX_LR]
+MIXED_PRECISION = ("no", "fp16", "bf16")
+# Quantized frozen bases: int8 / int4 through optimum-quanto, nf4 through bitsandbytes (tlora.quantized).
+QUANTIZE = ("int8", "int4", "nf4")
+
+# Sampling (`tlora generate`, and training's validation samples).
+MAX_SAMPLE_STEPS = 1000  # denoising steps
+MAX_IMAGES = 256  # per prompt
+MAX_GUIDANCE = 100.0
+# The pipeline's weights: option value -> torch dtype name.
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+# Static LoRA formats `tlora export` writes (tlora.interop).
+EXPORT_FORMATS = ("diffusers", "peft", "kohya")
+# DreamBooth's context prompt sets (tlora.evaluate.PAPER_PROMPTS).
+PROMPT_SETS = ("object", "live")
