@@ -6,7 +6,7 @@
 //! The floor sits exactly on the integers that integer timesteps often produce ((T - t)(r - r_min)/T
 //! is an integer at t = 420 for r = 128, r_min = 28), where a float product can land on either side.
 //! So the rule is exact arithmetic where it can be, and one snapped float rule where it cannot; the
-//! device path (`layer.state.ranks_of_levels` in Python, tensor ops on the timestep's device) follows the
+//! device path (`layer.ranks.ranks_of_levels` in Python, tensor ops on the timestep's device) follows the
 //! same two rules, so training on one path and sampling on the other uses the same ranks:
 //! - a = 1: r(t) = r - ceil(t (r - r_min) / T), computed exactly from the float's binary value.
 //! - a != 1: floor(((T - t) / T)^a (r - r_min) + SNAP) in float64. Products of integer timesteps

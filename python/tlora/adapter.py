@@ -18,7 +18,7 @@ from . import timesteps as conventions
 from .config import AdapterConfig, check_ranks, rank_limit_error
 from .errors import ConfigError, ModelMismatchError
 from .layer import RankState, TLoraLinear
-from .layer.state import ranks_of_levels
+from .layer.ranks import ranks_of_levels
 from .quantized import adaptable_linear, dequantized_weight, describe
 from .targets import find_targets, linear_at
 

@@ -13,7 +13,8 @@ call into two buffers the layer keeps per compute dtype.
 
 Inference adds a fast path: when no gradient is needed and the ranks are known on the host, the
 update at rank k is folded into the weight, W_k = W + dW_k, and y = x W_k^T + b costs what the bare
-layer costs. Folded weights live in the adapter's `FoldCache` (state.py). An entry is used only
+layer costs. Folded weights live in the adapter's `FoldCache` (folds.py), which owns them; the layer
+gets and puts them there and has them checked. An entry is used only
 while the base weight is the very tensor it was built from at the same in-place version, every
 factor holds the values it was folded from (compared with a copy: writes through `.data`, such as
 diffusers' `EMAModel.copy_to`, bump no version counter) and, inside a PEFT LoRA layer, while PEFT's
@@ -31,7 +32,7 @@ from .. import _native
 from .. import factors as factor_rules
 from ..config import AdapterConfig
 from .ops import COMPUTE_DTYPES, DTYPE_NAMES, Update, check_compute_dtype, update_op
-from .state import RankState
+from .ranks import RankState
 
 
 def _plain_linear(base: nn.Module) -> bool:
@@ -78,9 +79,7 @@ class TLoraLinear(nn.Module):
         else:
             for name in factor_rules.LORA:
                 setattr(self, name, nn.Parameter(factors[name]))
-        # Inference folds by (rank, device, dtype), valid for `_folded_for`.
-        self._folded: dict[tuple, torch.Tensor] = {}
-        self._folded_for: tuple | None = None
+        # (Inference folds live in the adapter's fold cache, `state.fold_cache`, not here.)
         # The PEFT LoRA layer this layer is the base of, if any (set by the Adapter).
         self._peft_owner = None
 
@@ -156,7 +155,6 @@ class TLoraLinear(nn.Module):
         if self.config.variant == "tlora":
             self._house_q()
         self.state.fold_cache.drop(self)
-        self._folded_for = None
         return self
 
     # ---- forward ------------------------------------------------------------------------------
@@ -170,9 +168,8 @@ class TLoraLinear(nn.Module):
             or any(f.requires_grad for f in factors)
             or any(p.requires_grad for p in base._parameters.values() if p is not None)
         )
-        if training:
-            if self._folded:  # the factors are about to change
-                self.state.fold_cache.drop(self)
+        if training:  # the factors are about to change
+            self.state.fold_cache.drop(self)
         elif self.state.fast_path:
             y = self._folded_forward(x, factors, base)
             if y is not None:
@@ -297,16 +294,13 @@ class TLoraLinear(nn.Module):
                 groups = [(k, idx, per_sample * len(idx)) for k, idx in rows.items()]
         cache = state.fold_cache
         valid = self._validity(w, factors)
-        if valid != self._folded_for:
-            if self._folded:
-                cache.drop(self)
-            self._folded_for = valid
-        if self._folded:  # written through `.data` (EMA), numpy, ...: no version counter tells
-            cache.check(self, state.forward)
+        # Folds of other tensors, or of factors written through `.data` (EMA), numpy, ... (no
+        # version counter tells): dropped here.
+        cache.check(self, valid, state.forward)
         folded = []
         for k, _, n in groups:
             key = (k, device, dtype)
-            wk = cache.get(self, key) if self._folded else None
+            wk = cache.get(self, key)
             if wk is None and n * (in_f + out_f) <= in_f * out_f:
                 return None  # the factored update is cheaper than folding this rank
             folded.append((key, wk))
@@ -314,8 +308,7 @@ class TLoraLinear(nn.Module):
         for (key, wk), (k, _, _) in zip(folded, groups):
             if wk is None:
                 wk = self._fold(w, factors, k, dtype)
-                if valid is None or not cache.put(self, key, wk):
-                    cache.misses += valid is None
+                cache.put(self, key, wk, valid)
             weights.append(wk)
         bias = None if b is None else b.to(dtype)
         xc = x.to(dtype)

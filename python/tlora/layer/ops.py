@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 from .. import _native
 from .. import factors as factor_rules
 from ..config import check_ranks
-from .state import rank_mask
+from .ranks import rank_mask
 
 COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
