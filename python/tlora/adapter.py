@@ -15,9 +15,10 @@ from torch import nn
 from . import _native
 from . import factors as factor_rules
 from . import timesteps as conventions
-from .config import AdapterConfig, check_ranks, rank_limit_error
+from .config import AdapterConfig, check_ranks, is_int, rank_limit_error
 from .errors import ConfigError, ModelMismatchError
 from .layer import RankState, TLoraLinear
+from .layer.ops import KERNEL_DEVICES
 from .layer.ranks import ranks_of_levels
 from .quantized import adaptable_linear, dequantized_weight, describe
 from .targets import find_targets, linear_at
@@ -34,7 +35,7 @@ def rank_schedule(
     # Types here (a bool, a float rank or an integer past 64 bits is no setting); ranges in ranks.rs.
     ints = {"rank": rank, "min_rank": min_rank, "num_train_timesteps": num_train_timesteps}
     for name, value in ints.items():
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not -(2**63) <= value < 2**63:
+        if not is_int(value) or not -(2**63) <= value < 2**63:
             raise ConfigError(f"{name} must be an integer (64-bit), got {value!r}")
     if isinstance(exponent, bool) or not isinstance(exponent, numbers.Real):
         raise ConfigError(f"rank_exponent must be a finite number > 0, got {exponent!r}")
@@ -131,7 +132,7 @@ def inject(
 _RUN_OPTIONS = {
     "fast_path": (lambda v: isinstance(v, bool), "True or False"),
     "fold_cache_bytes": (
-        lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+        lambda v: v is None or (is_int(v) and v >= 0),
         "None or an integer >= 0",
     ),
     "host_ranks": (lambda v: v is None or isinstance(v, bool), "None, True or False"),
@@ -203,8 +204,9 @@ def _init_factors(base: nn.Linear, name: str, config: AdapterConfig) -> dict[str
         # (a quantized base's weight is dequantised for the SVD only, then dropped)
         weight = dequantized_weight(base) if config.init_from == "weight" else None
         # The random init draws the triplets from their law (no out x in matrix) and runs its QRs on
-        # the layer's device where that is CUDA; other devices get the CPU result moved over.
-        native_dev = str(dev) if dev.type in ("cpu", "cuda", "mps") else None
+        # the layer's device where that is CUDA; other devices (the kernels run on none of them: a
+        # meta model materialised later, say) get the CPU result moved over.
+        native_dev = str(dev) if dev.type in KERNEL_DEVICES else None
         p, lam, q = _native.orthogonal_init(out_f, in_f, r, config.init, seed, weight, native_dev)
         del weight
         p, lam, q = (t.to(dev) for t in (p, lam, q))

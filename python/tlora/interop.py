@@ -39,7 +39,7 @@ from torch import nn
 from . import factors as factor_rules
 from .adapter import Adapter, adapter_of, rank_schedule
 from .atomic import write_atomic, write_folder
-from .config import AdapterConfig, check_float
+from .config import AdapterConfig, check_float, check_rank
 from .errors import ConfigError, TloraError
 from .io import load, read_adapter, save, write_tensors
 
@@ -244,8 +244,7 @@ def _export_rank(config: AdapterConfig, timestep: float | None, rank: int | None
         raise ConfigError("give timestep or rank, not both")
     r = config.rank
     if rank is not None:
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= r:
-            raise ConfigError(f"rank must be an integer in 1..{r} (the adapter's rank), got {rank!r}")
+        rank = check_rank(rank, r)
         if not config.masked and rank != r:
             raise ConfigError(f"variant 'lora' has no timestep ranks: it always uses all {r} ranks; leave rank unset")
         return rank

@@ -42,9 +42,10 @@ from . import _native
 from . import factors as factor_rules
 from .adapter import Adapter, adapter_of, inject_config
 from .atomic import prepare_target
-from .config import AdapterConfig, rank_limit_error
+from .config import AdapterConfig, is_int, rank_limit_error
 from .errors import AdapterFileError, ConfigError, InputError, MissingFileError, ModelMismatchError, TloraError
 from .foreign import read_foreign
+from .layer.ops import KERNEL_DEVICES
 from .quantized import adaptable_linear, describe
 from .targets import linear_at
 
@@ -235,7 +236,7 @@ def parse_header(path: Path, text: str) -> AdapterHeader:
     if "format_version" not in meta:
         fail("format_version", "missing: this is not a tlora adapter description")
     version = meta["format_version"]
-    if not _is_int(version):
+    if not is_int(version):
         fail("format_version", f"must be an integer, got {version!r}")
     if version != FORMAT_VERSION:
         raise AdapterFileError(
@@ -267,7 +268,7 @@ def parse_header(path: Path, text: str) -> AdapterHeader:
     for name, shape in meta["modules"].items():
         if not name:
             fail("modules", "has an empty module name")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and v >= 1 for v in shape)):
+        if not (isinstance(shape, list) and len(shape) == 2 and all(is_int(v) and v >= 1 for v in shape)):
             fail(f"modules[{name!r}]", f"must be [out_features, in_features] (two integers >= 1), got {shape!r}")
         out_f, in_f = shape
         too_large = rank_limit_error(config.rank, out_f, in_f, name)
@@ -456,18 +457,26 @@ def load(
 
 
 def _check_device(path: Path, device: Any) -> None:
-    """Refuse a device the factors cannot be put on, before the file is read: allocate nothing
-    on it, as the load's `.to(device)` would."""
+    """Refuse a device the factors cannot be put on, before the file is read: one the kernels do
+    not run on (layer.ops.KERNEL_DEVICES), or one this machine lacks (allocate nothing on it, as
+    the load's `.to(device)` would)."""
     try:
-        placed = torch.empty(0, device=device)
+        kind = torch.device(device).type
+        if kind in KERNEL_DEVICES:
+            torch.empty(0, device=device)
     except (RuntimeError, AssertionError, TypeError, ValueError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(
             f"cannot load {path} onto device {str(device)!r}: {why}; pass device='cpu', a device this machine "
             "has, or None (each base layer's own device)"
         ) from None
-    if placed.device.type == "meta":
+    if kind == "meta":
         raise InputError(f"cannot load {path} onto device 'meta': meta tensors hold no values; use a real device")
+    if kind not in KERNEL_DEVICES:
+        raise InputError(
+            f"cannot load {path} onto device {str(device)!r}: tlora's kernels run on the CPU and CUDA devices "
+            "only; pass device='cpu', 'cuda' or 'cuda:N', or None (each base layer's own device)"
+        )
 
 
 def _read_for(
@@ -493,10 +502,6 @@ def _read_for(
     f = read_adapter(path, before_tensors=fits_model, raw=raw)
     keys = factor_rules.names(f.config.variant)
     return f.config, {name: {k: f.tensors[f"{name}.{k}"] for k in keys} for name in f.modules}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _finite_positive(value: Any) -> bool:

@@ -12,15 +12,22 @@ from torch.autograd.function import once_differentiable
 from .. import _native
 from .. import factors as factor_rules
 from ..config import check_ranks
+from ..errors import ConfigError
 from .ranks import rank_mask
 
-COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The dtypes the kernels compute in, by the names the native functions take (src/kernel: `compute_kind`).
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+COMPUTE_DTYPES = tuple(DTYPE_NAMES)
+# The devices the kernels run on: the CPU and CUDA devices (the policy of src/kernel's
+# `is_kernel_device`; the native code refuses tensors and device names elsewhere: MPS, meta, ...).
+KERNEL_DEVICES = ("cpu", "cuda")
 
 
 def check_compute_dtype(dtype: torch.dtype) -> None:
+    """The Python side's one refusal of a dtype the kernels do not compute in (Rust's:
+    `kernel::check_compute_kind`, with the same message)."""
     if dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"input dtype {dtype} is not supported: use float32, float16, bfloat16 or float64")
+        raise ConfigError(f"input dtype {dtype} is not supported: use float32, float16, bfloat16 or float64")
 
 
 def lowrank_update(
