@@ -28,7 +28,7 @@ SEED_RANGE = 2**63
 # context-stream projections of FLUX/SD3-style joint attention.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")
 
-# Which timestep argument each diffusers family passes: see timesteps.py (BY_CLASS, CONVENTIONS).
+# Which timestep argument each diffusers model class passes: see timesteps.py (BY_CLASS, CONVENTIONS).
 
 
 @dataclass

@@ -38,8 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _native
-from . import factors as factor_rules
+from . import _native, factors
 from .adapter import Adapter, adapter_of, inject_config
 from .atomic import prepare_target
 from .config import AdapterConfig, is_int, rank_limit_error
@@ -70,7 +69,7 @@ def save(model_or_adapter: nn.Module | Adapter, path: str | os.PathLike, extra: 
     c = adapter.config
     tensors = [(k, v.detach().float().cpu().contiguous()) for k, v in adapter.state_dict().items()]
     for k, t in tensors:
-        bad = factor_rules.bad_values(t)
+        bad = factors.bad_values(t)
         if bad:
             raise TloraError(f"cannot save {path}: adapter factor {k} has {bad} (a diverged training run?)")
     meta = {
@@ -367,13 +366,13 @@ def _diffusers_submodule_names(class_name: str) -> frozenset[str] | None:
 def _check_tensors(header: AdapterHeader, raw: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     path, config = header.path, header.config
     tensors = dict(raw)
-    keys = factor_rules.names(config.variant)
+    keys = factors.names(config.variant)
     checked: dict[str, torch.Tensor] = {}
     for name, (out_f, in_f) in header.modules.items():
         for k in keys:
             key = f"{name}.{k}"
             t = tensors.pop(key, None)
-            expected = factor_rules.shape(k, config.rank, out_f, in_f)
+            expected = factors.shape(k, config.rank, out_f, in_f)
             if t is None or tuple(t.shape) != expected:
                 got = "missing" if t is None else f"shape {tuple(t.shape)}"
                 raise AdapterFileError(path, f"tensor {key} is {got}, expected shape {expected}")
@@ -394,7 +393,7 @@ def _check_tensors(header: AdapterHeader, raw: list[tuple[str, torch.Tensor]]) -
             "corrupted (or was edited); re-save or re-download it",
             field="checksum",
         )
-    return {key: factor_rules.checked(path, key, t) for key, t in checked.items()}
+    return {key: factors.checked(path, key, t) for key, t in checked.items()}
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -438,7 +437,7 @@ def load(
     options = {"min_rank": min_rank, "rank_exponent": rank_exponent, "num_train_timesteps": num_train_timesteps}
     modules = dict(model.named_modules())
     if METADATA_KEY not in raw[1]:
-        config, factors = read_foreign(model, modules, path, *raw, reconstruct_base=reconstruct_base, **options)
+        config, per_module = read_foreign(model, modules, path, *raw, reconstruct_base=reconstruct_base, **options)
     else:
         given = [k for k, v in options.items() if v is not None] + (["reconstruct_base"] if reconstruct_base else [])
         if given:
@@ -446,12 +445,12 @@ def load(
                 f"{', '.join(given)}: these settings are for other tools' T-LoRA files; {path} is a "
                 "tlora adapter, which records its own: leave them out"
             )
-        config, factors = _read_for(model, modules, path, raw)
+        config, per_module = _read_for(model, modules, path, raw)
     placed = {
         name: {
             k: t.to(device if device is not None else linear_at(modules, name)[1].weight.device) for k, t in f.items()
         }
-        for name, f in factors.items()
+        for name, f in per_module.items()
     }
     return inject_config(model, config, module_names=list(placed), factors=placed)
 
@@ -500,7 +499,7 @@ def _read_for(
                 )
 
     f = read_adapter(path, before_tensors=fits_model, raw=raw)
-    keys = factor_rules.names(f.config.variant)
+    keys = factors.names(f.config.variant)
     return f.config, {name: {k: f.tensors[f"{name}.{k}"] for k in keys} for name in f.modules}
 
 

@@ -123,7 +123,7 @@ def rank_mask(
 RANK_SNAP = 1e-9
 
 
-def ranks_of_levels(level: torch.Tensor, rank: int, min_rank: int, exponent: float, num_train_timesteps: int):
+def ranks_of_levels(level: torch.Tensor, rank: int, min_rank: int, rank_exponent: float, num_train_timesteps: int):
     """r(t) for noise levels t in [0, T] as tensor ops on their device (no host synchronisation):
     (same shape) int64. The device twin of the native `rank_schedule`, rule for rule (see
     src/schedule.rs): for a = 1, r - ceil(t (r - r_min) / T) exactly (integer levels in integers;
@@ -131,7 +131,7 @@ def ranks_of_levels(level: torch.Tensor, rank: int, min_rank: int, exponent: flo
     a != 1, floor(((T - t) / T)^a (r - r_min) + RANK_SNAP) in float64."""
     d, big_t = rank - min_rank, num_train_timesteps
     wide = torch.float32 if level.device.type == "mps" else torch.float64  # (MPS has no float64)
-    if exponent == 1.0:
+    if rank_exponent == 1.0:
         if not level.is_floating_point():
             ceil = (level.long() * d + (big_t - 1)) // big_t
         else:
@@ -140,5 +140,5 @@ def ranks_of_levels(level: torch.Tensor, rank: int, min_rank: int, exponent: flo
             # y / T was rounded: step c onto the exact ceiling (c T and (c - 1) T are exact integers).
             ceil = (c - ((c - 1) * big_t >= y).to(wide) + (c * big_t < y).to(wide)).long()
         return (d - ceil) + min_rank
-    frac = ((big_t - level.to(wide)) / big_t) ** exponent
+    frac = ((big_t - level.to(wide)) / big_t) ** rank_exponent
     return torch.floor(frac * d + RANK_SNAP).long().clamp(max=d) + min_rank
