@@ -25,7 +25,7 @@ use criterion::{criterion_group, BenchmarkId, Criterion};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
-use tlora::init::{orthogonal_random, Component};
+use tlora::init::{orthogonal_random, Init};
 use tlora::kernel::{self, Factors};
 use tlora::schedule::RankSchedule;
 
@@ -85,7 +85,7 @@ impl Layer {
     fn new(tokens: i64, in_f: i64, out_f: i64) -> Self {
         tch::manual_seed(0);
         let opts = (Kind::Float, tch::Device::Cpu);
-        let init = orthogonal_random(out_f, in_f, RANK, Component::Last, 0).unwrap();
+        let init = orthogonal_random(out_f, in_f, RANK, Init::Last, 0).unwrap();
         // Trainable factors moved away from their frozen copies, as after some training steps.
         let p = &init.p + Tensor::randn([out_f, RANK], opts) * 0.01;
         let w = Tensor::randn([out_f, in_f], opts) / (in_f as f64).sqrt();
@@ -105,8 +105,8 @@ impl Layer {
         }
     }
 
-    fn ortho(&self) -> Factors<'_> {
-        Factors::Ortho { p: &self.p, lam: &self.lam, q: &self.q, p0: &self.p0, lam0: &self.lam0, q0: &self.q0 }
+    fn tlora(&self) -> Factors<'_> {
+        Factors::TLora { p: &self.p, lam: &self.lam, q: &self.q, p0: &self.p0, lam0: &self.lam0, q0: &self.q0 }
     }
 
     fn loss(&self, y: &Tensor) -> Tensor {
@@ -143,7 +143,7 @@ impl Layer {
         let _guard = tch::no_grad_guard();
         let y = self.x.linear(&self.w, Some(&self.b));
         let ops = kernel::lowrank_operands(f, None, Kind::Float, None).unwrap();
-        let blocks = if matches!(f, Factors::Ortho { .. }) { 2 } else { 1 };
+        let blocks = if matches!(f, Factors::TLora { .. }) { 2 } else { 1 };
         let mask = ranks.map(|r| {
             let cols = Tensor::arange(RANK, (Kind::Int64, tch::Device::Cpu)).repeat([blocks]);
             cols.unsqueeze(0).lt_tensor(&Tensor::from_slice(r).unsqueeze(1)).to_kind(Kind::Float) * SCALE
@@ -162,8 +162,8 @@ impl Layer {
         match method {
             "bare" => vec![self.bare()],
             "reference" => self.reference(ranks),
-            "tlora" => self.factored(&self.ortho(), Some(ranks)),
-            "lora" => self.factored(&Factors::Plain { down: &self.down, up: &self.up }, None),
+            "tlora" => self.factored(&self.tlora(), Some(ranks)),
+            "lora" => self.factored(&Factors::LoRA { down: &self.down, up: &self.up }, None),
             other => unreachable!("unknown method {other}"),
         }
     }
@@ -199,11 +199,11 @@ fn bench_init_and_fold(c: &mut Criterion) {
     group.sample_size(10);
     for (out_f, in_f) in [(640, 640), (1280, 1280), (1280, 2048)] {
         group.bench_function(BenchmarkId::new("orthogonal_svd", format!("{out_f}x{in_f}")), |bench| {
-            bench.iter(|| orthogonal_random(out_f, in_f, RANK, Component::Last, 0).unwrap())
+            bench.iter(|| orthogonal_random(out_f, in_f, RANK, Init::Last, 0).unwrap())
         });
         let layer = Layer::new(1, in_f, out_f);
         group.bench_function(BenchmarkId::new("fold_rank_48", format!("{out_f}x{in_f}")), |bench| {
-            bench.iter(|| kernel::fold_weight(&layer.w, &layer.ortho(), Some(48), SCALE).unwrap())
+            bench.iter(|| kernel::fold_weight(&layer.w, &layer.tlora(), Some(48), SCALE).unwrap())
         });
     }
     group.finish();

@@ -43,9 +43,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{ChiSquared, Distribution, Normal, StandardNormal};
 use tch::{Device, Kind, Tensor};
 
-/// Which r singular triplets to keep.
+/// Which r singular triplets to keep: the `init` setting of an adapter (`AdapterConfig.init`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Component {
+pub enum Init {
     /// The largest singular values (PiSSA-like when taken from the pretrained weight).
     Principal,
     /// The r triplets in the middle of the spectrum.
@@ -54,7 +54,7 @@ pub enum Component {
     Last,
 }
 
-impl Component {
+impl Init {
     /// The first kept index in the descending spectrum of `full` singular values.
     pub fn start(self, full: i64, rank: i64) -> i64 {
         match self {
@@ -65,7 +65,7 @@ impl Component {
     }
 }
 
-impl std::str::FromStr for Component {
+impl std::str::FromStr for Init {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
@@ -83,19 +83,6 @@ pub struct OrthoFactors {
     pub p: Tensor,
     pub lam: Tensor,
     pub q: Tensor,
-}
-
-/// `cpu`, `cuda`, `cuda:N` or `mps` (what `str(torch.device)` gives) as a tch device.
-pub fn parse_device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        "mps" => Device::Mps,
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(index)) => Device::Cuda(index),
-            _ => bail!("unsupported device {other:?}: expected \"cpu\", \"cuda\", \"cuda:N\" or \"mps\""),
-        },
-    })
 }
 
 /// A ChaCha stream of `seed`: independent draws for each part of one layer's init.
@@ -119,9 +106,9 @@ pub fn gaussian(rows: i64, cols: i64, std: f64, seed: u64) -> Result<Tensor> {
     Ok(Tensor::from_slice(&values).reshape([rows, cols]))
 }
 
-/// Keeps `rank` singular triplets of `matrix` (out x in) chosen by `component`: an exact SVD in
+/// Keeps `rank` singular triplets of `matrix` (out x in) chosen by `init`: an exact SVD in
 /// float64 on the CPU (for `init_from = "weight"`). Factors come back float32 on the CPU.
-pub fn orthogonal_factors(matrix: &Tensor, rank: i64, component: Component) -> Result<OrthoFactors> {
+pub fn orthogonal_factors(matrix: &Tensor, rank: i64, init: Init) -> Result<OrthoFactors> {
     let size = matrix.size();
     if size.len() != 2 {
         bail!("expected a 2-D weight (out x in), got shape {size:?}");
@@ -134,7 +121,7 @@ pub fn orthogonal_factors(matrix: &Tensor, rank: i64, component: Component) -> R
     // Singular values come back in descending order; column k of V is row k of V^T.
     let (u, s, v) = m.svd(true, true);
     let vh = v.tr();
-    let start = component.start(full, rank);
+    let start = init.start(full, rank);
     let cast = |t: Tensor| t.to_kind(Kind::Float).contiguous();
     Ok(OrthoFactors { p: cast(u.narrow(1, start, rank)), lam: cast(s.narrow(0, start, rank)), q: cast(vh.narrow(0, start, rank)) })
 }
@@ -288,12 +275,12 @@ pub fn bidiagonal_singular_values(diag: &[f64], superdiag: &[f64], start: usize,
     Ok(lo.iter().zip(&hi).map(|(l, h)| 0.5 * (l + h)).collect())
 }
 
-/// The paper's init: `component` triplets of a seeded N(0, (1/r)^2) matrix of shape out x in, drawn
+/// The paper's init: the `init` triplets of a seeded N(0, (1/r)^2) matrix of shape out x in, drawn
 /// from their law without forming the matrix (see the module docs), float32 on `device`.
-pub fn orthogonal_random_on(out_f: i64, in_f: i64, rank: i64, component: Component, seed: u64, device: Device) -> Result<OrthoFactors> {
+pub fn orthogonal_random_on(out_f: i64, in_f: i64, rank: i64, init: Init, seed: u64, device: Device) -> Result<OrthoFactors> {
     let full = crate::ranks::check_init_rank(out_f, in_f, rank)?;
     let (diag, superdiag) = gaussian_bidiagonal(out_f, in_f, &mut stream(seed, 2))?;
-    let start = component.start(full, rank) as usize;
+    let start = init.start(full, rank) as usize;
     let sigma = 1.0 / rank as f64;
     let lam: Vec<f32> = bidiagonal_singular_values(&diag, &superdiag, start, rank as usize)?.iter().map(|s| (s * sigma) as f32).collect();
     let lam = cpu_tensor(&lam, &[rank]).to_device(device);
@@ -313,13 +300,13 @@ pub fn orthogonal_random_on(out_f: i64, in_f: i64, rank: i64, component: Compone
 }
 
 /// The orthogonal factors, float32 on `device`: the exact SVD of `weight` (its triplets
-/// chosen by `component`, see [`orthogonal_factors`]) when given, else the paper's seeded random
+/// chosen by `init`, see [`orthogonal_factors`]) when given, else the paper's seeded random
 /// init of shape out_f x in_f ([`orthogonal_random_on`]).
 pub fn orthogonal_init(
     out_f: i64,
     in_f: i64,
     rank: i64,
-    component: Component,
+    init: Init,
     seed: u64,
     weight: Option<&Tensor>,
     device: Device,
@@ -327,16 +314,16 @@ pub fn orthogonal_init(
     match weight {
         Some(w) => {
             crate::kernel::check_device(w, "the weight to decompose")?;
-            let f = orthogonal_factors(w, rank, component)?;
+            let f = orthogonal_factors(w, rank, init)?;
             Ok(OrthoFactors { p: f.p.f_to_device(device)?, lam: f.lam.f_to_device(device)?, q: f.q.f_to_device(device)? })
         }
-        None => orthogonal_random_on(out_f, in_f, rank, component, seed, device),
+        None => orthogonal_random_on(out_f, in_f, rank, init, seed, device),
     }
 }
 
 /// [`orthogonal_random_on`] the CPU.
-pub fn orthogonal_random(out_f: i64, in_f: i64, rank: i64, component: Component, seed: u64) -> Result<OrthoFactors> {
-    orthogonal_random_on(out_f, in_f, rank, component, seed, Device::Cpu)
+pub fn orthogonal_random(out_f: i64, in_f: i64, rank: i64, init: Init, seed: u64) -> Result<OrthoFactors> {
+    orthogonal_random_on(out_f, in_f, rank, init, seed, Device::Cpu)
 }
 
 #[cfg(test)]
@@ -351,8 +338,8 @@ mod tests {
     fn factors_are_orthonormal_and_paired() {
         for &(o, i, r) in &[(24, 16, 4), (16, 24, 8), (32, 32, 32)] {
             let m = gaussian(o, i, 1.0 / r as f64, 7).unwrap();
-            for comp in [Component::Principal, Component::Middle, Component::Last] {
-                let f = orthogonal_factors(&m, r, comp).unwrap();
+            for init in [Init::Principal, Init::Middle, Init::Last] {
+                let f = orthogonal_factors(&m, r, init).unwrap();
                 assert_eq!(f.p.size(), vec![o, r]);
                 assert_eq!(f.q.size(), vec![r, i]);
                 assert_eq!(f.lam.size(), vec![r]);
@@ -362,20 +349,20 @@ mod tests {
                 // Correct pairing: P^T R Q^T = diag(lambda) exactly when U[:, k] goes with
                 // V^T[k, :] and S[k].
                 let proj = f.p.transpose(0, 1).matmul(&m.to_kind(Kind::Float)).matmul(&f.q.transpose(0, 1));
-                assert!(max_abs(&(proj - f.lam.diag(0))) < 1e-5, "{comp:?}");
+                assert!(max_abs(&(proj - f.lam.diag(0))) < 1e-5, "{init:?}");
             }
         }
     }
 
     #[test]
-    fn components_pick_the_right_singular_values() {
+    fn inits_pick_the_right_singular_values() {
         let m = gaussian(20, 12, 0.1, 3).unwrap();
         let s = Vec::<f64>::try_from(&m.svd(true, false).1).unwrap();
         let lam = |c| Vec::<f32>::try_from(&orthogonal_factors(&m, 3, c).unwrap().lam).unwrap();
         let close = |a: &[f32], b: &[f64]| a.iter().zip(b).all(|(x, y)| (*x as f64 - y).abs() < 1e-5);
-        assert!(close(&lam(Component::Principal), &s[0..3]));
-        assert!(close(&lam(Component::Middle), &s[4..7]));
-        assert!(close(&lam(Component::Last), &s[9..12]));
+        assert!(close(&lam(Init::Principal), &s[0..3]));
+        assert!(close(&lam(Init::Middle), &s[4..7]));
+        assert!(close(&lam(Init::Last), &s[9..12]));
     }
 
     #[test]
@@ -392,20 +379,17 @@ mod tests {
     #[test]
     fn bad_rank_and_input() {
         let mut m = gaussian(8, 4, 1.0, 0).unwrap();
-        assert!(orthogonal_factors(&m, 5, Component::Last).unwrap_err().to_string().contains("8 x 4"));
-        assert!(orthogonal_factors(&m, 0, Component::Last).is_err());
-        assert!(orthogonal_factors(&m.flatten(0, -1), 1, Component::Last).is_err());
-        assert!("first".parse::<Component>().is_err());
+        assert!(orthogonal_factors(&m, 5, Init::Last).unwrap_err().to_string().contains("8 x 4"));
+        assert!(orthogonal_factors(&m, 0, Init::Last).is_err());
+        assert!(orthogonal_factors(&m.flatten(0, -1), 1, Init::Last).is_err());
+        assert!("first".parse::<Init>().is_err());
         let nan = m.fill_diagonal_(f64::NAN, false);
-        assert!(orthogonal_factors(&nan, 2, Component::Last).is_err());
-        assert!(orthogonal_random(8, 4, 5, Component::Last, 0).unwrap_err().to_string().contains("8 x 4"));
-        assert!(orthogonal_random(8, 4, 0, Component::Last, 0).is_err());
+        assert!(orthogonal_factors(&nan, 2, Init::Last).is_err());
+        assert!(orthogonal_random(8, 4, 5, Init::Last, 0).unwrap_err().to_string().contains("8 x 4"));
+        assert!(orthogonal_random(8, 4, 0, Init::Last, 0).is_err());
         assert!(bidiagonal_singular_values(&[1.0, 2.0], &[], 0, 1).unwrap_err().to_string().contains("superdiagonal"));
         assert!(bidiagonal_singular_values(&[1.0, 2.0], &[0.5], 1, 2).is_err());
         assert!(bidiagonal_singular_values(&[1.0, f64::NAN], &[0.5], 0, 1).is_err());
-        assert!(parse_device("tpu").unwrap_err().to_string().contains("tpu"));
-        assert_eq!(parse_device("cuda:3").unwrap(), Device::Cuda(3));
-        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
     }
 
     fn dense_bidiagonal(diag: &[f64], superdiag: &[f64]) -> Tensor {
@@ -439,16 +423,16 @@ mod tests {
 
     #[test]
     fn selection_takes_principal_middle_and_last_indices() {
-        assert_eq!([Component::Principal, Component::Middle, Component::Last].map(|c| c.start(12, 3)), [0, 4, 9]);
+        assert_eq!([Init::Principal, Init::Middle, Init::Last].map(|c| c.start(12, 3)), [0, 4, 9]);
         let (diag, superdiag) = gaussian_bidiagonal(20, 12, &mut stream(5, 2)).unwrap();
         let all = bidiagonal_singular_values(&diag, &superdiag, 0, 12).unwrap();
         assert!(all.windows(2).all(|w| w[0] > w[1]), "descending: {all:?}");
-        for (comp, start) in [(Component::Principal, 0), (Component::Middle, 4), (Component::Last, 9)] {
+        for (init, start) in [(Init::Principal, 0), (Init::Middle, 4), (Init::Last, 9)] {
             assert_eq!(bidiagonal_singular_values(&diag, &superdiag, start, 3).unwrap(), all[start..start + 3]);
             // orthogonal_random keeps the same indices of the same draw (stream 2 of its seed), / r.
-            let lam = Vec::<f32>::try_from(&orthogonal_random(20, 12, 3, comp, 5).unwrap().lam).unwrap();
+            let lam = Vec::<f32>::try_from(&orthogonal_random(20, 12, 3, init, 5).unwrap().lam).unwrap();
             for (l, s) in lam.iter().zip(&all[start..start + 3]) {
-                assert!((*l as f64 - s / 3.0).abs() < 1e-6 * s, "{comp:?}");
+                assert!((*l as f64 - s / 3.0).abs() < 1e-6 * s, "{init:?}");
             }
         }
     }
@@ -456,8 +440,8 @@ mod tests {
     #[test]
     fn random_factors_are_orthonormal_seeded_and_descending() {
         for &(o, i, r) in &[(24, 16, 4), (16, 24, 8), (32, 32, 32), (1, 5, 1)] {
-            for comp in [Component::Principal, Component::Middle, Component::Last] {
-                let f = orthogonal_random(o, i, r, comp, 9).unwrap();
+            for init in [Init::Principal, Init::Middle, Init::Last] {
+                let f = orthogonal_random(o, i, r, init, 9).unwrap();
                 assert_eq!((f.p.size(), f.lam.size(), f.q.size()), (vec![o, r], vec![r], vec![r, i]));
                 assert_eq!((f.p.kind(), f.lam.kind(), f.q.kind()), (Kind::Float, Kind::Float, Kind::Float));
                 let eye = Tensor::eye(r, (Kind::Float, Device::Cpu));
@@ -465,9 +449,9 @@ mod tests {
                 assert!(max_abs(&(f.q.matmul(&f.q.transpose(0, 1)) - &eye)) < 1e-6);
                 let lam = Vec::<f32>::try_from(&f.lam).unwrap();
                 assert!(lam.iter().all(|&l| l > 0.0) && lam.windows(2).all(|w| w[0] >= w[1]), "{lam:?}");
-                let again = orthogonal_random(o, i, r, comp, 9).unwrap();
+                let again = orthogonal_random(o, i, r, init, 9).unwrap();
                 assert!(f.p.equal(&again.p) && f.lam.equal(&again.lam) && f.q.equal(&again.q));
-                let other = orthogonal_random(o, i, r, comp, 10).unwrap();
+                let other = orthogonal_random(o, i, r, init, 10).unwrap();
                 assert!(!f.q.equal(&other.q));
             }
         }

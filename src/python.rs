@@ -71,18 +71,18 @@ fn rank_schedule(
     timesteps: PyTensor,
     rank: i64,
     min_rank: i64,
-    exponent: f64,
+    rank_exponent: f64,
     num_train_timesteps: i64,
 ) -> PyResult<PyTensor> {
     let t = timesteps.0;
-    run(py, move || schedule::rank_schedule(&t, rank, min_rank, exponent, num_train_timesteps)).map(PyTensor)
+    run(py, move || schedule::rank_schedule(&t, rank, min_rank, rank_exponent, num_train_timesteps)).map(PyTensor)
 }
 
-/// (P, lam, Q), float32 on `device` ("cpu", "cuda[:N]", "mps"; default the CPU): the exact SVD
+/// (P, lam, Q), float32 on `device` ("cpu", "cuda[:N]"; default the CPU): the exact SVD
 /// of `weight`, or when `weight` is None the triplets of a seeded N(0, (1/rank)^2) matrix of shape
 /// out_features x in_features drawn from their law without forming the matrix (see init.rs).
 #[pyfunction]
-#[pyo3(signature = (out_features, in_features, rank, component, seed, weight=None, device=None))]
+#[pyo3(signature = (out_features, in_features, rank, init, seed, weight=None, device=None))]
 // One Rust parameter per Python parameter (plus the GIL token): the Python signature sets the count.
 #[allow(clippy::too_many_arguments)]
 fn orthogonal_init(
@@ -90,15 +90,15 @@ fn orthogonal_init(
     out_features: i64,
     in_features: i64,
     rank: i64,
-    component: &str,
+    init: &str,
     seed: u64,
     weight: Option<PyTensor>,
     device: Option<&str>,
 ) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
-    let comp: init::Component = component.parse().map_err(to_py)?;
-    let device = device.map(init::parse_device).transpose().map_err(to_py)?.unwrap_or(tch::Device::Cpu);
+    let which: init::Init = init.parse().map_err(to_py)?;
+    let device = device.map(kernel::parse_device).transpose().map_err(to_py)?.unwrap_or(tch::Device::Cpu);
     let weight = weight.map(|w| w.0);
-    let f = run(py, move || init::orthogonal_init(out_features, in_features, rank, comp, seed, weight.as_ref(), device))?;
+    let f = run(py, move || init::orthogonal_init(out_features, in_features, rank, which, seed, weight.as_ref(), device))?;
     Ok((PyTensor(f.p), PyTensor(f.lam), PyTensor(f.q)))
 }
 
@@ -106,16 +106,6 @@ fn orthogonal_init(
 #[pyfunction]
 fn gaussian(py: Python<'_>, rows: i64, cols: i64, std: f64, seed: u64) -> PyResult<PyTensor> {
     run(py, move || Ok(init::gaussian(rows, cols, std, seed)?.f_to_kind(Kind::Float)?)).map(PyTensor)
-}
-
-fn kind_of(dtype: &str) -> anyhow::Result<Kind> {
-    Ok(match dtype {
-        "float32" => Kind::Float,
-        "float64" => Kind::Double,
-        "float16" => Kind::Half,
-        "bfloat16" => Kind::BFloat16,
-        other => anyhow::bail!("compute dtype {other:?} is not supported: use float32, float16, bfloat16 or float64"),
-    })
 }
 
 /// P0 diag(lam0): T-LoRA's frozen product (U's frozen block is its negative).
@@ -150,7 +140,7 @@ fn lowrank_operands(
     };
     let dtype = dtype.to_string();
     let ops = run(py, move || {
-        let kind = kind_of(&dtype)?;
+        let kind = kernel::compute_kind(&dtype)?;
         let scratch = bufs.as_ref().map(|(d, u)| kernel::Scratch { d, u, write_frozen });
         kernel::lowrank_operands(&kernel::Factors::from_slice(&factors)?, nf.as_ref(), kind, scratch)
     })?;

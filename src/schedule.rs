@@ -6,7 +6,7 @@
 //! The floor sits exactly on the integers that integer timesteps often produce ((T - t)(r - r_min)/T
 //! is an integer at t = 420 for r = 128, r_min = 28), where a float product can land on either side.
 //! So the rule is exact arithmetic where it can be, and one snapped float rule where it cannot; the
-//! device path (`layer.state.ranks_of_levels` in Python, tensor ops on the timestep's device) follows the
+//! device path (`layer.ranks.ranks_of_levels` in Python, tensor ops on the timestep's device) follows the
 //! same two rules, so training on one path and sampling on the other uses the same ranks:
 //! - a = 1: r(t) = r - ceil(t (r - r_min) / T), computed exactly from the float's binary value.
 //! - a != 1: floor(((T - t) / T)^a (r - r_min) + SNAP) in float64. Products of integer timesteps
@@ -30,8 +30,8 @@ pub struct RankSchedule {
     pub rank: i64,
     /// Minimum rank r_min (used at t = T).
     pub min_rank: i64,
-    /// Exponent a of the schedule (1 = linear).
-    pub exponent: f64,
+    /// Exponent a of the schedule (1 = linear): the adapter's `rank_exponent`.
+    pub rank_exponent: f64,
     /// Number of training timesteps T (1000 for DDPM), an integer in 1..=MAX_TIMESTEPS.
     pub num_train_timesteps: i64,
 }
@@ -65,15 +65,15 @@ fn ceil_mul_div(t: f64, d: i64, big_t: i64) -> i64 {
 
 impl RankSchedule {
     /// Checks the parameters, naming the one that is wrong.
-    pub fn new(rank: i64, min_rank: i64, exponent: f64, num_train_timesteps: i64) -> Result<Self> {
+    pub fn new(rank: i64, min_rank: i64, rank_exponent: f64, num_train_timesteps: i64) -> Result<Self> {
         crate::ranks::check_schedule_ranks(rank, min_rank)?;
-        if !(exponent.is_finite() && exponent > 0.0) {
-            bail!("rank_exponent must be a finite number > 0, got {exponent}");
+        if !(rank_exponent.is_finite() && rank_exponent > 0.0) {
+            bail!("rank_exponent must be a finite number > 0, got {rank_exponent}");
         }
         if !(1..=MAX_TIMESTEPS).contains(&num_train_timesteps) {
             bail!("num_train_timesteps must be an integer in 1..={MAX_TIMESTEPS}, got {num_train_timesteps}");
         }
-        Ok(Self { rank, min_rank, exponent, num_train_timesteps })
+        Ok(Self { rank, min_rank, rank_exponent, num_train_timesteps })
     }
 
     /// The rank for one timestep.
@@ -86,10 +86,10 @@ impl RankSchedule {
             bail!("timestep {t} is outside [0, {big_t}] (num_train_timesteps = {big_t})");
         }
         let d = self.rank - self.min_rank;
-        let k = if self.exponent == 1.0 {
+        let k = if self.rank_exponent == 1.0 {
             d - ceil_mul_div(t, d, big_t)
         } else {
-            let frac = ((big_t as f64 - t) / big_t as f64).powf(self.exponent);
+            let frac = ((big_t as f64 - t) / big_t as f64).powf(self.rank_exponent);
             ((frac * d as f64 + SNAP).floor() as i64).min(d)
         };
         Ok(k + self.min_rank)
@@ -108,9 +108,9 @@ impl RankSchedule {
 
 /// r(t) for every timestep (any shape, real dtype, CPU or CUDA): an int64 CPU tensor of the same
 /// shape, after checking the parameters and every timestep.
-pub fn rank_schedule(timesteps: &Tensor, rank: i64, min_rank: i64, exponent: f64, num_train_timesteps: i64) -> Result<Tensor> {
+pub fn rank_schedule(timesteps: &Tensor, rank: i64, min_rank: i64, rank_exponent: f64, num_train_timesteps: i64) -> Result<Tensor> {
     crate::kernel::check_device(timesteps, "the timestep tensor")?;
-    RankSchedule::new(rank, min_rank, exponent, num_train_timesteps)?.ranks(timesteps)
+    RankSchedule::new(rank, min_rank, rank_exponent, num_train_timesteps)?.ranks(timesteps)
 }
 
 #[cfg(test)]

@@ -264,6 +264,54 @@ def test_bad_rank_block(adapted, ranks, fragment):
             pass
 
 
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (5, "rank 5 is outside 1..4"),
+        (0, "rank 0 is outside 1..4"),
+        (2.5, "rank 2.5 is not an integer: ranks are integers in 1..4"),
+        (True, "rank True is not an integer: ranks are integers in 1..4"),
+    ],
+)
+def test_one_rank_rule_at_every_door(adapted, tmp_path, bad, message):
+    """A rank asked of an adapter is checked by one rule (config.check_rank), in the same words,
+    wherever it is asked: adapter.rank, the kernels' functional form and export."""
+    from tlora import interop
+
+    adapter = adapter_of(adapted)
+    layer = adapted.blocks[0].attn.to_q
+    doors = [
+        lambda: adapter.rank(bad).__enter__(),
+        lambda: lowrank_update(torch.randn(2, 16), layer.factors(), [bad]),
+        lambda: interop.export(adapter, tmp_path / "x.safetensors", rank=bad),
+    ]
+    for door in doors:
+        with pytest.raises(tlora.ConfigError) as info:
+            door()
+        assert str(info.value) == message
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_one_compute_dtype_message():
+    """The Python check (layer.ops.check_compute_dtype) and the native one (src/kernel) refuse a
+    dtype in the same words, each naming the dtype as its side spells it."""
+    from tlora import _native
+    from tlora.layer.ops import check_compute_dtype
+
+    tail = "is not supported: use float32, float16, bfloat16 or float64"
+    with pytest.raises(tlora.ConfigError) as python:
+        check_compute_dtype(torch.int64)
+    assert str(python.value) == f"input dtype torch.int64 {tail}"
+    with pytest.raises(tlora.ConfigError) as named:
+        _native.lowrank_operands([torch.randn(2, 3), torch.randn(4, 2)], None, "int8")
+    assert str(named.value) == f'compute dtype "int8" {tail}'
+    down, up = torch.randn(2, 3), torch.randn(4, 2)
+    d, u = _native.lowrank_operands([down, up], None, "float32")
+    with pytest.raises(tlora.ConfigError) as native:
+        _native.lowrank_forward(torch.ones(1, 3, dtype=torch.int64), d, u)
+    assert str(native.value) == f"input dtype Int64 {tail}"
+
+
 def _three_levels(a):
     """A correct user convention: the argument is 1000 - t."""
     return 1000 - a

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import tlora
-from tlora import timesteps as conventions
+from tlora import timesteps
 from tlora.tiny import sample_kwargs, tiny_flux_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 D = pytest.importorskip("diffusers")
@@ -97,8 +97,8 @@ def test_playground_edm_pipeline():
     pipe.scheduler = D.EDMDPMSolverMultistepScheduler(
         sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, num_train_timesteps=1000, prediction_type="epsilon"
     )
-    assert conventions.convention_for(pipe) == "edm"
-    log = RankLog(inject(pipe.unet, timestep_convention=conventions.convention_for(pipe)), batch=2)
+    assert timesteps.convention_for(pipe) == "edm"
+    log = RankLog(inject(pipe.unet, timestep_convention=timesteps.convention_for(pipe)), batch=2)
     pipe(**sample_kwargs("sdxl", steps=5), generator=torch.Generator().manual_seed(0))
     assert (pipe.scheduler.timesteps < 0).any()  # the small sigmas: refused before conventions
     sdxl = D.EulerDiscreteScheduler(
@@ -119,8 +119,8 @@ def test_sdxl_pipeline_continuous_euler_epsilon():
     pipe.scheduler = D.EulerDiscreteScheduler.from_config(
         pipe.scheduler.config, timestep_type="continuous", prediction_type="epsilon"
     )
-    assert conventions.convention_for(pipe) == "timesteps"
-    log = RankLog(inject(pipe.unet, timestep_convention=conventions.convention_for(pipe)), batch=2)
+    assert timesteps.convention_for(pipe) == "timesteps"
+    log = RankLog(inject(pipe.unet, timestep_convention=timesteps.convention_for(pipe)), batch=2)
     pipe(**sample_kwargs("sdxl", steps=4), generator=torch.Generator().manual_seed(0))
     t_steps = pipe.scheduler.timesteps.tolist()
     assert min(t_steps) >= 1 and max(t_steps) > 500  # its discrete t, not 0.25 * log(sigma)
@@ -136,7 +136,7 @@ def test_continuous_euler_is_edm_only_with_v_prediction():
         scheduler = D.EulerDiscreteScheduler(timestep_type="continuous", prediction_type=prediction)
         scheduler.set_timesteps(10)
         assert bool((scheduler.timesteps < 0).any()) == edm, prediction
-        assert conventions.convention_for(scheduler, model=unet) == ("edm" if edm else "timesteps"), prediction
+        assert timesteps.convention_for(scheduler, model=unet) == ("edm" if edm else "timesteps"), prediction
 
 
 def test_sana_sprint_steps_get_the_rank_of_their_flow_time():
@@ -165,8 +165,8 @@ def test_sana_sprint_steps_get_the_rank_of_their_flow_time():
     scheduler = D.SCMScheduler()
     pipe = D.SanaSprintPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model, scheduler=scheduler)
     # Every way of choosing says the flow time: the pipeline, its scheduler, the bare transformer.
-    assert conventions.convention_for(pipe) == "unit"
-    assert conventions.convention_for(scheduler, model=model) == "unit"
+    assert timesteps.convention_for(pipe) == "unit"
+    assert timesteps.convention_for(scheduler, model=model) == "unit"
     adapter = tlora.inject(model, rank=rank, min_rank=min_rank)
     assert adapter.config.timestep_convention == "unit"
     scheduler.set_timesteps(4, max_timesteps=1.57080, intermediate_timesteps=None)
@@ -205,7 +205,7 @@ def test_a_guidance_embedded_sana_cannot_run_under_sana_pipeline():
     with pytest.raises(TypeError, match="batch_size"):
         m(r(B, 4, 8, 8), encoder_hidden_states=r(B, 5, 16), timestep=torch.full((B,), 500.0))
     plain, _ = sana()
-    assert conventions.class_convention(plain) == "sana" and conventions.class_convention(m) == "unit"
+    assert timesteps.class_convention(plain) == "sana" and timesteps.class_convention(m) == "unit"
 
 
 # ---- forward-driven families -------------------------------------------------------------------
@@ -768,7 +768,7 @@ def test_cosmos_either_pipeline(version):
         retrieve_timesteps(scheduler, device="cpu", sigmas=torch.linspace(0, 1, 6, dtype=torch.float64))
         args = [expand(s / (s + 1)) for s in scheduler.sigmas[:-1]]
     sigmas = scheduler.sigmas[:-1].double().tolist()
-    name = conventions.convention_for(scheduler, model=model)
+    name = timesteps.convention_for(scheduler, model=model)
     assert name == {"cosmos1_edm": "edm_flow", "cosmos2_flow": "unit"}[version]
     adapter = inject(model, timestep_convention=name)
     seen = drive(model, kwargs, lambda a: a, args, adapter)
@@ -837,7 +837,7 @@ def test_zimage_pipeline_call_passes_t_reversed():
     torch.manual_seed(0)
     model = zimage().eval()
     adapter = inject(model)
-    assert conventions.timestep_parameter(model) == ("t", 1)
+    assert timesteps.timestep_parameter(model) == ("t", 1)
     assert adapter.config.timestep_convention == "reversed_unit"
     scheduler = flow(3.0)
     scheduler.set_timesteps(6)
@@ -1138,7 +1138,7 @@ def test_more_families_pipeline_call_ranks(family):
     model = build().eval()
     adapter = inject(model)
     assert adapter.config.timestep_convention == convention
-    assert conventions.timestep_parameter(model) == argument
+    assert timesteps.timestep_parameter(model) == argument
     sigmas, args = steps()
     seen = [ranks_of_call(adapter, lambda a=a: call(model, a)) for a in args]
     expected = [(r_of(min(T, T * s)),) * B for s in sigmas]
@@ -1156,7 +1156,7 @@ def test_unet1d_depends_on_its_pipeline(scheduler, convention):
     with pytest.raises(tlora.ConfigError, match=r"UNet1DModel.*Dance Diffusion.*timestep_convention"):
         inject(model, target_modules=["query", "key", "value"])
     sched = getattr(D, scheduler)()
-    name = conventions.convention_for(sched, model=model)
+    name = timesteps.convention_for(sched, model=model)
     assert name == convention
     adapter = inject(model, target_modules=["query", "key", "value"], timestep_convention=name)
     sched.set_timesteps(6)
@@ -1185,10 +1185,10 @@ def test_stable_audio_open_depends_on_its_scheduler():
     )
     # (the real CosineDPMSolverMultistepScheduler needs torchsde, absent here: the choice goes by its name)
     cosine = type("CosineDPMSolverMultistepScheduler", (), {})()
-    assert conventions.convention_for(cosine, model=model) == "unit"
+    assert timesteps.convention_for(cosine, model=model) == "unit"
     edm = D.EDMDPMSolverMultistepScheduler(sigma_min=0.3, sigma_max=500, sigma_data=1.0, sigma_schedule="exponential")
     with pytest.raises(tlora.ConfigError, match=r"StableAudioDiTModel.*CosineDPMSolverMultistepScheduler"):
-        conventions.convention_for(edm, model=model)
+        timesteps.convention_for(edm, model=model)
     with pytest.raises(tlora.ConfigError, match=r"StableAudioDiTModel"):
         tlora.inject(model, rank=2)
     adapter = inject(model, timestep_convention="unit")
@@ -1196,10 +1196,10 @@ def test_stable_audio_open_depends_on_its_scheduler():
     sigmas = edm.sigmas[:-1]
     # scheduling_cosine_dpmsolver_multistep.precondition_noise: sigma.atan() / math.pi * 2;
     # pipeline_stable_audio: self.transformer(latent_model_input, t.unsqueeze(0), ...)
-    timesteps = sigmas.atan() / math.pi * 2
+    arguments = sigmas.atan() / math.pi * 2
     seen = [
         ranks_of_call(adapter, lambda t=t: model(r(B, 4, 8), t.unsqueeze(0), encoder_hidden_states=r(B, 5, 16)))
-        for t in timesteps
+        for t in arguments
     ]
     assert seen == [(r_of(T * math.atan(s) * 2 / math.pi),) * B for s in sigmas.double().tolist()]
     assert len(set(seen)) > 2
@@ -1208,11 +1208,11 @@ def test_stable_audio_open_depends_on_its_scheduler():
 # ---- the conventions as functions --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(conventions.CONVENTIONS))
+@pytest.mark.parametrize("name", sorted(timesteps.CONVENTIONS))
 def test_conventions_are_tensor_ops_on_any_device_and_dtype(name):
     """No host sync: a meta tensor (which has no values to read) maps without error; every input dtype
     and shape gives float32 of the same shape on the same device."""
-    fn = conventions.mapping(name, None, T)
+    fn = timesteps.mapping(name, None, T)
     out = fn(torch.zeros(3, device="meta"))
     assert out.device.type == "meta" and out.dtype == torch.float32 and out.shape == (3,)
     for a in (
@@ -1238,10 +1238,10 @@ def test_convention_values_against_plain_formulas():
         "edm_flow": T * torch.exp(4 * a) / (1 + torch.exp(4 * a)),
     }
     for name, want in expect.items():
-        got = conventions.mapping(name, None, T)(a)
+        got = timesteps.mapping(name, None, T)(a)
         assert torch.allclose(got.double(), want.clamp(0, T), rtol=1e-6, atol=1e-4), name
     # Rounding slack: t/1000 in bfloat16 may land just past the end; clamped, not refused.
-    assert conventions.mapping("unit", None, T)(torch.tensor(1.0002)).item() == T
+    assert timesteps.mapping("unit", None, T)(torch.tensor(1.0002)).item() == T
 
 
 # ---- choosing a convention ---------------------------------------------------------------------
@@ -1288,10 +1288,10 @@ class _KeywordOnly(_Net):
 def test_timestep_argument_comes_from_the_signature():
     """The argument is found by name and position in the forward's signature (`t` here, as
     Z-Image's), keyword-only ones by keyword, and a forward(*args, **kwargs) by keyword."""
-    assert conventions.timestep_parameter(_Net()) == ("t", 1)
-    assert conventions.timestep_parameter(_Net) == ("t", 1)  # the class: `self` does not count
-    assert conventions.timestep_parameter(_KeywordOnly()) == ("timestep_ratio", None)
-    assert conventions.timestep_parameter(_Wrapper()) is None
+    assert timesteps.timestep_parameter(_Net()) == ("t", 1)
+    assert timesteps.timestep_parameter(_Net) == ("t", 1)  # the class: `self` does not count
+    assert timesteps.timestep_parameter(_KeywordOnly()) == ("timestep_ratio", None)
+    assert timesteps.timestep_parameter(_Wrapper()) is None
     x = torch.randn(B, 8)
     for model, call in (
         (_Net(), lambda m, t: m(x, t)),
@@ -1326,12 +1326,12 @@ def test_custom_callable_and_reload(tmp_path):
     with pytest.raises(ValueError, match=r"register\('custom', fn\)"):
         tlora.load(other, path)
     assert tlora.adapter_of(other) is None
-    conventions.register("custom", fn)
+    timesteps.register("custom", fn)
     try:
         again = tlora.load(other, path)
         assert drive(other, kwargs, lambda a: a, ts, again) == [(r_of(100.0),) * B, (r_of(900.0),) * B]
     finally:
-        conventions._USER.pop("custom", None)
+        timesteps._USER.pop("custom", None)
 
 
 def test_timestep_scale_still_multiplies_and_is_stored(tmp_path):
@@ -1381,11 +1381,11 @@ def diffusers_class(name: str):
 def test_registry_names_real_classes():
     """Every registered class exists in this diffusers and its forward's signature shows the timestep
     argument; every refused one exists too."""
-    for name in [*conventions.BY_CLASS, *conventions.AMBIGUOUS, *conventions.REFUSED]:
+    for name in [*timesteps.BY_CLASS, *timesteps.AMBIGUOUS, *timesteps.REFUSED]:
         cls = diffusers_class(name)
         assert cls is not None, f"{name} is not a diffusers class"
-        if name not in conventions.REFUSED:
-            assert conventions.timestep_parameter(cls) is not None, name
+        if name not in timesteps.REFUSED:
+            assert timesteps.timestep_parameter(cls) is not None, name
 
 
 def test_every_diffusers_class_with_a_timestep_is_classified_and_the_readme_lists_the_rest():
@@ -1397,7 +1397,7 @@ def test_every_diffusers_class_with_a_timestep_is_classified_and_the_readme_list
     import diffusers.models
     import diffusers.pipelines
 
-    classified = {*conventions.BY_CLASS, *conventions.AMBIGUOUS, *conventions.REFUSED}
+    classified = {*timesteps.BY_CLASS, *timesteps.AMBIGUOUS, *timesteps.REFUSED}
     unclassified = []
     for package in (diffusers.models, diffusers.pipelines):
         for name in sorted({n for names in package._import_structure.values() for n in names}):
@@ -1405,12 +1405,12 @@ def test_every_diffusers_class_with_a_timestep_is_classified_and_the_readme_list
             if not (isinstance(cls, type) and issubclass(cls, D.ModelMixin)):
                 continue
             params = list(inspect.signature(cls.forward).parameters)[1:]
-            if not any("time" in p or p in conventions.TIMESTEP_ARGS for p in params):
+            if not any("time" in p or p in timesteps.TIMESTEP_ARGS for p in params):
                 continue
             if not any(c.__name__ in classified for c in cls.__mro__):
                 unclassified.append(f"{name}({', '.join(params[:4])}, ...)")
     assert not unclassified, unclassified
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("## Timestep conventions")[1].split("\n## ")[0]
-    missing = [n for n in [*conventions.AMBIGUOUS, *conventions.REFUSED] if f"`{n}`" not in section]
+    missing = [n for n in [*timesteps.AMBIGUOUS, *timesteps.REFUSED] if f"`{n}`" not in section]
     assert not missing, f"README's timestep section does not list {missing}"

@@ -79,7 +79,8 @@ def calls(monkeypatch):
 
 
 def inference_folds(adapter) -> int:
-    return sum(len(layer._folded) for layer in adapter.layers.values())
+    cache = adapter.state.fold_cache
+    return sum(len(cache.folds_of(layer)) for layer in adapter.layers.values())
 
 
 def factored(fn):
@@ -442,6 +443,31 @@ def test_many_layers_over_budget_refold_only_the_overflow(calls):
         model(x, torch.tensor([500]))
     assert first == 10 and calls.fold - first == 2
     assert adapter.state.fold_cache.hits == 8
+
+
+def test_the_cache_owns_the_folds():
+    """Folds are the cache's, by layer and (rank, device, dtype): kept by `put` (under what they
+    depend on; None: untrackable, never kept), served by `get`, and gone at `drop`, or at `check`
+    when that dependency changed or the layer's factors no longer hold the values folded from."""
+    torch.manual_seed(0)
+    layer = inject(Holder()).layers["to_q"]
+    cache = tlora.layer.FoldCache()
+    key, other = (4, torch.device("cpu"), torch.float32), (2, torch.device("cpu"), torch.float32)
+    w = torch.ones(24, 32)
+    assert cache.put(layer, key, w, ("v",)) and cache.get(layer, key) is w and cache.get(layer, other) is None
+    assert not cache.put(layer, other, w, None) and cache.misses == 1
+    assert cache.folds_of(layer) == {key: w} and len(cache) == 1 and cache.nbytes == w.numel() * 4
+    cache.check(layer, ("v",), None)
+    assert cache.get(layer, key) is w  # the factors still hold the values folded from
+    layer.q.data.add_(1.0)  # a write no version counter sees
+    cache.check(layer, ("v",), None)
+    assert cache.folds_of(layer) == {} and len(cache) == 0 and cache.nbytes == 0
+    assert cache.put(layer, key, w, ("v",))
+    cache.check(layer, ("another weight",), None)
+    assert cache.get(layer, key) is None and cache.nbytes == 0
+    assert cache.put(layer, key, w, ("v",))
+    cache.drop(layer)
+    assert cache.folds_of(layer) == {} and cache.nbytes == 0 and cache.stores == 3
 
 
 def test_default_budget_is_per_device():

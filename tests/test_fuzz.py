@@ -369,7 +369,7 @@ def test_integers_too_long_for_python_name_the_file_and_field(tmp_path):
 # ---- where the factors go ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", ["cuda:7", "nonsense", "meta"])
+@pytest.mark.parametrize("device", ["cuda:7", "nonsense", "meta", "mps"])
 def test_load_refuses_a_device_before_reading_the_file(device, tmp_path, monkeypatch):
     if device == "cuda:7" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")

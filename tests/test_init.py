@@ -11,6 +11,7 @@ from torch import nn
 
 import tlora
 from tlora import _native
+from tlora.layer.ops import KERNEL_DEVICES
 
 OUT, IN, R = 24, 16, 4
 SEEDS = 400
@@ -168,6 +169,31 @@ def test_factors_come_out_on_the_cuda_layer():
     assert layer.p.device.type == layer.lam.device.type == layer.q.device.type == "cuda"
 
 
-def test_bad_device_names_are_refused():
-    with pytest.raises(ValueError, match="unsupported device"):
-        _native.orthogonal_init(OUT, IN, R, "last", 0, None, "tpu")
+@pytest.mark.parametrize("name", ["tpu", "mps", "meta", "cuda:x"])
+def test_bad_device_names_are_refused(name):
+    with pytest.raises(tlora.ConfigError, match=rf'unsupported device "{name}": tlora\'s kernels run on "cpu", "cuda"'):
+        _native.orthogonal_init(OUT, IN, R, "last", 0, None, name)
+
+
+def test_one_device_policy(monkeypatch):
+    """The kernels run on the CPU and CUDA devices, nowhere else (src/kernel `is_kernel_device`),
+    and every part follows that one rule: the device names the init takes (CUDA: see
+    test_factors_come_out_on_the_cuda_layer), the devices inject asks it for (others get CPU
+    factors, moved), and the tensors the kernels take."""
+    assert KERNEL_DEVICES == ("cpu", "cuda")
+    assert _native.orthogonal_init(OUT, IN, R, "last", 0, None, "cpu")[0].device.type == "cpu"
+    for name in ("mps", "meta", "xpu"):
+        assert torch.device(name).type not in KERNEL_DEVICES
+        with pytest.raises(tlora.ConfigError, match=f'unsupported device "{name}"'):
+            _native.orthogonal_init(OUT, IN, R, "last", 0, None, name)
+    # inject asks the init for the layer's device only where the kernels run; a model on the meta
+    # device gets its factors made on the CPU and moved there, and the kernels refuse them.
+    asked = []
+    init = _native.orthogonal_init
+    monkeypatch.setattr(_native, "orthogonal_init", lambda *a: asked.append(a[-1]) or init(*a))
+    tlora.inject(nn.Sequential(nn.Linear(IN, OUT)), rank=R, target_modules=r"0")
+    model = nn.Sequential(nn.Linear(IN, OUT, device="meta"))
+    layer = next(iter(tlora.inject(model, rank=R, target_modules=r"0").layers.values()))
+    assert asked == ["cpu", None] and layer.p.device.type == "meta"
+    with pytest.raises(tlora.ConfigError, match="on the meta device .* or on a device tlora's kernels do not support"):
+        _native.frozen_block(layer.p0, layer.lam0)

@@ -234,7 +234,7 @@ def test_export_default_is_full_rank_and_note_is_in_the_file(tmp_path):
     assert info["rank"] == R and "per-timestep ranks r(t) are lost" in info["note"]
     with pytest.raises(ValueError, match="timestep or rank, not both"):
         interop.export(path, tmp_path / "y.safetensors", timestep=10, rank=2)
-    with pytest.raises(ValueError, match=r"rank must be an integer in 1\.\.4"):
+    with pytest.raises(ValueError, match=r"rank 5 is outside 1\.\.4"):
         interop.export(path, tmp_path / "y.safetensors", rank=5)
 
 
@@ -251,7 +251,7 @@ def test_cli_export(tmp_path, capsys):
         load_file(str(out))[f"lora_unet_{next(iter(adapter.layers)).replace('.', '_')}.lora_down.weight"].shape[0] == 4
     )
     assert main(["export", "--adapter", str(path), "--format", "kohya", "--rank", "9", "--out", str(out)]) == 2
-    assert "rank must be an integer in 1..4" in capsys.readouterr().err
+    assert "rank 9 is outside 1..4" in capsys.readouterr().err
 
 
 # ---- import -----------------------------------------------------------------------------------

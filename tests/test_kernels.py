@@ -346,14 +346,14 @@ def test_rank_schedule_hand_values():
         (dict(timesteps=10, min_rank=9), "min_rank"),
         (dict(timesteps=10, min_rank=0), "min_rank"),
         (dict(timesteps=10, rank=0, min_rank=0), "rank must be >= 1"),
-        (dict(timesteps=10, exponent=0.0), "rank_exponent"),
-        (dict(timesteps=10, exponent=-1.0), "rank_exponent"),
-        (dict(timesteps=10, exponent=float("nan")), "rank_exponent"),
+        (dict(timesteps=10, rank_exponent=0.0), "rank_exponent"),
+        (dict(timesteps=10, rank_exponent=-1.0), "rank_exponent"),
+        (dict(timesteps=10, rank_exponent=float("nan")), "rank_exponent"),
         (dict(timesteps=10, num_train_timesteps=0), "num_train_timesteps"),
     ],
 )
 def test_rank_schedule_errors(kwargs, fragment):
-    args = dict(rank=8, min_rank=4, exponent=1.0, num_train_timesteps=1000)
+    args = dict(rank=8, min_rank=4, rank_exponent=1.0, num_train_timesteps=1000)
     args.update(kwargs)
     with pytest.raises(ValueError, match=fragment):
         tlora.rank_schedule(**args)

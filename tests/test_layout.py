@@ -21,7 +21,8 @@ LEVELS = {
     "quantized": 2,
     "images": 2,
     "tiny": 2,  # tiny models from configs, for tests and benchmarks
-    "layer.state": 3,
+    "layer.folds": 3,
+    "layer.ranks": 3,
     "layer.ops": 4,
     "layer.linear": 5,
     "layer": 6,
@@ -129,7 +130,7 @@ def test_the_graph_reader_sees_real_edges():
     assert {"layer", "factors", "config"} <= graph["adapter"]
     assert "foreign" in graph["io"] and "_native" in graph["io"]
     assert {"interop", "train"} <= graph["cli"]  # imported inside functions
-    assert "layer.linear" not in graph["layer.state"]  # under TYPE_CHECKING only
+    assert "layer.linear" not in graph["layer.folds"]  # under TYPE_CHECKING only
 
 
 def test_the_native_stub_matches_the_built_module():

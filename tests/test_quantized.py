@@ -214,7 +214,9 @@ def test_outputs_are_dequantised_base_plus_update(backend, saved_unet):
             update = x64 @ dense_update_f64(layer, k).T
             assert rel(y - own, update) < 1e-5, f"{backend} {name}: the update is not added onto the base output"
             assert rel(y, reference) < BASE_TOL[kind], f"{backend} {name}: {rel(y, reference):.2e}"
-            assert layer._folded == {}, "a quantized base must not be folded into a float weight"
+            assert adapter.state.fold_cache.folds_of(layer) == {}, (
+                "a quantized base must not be folded into a float weight"
+            )
     for h in hooks:
         h.remove()
     # The adapter is float32; nothing in the adapted layers holds a float copy of a base weight.

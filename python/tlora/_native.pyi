@@ -9,7 +9,9 @@ while they work.
 Factors are passed in the kernels' order, and their number says the variant: 6 tensors
 `(p, lam, q, p0, lam0, q0)` are T-LoRA (P: out x r, lam: r, Q: r x in, and their frozen initial
 copies), 2 tensors `(down, up)` are LoRA (down: r x in, up: out x r). Factors are float32 (float64
-in tests), all of one dtype and on one device, the CPU or a CUDA device.
+in tests), all of one dtype and on one device, the CPU or a CUDA device: the kernels run on those
+and nowhere else (`tlora.layer.ops.KERNEL_DEVICES`; tensors on MPS or meta and other device names
+are refused).
 
 Errors: every refusal of an input is a `tlora.errors.ConfigError` (a `ValueError`; "ValueError" in
 the docstrings below) whose message names the problem (libtorch's C++ stack trace cut off); a
@@ -26,17 +28,17 @@ import torch
 _Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 def rank_schedule(
-    timesteps: torch.Tensor, rank: int, min_rank: int, exponent: float, num_train_timesteps: int
+    timesteps: torch.Tensor, rank: int, min_rank: int, rank_exponent: float, num_train_timesteps: int
 ) -> torch.Tensor:
     """
-    The timestep-dependent rank r(t) = floor(((T - t) / T)^exponent * (rank - min_rank)) + min_rank,
+    The timestep-dependent rank r(t) = floor(((T - t) / T)^rank_exponent * (rank - min_rank)) + min_rank,
     so that r(0) = rank and r(T) = min_rank.
 
     Arguments:
         timesteps: Timesteps t in [0, T], any shape, any real dtype, on the CPU or a CUDA device.
         rank: The maximum rank r (at t = 0), >= 1.
         min_rank: The minimum rank (at t = T), in 1..=rank.
-        exponent: The schedule's exponent (1: linear), finite and > 0.
+        rank_exponent: The schedule's exponent (1: linear), finite and > 0.
         num_train_timesteps: T, an integer in 1..=10**9.
 
     Returns:
@@ -51,7 +53,7 @@ def orthogonal_init(
     out_features: int,
     in_features: int,
     rank: int,
-    component: str,
+    init: str,
     seed: int,
     weight: torch.Tensor | None = None,
     device: str | None = None,
@@ -70,17 +72,17 @@ def orthogonal_init(
         out_features: Rows of the random matrix.
         in_features: Columns of the random matrix.
         rank: How many triplets to keep, in 1..=min(out, in).
-        component: Which triplets: "principal" (largest singular values), "middle" or "last"
+        init: Which triplets: "principal" (largest singular values), "middle" or "last"
             (smallest: the paper's choice).
         seed: Seed of the random matrix (>= 0); torch's global generator is not touched.
         weight: A 2-D (out x in) matrix to decompose instead, any real dtype, CPU or CUDA.
-        device: Where the factors go: "cpu", "cuda", "cuda:N" or "mps"; None: the CPU.
+        device: Where the factors go: "cpu", "cuda" or "cuda:N"; None: the CPU.
 
     Returns:
         (P, lam, Q): P (out x rank), lam (rank,), Q (rank x in), float32 on `device`.
 
     Raises:
-        ValueError: If `component` or `device` is not one of the names above, `rank` is outside
+        ValueError: If `init` or `device` is not one of the names above, `rank` is outside
             1..=min(out, in), a shape is not positive, `weight` is not 2-D, has NaN or infinite
             entries, or has no data (meta device).
     """

@@ -12,13 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _native
-from . import factors as factor_rules
-from . import timesteps as conventions
-from .config import AdapterConfig, check_ranks, rank_limit_error
+from . import _native, factors, timesteps
+from .config import AdapterConfig, check_ranks, is_int, rank_limit_error
 from .errors import ConfigError, ModelMismatchError
 from .layer import RankState, TLoraLinear
-from .layer.state import ranks_of_levels
+from .layer.ops import KERNEL_DEVICES
+from .layer.ranks import ranks_of_levels
 from .quantized import adaptable_linear, dequantized_weight, describe
 from .targets import find_targets, linear_at
 
@@ -27,19 +26,19 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def rank_schedule(
-    timesteps, rank: int, min_rank: int, exponent: float = 1.0, num_train_timesteps: int = 1000
+    timesteps, rank: int, min_rank: int, rank_exponent: float = 1.0, num_train_timesteps: int = 1000
 ) -> torch.Tensor:
     """r(t) = floor(((T - t) / T)^a * (r - r_min)) + r_min for each timestep: an int64 CPU tensor
     (exact at every timestep: see src/schedule.rs)."""
     # Types here (a bool, a float rank or an integer past 64 bits is no setting); ranges in ranks.rs.
     ints = {"rank": rank, "min_rank": min_rank, "num_train_timesteps": num_train_timesteps}
     for name, value in ints.items():
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not -(2**63) <= value < 2**63:
+        if not is_int(value) or not -(2**63) <= value < 2**63:
             raise ConfigError(f"{name} must be an integer (64-bit), got {value!r}")
-    if isinstance(exponent, bool) or not isinstance(exponent, numbers.Real):
-        raise ConfigError(f"rank_exponent must be a finite number > 0, got {exponent!r}")
+    if isinstance(rank_exponent, bool) or not isinstance(rank_exponent, numbers.Real):
+        raise ConfigError(f"rank_exponent must be a finite number > 0, got {rank_exponent!r}")
     t = _timestep_tensor(timesteps)
-    return _native.rank_schedule(t, int(rank), int(min_rank), float(exponent), int(num_train_timesteps))
+    return _native.rank_schedule(t, int(rank), int(min_rank), float(rank_exponent), int(num_train_timesteps))
 
 
 def _timestep_tensor(timesteps: Any) -> torch.Tensor:
@@ -68,7 +67,7 @@ def inject(
     num_train_timesteps: int = 1000,
     timestep_scale: float | None = None,
     seed: int = 0,
-    timestep_convention: str | conventions.Mapping | None = None,
+    timestep_convention: str | timesteps.Mapping | None = None,
     fast_path: bool = True,
     fold_cache_bytes: int | None = None,
     host_ranks: bool | None = None,
@@ -116,7 +115,7 @@ def inject(
         num_train_timesteps=num_train_timesteps,
         timestep_scale=timestep_scale,
         seed=seed,
-        timestep_convention=conventions.resolve_name(model, timestep_convention, timestep_scale),
+        timestep_convention=timesteps.resolve_name(model, timestep_convention, timestep_scale),
     )
     options = {"fast_path": fast_path, "fold_cache_bytes": fold_cache_bytes, "host_ranks": host_ranks}
     for name, value in options.items():
@@ -131,7 +130,7 @@ def inject(
 _RUN_OPTIONS = {
     "fast_path": (lambda v: isinstance(v, bool), "True or False"),
     "fold_cache_bytes": (
-        lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+        lambda v: v is None or (is_int(v) and v >= 0),
         "None or an integer >= 0",
     ),
     "host_ranks": (lambda v: v is None or isinstance(v, bool), "None, True or False"),
@@ -150,7 +149,7 @@ def inject_config(
     config: AdapterConfig,
     module_names: Sequence[str] | None = None,
     factors: dict[str, dict[str, torch.Tensor]] | None = None,
-    timestep_fn: conventions.Mapping | None = None,
+    timestep_fn: timesteps.Mapping | None = None,
 ) -> Adapter:
     """`inject` from a config; `module_names` (exact paths) and `factors` (per module) are used by
     `tlora.load`; `timestep_fn` is the function behind a "custom" convention. Everything is checked
@@ -184,11 +183,11 @@ def inject_config(
     return Adapter(model, config, {n: (bases[n], built[n]) for n in names}, state, timestep_map)
 
 
-def _timestep_map(model: nn.Module, config: AdapterConfig, fn: conventions.Mapping | None) -> conventions.Mapping:
+def _timestep_map(model: nn.Module, config: AdapterConfig, fn: timesteps.Mapping | None) -> timesteps.Mapping:
     """The argument -> t function of `config` for `model` (files from before conventions: resolved
     from the class and timestep_scale, as inject does)."""
-    name = config.timestep_convention or conventions.resolve_name(model, None, config.timestep_scale)
-    return conventions.mapping(name, model, config.num_train_timesteps, config.timestep_scale, fn)
+    name = config.timestep_convention or timesteps.resolve_name(model, None, config.timestep_scale)
+    return timesteps.mapping(name, model, config.num_train_timesteps, config.timestep_scale, fn)
 
 
 def _module_seed(seed: int, name: str) -> int:
@@ -203,12 +202,13 @@ def _init_factors(base: nn.Linear, name: str, config: AdapterConfig) -> dict[str
         # (a quantized base's weight is dequantised for the SVD only, then dropped)
         weight = dequantized_weight(base) if config.init_from == "weight" else None
         # The random init draws the triplets from their law (no out x in matrix) and runs its QRs on
-        # the layer's device where that is CUDA; other devices get the CPU result moved over.
-        native_dev = str(dev) if dev.type in ("cpu", "cuda", "mps") else None
+        # the layer's device where that is CUDA; other devices (the kernels run on none of them: a
+        # meta model materialised later, say) get the CPU result moved over.
+        native_dev = str(dev) if dev.type in KERNEL_DEVICES else None
         p, lam, q = _native.orthogonal_init(out_f, in_f, r, config.init, seed, weight, native_dev)
         del weight
         p, lam, q = (t.to(dev) for t in (p, lam, q))
-        return dict(zip(factor_rules.TLORA, (p, lam, q, p.clone(), lam.clone(), q.clone())))
+        return dict(zip(factors.TLORA, (p, lam, q, p.clone(), lam.clone(), q.clone())))
     # LoRA init: A ~ N(0, 1/r^2) (as the reference code), B = 0, so the update starts at zero.
     down = _native.gaussian(r, in_f, 1.0 / r, seed).to(dev)
     return {"down": down, "up": torch.zeros(out_f, r, device=dev)}
@@ -224,7 +224,7 @@ class Adapter:
         config: AdapterConfig,
         parts: dict[str, tuple[nn.Linear, dict[str, torch.Tensor]]],
         state: RankState,
-        timestep_map: conventions.Mapping | None = None,
+        timestep_map: timesteps.Mapping | None = None,
     ):
         self.model = model
         self.config = config
@@ -235,8 +235,8 @@ class Adapter:
         # `<name>.base_layer`, and the files keep the plain name.
         self.layers: dict[str, TLoraLinear] = {}
         modules = dict(model.named_modules())
-        for name, (base, factors) in parts.items():
-            layer = TLoraLinear(base, config, state, {k: v.float() for k, v in factors.items()})
+        for name, (base, initial) in parts.items():
+            layer = TLoraLinear(base, config, state, {k: v.float() for k, v in initial.items()})
             path = linear_at(modules, name)[0]
             if path != name:  # inside a PEFT LoRA layer: its merge() writes our base weight
                 layer._peft_owner = weakref.ref(modules[name])
@@ -247,7 +247,7 @@ class Adapter:
             p.requires_grad_(id(p) in own)
         self._host_ranks: bool | None = None
         # (name, positional index) of the forward's timestep argument, from its signature.
-        self._timestep_arg = conventions.timestep_parameter(model)
+        self._timestep_arg = timesteps.timestep_parameter(model)
         self._ckpt_modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         self._hook = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         # (always_call: a forward that raises still ends, so later direct layer calls check their folds)
@@ -309,7 +309,7 @@ class Adapter:
     def timestep_scale(self) -> float | None:
         """The multiplier the timestep convention amounts to (None when it is not a multiplier)."""
         c = self.config
-        return conventions.scale_of(self.timestep_map.convention, c.num_train_timesteps, c.timestep_scale)
+        return timesteps.scale_of(self.timestep_map.convention, c.num_train_timesteps, c.timestep_scale)
 
     def noise_level(self, timesteps: Any) -> torch.Tensor:
         """The model's timestep argument mapped to the noise level t in 0..T, as tensor ops on

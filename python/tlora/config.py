@@ -28,7 +28,7 @@ SEED_RANGE = 2**63
 # context-stream projections of FLUX/SD3-style joint attention.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")
 
-# Which timestep argument each diffusers family passes: see timesteps.py (BY_CLASS, CONVENTIONS).
+# Which timestep argument each diffusers model class passes: see timesteps.py (BY_CLASS, CONVENTIONS).
 
 
 @dataclass
@@ -51,7 +51,7 @@ class AdapterConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not _is_int(self.rank) or self.rank < 1:
+        if not is_int(self.rank) or self.rank < 1:
             raise ConfigError(f"rank must be an integer >= 1, got {self.rank!r}")
         if self.rank > MAX_RANK:
             raise ConfigError(f"rank must be at most {MAX_RANK}, got {self.rank!r}")
@@ -60,7 +60,7 @@ class AdapterConfig:
         if self.min_rank is None:
             # The paper uses r_min = r / 2; plain LoRA has no mask.
             self.min_rank = self.rank if self.variant == "lora" else max(1, self.rank // 2)
-        if not _is_int(self.min_rank) or not 1 <= self.min_rank <= self.rank:
+        if not is_int(self.min_rank) or not 1 <= self.min_rank <= self.rank:
             raise ConfigError(f"min_rank must be an integer in 1..rank ({self.rank}), got {self.min_rank!r}")
         if self.variant == "lora" and self.min_rank != self.rank:
             raise ConfigError("variant 'lora' has no timestep mask: leave min_rank unset (or equal to rank)")
@@ -71,7 +71,7 @@ class AdapterConfig:
             raise ConfigError(f"unknown init_from {self.init_from!r}: choose one of {', '.join(INIT_SOURCES)}")
         if self.variant != "tlora" and (self.init, self.init_from) != ("last", "random"):
             raise ConfigError(f"init/init_from apply to variant 'tlora' only, not {self.variant!r}")
-        if not (_is_int(self.num_train_timesteps) and MIN_TIMESTEPS <= self.num_train_timesteps <= MAX_TIMESTEPS):
+        if not (is_int(self.num_train_timesteps) and MIN_TIMESTEPS <= self.num_train_timesteps <= MAX_TIMESTEPS):
             raise ConfigError(
                 f"num_train_timesteps must be an integer >= {MIN_TIMESTEPS} and <= {MAX_TIMESTEPS} (the scheduler's "
                 f"training steps, e.g. 1000, over which r(t) varies), got {self.num_train_timesteps!r}"
@@ -80,7 +80,7 @@ class AdapterConfig:
             _check_positive("timestep_scale", self.timestep_scale)
         if self.lora_alpha is not None:
             _check_positive("lora_alpha", self.lora_alpha)
-        if not _is_int(self.seed) or not -SEED_RANGE <= self.seed < SEED_RANGE:
+        if not is_int(self.seed) or not -SEED_RANGE <= self.seed < SEED_RANGE:
             raise ConfigError(f"seed must be an integer in -2**63..2**63-1, got {self.seed!r}")
         t = self.target_modules
         if (
@@ -127,8 +127,10 @@ class AdapterConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _is_int(value: Any) -> bool:
-    """An integer that is not a bool (True is an int in Python, never a rank)."""
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (True is an int in Python, never a rank or a count): the one
+    test of "an integer" for settings, JSON fields and arguments (numpy integers pass; a JSON
+    integer always does)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -138,17 +140,22 @@ def _check_positive(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be > 0 and finite, got {value!r}")
 
 
+def check_rank(k: Any, rank: int) -> int:
+    """`k` as an int if it is a rank of a rank-`rank` adapter (an integer in 1..rank), else a
+    ConfigError: the Python side's one rule for a rank asked of an adapter (`adapter.rank(...)`,
+    the kernels' functional form, `interop.export(rank=...)`; Rust's is `ranks::check_rank_in`)."""
+    if not is_int(k):
+        raise ConfigError(f"rank {k!r} is not an integer: ranks are integers in 1..{rank}")
+    if not 1 <= k <= rank:
+        raise ConfigError(f"rank {k} is outside 1..{rank}")
+    return int(k)
+
+
 def check_ranks(ranks: Sequence[Any], rank: int) -> list[int]:
-    """`ranks` (one, or one per sample) as ints if each is in 1..rank, else a ConfigError: the one
-    check of ranks chosen by hand (`adapter.rank(...)`, the kernels' functional form)."""
+    """`ranks` (one, or one per sample), each checked by `check_rank`, as ints."""
     if len(ranks) == 0:
         raise ConfigError("ranks must not be empty")
-    for k in ranks:
-        if not _is_int(k):
-            raise ConfigError(f"rank {k!r} is not an integer: ranks are integers in 1..{rank}")
-        if not 1 <= k <= rank:
-            raise ConfigError(f"rank {k} is outside 1..{rank}")
-    return [int(k) for k in ranks]
+    return [check_rank(k, rank) for k in ranks]
 
 
 def rank_limit_error(rank: int, out_features: int, in_features: int, module: str) -> str | None:
@@ -162,7 +169,7 @@ def rank_limit_error(rank: int, out_features: int, in_features: int, module: str
 
 def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     """`value` if it is an integer (not a bool) in lo..hi, else a ConfigError naming `name`."""
-    if not _is_int(value) or value < lo or (hi is not None and value > hi):
+    if not is_int(value) or value < lo or (hi is not None and value > hi):
         bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
         raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
     return int(value)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import factors as factor_rules
+from . import factors
 from .config import AdapterConfig, rank_limit_error
 from .errors import AdapterFileError, ConfigError, ModelMismatchError
 from .targets import linear_at
@@ -159,7 +159,7 @@ def read_foreign(
             f"{path} ({source}): the rank settings from the arguments and the file's metadata "
             f"do not form a valid adapter: {e}",
         ) from None
-    keys = factor_rules.names(variant)
+    keys = factors.names(variant)
     return config, {name: {k: modules[name][k].float().contiguous() for k in keys} for name in names}
 
 
@@ -251,7 +251,7 @@ def _check_foreign_tensors(path: Path, source: str, modules: dict[str, dict[str,
                     f"{path} ({source}): module {name!r} has factor {k} of shape "
                     f"{tuple(t.shape)}; it must be {want} and not empty",
                 )
-            f[k] = factor_rules.checked(path, f"{name}.{k}", t)
+            f[k] = factors.checked(path, f"{name}.{k}", t)
 
 
 def _variant_of(path: Path, modules: dict[str, dict[str, torch.Tensor]], source: str) -> str:
@@ -259,13 +259,13 @@ def _variant_of(path: Path, modules: dict[str, dict[str, torch.Tensor]], source:
     for name, f in modules.items():
         if {"p", "lam", "q"} <= f.keys():
             variants.add("tlora")
-            partial = [k for k in factor_rules.FROZEN if k in f]
+            partial = [k for k in factors.FROZEN if k in f]
             if partial and len(partial) != 3:
-                missing = sorted(set(factor_rules.FROZEN) - set(partial))
+                missing = sorted(set(factors.FROZEN) - set(partial))
                 raise AdapterFileError(
                     path, f"{path} ({source}): module {name!r} has only some frozen base copies (missing {missing})"
                 )
-            extra = set(f) - set(factor_rules.TLORA)
+            extra = set(f) - set(factors.TLORA)
         elif {"down", "up"} <= f.keys():
             variants.add("vanilla")  # LoRA factors with the timestep mask, as the reference code's "lora"
             extra = set(f) - {"down", "up"}
@@ -290,7 +290,7 @@ def _check_factors(path: Path, name: str, f: dict[str, torch.Tensor], variant: s
             f[k] = f[k].reshape(-1)
     r = f["q"].shape[0] if variant == "tlora" else f["down"].shape[0]
     for k, t in f.items():
-        expected = factor_rules.shape(k, r, out_f, in_f)
+        expected = factors.shape(k, r, out_f, in_f)
         if tuple(t.shape) != expected:
             raise AdapterFileError(
                 path,

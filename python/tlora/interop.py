@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import factors as factor_rules
+from . import factors
 from .adapter import Adapter, adapter_of, rank_schedule
 from .atomic import write_atomic, write_folder
-from .config import AdapterConfig, check_float
+from .config import AdapterConfig, check_float, check_rank
 from .errors import ConfigError, TloraError
 from .io import load, read_adapter, save, write_tensors
 
@@ -112,8 +112,8 @@ def export(
     names = sorted({key.rsplit(".", 1)[0] for key in tensors})
     if format == "kohya":
         _check_kohya_names(names)
-    factors = {name: _bake(tensors, name, config, k) for name in names}
-    lora_rank = next(iter(factors.values()))[0].shape[0]
+    baked = {name: _bake(tensors, name, config, k) for name in names}
+    lora_rank = next(iter(baked.values()))[0].shape[0]
     note = (
         LOSS_NOTE.format(k=k, r=config.rank)
         if config.masked
@@ -132,14 +132,12 @@ def export(
     config_path = None
 
     if format == "diffusers":
-        items = [
-            (f"{prefix}.{n}.lora_{ab}.weight", t) for n, (a, b) in factors.items() for ab, t in (("A", a), ("B", b))
-        ]
+        items = [(f"{prefix}.{n}.lora_{ab}.weight", t) for n, (a, b) in baked.items() for ab, t in (("A", a), ("B", b))]
         write_tensors(out, items, meta)
     elif format == "peft":
         items = [
             (f"base_model.model.{n}.lora_{ab}.weight", t)
-            for n, (a, b) in factors.items()
+            for n, (a, b) in baked.items()
             for ab, t in (("A", a), ("B", b))
         ]
         peft_config = {
@@ -168,7 +166,7 @@ def export(
         out, config_path = out / PEFT_WEIGHTS, out / PEFT_CONFIG
     else:  # kohya
         items = []
-        for n, (a, b) in factors.items():
+        for n, (a, b) in baked.items():
             key = "lora_unet_" + n.replace(".", "_")
             items += [
                 (f"{key}.lora_down.weight", a),
@@ -229,7 +227,7 @@ def _export_source(source) -> tuple[dict[str, torch.Tensor], AdapterConfig, str]
             raise TloraError(f"{type(source).__name__} has no tlora adapter to export")
         source = adapter
     if isinstance(source, Adapter):
-        tensors = {k: factor_rules.checked(None, k, v.detach().float().cpu()) for k, v in source.state_dict().items()}
+        tensors = {k: factors.checked(None, k, v.detach().float().cpu()) for k, v in source.state_dict().items()}
         return tensors, source.config, type(source.model).__name__
     if not isinstance(source, (str, os.PathLike)):
         raise ConfigError(
@@ -244,8 +242,7 @@ def _export_rank(config: AdapterConfig, timestep: float | None, rank: int | None
         raise ConfigError("give timestep or rank, not both")
     r = config.rank
     if rank is not None:
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= r:
-            raise ConfigError(f"rank must be an integer in 1..{r} (the adapter's rank), got {rank!r}")
+        rank = check_rank(rank, r)
         if not config.masked and rank != r:
             raise ConfigError(f"variant 'lora' has no timestep ranks: it always uses all {r} ranks; leave rank unset")
         return rank
@@ -268,7 +265,7 @@ def _bake(
     """(A, B) of module `name` at rank k: the LoRA with B @ A = the adapter's update, scale included."""
     s = config.scale
     if config.variant == "tlora":
-        p, lam, q, p0, lam0, q0 = (tensors[f"{name}.{f}"].double() for f in factor_rules.TLORA)
+        p, lam, q, p0, lam0, q0 = (tensors[f"{name}.{f}"].double() for f in factors.TLORA)
         frozen = p0[:, :k] * lam0[:k]
         blocks = [(q[:k], s * (p[:, :k] * lam[:k] - frozen)), (q[:k] - q0[:k], s * frozen)]
         # Balance each block's magnitudes (A c, B / c: the same product) so that neither factor's

@@ -38,13 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _native
-from . import factors as factor_rules
+from . import _native, factors
 from .adapter import Adapter, adapter_of, inject_config
 from .atomic import prepare_target
-from .config import AdapterConfig, rank_limit_error
+from .config import AdapterConfig, is_int, rank_limit_error
 from .errors import AdapterFileError, ConfigError, InputError, MissingFileError, ModelMismatchError, TloraError
 from .foreign import read_foreign
+from .layer.ops import KERNEL_DEVICES
 from .quantized import adaptable_linear, describe
 from .targets import linear_at
 
@@ -69,7 +69,7 @@ def save(model_or_adapter: nn.Module | Adapter, path: str | os.PathLike, extra: 
     c = adapter.config
     tensors = [(k, v.detach().float().cpu().contiguous()) for k, v in adapter.state_dict().items()]
     for k, t in tensors:
-        bad = factor_rules.bad_values(t)
+        bad = factors.bad_values(t)
         if bad:
             raise TloraError(f"cannot save {path}: adapter factor {k} has {bad} (a diverged training run?)")
     meta = {
@@ -235,7 +235,7 @@ def parse_header(path: Path, text: str) -> AdapterHeader:
     if "format_version" not in meta:
         fail("format_version", "missing: this is not a tlora adapter description")
     version = meta["format_version"]
-    if not _is_int(version):
+    if not is_int(version):
         fail("format_version", f"must be an integer, got {version!r}")
     if version != FORMAT_VERSION:
         raise AdapterFileError(
@@ -267,7 +267,7 @@ def parse_header(path: Path, text: str) -> AdapterHeader:
     for name, shape in meta["modules"].items():
         if not name:
             fail("modules", "has an empty module name")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(v) and v >= 1 for v in shape)):
+        if not (isinstance(shape, list) and len(shape) == 2 and all(is_int(v) and v >= 1 for v in shape)):
             fail(f"modules[{name!r}]", f"must be [out_features, in_features] (two integers >= 1), got {shape!r}")
         out_f, in_f = shape
         too_large = rank_limit_error(config.rank, out_f, in_f, name)
@@ -366,13 +366,13 @@ def _diffusers_submodule_names(class_name: str) -> frozenset[str] | None:
 def _check_tensors(header: AdapterHeader, raw: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     path, config = header.path, header.config
     tensors = dict(raw)
-    keys = factor_rules.names(config.variant)
+    keys = factors.names(config.variant)
     checked: dict[str, torch.Tensor] = {}
     for name, (out_f, in_f) in header.modules.items():
         for k in keys:
             key = f"{name}.{k}"
             t = tensors.pop(key, None)
-            expected = factor_rules.shape(k, config.rank, out_f, in_f)
+            expected = factors.shape(k, config.rank, out_f, in_f)
             if t is None or tuple(t.shape) != expected:
                 got = "missing" if t is None else f"shape {tuple(t.shape)}"
                 raise AdapterFileError(path, f"tensor {key} is {got}, expected shape {expected}")
@@ -393,7 +393,7 @@ def _check_tensors(header: AdapterHeader, raw: list[tuple[str, torch.Tensor]]) -
             "corrupted (or was edited); re-save or re-download it",
             field="checksum",
         )
-    return {key: factor_rules.checked(path, key, t) for key, t in checked.items()}
+    return {key: factors.checked(path, key, t) for key, t in checked.items()}
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -437,7 +437,7 @@ def load(
     options = {"min_rank": min_rank, "rank_exponent": rank_exponent, "num_train_timesteps": num_train_timesteps}
     modules = dict(model.named_modules())
     if METADATA_KEY not in raw[1]:
-        config, factors = read_foreign(model, modules, path, *raw, reconstruct_base=reconstruct_base, **options)
+        config, per_module = read_foreign(model, modules, path, *raw, reconstruct_base=reconstruct_base, **options)
     else:
         given = [k for k, v in options.items() if v is not None] + (["reconstruct_base"] if reconstruct_base else [])
         if given:
@@ -445,29 +445,37 @@ def load(
                 f"{', '.join(given)}: these settings are for other tools' T-LoRA files; {path} is a "
                 "tlora adapter, which records its own: leave them out"
             )
-        config, factors = _read_for(model, modules, path, raw)
+        config, per_module = _read_for(model, modules, path, raw)
     placed = {
         name: {
             k: t.to(device if device is not None else linear_at(modules, name)[1].weight.device) for k, t in f.items()
         }
-        for name, f in factors.items()
+        for name, f in per_module.items()
     }
     return inject_config(model, config, module_names=list(placed), factors=placed)
 
 
 def _check_device(path: Path, device: Any) -> None:
-    """Refuse a device the factors cannot be put on, before the file is read: allocate nothing
-    on it, as the load's `.to(device)` would."""
+    """Refuse a device the factors cannot be put on, before the file is read: one the kernels do
+    not run on (layer.ops.KERNEL_DEVICES), or one this machine lacks (allocate nothing on it, as
+    the load's `.to(device)` would)."""
     try:
-        placed = torch.empty(0, device=device)
+        kind = torch.device(device).type
+        if kind in KERNEL_DEVICES:
+            torch.empty(0, device=device)
     except (RuntimeError, AssertionError, TypeError, ValueError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(
             f"cannot load {path} onto device {str(device)!r}: {why}; pass device='cpu', a device this machine "
             "has, or None (each base layer's own device)"
         ) from None
-    if placed.device.type == "meta":
+    if kind == "meta":
         raise InputError(f"cannot load {path} onto device 'meta': meta tensors hold no values; use a real device")
+    if kind not in KERNEL_DEVICES:
+        raise InputError(
+            f"cannot load {path} onto device {str(device)!r}: tlora's kernels run on the CPU and CUDA devices "
+            "only; pass device='cpu', 'cuda' or 'cuda:N', or None (each base layer's own device)"
+        )
 
 
 def _read_for(
@@ -491,12 +499,8 @@ def _read_for(
                 )
 
     f = read_adapter(path, before_tensors=fits_model, raw=raw)
-    keys = factor_rules.names(f.config.variant)
+    keys = factors.names(f.config.variant)
     return f.config, {name: {k: f.tensors[f"{name}.{k}"] for k in keys} for name in f.modules}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _finite_positive(value: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Timestep conventions: what each diffusers family passes as its denoiser's `timestep` argument,
+"""Timestep conventions: what each diffusers model class is passed as its `timestep` argument,
 and how T-LoRA turns that argument into the noise level t in 0..T (T = num_train_timesteps) that
 the rank schedule r(t) is defined on.
 
@@ -10,7 +10,7 @@ within ROUNDING_SLACK of it (further out is left for the rank schedule's range c
     from tlora.timesteps import convention_for
     tlora.inject(pipe.unet, timestep_convention=convention_for(pipe))   # EDM schedulers etc.
     tlora.inject(model, timestep_convention=lambda a: 1000 * (1 - a))     # your own mapping
-    tlora.timesteps.register("my_family", fn)                            # a named one, storable
+    tlora.timesteps.register("my_model", fn)                             # a named one, storable
 
 Named conventions (`CONVENTIONS`):
 - "timesteps": the argument is t itself (DDPM-style 0..999, or flow matching's sigma * T).
@@ -42,7 +42,7 @@ returned. A single t for the whole batch is not guessed from a 0-d result: broad
 `.mean()`, a reduction) is caught instead of running every sample at one rank.
 
 Which argument of the denoiser's `forward` is the timestep is read from its signature
-(`timestep_parameter`): `timestep`, `timesteps`, or the names some families use (Z-Image `t`,
+(`timestep_parameter`): `timestep`, `timesteps`, or the names some models use (Z-Image `t`,
 Stable Cascade `timestep_ratio`, T5FilmDecoder `decoder_noise_time`, Wuerstchen `r`).
 """
 
@@ -156,10 +156,10 @@ def known_names() -> list[str]:
     return [*CONVENTIONS, "scale", *_USER]
 
 
-# ---- which family passes what (diffusers 0.42, read from each pipeline's denoising loop) -------
+# ---- which model class is passed what (diffusers 0.42, read from each pipeline's denoising loop) -
 
 BY_CLASS: dict[str, str] = {
-    # DDPM/DDIM-family UNets and DiTs: the scheduler's integer-valued t (0..999).
+    # UNets and DiTs of DDPM/DDIM schedules: the scheduler's integer-valued t (0..999).
     **dict.fromkeys(
         (
             "UNet2DConditionModel",

@@ -9,7 +9,7 @@
 //! delta(x) = ((x D^T) * M) U^T        D: w x in,  U: out x w,  M: (B or 1) x w  (scale in M)
 //! ```
 //!
-//! - `Ortho` (T-LoRA). The update P diag(lam m) Q - P0 diag(lam0 m) Q0 is a difference of two
+//! - `TLora` (variant "tlora"). The update P diag(lam m) Q - P0 diag(lam0 m) Q0 is a difference of two
 //!   nearly equal products (P, lam, Q start as copies of P0, lam0, Q0 and move little). Computed
 //!   as written, half precision rounds each product to 2^-8 of its size and the difference is
 //!   lost. The same update is written with small factors only ("difference form"):
@@ -21,7 +21,7 @@
 //!
 //!   The two small factors (P L - P0 L0 and Q0 - Q) are formed in float32 and rounded once to
 //!   the compute dtype, so each of the two products is accurate relative to its own (small) size.
-//! - `Plain` (Vanilla T-LoRA and LoRA): D = A, U = B, M = m * scale.
+//! - `LoRA` (variants "vanilla" and "lora"): D = A, U = B, M = m * scale.
 //!
 //! The operands are built once per call, either fresh (`Scratch` absent: pure, what torch.compile
 //! traces) or written into two buffers that the layer keeps for each compute dtype (no per-call
@@ -36,16 +36,18 @@ use crate::ranks;
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 
-/// The adapter factors of one layer, all float32 (float64 in tests), on one device.
+/// The adapter factors of one layer, all float32 (float64 in tests), on one device. The variants
+/// are named as the Python side names the factor sets (`tlora.factors.TLORA` and `LORA`).
 pub enum Factors<'a> {
-    /// T-LoRA / Ortho-LoRA: trainable P (out x r), lam (r), Q (r x in) and their frozen initial copies.
-    Ortho { p: &'a Tensor, lam: &'a Tensor, q: &'a Tensor, p0: &'a Tensor, lam0: &'a Tensor, q0: &'a Tensor },
-    /// LoRA / Vanilla T-LoRA: down A (r x in), up B (out x r).
-    Plain { down: &'a Tensor, up: &'a Tensor },
+    /// Variant "tlora" (T-LoRA, and Ortho-LoRA without a mask): trainable P (out x r), lam (r), Q
+    /// (r x in) and their frozen initial copies.
+    TLora { p: &'a Tensor, lam: &'a Tensor, q: &'a Tensor, p0: &'a Tensor, lam0: &'a Tensor, q0: &'a Tensor },
+    /// Variants "vanilla" (Vanilla T-LoRA) and "lora": down A (r x in), up B (out x r).
+    LoRA { down: &'a Tensor, up: &'a Tensor },
 }
 
 /// Gradients for the input and the trainable factors (`None` where not asked for).
-/// For `Ortho` the factor gradients are (P, lam, Q); for `Plain` (down, up) and a `None`.
+/// For `TLora` the factor gradients are (P, lam, Q); for `LoRA` (down, up) and a `None`.
 pub struct Grads {
     pub input: Option<Tensor>,
     pub factors: [Option<Tensor>; 3],
@@ -56,8 +58,8 @@ impl<'a> Factors<'a> {
     /// up) is LoRA. The only place that tells the variants apart by count.
     pub fn from_slice(tensors: &'a [Tensor]) -> Result<Self> {
         match tensors {
-            [p, lam, q, p0, lam0, q0] => Ok(Factors::Ortho { p, lam, q, p0, lam0, q0 }),
-            [down, up] => Ok(Factors::Plain { down, up }),
+            [p, lam, q, p0, lam0, q0] => Ok(Factors::TLora { p, lam, q, p0, lam0, q0 }),
+            [down, up] => Ok(Factors::LoRA { down, up }),
             other => bail!("expected 6 factors (p, lam, q, p0, lam0, q0) or 2 (down, up), got {}", other.len()),
         }
     }
@@ -66,7 +68,7 @@ impl<'a> Factors<'a> {
     /// the others.
     pub fn dims(&self) -> Result<(i64, i64, i64)> {
         let (r, in_f, out_f, all) = match self {
-            Factors::Ortho { p, lam, q, p0, lam0, q0 } => {
+            Factors::TLora { p, lam, q, p0, lam0, q0 } => {
                 let (ps, qs) = (p.size(), q.size());
                 ensure!(ps.len() == 2 && qs.len() == 2, "P and Q must be 2-D, got {ps:?} and {qs:?}");
                 let (out_f, r, in_f) = (ps[0], ps[1], qs[1]);
@@ -77,7 +79,7 @@ impl<'a> Factors<'a> {
                 ensure!(lam0.size() == [r], "lam0 must have shape [{r}], got {:?}", lam0.size());
                 (r, in_f, out_f, vec![*p, *lam, *q, *p0, *lam0, *q0])
             }
-            Factors::Plain { down, up } => {
+            Factors::LoRA { down, up } => {
                 let (ds, us) = (down.size(), up.size());
                 ensure!(ds.len() == 2 && us.len() == 2, "down and up must be 2-D, got {ds:?} and {us:?}");
                 ensure!(ds[0] == us[1], "down has {} rows but up has {} columns", ds[0], us[1]);
@@ -99,34 +101,78 @@ impl<'a> Factors<'a> {
     pub fn width(&self) -> Result<i64> {
         let (r, _, _) = self.dims()?;
         Ok(match self {
-            Factors::Ortho { .. } => 2 * r,
-            Factors::Plain { .. } => r,
+            Factors::TLora { .. } => 2 * r,
+            Factors::LoRA { .. } => r,
         })
     }
 
     fn first(&self) -> &Tensor {
         match self {
-            Factors::Ortho { p, .. } => p,
-            Factors::Plain { down, .. } => down,
+            Factors::TLora { p, .. } => p,
+            Factors::LoRA { down, .. } => down,
         }
     }
 }
 
-/// Refuses tensors without data (meta) and layouts the kernels do not handle, by name.
+/// The device policy, stated once: tlora's kernels run on the CPU and on CUDA devices, nowhere
+/// else (no MPS, no meta tensors). [`check_device`] refuses tensors elsewhere and [`parse_device`]
+/// the names of other devices; the Python side follows the same rule (`tlora.layer.ops.KERNEL_DEVICES`).
+pub fn is_kernel_device(device: Device) -> bool {
+    matches!(device, Device::Cpu | Device::Cuda(_))
+}
+
+/// Refuses tensors without data (meta) and devices the kernels do not run on, by name.
 pub fn check_device(t: &Tensor, what: &str) -> Result<()> {
     // libtorch's meta device reaches tch as `Mps` (tch knows no meta device); tlora runs on
     // neither, so both are refused by name.
     ensure!(
-        matches!(t.device(), Device::Cpu | Device::Cuda(_)),
+        is_kernel_device(t.device()),
         "{what} is on the meta device (no data) or on a device tlora's kernels do not support: materialise the model \
          (to_empty / load its weights) on the CPU or a CUDA device first"
     );
     Ok(())
 }
 
+/// `cpu`, `cuda` or `cuda:N` (what `str(torch.device)` gives) as a tch device: the devices of
+/// [`is_kernel_device`], any other name refused.
+pub fn parse_device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(index)) => Device::Cuda(index),
+            _ => bail!("unsupported device {other:?}: tlora's kernels run on \"cpu\", \"cuda\" or \"cuda:N\" only"),
+        },
+    })
+}
+
+/// The compute dtypes, as users name them (`torch.float32` ...) and as tch does.
+const COMPUTE_KINDS: [(&str, Kind); 4] =
+    [("float32", Kind::Float), ("float16", Kind::Half), ("bfloat16", Kind::BFloat16), ("float64", Kind::Double)];
+
 /// Whether `kind` is a floating dtype the kernels compute in.
 pub fn is_compute_kind(kind: Kind) -> bool {
-    matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double)
+    COMPUTE_KINDS.iter().any(|&(_, k)| k == kind)
+}
+
+/// The one refusal of a dtype the kernels do not compute in: `what` (e.g. "input dtype") and the
+/// dtype as given.
+fn unsupported_dtype(what: &str, dtype: &dyn std::fmt::Debug) -> anyhow::Error {
+    anyhow::anyhow!("{what} {dtype:?} is not supported: use float32, float16, bfloat16 or float64")
+}
+
+/// Refuses a dtype the kernels do not compute in, naming `what` (e.g. "input dtype").
+pub fn check_compute_kind(kind: Kind, what: &str) -> Result<()> {
+    if is_compute_kind(kind) {
+        Ok(())
+    } else {
+        Err(unsupported_dtype(what, &kind))
+    }
+}
+
+/// The compute dtype named `name` ("float32", "float16", "bfloat16" or "float64").
+pub fn compute_kind(name: &str) -> Result<Kind> {
+    COMPUTE_KINDS.iter().find(|&&(n, _)| n == name).map(|&(_, k)| k).ok_or_else(|| unsupported_dtype("compute dtype", &name))
 }
 
 /// P0 diag(lam0) (out x r), which the layer caches until P0 or lam0 change: U's frozen block is
@@ -160,9 +206,9 @@ pub fn lowrank_operands(f: &Factors, frozen: Option<&Tensor>, kind: Kind, scratc
     // Operands are data for the kernels, which differentiate by hand: no autograd graph.
     let _no_grad = tch::no_grad_guard();
     let (r, in_f, out_f) = f.dims()?;
-    ensure!(is_compute_kind(kind), "compute dtype {kind:?} is not supported: use float32, float16, bfloat16 or float64");
+    check_compute_kind(kind, "compute dtype")?;
     match f {
-        Factors::Ortho { p, lam, q, p0, lam0, q0 } => {
+        Factors::TLora { p, lam, q, p0, lam0, q0 } => {
             let owned;
             let nf = match frozen {
                 Some(n) => {
@@ -208,7 +254,7 @@ pub fn lowrank_operands(f: &Factors, frozen: Option<&Tensor>, kind: Kind, scratc
                 }
             }
         }
-        Factors::Plain { down, up } => {
+        Factors::LoRA { down, up } => {
             ensure!(scratch.is_none(), "LoRA factors need no operand buffers");
             Ok(Operands { d: cast(down, kind)?, u: cast(up, kind)? })
         }
@@ -222,7 +268,7 @@ fn cast(t: &Tensor, kind: Kind) -> Result<Tensor> {
 
 fn check_input(x: &Tensor, ops: &Operands, in_f: i64) -> Result<()> {
     check_device(x, "the input")?;
-    ensure!(is_compute_kind(x.kind()), "input dtype {:?} is not supported: use float32, float16, bfloat16 or float64", x.kind());
+    check_compute_kind(x.kind(), "input dtype")?;
     ensure!(
         ops.d.device() == x.device(),
         "the adapter is on {:?} but the input is on {:?}: move the model after inject, or inject after moving it",
@@ -337,8 +383,8 @@ pub fn lowrank_backward(
     let x2 = x.f_reshape([rows, in_f])?;
     let h2 = h.f_reshape([rows, w])?;
     let (trains_d, trains_u) = match f {
-        Factors::Ortho { .. } => (needs[3], needs[1] || needs[2]),
-        Factors::Plain { .. } => (needs[1], needs[2]),
+        Factors::TLora { .. } => (needs[3], needs[1] || needs[2]),
+        Factors::LoRA { .. } => (needs[1], needs[2]),
     };
     // dL/dh, masked (in x's shape, so that a per-sample mask broadcasts over the tokens): feeds
     // the input's gradient and D's.
@@ -357,7 +403,7 @@ pub fn lowrank_backward(
     };
     let mut factors: [Option<Tensor>; 3] = [None, None, None];
     match f {
-        Factors::Ortho { p, lam, .. } => {
+        Factors::TLora { p, lam, .. } => {
             if trains_u {
                 // U's trainable block is P diag(lam) - P0 diag(lam0): G = grad^T h over it gives
                 // dP = G diag(lam) and dlam_j = sum_o P_oj G_oj (scale and mask are in h).
@@ -379,7 +425,7 @@ pub fn lowrank_backward(
                 factors[2] = Some(gq.f_tr()?.f_mm(&x2)?);
             }
         }
-        Factors::Plain { .. } => {
+        Factors::LoRA { .. } => {
             if needs[1] {
                 factors[0] = Some(gh.as_ref().unwrap().f_reshape([rows, w])?.f_tr()?.f_mm(&x2)?);
             }
@@ -405,11 +451,11 @@ pub fn dense_update(f: &Factors, rank: Option<i64>, scale: f64) -> Result<Tensor
 fn narrow_ops(f: &Factors, ops: &Operands, k: i64) -> Result<(Tensor, Tensor)> {
     let (r, _, _) = f.dims()?;
     Ok(match f {
-        Factors::Ortho { .. } => (
+        Factors::TLora { .. } => (
             Tensor::f_cat(&[ops.d.f_narrow(0, 0, k)?, ops.d.f_narrow(0, r, k)?], 0)?,
             Tensor::f_cat(&[ops.u.f_narrow(1, 0, k)?, ops.u.f_narrow(1, r, k)?], 1)?,
         ),
-        Factors::Plain { .. } => (ops.d.f_narrow(0, 0, k)?, ops.u.f_narrow(1, 0, k)?),
+        Factors::LoRA { .. } => (ops.d.f_narrow(0, 0, k)?, ops.u.f_narrow(1, 0, k)?),
     })
 }
 
@@ -422,7 +468,7 @@ pub fn fold_weight(weight: &Tensor, f: &Factors, rank: Option<i64>, scale: f64) 
     check_device(weight, "the base weight")?;
     ensure!(weight.size() == [out_f, in_f], "weight has shape {:?}, expected [{out_f}, {in_f}]", weight.size());
     ensure!(weight.device() == f.first().device(), "the weight is on {:?} but the adapter is on {:?}", weight.device(), f.first().device());
-    ensure!(is_compute_kind(weight.kind()), "weight dtype {:?} cannot be folded into", weight.kind());
+    check_compute_kind(weight.kind(), "weight dtype")?;
     let kind = if weight.kind() == Kind::Double || f.first().kind() == Kind::Double { Kind::Double } else { Kind::Float };
     let ops = lowrank_operands(f, None, kind, None)?;
     let (d, u) = narrow_ops(f, &ops, k)?;

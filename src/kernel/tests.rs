@@ -18,7 +18,7 @@ fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
 
 /// T-LoRA weights where the trainable copy has moved away from the frozen one by `drift`
 /// (relative), in `kind`.
-struct Ortho {
+struct TLoraWeights {
     p: Tensor,
     lam: Tensor,
     q: Tensor,
@@ -27,11 +27,11 @@ struct Ortho {
     q0: Tensor,
 }
 
-impl Ortho {
+impl TLoraWeights {
     fn new(out_f: i64, in_f: i64, r: i64, seed: i64, drift: f64, kind: Kind) -> Self {
         let (p0, lam0, q0) = (seeded(&[out_f, r], seed + 3), seeded(&[r], seed + 4), seeded(&[r, in_f], seed + 5));
         let moved = |t: &Tensor, s: i64| t * (seeded(&t.size(), s) * drift + 1.0);
-        Ortho {
+        TLoraWeights {
             p: moved(&p0, seed).to_kind(kind),
             lam: moved(&lam0, seed + 1).to_kind(kind),
             q: moved(&q0, seed + 2).to_kind(kind),
@@ -41,13 +41,13 @@ impl Ortho {
         }
     }
     fn factors(&self) -> Factors<'_> {
-        Factors::Ortho { p: &self.p, lam: &self.lam, q: &self.q, p0: &self.p0, lam0: &self.lam0, q0: &self.q0 }
+        Factors::TLora { p: &self.p, lam: &self.lam, q: &self.q, p0: &self.p0, lam0: &self.lam0, q0: &self.q0 }
     }
     /// The same weights in another dtype (drawing them again could interleave with other test
     /// threads' use of libtorch's global generator).
     fn cast(&self, kind: Kind) -> Self {
         let c = |t: &Tensor| t.to_kind(kind);
-        Ortho { p: c(&self.p), lam: c(&self.lam), q: c(&self.q), p0: c(&self.p0), lam0: c(&self.lam0), q0: c(&self.q0) }
+        TLoraWeights { p: c(&self.p), lam: c(&self.lam), q: c(&self.q), p0: c(&self.p0), lam0: c(&self.lam0), q0: c(&self.q0) }
     }
     /// The paper's dense update for one rank: P diag(lam m) Q - P0 diag(lam0 m) Q0 (float64).
     fn dense(&self, rank: i64, p: &Tensor, lam: &Tensor, q: &Tensor) -> Tensor {
@@ -84,7 +84,7 @@ fn reference(x: &Tensor, ranks: &[i64], dense: impl Fn(i64) -> Tensor, scale: f6
 #[test]
 fn ortho_forward_and_backward_match_dense_autograd() {
     let (b, n, in_f, out_f, r) = (3, 5, 7, 6, 4);
-    let w = Ortho::new(out_f, in_f, r, 10, 0.3, Kind::Double);
+    let w = TLoraWeights::new(out_f, in_f, r, 10, 0.3, Kind::Double);
     let scale = 0.75;
     for ranks in [vec![4], vec![2], vec![4, 1, 3], vec![2, 2, 2]] {
         let x = seeded(&[b, n, in_f], 1);
@@ -116,7 +116,7 @@ fn plain_forward_and_backward_match_dense_autograd() {
     let up = seeded(&[out_f, r], 21);
     let scale = 2.0;
     for ranks in [vec![3], vec![1, 3]] {
-        let f = Factors::Plain { down: &down, up: &up };
+        let f = Factors::LoRA { down: &down, up: &up };
         let x = seeded(&[b, n, in_f], 22);
         let m = mask(&ranks, r, 1, scale, Kind::Double);
         let ops = lowrank_operands(&f, None, Kind::Double, None).unwrap();
@@ -140,7 +140,7 @@ fn plain_forward_and_backward_match_dense_autograd() {
 #[test]
 fn buffers_give_the_fresh_operands_and_q_inside_its_buffer_is_not_copied() {
     let (in_f, out_f, r) = (6, 5, 3);
-    let w = Ortho::new(out_f, in_f, r, 30, 0.1, Kind::Float);
+    let w = TLoraWeights::new(out_f, in_f, r, 30, 0.1, Kind::Float);
     let fresh = lowrank_operands(&w.factors(), None, Kind::Float, None).unwrap();
     let d = Tensor::zeros([2 * r, in_f], (Kind::Float, Device::Cpu));
     let u = Tensor::zeros([out_f, 2 * r], (Kind::Float, Device::Cpu));
@@ -152,7 +152,7 @@ fn buffers_give_the_fresh_operands_and_q_inside_its_buffer_is_not_copied() {
     let mut top = d.narrow(0, 0, r);
     top.copy_(&w.q);
     let q_view = d.narrow(0, 0, r);
-    let f = Factors::Ortho { p: &w.p, lam: &w.lam, q: &q_view, p0: &w.p0, lam0: &w.lam0, q0: &w.q0 };
+    let f = Factors::TLora { p: &w.p, lam: &w.lam, q: &q_view, p0: &w.p0, lam0: &w.lam0, q0: &w.q0 };
     let ops = lowrank_operands(&f, Some(&nf), Kind::Float, Some(Scratch { d: &d, u: &u, write_frozen: false })).unwrap();
     assert!(ops.d.equal(&fresh.d) && ops.u.equal(&fresh.u));
 }
@@ -163,7 +163,7 @@ fn buffers_give_the_fresh_operands_and_q_inside_its_buffer_is_not_copied() {
 fn half_precision_update_does_not_cancel() {
     let (b, n, in_f, out_f, r) = (2, 16, 64, 48, 8);
     for drift in [1e-2, 1e-3, 1e-4] {
-        let w64 = Ortho::new(out_f, in_f, r, 40, drift, Kind::Double);
+        let w64 = TLoraWeights::new(out_f, in_f, r, 40, drift, Kind::Double);
         let w = w64.cast(Kind::Float);
         let x64 = seeded(&[b, n, in_f], 41);
 
@@ -185,7 +185,7 @@ fn half_precision_update_does_not_cancel() {
 
 #[test]
 fn zero_update_at_init_and_frozen_tensors_get_no_gradient() {
-    let w = Ortho::new(6, 5, 3, 50, 0.0, Kind::Float);
+    let w = TLoraWeights::new(6, 5, 3, 50, 0.0, Kind::Float);
     let x = seeded(&[2, 4, 5], 51).to_kind(Kind::Float);
     let ops = lowrank_operands(&w.factors(), None, Kind::Float, None).unwrap();
     let (delta, h) = lowrank_forward(&x, &ops, None, None).unwrap();
@@ -205,7 +205,7 @@ fn zero_update_at_init_and_frozen_tensors_get_no_gradient() {
 
 #[test]
 fn dense_update_and_fold_equal_forward() {
-    let w = Ortho::new(6, 5, 4, 60, 0.2, Kind::Double);
+    let w = TLoraWeights::new(6, 5, 4, 60, 0.2, Kind::Double);
     let x = seeded(&[3, 5], 61);
     for k in [1, 3, 4] {
         let m = mask(&[k], 4, 2, 0.5, Kind::Double);
@@ -220,7 +220,7 @@ fn dense_update_and_fold_equal_forward() {
 
 #[test]
 fn forward_into_adds_in_place() {
-    let w = Ortho::new(6, 5, 3, 70, 0.2, Kind::Double);
+    let w = TLoraWeights::new(6, 5, 3, 70, 0.2, Kind::Double);
     let x = seeded(&[2, 4, 5], 71);
     let ops = lowrank_operands(&w.factors(), None, Kind::Double, None).unwrap();
     let (delta, _) = lowrank_forward(&x, &ops, None, None).unwrap();
@@ -233,7 +233,7 @@ fn forward_into_adds_in_place() {
 
 #[test]
 fn bad_arguments_are_named() {
-    let w = Ortho::new(6, 5, 3, 80, 0.1, Kind::Double);
+    let w = TLoraWeights::new(6, 5, 3, 80, 0.1, Kind::Double);
     let ops = lowrank_operands(&w.factors(), None, Kind::Double, None).unwrap();
     let err = |r: Result<(Option<Tensor>, Tensor)>| r.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err(lowrank_forward(&seeded(&[2, 4], 1), &ops, None, None)).contains("in_features = 5"));
@@ -241,20 +241,50 @@ fn bad_arguments_are_named() {
     let m = mask(&[1, 2, 3], 3, 2, 1.0, Kind::Double);
     assert!(err(lowrank_forward(&seeded(&[2, 4, 5], 1), &ops, Some(&m), None)).contains("per-sample ranks"));
     let short = w.q.narrow(0, 0, 2);
-    let f = Factors::Ortho { p: &w.p, lam: &w.lam, q: &short, p0: &w.p0, lam0: &w.lam0, q0: &w.q0 };
+    let f = Factors::TLora { p: &w.p, lam: &w.lam, q: &short, p0: &w.p0, lam0: &w.lam0, q0: &w.q0 };
     assert!(f.dims().unwrap_err().to_string().contains("Q has 2 rows"));
     let ints = w.lam.to_kind(Kind::Int64);
-    let f = Factors::Ortho { p: &w.p, lam: &ints, q: &w.q, p0: &w.p0, lam0: &w.lam0, q0: &w.q0 };
+    let f = Factors::TLora { p: &w.p, lam: &ints, q: &w.q, p0: &w.p0, lam0: &w.lam0, q0: &w.q0 };
     assert!(f.dims().unwrap_err().to_string().contains("float32"));
     assert!(dense_update(&w.factors(), Some(4), 1.0).unwrap_err().to_string().contains("outside"));
 }
 
 #[test]
 fn the_variant_follows_the_number_of_factors() {
-    let w = Ortho::new(5, 4, 3, 60, 0.1, Kind::Double);
+    let w = TLoraWeights::new(5, 4, 3, 60, 0.1, Kind::Double);
     let six: Vec<Tensor> = [&w.p, &w.lam, &w.q, &w.p0, &w.lam0, &w.q0].iter().map(|t| t.shallow_clone()).collect();
-    assert!(matches!(Factors::from_slice(&six).unwrap(), Factors::Ortho { .. }));
-    assert!(matches!(Factors::from_slice(&six[..2]).unwrap(), Factors::Plain { .. }));
+    assert!(matches!(Factors::from_slice(&six).unwrap(), Factors::TLora { .. }));
+    assert!(matches!(Factors::from_slice(&six[..2]).unwrap(), Factors::LoRA { .. }));
     let err = Factors::from_slice(&six[..3]).err().unwrap().to_string();
     assert_eq!(err, "expected 6 factors (p, lam, q, p0, lam0, q0) or 2 (down, up), got 3");
+}
+
+/// One device policy: the names `parse_device` accepts are exactly devices `check_device` lets
+/// through (CPU and CUDA); MPS and meta are refused by both.
+#[test]
+fn one_device_policy() {
+    assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+    assert_eq!(parse_device("cuda").unwrap(), Device::Cuda(0));
+    assert_eq!(parse_device("cuda:3").unwrap(), Device::Cuda(3));
+    for name in ["cpu", "cuda", "cuda:3"] {
+        assert!(is_kernel_device(parse_device(name).unwrap()), "{name}");
+    }
+    for name in ["mps", "meta", "tpu", "cuda:x", "CPU"] {
+        let msg = parse_device(name).unwrap_err().to_string();
+        assert_eq!(msg, format!("unsupported device {name:?}: tlora's kernels run on \"cpu\", \"cuda\" or \"cuda:N\" only"));
+    }
+    assert!(!is_kernel_device(Device::Mps));
+    assert!(check_device(&seeded(&[2], 0), "t").is_ok());
+}
+
+/// One compute-dtype rule: the names the bindings pass and the kinds the kernels check, one message.
+#[test]
+fn one_compute_dtype_rule() {
+    for (name, kind) in [("float32", Kind::Float), ("float16", Kind::Half), ("bfloat16", Kind::BFloat16), ("float64", Kind::Double)] {
+        assert_eq!(compute_kind(name).unwrap(), kind);
+        assert!(check_compute_kind(kind, "input dtype").is_ok());
+    }
+    let use_one = "is not supported: use float32, float16, bfloat16 or float64";
+    assert_eq!(compute_kind("int8").unwrap_err().to_string(), format!("compute dtype \"int8\" {use_one}"));
+    assert_eq!(check_compute_kind(Kind::Int64, "input dtype").unwrap_err().to_string(), format!("input dtype Int64 {use_one}"));
 }

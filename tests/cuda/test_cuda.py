@@ -191,7 +191,7 @@ def run_without_sync(model, adapter, forward, steps_host, steps_dev, host_t, tra
     """One training step (creates AdamW's state), then under sync debug mode "error": two training
     steps (forward, backward, fused AdamW); then a sampling loop (the fast path folds), ranks
     pinned from host timesteps with `adapter.timestep`, under mode "warn": the fold cache's check
-    of the factors (tlora.layer.state: any write, `.data` included, makes folds stale) may read
+    of the factors (tlora.layer.folds: any write, `.data` included, makes folds stale) may read
     back once per forward that reuses folds, nothing else may. Returns the final sample."""
     import warnings
 

@@ -5,12 +5,14 @@ the native kernels.
   their device and dtype moves, the forward (training, inference fold, compiled);
 - `ops.py`: the autograd Function and the torch.compile custom ops over the kernels, and
   `lowrank_update`, the update as a plain differentiable function;
-- `state.py`: what the layers of one adapter share: the ranks of the current forward and the
-  masks built from them (`RankState`), and the folded inference weights (`FoldCache`).
+- `ranks.py`: the ranks the layers of one adapter share for the current forward and the masks
+  built from them (`RankState`), and r(t) as tensor ops on the timestep's device;
+- `folds.py`: the folded inference weights of the layers of one adapter (`FoldCache`).
 """
 
+from .folds import FoldCache
 from .linear import TLoraLinear
 from .ops import COMPUTE_DTYPES, lowrank_update
-from .state import FoldCache, RankState, rank_mask
+from .ranks import RankState, rank_mask
 
 __all__ = ["COMPUTE_DTYPES", "FoldCache", "RankState", "TLoraLinear", "lowrank_update", "rank_mask"]

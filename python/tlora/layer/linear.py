@@ -13,7 +13,8 @@ call into two buffers the layer keeps per compute dtype.
 
 Inference adds a fast path: when no gradient is needed and the ranks are known on the host, the
 update at rank k is folded into the weight, W_k = W + dW_k, and y = x W_k^T + b costs what the bare
-layer costs. Folded weights live in the adapter's `FoldCache` (state.py). An entry is used only
+layer costs. Folded weights live in the adapter's `FoldCache` (folds.py), which owns them; the layer
+gets and puts them there and has them checked. An entry is used only
 while the base weight is the very tensor it was built from at the same in-place version, every
 factor holds the values it was folded from (compared with a copy: writes through `.data`, such as
 diffusers' `EMAModel.copy_to`, bump no version counter) and, inside a PEFT LoRA layer, while PEFT's
@@ -23,15 +24,17 @@ through `.data`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import _native
-from .. import factors as factor_rules
 from ..config import AdapterConfig
+from ..factors import FROZEN, LORA, is_tlora, n_trainable, names, trainable
 from .ops import COMPUTE_DTYPES, DTYPE_NAMES, Update, check_compute_dtype, update_op
-from .state import RankState
+from .ranks import RankState
 
 
 def _plain_linear(base: nn.Module) -> bool:
@@ -51,6 +54,18 @@ def _plain_linear(base: nn.Module) -> bool:
     )
 
 
+@dataclass
+class Scratch:
+    """The buffers a layer keeps per (compute dtype, device) for its T-LoRA operands, as the native
+    `lowrank_operands` takes them (Rust's `kernel::Scratch`): `d` (2r x in; in float32 its first r
+    rows are Q itself), `u` (out x 2r; made at the first call that needs it), and `write_frozen`:
+    whether u's frozen block must be (re)written (at first, and after the frozen factors changed)."""
+
+    d: torch.Tensor
+    u: torch.Tensor | None = None
+    write_frozen: bool = True
+
+
 class TLoraLinear(nn.Module):
     """`base_layer(x) + x dW_t^T`, with dW_t the update at the ranks in `state` (scale included).
 
@@ -66,21 +81,19 @@ class TLoraLinear(nn.Module):
         self.base_layer = base_layer
         self.config = config
         self.state = state
-        # T-LoRA operand buffers per compute dtype, and P0 Λ0 with the frozen factors it was built from.
-        self._operand_bufs: dict[tuple, list] = {}
+        # T-LoRA operand buffers per (compute dtype, device); P0 Λ0 with the frozen factors it came from.
+        self._operand_bufs: dict[tuple, Scratch] = {}
         self._frozen: tuple[tuple, torch.Tensor] | None = None
         if config.variant == "tlora":
-            for name in factor_rules.trainable("tlora"):
+            for name in trainable("tlora"):
                 setattr(self, name, nn.Parameter(factors[name]))
-            for name in factor_rules.FROZEN:
+            for name in FROZEN:
                 self.register_buffer(name, factors[name])
             self._house_q()
         else:
-            for name in factor_rules.LORA:
+            for name in LORA:
                 setattr(self, name, nn.Parameter(factors[name]))
-        # Inference folds by (rank, device, dtype), valid for `_folded_for`.
-        self._folded: dict[tuple, torch.Tensor] = {}
-        self._folded_for: tuple | None = None
+        # (Inference folds live in the adapter's fold cache, `state.fold_cache`, not here.)
         # The PEFT LoRA layer this layer is the base of, if any (set by the Adapter).
         self._peft_owner = None
 
@@ -109,7 +122,7 @@ class TLoraLinear(nn.Module):
         return [params["down"], params["up"]]
 
     def factor_names(self) -> tuple[str, ...]:
-        return factor_rules.names(self.config.variant)
+        return names(self.config.variant)
 
     def _house_q(self) -> None:
         """Keep Q as the first rows of its float32 operand buffer D = [Q; Q0 - Q], so that a
@@ -124,7 +137,7 @@ class TLoraLinear(nn.Module):
         d[:r].copy_(q.data)
         q.data = d[:r]
         # U's buffer comes with the first float32 call (a bf16 run never needs it).
-        self._operand_bufs[(torch.float32, q.device)] = [d, None, True]
+        self._operand_bufs[(torch.float32, q.device)] = Scratch(d)
 
     # ---- dtype and device moves --------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -156,7 +169,6 @@ class TLoraLinear(nn.Module):
         if self.config.variant == "tlora":
             self._house_q()
         self.state.fold_cache.drop(self)
-        self._folded_for = None
         return self
 
     # ---- forward ------------------------------------------------------------------------------
@@ -170,9 +182,8 @@ class TLoraLinear(nn.Module):
             or any(f.requires_grad for f in factors)
             or any(p.requires_grad for p in base._parameters.values() if p is not None)
         )
-        if training:
-            if self._folded:  # the factors are about to change
-                self.state.fold_cache.drop(self)
+        if training:  # the factors are about to change
+            self.state.fold_cache.drop(self)
         elif self.state.fast_path:
             y = self._folded_forward(x, factors, base)
             if y is not None:
@@ -199,7 +210,6 @@ class TLoraLinear(nn.Module):
     ) -> torch.Tensor:
         mask = self.state.mask(x.device, dtype)
         d, u = self._operands(factors, dtype, x.device)
-        n_trainable = factor_rules.n_trainable(factors)
         if (
             y.dtype == dtype
             and y._base is None
@@ -207,13 +217,13 @@ class TLoraLinear(nn.Module):
             and y.numel() // max(y.shape[-1], 1) == x.numel() // max(x.shape[-1], 1)
         ):
             # y is the base layer's fresh output that nobody else holds: add into it.
-            return Update.apply(y, x, mask, d, u, n_trainable, *factors)
-        delta = Update.apply(None, x, mask, d, u, n_trainable, *factors)
+            return Update.apply(y, x, mask, d, u, n_trainable(factors), *factors)
+        delta = Update.apply(None, x, mask, d, u, n_trainable(factors), *factors)
         return y.view_as(delta) + delta.to(y.dtype) if y.shape != delta.shape else y + delta.to(y.dtype)
 
     def _operands(self, factors: list[torch.Tensor], dtype: torch.dtype, device: torch.device):
         """(D, U) in `dtype`: T-LoRA's written into this layer's buffers, LoRA's its factors."""
-        if not factor_rules.is_tlora(factors):
+        if not is_tlora(factors):
             down, up = factors
             return (down, up) if down.dtype == dtype else (down.to(dtype), up.to(dtype))
         p, lam, q, p0, lam0, q0 = factors
@@ -224,16 +234,16 @@ class TLoraLinear(nn.Module):
         if self._frozen is None or self._frozen[0] != frozen:
             self._frozen = (frozen, _native.frozen_block(p0, lam0))
             for bufs in self._operand_bufs.values():
-                bufs[2] = True
+                bufs.write_frozen = True
         key = (dtype, p.device)
         bufs = self._operand_bufs.get(key)
         r, in_f, out_f = q.shape[0], q.shape[1], p.shape[0]
         if bufs is None:
-            bufs = self._operand_bufs[key] = [torch.empty(2 * r, in_f, dtype=dtype, device=p.device), None, True]
-        if bufs[1] is None:
-            bufs[1] = torch.empty(out_f, 2 * r, dtype=dtype, device=p.device)
-        d, u = _native.lowrank_operands(factors, self._frozen[1], DTYPE_NAMES[dtype], bufs[0], bufs[1], bufs[2])
-        bufs[2] = False
+            bufs = self._operand_bufs[key] = Scratch(torch.empty(2 * r, in_f, dtype=dtype, device=p.device))
+        if bufs.u is None:
+            bufs.u = torch.empty(out_f, 2 * r, dtype=dtype, device=p.device)
+        d, u = _native.lowrank_operands(factors, self._frozen[1], DTYPE_NAMES[dtype], bufs.d, bufs.u, bufs.write_frozen)
+        bufs.write_frozen = False
         return d, u
 
     def _compiled_forward(self, x: torch.Tensor, factors: list[torch.Tensor], base: nn.Module) -> torch.Tensor:
@@ -297,16 +307,13 @@ class TLoraLinear(nn.Module):
                 groups = [(k, idx, per_sample * len(idx)) for k, idx in rows.items()]
         cache = state.fold_cache
         valid = self._validity(w, factors)
-        if valid != self._folded_for:
-            if self._folded:
-                cache.drop(self)
-            self._folded_for = valid
-        if self._folded:  # written through `.data` (EMA), numpy, ...: no version counter tells
-            cache.check(self, state.forward)
+        # Folds of other tensors, or of factors written through `.data` (EMA), numpy, ... (no
+        # version counter tells): dropped here.
+        cache.check(self, valid, state.forward)
         folded = []
         for k, _, n in groups:
             key = (k, device, dtype)
-            wk = cache.get(self, key) if self._folded else None
+            wk = cache.get(self, key)
             if wk is None and n * (in_f + out_f) <= in_f * out_f:
                 return None  # the factored update is cheaper than folding this rank
             folded.append((key, wk))
@@ -314,8 +321,7 @@ class TLoraLinear(nn.Module):
         for (key, wk), (k, _, _) in zip(folded, groups):
             if wk is None:
                 wk = self._fold(w, factors, k, dtype)
-                if valid is None or not cache.put(self, key, wk):
-                    cache.misses += valid is None
+                cache.put(self, key, wk, valid)
             weights.append(wk)
         bias = None if b is None else b.to(dtype)
         xc = x.to(dtype)

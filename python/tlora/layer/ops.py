@@ -10,17 +10,24 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _native
-from .. import factors as factor_rules
 from ..config import check_ranks
-from .state import rank_mask
+from ..errors import ConfigError
+from ..factors import is_tlora, n_trainable, rank_of
+from .ranks import rank_mask
 
-COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The dtypes the kernels compute in, by the names the native functions take (src/kernel: `compute_kind`).
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+COMPUTE_DTYPES = tuple(DTYPE_NAMES)
+# The devices the kernels run on: the CPU and CUDA devices (the policy of src/kernel's
+# `is_kernel_device`; the native code refuses tensors and device names elsewhere: MPS, meta, ...).
+KERNEL_DEVICES = ("cpu", "cuda")
 
 
 def check_compute_dtype(dtype: torch.dtype) -> None:
+    """The Python side's one refusal of a dtype the kernels do not compute in (Rust's:
+    `kernel::check_compute_kind`, with the same message)."""
     if dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"input dtype {dtype} is not supported: use float32, float16, bfloat16 or float64")
+        raise ConfigError(f"input dtype {dtype} is not supported: use float32, float16, bfloat16 or float64")
 
 
 def lowrank_update(
@@ -29,14 +36,14 @@ def lowrank_update(
     """The adapter's output for x at `ranks` (None: full rank; one, or one per sample), as a
     differentiable function of x and the trainable factors (in the kernels' order: T-LoRA's
     p, lam, q, p0, lam0, q0, or LoRA's down, up). What a TLoraLinear adds to its base layer."""
-    rank = factor_rules.rank_of(factors)
+    rank = rank_of(factors)
     if ranks is not None:
         ranks = check_ranks(ranks, rank)
     check_compute_dtype(x.dtype)
-    blocks = 2 if factor_rules.is_tlora(factors) else 1
+    blocks = 2 if is_tlora(factors) else 1
     mask = rank_mask(ranks, rank, blocks, scale, x.device, x.dtype)
     d, u = _native.lowrank_operands(list(factors), None, DTYPE_NAMES[x.dtype])
-    return Update.apply(None, x, mask, d, u, factor_rules.n_trainable(factors), *factors)
+    return Update.apply(None, x, mask, d, u, n_trainable(factors), *factors)
 
 
 class Update(torch.autograd.Function):
@@ -49,7 +56,7 @@ class Update(torch.autograd.Function):
         if y is not None:
             ctx.mark_dirty(y)
         # P and lam (T-LoRA) enter the factors' gradients; Q, A and B do not.
-        ctx.save_for_backward(x, h, *(factors[:2] if factor_rules.is_tlora(factors) else ()))
+        ctx.save_for_backward(x, h, *(factors[:2] if is_tlora(factors) else ()))
         ctx.mask, ctx.d, ctx.u, ctx.factors, ctx.n_trainable = mask, d, u, factors, n_trainable
         ctx.has_y = y is not None
         return y if y is not None else delta
@@ -86,7 +93,7 @@ def update_op(
 
 @update_op.register_fake
 def _(x, factors, mask):
-    tlora = factor_rules.is_tlora(factors)
+    tlora = is_tlora(factors)
     width = 2 * factors[0].shape[1] if tlora else factors[0].shape[0]
     out_f = factors[0].shape[0] if tlora else factors[1].shape[0]
     return x.new_empty((*x.shape[:-1], out_f)), x.new_empty((*x.shape[:-1], width))
@@ -109,7 +116,7 @@ def update_backward_op(
 
 @update_backward_op.register_fake
 def _(grad, x, h, factors, mask, needs):
-    like = [x, *factors[: factor_rules.n_trainable(factors)]]
+    like = [x, *factors[: n_trainable(factors)]]
     return [torch.empty_like(like[i]) if i < len(like) and needs[i] else x.new_empty(0) for i in range(4)]
 
 
@@ -124,7 +131,7 @@ def _update_setup_context(ctx, inputs, output):
 
 def _update_backward(ctx, grad, _grad_h):
     x, h, *factors = ctx.saved_tensors
-    n = factor_rules.n_trainable(factors)
+    n = n_trainable(factors)
     needs_x, needs_f = ctx.needs_input_grad[0], list(ctx.needs_input_grad[1])
     needs = [bool(needs_x)] + [bool(needs_f[i]) if i < n else False for i in range(3)]
     if not any(needs):
