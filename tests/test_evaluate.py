@@ -384,7 +384,7 @@ def _one_line(capsys, argv) -> str:
 @pytest.mark.parametrize(
     "device,fragment",
     [
-        ("foo", "--device 'foo' is unknown: use auto, cpu, cuda, cuda:N or mps"),
+        ("foo", "--device 'foo' is unknown: use auto, cpu, cuda or cuda:N"),
         ("meta", "--device 'meta' is not supported"),
         pytest.param(
             "cuda",

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from . import factors as factor_rules
+from . import factors
 from .adapter import Adapter
 from .atomic import write_atomic
 from .config import check_float, check_int
@@ -254,9 +254,9 @@ def _trainable_shapes(f: AdapterFile) -> list[tuple[int, ...]]:
     (the file's modules in order, each module's trainable factors in the kernels' order)."""
     c = f.config
     return [
-        factor_rules.shape(k, c.rank, out_f, in_f)
+        factors.shape(k, c.rank, out_f, in_f)
         for out_f, in_f in f.modules.values()
-        for k in factor_rules.trainable(c.variant)
+        for k in factors.trainable(c.variant)
     ]
 
 

@@ -40,16 +40,16 @@ DTYPES = {name: getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items()}
 
 
 def resolve_device(name: str | None = None) -> torch.device:
-    """The device to run on: "auto" / None (CUDA when available, else the CPU), "cpu", "cuda",
-    "cuda:N" or "mps"; one that is not there is refused with what is available (an InputError
-    about the setting `device`)."""
+    """The device to run on: "auto" / None (CUDA when available, else the CPU), "cpu", "cuda" or
+    "cuda:N" (the kernels' devices, `layer.ops.KERNEL_DEVICES`); one that is not there is refused
+    with what is available (an InputError about the setting `device`)."""
     name = "auto" if name is None else str(name).strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise InputError(f"device {name!r} is unknown: use auto, cpu, cuda, cuda:N or mps", field="device") from None
+        raise InputError(f"device {name!r} is unknown: use auto, cpu, cuda or cuda:N", field="device") from None
     if dev.type == "cpu":
         return dev
     if dev.type == "cuda":
@@ -65,11 +65,10 @@ def resolve_device(name: str | None = None) -> torch.device:
                 field="device",
             )
         return dev
-    if dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise InputError(f"device {name!r} is not available on this machine (use cpu)", field="device")
-        return dev
-    raise InputError(f"device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps", field="device")
+    raise InputError(
+        f"device {name!r} is not supported: tlora's kernels run on the CPU and CUDA (use auto, cpu, cuda or cuda:N)",
+        field="device",
+    )
 
 
 def check_dtype(dtype: str, device: torch.device, field: str = "dtype") -> torch.dtype:
