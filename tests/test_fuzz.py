@@ -174,15 +174,12 @@ RESUME_STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(models, image, tmp_path_factory):
     from fuzz_corpus import run_cli
-    from train_inputs import train_args, write_photo
+    from train_inputs import train_args
 
-    from tlora.tiny import save_tiny_pipeline
-
+    model = models["sd"]
     root = tmp_path_factory.mktemp("resume-fuzz")
-    model = save_tiny_pipeline("sd", root / "sd")
-    image = write_photo(root / "dog.png")
     rc, err, _ = run_cli(train_args(model, image, root / "run", 2, 1))
     assert rc == 0, err
     return model, image, root / "run"
