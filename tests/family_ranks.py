@@ -1,5 +1,5 @@
 """What the family tests measure: the ranks every adapted layer uses at each call of a denoiser,
-against the paper's r(t) in plain float64 (rank R = 8, R_MIN = 1, T = 1000; batches of B = 2).
+against the paper's r(t) in exact arithmetic (rank R = 8, R_MIN = 1, T = 1000; batches of B = 2).
 
 Shared by tests/test_family_pipelines.py, test_family_forward.py, test_family_calls.py and
 test_timestep_conventions.py; the tiny models are in family_models.py and family_calls.py.
@@ -7,9 +7,8 @@ test_timestep_conventions.py; the tiny models are in family_models.py and family
 
 from __future__ import annotations
 
-import math
-
 import pytest
+import reference
 import torch
 
 import tlora
@@ -19,8 +18,8 @@ B = 2
 
 
 def r_of(t: float) -> int:
-    """The paper's schedule, float64: r(t) = floor(((T - t) / T) * (r - r_min)) + r_min."""
-    return math.floor((T - t) / T * (R - R_MIN)) + R_MIN
+    """The paper's schedule r(t) = floor(((T - t) / T) * (r - r_min)) + r_min, exact (benches/reference.py's)."""
+    return reference.rank_at(t, R, R_MIN, T)
 
 
 class RankLog:

@@ -27,11 +27,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_calls import denoiser_inputs
 from train_inputs import train_args
 
 import tlora
 from tlora.quantized import dequantized_weight, quantized_kind
-from tlora.tiny import LATENT_SIZE, SDXL_CROSS_DIM, SDXL_POOLED_DIM, TOKENS, tiny_sdxl_unet
+from tlora.tiny import LATENT_SIZE, TOKENS, tiny_sdxl_unet
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK, MIN_RANK = 4, 2
@@ -146,13 +147,8 @@ def quantized_unet(backend: str, folder: Path):
 
 
 def inputs(batch: int = 2, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]).repeat(batch, 1)
-    return {
-        "sample": torch.randn(batch, 4, LATENT_SIZE, LATENT_SIZE, generator=g),
-        "encoder_hidden_states": torch.randn(batch, TOKENS, SDXL_CROSS_DIM, generator=g),
-        "added_cond_kwargs": {"text_embeds": torch.randn(batch, SDXL_POOLED_DIM, generator=g), "time_ids": time_ids},
-    }
+    """The tiny SD-XL UNet's inputs, everything but the timestep."""
+    return denoiser_inputs("sdxl", batch, seed)
 
 
 def perturb(adapter, seed: int = 1, std: float = 0.2) -> None:
