@@ -14,15 +14,23 @@ export LIBTORCH_USE_PYTORCH := 1
 VENV211   ?= .venv-torch211
 PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python) python3.12)
 # Tests the torch 2.11 build runs (by name: the kernel, pipeline and training tests).
-TESTS211  := tests/test_kernels.py tests/test_pipelines.py tests/test_train.py
+TESTS211  := tests/test_kernels.py tests/test_pipelines.py tests/test_train.py tests/test_train_resume.py \
+	tests/test_train_ddp.py tests/test_train_inputs.py
 DIST      ?= dist
 # One folder per torch: the abi3 wheels for 2.11 and 2.13 have the same file name.
 WHEELDIR   = $(DIST)/torch-$(TORCH)
+# The torch 2.11 wheel that test-torch211 tests and the GPU kit ships, built once: its stamp is
+# newer than every file the wheel is built from (an edit rebuilds it; CI's gpu-kit reuses it).
+WHEEL211   = $(DIST)/torch-2.11.0/.built
+WHEEL211_SOURCES := $(shell find src python -name '*.rs' -o -name '*.py' -o -name '*.pyi' -o -name 'py.typed' \
+	-o -name '*.json' -o -name '*.safetensors' 2>/dev/null) Cargo.toml Cargo.lock torch-2.11/Cargo.toml \
+	torch-2.11/Cargo.lock pyproject.toml tools/torch_build.py
 
 MANIFEST   = $$($(BIN)/python tools/torch_build.py manifest)
 TORCH_LIB  = $$($(BIN)/python -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 
-.PHONY: deps install demo lint format test test-rust test-python test-wheel test-torch211 wheel gpu-kit gpu-kit-check bench clean
+.PHONY: deps install demo lint format test test-rust test-python test-wheel test-torch211 wheel wheel211 gpu-kit \
+	gpu-kit-check bench clean
 
 # torch and maturin first: building the extension needs both.
 deps:
@@ -73,18 +81,22 @@ wheel: deps
 test-wheel: install wheel
 	$(BIN)/python -m pytest -q -m wheel tests/test_wheel.py
 
+# The torch 2.11 wheel in its own venv on Python 3.12 (`wheel` empties the folder, then the stamp).
+wheel211: $(WHEEL211)
+$(WHEEL211): $(WHEEL211_SOURCES)
+	$(MAKE) VENV=$(VENV211) PYTHON=$(PYTHON312) TORCH=2.11.0 wheel
+	touch $@
+
 # CI's second configuration: torch 2.11 on Python 3.12, built as a wheel (also the GPU kit's),
 # installed into its own venv, then the kernel, pipeline and training tests against it.
-test-torch211:
-	$(MAKE) VENV=$(VENV211) PYTHON=$(PYTHON312) TORCH=2.11.0 wheel
+test-torch211: $(WHEEL211)
 	$(abspath $(VENV211))/bin/python -m pip uninstall -q -y tlora
 	$(abspath $(VENV211))/bin/python -m pip install -q "$$(ls $(DIST)/torch-2.11.0/tlora-*.whl)[test]"
 	cd tests && $(abspath $(VENV211))/bin/python -c 'import tlora, torch; print("tlora from", tlora.__file__, "torch", torch.__version__)'
 	$(abspath $(VENV211))/bin/python -m pytest -q -p no:cacheprovider $(TESTS211)
 
 # The folder to copy to a bare GPU machine (Python 3.12, torch 2.11): see gpu-kit/README.md.
-gpu-kit:
-	$(MAKE) VENV=$(VENV211) PYTHON=$(PYTHON312) TORCH=2.11.0 wheel
+gpu-kit: $(WHEEL211)
 	$(abspath $(VENV211))/bin/python gpu-kit/make_kit.py --wheel-dir $(DIST)/torch-2.11.0 --out $(DIST)/gpu-kit
 
 # The kit's CPU half: install it into a fresh venv next to the 2.11 torch and run gpu-check.

@@ -1,5 +1,5 @@
 """This process's resident memory (Linux /proc, getrusage where /proc lacks it), for the benches'
-peak-memory cases: benches/speed.py, benches/quantized.py and benches/inject.py.
+peak-memory cases: benches/speed_memory.py, benches/quantized.py and benches/inject.py.
 
 The peak of a block of work: `reset_peak()` before it, `peak_rss_mb(reset)` after it. Without the
 reset the peak of importing torch and building the model would hide the peak of the work.

@@ -1,6 +1,6 @@
 """Peak memory of a T-LoRA training step on a quantized frozen base, against the float32 base.
 
-The SD-XL-structured small UNet of benches/speed.py (`sdxl_like_unet`) is saved once, then each
+The SD-XL-structured small UNet of benches/speed_train.py (`sdxl_like_unet`) is saved once, then each
 case runs in a fresh process: load the UNet (float32, or with its Linear layers quantized by
 optimum-quanto int8/int4 or torchao int8 weight-only through diffusers' quantization configs, or
 by bitsandbytes' own nf4 / LLM.int8 layers, since diffusers' BitsAndBytesConfig asks for a GPU),
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import peak_rss_mb, reset_peak, status_mb  # noqa: E402
-from speed import TARGETS, UNET, Cycle, machine_info, sdxl_like_unet, unet_inputs  # noqa: E402
+from speed_common import Cycle, machine_info  # noqa: E402
+from speed_train import TARGETS, UNET, sdxl_like_unet, unet_inputs  # noqa: E402
 
 CASES = ("float32", "quanto-int8", "quanto-int4", "torchao-int8", "bnb-nf4", "bnb-int8")
 

@@ -1,10 +1,15 @@
-"""The paper's T-LoRA update written plainly in float64 PyTorch, and the "drifted" projection the
-half-precision checks measure it on; shared by benches/precision.py and tests/test_real_path.py.
+"""The paper's T-LoRA update written plainly in float64 PyTorch, its rank schedule r(t) in exact
+arithmetic, and the "drifted" projection the half-precision checks measure it on; shared by
+benches/precision.py and the tests (test_real_path, test_fuzz, test_kernels, test_pipelines and
+family_ranks; tests/conftest.py puts benches/ on their path).
 
 The reference is independent of tlora's kernels: it only reads the layer's factors.
 """
 
 from __future__ import annotations
+
+import math
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -25,9 +30,20 @@ class Projection(nn.Module):
         return self.to_q(x)
 
 
-def rank_at(t: float, rank: int, min_rank: int, num_train_timesteps: int = 1000) -> int:
-    """The paper's schedule: r(t) = floor((T - t) / T * (r - r_min)) + r_min."""
-    return int(((num_train_timesteps - t) / num_train_timesteps) * (rank - min_rank)) + min_rank
+def rank_at(t: float, rank: int, min_rank: int, num_train_timesteps: int = 1000, exponent: float = 1.0) -> int:
+    """The paper's schedule r(t) = floor(((T - t) / T)^a * (r - r_min)) + r_min (a = 1 in the paper)
+    from the timestep's exact binary value (a float product can fall on either side of the floor):
+    in rationals for whole exponents, else to 60 digits (where 1e-40 is far below any gap between a
+    value and the next integer, and far above the 60-digit error of an exact integer such as
+    0.25 ** 0.5 * 2)."""
+    frac = (num_train_timesteps - Fraction(t)) / num_train_timesteps
+    if float(exponent).is_integer():
+        return math.floor(frac ** int(exponent) * (rank - min_rank)) + min_rank
+    import mpmath
+
+    with mpmath.workdps(60):
+        value = (mpmath.mpf(frac.numerator) / frac.denominator) ** mpmath.mpf(exponent) * (rank - min_rank)
+        return int(mpmath.floor(value + mpmath.mpf("1e-40"))) + min_rank
 
 
 def layer_factors(layer) -> dict[str, torch.Tensor]:

@@ -25,7 +25,8 @@ from tlora.tiny import save_tiny_clip, save_tiny_dino
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def scorers(tmp_path_factory):
+    """The tiny CLIP and DINOv2 folders `tlora evaluate` scores with: (clip, dino)."""
     root = tmp_path_factory.mktemp("scorers")
     return save_tiny_clip(root / "clip"), save_tiny_dino(root / "dino")
 
@@ -52,8 +53,8 @@ def _features(out):
     return out if torch.is_tensor(out) else out.pooler_output
 
 
-def test_identical_images_score_one(models, tmp_path):
-    clip, dino = models
+def test_identical_images_score_one(scorers, tmp_path):
+    clip, dino = scorers
     img = _noise(0)
     ref = _save(img, tmp_path / "ref.png")
     gen = tmp_path / "gen"
@@ -67,12 +68,12 @@ def test_identical_images_score_one(models, tmp_path):
     assert rep["per_prompt"][0]["prompt"] == "a photo of a dog" and rep["per_prompt"][0]["images"] == 2
 
 
-def test_scores_equal_hand_computation(models, tmp_path):
+def test_scores_equal_hand_computation(scorers, tmp_path):
     """CLIP-I, CLIP-T and DINO of a pair, recomputed from the models' own feature functions
     (get_image_features / get_text_features / CLS of last_hidden_state) and cosines in float64."""
     from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPProcessor
 
-    clip_dir, dino_dir = models
+    clip_dir, dino_dir = scorers
     refs = [_noise(1), _noise(2)]
     ref_paths = [_save(r, tmp_path / f"ref{i}.png") for i, r in enumerate(refs)]
     gen = tmp_path / "gen"
@@ -100,10 +101,10 @@ def test_scores_equal_hand_computation(models, tmp_path):
     assert rep["overall"]["clip_t"] == pytest.approx(np.mean([r["clip_t"] for r in rep["per_image"]]))
 
 
-def test_mask_fills_reference_background(models, tmp_path):
+def test_mask_fills_reference_background(scorers, tmp_path):
     """With a mask, CLIP-I and DINO see the reference with its background (mask black) replaced by
     the fill colour: the same scores as an unmasked reference painted that way by hand."""
-    clip, dino = models
+    clip, dino = scorers
     ref = _noise(5)
     mask = np.zeros((40, 40), np.uint8)
     mask[10:30, 12:28] = 255
@@ -137,8 +138,8 @@ def test_mask_fills_reference_background(models, tmp_path):
     assert cut["per_image"] == masked["per_image"]
 
 
-def test_prompt_sources(models, tmp_path):
-    clip, _ = models
+def test_prompt_sources(scorers, tmp_path):
+    clip, _ = scorers
     gen = tmp_path / "gen"
     gen.mkdir()
     for i in (0, 2):
@@ -160,8 +161,8 @@ def test_prompt_sources(models, tmp_path):
     )
 
 
-def test_cli_writes_json_and_markdown(models, tmp_path, capsys):
-    clip, dino = models
+def test_cli_writes_json_and_markdown(scorers, tmp_path, capsys):
+    clip, dino = scorers
     gen = tmp_path / "gen"
     gen.mkdir()
     for i in range(2):
@@ -199,8 +200,8 @@ def _err(capsys, argv) -> str:
     return capsys.readouterr().err
 
 
-def test_bad_inputs_refused(models, tmp_path, capsys):
-    clip, dino = models
+def test_bad_inputs_refused(scorers, tmp_path, capsys):
+    clip, dino = scorers
     gen, empty = tmp_path / "gen", tmp_path / "empty"
     gen.mkdir()
     empty.mkdir()
@@ -393,10 +394,10 @@ def _one_line(capsys, argv) -> str:
         ),
     ],
 )
-def test_devices_are_checked_as_train_and_generate_check_them(device, fragment, models, tmp_path):
+def test_devices_are_checked_as_train_and_generate_check_them(device, fragment, scorers, tmp_path):
     gen, ref, base = _inputs(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "tlora.cli", *base, "--clip", str(models[0]), "--device", device],
+        [sys.executable, "-m", "tlora.cli", *base, "--clip", str(scorers[0]), "--device", device],
         capture_output=True,
         text=True,
         timeout=300,
@@ -441,8 +442,8 @@ def _broken_copy(src, dst, case: str):
         ("--dino", "NaN weights", "holds non-finite values (NaN or infinity)"),
     ],
 )
-def test_broken_scorer_folders_are_refused_in_one_line(flag, case, fragment, models, tmp_path, capsys):
-    source = models[0] if flag == "--clip" else models[1]
+def test_broken_scorer_folders_are_refused_in_one_line(flag, case, fragment, scorers, tmp_path, capsys):
+    source = scorers[0] if flag == "--clip" else scorers[1]
     broken = _broken_copy(source, tmp_path / "broken", case)
     gen, ref, base = _inputs(tmp_path)
     message = _one_line(capsys, [*base, flag, str(broken)])
@@ -450,9 +451,9 @@ def test_broken_scorer_folders_are_refused_in_one_line(flag, case, fragment, mod
     assert not (tmp_path / "o").exists()  # a NaN model wrote "NaN" into evaluation.json (not JSON)
 
 
-def test_wrong_kinds_of_paths_are_named(models, tmp_path, capsys):
+def test_wrong_kinds_of_paths_are_named(scorers, tmp_path, capsys):
     gen, ref, base = _inputs(tmp_path)
-    clip = ["--clip", str(models[0])]
+    clip = ["--clip", str(scorers[0])]
     args = [*base, *clip]
     args[args.index("--generated") + 1] = str(ref)
     message = _one_line(capsys, args)
@@ -475,10 +476,10 @@ def test_wrong_kinds_of_paths_are_named(models, tmp_path, capsys):
     assert f"reference image {nan} has 1600 non-finite pixel value(s)" in message, message
 
 
-def test_non_finite_scores_are_refused(models, tmp_path):
+def test_non_finite_scores_are_refused(scorers, tmp_path):
     """A scorer that gives a zero embedding (cosine 0/0) is refused, naming the metric and image."""
     gen, ref, _ = _inputs(tmp_path)
-    enc = Encoders.load(clip=str(models[0]))
+    enc = Encoders.load(clip=str(scorers[0]))
     clip_images = enc.clip_images
     enc.clip_images = lambda images: clip_images(images) * 0
     with pytest.raises(InputError, match=r"CLIP-I is not finite for 1 image\(s\) \(e.g. 00-0.png\)"):

@@ -5,8 +5,11 @@ never serve a folded weight built from factors that have changed since."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
+import tiny_calls
 import torch
 from torch import nn
 
@@ -16,6 +19,7 @@ import tlora.tiny
 from tlora.tiny import denoiser, sample_kwargs, tiny_pipeline
 
 RTOL = 1e-5
+perturb = functools.partial(tiny_calls.perturb, std=0.1)
 
 
 class Holder(nn.Module):
@@ -25,13 +29,6 @@ class Holder(nn.Module):
 
     def forward(self, x, timestep=None):
         return self.to_q(x)
-
-
-@torch.no_grad()
-def perturb(adapter, seed: int = 1, std: float = 0.1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in adapter.parameters():
-        p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 # The adapter the test works on and the fold cache budget its `cache_mode` asks for.

@@ -20,13 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import tlora
-from tlora.adapter import adapter_of
-
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
-from fuzz_corpus import (  # noqa: E402
+from fuzz_corpus import (
     READERS,
     FuzzModel,
     build,
@@ -37,7 +31,10 @@ from fuzz_corpus import (  # noqa: E402
     run_reader,
     valid_file,
 )
-from reference import update_f64  # noqa: E402  (benches/reference.py: the paper's update in float64)
+from reference import update_f64  # benches/reference.py: the paper's update in float64
+
+import tlora
+from tlora.adapter import adapter_of
 
 TIMEOUT_S = 20.0
 

@@ -6,27 +6,22 @@ the adapter's update moved off zero first.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
 import pytest
+import tiny_calls
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_calls import denoiser_inputs
 from torch import nn
 
 import tlora
 from tlora import interop
 from tlora.adapter import adapter_of
 from tlora.tiny import (
-    FLUX_JOINT_DIM,
-    FLUX_POOLED_DIM,
-    IMAGE_SIZE,
-    LATENT_SIZE,
-    SD_CROSS_DIM,
-    SDXL_CROSS_DIM,
-    SDXL_POOLED_DIM,
-    TOKENS,
     denoiser,
     tiny_denoiser,
     tiny_pipeline,
@@ -34,54 +29,14 @@ from tlora.tiny import (
 
 TOL = 1e-5
 R = 4
-
-
-@torch.no_grad()
-def perturb(adapter, seed: int = 1, std: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in adapter.parameters():
-        p.add_(torch.randn(p.shape, generator=g) * std)
-
-
-def inputs(kind: str, batch: int = 2, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g)
-
-    if kind == "sd":
-        return {
-            "sample": randn(batch, 4, LATENT_SIZE, LATENT_SIZE),
-            "encoder_hidden_states": randn(batch, TOKENS, SD_CROSS_DIM),
-        }
-    if kind == "sdxl":
-        s = float(IMAGE_SIZE)
-        return {
-            "sample": randn(batch, 4, LATENT_SIZE, LATENT_SIZE),
-            "encoder_hidden_states": randn(batch, TOKENS, SDXL_CROSS_DIM),
-            "added_cond_kwargs": {
-                "text_embeds": randn(batch, SDXL_POOLED_DIM),
-                "time_ids": torch.tensor([[s, s, 0.0, 0.0, s, s]]).repeat(batch, 1),
-            },
-        }
-    side = LATENT_SIZE // 2
-    img_ids = torch.zeros(side, side, 3)
-    img_ids[..., 1] = torch.arange(side)[:, None]
-    img_ids[..., 2] = torch.arange(side)[None, :]
-    return {
-        "hidden_states": randn(batch, side * side, 4),
-        "encoder_hidden_states": randn(batch, TOKENS, FLUX_JOINT_DIM),
-        "pooled_projections": randn(batch, FLUX_POOLED_DIM),
-        "txt_ids": torch.zeros(TOKENS, 3),
-        "img_ids": img_ids.reshape(-1, 3),
-    }
+perturb = functools.partial(tiny_calls.perturb, std=0.3)
 
 
 @torch.no_grad()
 def run(kind: str, model, t) -> torch.Tensor:
     """The denoiser at timestep(s) t on the 0..1000 scale (FLUX takes t / 1000, as its pipeline)."""
     t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
-    return model(**inputs(kind), timestep=t / 1000 if kind == "flux" else t, return_dict=False)[0]
+    return model(**denoiser_inputs(kind, 2), timestep=t / 1000 if kind == "flux" else t, return_dict=False)[0]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import math
 import zlib
-from fractions import Fraction
 
-import mpmath
 import pytest
+import reference
 import torch
 from torch import nn
 
@@ -42,15 +41,8 @@ class Tiny(nn.Module):
 
 
 def ref_rank(t: float, r: int, r_min: int, a: float, big_t: int = T) -> int:
-    """r(t) from the timestep's exact binary value: in rationals for whole exponents, else to 60
-    digits (where 1e-40 is far below any gap between a value and the next integer, and far above
-    the 60-digit error of an exact integer such as 0.25 ** 0.5 * 2)."""
-    frac = (big_t - Fraction(t)) / big_t
-    if float(a).is_integer():
-        return math.floor(frac ** int(a) * (r - r_min)) + r_min
-    with mpmath.workdps(60):
-        value = (mpmath.mpf(frac.numerator) / frac.denominator) ** mpmath.mpf(a) * (r - r_min)
-        return int(mpmath.floor(value + mpmath.mpf("1e-40"))) + r_min
+    """r(t) from the timestep's exact binary value (benches/reference.py's, exact arithmetic)."""
+    return reference.rank_at(t, r, r_min, big_t, a)
 
 
 def ref_mask(rank: int, r: int, dtype=torch.float64) -> torch.Tensor:

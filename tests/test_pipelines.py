@@ -9,24 +9,19 @@ r(t) = floor(((T - t) / T) * (r - r_min)) + r_min with T = 1000.
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
+import reference
 import torch
 import torch.nn.functional as F
+from tiny_calls import denoiser_inputs, perturb
 
 import tlora
 import tlora.layer
 from tlora.tiny import (
-    FLUX_JOINT_DIM,
-    FLUX_POOLED_DIM,
     IMAGE_SIZE,
     KINDS,
-    LATENT_SIZE,
-    SD_CROSS_DIM,
-    SDXL_CROSS_DIM,
-    SDXL_POOLED_DIM,
     TOKENS,
     denoiser,
     sample_kwargs,
@@ -43,7 +38,7 @@ STEPS = {"sd": 5, "sdxl": 4, "flux": 4}
 
 def expected_rank(t: float) -> int:
     """r(t) from the timestep's exact value (a float product can fall on either side of the floor)."""
-    return math.floor((T - Fraction(t)) / T * (R - R_MIN)) + R_MIN
+    return reference.rank_at(t, R, R_MIN, T)
 
 
 def inject(model, variant: str = "tlora", **kw):
@@ -52,50 +47,7 @@ def inject(model, variant: str = "tlora", **kw):
     return tlora.inject(model, rank=R, min_rank=R_MIN, variant=variant, **kw)
 
 
-@torch.no_grad()
-def perturb(adapter, seed: int = 1, std: float = 0.05) -> None:
-    """Move the trainable factors off their initialisation, where the update is exactly zero
-    (T-LoRA subtracts its frozen initial copy; LoRA starts with up = 0), so outputs depend on them."""
-    g = torch.Generator().manual_seed(seed)
-    for p in adapter.parameters():
-        p.add_(torch.randn(p.shape, generator=g) * std)
-
-
 # ---- calling a bare denoiser ------------------------------------------------------------------
-
-
-def denoiser_inputs(kind: str, batch: int, seed: int = 0) -> dict:
-    """Random conditioning and noisy input for `tiny_denoiser(kind)` (everything but the timestep)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g)
-
-    if kind == "sd":
-        return {
-            "sample": randn(batch, 4, LATENT_SIZE, LATENT_SIZE),
-            "encoder_hidden_states": randn(batch, TOKENS, SD_CROSS_DIM),
-        }
-    if kind == "sdxl":
-        size = float(IMAGE_SIZE)
-        time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(batch, 1)
-        return {
-            "sample": randn(batch, 4, LATENT_SIZE, LATENT_SIZE),
-            "encoder_hidden_states": randn(batch, TOKENS, SDXL_CROSS_DIM),
-            "added_cond_kwargs": {"text_embeds": randn(batch, SDXL_POOLED_DIM), "time_ids": time_ids},
-        }
-    # FLUX: 1 latent channel, 2x2 patches packed into tokens of 4 channels.
-    side = LATENT_SIZE // 2
-    img_ids = torch.zeros(side, side, 3)
-    img_ids[..., 1] = torch.arange(side)[:, None]
-    img_ids[..., 2] = torch.arange(side)[None, :]
-    return {
-        "hidden_states": randn(batch, side * side, 4),
-        "encoder_hidden_states": randn(batch, TOKENS, FLUX_JOINT_DIM),
-        "pooled_projections": randn(batch, FLUX_POOLED_DIM),
-        "txt_ids": torch.zeros(TOKENS, 3),
-        "img_ids": img_ids.reshape(-1, 3),
-    }
 
 
 def model_input(inputs: dict) -> torch.Tensor:

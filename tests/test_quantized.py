@@ -27,10 +27,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_calls import denoiser_inputs
+from train_inputs import train_args
 
 import tlora
 from tlora.quantized import dequantized_weight, quantized_kind
-from tlora.tiny import LATENT_SIZE, SDXL_CROSS_DIM, SDXL_POOLED_DIM, TOKENS, tiny_sdxl_unet
+from tlora.tiny import LATENT_SIZE, TOKENS, tiny_sdxl_unet
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK, MIN_RANK = 4, 2
@@ -145,13 +147,8 @@ def quantized_unet(backend: str, folder: Path):
 
 
 def inputs(batch: int = 2, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    time_ids = torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]).repeat(batch, 1)
-    return {
-        "sample": torch.randn(batch, 4, LATENT_SIZE, LATENT_SIZE, generator=g),
-        "encoder_hidden_states": torch.randn(batch, TOKENS, SDXL_CROSS_DIM, generator=g),
-        "added_cond_kwargs": {"text_embeds": torch.randn(batch, SDXL_POOLED_DIM, generator=g), "time_ids": time_ids},
-    }
+    """The tiny SD-XL UNet's inputs, everything but the timestep."""
+    return denoiser_inputs("sdxl", batch, seed)
 
 
 def perturb(adapter, seed: int = 1, std: float = 0.2) -> None:
@@ -343,21 +340,10 @@ def test_diffusers_bitsandbytes_config_needs_a_gpu_here(saved_unet):
 # ---- tlora train --quantize ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny SD pipeline folder and a 16x16 photo."""
-    from PIL import Image
-
-    from tlora.tiny import save_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("quant-train")
-    folder = save_tiny_pipeline("sd", root / "sd")
-    y, x = np.mgrid[0:16, 0:16]
-    a = np.zeros((16, 16, 3), np.uint8)
-    a[..., 0], a[..., 1], a[..., 2] = x * 16, y * 16, 90
-    a[(x - 8) ** 2 + (y - 8) ** 2 < 20] = (255, 255, 0)
-    Image.fromarray(a).save(root / "dog.png")
-    return folder, root / "dog.png"
+@pytest.fixture
+def tiny_sd(models, image) -> tuple[Path, Path]:
+    """The tiny SD pipeline folder and the 16x16 photo (conftest.py's)."""
+    return models["sd"], image
 
 
 @pytest.mark.parametrize("choice", ["int8", "int4"])
@@ -407,29 +393,7 @@ def test_train_quantize_nf4_without_gpu_is_refused(tiny_sd, tmp_path, capsys):
 
     folder, image = tiny_sd
     out = tmp_path / "run"
-    rc = cli.main(
-        [
-            "train",
-            "--model",
-            str(folder),
-            "--image",
-            str(image),
-            "--out",
-            str(out),
-            "--token",
-            "sks",
-            "--class-name",
-            "dog",
-            "--resolution",
-            "16",
-            "--rank",
-            "4",
-            "--steps",
-            "2",
-            "--quantize",
-            "nf4",
-        ]
-    )
+    rc = cli.main(train_args(folder, image, out, 2, 1, "--quantize", "nf4"))
     assert rc != 0
     err = capsys.readouterr().err
     assert "--quantize nf4" in err and "CUDA GPU" in err and "int8" in err, err

@@ -10,19 +10,15 @@ output would hide a 100 % error of a small update behind the base layer's much l
 from __future__ import annotations
 
 import functools
-import sys
-from pathlib import Path
 
+import ops  # benches/ops.py: the op counter, shared with the benchmark
 import pytest
+import reference  # benches/reference.py: the float64 update, shared with benches/precision.py
 import torch
 
 import tlora
 import tlora.layer
 from tlora.tiny import LATENT_SIZE, SD_CROSS_DIM, TOKENS, tiny_denoiser
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
-import ops  # noqa: E402  (benches/ops.py: the op counter, shared with the benchmark)
-import reference  # noqa: E402  (benches/reference.py: the float64 update, shared with benches/precision.py)
 
 R, R_MIN, T = 8, 4, 1000
 IN_F, OUT_F = 48, 40
