@@ -136,8 +136,8 @@ def test_parser_choices_and_limits_are_the_librarys():
     import tlora.quantized
 
     # One definition each; the library modules that check them agree with it.
-    assert tlora.quantized.QUANTIZE_CHOICES == options.QUANTIZE
-    assert tlora.interop.FORMATS == options.EXPORT_FORMATS
+    assert tlora.quantized.QUANTIZE_CHOICES is options.QUANTIZE
+    assert tlora.interop.FORMATS is options.EXPORT_FORMATS
     assert tuple(tlora.pipelines.DTYPES) == tuple(options.DTYPES)
     assert tuple(tlora.evaluate.PAPER_PROMPTS) == options.PROMPT_SETS
     assert set(options.PAPER_STEPS) == set(config.VARIANTS)

@@ -42,8 +42,9 @@ from .atomic import write_atomic, write_folder
 from .config import AdapterConfig, check_float, check_rank
 from .errors import ConfigError, TloraError
 from .io import load, read_adapter, save, write_tensors
+from .options import EXPORT_FORMATS
 
-FORMATS = ("diffusers", "peft", "kohya")
+FORMATS = EXPORT_FORMATS  # (options.py: the one list, also the parser's)
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 EXPORT_METADATA_KEY = "tlora_export"
 LOSS_NOTE = (

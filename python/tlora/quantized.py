@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, InputError
+from .options import QUANTIZE
 
 # The `tlora train --quantize` choices, and the backend each one uses.
-QUANTIZE_CHOICES = ("int8", "int4", "nf4")
+QUANTIZE_CHOICES = QUANTIZE  # (options.py: the one list, also the parser's)
 
 
 def _class(module: str, name: str):
@@ -106,7 +107,7 @@ def quantization_config(choice: str):
     through optimum-quanto (runs on CPU and GPU), nf4 through bitsandbytes (diffusers asks for a
     GPU for it). Raises a clear error when the backend is not installed."""
     if choice not in QUANTIZE_CHOICES:
-        raise ConfigError(f"--quantize {choice!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+        raise ConfigError(f"quantize {choice!r} is not one of {', '.join(QUANTIZE_CHOICES)}", field="quantize")
     if choice in ("int8", "int4"):
         try:
             import optimum.quanto  # noqa: F401

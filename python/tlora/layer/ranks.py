@@ -130,7 +130,7 @@ def ranks_of_levels(level: torch.Tensor, rank: int, min_rank: int, rank_exponent
     float ones in float64, exact when t (r - r_min) is, as it is for every float32 level); for
     a != 1, floor(((T - t) / T)^a (r - r_min) + RANK_SNAP) in float64."""
     d, big_t = rank - min_rank, num_train_timesteps
-    wide = torch.float32 if level.device.type == "mps" else torch.float64  # (MPS has no float64)
+    wide = torch.float64  # (the kernels' devices, CPU and CUDA, have it)
     if rank_exponent == 1.0:
         if not level.is_floating_point():
             ceil = (level.long() * d + (big_t - 1)) // big_t
