@@ -14,8 +14,8 @@ export LIBTORCH_USE_PYTORCH := 1
 VENV211   ?= .venv-torch211
 PYTHON312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python) python3.12)
 # Tests the torch 2.11 build runs (by name: the kernel, pipeline and training tests).
-TESTS211  := tests/test_kernels.py tests/test_pipelines.py tests/test_train.py tests/test_train_resume.py \
-	tests/test_train_ddp.py tests/test_train_inputs.py
+TESTS211  := tests/layer/test_kernels.py tests/adapter/test_pipelines.py tests/train/test_train.py tests/train/test_train_resume.py \
+	tests/train/test_train_ddp.py tests/train/test_train_inputs.py
 DIST      ?= dist
 # One folder per torch: the abi3 wheels for 2.11 and 2.13 have the same file name.
 WHEELDIR   = $(DIST)/torch-$(TORCH)

@@ -15,7 +15,7 @@ Outcome classes:
 
 Corpus: the adapter files of tests/fuzz_corpus.py through load, read, info, export and import;
 non-regular files; API arguments; the corrupted training checkpoints of tests/fuzz_corpus.py
-(`resume_cases`) through `tlora train --resume`, judged as tests/test_fuzz.py judges them; CLI
+(`resume_cases`) through `tlora train --resume`, judged as tests/files/test_fuzz.py judges them; CLI
 arguments, images, model folders and training faults on the tiny offline SD pipeline
 (tests/train_inputs.py). --only runs one section (e.g. `--only resume` against an older checkout).
 """
@@ -37,7 +37,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import torch  # noqa: E402
-from fuzz_corpus import (  # noqa: E402
+
+import tlora  # noqa: E402
+from tlora.adapter.inject import adapter_of  # noqa: E402
+from tlora.testing.fuzz_corpus import (  # noqa: E402
     READERS,
     FuzzModel,
     build,
@@ -53,7 +56,7 @@ from fuzz_corpus import (  # noqa: E402
     train_finished_run,
     valid_file,
 )
-from train_inputs import (  # noqa: E402
+from tlora.testing.train_inputs import (  # noqa: E402
     break_model_index,
     drop_checkpoint_state,
     nan_on_call,
@@ -63,9 +66,6 @@ from train_inputs import (  # noqa: E402
     write_bomb,
     write_photo,
 )
-
-import tlora  # noqa: E402
-from tlora.adapter import adapter_of  # noqa: E402
 
 CAUGHT = (ValueError, OSError)  # what the CLI reports as "error: ..." with exit 2
 
@@ -223,7 +223,7 @@ def api_outcomes(root: Path) -> collections.Counter:
 
 def resume_outcomes(root: Path, quick: bool, problems: list[str]) -> collections.Counter:
     """Each corrupted checkpoint through `tlora train --resume` of a finished 2-step run, classified
-    by fuzz_corpus.resume_outcome (what tests/test_fuzz.py asserts); --quick: every 6th case of each
+    by fuzz_corpus.resume_outcome (what tests/files/test_fuzz.py asserts); --quick: every 6th case of each
     edited file and those that must resume. What is wrong with each case that is not clear / ok goes to `problems`."""
     counts: collections.Counter = collections.Counter()
     torch.set_num_threads(1)
@@ -252,7 +252,7 @@ def resume_outcomes(root: Path, quick: bool, problems: list[str]) -> collections
 
 
 def cli_outcomes(root: Path) -> collections.Counter:
-    from tlora.tiny import save_tiny_pipeline
+    from tlora.testing.tiny import save_tiny_pipeline
 
     counts: collections.Counter = collections.Counter()
     torch.set_num_threads(1)

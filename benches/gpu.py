@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from full_size import FLUX_TRANSFORMER, SDXL_UNET
 
 import tlora
-from tlora.atomic import write_atomic
+from tlora.files.atomic import write_atomic
 
 T = 1000
 RANK = 64  # --dry-run: 4

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 import tlora
+from tlora.adapter.targets import find_targets
 from tlora.config import DEFAULT_TARGETS
-from tlora.targets import find_targets
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

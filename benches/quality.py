@@ -3,7 +3,7 @@ Vanilla T-LoRA, Ortho-LoRA and T-LoRA across ranks, concepts and seeds.
 
     python benches/quality.py [--ranks 4 8 16 32] [--concepts ...] [--seeds 0 1 2] [--workers 2]
 
-Each cell fine-tunes the bundled toy model on one concept image (tlora.toy.evaluate.finetune),
+Each cell fine-tunes the bundled toy model on one concept image (tlora.demo.evaluate.finetune),
 samples every evaluation prompt and scores the pixels. Results go to bench-results/quality.json,
 quality.md (mean ± std over concepts x seeds) and quality.png (fidelity against alignment).
 quality.md also has paired differences (T-LoRA minus LoRA on the same concept, rank and seed), a
@@ -23,8 +23,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from tlora.toy.concepts import CONCEPTS, concept
-from tlora.toy.evaluate import METHODS, TOY_LR, TOY_STEPS, finetune
+from tlora.demo.concepts import CONCEPTS, concept
+from tlora.demo.evaluate import METHODS, TOY_LR, TOY_STEPS, finetune
 
 KEYS = ("fidelity", "alignment", "diversity")
 # The toy UNet's attention layers are 32 and 64 wide: rank 32 is already full rank in the first block.

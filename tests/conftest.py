@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_inputs import train_args, write_photo
+
+from tlora.testing.train_inputs import train_args, write_photo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
 
@@ -44,7 +45,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     """The three tiny diffusers folders (sd, sdxl, flux), built once: a test that changes one copies it first."""
-    from tlora.tiny import KINDS, save_tiny_pipeline
+    from tlora.testing.tiny import KINDS, save_tiny_pipeline
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {kind: save_tiny_pipeline(kind, root / kind) for kind in KINDS}

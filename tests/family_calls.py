@@ -1,5 +1,5 @@
 """Tiny models of the diffusers families whose timestep argument has another name or position, or
-which were refused before (MORE_FAMILIES, for tests/test_family_calls.py): each with the noise
+which were refused before (MORE_FAMILIES, for tests/adapter/test_family_calls.py): each with the noise
 fractions of its pipeline's steps, what the pipeline passes at each step, and the pipeline's call.
 """
 

@@ -1,4 +1,4 @@
-"""Tiny models (1 layer, 16 wide) of the diffusers families that tests/test_family_forward.py drives
+"""Tiny models (1 layer, 16 wide) of the diffusers families that tests/adapter/test_family_forward.py drives
 forward, each built from a config, with the inputs its pipeline gives it: every builder returns
 (model, keyword arguments without the timestep). FAMILIES pairs each with its scheduler and what
 its pipeline passes as the timestep at scheduler step t (quoted next to each case from diffusers

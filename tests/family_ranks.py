@@ -1,7 +1,7 @@
 """What the family tests measure: the ranks every adapted layer uses at each call of a denoiser,
 against the paper's r(t) in exact arithmetic (rank R = 8, R_MIN = 1, T = 1000; batches of B = 2).
 
-Shared by tests/test_family_pipelines.py, test_family_forward.py, test_family_calls.py and
+Shared by tests/adapter/test_family_pipelines.py, test_family_forward.py, test_family_calls.py and
 test_timestep_conventions.py; the tiny models are in family_models.py and family_calls.py.
 """
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import tlora
-from tlora.adapter import adapter_of
+from tlora.adapter.inject import adapter_of
 from tlora.layer import lowrank_update
 
 
@@ -276,7 +276,7 @@ def test_bad_rank_block(adapted, ranks, fragment):
 def test_one_rank_rule_at_every_door(adapted, tmp_path, bad, message):
     """A rank asked of an adapter is checked by one rule (config.check_rank), in the same words,
     wherever it is asked: adapter.rank, the kernels' functional form and export."""
-    from tlora import interop
+    from tlora.files import export as interop
 
     adapter = adapter_of(adapted)
     layer = adapted.blocks[0].attn.to_q

@@ -21,7 +21,7 @@ from tlora.cli import main
 from tlora.errors import InputError, MissingFileError
 from tlora.evaluate import Encoders, evaluate, markdown, paper_prompts, parse_colour
 from tlora.images import MIN_LABELLED_TILE, grid, label_font
-from tlora.tiny import save_tiny_clip, save_tiny_dino
+from tlora.testing.tiny import save_tiny_clip, save_tiny_dino
 
 
 @pytest.fixture(scope="module")
@@ -314,9 +314,9 @@ def test_demo_comparison_grid_is_labelled(tmp_path, monkeypatch, capsys):
     """`tlora demo`'s grid code on stand-in runs (no training): labelled columns and prompt rows."""
     import argparse
 
-    import tlora.toy.evaluate as toy
-    from tlora.demo import run
-    from tlora.toy.concepts import EVAL_PROMPTS
+    import tlora.demo.evaluate as toy
+    from tlora.demo.concepts import EVAL_PROMPTS
+    from tlora.demo.run import run
 
     n = 2
     scores = dict(fidelity=0.0, alignment=0.0, background_accuracy=0.0, position_accuracy=0.0, diversity=0.0)

@@ -96,26 +96,26 @@ def test_argument_errors_load_no_torch(argv, fragment):
 
 def test_the_guard_catches_a_torch_import():
     # The checks above are only as good as the guard.
-    proc = run_guarded("import tlora.io")
+    proc = run_guarded("import tlora.files.io")
     assert proc.returncode != 0 and "the torch-free front imported torch" in proc.stderr, proc.stderr
 
 
 def test_native_module_loads_after_torch():
     # The extension links libtorch_python: the package imports torch first, whichever module
-    # asks for the native module first (tlora.atomic imports no torch of its own).
-    code = "import sys, tlora.atomic; assert 'torch' in sys.modules; print(tlora.atomic._native.__name__)"
+    # asks for the native module first (tlora.files.atomic imports no torch of its own).
+    code = "import sys, tlora.files.atomic; assert 'torch' in sys.modules; print(tlora.files.atomic._native.__name__)"
     env = dict(os.environ, PYTHONPATH=str(PYTHON_DIR))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "tlora._native", proc.stderr
 
 
 def test_every_public_name_still_works():
-    import tlora.adapter
+    import tlora.adapter.inject
     import tlora.config
     import tlora.errors
-    import tlora.io
+    import tlora.files.io
 
-    homes = {"adapter": tlora.adapter, "config": tlora.config, "io": tlora.io, "errors": tlora.errors}
+    homes = {"adapter": tlora.adapter.inject, "config": tlora.config, "io": tlora.files.io, "errors": tlora.errors}
     for name in tlora.__all__:
         value = getattr(tlora, name)
         if name != "__version__":
@@ -123,21 +123,22 @@ def test_every_public_name_still_works():
             assert value is getattr(home, name), name
     assert set(tlora.__all__) <= set(dir(tlora))
     # Submodules as attributes, as tests and users reach them.
-    for sub in ("io", "interop", "layer", "timesteps", "tiny", "adapter", "quantized", "targets", "atomic"):
+    for sub in ("adapter", "layer", "files", "train", "testing", "demo", "timesteps", "config", "cli"):
         assert getattr(tlora, sub).__name__ == f"tlora.{sub}"
+    assert tlora.files.io.load is tlora.load  # a room's module
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         tlora.nope  # noqa: B018
 
 
 def test_parser_choices_and_limits_are_the_librarys():
+    import tlora.adapter.quantized
     import tlora.evaluate
-    import tlora.interop
+    import tlora.files.export
     import tlora.pipelines
-    import tlora.quantized
 
     # One definition each; the library modules that check them agree with it.
-    assert tlora.quantized.QUANTIZE_CHOICES is options.QUANTIZE
-    assert tlora.interop.FORMATS is options.EXPORT_FORMATS
+    assert tlora.adapter.quantized.QUANTIZE_CHOICES is options.QUANTIZE
+    assert tlora.files.export.FORMATS is options.EXPORT_FORMATS
     assert tuple(tlora.pipelines.DTYPES) == tuple(options.DTYPES)
     assert tuple(tlora.evaluate.PAPER_PROMPTS) == options.PROMPT_SETS
     assert set(options.PAPER_STEPS) == set(config.VARIANTS)

@@ -16,7 +16,7 @@ from family_ranks import R_MIN, B, R, T, drive, inject, r_of, ranks_of_call
 
 import tlora
 from tlora import timesteps
-from tlora.tiny import tiny_flux_pipeline
+from tlora.testing.tiny import tiny_flux_pipeline
 
 # ---- the conventions as functions --------------------------------------------------------------
 
@@ -163,7 +163,7 @@ def test_timestep_scale_still_multiplies_and_is_stored(tmp_path):
 def test_files_without_a_convention_use_the_class_default():
     """Adapter files written before conventions existed have no timestep_convention: FLUX still gets
     t/1000 read as T * argument."""
-    from tlora.adapter import inject_config
+    from tlora.adapter.inject import inject_config
 
     model = tiny_flux_pipeline().transformer
     config = tlora.AdapterConfig.from_dict({"rank": R, "min_rank": R_MIN})

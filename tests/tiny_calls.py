@@ -1,14 +1,14 @@
-"""Calling the tiny denoisers of tlora.tiny directly: random inputs for each kind (everything but
+"""Calling the tiny denoisers of tlora.testing.tiny directly: random inputs for each kind (everything but
 the timestep), and an adapter moved off its initialisation.
 
-Used by tests/test_pipelines.py, test_interop.py, test_quantized.py and test_fastpath.py.
+Used by tests/adapter/test_pipelines.py, test_interop.py, test_quantized.py and test_fastpath.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tlora.tiny import (
+from tlora.testing.tiny import (
     FLUX_JOINT_DIM,
     FLUX_POOLED_DIM,
     IMAGE_SIZE,

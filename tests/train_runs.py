@@ -2,7 +2,7 @@
 bit for bit, the files it wrote, the CLI's exit status with its last error line, and the
 environment of the subprocesses that run it (one intra-op thread, offline).
 
-Used by tests/test_train.py, test_train_resume.py, test_train_ddp.py and test_train_inputs.py.
+Used by tests/train/test_train.py, test_train_resume.py, test_train_ddp.py and test_train_inputs.py.
 """
 
 from __future__ import annotations

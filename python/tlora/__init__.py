@@ -8,7 +8,7 @@ adapter.remove()
 """
 
 # The exports load lazily (PEP 562): `import tlora` and `tlora --help` import no torch; the first
-# use of `tlora.inject` (or any name below, or a submodule as `tlora.io`) imports what it needs.
+# use of `tlora.inject` (or any name below, or a submodule as `tlora.files.io`) imports what it needs.
 
 from __future__ import annotations
 
@@ -28,23 +28,23 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .adapter import Adapter, adapter_of, inject, rank_schedule, remove
+    from .adapter.inject import Adapter, adapter_of, inject, rank_schedule, remove
     from .config import AdapterConfig
-    from .io import load, read, save
+    from .files.io import load, read, save
 
 __version__ = "0.1.0"
 
 # Name -> the submodule that defines it.
 _LAZY = {
-    "Adapter": "adapter",
-    "adapter_of": "adapter",
-    "inject": "adapter",
-    "rank_schedule": "adapter",
-    "remove": "adapter",
+    "Adapter": "adapter.inject",
+    "adapter_of": "adapter.inject",
+    "inject": "adapter.inject",
+    "rank_schedule": "adapter.inject",
+    "remove": "adapter.inject",
     "AdapterConfig": "config",
-    "load": "io",
-    "read": "io",
-    "save": "io",
+    "load": "files.io",
+    "read": "files.io",
+    "save": "files.io",
 }
 
 
@@ -58,7 +58,7 @@ def __getattr__(name: str):
         # Modules import it as `from . import _native`, which asks this function first.
         import torch  # noqa: F401
     if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f".{name}", __name__)  # a submodule: `tlora.io`, `tlora.tiny`
+        return importlib.import_module(f".{name}", __name__)  # a submodule: `tlora.files.io`, `tlora.testing.tiny`
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

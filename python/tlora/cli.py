@@ -316,7 +316,7 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from .train import TrainConfig, train
+    from .train.loop import TrainConfig, train
 
     opts = _options(args)
     opts["validation_prompts"] = [p for p in opts["validation_prompts"].split("#") if p.strip()]
@@ -332,7 +332,7 @@ def _run_generate(args: argparse.Namespace) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> None:
-    from .io import read_adapter
+    from .files.io import read_adapter
 
     f = read_adapter(args.adapter)
     n = sum(t.numel() for k, t in f.tensors.items() if not k.endswith(("0",)))
@@ -341,7 +341,7 @@ def _run_info(args: argparse.Namespace) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    from .interop import export
+    from .files.export import export
 
     result = export(args.adapter, args.out, format=args.format, timestep=args.timestep, rank=args.rank)
     where = f"{result.path} and {result.config_path}" if result.config_path else str(result.path)
@@ -350,7 +350,7 @@ def _run_export(args: argparse.Namespace) -> None:
 
 
 def _run_import(args: argparse.Namespace) -> None:
-    from .interop import import_file
+    from .files.export import import_file
 
     adapter, out = import_file(
         args.adapter,
@@ -386,8 +386,8 @@ def _handled_by(p: argparse.ArgumentParser, run) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo import add_parser as demo_parser
-    from .demo import run as run_demo
+    from .demo.run import add_parser as demo_parser
+    from .demo.run import run as run_demo
 
     parser = argparse.ArgumentParser(
         prog="tlora", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic import write_atomic
 from .errors import InputError, MissingFileError
+from .files.atomic import write_atomic
 from .images import IMAGE_SUFFIXES, _open, check_input_file, subject_mask, to_rgb
 from .options import PROMPT_SETS
 

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .atomic import save_image
 from .config import check_float, check_int
 from .errors import AdapterFileError, ConfigError, about
+from .files.atomic import save_image
+from .files.io import load, read
 from .images import grid
-from .io import load, read
 from .options import MAX_GUIDANCE, MAX_IMAGES, MAX_SAMPLE_STEPS, MAX_SEED
 from .pipelines import check_dtype, check_side, family_of, load_pipeline, resolve_device
 

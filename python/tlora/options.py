@@ -19,7 +19,7 @@ MAX_TRAIN_STEPS = 10_000_000
 PAPER_STEPS = {"tlora": 800, "vanilla": 500, "lora": 500}  # the paper's steps per variant
 MAX_LR = 1.0  # the learning rate is in (0, MAX_LR]
 MIXED_PRECISION = ("no", "fp16", "bf16")
-# Quantized frozen bases: int8 / int4 through optimum-quanto, nf4 through bitsandbytes (tlora.quantized).
+# Quantized frozen bases: int8 / int4 through optimum-quanto, nf4 through bitsandbytes (tlora.adapter.quantized).
 QUANTIZE = ("int8", "int4", "nf4")
 
 # Sampling (`tlora generate`, and training's validation samples).
@@ -29,7 +29,7 @@ MAX_GUIDANCE = 100.0
 # The pipeline's weights: option value -> torch dtype name.
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
-# Static LoRA formats `tlora export` writes (tlora.interop).
+# Static LoRA formats `tlora export` writes (tlora.files.export).
 EXPORT_FORMATS = ("diffusers", "peft", "kohya")
 # DreamBooth's context prompt sets (tlora.evaluate.PAPER_PROMPTS).
 PROMPT_SETS = ("object", "live")

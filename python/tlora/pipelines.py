@@ -150,7 +150,7 @@ def check_model_folder(path: str) -> None:
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, quantize: str | None = None):
     """Load a supported pipeline from a local folder or a hub id, through `from_pretrained`;
-    `quantize` ("int8", "int4", "nf4": see tlora.quantized) quantizes the denoiser's Linear layers."""
+    `quantize` ("int8", "int4", "nf4": see tlora.adapter.quantized) quantizes the denoiser's Linear layers."""
     from diffusers import DiffusionPipeline
 
     check_model_folder(model)
@@ -158,7 +158,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, quantize: str 
     if quantize is not None:
         from diffusers import PipelineQuantizationConfig
 
-        from .quantized import quantization_config
+        from .adapter.quantized import quantization_config
 
         q = quantization_config(quantize)
         kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping={"unet": q, "transformer": q})

@@ -6,7 +6,7 @@ Marked `cuda`; every test skips without a CUDA device. TLORA_TEST_DEVICE=cpu run
 agnostic ones on the CPU instead (a dry run of the test logic where there is no GPU; the sync and
 compile checks stay CUDA-only). Only public API is used: tlora.inject, adapter.parameters(),
 adapter.timestep(), tlora.save / tlora.load (the file format is documented in the README) and
-tlora.tiny, so the tests hold whatever the kernels look like inside.
+tlora.testing.tiny, so the tests hold whatever the kernels look like inside.
 
 Reference (the paper, per sample b with rank r_b = r(t_b)):
     y_b = x_b W^T + bias + scale * x_b dW_b^T
@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torch import nn
 
 import tlora
-from tlora import tiny
+from tlora.testing import tiny
 
 pytestmark = pytest.mark.cuda
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import _native
 from ..config import AdapterConfig
-from ..factors import FROZEN, LORA, is_tlora, n_trainable, names, trainable
+from .factors import FROZEN, LORA, is_tlora, n_trainable, names, trainable
 from .ops import COMPUTE_DTYPES, DTYPE_NAMES, Update, check_compute_dtype, update_op
 from .ranks import RankState
 

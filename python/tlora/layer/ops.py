@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 from .. import _native
 from ..config import check_ranks
 from ..errors import ConfigError
-from ..factors import is_tlora, n_trainable, rank_of
+from .factors import is_tlora, n_trainable, rank_of
 from .ranks import rank_mask
 
 # The dtypes the kernels compute in, by the names the native functions take (src/kernel: `compute_kind`).

@@ -1,0 +1,457 @@
+"""Training checkpoints: `checkpoint-N/` folders holding the adapter, the optimizer state, the RNG
+state and the step, all as safetensors + JSON (never pickle).
+
+A checkpoint is written into a temporary folder and renamed into place as a whole, so a folder
+named `checkpoint-N` is always complete; a crash or a full disk leaves older checkpoints intact.
+
+    adapter.safetensors   the adapter file (tlora.files.io's format, its own checksum)
+    state.safetensors     tensors `state.<i>.<name>` (AdamW's step, exp_avg, exp_avg_sq of the i-th
+                          trainable factor, in `Adapter.parameters()` order), `rng.generator` (the
+                          main process's CPU generator) and, under DDP, `rng.generator.<k>` (process k);
+                          metadata: `optimizer` (JSON: `param_groups`, and `scalars` for non-tensor
+                          state), `step` (decimal) and `checksum` (`tlora.files.io.adapter_checksum` of
+                          these strings and the tensors)
+    state.json            {"step": N}
+
+`read_checkpoint` validates all of it before anything is restored, as tlora.files.io validates adapter
+files: the checksum (a state file written before checksums resumes with a warning; every other
+check still applies), the optimizer description's schema (types and ranges), one state per
+trainable factor with the factor's shape, float32 finite values, exp_avg_sq >= 0, equal per-factor
+step counts of at most the checkpoint's step, the RNG state's size, and the step in state.json
+against the folder's name and the state file. Every refusal is a CheckpointError naming the file
+and the field, ending with what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapter.inject import Adapter
+from ..config import check_float, check_int
+from ..errors import CheckpointError, ConfigError, TloraError
+from ..files.atomic import write_atomic
+from ..files.io import AdapterFile, adapter_checksum, check_regular_file, read_adapter, read_raw, write_tensors
+from ..files.io import save as save_adapter
+from ..images import check_input_file
+from ..layer import factors
+
+_NAME = re.compile(r"checkpoint-(\d+)$")
+# What a refusal of a checkpoint tells the user to do.
+FIX = "resume from an earlier checkpoint (move this one out of the run folder) or start over with --overwrite"
+# AdamW's state of one trainable factor (train.py's optimizer); amsgrad adds max_exp_avg_sq.
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+AMSGRAD_KEY = "max_exp_avg_sq"
+# AdamW's numeric hyperparameters and their ranges; its other settings are flags (bool or null).
+GROUP_NUMBERS = {"lr": (0.0, 1.0, False), "eps": (0.0, 1.0, False), "weight_decay": (0.0, None, True)}
+_GENERATOR_STATE = torch.Generator().get_state()  # a CPU generator's state: its size and dtype
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically."""
+    write_atomic(path, json.dumps(data, indent=2))
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[list[tuple[str, torch.Tensor]], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = [], {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors.append((f"state.{idx}.{key}", value.detach().cpu().contiguous()))
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_problem(optimizer: torch.optim.Optimizer) -> str | None:
+    """What makes the optimizer's state unfit to checkpoint (non-finite values, a negative second
+    moment), or None: the check `save_checkpoint`'s callers run, the same `read_checkpoint` runs."""
+    for idx, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                problem = _value_problem(key, value.detach())
+                if problem:
+                    return f"state {idx} {key} {problem}"
+    return None
+
+
+def save_checkpoint(
+    out: Path,
+    step: int,
+    adapter: Adapter,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    extra: dict[str, Any],
+    generator_states: list[torch.Tensor] | None = None,
+) -> Path:
+    """`generator_states`: under DDP, every process's generator state (index = process index), so
+    that each process resumes its own random stream."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_adapter(adapter, tmp / "adapter.safetensors", extra=extra)
+        tensors, meta = _optimizer_tensors(optimizer)
+        tensors.append(("rng.generator", generator.get_state()))
+        for i, state in enumerate(generator_states or []):
+            tensors.append((f"rng.generator.{i}", state.cpu().contiguous()))
+        strings = {"optimizer": json.dumps(meta, allow_nan=False), "step": str(step)}
+        strings["checksum"] = adapter_checksum(tensors, strings)
+        write_tensors(tmp / "state.safetensors", tensors, strings)
+        write_json(tmp / "state.json", {"step": step})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoints in `out`, oldest first; temporary folders of checkpoints cut short are removed."""
+    for stale in out.glob(".checkpoint-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := _NAME.search(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint, not yet restored."""
+
+    path: Path
+    step: int
+    adapter: AdapterFile
+    state: dict[int, dict[str, Any]]  # trainable factor index -> AdamW state
+    groups: list[dict[str, Any]]
+    rng: dict[str, torch.Tensor]  # "rng.generator" and "rng.generator.<k>"
+
+
+def _fail(path: Path, field: str | None, problem: str) -> CheckpointError:
+    where = f"{path}: {field}: " if field else f"{path}: "
+    return CheckpointError(f"{where}{problem}: {FIX}")
+
+
+def _value_problem(key: str, t: torch.Tensor) -> str | None:
+    """Why an AdamW moment tensor is not a valid one (None when it is)."""
+    if t.dtype != torch.float32:
+        return f"is {str(t.dtype).removeprefix('torch.')}, not float32"
+    bad = int(t.numel() - torch.isfinite(t).sum())
+    if bad:
+        return f"holds {bad} non-finite value(s) (NaN or infinity)"
+    if key != "exp_avg" and t.numel() and float(t.min()) < 0:
+        return f"holds negative values (min {float(t.min()):g}); a second moment is >= 0"
+    return None
+
+
+def read_checkpoint(ckpt: Path) -> Checkpoint:
+    """Read and validate every part of checkpoint folder `ckpt` (module docstring), touching
+    nothing; CheckpointError naming the file and field otherwise."""
+    ckpt = Path(ckpt)
+    try:
+        f = read_adapter(ckpt / "adapter.safetensors")
+    except TloraError as e:  # AdapterFileError, MissingFileError: the message names the file
+        raise CheckpointError(f"{e}: {FIX}") from None
+    state_file = ckpt / "state.safetensors"
+    tensors, strings, rng = _read_state_file(ckpt, state_file)
+    step = _read_step(ckpt, strings)
+    groups, scalars = _read_optimizer(state_file, strings["optimizer"])
+    shapes = _trainable_shapes(f)
+    _check_groups(state_file, groups, len(shapes))
+    amsgrad = any(g.get("amsgrad") is True for g in groups)
+    state = _optimizer_state(state_file, tensors, scalars, rng)
+    _check_state(state_file, state, shapes, amsgrad, step)
+    for key, t in rng.items():
+        if t.dtype != torch.uint8 or t.shape != _GENERATOR_STATE.shape:
+            raise _fail(
+                state_file,
+                key,
+                f"is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}, not a CPU generator's state "
+                f"(uint8 {tuple(_GENERATOR_STATE.shape)})",
+            )
+    return Checkpoint(path=ckpt, step=step, adapter=f, state=state, groups=groups, rng=rng)
+
+
+def _read_state_file(
+    ckpt: Path, state_file: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, torch.Tensor]]:
+    """state.safetensors' tensors, metadata strings and RNG states, its parts present and its
+    checksum verified (a file written before checksums: a warning)."""
+    if not state_file.exists():
+        raise CheckpointError(
+            f"{ckpt} has no state.safetensors (optimizer and RNG state): it cannot be resumed exactly; {FIX}"
+        )
+    try:
+        check_regular_file(state_file, "checkpoint state file")
+        raw, strings = read_raw(state_file)
+    except TloraError as e:
+        raise CheckpointError(f"{e}: {FIX}") from None
+    tensors = dict(raw)
+    # The parts first (their own messages), then the checksum, then what the metadata says.
+    if "optimizer" not in strings:
+        raise CheckpointError(f"{state_file} has no optimizer state ('optimizer' missing): it cannot be resumed; {FIX}")
+    rng = {k: v for k, v in tensors.items() if k == "rng.generator" or re.fullmatch(r"rng\.generator\.\d+", k)}
+    if "rng.generator" not in rng:
+        raise CheckpointError(
+            f"{state_file} has no RNG state (rng.generator): the run cannot continue the same random "
+            "sequence; start a new run (--overwrite) instead"
+        )
+    expected = strings.get("checksum")
+    if expected is None:
+        warnings.warn(
+            f"{state_file} has no checksum (written by an older tlora): its state is checked but cannot be verified",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif adapter_checksum(raw, strings) != expected:
+        raise _fail(
+            state_file,
+            "checksum",
+            "the optimizer state and its description do not match the file's checksum: the file is corrupted "
+            "(or was edited)",
+        )
+    return tensors, strings, rng
+
+
+def _optimizer_state(
+    state_file: Path, tensors: dict[str, torch.Tensor], scalars: dict, rng: dict[str, torch.Tensor]
+) -> dict[int, dict[str, Any]]:
+    """Trainable factor index -> its AdamW state, from the `state.<i>.<name>` tensors and the
+    optimizer description's `<i>.<name>` scalars (each named so, each name once)."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key in rng:
+            continue
+        m = re.fullmatch(r"state\.(0|[1-9]\d*)\.(\w+)", key)
+        if not m:
+            raise _fail(state_file, key, "is not an optimizer or RNG state tensor")
+        state.setdefault(int(m.group(1)), {})[m.group(2)] = value
+    for key, value in scalars.items():
+        m = re.fullmatch(r"(0|[1-9]\d*)\.(\w+)", key) if isinstance(key, str) else None
+        if not m:
+            raise _fail(state_file, f"optimizer.scalars[{key!r}]", "must be named '<index>.<state name>'")
+        name = m.group(2)
+        if name in state.get(int(m.group(1)), {}):
+            raise _fail(state_file, f"optimizer.scalars[{key!r}]", "is also stored as a tensor")
+        state.setdefault(int(m.group(1)), {})[name] = value
+    return state
+
+
+def _trainable_shapes(f: AdapterFile) -> list[tuple[int, ...]]:
+    """The shape of each trainable factor of an adapter file, in `Adapter.parameters()` order
+    (the file's modules in order, each module's trainable factors in the kernels' order)."""
+    c = f.config
+    return [
+        factors.shape(k, c.rank, out_f, in_f)
+        for out_f, in_f in f.modules.values()
+        for k in factors.trainable(c.variant)
+    ]
+
+
+def _read_step(ckpt: Path, strings: dict[str, str]) -> int:
+    """The checkpoint's step: state.json's, which must agree with the folder's name and the state file."""
+    path = ckpt / "state.json"
+    try:
+        check_input_file(path, "checkpoint step file", kind='a JSON file {"step": N}')
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except TloraError as e:
+        raise CheckpointError(f"{e}: {FIX}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _fail(path, None, f"is not a JSON object with the checkpoint's step ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or "step" not in data:
+        raise _fail(path, "step", 'missing: state.json must be a JSON object {"step": N}')
+    try:
+        step = check_int("step", data["step"], 1)
+    except ConfigError as e:
+        raise _fail(path, None, str(e)) from None
+    m = _NAME.search(ckpt.name)
+    if m and int(m.group(1)) != step:
+        raise _fail(path, "step", f"is {step}, but the folder {ckpt.name} is the checkpoint of step {m.group(1)}")
+    if "step" in strings and strings["step"] != str(step):
+        raise _fail(
+            path, "step", f"is {step}, but {ckpt / 'state.safetensors'} was written at step {strings['step']!r}"
+        )
+    return step
+
+
+def _read_optimizer(path: Path, text: str) -> tuple[list[dict], dict]:
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise _fail(path, "optimizer", f"is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or "param_groups" not in meta or "scalars" not in meta:
+        raise _fail(path, "optimizer", "must be a JSON object with param_groups and scalars")
+    groups, scalars = meta["param_groups"], meta["scalars"]
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
+        raise _fail(path, "optimizer.param_groups", "must be a non-empty list of objects")
+    if not isinstance(scalars, dict):
+        raise _fail(path, "optimizer.scalars", "must be an object")
+    return groups, scalars
+
+
+def _check_groups(path: Path, groups: list[dict], n_params: int) -> None:
+    """AdamW's parameter groups: together they hold each trainable factor once; hyperparameters in range."""
+    seen: list[int] = []
+    for i, g in enumerate(groups):
+        name = f"optimizer.param_groups[{i}]"
+        params = g.get("params")
+        if not isinstance(params, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in params):
+            raise _fail(path, f"{name}.params", f"must be a list of parameter indices, got {params!r}"[:300])
+        seen += params
+        try:
+            for key, (lo, hi, lo_inclusive) in GROUP_NUMBERS.items():
+                if key not in g:
+                    raise ConfigError(f"{key} missing")
+                check_float(key, g[key], lo, hi, lo_inclusive)
+            betas = g.get("betas")
+            if not (isinstance(betas, list) and len(betas) == 2):
+                raise ConfigError(f"betas must be a list of two numbers in [0, 1), got {betas!r}")
+            for b in betas:
+                check_float("betas", b, 0.0, 1.0)
+                if b == 1.0:
+                    raise ConfigError(f"betas must be < 1, got {b!r}")
+        except ConfigError as e:
+            raise _fail(path, name, str(e)) from None
+        for key, value in g.items():
+            if (
+                key not in GROUP_NUMBERS
+                and key not in ("params", "betas")
+                and not isinstance(value, (bool, type(None)))
+            ):
+                raise _fail(path, f"{name}.{key}", f"must be true, false or null, got {value!r}"[:300])
+    if sorted(seen) != list(range(n_params)):
+        raise _fail(
+            path,
+            "optimizer.param_groups",
+            f"hold parameter indices {sorted(seen)[:8]}{' ...' if len(seen) > 8 else ''}, but the adapter has "
+            f"{n_params} trainable factors (0..{n_params - 1}, each once)",
+        )
+
+
+def _check_state(
+    path: Path, state: dict[int, dict[str, Any]], shapes: list[tuple[int, ...]], amsgrad: bool, step: int
+) -> None:
+    """AdamW's per-factor state against the factors' `shapes`: the moments' shapes and values,
+    and step counts that agree with each other and do not exceed the checkpoint's `step`."""
+    keys = set(STATE_KEYS) | ({AMSGRAD_KEY} if amsgrad else set())
+    counts = set()
+    for idx in sorted(state):
+        s = state[idx]
+        if idx >= len(shapes):
+            raise _fail(
+                path,
+                f"state.{idx}",
+                f"belongs to no trainable factor (the adapter has {len(shapes)} trainable factors)",
+            )
+        if set(s) != keys:
+            missing, extra = sorted(keys - set(s)), sorted(set(s) - keys)
+            what = ", ".join([f"missing {k}" for k in missing] + [f"unknown {k}" for k in extra])
+            raise _fail(path, f"state.{idx}", f"AdamW's state is {', '.join(sorted(keys))} ({what})")
+        for key in sorted(keys - {"step"}):
+            t = s[key]
+            if tuple(t.shape) != shapes[idx]:
+                raise _fail(path, f"state.{idx}.{key}", f"has shape {tuple(t.shape)}, its factor {shapes[idx]}")
+            problem = _value_problem(key, t)
+            if problem:
+                raise _fail(path, f"state.{idx}.{key}", problem)
+        count = s["step"]
+        if isinstance(count, torch.Tensor):
+            if count.dim() != 0 or not count.dtype.is_floating_point:
+                raise _fail(
+                    path, f"state.{idx}.step", f"must be a 0-d float tensor, got {count.dtype} {tuple(count.shape)}"
+                )
+            count = float(count)
+        if isinstance(count, bool) or not isinstance(count, (int, float)) or not math.isfinite(count):
+            raise _fail(path, f"state.{idx}.step", f"must be a finite number, got {count!r}")
+        if count != int(count) or not 1 <= count <= step:
+            raise _fail(
+                path,
+                f"state.{idx}.step",
+                f"is {count:g}: an optimizer step count is a whole number in 1..{step} (the checkpoint's step)",
+            )
+        counts.add(int(count))
+    if len(counts) > 1:
+        raise _fail(path, "state.*.step", f"the factors' step counts differ ({sorted(counts)}): they step together")
+
+
+def load_checkpoint(
+    ckpt: Path | Checkpoint,
+    adapter: Adapter,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    process_index: int = 0,
+) -> int:
+    """Restore adapter weights, optimizer and RNG (this process's own, when the checkpoint has one
+    per process) from `ckpt` (a folder, or its `read_checkpoint`); returns its step. Everything is
+    read and checked before anything is restored; a checkpoint of another adapter or one missing a
+    part is a CheckpointError."""
+    cp = ckpt if isinstance(ckpt, Checkpoint) else read_checkpoint(ckpt)
+    _check_fits(cp, adapter, optimizer)
+    state_file = cp.path / "state.safetensors"
+    rng = cp.rng.get(f"rng.generator.{process_index}", cp.rng["rng.generator"])
+    # Restore into copies first, so that a bad optimizer or RNG state changes nothing.
+    saved_opt = optimizer.state_dict()
+    saved_rng = generator.get_state()
+    try:
+        optimizer.load_state_dict({"state": cp.state, "param_groups": cp.groups})
+        generator.set_state(rng)
+    except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as e:
+        optimizer.load_state_dict(saved_opt)
+        generator.set_state(saved_rng)
+        raise _fail(state_file, None, f"cannot restore the optimizer or RNG state ({e})") from None
+    own = adapter.state_dict()
+    with torch.no_grad():
+        for k, v in cp.adapter.tensors.items():
+            own[k].copy_(v)
+    return cp.step
+
+
+def _check_fits(cp: Checkpoint, adapter: Adapter, optimizer: torch.optim.Optimizer) -> None:
+    """Checkpoint `cp` belongs to this run: the adapter's settings and tensors, and the
+    optimizer's parameter groups, flags and factor shapes (CheckpointError otherwise)."""
+    f, path = cp.adapter, cp.path
+    own, c = adapter.state_dict(), adapter.config
+    for field in ("variant", "rank", "min_rank", "rank_exponent", "num_train_timesteps"):
+        theirs, ours = getattr(f.config, field), getattr(c, field)
+        if theirs != ours:
+            raise CheckpointError(
+                f"{path} was trained with {field} = {theirs!r}, this run asks for {ours!r}: "
+                "resume with the checkpoint's setting, or start a new run (--overwrite or another --out)"
+            )
+    if set(f.tensors) != set(own) or any(tuple(f.tensors[k].shape) != tuple(v.shape) for k, v in own.items()):
+        raise CheckpointError(f"{path} belongs to another adapter (different modules or variant)")
+
+    state_file = path / "state.safetensors"
+    live = optimizer.state_dict()["param_groups"]
+    if [g["params"] for g in cp.groups] != [h["params"] for h in live]:
+        raise _fail(state_file, "optimizer.param_groups", "do not match this run's optimizer (other parameter groups)")
+    for i, (g, h) in enumerate(zip(cp.groups, live)):
+        for key, value in g.items():
+            if key in h and key not in GROUP_NUMBERS and key not in ("params", "betas") and h[key] != value:
+                raise _fail(
+                    state_file,
+                    f"optimizer.param_groups[{i}].{key}",
+                    f"is {value!r}, this run's optimizer has {h[key]!r}",
+                )
+    # read_checkpoint checked the state against the file's factors; these are this run's.
+    params = [p for h in optimizer.param_groups for p in h["params"]]
+    for idx, s in cp.state.items():
+        for key, t in s.items():
+            if key != "step" and tuple(t.shape) != tuple(params[idx].shape):
+                raise _fail(
+                    state_file,
+                    f"state.{idx}.{key}",
+                    f"has shape {tuple(t.shape)}, this run's factor {tuple(params[idx].shape)}",
+                )
