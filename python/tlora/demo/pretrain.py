@@ -289,7 +289,7 @@ def evaluate(folder: Path, n: int, seed: int, steps: int = 25, device: str = "cp
     return report
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--seed", type=int, default=0)
@@ -313,7 +313,13 @@ def main(argv=None) -> None:
         help="processes that render the training set (the set does not depend on it)",
     )
     ap.add_argument("--eval-samples", type=int, default=200)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    """Pretrain the toy model: render the scenes, train the autoencoder, then the text encoder and
+    UNet, and save the pipeline with its measured floor (`_save`)."""
+    args = _parser().parse_args(argv)
     from diffusers import StableDiffusionPipeline
 
     tic = time.time()
@@ -345,9 +351,6 @@ def main(argv=None) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    pipe.to("cpu", torch.float16).save_pretrained(tmp, safe_serialization=True)
     report = {
         "seed": args.seed,
         "scenes": args.scenes,
@@ -361,6 +364,15 @@ def main(argv=None) -> None:
         else f"cpu, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
     }
+    _save(pipe, report, args)
+
+
+def _save(pipe, report: dict, args: argparse.Namespace) -> None:
+    """Write the pipeline in float16 beside `--out`, measure its floor into pretrain.json, then
+    put it in place of the previous model."""
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    pipe.to("cpu", torch.float16).save_pretrained(tmp, safe_serialization=True)
     report.update(evaluate(tmp, args.eval_samples, args.seed + 1, device=args.device))
     (tmp / "pretrain.json").write_text(json.dumps(report, indent=2))
     if out.exists():

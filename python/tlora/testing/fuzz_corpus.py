@@ -109,6 +109,9 @@ def _write(tensors: dict[str, torch.Tensor], meta: Any, restamp: bool, raw: str 
 
 
 def build(valid: bytes) -> list[Case]:
+    """The corpus of corrupted adapter files made from `valid`. Long on purpose: a table of cases,
+    one or two lines each, grouped by the part of the file they break; split up, the corpus would
+    no longer read as one list."""
     rng = random.Random(1234)
     tensors, meta = _parts(valid)
     header_len = int.from_bytes(valid[:8], "little")
@@ -556,7 +559,8 @@ def _drop(*keys):
 
 
 def resume_cases(run: Path) -> list[ResumeCase]:
-    """The corpus for the run folder `run` (read to size the truncations)."""
+    """The corpus for the run folder `run` (read to size the truncations). Long on purpose, as
+    `build`: a table of cases, grouped by the file of the checkpoint they break."""
     rng = random.Random(4321)
     cases: list[ResumeCase] = []
 
