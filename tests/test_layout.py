@@ -35,7 +35,10 @@ LEVELS = {
     "layer": 6,
     "adapter.targets": 7,
     "adapter.inject": 8,
-    "files.foreign": 9,
+    "files.foreign.common": 9,  # the parsers' shared checks
+    "files.foreign.reference": 9,
+    "files.foreign.lycoris": 9,
+    "files.foreign": 9,  # read_foreign: the layout's parser, then the common checks
     "files.io": 10,
     "pipelines": 10,
     "files.export": 11,
