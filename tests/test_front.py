@@ -139,6 +139,7 @@ def test_parser_choices_and_limits_are_the_librarys():
     # One definition each; the library modules that check them agree with it.
     assert tlora.adapter.quantized.QUANTIZE_CHOICES is options.QUANTIZE
     assert tlora.files.export.FORMATS is options.EXPORT_FORMATS
+    assert tuple(tlora.files.export.WRITERS) == options.EXPORT_FORMATS  # a writer for each choice, no other
     assert tuple(tlora.pipelines.DTYPES) == tuple(options.DTYPES)
     assert tuple(tlora.evaluate.PAPER_PROMPTS) == options.PROMPT_SETS
     assert set(options.PAPER_STEPS) == set(config.VARIANTS)

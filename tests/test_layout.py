@@ -35,10 +35,17 @@ LEVELS = {
     "layer": 6,
     "adapter.targets": 7,
     "adapter.inject": 8,
-    "files.foreign": 9,
+    "files.foreign.common": 9,  # the parsers' shared checks
+    "files.foreign.reference": 9,
+    "files.foreign.lycoris": 9,
+    "files.foreign": 9,  # read_foreign: the layout's parser, then the common checks
     "files.io": 10,
     "pipelines": 10,
-    "files.export": 11,
+    "files.export.common": 11,  # the baking the writers share
+    "files.export.diffusers": 11,
+    "files.export.peft": 11,
+    "files.export.kohya": 11,
+    "files.export": 11,  # export, the writers' registry
     "train.checkpoint": 11,
     "evaluate": 11,
     "generate": 12,

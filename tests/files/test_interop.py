@@ -548,11 +548,12 @@ def test_a_peft_export_killed_between_its_two_files_keeps_the_old_pair(tmp_path)
         f"""
         import os, signal
         from tlora.files import export as interop
+        from tlora.files.export import peft
 
         def killed(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
 
-        interop.write_atomic = killed  # the config, written after the weights
+        peft.write_atomic = killed  # the config, written after the weights
         interop.export({str(path)!r}, {str(out)!r}, format="peft", rank=1)
         """
     )

@@ -21,6 +21,9 @@ LoRA update `s up_k down_k` is A = down_k, B = s up_k. The scale s is folded int
 alpha equals its rank, so every loader's alpha / rank is 1. What is lost: a static LoRA applies
 the same rank at every timestep, not T-LoRA's r(t).
 
+One writer per format (diffusers.py, peft.py, kohya.py), in the registry `WRITERS`; the baking
+they share in common.py.
+
 `import_file` converts another tool's T-LoRA checkpoint (the reference code's or LyCORIS's, read
 by `tlora.load` through `tlora.files.foreign`) into a tlora adapter file.
 """
@@ -36,16 +39,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapter.inject import Adapter, adapter_of, rank_schedule
-from ..config import AdapterConfig, check_float, check_rank
-from ..errors import ConfigError, TloraError
-from ..layer import factors
-from ..options import EXPORT_FORMATS
-from .atomic import write_atomic, write_folder
-from .io import load, read_adapter, save, write_tensors
+from ...adapter.inject import Adapter, adapter_of, rank_schedule
+from ...config import AdapterConfig, check_float, check_rank
+from ...errors import ConfigError, TloraError
+from ...layer import factors
+from ...options import EXPORT_FORMATS
+from ..io import load, read_adapter, save
+from . import diffusers, kohya, peft
+from .common import bake
 
 FORMATS = EXPORT_FORMATS  # (options.py: the one list, also the parser's)
-PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+# The writer of each format: a module with output(out) -> the path to write (checked before the
+# adapter is read), check(base_model, module names) and write(out, baked factors, metadata, prefix).
+WRITERS = {"diffusers": diffusers, "peft": peft, "kohya": kohya}
 EXPORT_METADATA_KEY = "tlora_export"
 LOSS_NOTE = (
     "a static LoRA applies one rank at every timestep: T-LoRA's per-timestep ranks r(t) are lost "
@@ -94,27 +100,30 @@ def export(
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
+    writer = WRITERS[format]
     out = Path(out_path)
     if isinstance(adapter_path, (str, os.PathLike)):
         refuse_overwriting_input(adapter_path, out)
-    if format == "peft":
-        out = _peft_folder(out)
-    else:
-        _check_suffix(out, format)
+    out = writer.output(out)
     tensors, config, base_model = _export_source(adapter_path)
     k = _export_rank(config, timestep, rank)
+    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    writer.check(base_model, names)
+    baked = {name: bake(tensors, name, config, k) for name in names}
+    lora_rank = next(iter(baked.values()))[0].shape[0]
+    note, meta = _export_metadata(config, k, lora_rank, timestep, base_model)
     if prefix is None:
         prefix = "unet" if "UNet" in base_model else "transformer"
-    if format == "kohya" and "UNet" not in base_model:
-        raise ConfigError(
-            f"the kohya format names UNet modules (lora_unet_...); this adapter was made for a {base_model}: "
-            "export it as format='diffusers' (pipe.load_lora_weights) or format='peft'"
-        )
-    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
-    if format == "kohya":
-        _check_kohya_names(names)
-    baked = {name: _bake(tensors, name, config, k) for name in names}
-    lora_rank = next(iter(baked.values()))[0].shape[0]
+    path, config_path = writer.write(out, baked, meta, prefix)
+    return ExportResult(
+        path=path, format=format, rank=k, lora_rank=lora_rank, modules=len(names), note=note, config_path=config_path
+    )
+
+
+def _export_metadata(
+    config: AdapterConfig, k: int, lora_rank: int, timestep: float | None, base_model: str
+) -> tuple[str, dict[str, str]]:
+    """The note on what the static LoRA loses, and the export's record in the file's metadata."""
     note = (
         LOSS_NOTE.format(k=k, r=config.rank)
         if config.masked
@@ -129,78 +138,7 @@ def export(
         "base_model": base_model,
         "note": note,
     }
-    meta = {EXPORT_METADATA_KEY: json.dumps(info)}
-    config_path = None
-
-    if format == "diffusers":
-        items = [(f"{prefix}.{n}.lora_{ab}.weight", t) for n, (a, b) in baked.items() for ab, t in (("A", a), ("B", b))]
-        write_tensors(out, items, meta)
-    elif format == "peft":
-        items = [
-            (f"base_model.model.{n}.lora_{ab}.weight", t)
-            for n, (a, b) in baked.items()
-            for ab, t in (("A", a), ("B", b))
-        ]
-        peft_config = {
-            "peft_type": "LORA",
-            "task_type": None,
-            "base_model_name_or_path": None,
-            "inference_mode": True,
-            "r": lora_rank,
-            "lora_alpha": lora_rank,
-            "lora_dropout": 0.0,
-            "bias": "none",
-            "target_modules": names,
-            "fan_in_fan_out": False,
-            "init_lora_weights": True,
-            "use_rslora": False,
-            "use_dora": False,
-            "modules_to_save": None,
-        }
-
-        def fill(folder: Path) -> None:
-            write_tensors(folder / PEFT_WEIGHTS, items, meta)
-            write_atomic(folder / PEFT_CONFIG, json.dumps(peft_config, indent=2) + "\n")
-
-        # One folder, renamed into place whole: a kill never leaves new weights beside an old config.
-        write_folder(out, fill)
-        out, config_path = out / PEFT_WEIGHTS, out / PEFT_CONFIG
-    else:  # kohya
-        items = []
-        for n, (a, b) in baked.items():
-            key = "lora_unet_" + n.replace(".", "_")
-            items += [
-                (f"{key}.lora_down.weight", a),
-                (f"{key}.lora_up.weight", b),
-                (f"{key}.alpha", torch.tensor(float(lora_rank))),
-            ]
-        meta.update(ss_network_module="networks.lora", ss_network_dim=str(lora_rank), ss_network_alpha=str(lora_rank))
-        write_tensors(out, items, meta)
-    return ExportResult(
-        path=out, format=format, rank=k, lora_rank=lora_rank, modules=len(names), note=note, config_path=config_path
-    )
-
-
-def _peft_folder(out: Path) -> Path:
-    """The PEFT export folder `out` (symlinks resolved): new, empty, or a previous export (only
-    PEFT_WEIGHTS and PEFT_CONFIG), since writing it whole replaces everything in it."""
-    if out.suffix == ".safetensors":
-        raise ConfigError(
-            f"a peft export is a folder ({PEFT_WEIGHTS} + {PEFT_CONFIG}, what PeftModel.from_pretrained "
-            f"reads), written whole; got the file name {out.name!r}: give a folder, e.g. {out.with_suffix('')}"
-        )
-    out = Path(os.path.realpath(out))
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise ConfigError(f"{out} exists and is not a folder: a peft export is one; choose another output (--out)")
-        others = sorted(p.name for p in out.iterdir() if p.name not in (PEFT_WEIGHTS, PEFT_CONFIG))
-        if others:
-            raise ConfigError(
-                f"{out} holds files that are not part of a peft export ({', '.join(others[:5])}"
-                f"{' ...' if len(others) > 5 else ''}); exporting replaces the whole folder: give a new or "
-                "empty folder, or an earlier export's"
-            )
-    return out
+    return note, {EXPORT_METADATA_KEY: json.dumps(info)}
 
 
 def refuse_overwriting_input(source: str | os.PathLike, out: Path) -> None:
@@ -260,68 +198,6 @@ def _export_rank(config: AdapterConfig, timestep: float | None, rank: int | None
     return r
 
 
-def _bake(
-    tensors: dict[str, torch.Tensor], name: str, config: AdapterConfig, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of module `name` at rank k: the LoRA with B @ A = the adapter's update, scale included."""
-    s = config.scale
-    if config.variant == "tlora":
-        p, lam, q, p0, lam0, q0 = (tensors[f"{name}.{f}"].double() for f in factors.TLORA)
-        frozen = p0[:, :k] * lam0[:k]
-        blocks = [(q[:k], s * (p[:, :k] * lam[:k] - frozen)), (q[:k] - q0[:k], s * frozen)]
-        # Balance each block's magnitudes (A c, B / c: the same product) so that neither factor's
-        # entries sink into float16's subnormal range when a loader casts them.
-        blocks = [(a_ * c, b_ / c) for a_, b_ in blocks for c in [_balance(a_, b_)]]
-        return (
-            torch.cat([blocks[0][0], blocks[1][0]], dim=0).float().contiguous(),
-            torch.cat([blocks[0][1], blocks[1][1]], dim=1).float().contiguous(),
-        )
-    else:
-        a = tensors[f"{name}.down"].float()[:k]
-        b = tensors[f"{name}.up"].float()[:, :k]
-    if s != 1.0:
-        b = b * s
-    return a.contiguous(), b.contiguous()
-
-
-def _balance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """c with ||c a|| = ||b / c|| (1 for a zero block)."""
-    na, nb = float(a.norm()), float(b.norm())
-    return (nb / na) ** 0.5 if na > 0 and nb > 0 else 1.0
-
-
-def _check_kohya_names(names: list[str]) -> None:
-    """kohya keys replace every '.' of a module path by '_', and loaders guess the dots back. Run
-    diffusers' own conversion (when diffusers is installed) and refuse modules it would misplace."""
-    try:
-        from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
-        from diffusers.utils import convert_unet_state_dict_to_peft
-    except ImportError:
-        return
-    dummy = torch.zeros(1)
-    sd = {}
-    for n in names:
-        key = "lora_unet_" + n.replace(".", "_")
-        sd.update({f"{key}.lora_down.weight": dummy, f"{key}.lora_up.weight": dummy})
-    try:
-        converted, _ = _convert_non_diffusers_lora_to_diffusers(sd)
-        peft_keys = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
-    except (AttributeError, TypeError, KeyError, ValueError):  # another diffusers version: no check
-        return
-    loaded = {k.rsplit(".lora_", 1)[0] for k in peft_keys}
-    lost = [n for n in names if n not in loaded]
-    if lost:
-        raise ConfigError(
-            "the kohya format cannot name these modules so that diffusers finds them again (dots become "
-            f"underscores): {', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}; export as format='diffusers'"
-        )
-
-
-def _check_suffix(out: Path, format: str) -> None:
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"a {format} export is one .safetensors file; got {out.name!r}")
-
-
 def import_file(
     adapter_path: str | os.PathLike, model: str | nn.Module, out_path: str | os.PathLike, **options: Any
 ) -> tuple[Adapter, Path]:
@@ -337,7 +213,7 @@ def import_file(
         raise ConfigError(f"adapter files are .safetensors; got {out.name!r}")
     refuse_overwriting_input(adapter_path, out)
     if not isinstance(model, nn.Module):
-        from ..pipelines import load_denoiser
+        from ...pipelines import load_denoiser
 
         model = load_denoiser(str(model))
     adapter = load(model, adapter_path, **options)
