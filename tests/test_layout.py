@@ -46,6 +46,7 @@ LEVELS = {
     "files.export.peft": 11,
     "files.export.kohya": 11,
     "files.export": 11,  # export, the writers' registry
+    "train.recipes": 2,  # the families' training recipes (pipelines and generate read them too)
     "train.checkpoint": 11,
     "evaluate": 11,
     "generate": 12,

@@ -16,7 +16,8 @@ from .files.atomic import save_image
 from .files.io import load, read
 from .images import grid
 from .options import MAX_GUIDANCE, MAX_IMAGES, MAX_SAMPLE_STEPS, MAX_SEED
-from .pipelines import check_dtype, check_side, family_of, load_pipeline, resolve_device
+from .pipelines import check_dtype, check_side, load_pipeline, resolve_device
+from .train.recipes import family_of
 
 
 def fill(prompt: str, concept: str) -> str:

@@ -416,7 +416,8 @@ def test_tiny_builders_are_seeded(kind):
 def test_saved_tiny_pipeline_loads_back(kind, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from tlora.pipelines import family_of, load_pipeline
+    from tlora.pipelines import load_pipeline
+    from tlora.train.recipes import family_of
 
     folder = save_tiny_pipeline(kind, tmp_path / kind)
     assert (folder / "model_index.json").is_file()

@@ -23,10 +23,10 @@ from tlora import cli
 from tlora.files.io import read
 from tlora.generate import generate
 from tlora.images import MIN_LABELLED_TILE, load_image
-from tlora.pipelines import family_of
 from tlora.testing.tiny import KINDS
 from tlora.testing.train_inputs import train_args
 from tlora.train.loop import train
+from tlora.train.recipes import family_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a photo of sks dog"

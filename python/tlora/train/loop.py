@@ -39,7 +39,7 @@ from ..options import (
     QUANTIZE,
     SIDE_STRIDE,
 )
-from ..pipelines import Family, check_dtype, check_side, family_of, load_pipeline, resolve_device
+from ..pipelines import check_dtype, check_side, load_pipeline, resolve_device
 from .checkpoint import _NAME as CHECKPOINT_NAME
 from .checkpoint import (
     Checkpoint,
@@ -50,6 +50,7 @@ from .checkpoint import (
     save_checkpoint,
     write_json,
 )
+from .recipes import Family, family_of
 
 # Files of a run in --out: another run's are refused unless --resume or --overwrite.
 RUN_FILES = ("config.json", "loss.jsonl", "adapter.safetensors")
