@@ -20,7 +20,7 @@ from torch import nn
 
 import tlora
 from tlora.adapter.inject import adapter_of
-from tlora.files import export as interop
+from tlora.files.export import EXPORT_METADATA_KEY, export, import_file
 from tlora.testing.tiny import (
     denoiser,
     tiny_denoiser,
@@ -76,7 +76,7 @@ def test_diffusers_export_loads_with_load_lora_weights(kind, variant, tmp_path):
     adapter, path = adapted(model, tmp_path, variant)
     k = R if variant == "lora" else 3
     ref = reference_output(kind, model, adapter, k)
-    result = interop.export(
+    result = export(
         path, tmp_path / "lora.safetensors", format="diffusers", rank=None if variant == "lora" else k
     )
     assert result.lora_rank == (2 * k if variant == "tlora" else k)
@@ -95,7 +95,7 @@ def test_peft_export_loads_with_peft(kind, tmp_path):
     model = tiny_denoiser(kind)
     adapter, path = adapted(model, tmp_path)
     ref = reference_output(kind, model, adapter, 2)
-    result = interop.export(path, tmp_path / "peft", format="peft", rank=2)
+    result = export(path, tmp_path / "peft", format="peft", rank=2)
     assert result.path.name == "adapter_model.safetensors" and result.config_path.name == "adapter_config.json"
     config = json.loads(result.config_path.read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 4  # alpha / r = 1: the scale 0.75 is in lora_B
@@ -119,7 +119,7 @@ def test_kohya_export_loads_through_diffusers_conversion(kind, tmp_path):
     adapter, path = adapted(model, tmp_path)
     names = list(adapter.layers)
     ref = reference_output(kind, model, adapter, 3)
-    result = interop.export(path, tmp_path / "kohya.safetensors", format="kohya", rank=3)
+    result = export(path, tmp_path / "kohya.safetensors", format="kohya", rank=3)
     keys = load_file(str(result.path))
     assert len(keys) == 3 * len(names)
     for name in names:
@@ -134,7 +134,7 @@ def test_kohya_refuses_a_transformer(tmp_path):
     model = tiny_denoiser("flux")
     adapter, _ = adapted(model, tmp_path)
     with pytest.raises(ValueError, match=r"kohya format names UNet modules.*format='diffusers'"):
-        interop.export(adapter, tmp_path / "k.safetensors", format="kohya")
+        export(adapter, tmp_path / "k.safetensors", format="kohya")
     assert not (tmp_path / "k.safetensors").exists()
 
 
@@ -145,7 +145,7 @@ def test_exported_factors_are_the_update_times_the_scale(variant, lora_alpha, tm
     model = tiny_denoiser("sd")
     adapter, path = adapted(model, tmp_path, variant, lora_alpha=lora_alpha)
     k = R if variant == "lora" else 3
-    result = interop.export(path, tmp_path / "x.safetensors", rank=None if variant == "lora" else k)
+    result = export(path, tmp_path / "x.safetensors", rank=None if variant == "lora" else k)
     keys = load_file(str(result.path))
     scale = 1.0 if lora_alpha is None else lora_alpha / R
     for name, layer in adapter.layers.items():
@@ -170,9 +170,9 @@ def test_export_at_a_timestep_uses_r_of_t(tmp_path):
         full = run("sd", model, t)
     assert rel(full, ref) > 100 * TOL
     adapter.remove()
-    result = interop.export(path, tmp_path / "t.safetensors", timestep=t)
+    result = export(path, tmp_path / "t.safetensors", timestep=t)
     assert result.rank == k and result.lora_rank == 2 * k
-    same = interop.export(path, tmp_path / "r.safetensors", rank=k)
+    same = export(path, tmp_path / "r.safetensors", rank=k)
     a, b = load_file(str(result.path)), load_file(str(same.path))
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     pipe.load_lora_weights(str(result.path))
@@ -182,15 +182,15 @@ def test_export_at_a_timestep_uses_r_of_t(tmp_path):
 def test_export_default_is_full_rank_and_note_is_in_the_file(tmp_path):
     model = tiny_denoiser("sd")
     _, path = adapted(model, tmp_path)
-    result = interop.export(path, tmp_path / "x.safetensors")
+    result = export(path, tmp_path / "x.safetensors")
     assert result.rank == R and result.lora_rank == 2 * R
     with safe_open(str(result.path), "pt") as f:
-        info = json.loads(f.metadata()[interop.EXPORT_METADATA_KEY])
+        info = json.loads(f.metadata()[EXPORT_METADATA_KEY])
     assert info["rank"] == R and "per-timestep ranks r(t) are lost" in info["note"]
     with pytest.raises(ValueError, match="timestep or rank, not both"):
-        interop.export(path, tmp_path / "y.safetensors", timestep=10, rank=2)
+        export(path, tmp_path / "y.safetensors", timestep=10, rank=2)
     with pytest.raises(ValueError, match=r"rank 5 is outside 1\.\.4"):
-        interop.export(path, tmp_path / "y.safetensors", rank=5)
+        export(path, tmp_path / "y.safetensors", rank=5)
 
 
 def test_cli_export(tmp_path, capsys):
@@ -375,7 +375,7 @@ def test_static_lora_is_not_imported(tmp_path):
     model = tiny_denoiser("sd")
     adapter, path = adapted(model, tmp_path)
     adapter.remove()
-    result = interop.export(path, tmp_path / "static.safetensors")
+    result = export(path, tmp_path / "static.safetensors")
     with pytest.raises(ValueError, match=r"static LoRA .* pipe\.load_lora_weights"):
         tlora.load(model, result.path)
     assert adapter_of(model) is None
@@ -409,7 +409,7 @@ def test_cli_import_writes_a_tlora_file(tmp_path, capsys):
 
     # Errors are reported like the other subcommands': exit status 2, one line, nothing written.
     adapter.remove()
-    static = interop.export(out, tmp_path / "static.safetensors")
+    static = export(out, tmp_path / "static.safetensors")
     bad = tmp_path / "bad.safetensors"
     assert main(["import", "--adapter", str(static.path), "--model", str(folder), "--out", str(bad)]) == 2
     assert "static LoRA" in capsys.readouterr().err and not bad.exists()
@@ -420,7 +420,7 @@ def test_import_file_from_lycoris(lycoris_source, tmp_path):
     state = {f"{m.lora_name}.{k}": v.detach().clone() for m in mods for k, v in nn.Module.state_dict(m).items()}
     path = tmp_path / "lycoris.safetensors"
     save_file(state, str(path))
-    adapter, out = interop.import_file(path, tiny_denoiser("sd"), tmp_path / "tlora.safetensors", min_rank=2)
+    adapter, out = import_file(path, tiny_denoiser("sd"), tmp_path / "tlora.safetensors", min_rank=2)
     assert out.exists() and adapter.config.scale == 0.5
     target = tiny_denoiser("sd")
     tlora.load(target, out)
@@ -457,7 +457,7 @@ def test_export_survives_half_precision_loaders(drift, tmp_path):
     f = {k: f[f"to_q.{k}"] for k in ("p", "lam", "q", "p0", "lam0", "q0")}
     s = 8.0 / 16
     exact = s * (f["p"] * f["lam"] @ f["q"] - f["p0"] * f["lam0"] @ f["q0"])
-    result = interop.export(path, tmp_path / "x.safetensors")
+    result = export(path, tmp_path / "x.safetensors")
     lora = load_file(str(result.path))
     a, b = lora["transformer.to_q.lora_A.weight"], lora["transformer.to_q.lora_B.weight"]
     assert a.dtype == b.dtype == torch.float32 and a.shape == (32, 320) and b.shape == (640, 32)
@@ -501,10 +501,10 @@ def test_export_and_import_refuse_an_output_that_is_the_input(tmp_path, capsys):
         (inside, tmp_path / "peft", "peft"),  # the folder replaced whole holds the input
     ):
         with pytest.raises(tlora.ConfigError, match=rf"the output {out}.* is the input {source}"):
-            interop.export(source, out, format=fmt)
+            export(source, out, format=fmt)
     for out in (path, tmp_path / "hard.safetensors"):
         with pytest.raises(tlora.ConfigError, match=rf"the output {out} is the input {path} \(the same file\)"):
-            interop.import_file(path, _OneProjection(), out)
+            import_file(path, _OneProjection(), out)
     assert main(["export", "--adapter", str(path), "--format", "diffusers", "--out", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"the output {path} is the input {path}" in err
@@ -516,21 +516,21 @@ def test_export_and_import_refuse_an_output_that_is_the_input(tmp_path, capsys):
 def test_peft_export_is_written_as_one_folder(tmp_path):
     path = one_projection_file(tmp_path)
     out = tmp_path / "peft"
-    interop.export(path, out, format="peft", rank=4)
+    export(path, out, format="peft", rank=4)
     first = json.loads((out / "adapter_config.json").read_text())
-    result = interop.export(path, out, format="peft", rank=1)  # an earlier export is replaced whole
+    result = export(path, out, format="peft", rank=1)  # an earlier export is replaced whole
     assert json.loads(result.config_path.read_text())["r"] == 2 != first["r"]
     assert load_file(str(result.path))["base_model.model.to_q.lora_A.weight"].shape[0] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "peft"]  # no temporaries
     (out / "notes.txt").write_text("mine")
     with pytest.raises(tlora.ConfigError, match=r"holds files that are not part of a peft export \(notes\.txt\)"):
-        interop.export(path, out, format="peft")
+        export(path, out, format="peft")
     assert (out / "notes.txt").read_text() == "mine"
     with pytest.raises(tlora.ConfigError, match=r"a peft export is a folder .*got the file name 'x\.safetensors'"):
-        interop.export(path, tmp_path / "x.safetensors", format="peft")
+        export(path, tmp_path / "x.safetensors", format="peft")
     for out in (tmp_path / "missing" / "peft", tmp_path / "missing" / "x.safetensors"):
         with pytest.raises(tlora.MissingFileError, match=f"folder {tmp_path / 'missing'} does not exist"):
-            interop.export(path, out, format="peft" if out.suffix == "" else "diffusers")
+            export(path, out, format="peft" if out.suffix == "" else "diffusers")
 
 
 def test_a_peft_export_killed_between_its_two_files_keeps_the_old_pair(tmp_path):
@@ -543,18 +543,18 @@ def test_a_peft_export_killed_between_its_two_files_keeps_the_old_pair(tmp_path)
 
     path = one_projection_file(tmp_path)
     out = tmp_path / "peft"
-    interop.export(path, out, format="peft", rank=4)
+    export(path, out, format="peft", rank=4)
     code = textwrap.dedent(
         f"""
         import os, signal
-        from tlora.files import export as interop
+        from tlora.files.export import export
         from tlora.files.export import peft
 
         def killed(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
 
         peft.write_atomic = killed  # the config, written after the weights
-        interop.export({str(path)!r}, {str(out)!r}, format="peft", rank=1)
+        export({str(path)!r}, {str(out)!r}, format="peft", rank=1)
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -562,7 +562,7 @@ def test_a_peft_export_killed_between_its_two_files_keeps_the_old_pair(tmp_path)
     r = json.loads((out / "adapter_config.json").read_text())["r"]
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert r == 8 and weights["base_model.model.to_q.lora_A.weight"].shape[0] == r
-    interop.export(path, out, format="peft", rank=1)  # the next export removes the killed one's folder
+    export(path, out, format="peft", rank=1)  # the next export removes the killed one's folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "peft"]
 
 
@@ -570,6 +570,6 @@ def test_export_arguments_of_the_wrong_type_are_config_errors(tmp_path):
     path = one_projection_file(tmp_path)
     for timestep in ("x", True, float("nan"), 1001):
         with pytest.raises(tlora.ConfigError, match=r"timestep \(on the training scale .*\) must be a finite number"):
-            interop.export(path, tmp_path / "y.safetensors", timestep=timestep)
+            export(path, tmp_path / "y.safetensors", timestep=timestep)
     with pytest.raises(tlora.ConfigError, match=r"export reads a tlora file \(a path\).*got int"):
-        interop.export(5, tmp_path / "y.safetensors")
+        export(5, tmp_path / "y.safetensors")

@@ -422,7 +422,7 @@ def run_reader(reader: str, path: Path, model: nn.Module, out_dir: Path):
     """One of READERS on the file at `path`: load or import into `model`, read, export into
     `out_dir`, or `tlora info` (which returns (exit code, stderr))."""
     import tlora
-    from tlora.files import export as interop
+    from tlora.files.export import export, import_file
 
     if reader == "load":
         return tlora.load(model, path)
@@ -432,8 +432,8 @@ def run_reader(reader: str, path: Path, model: nn.Module, out_dir: Path):
         rc, err, _ = run_cli(["info", str(path)])
         return rc, err
     if reader == "export":
-        return interop.export(path, out_dir / f"{path.stem}-export.safetensors")
-    adapter, _ = interop.import_file(path, model, out_dir / f"{path.stem}-import.safetensors")
+        return export(path, out_dir / f"{path.stem}-export.safetensors")
+    adapter, _ = import_file(path, model, out_dir / f"{path.stem}-import.safetensors")
     return adapter
 
 
