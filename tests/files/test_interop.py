@@ -76,9 +76,7 @@ def test_diffusers_export_loads_with_load_lora_weights(kind, variant, tmp_path):
     adapter, path = adapted(model, tmp_path, variant)
     k = R if variant == "lora" else 3
     ref = reference_output(kind, model, adapter, k)
-    result = export(
-        path, tmp_path / "lora.safetensors", format="diffusers", rank=None if variant == "lora" else k
-    )
+    result = export(path, tmp_path / "lora.safetensors", format="diffusers", rank=None if variant == "lora" else k)
     assert result.lora_rank == (2 * k if variant == "tlora" else k)
     assert "per-timestep ranks" in result.note and (variant == "lora") == ("no per-timestep ranks" in result.note)
     keys = load_file(str(result.path))
