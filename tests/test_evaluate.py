@@ -311,12 +311,14 @@ def test_grid_labels_are_drawn():
 
 
 def test_demo_comparison_grid_is_labelled(tmp_path, monkeypatch, capsys):
-    """`tlora demo`'s grid code on stand-in runs (no training): labelled columns and prompt rows."""
+    """`tlora demo`'s grid code on stand-in runs (no training): labelled columns (the base model's among
+    them) and prompt rows, samples enlarged by whole pixels, a note under the grid on what to look at."""
     import argparse
 
     import tlora.demo.evaluate as toy
-    from tlora.demo.concepts import EVAL_PROMPTS
-    from tlora.demo.run import run
+    from tlora.demo.concepts import EVAL_PROMPTS, concept
+    from tlora.demo.run import ENLARGE, LOOK_AT, run
+    from tlora.images import label_font, text_block
 
     n = 2
     scores = dict(fidelity=0.0, alignment=0.0, background_accuracy=0.0, position_accuracy=0.0, diversity=0.0)
@@ -329,19 +331,39 @@ def test_demo_comparison_grid_is_labelled(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(toy, "sample_base", lambda c, n, seed: fake("base model", 0))
     monkeypatch.setattr(toy, "finetune", lambda c, method, out, **kw: fake(method, 100 if method == "LoRA" else 200))
     monkeypatch.setattr(toy, "autoencoder_ceiling", lambda c: 0.9)
-    run(argparse.Namespace(concept="split_cross", out=str(tmp_path), steps=800, rank=16, n=n, seed=0))
+    run(argparse.Namespace(concept="split_cross", out=str(tmp_path), steps=800, rank=16, n=n, seed=0, threads=None))
+    printed = capsys.readouterr().out
+    assert "base model | LoRA | T-LoRA" in printed
     img = Image.open(tmp_path / "comparison.png")
-    cols, rows = 1 + 2 * (n + 1), len(EVAL_PROMPTS)
-    assert img.width > cols * 128 and img.height > rows * 128  # 4x tiles plus the label margins
+    t = 32 * ENLARGE
+    cols, rows = 1 + 3 * (n + 1), len(EVAL_PROMPTS)  # training image, then base / LoRA / T-LoRA and a blank each
+    side = img.width - cols * t
+    assert side > 0
     a = np.asarray(img)
-    side, head = img.width - cols * 128, img.height - rows * 128
-    assert (np.asarray(img.convert("L"))[:head, side:] < 128).any() and (
-        np.asarray(img.convert("L"))[head:, :side] < 128
-    ).any()
-    # Last tile, bottom-right: the blank separator; the one before it: T-LoRA's last sample of the last prompt.
-    assert (a[-128:, -128:] == 255).all()
-    last = _noise(200 + (rows - 1) * n + n - 1, 32).resize((128, 128), Image.NEAREST)
-    assert np.array_equal(a[-128:, -256:-128], np.asarray(last))
+
+    def tile(sample):  # a 32 px sample as the grid shows it: each pixel a t/32 block of equal pixels
+        return np.asarray(sample).repeat(ENLARGE, 0).repeat(ENLARGE, 1)
+
+    # The grid's top: where the training image's first tile is; each row is one tile high.
+    first = tile(Image.fromarray(concept("split_cross").training_image()))
+    head = next(y for y in range(img.height - t) if np.array_equal(a[y : y + t, side : side + t], first))
+    bottom = head + rows * t
+    for r, seed in ((0, 0), (rows - 1, 0), (rows - 1, 200)):  # base model (first prompt, last), T-LoRA's last
+        for k in range(n):
+            col = 1 + k if seed == 0 else 1 + 2 * (n + 1) + k
+            x, y = side + col * t, head + r * t
+            assert np.array_equal(a[y : y + t, x : x + t], tile(_noise(seed + r * n + k, 32))), (r, seed, k)
+    assert (a[bottom - t : bottom, side + (cols - 1) * t :] == 255).all()  # the blank separator
+    # The base model's columns are labelled as such, exactly as Pillow draws the label alone.
+    font = label_font(max(11, t // 14))
+    pad = max(2, font.size // 3)
+    want = text_block("base model\nno adapter\nsample 1", t, font, pad)
+    assert np.array_equal(a[: want.height, side + t : side + 2 * t], np.asarray(want))
+    # Under the grid: the note on what to look at (the training layout the LoRA rows copy).
+    c = concept("split_cross")
+    note = text_block(LOOK_AT.format(position=c.train_position, background=c.train_background), img.width, font, pad)
+    assert img.height == bottom + note.height and np.array_equal(a[bottom:], np.asarray(note))
+    assert "LoRA tends to copy the training layout" in LOOK_AT
 
 
 # ---- issue 21: devices, broken scorer folders, wrong kinds of paths, non-finite scores --------

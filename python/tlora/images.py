@@ -224,11 +224,13 @@ def grid(
     col_labels: Sequence[str] | None = None,
     row_labels: Sequence[str] | None = None,
     font_size: int | None = None,
+    caption: str | None = None,
 ) -> Image.Image:
     """Tile images (all the same size) into one picture, row-major. With `col_labels` (one per column:
     method, rank, step...) a header row names the columns; with `row_labels` (one per row: the prompt)
     a left margin names the rows, text wrapped to fit. `font_size` defaults to a size that reads at
-    the tiles' scale; tiles narrower than MIN_LABELLED_TILE px are enlarged by a whole factor."""
+    the tiles' scale; tiles narrower than MIN_LABELLED_TILE px are enlarged by a whole factor. `caption`
+    (with labels): a note under the grid, wrapped to its width."""
     if not images:
         raise ValueError("no images to tile")
     cols = cols or math.ceil(math.sqrt(len(images)))
@@ -262,4 +264,10 @@ def grid(
         out.paste(block, (0, tops[r]))
     for i, img in enumerate(images):
         out.paste(img.convert("RGB"), (side_w + (i % cols) * w, tops[i // cols]))
+    if caption:
+        note = text_block(caption, out.width, font, pad)
+        framed = Image.new("RGB", (out.width, out.height + note.height), "white")
+        framed.paste(out, (0, 0))
+        framed.paste(note, (0, out.height))
+        out = framed
     return out

@@ -22,6 +22,8 @@ MODEL_DIR = Path(__file__).parent / "model"
 TOY_RANK = 16
 TOY_STEPS = 800
 TOY_LR = 2e-3
+# A fine-tune is checkpointed this many times, so that an interrupted demo resumes near where it stopped.
+TOY_CHECKPOINTS = 4
 
 
 @dataclass
@@ -105,29 +107,45 @@ def finetune(
     """Train `method` on the concept's one image, then sample and score the evaluation prompts."""
     import time
 
+    from ..errors import CheckpointError
     from ..generate import sample_images
+    from ..train.checkpoint import checkpoints
     from ..train.loop import train
 
     variant, min_rank = METHODS[method]
     out.mkdir(parents=True, exist_ok=True)
     image = out / "concept.png"
     Image.fromarray(concept.training_image()).save(image)
-    tic = time.perf_counter()
-    result = train(
+    run_dir = out / method.replace(" ", "-").lower()
+    settings = dict(
         model=str(model_dir()),
         image=str(image),
         token=concept.token,
         class_name=concept.class_word,
-        out=str(out / method.replace(" ", "-").lower()),
+        out=str(run_dir),
         variant=variant,
         rank=rank,
         min_rank=min_rank(rank),
         steps=steps,
         lr=lr,
         resolution=32,
-        checkpoint_every=steps,
+        checkpoint_every=max(1, steps // TOY_CHECKPOINTS),
         seed=seed,
     )
+    tic = time.perf_counter()
+    # The demo owns its folder: an interrupted fine-tune (checkpoints, no adapter file yet) resumes;
+    # anything else there (a finished run, a run killed before its first checkpoint, other settings)
+    # is replaced, so that a rerun never stops at "holds another run".
+    unfinished = run_dir.is_dir() and not (run_dir / "adapter.safetensors").exists() and checkpoints(run_dir)
+    result = None
+    if unfinished:
+        try:
+            print(f"{method}: resuming the interrupted fine-tune in {run_dir}")
+            result = train(**settings, resume=True)
+        except CheckpointError as e:
+            print(f"{method}: cannot resume ({e}): starting over")
+    if result is None:
+        result = train(**settings, overwrite=True)
     rows = sample_images(
         result.pipe, [p.text(concept) for p in EVAL_PROMPTS], n, sample_steps, guidance, seed, desc=f"sample {method}"
     )
