@@ -56,7 +56,7 @@ def test_wheel_is_abi3_without_libtorch_and_pins_its_torch(wheel):
     # (torch itself, not packages whose names start with "torch", such as torchao)
     requires = [line for line in metadata.splitlines() if re.match(r"Requires-Dist: torch(?![\w-])", line)]
     assert requires == [f"Requires-Dist: torch=={TORCH_RELEASE}"], requires
-    assert "tlora/tiny.py" in names and "tlora/demo/model/pretrain.json" in names
+    assert "tlora/testing/tiny.py" in names and "tlora/demo/model/pretrain.json" in names
     assert wheel.stat().st_size < 20 * 2**20, wheel.stat().st_size
 
 
