@@ -274,3 +274,40 @@ def test_about_names_the_setting_of_an_unnamed_error():
     assert info.value.fields == ("clip",)
     err = MissingFileError("m", field="image")
     assert isinstance(err, FileNotFoundError) and str(err) == "m" and err.field == "image"
+
+
+def test_commands_print_no_third_party_warnings(tmp_path):
+    """`tlora info` imports diffusers, which imports torchao and bitsandbytes; what those log about
+    themselves at import (cli.THIRD_PARTY_NOISE: torch's pytree deprecation for torchao's Enums,
+    torchao's and bitsandbytes' fallbacks) is not shown. A warning of the user's own is kept."""
+    import torch
+
+    import tlora
+    from tlora.testing.tiny import tiny_denoiser
+
+    torch.manual_seed(0)
+    path = tmp_path / "a.safetensors"
+    tlora.save(tlora.inject(tiny_denoiser("sd"), rank=2), path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlora.cli", "info", str(path)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "adapted modules" in proc.stdout
+    for fragment in (*cli.THIRD_PARTY_NOISE.values(), "register_constant", "torchao", "gemm_4bit"):
+        assert fragment not in proc.stderr, proc.stderr
+    # the filters drop exactly those messages, not another warning on the same loggers
+    import logging
+
+    cli.quiet_third_party()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    log.addHandler(handler)
+    try:
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: x")
+        log.warning("something of the user's")
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["something of the user's"]

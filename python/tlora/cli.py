@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
 import sys
@@ -471,11 +472,48 @@ def in_flags(error: Exception, flags: dict[str, str]) -> str:
     return text
 
 
+# What third-party packages log about themselves when diffusers imports its optional quantization
+# backends (torchao, bitsandbytes), for any command that touches diffusers: not the user's concern.
+# logger -> a fragment of exactly that message.
+THIRD_PARTY_NOISE = {
+    # torchao registers its Enums with torch's pytree at import, which torch now deprecates
+    "torch.utils._pytree": "is an Enum subclass and is now natively supported by torch.compile",
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor objects",
+}
+
+
+class _ThirdPartyNoise(logging.Filter):
+    """Drops THIRD_PARTY_NOISE's message of its logger; the pytree one only about torchao's Enums."""
+
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.fragment not in str(record.msg) and self.fragment not in record.getMessage():
+            return True
+        if record.name == "torch.utils._pytree":
+            args = record.args if isinstance(record.args, tuple) else ()
+            return not (args and str(getattr(args[0], "__module__", "")).startswith("torchao"))
+        return False
+
+
+def quiet_third_party() -> None:
+    """Filter THIRD_PARTY_NOISE on its loggers (once; the loggers need not exist yet: logging
+    returns the same object when the package creates it)."""
+    for name, fragment in THIRD_PARTY_NOISE.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _ThirdPartyNoise) for f in log.filters):
+            log.addFilter(_ThirdPartyNoise(fragment))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse's usage errors (exit 2, message printed) and --help (0)
         return e.code if isinstance(e.code, int) else 2
+    quiet_third_party()
     try:
         args.func(args)
     except (ValueError, OSError) as e:  # OSError: missing files, permissions, a full disk
