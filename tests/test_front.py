@@ -5,6 +5,7 @@ errors about settings are shown by the CLI with the flags the user typed."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -163,6 +164,64 @@ def test_parser_choices_and_limits_are_the_librarys():
         parser.parse_args([*imp, str(config.MIN_TIMESTEPS - 1)])
 
 
+def _help_lines(command: str, monkeypatch, capsys) -> dict[str, str]:
+    """`tlora COMMAND --help`, one line per option (wide columns; a long flag's help, on the next
+    lines, joined to it), by the option's first flag."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    assert cli.main([command, "--help"]) == 0
+    lines: dict[str, str] = {}
+    flag = None
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0]
+            lines[flag] = line
+        elif flag is not None and line.startswith("   "):
+            lines[flag] += " " + line.strip()
+        else:
+            flag = None
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("command", "flag", "shown"),
+    [
+        ("train", "--rank", "(default: 64)"),
+        ("train", "--lr", "(default: 0.0001)"),
+        ("train", "--checkpoint-every", "(default: 100)"),
+        ("train", "--seed", "(default: 0)"),
+        ("train", "--variant", "(default: tlora)"),
+        ("train", "--steps", "default 800 (tlora), 500 (vanilla, lora)"),
+        ("generate", "-n", "(default: 4)"),
+        ("generate", "--dtype", "(default: fp32)"),
+        ("generate", "--steps", "SD 1.x/2.x 25, SD-XL 25, FLUX 28"),
+        ("generate", "--guidance", "SD 1.x/2.x 7.5, SD-XL 5.0, FLUX 3.5"),
+        ("demo", "-n", "(default: 4)"),
+    ],
+)
+def test_help_shows_the_defaults(command, flag, shown, monkeypatch, capsys):
+    assert shown in _help_lines(command, monkeypatch, capsys)[flag]
+
+
+def test_every_option_with_a_default_shows_it_in_the_help(monkeypatch, capsys):
+    import tlora.train.recipes as recipes
+
+    # generate's family defaults are the recipes' (one definition, in options.py)
+    for fam in (recipes.StableDiffusion, recipes.StableDiffusionXL, recipes.Flux):
+        assert (fam.default_steps, fam.default_guidance) == options.SAMPLING_DEFAULTS[fam.name]
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    for command, p in sub.items():
+        lines = _help_lines(command, monkeypatch, capsys)
+        for a in p._actions:
+            if a.option_strings and a.default not in (None, False, "", [], argparse.SUPPRESS):
+                line = lines[a.option_strings[0]]
+                # --mask-fill's help names its default (255,255,255) as "white"
+                shown = "white" if a.dest == "mask_fill" else str(a.default)
+                assert "default" in line and shown in line, (command, line)
+    monkeypatch.setenv("COLUMNS", "1000")
+    assert cli.main(["info", "--help"]) == 0
+    assert "tlora adapter .safetensors file" in capsys.readouterr().out
+
+
 def test_every_command_has_a_handler_and_dests_are_field_names():
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
     assert set(sub) == set(COMMANDS)
@@ -215,3 +274,40 @@ def test_about_names_the_setting_of_an_unnamed_error():
     assert info.value.fields == ("clip",)
     err = MissingFileError("m", field="image")
     assert isinstance(err, FileNotFoundError) and str(err) == "m" and err.field == "image"
+
+
+def test_commands_print_no_third_party_warnings(tmp_path):
+    """`tlora info` imports diffusers, which imports torchao and bitsandbytes; what those log about
+    themselves at import (cli.THIRD_PARTY_NOISE: torch's pytree deprecation for torchao's Enums,
+    torchao's and bitsandbytes' fallbacks) is not shown. A warning of the user's own is kept."""
+    import torch
+
+    import tlora
+    from tlora.testing.tiny import tiny_denoiser
+
+    torch.manual_seed(0)
+    path = tmp_path / "a.safetensors"
+    tlora.save(tlora.inject(tiny_denoiser("sd"), rank=2), path)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlora.cli", "info", str(path)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "adapted modules" in proc.stdout
+    for fragment in (*cli.THIRD_PARTY_NOISE.values(), "register_constant", "torchao", "gemm_4bit"):
+        assert fragment not in proc.stderr, proc.stderr
+    # the filters drop exactly those messages, not another warning on the same loggers
+    import logging
+
+    cli.quiet_third_party()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    log.addHandler(handler)
+    try:
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: x")
+        log.warning("something of the user's")
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["something of the user's"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
 import sys
@@ -18,6 +19,7 @@ from .config import MAX_RANK, MAX_TIMESTEPS, MIN_TIMESTEPS, VARIANTS
 from .options import (
     DTYPES,
     EXPORT_FORMATS,
+    FAMILY_NAMES,
     MAX_GUIDANCE,
     MAX_IMAGES,
     MAX_LR,
@@ -29,6 +31,7 @@ from .options import (
     PAPER_STEPS,
     PROMPT_SETS,
     QUANTIZE,
+    SAMPLING_DEFAULTS,
     SIDE_STRIDE,
 )
 
@@ -94,6 +97,34 @@ def _paper_steps() -> str:
     return ", ".join(f"{steps} ({', '.join(variants)})" for steps, variants in by_steps.items())
 
 
+def _family_defaults(which: int) -> str:
+    """ "SD 1.x/2.x 25, SD-XL 25, FLUX 28": each family's sampling default (0 steps, 1 guidance)."""
+    return ", ".join(f"{FAMILY_NAMES[f]} {d[which]}" for f, d in SAMPLING_DEFAULTS.items())
+
+
+class _Defaults(argparse.HelpFormatter):
+    """Shows each option's default after its help: every default that is a value (not None, not a
+    flag's False, not an empty string or list), unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and default is not argparse.SUPPRESS
+            and default is not None
+            and default is not False
+            and default not in ("", [])
+            and "default" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _RawDefaults(_Defaults, argparse.RawDescriptionHelpFormatter):
+    """_Defaults for the subcommands whose descriptions are laid out by hand (demo)."""
+
+
 SEED = _int(0, MAX_SEED)
 DEVICE_HELP = "auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N"
 
@@ -110,12 +141,16 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--token", required=True, help="rare word that will name the subject, e.g. sks")
     p.add_argument("--class-name", required=True, help="the subject's class, e.g. dog")
     p.add_argument("--out", required=True, help="output folder (adapter, checkpoints, samples, logs)")
-    p.add_argument("--variant", default="tlora", choices=VARIANTS)
-    p.add_argument("--rank", type=_int(1, MAX_RANK), default=64)
+    p.add_argument(
+        "--variant", default="tlora", choices=VARIANTS, help="tlora: ranks by timestep; vanilla, lora: the baselines"
+    )
+    p.add_argument("--rank", type=_int(1, MAX_RANK), default=64, help="adapter rank r (at t = 0)")
     p.add_argument("--min-rank", type=_int(1, MAX_RANK), default=None, help="rank at t = T (default rank // 2)")
-    p.add_argument("--rank-exponent", type=_float(0, 1000, lo_inclusive=False), default=1.0)
+    p.add_argument(
+        "--rank-exponent", type=_float(0, 1000, lo_inclusive=False), default=1.0, help="shape of r(t) between the ranks"
+    )
     p.add_argument("--steps", type=_int(1, MAX_TRAIN_STEPS), default=None, help=f"default {_paper_steps()}")
-    p.add_argument("--lr", type=_float(0, MAX_LR, lo_inclusive=False), default=1e-4)
+    p.add_argument("--lr", type=_float(0, MAX_LR, lo_inclusive=False), default=1e-4, help="learning rate (AdamW)")
     p.add_argument("--resolution", type=_side, default=None, help="default: the model's native size")
     p.add_argument(
         "--mixed-precision",
@@ -124,8 +159,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         help="weights of the frozen model in fp16/bf16 with autocast (the adapter stays float32); fp16 needs a GPU",
     )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--checkpoint-every", type=_int(1), default=100)
+    p.add_argument("--seed", type=SEED, default=0, help="seed of initialisation, timesteps and noise")
+    p.add_argument("--checkpoint-every", type=_int(1), default=100, help="steps between checkpoints")
     which = p.add_mutually_exclusive_group()
     which.add_argument(
         "--resume",
@@ -143,8 +178,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--mask", help="subject mask (white = subject): the loss sees only these pixels")
     p.add_argument("--prior-dir", help="class images for DreamBooth prior preservation")
-    p.add_argument("--prior-weight", type=_float(0, 1000), default=1.0)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--prior-weight", type=_float(0, 1000), default=1.0, help="weight of the prior images' loss")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower steps")
     p.add_argument("--target-modules", nargs="+", default=None, help="module name suffixes to adapt")
     p.add_argument(
         "--quantize",
@@ -173,11 +208,19 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
         help="prompt with {} for the concept; repeatable",
     )
     p.add_argument("-n", type=_int(1, MAX_IMAGES), default=4, help="images per prompt")
-    p.add_argument("--steps", type=_int(1, MAX_SAMPLE_STEPS), default=None, help="denoising steps (SD-XL 25, FLUX 28)")
     p.add_argument(
-        "--guidance", type=_float(0, MAX_GUIDANCE), default=None, help="guidance scale (SD-XL 5.0, FLUX 3.5)"
+        "--steps",
+        type=_int(1, MAX_SAMPLE_STEPS),
+        default=None,
+        help=f"denoising steps (default by family: {_family_defaults(0)})",
     )
-    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument(
+        "--guidance",
+        type=_float(0, MAX_GUIDANCE),
+        default=None,
+        help=f"guidance scale (default by family: {_family_defaults(1)})",
+    )
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the first prompt's noise (prompt i: seed + i)")
     p.add_argument("--height", type=_side, default=None, help=f"multiple of {SIDE_STRIDE}, at most {MAX_SIDE}")
     p.add_argument("--width", type=_side, default=None, help=f"multiple of {SIDE_STRIDE}, at most {MAX_SIDE}")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -191,12 +234,19 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+# Why `tlora export` writes a rank-2k LoRA for a rank-k T-LoRA (tlora.files.export).
+DIFFERENCE_FORM = (
+    "A rank-k T-LoRA becomes a rank-2k LoRA: its update s (P L Q - P0 L0 Q0) (L = diag(lambda)) is "
+    "written exactly in the difference form A = [Q; Q - Q0], B = s [P L - P0 L0, P0 L0]."
+)
+
+
 def _export_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="bake an adapter into a static LoRA (diffusers, peft, kohya)",
         description="Bake a T-LoRA adapter at one rank into a standard LoRA that stock loaders read. "
-        "A static LoRA uses that rank at every timestep: the per-timestep ranks are lost.",
+        f"{DIFFERENCE_FORM} A static LoRA uses that rank at every timestep: the per-timestep ranks are lost.",
     )
     p.add_argument("--adapter", required=True, help="tlora adapter .safetensors file")
     p.add_argument(
@@ -302,8 +352,10 @@ def _evaluate_parser(sub) -> argparse.ArgumentParser:
 
 
 def _info_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("info", help="show an adapter file's settings and modules")
-    p.add_argument("adapter")
+    p = sub.add_parser(
+        "info", help="show an adapter file's settings and modules", description="Show an adapter file's settings."
+    )
+    p.add_argument("adapter", help="tlora adapter .safetensors file (what `tlora train` writes)")
     return p
 
 
@@ -345,7 +397,10 @@ def _run_export(args: argparse.Namespace) -> None:
 
     result = export(args.adapter, args.out, format=args.format, timestep=args.timestep, rank=args.rank)
     where = f"{result.path} and {result.config_path}" if result.config_path else str(result.path)
-    print(f"{args.format} LoRA of rank {result.lora_rank} ({result.modules} modules) written to {where}")
+    why = ""
+    if result.lora_rank == 2 * result.rank:  # variant tlora and vanilla: the trained factors and the frozen copy
+        why = f" (2 x rank {result.rank}: [Q; Q - Q0] and [P L - P0 L0, P0 L0], exact)"
+    print(f"{args.format} LoRA of rank {result.lora_rank}{why} ({result.modules} modules) written to {where}")
     print(f"note: {result.note}")
 
 
@@ -400,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     _handled_by(_import_parser(sub), _run_import)
     _handled_by(_evaluate_parser(sub), _run_evaluate)
     _handled_by(demo_parser(sub), run_demo)
+    for p in sub.choices.values():
+        raw = issubclass(p.formatter_class, argparse.RawDescriptionHelpFormatter)
+        p.formatter_class = _RawDefaults if raw else _Defaults
     return parser
 
 
@@ -414,11 +472,48 @@ def in_flags(error: Exception, flags: dict[str, str]) -> str:
     return text
 
 
+# What third-party packages log about themselves when diffusers imports its optional quantization
+# backends (torchao, bitsandbytes), for any command that touches diffusers: not the user's concern.
+# logger -> a fragment of exactly that message.
+THIRD_PARTY_NOISE = {
+    # torchao registers its Enums with torch's pytree at import, which torch now deprecates
+    "torch.utils._pytree": "is an Enum subclass and is now natively supported by torch.compile",
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor objects",
+}
+
+
+class _ThirdPartyNoise(logging.Filter):
+    """Drops THIRD_PARTY_NOISE's message of its logger; the pytree one only about torchao's Enums."""
+
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.fragment not in str(record.msg) and self.fragment not in record.getMessage():
+            return True
+        if record.name == "torch.utils._pytree":
+            args = record.args if isinstance(record.args, tuple) else ()
+            return not (args and str(getattr(args[0], "__module__", "")).startswith("torchao"))
+        return False
+
+
+def quiet_third_party() -> None:
+    """Filter THIRD_PARTY_NOISE on its loggers (once; the loggers need not exist yet: logging
+    returns the same object when the package creates it)."""
+    for name, fragment in THIRD_PARTY_NOISE.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _ThirdPartyNoise) for f in log.filters):
+            log.addFilter(_ThirdPartyNoise(fragment))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse's usage errors (exit 2, message printed) and --help (0)
         return e.code if isinstance(e.code, int) else 2
+    quiet_third_party()
     try:
         args.func(args)
     except (ValueError, OSError) as e:  # OSError: missing files, permissions, a full disk

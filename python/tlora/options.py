@@ -26,6 +26,10 @@ QUANTIZE = ("int8", "int4", "nf4")
 MAX_SAMPLE_STEPS = 1000  # denoising steps
 MAX_IMAGES = 256  # per prompt
 MAX_GUIDANCE = 100.0
+# Each family's sampling defaults, (denoising steps, guidance scale), by tlora.train.recipes' Family
+# names: the recipes read them from here, and `tlora generate --help` shows them.
+SAMPLING_DEFAULTS = {"sd": (25, 7.5), "sdxl": (25, 5.0), "flux": (28, 3.5)}
+FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SD-XL", "flux": "FLUX"}
 # The pipeline's weights: option value -> torch dtype name.
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

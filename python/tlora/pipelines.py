@@ -142,6 +142,29 @@ def check_model_folder(path: str) -> None:
         )
 
 
+def not_cached(model: str) -> InputError:
+    """The error for a hub id that cannot be loaded: offline (HF_HUB_OFFLINE=1, or no network)
+    with the model not in the local Hugging Face cache, or an id that does not exist. diffusers'
+    own message for this points at a stack trace the CLI does not show."""
+    return InputError(
+        f"model {model} is not a local folder and not in the local Hugging Face cache, and it could not be "
+        f"fetched: the machine is offline (or HF_HUB_OFFLINE=1) or {model} is not a hub id; download it "
+        "once with network access or give a local diffusers folder",
+        field="model",
+    )
+
+
+def _in_cache(model: str) -> bool:
+    """Whether the local Hugging Face cache holds a snapshot of hub id `model` (no network)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(model, local_files_only=True)
+    except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError; a malformed id a ValueError
+        return False
+    return True
+
+
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, quantize: str | None = None):
     """Load a supported pipeline from a local folder or a hub id, through `from_pretrained`;
     `quantize` ("int8", "int4", "nf4": see tlora.adapter.quantized) quantizes the denoiser's Linear layers."""
@@ -158,6 +181,10 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, quantize: str 
         kwargs["quantization_config"] = PipelineQuantizationConfig(quant_mapping={"unet": q, "transformer": q})
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, **kwargs)
+    except OSError:
+        if Path(model).exists():
+            raise
+        raise not_cached(model) from None
     except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as e:
         # A folder whose components do not fit its pipeline class; diffusers' own error is raw.
         raise InputError(
@@ -180,6 +207,8 @@ def load_denoiser(model: str) -> nn.Module:
             continue
         try:
             return AutoModel.from_pretrained(model, subfolder=sub).eval()
-        except OSError as e:  # a hub id without this subfolder
+        except OSError as e:  # a hub id without this subfolder, or one that cannot be fetched
             errors.append(str(e).splitlines()[0])
+    if not local and not _in_cache(model):
+        raise not_cached(model)
     raise InputError(f"{model} has no unet/ or transformer/ denoiser" + (f" ({errors[-1]})" if errors else ""))

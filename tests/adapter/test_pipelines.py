@@ -458,3 +458,31 @@ def test_saved_tiny_pipeline_loads_back(kind, tmp_path):
     # and tlora's own loader accepts the folder
     via_tlora = load_pipeline(str(folder))
     assert family_of(via_tlora).name == kind
+
+
+def test_hub_id_offline_not_in_cache_is_one_clear_line(tmp_path):
+    """A made-up hub id with HF_HUB_OFFLINE=1 (read by huggingface_hub at import, hence the
+    subprocess; an empty HF_HOME so no cache can hold it): an InputError naming the model, the
+    cache and the offline machine, not diffusers' "root cause in the stacktrace above"."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from tlora.pipelines import load_pipeline, load_denoiser\n"
+        "from tlora.errors import InputError\n"
+        "for load in (load_pipeline, load_denoiser):\n"
+        "    try:\n"
+        "        load('madeup-org/no-such-model')\n"
+        "    except InputError as e:\n"
+        "        print('MSG', e)\n"
+    )
+    python_dir = Path(tlora.__file__).resolve().parent.parent
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path), PYTHONPATH=str(python_dir))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("MSG")]
+    assert len(lines) == 2, proc.stdout + proc.stderr
+    for line in lines:
+        assert "madeup-org/no-such-model" in line and "not in the local Hugging Face cache" in line, line
+        assert "offline" in line and "stacktrace" not in line, line

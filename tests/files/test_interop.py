@@ -200,6 +200,10 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", "--adapter", str(path), "--format", "kohya", "--timestep", "999", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "per-timestep ranks" in printed and "rank 4" in printed  # r(999) = r_min = 2: a LoRA of rank 4
+    # why rank 2k: the difference form, said in the output line and in the help
+    assert "kohya LoRA of rank 4 (2 x rank 2: [Q; Q - Q0] and [P L - P0 L0, P0 L0], exact)" in printed, printed
+    assert main(["export", "--help"]) == 0
+    assert "rank-k T-LoRA becomes a rank-2k LoRA" in " ".join(capsys.readouterr().out.split())
     assert (
         load_file(str(out))[f"lora_unet_{next(iter(adapter.layers)).replace('.', '_')}.lora_down.weight"].shape[0] == 4
     )

@@ -52,6 +52,18 @@ def _text_as_png(folder: Path) -> Path:
     return path
 
 
+def test_train_prints_the_resolved_settings_before_training(models, image, tmp_path, capsys):
+    """One line of what the run does, resolved: the min rank (rank // 2), the family, the device
+    (auto -> the CPU here) and the weights' dtype, printed before the progress bar."""
+    assert cli.main(train_args(models["sd"], image, tmp_path / "run", 1, 1, "--device", "auto")) == 0
+    out = capsys.readouterr().out
+    line = (
+        "training tlora rank 4 (r_min 2) for 1 steps on sd at 16x16; device cpu, weights float32 (mixed precision no)"
+    )
+    assert line in out, out
+    assert out.index(line) < out.index("adapter written to")
+
+
 @pytest.mark.parametrize(
     "case",
     [

@@ -37,7 +37,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--rank", type=int, default=TOY_RANK, help=f"adapter rank (default {TOY_RANK}; T-LoRA r_min = rank/2)"
     )
     p.add_argument("-n", type=int, default=4, help="samples per prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
     p.add_argument(
         "--threads",
         type=int,

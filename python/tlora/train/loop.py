@@ -398,6 +398,14 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
 
 def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype, resume_from: Checkpoint | None) -> TrainResult:
     run = _Run(cfg, acc, out, weight_dtype)
+    c = run.adapter.config
+    # The settings as resolved (device, dtype, the family's native resolution, the paper's steps):
+    # what the run does, not only what was typed.
+    acc.print(
+        f"training {c.variant} rank {c.rank} (r_min {c.min_rank}) for {cfg.steps} steps on {run.fam.name} "
+        f"at {run.resolution}x{run.resolution}; device {acc.device}, weights {str(weight_dtype).removeprefix('torch.')}"
+        f" (mixed precision {cfg.mixed_precision}), lr {cfg.lr:g}, seed {cfg.seed}"
+    )
     start = run.resume(resume_from)
     bar = tqdm(
         range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not acc.is_local_main_process

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..options import SAMPLING_DEFAULTS
 
 SUPPORTED = {
     "StableDiffusionPipeline": "sd",
@@ -38,8 +39,7 @@ class Family:
     """One model family. Subclasses fill in conditioning, noising and the denoiser call."""
 
     name = ""
-    default_steps = 25
-    default_guidance = 5.0
+    default_steps, default_guidance = SAMPLING_DEFAULTS["sdxl"]
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -92,7 +92,7 @@ class Family:
 
 class StableDiffusion(Family):
     name = "sd"
-    default_guidance = 7.5
+    default_steps, default_guidance = SAMPLING_DEFAULTS["sd"]
 
     @torch.no_grad()
     def encode_prompt(self, prompt, resolution):
@@ -102,6 +102,7 @@ class StableDiffusion(Family):
 
 class StableDiffusionXL(Family):
     name = "sdxl"
+    default_steps, default_guidance = SAMPLING_DEFAULTS["sdxl"]
 
     @torch.no_grad()
     def encode_prompt(self, prompt, resolution):
@@ -118,8 +119,7 @@ class StableDiffusionXL(Family):
 
 class Flux(Family):
     name = "flux"
-    default_steps = 28
-    default_guidance = 3.5
+    default_steps, default_guidance = SAMPLING_DEFAULTS["flux"]
 
     @property
     def denoiser(self):
