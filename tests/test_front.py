@@ -311,3 +311,30 @@ def test_commands_print_no_third_party_warnings(tmp_path):
     finally:
         log.removeHandler(handler)
     assert [r.getMessage() for r in records] == ["something of the user's"]
+
+
+def test_loading_pipelines_prints_no_image_processor_fallbacks():
+    """diffusers' pipeline modules name transformers' CLIP / Siglip image processors at import; without
+    torchvision transformers warns that it falls back to the Pillow ones (tlora's pipelines use
+    neither). The CLI drops exactly that message; without its filter the message is there."""
+    import importlib.util
+
+    script = (
+        "import sys\n"
+        "if sys.argv[1] == 'quiet':\n"
+        "    from tlora.cli import quiet_third_party; quiet_third_party()\n"
+        "from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline, SanaPipeline\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PYTHON_DIR), os.environ.get("PYTHONPATH", "")]))
+
+    def stderr(mode: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    fragment = cli.THIRD_PARTY_NOISE["transformers.utils.import_utils"]
+    if importlib.util.find_spec("torchvision") is None:
+        assert fragment in stderr("loud")  # what the filter is for
+    assert fragment not in stderr("quiet")

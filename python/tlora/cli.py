@@ -473,13 +473,17 @@ def in_flags(error: Exception, flags: dict[str, str]) -> str:
 
 
 # What third-party packages log about themselves when diffusers imports its optional quantization
-# backends (torchao, bitsandbytes), for any command that touches diffusers: not the user's concern.
+# backends (torchao, bitsandbytes) and its pipelines, for any command that touches diffusers: not
+# the user's concern.
 # logger -> a fragment of exactly that message.
 THIRD_PARTY_NOISE = {
     # torchao registers its Enums with torch's pytree at import, which torch now deprecates
     "torch.utils._pytree": "is an Enum subclass and is now natively supported by torch.compile",
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
     "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor objects",
+    # diffusers' pipeline modules name transformers' image processors (CLIP, Siglip) at import;
+    # without torchvision transformers hands out the Pillow ones, which tlora's pipelines never use
+    "transformers.utils.import_utils": "requires torchvision (not installed); falling back to",
 }
 
 

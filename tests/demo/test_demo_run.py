@@ -93,25 +93,26 @@ def test_demo_prints_estimates_before_the_long_phases(tmp_path, monkeypatch, cap
     import argparse
 
     import tlora.demo.evaluate as toy
-    from tlora.demo.run import SAMPLE_STEPS, SECONDS_PER_IMAGE_STEP, run
+    from tlora.demo.run import SAMPLE_STEPS, SECONDS_PER_SAMPLE_STEP, run
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    rows = [[Image.new("RGB", (32, 32), "white")] for _ in EVAL_PROMPTS]
+    rows = [[Image.new("RGB", (32, 32), "white")] * 4 for _ in EVAL_PROMPTS]
     scores = dict(fidelity=0.0, alignment=0.0, background_accuracy=0.0, position_accuracy=0.0, diversity=0.0)
     image_steps = len(EVAL_PROMPTS) * SAMPLE_STEPS
-    # Measured: 0.2 s an image step (sampling 12 x 25 x 0.2 = 60 s), then LoRA's 0.3 s a training step.
+    # Measured: 0.2 s a denoising step of a prompt's 4 samples (sampling 12 x 25 x 0.2 = 60 s), then
+    # LoRA's 0.3 s a training step.
     seconds = {"base model": image_steps * 0.2, "LoRA": 60.0 + 1000 * 0.3, "T-LoRA": 0.0}
     monkeypatch.setattr(
         toy, "sample_base", lambda c, n, seed: toy.Run("base model", scores, rows, seconds["base model"])
     )
     monkeypatch.setattr(toy, "finetune", lambda c, m, out, **kw: toy.Run(m, scores, rows, seconds[m]))
     monkeypatch.setattr(toy, "autoencoder_ceiling", lambda c: 0.9)
-    run(argparse.Namespace(concept="split_cross", out=str(tmp_path), steps=1000, rank=16, n=1, seed=0, threads=None))
+    run(argparse.Namespace(concept="split_cross", out=str(tmp_path), steps=1000, rank=16, n=4, seed=0, threads=None))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("threads: 1 ")
     base = next(i for i, line in enumerate(lines) if line.startswith("sampling the base model"))
-    stated = image_steps * SECONDS_PER_IMAGE_STEP
-    assert lines[base] == f"sampling the base model: {len(EVAL_PROMPTS)} prompts x 1, about {stated:.0f} s here"
+    stated = image_steps * SECONDS_PER_SAMPLE_STEP
+    assert lines[base] == f"sampling the base model: {len(EVAL_PROMPTS)} prompts x 4, about {stated:.0f} s here"
     # LoRA: the stated 0.1 s a step and the measured sampling: 100 + 60 s; T-LoRA: LoRA's measured 0.3 s a step.
     assert "fine-tuning LoRA: 1000 steps, then sampling: about 3 min here" in lines
     assert "fine-tuning T-LoRA: 1000 steps, then sampling: about 6 min here" in lines

@@ -12,9 +12,10 @@ import argparse
 import os
 from pathlib import Path
 
-# Stated costs on a 2-core CPU with one thread (measured at load ~3: 0.09 s per denoising step of
-# 4 samples; a fine-tune step about 0.1 s): the first estimates; later ones use this run's own times.
-SECONDS_PER_IMAGE_STEP = 0.025
+# Stated costs on a 2-core CPU with one thread (measured at load ~3: 0.09 s per denoising step of a
+# prompt's 4 samples, which run as one batch, so about as long for 1; a fine-tune step about 0.1 s):
+# the first estimates; later ones use this run's own times.
+SECONDS_PER_SAMPLE_STEP = 0.09
 SECONDS_PER_TRAIN_STEP = 0.1
 SAMPLE_STEPS = 25  # sample_base's and finetune's default denoising steps
 
@@ -84,8 +85,8 @@ def run(args) -> None:
         f"concept {c.name!r}: trained as {c.prompt_for_training!r} on one image "
         f"({c.train_position}, {c.train_background} background)"
     )
-    image_steps = len(EVAL_PROMPTS) * args.n * SAMPLE_STEPS
-    guess = about(image_steps * SECONDS_PER_IMAGE_STEP)
+    image_steps = len(EVAL_PROMPTS) * SAMPLE_STEPS  # denoising steps: a prompt's n samples are one batch
+    guess = about(image_steps * SECONDS_PER_SAMPLE_STEP)
     print(f"sampling the base model: {len(EVAL_PROMPTS)} prompts x {args.n}, {guess} here")
     runs = [sample_base(c, args.n, args.seed)]
     per_image_step = runs[0].seconds / image_steps  # measured now, on this machine as busy as it is
