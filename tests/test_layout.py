@@ -48,6 +48,7 @@ LEVELS = {
     "files.export": 11,  # export, the writers' registry
     "train.recipes": 2,  # the families' training recipes (pipelines and generate read them too)
     "train.checkpoint": 11,
+    "train.drift": 3,  # the overfitting view: drift toward the training image, its chart (images)
     "evaluate": 11,
     "generate": 12,
     "train.loop": 13,

@@ -271,3 +271,99 @@ def grid(
         framed.paste(note, (0, out.height))
         out = framed
     return out
+
+
+CHART_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """About `count` round tick values (1, 2 or 5 times a power of ten apart) covering lo..hi."""
+    if not math.isfinite(lo) or not math.isfinite(hi):
+        raise ValueError(f"cannot place ticks on {lo}..{hi}")
+    if hi <= lo:
+        lo, hi = lo - 0.5, lo + 0.5
+    raw = (hi - lo) / max(1, count - 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.floor(lo / step) * step
+    ticks = []
+    k = 0
+    while first + k * step <= hi + step * 1e-9:
+        ticks.append(round(first + k * step, 12))
+        k += 1
+    if ticks[-1] < hi:
+        ticks.append(round(first + k * step, 12))
+    return ticks
+
+
+def line_chart(
+    series: dict[str, Sequence[tuple[float, float]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    size: tuple[int, int] = (720, 360),
+    zero_line: bool = False,
+) -> Image.Image:
+    """A line chart (Pillow only): one coloured line with dots per named series of (x, y) points, axes
+    with round ticks and labels, a title and a legend. `zero_line` draws y = 0 dashed."""
+    from PIL import ImageDraw
+
+    points = [p for pts in series.values() for p in pts]
+    if not points:
+        raise ValueError(f"nothing to plot in {title!r}")
+    font = label_font(13)
+    width, height = size
+    left, right, top, bottom = 70, 20, 30, 45
+    legend_h = 18 * len(series)
+    xt = nice_ticks(min(x for x, _ in points), max(x for x, _ in points))
+    ys = [y for _, y in points] + ([0.0] if zero_line else [])
+    yt = nice_ticks(min(ys), max(ys))
+    img = Image.new("RGB", (width, height + legend_h), "white")
+    draw = ImageDraw.Draw(img)
+    x0, x1, y0, y1 = left, width - right, height - bottom, top
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        fx = (x - xt[0]) / (xt[-1] - xt[0])
+        fy = (y - yt[0]) / (yt[-1] - yt[0])
+        return x0 + fx * (x1 - x0), y0 + fy * (y1 - y0)
+
+    draw.rectangle((x0, y1, x1, y0), outline="black")
+    for t in xt:
+        px, _ = at(t, yt[0])
+        draw.line((px, y0, px, y0 + 4), fill="black")
+        draw.text((px, y0 + 6), f"{t:g}", fill="black", font=font, anchor="ma")
+    for t in yt:
+        _, py = at(xt[0], t)
+        draw.line((x0 - 4, py, x0, py), fill="black")
+        draw.line((x0 + 1, py, x1 - 1, py), fill="#e6e6e6")
+        draw.text((x0 - 6, py), f"{t:.3g}", fill="black", font=font, anchor="rm")
+    if zero_line and yt[0] < 0 < yt[-1]:
+        _, pz = at(xt[0], 0.0)
+        for sx in range(int(x0), int(x1), 8):
+            draw.line((sx, pz, min(sx + 4, x1), pz), fill="black")
+    draw.text(((x0 + x1) / 2, 6), title, fill="black", font=font, anchor="ma")
+    draw.text(((x0 + x1) / 2, height - 18), xlabel, fill="black", font=font, anchor="ma")
+    label = Image.new("RGB", (height, 16), "white")
+    ImageDraw.Draw(label).text((height / 2, 0), ylabel, fill="black", font=font, anchor="ma")
+    img.paste(label.rotate(90, expand=True), (4, 0))
+    for i, (name, pts) in enumerate(series.items()):
+        colour = CHART_COLOURS[i % len(CHART_COLOURS)]
+        xy = [at(x, y) for x, y in sorted(pts)]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for px, py in xy if len(xy) <= 60 else ():
+            draw.ellipse((px - 2.5, py - 2.5, px + 2.5, py + 2.5), fill=colour)
+        ly = height + 18 * i + 2
+        draw.line((x0, ly + 7, x0 + 24, ly + 7), fill=colour, width=3)
+        draw.text((x0 + 30, ly), name, fill="black", font=font)
+    return img
+
+
+def stack(images: Sequence[Image.Image]) -> Image.Image:
+    """Images one above the other, left-aligned, on white."""
+    out = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    y = 0
+    for img in images:
+        out.paste(img.convert("RGB"), (0, y))
+        y += img.height
+    return out
