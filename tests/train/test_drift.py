@@ -43,7 +43,7 @@ def test_similarity_reads_layout_and_colour_not_brightness():
 def test_drift_is_zero_for_the_base_samples_and_rises_toward_the_photo(tmp_path):
     train = scene((30, 160, 30), (4, 4))
     base = [scene((30, 30, 160), (20, 20)), scene((160, 30, 30), (20, 4), colour=(20, 20, 200))]
-    tracker = DriftTracker(train, base, log=tmp_path / "drift.jsonl")
+    tracker = DriftTracker([train], base, log=tmp_path / "drift.jsonl")
     assert tracker.record(0, base) == 0.0
     halfway = [scene((30, 160, 30), (20, 20)), scene((30, 160, 30), (20, 4), colour=(20, 20, 200))]
     copied = [train, train]

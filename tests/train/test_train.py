@@ -10,6 +10,7 @@ accept and refuse as input in test_train_inputs.py; the tiny models and the phot
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +92,28 @@ def test_train_then_generate(kind, models, image, tmp_path, capsys):
     assert [e["step"] for e in log] == list(range(1, steps + 1))
     assert all(np.isfinite(e["loss"]) for e in log)
     checkpoints = [every, 2 * every, steps]
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["adapter.safetensors", "config.json", "loss.jsonl", *(f"checkpoint-{n}" for n in checkpoints)]
-    )
+    run_files = ["adapter.safetensors", "config.json", "loss.jsonl", "drift.jsonl", "overfitting.png", "samples-base"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*run_files, *(f"checkpoint-{n}" for n in checkpoints)])
+    # The overfitting view: drift 0 at step 0 (the adapter's exact zero update samples the base model),
+    # then each validation's samples against the training image as trained (centre crop, 16 px),
+    # recomputed here as numpy's correlation coefficient of the two images at 64 px.
+    photo = Image.open(image).convert("RGB")
+    side = min(photo.size)
+    left, top = (photo.width - side) // 2, (photo.height - side) // 2
+    photo = photo.crop((left, top, left + side, top + side)).resize((16, 16), Image.BICUBIC)
+
+    def corr(a):
+        x, y = (np.asarray(i.resize((64, 64), Image.BICUBIC), np.float64).ravel() for i in (a, photo))
+        return np.corrcoef(x, y)[0, 1]
+
+    drift_log = [json.loads(line) for line in (out / "drift.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in drift_log] == [0, *checkpoints] and drift_log[0]["drift"] == [0.0, 0.0]
+    base = [Image.open(out / "samples-base" / f"{i:02d}-0.png").convert("RGB") for i in range(2)]
+    for entry in drift_log[1:]:
+        folder = out / f"checkpoint-{entry['step']}" / "samples"
+        samples = [Image.open(folder / f"{i:02d}-0.png").convert("RGB") for i in range(2)]
+        assert entry["drift"] == pytest.approx([corr(s) - corr(b) for s, b in zip(samples, base)], abs=1e-5)
+    assert Image.open(out / "overfitting.png").size[1] > 400  # two panels: the loss, the drift
     for n in checkpoints:
         ckpt = out / f"checkpoint-{n}"
         assert {p.name for p in ckpt.iterdir()} == {"adapter.safetensors", "state.safetensors", "state.json", "samples"}
@@ -179,7 +199,19 @@ def test_cli_train_validation_prompts_and_resume_continues_log(models, image, tm
     assert text.startswith(first)
     assert [e["step"] for e in log_entries(out)] == list(range(1, 10))
     assert json.loads((out / "checkpoint-9" / "state.json").read_text())["step"] == 9
+    # The drift log goes on too, against the first run's base samples (read back, not resampled).
+    drift_steps = [json.loads(line)["step"] for line in (out / "drift.jsonl").read_text().splitlines()]
+    assert drift_steps == [0, 3, 6, 9]
+
+    # Resumed from checkpoint-3 (the later ones removed), the drift after step 3 is rewritten.
+    for n in (6, 9):
+        shutil.rmtree(out / f"checkpoint-{n}")
+    (out / "adapter.safetensors").unlink()
+    assert cli.main(train_args(models["sd"], image, out, 6, 3, *prompts, "--resume")) == 0
+    drift_steps = [json.loads(line)["step"] for line in (out / "drift.jsonl").read_text().splitlines()]
+    assert drift_steps == [0, 3, 6]
+    text = (out / "loss.jsonl").read_text()
 
     # Resuming a finished run trains nothing and leaves the log as it was.
-    assert cli.main(train_args(models["sd"], image, out, 9, 3, "--resume")) == 0
+    assert cli.main(train_args(models["sd"], image, out, 6, 3, "--resume")) == 0
     assert (out / "loss.jsonl").read_text() == text

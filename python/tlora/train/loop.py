@@ -40,6 +40,7 @@ from ..options import (
     SIDE_STRIDE,
 )
 from ..pipelines import check_dtype, check_side, load_pipeline, resolve_device
+from . import drift
 from .checkpoint import _NAME as CHECKPOINT_NAME
 from .checkpoint import (
     Checkpoint,
@@ -438,6 +439,8 @@ class _Run:
         self.resolution = resolution = cfg.resolution if cfg.resolution is not None else fam.default_resolution()
         paths = [Path(cfg.image)] if cfg.image else list_images(cfg.image_dir)
         pixels = torch.cat([load_image(p, resolution) for p in paths])
+        self.view: drift.OverfittingView | None = None  # drift toward these images, with validation prompts
+        self.training_images = [_as_image(p) for p in pixels]
 
         # The images and the prompt never change: encode them once.
         self.lat_mean, self.lat_std = fam.encode_image(pixels)
@@ -498,7 +501,45 @@ class _Run:
             config = {"train": asdict(cfg), "adapter": self.adapter.config.to_dict(), "resolution": self.resolution}
             write_json(self.out / "config.json", config)
             _truncate_log(self.loss_log, start)
+            if cfg.validation_prompts:
+                self.view = self._overfitting_view(start)
         return start
+
+    def _overfitting_view(self, start: int) -> drift.OverfittingView | None:
+        """The drift of validation samples toward the training images (tlora.train.drift): a new run
+        first samples the validation prompts with the adapter at its init, an exact zero update, so
+        the base model's samples; a resumed run reads them back."""
+        cfg = self.cfg
+        base = self.out / drift.BASE_SAMPLES
+        if start == 0:
+            self._validate(base, "base model (step 0)")
+        elif not all((base / f"{i:02d}-0.png").is_file() for i in range(len(cfg.validation_prompts))):
+            self.acc.print(f"no base samples in {base}: the drift toward the training image is not tracked")
+            return None
+        drift.truncate(self.out / drift.DRIFT_LOG, start)
+        view = drift.OverfittingView(
+            self.out, self.training_images, len(cfg.validation_prompts), f"{cfg.variant} rank {cfg.rank}"
+        )
+        if start == 0:
+            view.record(0, base)
+        return view
+
+    def _validate(self, folder: Path, label: str) -> None:
+        """The validation prompts, one sample each (seeded as every validation is), into `folder`."""
+        from ..generate import sample_grid
+
+        cfg = self.cfg
+        sample_grid(
+            self.pipe,
+            cfg.validation_prompts,
+            f"{cfg.token} {cfg.class_name}",
+            folder,
+            steps=cfg.validation_steps or self.fam.default_steps,
+            guidance=self.fam.default_guidance,
+            seed=cfg.seed,
+            size=(self.resolution, self.resolution),
+            label=label,
+        )
 
     def _loss(self, mean, std, c, weight_mask=None) -> torch.Tensor:
         """The denoising loss of one image of `mean`/`std` (latent distributions) under prompt
@@ -552,19 +593,9 @@ class _Run:
             extra = self.adapter.config.extra
             ckpt = save_checkpoint(self.out, done, self.adapter, self.optimizer, self.gen, extra, gen_states)
             if cfg.validation_prompts:
-                from ..generate import sample_grid
-
-                sample_grid(
-                    self.pipe,
-                    cfg.validation_prompts,
-                    f"{cfg.token} {cfg.class_name}",
-                    ckpt / "samples",
-                    steps=cfg.validation_steps or self.fam.default_steps,
-                    guidance=self.fam.default_guidance,
-                    seed=cfg.seed,
-                    size=(self.resolution, self.resolution),
-                    label=f"{cfg.variant} rank {cfg.rank}\nstep {done}",
-                )
+                self._validate(ckpt / "samples", f"{cfg.variant} rank {cfg.rank}\nstep {done}")
+                if self.view is not None:
+                    self.view.record(done, ckpt / "samples")
         self.good = self.out / f"checkpoint-{done}"
 
     def finish(self) -> TrainResult:
@@ -575,6 +606,14 @@ class _Run:
             save_adapter(self.adapter, final)
         self.acc.end_training()
         return TrainResult(final, self.adapter, self.pipe)
+
+
+def _as_image(pixels: torch.Tensor):
+    """A (3, R, R) tensor in [-1, 1] (a training image as trained) as an RGB PIL image."""
+    from PIL import Image
+
+    a = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(a)
 
 
 def _truncate_log(path: Path, step: int) -> None:
