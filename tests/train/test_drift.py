@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tlora.images import CHART_COLOURS, line_chart, nice_ticks
-from tlora.train.drift import COMPARE_SIDE, DriftTracker, read_drift, similarity
+from tlora.train.drift import COMPARE_SIDE, DriftTracker, read_drift, toward
 
 
 def scene(background, sprite_at, side=32, colour=(200, 30, 30)):
@@ -20,24 +20,25 @@ def scene(background, sprite_at, side=32, colour=(200, 30, 30)):
     return Image.fromarray(a)
 
 
-def test_similarity_is_the_pearson_correlation_of_the_compared_pixels():
+def px(img):
+    """The compared pixels, computed here: RGB at 64 px (bicubic), in 0..1."""
+    return np.asarray(img.convert("RGB").resize((COMPARE_SIDE, COMPARE_SIDE), Image.BICUBIC), np.float64) / 255
+
+
+def test_drift_is_the_rms_move_along_the_way_from_the_base_sample_to_the_photo():
     rng = np.random.default_rng(0)
-    a = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
-    b = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
-    pixels = [np.asarray(i.resize((COMPARE_SIDE, COMPARE_SIDE), Image.BICUBIC), np.float64).ravel() for i in (a, b)]
-    assert similarity(a, b) == pytest.approx(np.corrcoef(*pixels)[0, 1], abs=1e-12)
-    assert similarity(a, a) == pytest.approx(1.0)
-
-
-def test_similarity_reads_layout_and_colour_not_brightness():
-    train = scene((30, 160, 30), (4, 4))
-    brighter = Image.fromarray(np.clip(np.asarray(train, np.int32) // 2 + 100, 0, 255).astype(np.uint8))
-    moved = scene((30, 160, 30), (20, 20))
-    other_background = scene((30, 30, 160), (20, 20))
-    assert similarity(train, brighter) == pytest.approx(1.0, abs=1e-4)  # (up to the halving's rounding)
-    assert similarity(train, moved) < similarity(train, brighter)
-    assert similarity(train, other_background) < similarity(train, moved)
-    assert similarity(train, Image.new("RGB", (32, 32), "grey")) == 0.0  # a flat image correlates with nothing
+    base, photo, sample = (rng.random(COMPARE_SIDE * COMPARE_SIDE * 3) for _ in range(3))
+    way = photo - base
+    # the projection written out: mean over pixels of (sample - base) * way / |way|, times sqrt(N) / N
+    expected = ((sample - base) * way).sum() / np.sqrt((way**2).sum()) / np.sqrt(way.size)
+    assert toward(sample, base, photo) == pytest.approx(expected, rel=1e-12)
+    assert toward(base, base, photo) == 0.0
+    assert toward(photo, base, photo) == pytest.approx(np.sqrt(np.mean(way**2)), rel=1e-12)
+    assert toward(base + 0.5 * way, base, photo) == pytest.approx(0.5 * np.sqrt(np.mean(way**2)), rel=1e-12)
+    orthogonal = rng.standard_normal(way.size)
+    orthogonal -= orthogonal @ way / (way @ way) * way
+    assert abs(toward(base + 0.1 * orthogonal, base, photo)) < 1e-12  # a change off the way counts nothing
+    assert toward(sample, base, base) == 0.0  # the base sample is the photo: nothing to move toward
 
 
 def test_drift_is_zero_for_the_base_samples_and_rises_toward_the_photo(tmp_path):
@@ -49,10 +50,13 @@ def test_drift_is_zero_for_the_base_samples_and_rises_toward_the_photo(tmp_path)
     copied = [train, train]
     middle, end = tracker.record(100, halfway), tracker.record(200, copied)
     assert 0 < middle < end
-    expected = np.mean([1.0 - similarity(b, train) for b in base])
+    expected = np.mean([np.sqrt(np.mean((px(train) - px(b)) ** 2)) for b in base])
     assert end == pytest.approx(expected, abs=1e-9)
     assert [s for s, _ in read_drift(tmp_path / "drift.jsonl")] == [0, 100, 200]
     assert read_drift(tmp_path / "drift.jsonl")[2][1] == pytest.approx(end, abs=1e-6)
+    # a background the photo does not have moves away from it
+    away = [scene((30, 0, 255), (20, 20)), scene((160, 30, 30), (20, 4), colour=(20, 20, 200))]
+    assert tracker.drifts(away)[0] < 0 and tracker.drifts(away)[1] == 0.0
     with pytest.raises(ValueError, match="1 validation samples for 2 base samples"):
         tracker.record(300, [train])
 

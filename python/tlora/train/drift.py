@@ -2,16 +2,17 @@
 
 A fine-tune on one photo overfits by copying it: prompts that ask for another place or background
 come back with the photo's layout and background. That shows in pixels. For each validation
-prompt the trainer samples with a fixed seed; the drift of a sample is its similarity to the
-training image minus the similarity of the base model's sample of the same prompt and seed (the
-adapter starts as an exact zero update, so that sample is the step-0 one): 0 at the start, rising
-as the model starts to reproduce the photo instead of the prompt. Similarity is the Pearson
-correlation of the two images' pixels at a common size, so it reads layout and colour, not
-brightness.
+prompt the trainer samples with a fixed seed. The base model's sample of that prompt and seed is
+the step-0 one (the adapter starts as an exact zero update); the drift of a later sample is how far
+it has moved from the base sample toward the training image: the component of (sample - base)
+along (photo - base), as an RMS pixel intensity (a fraction of full scale, both images at
+COMPARE_SIDE px). It is 0 at the start and reaches the base sample's RMS distance from the photo
+when the sample is the photo; changes in other directions (colours or details the photo does not
+have, noise) count nothing, so the curve reads copying, not change.
 
 `drift.jsonl` in the run folder holds one line per validation: {"step", "drift": [per prompt],
 "mean"}; `overfitting.png` plots the loss and the mean drift per step. With several training
-images a sample's likeness is its similarity to the closest one.
+images a sample's drift is toward the one it moved toward most.
 """
 
 from __future__ import annotations
@@ -30,23 +31,21 @@ PLOT = "overfitting.png"
 BASE_SAMPLES = "samples-base"  # the step-0 validation (the adapter adds exactly zero: the base model)
 
 
-def _pixels(img: Image.Image) -> np.ndarray:
+def pixels(img: Image.Image) -> np.ndarray:
+    """RGB at COMPARE_SIDE px, flattened, in 0..1."""
     small = img.convert("RGB").resize((COMPARE_SIDE, COMPARE_SIDE), Image.BICUBIC)
-    return np.asarray(small, np.float64).ravel()
+    return np.asarray(small, np.float64).ravel() / 255.0
 
 
-def similarity(a: Image.Image, b: Image.Image) -> float:
-    """Pearson correlation of the pixels of `a` and `b` (RGB, both at COMPARE_SIDE px): 1 for the
-    same picture up to brightness and contrast, about 0 for unrelated ones; 0 when either is flat."""
-    x, y = _pixels(a), _pixels(b)
-    x, y = x - x.mean(), y - y.mean()
-    norm = float(np.sqrt((x * x).sum() * (y * y).sum()))
-    return float((x * y).sum() / norm) if norm > 0 else 0.0
-
-
-def likeness(sample: Image.Image, training_images: Sequence[Image.Image]) -> float:
-    """How much `sample` looks like the training set: its similarity to the closest training image."""
-    return max(similarity(sample, t) for t in training_images)
+def toward(sample: np.ndarray, base: np.ndarray, photo: np.ndarray) -> float:
+    """The component of `sample` - `base` along `photo` - `base` (pixels() of each), as an RMS
+    intensity: 0 for the base sample, rms(photo - base) for the photo, 0 for a change orthogonal to
+    the way to the photo; 0 when the base sample already is the photo."""
+    way = photo - base
+    length = float(np.linalg.norm(way))
+    if length == 0.0:
+        return 0.0
+    return float(np.dot(sample - base, way) / length / np.sqrt(way.size))
 
 
 @dataclass
@@ -60,12 +59,13 @@ class DriftTracker:
     history: list[tuple[int, list[float]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._base = [likeness(s, self.training_images) for s in self.base_samples]
+        self._photos = [pixels(t) for t in self.training_images]
+        self._base = [pixels(s) for s in self.base_samples]
 
     def drifts(self, samples: Sequence[Image.Image]) -> list[float]:
         if len(samples) != len(self._base):
             raise ValueError(f"{len(samples)} validation samples for {len(self._base)} base samples")
-        return [likeness(s, self.training_images) - b for s, b in zip(samples, self._base)]
+        return [max(toward(pixels(s), b, photo) for photo in self._photos) for s, b in zip(samples, self._base)]
 
     def record(self, step: int, samples: Sequence[Image.Image]) -> float:
         """The mean drift of `samples` (validation at `step`), appended to the log; returns it."""
@@ -124,7 +124,7 @@ def plot(
             drift,
             title=f"{title}: drift of validation samples toward the training image",
             xlabel="training step",
-            ylabel="similarity - base model's",
+            ylabel="RMS move toward the photo",
             zero_line=True,
         )
     )
