@@ -21,6 +21,15 @@ MAX_LR = 1.0  # the learning rate is in (0, MAX_LR]
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # Quantized frozen bases: int8 / int4 through optimum-quanto, nf4 through bitsandbytes (tlora.adapter.quantized).
 QUANTIZE = ("int8", "int4", "nf4")
+# Optimizers of the adapter's factors (tlora.train.optim): torch's AdamW (the paper's), Prodigy
+# (the `prodigyopt` package; the paper's FLUX setting, lr 1) and bitsandbytes' 8-bit AdamW.
+OPTIMIZERS = ("adamw", "prodigy", "adamw8bit")
+# Learning-rate schedules, by diffusers.optimization.get_scheduler's names.
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# Where training reports loss, lr, gradient norm and validation grids (accelerate's trackers).
+REPORT_TO = ("none", "tensorboard", "wandb")
+MAX_BATCH = 1024  # --train-batch-size and --gradient-accumulation-steps
+MAX_CLASS_IMAGES = 100_000
 
 # Sampling (`tlora generate`, and training's validation samples).
 MAX_SAMPLE_STEPS = 1000  # denoising steps
