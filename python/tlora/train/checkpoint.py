@@ -50,7 +50,8 @@ _NAME = re.compile(r"checkpoint-(\d+)$")
 # What a refusal of a checkpoint tells the user to do.
 FIX = "resume from an earlier checkpoint (move this one out of the run folder) or start over with --overwrite"
 # AdamW's numeric hyperparameters and their ranges; its other settings are flags (bool or null).
-GROUP_NUMBERS = {"lr": (0.0, 1.0, False), "eps": (0.0, 1.0, False), "weight_decay": (0.0, None, True)}
+# lr >= 0: a schedule (linear, cosine) reaches 0 at the last step.
+GROUP_NUMBERS = {"lr": (0.0, 1.0, True), "eps": (0.0, 1.0, False), "weight_decay": (0.0, None, True)}
 _GENERATOR_STATE = torch.Generator().get_state()  # a CPU generator's state: its size and dtype
 
 
@@ -600,9 +601,11 @@ def _check_fits(
                 )
     # read_checkpoint checked the state against the file's factors; these are this run's.
     params = [p for h in optimizer.param_groups for p in h["params"]]
+    group_of = {i: g for g in cp.groups for i in g["params"]}
     for idx, s in cp.state.items():
+        schema = state_schema(cp.optimizer, group_of[idx], params[idx].numel())
         for key, t in s.items():
-            if key != "step" and tuple(t.shape) != tuple(params[idx].shape):
+            if schema.get(key, (None, None))[1] == "factor" and tuple(t.shape) != tuple(params[idx].shape):
                 raise _fail(
                     state_file,
                     f"state.{idx}.{key}",

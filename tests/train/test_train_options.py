@@ -1,0 +1,285 @@
+"""`tlora train`'s optimizer, schedule, EMA, batch, prompt, logging and run-file options on the tiny
+SD pipeline, with the real packages (torch's AdamW, prodigyopt's Prodigy, bitsandbytes' 8-bit AdamW
+on its CPU backend, tensorboard), each against an independent reference: diffusers' get_scheduler's
+lr sequence, the EMA recurrence written out, per-sample losses computed one sample at a time, the
+event file read back with tensorboard's own reader. Resuming each optimizer with its schedule and
+EMA equals an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_runs import assert_same_tensors, log_entries
+from train_runs import cli_outcome as _cli
+
+from tlora import cli
+from tlora.testing.train_inputs import set_flag, train_args
+from tlora.train.checkpoint import read_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(models, image, out: Path, steps: int, every: int, *extra: str) -> Path:
+    assert cli.main(train_args(models["sd"], image, out, steps, every, *extra)) == 0
+    return out
+
+
+OPTIMIZER_FLAGS = {
+    "adamw": ["--adam-beta1", "0.8", "--adam-beta2", "0.99", "--adam-weight-decay", "0.01", "--adam-epsilon", "1e-6"],
+    "prodigy": ["--lr", "1", "--adam-weight-decay", "0.01", "--no-prodigy-safeguard-warmup"],
+    "adamw8bit": ["--adam-beta1", "0.8", "--adam-weight-decay", "0.01"],
+}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZER_FLAGS))
+def test_each_optimizer_trains_and_resumes_bit_exactly_with_schedule_and_ema(optimizer, models, image, tmp_path):
+    flags = [
+        "--optimizer",
+        optimizer,
+        *OPTIMIZER_FLAGS[optimizer],
+        "--lr-scheduler",
+        "cosine",
+        "--lr-warmup-steps",
+        "2",
+        "--ema-decay",
+        "0.9",
+        "--max-grad-norm",
+        "1.0",
+    ]
+    whole = _run(models, image, tmp_path / "whole", 6, 3, *flags)
+    part = tmp_path / "part"
+    _run(models, image, part, 6, 3, *flags)
+    shutil.rmtree(part / "checkpoint-6")
+    (part / "adapter.safetensors").unlink()
+    _run(models, image, part, 6, 3, *flags, "--resume")
+    for name in ("adapter.safetensors", "checkpoint-6/adapter.safetensors", "checkpoint-6/state.safetensors"):
+        assert_same_tensors(part / name, whole / name)
+    assert [e["loss"] for e in log_entries(part)] == [e["loss"] for e in log_entries(whole)]
+
+    cp = read_checkpoint(whole / "checkpoint-6")
+    assert cp.optimizer == optimizer and cp.ema is not None and cp.ema_step == 6
+    assert cp.scheduler["last_epoch"] == 6
+    group = cp.groups[0]
+    if optimizer == "prodigy":
+        # Prodigy counted its steps (not the first, at lr 0) and accumulates its step size estimate
+        assert group["k"] >= 5 and group["d_numerator"] != 0 and group["safeguard_warmup"] is False
+        assert set(cp.state[0]) == {"step", "exp_avg", "exp_avg_sq", "s", "p0"}
+    else:
+        assert group["betas"][0] == 0.8 and group["weight_decay"] == 0.01
+    if optimizer == "adamw8bit":
+        # the tiny adapter's factors are under bitsandbytes' min_8bit_size: float32 moments
+        assert set(cp.state[0]) == {"step", "state1", "state2"}
+
+
+def test_lr_schedule_is_diffusers_get_scheduler(models, image, tmp_path):
+    from diffusers.optimization import get_scheduler
+
+    out = _run(
+        models, image, tmp_path / "run", 7, 7, "--lr-scheduler", "cosine_with_restarts", "--lr-warmup-steps", "2",
+        "--lr-num-cycles", "2",
+    )  # fmt: skip
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-2)
+    sched = get_scheduler("cosine_with_restarts", opt, num_warmup_steps=2, num_training_steps=7, num_cycles=2)
+    want = []
+    for _ in range(7):
+        want.append(opt.param_groups[0]["lr"])  # the lr of each step, before the schedule moves on
+        opt.step()
+        sched.step()
+    assert [e["lr"] for e in log_entries(out)] == want and want[0] == 0.0
+
+
+def test_gradient_clipping_bounds_the_step(models, image, tmp_path):
+    # With epsilon 1 and no weight decay, AdamW's first step is lr * g / (|g| + 1) ~ lr * g for a
+    # small g: after clipping to norm c, the factors move by about lr * c (lr 1: steps well above
+    # the factors' float32 spacing).
+    flags = ["--adam-epsilon", "1", "--adam-weight-decay", "0", "--lr", "1"]
+    clipped = _run(models, image, tmp_path / "clipped", 1, 1, *flags, "--max-grad-norm", "1e-3")
+    free = _run(models, image, tmp_path / "free", 1, 1, *flags)
+    start = _run(models, image, tmp_path / "start", 1, 1, *flags, "--lr", "1e-30")  # the initial factors
+
+    def moved(run: Path) -> float:
+        a, b = load_file(str(run / "adapter.safetensors")), load_file(str(start / "adapter.safetensors"))
+        return math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in a))
+
+    assert moved(clipped) == pytest.approx(1e-3, rel=1e-2)
+    assert log_entries(clipped)[0]["grad_norm"] > 1e-2  # the norm before clipping is logged
+    assert moved(free) > 10 * moved(clipped)
+
+
+def test_ema_adapter_is_the_average_of_the_raw_factors(models, image, tmp_path):
+    decay = 0.5
+    out = _run(models, image, tmp_path / "run", 4, 1, "--ema-decay", str(decay))
+    raw = [load_file(str(out / f"checkpoint-{n}" / "adapter.safetensors")) for n in range(1, 5)]
+    # diffusers' EMAModel: the first step copies; then decay min(decay, (1 + k) / (10 + k)) at step k + 1
+    shadow = dict(raw[0])
+    for k, theta in enumerate(raw[1:], start=1):
+        d = min(decay, (1 + k) / (10 + k))
+        shadow = {n: d * shadow[n] + (1 - d) * theta[n] for n in theta}
+    final = load_file(str(out / "adapter.safetensors"))
+    trained = [n for n in final if not n.endswith("0")]
+    for n in trained:
+        torch.testing.assert_close(final[n], shadow[n], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(final[n], raw[-1][n]) for n in trained)  # not the raw factors
+    assert read_checkpoint(out / "checkpoint-4").ema_step == 4
+
+
+def test_each_sample_of_a_batch_gets_the_rank_of_its_own_timestep(models, image, tmp_path):
+    from accelerate import Accelerator
+
+    from tlora.train.loop import TrainConfig, _Run
+
+    cfg = TrainConfig(
+        model=str(models["sd"]), image=str(image), token="sks", class_name="dog", out=str(tmp_path / "r"),
+        resolution=16, rank=4, min_rank=1, train_batch_size=3, device="cpu",
+    )  # fmt: skip
+    run = _Run(cfg, Accelerator(cpu=True), tmp_path, torch.float32)
+    with torch.no_grad():  # factors away from their frozen copies, so that the update depends on the rank
+        g = torch.Generator().manual_seed(5)
+        for p in run.adapter.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    latents, eps, _, cond = run.draw(run.lat_mean, run.lat_std, run.image_prompts)
+    t = torch.tensor([0, 500, 999])  # ranks 4, 2 and 1
+    with torch.no_grad():
+        batch = run.objective(latents, eps, t, cond)
+        single = [run.objective(latents[i : i + 1], eps[i : i + 1], t[i : i + 1], run.cond) for i in range(3)]
+        shared = run.objective(latents, eps, torch.full((3,), 0), cond)
+        shared_single = sum(run.objective(latents[i : i + 1], eps[i : i + 1], t[:1], run.cond) for i in range(3)) / 3
+    torch.testing.assert_close(batch, sum(single) / 3, rtol=1e-5, atol=0)
+    torch.testing.assert_close(shared, shared_single, rtol=1e-5, atol=0)
+    assert not torch.allclose(batch, shared, rtol=1e-3)  # the ranks matter here
+
+
+def test_batches_and_accumulation_step_the_optimizer_once_per_step(models, image, tmp_path):
+    out = _run(models, image, tmp_path / "run", 2, 2, "--train-batch-size", "3", "--gradient-accumulation-steps", "2")
+    cp = read_checkpoint(out / "checkpoint-2")
+    assert {int(s["step"]) for s in cp.state.values()} == {2} and len(log_entries(out)) == 2
+
+
+def test_captions_instance_prompt_and_caption_dropout(models, image, tmp_path):
+    from accelerate import Accelerator
+
+    from tlora.train.loop import TrainConfig, _Run
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(image, folder / "a.png")
+    shutil.copy(image, folder / "b.png")
+    (folder / "b.txt").write_text("a {token} {class} on the grass\n")
+    cfg = TrainConfig(
+        model=str(models["sd"]), image=None, image_dir=str(folder), token="sks", class_name="dog",
+        out=str(tmp_path / "r"), resolution=16, rank=4, instance_prompt="{token} {class}, studio photo",
+        caption_dropout=0.5, train_batch_size=64, device="cpu",
+    )  # fmt: skip
+    run = _Run(cfg, Accelerator(cpu=True), tmp_path, torch.float32)
+    assert run.image_prompts == ["sks dog, studio photo", "a sks dog on the grass"]
+    assert set(run.conds) == {"", "sks dog, studio photo", "a sks dog on the grass"}
+    _, _, _, cond = run.draw(run.lat_mean, run.lat_std, run.image_prompts, cfg.caption_dropout)
+    empty = run.conds[""]["encoder_hidden_states"]
+    dropped = sum(bool(torch.equal(c[None], empty)) for c in cond["encoder_hidden_states"])
+    assert 16 < dropped < 48  # about half of 64 (binomial: outside this range with p < 1e-4)
+
+
+@pytest.mark.parametrize(
+    "flag,value,fragment",
+    [
+        ("--optimizer", "sgd", "argument --optimizer: invalid choice: 'sgd'"),
+        ("--adam-beta1", "1", "argument --adam-beta1: must be a finite number >= 0 and < 1, got 1"),
+        ("--adam-beta2", "nan", "argument --adam-beta2: must be a finite number"),
+        ("--adam-weight-decay", "-1", "argument --adam-weight-decay: must be a finite number >= 0 and <= 1"),
+        ("--adam-epsilon", "0", "argument --adam-epsilon: must be a finite number > 0"),
+        ("--prodigy-beta3", "2", "argument --prodigy-beta3: must be a finite number >= 0 and <= 1"),
+        ("--max-grad-norm", "0", "argument --max-grad-norm: must be a finite number > 0"),
+        ("--lr-scheduler", "step", "argument --lr-scheduler: invalid choice: 'step'"),
+        ("--lr-warmup-steps", "-1", "argument --lr-warmup-steps: must be an integer in 0..10000000"),
+        ("--lr-num-cycles", "0", "argument --lr-num-cycles: must be an integer in 1..10000000"),
+        ("--lr-power", "inf", "argument --lr-power: must be a finite number > 0"),
+        ("--ema-decay", "1.5", "argument --ema-decay: must be a finite number > 0 and <= 1"),
+        ("--train-batch-size", "0", "argument --train-batch-size: must be an integer in 1..1024"),
+        ("--gradient-accumulation-steps", "x", "argument --gradient-accumulation-steps: 'x' is not an integer"),
+        ("--caption-dropout", "1.5", "argument --caption-dropout: must be a finite number >= 0 and <= 1"),
+        ("--noise-offset", "-1", "argument --noise-offset: must be a finite number >= 0"),
+        ("--snr-gamma", "0", "argument --snr-gamma: must be a finite number > 0"),
+        ("--report-to", "comet", "argument --report-to: invalid choice: 'comet'"),
+        ("--validation-every", "0", "argument --validation-every: must be an integer >= 1"),
+        ("--checkpoints-total-limit", "0", "argument --checkpoints-total-limit: must be an integer >= 1"),
+        ("--lora-alpha", "0", "argument --lora-alpha: must be a finite number > 0"),
+        ("--init", "first", "argument --init: invalid choice: 'first'"),
+        ("--method", "dora", "argument --method: invalid choice: 'dora'"),
+        ("--instance-prompt", "a {tokn} dog", "--instance-prompt 'a {tokn} dog' has '{tokn}'"),
+        ("--ema-decay", "1", "--ema-decay must be < 1"),
+    ],
+)
+def test_bad_values_of_the_new_options_exit_2_naming_the_option(flag, value, fragment, models, image, tmp_path, capsys):
+    args = set_flag(train_args(models["sd"], image, tmp_path / "run", 1, 1), flag, value)
+    rc, message = _cli(args, capsys)
+    assert rc == 2 and fragment in message, message
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_missing_packages_are_one_line_naming_the_install(models, image, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # as if not installed: import fails
+    rc, message = _cli(train_args(models["sd"], image, tmp_path / "p", 1, 1, "--optimizer", "prodigy"), capsys)
+    assert rc == 2 and "--optimizer 'prodigy' needs the prodigyopt package: pip install prodigyopt" in message
+    if __import__("importlib").util.find_spec("wandb") is None:
+        rc, message = _cli(train_args(models["sd"], image, tmp_path / "w", 1, 1, "--report-to", "wandb"), capsys)
+        assert rc == 2 and message.endswith("--report-to wandb needs the wandb package: pip install wandb"), message
+
+
+def test_tensorboard_gets_loss_lr_grad_norm_and_the_validation_grid(models, image, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = _run(
+        models, image, tmp_path / "run", 3, 3, "--report-to", "tensorboard", "--validation-prompt", "a {} on a beach",
+        "--validation-steps", "1", "--validation-every", "2",
+    )  # fmt: skip
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = acc.Tags()
+    assert {"loss", "lr", "grad_norm"} <= set(tags["scalars"]), tags
+    logged = log_entries(out)
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+    assert [e.value for e in acc.Scalars("loss")] == pytest.approx([e["loss"] for e in logged], rel=1e-6)
+    assert [e.step for e in acc.Images("validation")] == [2, 3]
+    # validation every 2 steps, checkpoints every 3: step 2's samples beside the checkpoints
+    assert (out / "samples" / "step-2" / "grid.png").exists() and (out / "checkpoint-3" / "samples").is_dir()
+
+
+def test_config_file_with_command_line_overrides_and_the_resolved_settings(models, image, tmp_path, capsys):
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text(
+        f'model = "{models["sd"]}"\nimage = "{image}"\ntoken = "sks"\nclass-name = "dog"\n'
+        f'out = "{tmp_path / "run"}"\nresolution = 16\nrank = 4\nsteps = 5\ncheckpoint_every = 1\n'
+        'optimizer = "adamw"\nlr-scheduler = "linear"\nvalidation-prompt = ["a {} on a beach", "a {} in snow"]\n'
+        "prodigy-decouple = false\nvalidation-steps = 1\n"
+    )
+    assert cli.main(["train", "--config", str(run_toml), "--steps", "2", "--lr", "0.02"]) == 0
+    train = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert (train["steps"], train["lr"], train["lr_scheduler"], train["prodigy_decouple"]) == (2, 0.02, "linear", False)
+    assert train["validation_prompts"] == ["a {} on a beach", "a {} in snow"]
+    run_toml.write_text(run_toml.read_text() + "learning-rate = 1\n")
+    rc, message = _cli(["train", "--config", str(run_toml)], capsys)
+    assert rc == 2 and "unknown option 'learning-rate'" in message, message
+
+
+def test_old_spellings_still_work_with_a_note(models, image, tmp_path, capsys):
+    args = train_args(models["sd"], image, tmp_path / "run", 1, 1, "--variant", "vanilla")
+    args += ["--validation-prompts", "a {} on a beach#a {} in snow", "--validation-steps", "1"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "--variant vanilla is now --method vanilla" in err and "--validation-prompts is deprecated" in err
+    train = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert train["variant"] == "vanilla" and train["validation_prompts"] == ["a {} on a beach", "a {} in snow"]
+
+
+def test_checkpoints_total_limit_keeps_the_newest(models, image, tmp_path):
+    out = _run(models, image, tmp_path / "run", 4, 1, "--checkpoints-total-limit", "2")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
