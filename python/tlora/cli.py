@@ -36,6 +36,7 @@ from .options import (
     QUANTIZE,
     REPORT_TO,
     SAMPLING_DEFAULTS,
+    SCHEDULERS,
     SIDE_STRIDE,
 )
 
@@ -384,6 +385,11 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
         default="fp32",
         choices=list(DTYPES),
         help="the pipeline's weights (the adapter stays float32); fp16 needs a GPU",
+    )
+    p.add_argument("--negative-prompt", default=None, help="what guidance steers away from, e.g. 'blurry, lowres'")
+    p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS), help="sampler (default: the model's)")
+    p.add_argument(
+        "--adapter-scale", type=_float(0, 10), default=1.0, help="strength of the adapter's update (0: the base model)"
     )
     p.add_argument("--out", required=True, help="output folder for PNGs and grid.png")
     return p

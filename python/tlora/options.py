@@ -39,6 +39,16 @@ MAX_GUIDANCE = 100.0
 # names: the recipes read them from here, and `tlora generate --help` shows them.
 SAMPLING_DEFAULTS = {"sd": (25, 7.5), "sdxl": (25, 5.0), "flux": (28, 3.5)}
 FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SD-XL", "flux": "FLUX"}
+# `tlora generate --scheduler`: name -> (diffusers class, settings over the model's scheduler config).
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
 # The pipeline's weights: option value -> torch dtype name.
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

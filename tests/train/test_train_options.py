@@ -283,3 +283,25 @@ def test_old_spellings_still_work_with_a_note(models, image, tmp_path, capsys):
 def test_checkpoints_total_limit_keeps_the_newest(models, image, tmp_path):
     out = _run(models, image, tmp_path / "run", 4, 1, "--checkpoints-total-limit", "2")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_generate_adapter_scale_negative_prompt_and_scheduler(models, trained, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from tlora.generate import generate, sample_images
+    from tlora.pipelines import load_pipeline
+
+    adapter = str(trained / "adapter.safetensors")
+    common = dict(model=str(models["sd"]), adapter=adapter, prompts=["a {} on a beach"], n=1, steps=2, device="cpu")
+    off = generate(**common, out=str(tmp_path / "off"), adapter_scale=0.0).parent / "00-0.png"
+    base = sample_images(load_pipeline(str(models["sd"])), ["a sks dog on a beach"], 1, 2, 7.5, 0)[0][0]
+    assert np.array_equal(np.asarray(Image.open(off)), np.asarray(base))  # scale 0: the base model
+    plain = np.asarray(Image.open(generate(**common, out=str(tmp_path / "plain")).parent / "00-0.png"))
+    neg = generate(**common, out=str(tmp_path / "neg"), negative_prompt="a cat", scheduler="euler")
+    assert not np.array_equal(np.asarray(Image.open(neg.parent / "00-0.png")), plain)
+    args = ["generate", "--model", str(models["sd"]), "--adapter", adapter, "--prompt", "a {}", "--out", str(tmp_path)]
+    rc, message = _cli([*args, "--scheduler", "flow_euler"], capsys)
+    assert rc == 2 and "--scheduler flow_euler does not fit StableDiffusionPipeline" in message, message
+    rc, message = _cli([*args, "--adapter-scale", "-1"], capsys)
+    assert rc == 2 and "argument --adapter-scale: must be a finite number >= 0" in message, message
