@@ -22,6 +22,7 @@ from .options import (
     FAMILY_NAMES,
     LR_SCHEDULERS,
     MAX_BATCH,
+    MAX_CLASS_IMAGES,
     MAX_GUIDANCE,
     MAX_IMAGES,
     MAX_LR,
@@ -332,6 +333,14 @@ def _optimization_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--class-prompt", default="a photo of {class}", help="prompt of the --prior-dir images")
     g.add_argument("--caption-dropout", type=unit, default=0.0, help="probability of training on the empty prompt")
+    g = p.add_argument_group("data")
+    g.add_argument("--random-flip", action="store_true", help="train on the images' mirror images too")
+    g.add_argument(
+        "--num-class-images",
+        type=_int(0, MAX_CLASS_IMAGES),
+        default=0,
+        help="sample prior images with the base model (--class-prompt) until --prior-dir holds this many",
+    )
     g = p.add_argument_group("loss")
     g.add_argument("--noise-offset", type=_float(0, 10), default=0.0, help="per-channel offset of the noise")
     g.add_argument(

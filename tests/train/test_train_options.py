@@ -305,3 +305,25 @@ def test_generate_adapter_scale_negative_prompt_and_scheduler(models, trained, t
     assert rc == 2 and "--scheduler flow_euler does not fit StableDiffusionPipeline" in message, message
     rc, message = _cli([*args, "--adapter-scale", "-1"], capsys)
     assert rc == 2 and "argument --adapter-scale: must be a finite number >= 0" in message, message
+
+
+def test_class_images_are_sampled_to_the_count_and_flips_double_the_images(models, image, tmp_path):
+    from accelerate import Accelerator
+
+    from tlora.train.loop import TrainConfig, _Run
+
+    prior = tmp_path / "prior"
+    prior.mkdir()
+    shutil.copy(image, prior / "mine.png")
+    cfg = TrainConfig(
+        model=str(models["sd"]), image=str(image), token="sks", class_name="dog", out=str(tmp_path / "r"),
+        resolution=16, rank=4, prior_dir=str(prior), num_class_images=3, random_flip=True, device="cpu",
+        validation_steps=2,
+    )  # fmt: skip
+    run = _Run(cfg, Accelerator(cpu=True), tmp_path, torch.float32)
+    assert sorted(p.name for p in prior.iterdir()) == ["class-00001.png", "class-00002.png", "mine.png"]
+    assert run.prior[0].shape[0] == 3 and run.lat_mean.shape[0] == 2  # the photo and its mirror image
+    from tlora.images import load_image
+
+    mirrored = run.fam.encode_image(load_image(image, 16).flip(-1))[0]
+    torch.testing.assert_close(run.lat_mean[1:], mirrored)

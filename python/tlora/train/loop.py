@@ -32,6 +32,7 @@ from ..images import check_input_file, list_images, load_image, load_mask
 from ..options import (
     LR_SCHEDULERS,
     MAX_BATCH,
+    MAX_CLASS_IMAGES,
     MAX_LR,
     MAX_SAMPLE_STEPS,
     MAX_SEED,
@@ -131,6 +132,9 @@ class TrainConfig:
     revision: str | None = None
     weights_variant: str | None = None
     pretrained_vae: str | None = None
+    # Data: the images' mirror images trained on too; prior images made with the base model up to this count.
+    random_flip: bool = False
+    num_class_images: int = 0
 
     def __post_init__(self) -> None:
         """Each refusal is a ConfigError naming the field (`fields`: see tlora.errors)."""
@@ -164,6 +168,17 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 with about(name):
                     check_int(name, getattr(self, name), 1)
+        with about("num_class_images"):
+            check_int("num_class_images", self.num_class_images, 0, MAX_CLASS_IMAGES)
+        if self.num_class_images and not self.prior_dir:
+            raise ConfigError(
+                "num_class_images makes prior images into prior_dir: give prior_dir",
+                field=("num_class_images", "prior_dir"),
+            )
+        if self.random_flip and self.mask:
+            raise ConfigError(
+                "random_flip with a mask is not supported: give one of them", field=("random_flip", "mask")
+            )
         with about("noise_offset"):
             check_float("noise_offset", self.noise_offset, 0.0, 10.0)
         if self.snr_gamma is not None:
@@ -574,6 +589,9 @@ class _Run:
         self.resolution = resolution = cfg.resolution if cfg.resolution is not None else fam.default_resolution()
         paths = [Path(cfg.image)] if cfg.image else list_images(cfg.image_dir)
         pixels = torch.cat([load_image(p, resolution) for p in paths])
+        if cfg.random_flip:  # each image or its mirror image, with equal chance
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+            paths = paths + paths
 
         # The images and the prompts never change: encode them once (the empty prompt too, for caption dropout).
         self.lat_mean, self.lat_std = fam.encode_image(pixels)
@@ -583,6 +601,8 @@ class _Run:
         if cfg.mask:
             self.mask = load_mask(cfg.mask, self.lat_mean.shape[-1], images=paths).to(acc.device)
         self.prior = None
+        if cfg.num_class_images:
+            self._make_class_images()
         if cfg.prior_dir:
             prior_pixels = torch.cat([load_image(p, resolution) for p in list_images(cfg.prior_dir)])
             self.prior = (*fam.encode_image(prior_pixels), [cfg.prior_prompt])
@@ -592,6 +612,27 @@ class _Run:
         self.snr_weights = None
         if cfg.snr_gamma is not None:
             self.snr_weights = min_snr_weights(fam, cfg.snr_gamma)
+
+    def _make_class_images(self) -> None:
+        """Sample the prior images prior_dir lacks (up to num_class_images) with the base model, before
+        the adapter is injected, as DreamBooth's prior preservation does; the main process writes them."""
+        cfg, fam = self.cfg, self.fam
+        folder = Path(cfg.prior_dir)
+        have = len(list_images(folder)) if folder.is_dir() and any(folder.iterdir()) else 0
+        missing = cfg.num_class_images - have
+        if missing > 0 and self.acc.is_main_process:
+            from ..files.atomic import save_image
+            from ..generate import sample_images
+
+            folder.mkdir(parents=True, exist_ok=True)
+            self.acc.print(f"sampling {missing} class images into {folder} ({cfg.prior_prompt!r})")
+            size = (self.resolution, self.resolution)
+            images = sample_images(
+                self.pipe, [cfg.prior_prompt], missing, fam.default_steps, fam.default_guidance, cfg.seed, size
+            )[0]
+            for i, img in enumerate(images):
+                save_image(img, folder / f"class-{have + i:05d}.png")
+        self.acc.wait_for_everyone()
 
     def _build(self) -> None:
         cfg, fam = self.cfg, self.fam
