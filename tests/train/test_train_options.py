@@ -327,3 +327,76 @@ def test_class_images_are_sampled_to_the_count_and_flips_double_the_images(model
 
     mirrored = run.fam.encode_image(load_image(image, 16).flip(-1))[0]
     torch.testing.assert_close(run.lat_mean[1:], mirrored)
+
+
+def _resign(state: Path, edit) -> None:
+    """Rewrite a checkpoint's state.safetensors through `edit(tensors, strings)`, its checksum
+    recomputed: a well-formed, signed file whose content is wrong."""
+    from tlora.files.io import adapter_checksum, read_raw, write_tensors
+
+    raw, strings = read_raw(state)
+    tensors = dict(raw)
+    edit(tensors, strings)
+    strings["checksum"] = adapter_checksum(list(tensors.items()), strings)
+    write_tensors(state, list(tensors.items()), strings)
+
+
+def _nan_ema(tensors, strings):
+    tensors["ema.0"] = torch.full_like(tensors["ema.0"], float("nan"))
+
+
+def _ema_step_ahead(tensors, strings):
+    strings["ema"] = json.dumps({"optimization_step": 99})
+
+
+def _schedule_elsewhere(tensors, strings):
+    strings["scheduler"] = json.dumps({**json.loads(strings["scheduler"]), "last_epoch": 7})
+
+
+def _no_ema_tensor(tensors, strings):
+    del tensors["ema.1"]
+
+
+def _unknown_optimizer(tensors, strings):
+    strings["optimizer"] = json.dumps({**json.loads(strings["optimizer"]), "kind": "lion"})
+
+
+@pytest.mark.parametrize(
+    "edit,fragment",
+    [
+        (_nan_ema, "ema.0: holds"),
+        (_ema_step_ahead, "ema: ema.optimization_step must be an integer in 0..2, got 99"),
+        (_schedule_elsewhere, "scheduler: last_epoch must be an integer in 2..2, got 7"),
+        (_no_ema_tensor, "ema: holds"),
+        (_unknown_optimizer, "optimizer.kind: must be one of adamw, prodigy, adamw8bit, got 'lion'"),
+    ],
+)
+def test_resume_refuses_bad_schedule_ema_and_optimizer_state(edit, fragment, models, image, tmp_path, capsys):
+    flags = ["--ema-decay", "0.9", "--lr-scheduler", "linear"]
+    out = _run(models, image, tmp_path / "run", 2, 2, *flags)
+    _resign(out / "checkpoint-2" / "state.safetensors", edit)
+    rc, message = _cli(train_args(models["sd"], image, out, 4, 2, *flags, "--resume"), capsys)
+    assert rc == 2 and fragment in message and "checkpoint-2/state.safetensors" in message, message
+
+
+def test_resume_refuses_another_optimizer_or_a_missing_ema(models, image, trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    rc, message = _cli(train_args(models["sd"], image, out, 4, 2, "--optimizer", "prodigy", "--resume"), capsys)
+    assert rc == 2 and "was trained with --optimizer adamw, this run asks for prodigy" in message, message
+    rc, message = _cli(train_args(models["sd"], image, out, 4, 2, "--ema-decay", "0.9", "--resume"), capsys)
+    assert rc == 2 and "has no EMA of the factors" in message, message
+
+
+def test_resumed_tensorboard_steps_continue(models, image, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = _run(models, image, tmp_path / "run", 4, 2, "--report-to", "tensorboard")
+    shutil.rmtree(out / "checkpoint-4")
+    _run(models, image, out, 4, 2, "--report-to", "tensorboard", "--resume")
+    steps = []
+    for event in sorted((out / "logs").rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(event), size_guidance={"scalars": 0}).Reload()
+        if "loss" in acc.Tags()["scalars"]:  # (accelerate writes the run's settings in files of their own)
+            steps.append([e.step for e in acc.Scalars("loss")])
+    assert steps == [[1, 2, 3, 4], [3, 4]]
