@@ -400,3 +400,30 @@ def test_resumed_tensorboard_steps_continue(models, image, tmp_path):
         if "loss" in acc.Tags()["scalars"]:  # (accelerate writes the run's settings in files of their own)
             steps.append([e.step for e in acc.Scalars("loss")])
     assert steps == [[1, 2, 3, 4], [3, 4]]
+
+
+def test_min_snr_weights_and_noise_offset(models, image, tmp_path, capsys):
+    from accelerate import Accelerator
+
+    from tlora.train.loop import TrainConfig, _Run
+
+    base = dict(
+        model=str(models["sd"]), image=str(image), token="sks", class_name="dog", out=str(tmp_path / "r"),
+        resolution=16, rank=4, device="cpu", train_batch_size=2,
+    )  # fmt: skip
+    run = _Run(TrainConfig(**base, snr_gamma=5.0), Accelerator(cpu=True), tmp_path, torch.float32)
+    # min(SNR, gamma) / SNR with SNR = abar / (1 - abar), from the model's own noise schedule
+    abar = run.fam._ddpm().alphas_cumprod.double()
+    snr = abar / (1 - abar)
+    assert run.snr_weights.double() == pytest.approx((snr.clamp(max=5.0) / snr).tolist(), rel=1e-5)
+    offset = _Run(TrainConfig(**base, noise_offset=0.1), Accelerator(cpu=True), tmp_path, torch.float32)
+    _, eps, _, _ = offset.draw(offset.lat_mean, offset.lat_std, offset.image_prompts)
+    g = torch.Generator().manual_seed(0)  # the run's draws, by hand: image, noise, latents, timesteps, offset
+    torch.randint(0, 1, (2,), generator=g)
+    want = torch.randn(eps.shape, generator=g)
+    torch.randn(eps.shape, generator=g)
+    torch.randint(0, 1000, (2,), generator=g)
+    want = want + 0.1 * torch.randn((*eps.shape[:2], 1, 1), generator=g)
+    assert torch.equal(eps, want)
+    rc, message = _cli(train_args(models["flux"], image, tmp_path / "f", 1, 1, "--snr-gamma", "5"), capsys)
+    assert rc == 2 and "--snr-gamma weights DDPM-noised losses; flux trains a flow-matching objective" in message

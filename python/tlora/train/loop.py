@@ -545,7 +545,9 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype, resume_f
     acc.print(
         f"training {c.variant} rank {c.rank} (r_min {c.min_rank}) for {cfg.steps} steps on {run.fam.name} "
         f"at {run.resolution}x{run.resolution}; device {acc.device}, weights {str(weight_dtype).removeprefix('torch.')}"
-        f" (mixed precision {cfg.mixed_precision}), lr {cfg.lr:g}, seed {cfg.seed}"
+        f" (mixed precision {cfg.mixed_precision}), lr {cfg.lr:g}, seed {cfg.seed}; {cfg.optimizer}, lr schedule "
+        f"{cfg.lr_scheduler}, batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulated"
+        + (f", EMA {cfg.ema_decay:g}" if cfg.ema_decay is not None else "")
     )
     start = run.resume(resume_from)
     bar = tqdm(
@@ -774,6 +776,8 @@ class _Run:
             entry = {"step": step + 1, "loss": value, "seconds": round(time.perf_counter() - tic, 4), "lr": lr}
             if grad_norm is not None and math.isfinite(grad_norm):
                 entry["grad_norm"] = grad_norm
+            if "d" in self.optimizer.param_groups[0]:  # Prodigy's step size estimate: it steps by d * lr
+                entry["prodigy_d"] = float(self.optimizer.param_groups[0]["d"])
             with open(self.loss_log, "a") as f:
                 f.write(json.dumps(entry) + "\n")
             self.report({k: v for k, v in entry.items() if k != "step"}, step + 1)
