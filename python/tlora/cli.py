@@ -724,6 +724,8 @@ def with_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[s
     front: list[str] = []
     for key, value in table.items():
         flag = "--" + str(key).replace("_", "-")
+        if flag == "--validation-prompts" and isinstance(value, list):
+            flag = "--validation-prompt"  # a list is the repeated option's (the library's name for it)
         action = actions.get(flag)
         if action is None or flag == "--config":
             raise ConfigFileError(f"argument --config: {path}: unknown option {key!r} (see tlora train --help)")

@@ -258,7 +258,7 @@ def test_config_file_with_command_line_overrides_and_the_resolved_settings(model
     run_toml.write_text(
         f'model = "{models["sd"]}"\nimage = "{image}"\ntoken = "sks"\nclass-name = "dog"\n'
         f'out = "{tmp_path / "run"}"\nresolution = 16\nrank = 4\nsteps = 5\ncheckpoint_every = 1\n'
-        'optimizer = "adamw"\nlr-scheduler = "linear"\nvalidation-prompt = ["a {} on a beach", "a {} in snow"]\n'
+        'optimizer = "adamw"\nlr-scheduler = "linear"\nvalidation_prompts = ["a {} on a beach", "a {} in snow"]\n'
         "prodigy-decouple = false\nvalidation-steps = 1\n"
     )
     assert cli.main(["train", "--config", str(run_toml), "--steps", "2", "--lr", "0.02"]) == 0

@@ -62,7 +62,8 @@ from .prompts import CLASS_PROMPT, INSTANCE_PROMPT, check_template, fill, image_
 from .recipes import Family, family_of
 
 # Files of a run in --out: another run's are refused unless --resume or --overwrite.
-RUN_FILES = ("config.json", "loss.jsonl", "adapter.safetensors")
+# samples/: validation samples of steps without a checkpoint; logs/: the trackers' (--report-to).
+RUN_FILES = ("config.json", "loss.jsonl", "adapter.safetensors", "samples", "logs")
 # Settings a resumed run must share with the run it continues (the lr may change: it is applied).
 RESUME_FIXED_TRAIN = ("model", "token", "class_name", "resolution", "seed")
 RESUME_FIXED_ADAPTER = ("variant", "rank", "min_rank", "rank_exponent", "target_modules")
