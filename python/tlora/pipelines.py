@@ -214,11 +214,14 @@ def _load_vae(path: str, dtype: torch.dtype):
     except OSError:
         if Path(path).exists():
             raise InputError(
-                f"pretrained_vae {path} is not an AutoencoderKL folder (config.json and weights)"
+                f"pretrained_vae {path} is not an AutoencoderKL folder (config.json and weights)",
+                field="pretrained_vae",
             ) from None
         raise not_cached(path) from None
     except (TypeError, ValueError, KeyError) as e:
-        raise InputError(f"cannot load pretrained_vae {path}: {type(e).__name__}: {e}"[:300]) from None
+        raise InputError(
+            f"cannot load pretrained_vae {path}: {type(e).__name__}: {e}"[:300], field="pretrained_vae"
+        ) from None
 
 
 def load_denoiser(model: str) -> nn.Module:

@@ -427,3 +427,19 @@ def test_min_snr_weights_and_noise_offset(models, image, tmp_path, capsys):
     assert torch.equal(eps, want)
     rc, message = _cli(train_args(models["flux"], image, tmp_path / "f", 1, 1, "--snr-gamma", "5"), capsys)
     assert rc == 2 and "--snr-gamma weights DDPM-noised losses; flux trains a flow-matching objective" in message
+
+
+def test_pretrained_vae_replaces_the_models(models, image, tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    from tlora.pipelines import load_pipeline
+
+    vae = AutoencoderKL.from_pretrained(str(models["sd"] / "vae"))
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.mul_(0.5)
+    vae.save_pretrained(tmp_path / "vae")
+    pipe = load_pipeline(str(models["sd"]), vae=str(tmp_path / "vae"))
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), vae.state_dict().values()))
+    rc, message = _cli(train_args(models["sd"], image, tmp_path / "r", 1, 1, "--pretrained-vae", str(image)), capsys)
+    assert rc == 2 and f"--pretrained-vae {image} is not an AutoencoderKL folder" in message, message

@@ -5,21 +5,26 @@ A checkpoint is written into a temporary folder and renamed into place as a whol
 named `checkpoint-N` is always complete; a crash or a full disk leaves older checkpoints intact.
 
     adapter.safetensors   the adapter file (tlora.files.io's format, its own checksum)
-    state.safetensors     tensors `state.<i>.<name>` (AdamW's step, exp_avg, exp_avg_sq of the i-th
-                          trainable factor, in `Adapter.parameters()` order), `rng.generator` (the
-                          main process's CPU generator) and, under DDP, `rng.generator.<k>` (process k);
-                          metadata: `optimizer` (JSON: `param_groups`, and `scalars` for non-tensor
-                          state), `step` (decimal) and `checksum` (`tlora.files.io.adapter_checksum` of
-                          these strings and the tensors)
+    state.safetensors     tensors `state.<i>.<name>` (the optimizer's state of the i-th trainable
+                          factor, in `Adapter.parameters()` order: AdamW's exp_avg, exp_avg_sq and
+                          step, Prodigy's, bitsandbytes' 8-bit AdamW's, as tlora.train.optim's
+                          STATE_SCHEMAS lists them), `ema.<i>` (the EMA's factors, with --ema-decay),
+                          `rng.generator` (the main process's CPU generator) and, under DDP,
+                          `rng.generator.<k>` (process k); metadata: `optimizer` (JSON: `kind`,
+                          `param_groups` with infinities as "inf", and `scalars` for non-tensor
+                          state), `scheduler` (JSON: the lr schedule's position), `ema` (JSON: its
+                          step count), `step` (decimal) and `checksum` (`tlora.files.io.adapter_checksum`
+                          of these strings and the tensors)
     state.json            {"step": N}
 
 `read_checkpoint` validates all of it before anything is restored, as tlora.files.io validates adapter
 files: the checksum (a state file written before checksums resumes with a warning; every other
 check still applies), the optimizer description's schema (types and ranges), one state per
-trainable factor with the factor's shape, float32 finite values, exp_avg_sq >= 0, equal per-factor
-step counts of at most the checkpoint's step, the RNG state's size, and the step in state.json
-against the folder's name and the state file. Every refusal is a CheckpointError naming the file
-and the field, ending with what to do.
+trainable factor with its optimizer's tensors (dtype, shape, finite values, second moments >= 0),
+equal per-factor step counts of at most the checkpoint's step, the schedule's position (the
+checkpoint's step), the EMA's factors (shapes, finite) and step count, the RNG state's size, and
+the step in state.json against the folder's name and the state file. Every refusal is a
+CheckpointError naming the file and the field, ending with what to do.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ schedule (`--lr-scheduler`) and the exponential moving average of the factors (`
   `min_8bit_size` keep float32 moments, as bitsandbytes decides).
 
 Each optimizer's state is checkpointed as tensors and JSON (tlora.train.checkpoint), and checked
-there against `STATE` below: the state each optimizer keeps per factor.
+there against `STATE_SCHEMAS` below: the state each optimizer keeps per factor.
 """
 
 from __future__ import annotations
