@@ -173,7 +173,7 @@ def _help_lines(command: str, monkeypatch, capsys) -> dict[str, str]:
     flag = None
     for line in capsys.readouterr().out.splitlines():
         if line.startswith("  -"):
-            flag = line.split()[0]
+            flag = line.split()[0].rstrip(",")  # "--x, --no-x" (a boolean option): by "--x"
             lines[flag] = line
         elif flag is not None and line.startswith("   "):
             lines[flag] += " " + line.strip()
@@ -189,7 +189,10 @@ def _help_lines(command: str, monkeypatch, capsys) -> dict[str, str]:
         ("train", "--lr", "(default: 0.0001)"),
         ("train", "--checkpoint-every", "(default: 100)"),
         ("train", "--seed", "(default: 0)"),
-        ("train", "--variant", "(default: tlora)"),
+        ("train", "--method", "(default: tlora)"),
+        ("train", "--optimizer", "(default: adamw)"),
+        ("train", "--lr-scheduler", "(default: constant)"),
+        ("train", "--prodigy-decouple", "(default: True)"),
         ("train", "--steps", "default 800 (tlora), 500 (vanilla, lora)"),
         ("generate", "-n", "(default: 4)"),
         ("generate", "--dtype", "(default: fp32)"),

@@ -47,6 +47,8 @@ LEVELS = {
     "files.export.kohya": 11,
     "files.export": 11,  # export, the writers' registry
     "train.recipes": 2,  # the families' training recipes (pipelines and generate read them too)
+    "train.prompts": 2,  # the training prompts' placeholders and captions
+    "train.optim": 2,  # optimizers, lr schedules and the EMA (checkpoint reads their state schemas)
     "train.checkpoint": 11,
     "train.drift": 3,  # the overfitting view: drift toward the training image, its chart (images)
     "evaluate": 11,

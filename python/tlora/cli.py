@@ -15,11 +15,14 @@ import math
 import re
 import sys
 
-from .config import MAX_RANK, MAX_TIMESTEPS, MIN_TIMESTEPS, VARIANTS
+from .config import INIT_SOURCES, INITS, MAX_RANK, MAX_TIMESTEPS, MIN_TIMESTEPS, VARIANTS
 from .options import (
     DTYPES,
     EXPORT_FORMATS,
     FAMILY_NAMES,
+    LR_SCHEDULERS,
+    MAX_BATCH,
+    MAX_CLASS_IMAGES,
     MAX_GUIDANCE,
     MAX_IMAGES,
     MAX_LR,
@@ -28,10 +31,13 @@ from .options import (
     MAX_SIDE,
     MAX_TRAIN_STEPS,
     MIXED_PRECISION,
+    OPTIMIZERS,
     PAPER_STEPS,
     PROMPT_SETS,
     QUANTIZE,
+    REPORT_TO,
     SAMPLING_DEFAULTS,
+    SCHEDULERS,
     SIDE_STRIDE,
 )
 
@@ -126,6 +132,27 @@ class _RawDefaults(_Defaults, argparse.RawDescriptionHelpFormatter):
 
 
 SEED = _int(0, MAX_SEED)
+
+
+class _DeprecatedMethod(argparse.Action):
+    """`--variant tlora|vanilla|lora`, the old spelling of --method: accepted with a note."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(
+            f"tlora train: note: --variant {values} is now --method {values} (--weights-variant is diffusers' "
+            "weights variant)",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def _beta(text: str) -> float:
+    value = _float(0, 1)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 and < 1, got {text}")
+    return value
+
+
 DEVICE_HELP = "auto (default: CUDA when available, else the CPU), cpu, cuda or cuda:N"
 
 
@@ -135,6 +162,12 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         help="train an adapter from one image",
         description="Train a T-LoRA adapter on one photo of a subject (paper defaults).",
     )
+    p.add_argument(
+        "--config",
+        metavar="TOML",
+        help="a TOML file of these options (lr = 1e-4, train-batch-size = 2, validation-prompt = [...]); "
+        "the command line overrides it",
+    )
     p.add_argument("--model", required=True, help="local diffusers folder or hub id (SD 1.x/2.x, SD-XL, FLUX)")
     p.add_argument("--image", help="the training photo")
     p.add_argument("--image-dir", help="a folder of photos instead of one")
@@ -142,7 +175,19 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--class-name", required=True, help="the subject's class, e.g. dog")
     p.add_argument("--out", required=True, help="output folder (adapter, checkpoints, samples, logs)")
     p.add_argument(
-        "--variant", default="tlora", choices=VARIANTS, help="tlora: ranks by timestep; vanilla, lora: the baselines"
+        "--variant",
+        dest="variant",
+        choices=VARIANTS,
+        default=argparse.SUPPRESS,
+        action=_DeprecatedMethod,
+        help="deprecated spelling of --method (use --weights-variant for diffusers' weights variant)",
+    )
+    p.add_argument(
+        "--method",
+        dest="variant",
+        default="tlora",
+        choices=VARIANTS,
+        help="tlora: ranks by timestep; vanilla, lora: the baselines",
     )
     p.add_argument("--rank", type=_int(1, MAX_RANK), default=64, help="adapter rank r (at t = 0)")
     p.add_argument("--min-rank", type=_int(1, MAX_RANK), default=None, help="rank at t = T (default rank // 2)")
@@ -169,9 +214,25 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     )
     which.add_argument("--overwrite", action="store_true", help="replace another run's files in --out")
     p.add_argument(
+        "--validation-prompt",
+        dest="validation_prompts",
+        metavar="PROMPT",
+        action="append",
+        default=[],
+        help="prompt of validation samples, with {} for the concept, e.g. 'a {} in the jungle'; repeatable",
+    )
+    p.add_argument(
         "--validation-prompts",
-        default="",
-        help='"#"-separated prompts with {} for the concept, e.g. "a {} in the jungle#a {} on a beach"',
+        dest="validation_prompts_joined",
+        metavar="PROMPTS",
+        default=None,
+        help='deprecated: "#"-separated prompts (use --validation-prompt, repeated)',
+    )
+    p.add_argument(
+        "--validation-every",
+        type=_int(1),
+        default=None,
+        help="steps between validation samples (default: --checkpoint-every)",
     )
     p.add_argument(
         "--validation-steps", type=_int(1, MAX_SAMPLE_STEPS), default=None, help="denoising steps of validation samples"
@@ -188,7 +249,111 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         help="keep the denoiser's Linear layers quantized and frozen: int8/int4 (optimum-quanto), "
         "nf4 (bitsandbytes, GPU)",
     )
+    g = p.add_argument_group("model")
+    g.add_argument("--revision", default=None, help="the model's hub revision (branch, tag or commit)")
+    g.add_argument(
+        "--weights-variant", default=None, help="diffusers' weights variant, e.g. fp16 (files NAME.fp16.safetensors)"
+    )
+    g.add_argument(
+        "--pretrained-vae", default=None, help="another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix"
+    )
+    g = p.add_argument_group("adapter")
+    g.add_argument(
+        "--lora-alpha",
+        type=_float(0, lo_inclusive=False),
+        default=None,
+        help="scale the update by alpha / rank (default: 1)",
+    )
+    g.add_argument("--init", default="last", choices=INITS, help="which SVD triplets initialise P, lambda, Q (tlora)")
+    g.add_argument(
+        "--init-from", default="random", choices=INIT_SOURCES, help="SVD of a random matrix or of the weight (tlora)"
+    )
+    _optimization_options(p)
     return p
+
+
+def _optimization_options(p: argparse.ArgumentParser) -> None:
+    """The optimizer, schedule, EMA, batch, prompts and logging options of `tlora train`, named as in
+    diffusers' DreamBooth scripts. Text-encoder training is left out: T-LoRA adapts the denoiser only."""
+    unit = _float(0, 1)
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=OPTIMIZERS,
+        help="adamw (torch); prodigy (pip install prodigyopt; use --lr 1); adamw8bit (bitsandbytes)",
+    )
+    g.add_argument("--adam-beta1", type=_beta, default=0.9, help="beta1 of AdamW, 8-bit AdamW and Prodigy")
+    g.add_argument("--adam-beta2", type=_beta, default=0.999, help="beta2 of AdamW, 8-bit AdamW and Prodigy")
+    g.add_argument("--adam-weight-decay", type=unit, default=1e-4, help="weight decay of the factors")
+    g.add_argument(
+        "--adam-epsilon", type=_float(0, 1, lo_inclusive=False), default=1e-8, help="epsilon of the optimizer"
+    )
+    g.add_argument("--prodigy-beta3", type=_beta, default=None, help="Prodigy's beta3 (default: sqrt(beta2))")
+    for name, what in (
+        ("decouple", "AdamW-style decoupled weight decay"),
+        ("use-bias-correction", "Adam's bias correction"),
+        ("safeguard-warmup", "leave the lr out of the step size's estimate during warm-up"),
+    ):
+        g.add_argument(
+            f"--prodigy-{name}", action=argparse.BooleanOptionalAction, default=True, help=f"Prodigy: {what}"
+        )
+    g.add_argument(
+        "--max-grad-norm",
+        type=_float(0, lo_inclusive=False),
+        default=None,
+        help="clip the gradient norm (default: no clipping)",
+    )
+    g.add_argument("--lr-scheduler", default="constant", choices=LR_SCHEDULERS, help="diffusers' get_scheduler")
+    g.add_argument("--lr-warmup-steps", type=_int(0, MAX_TRAIN_STEPS), default=0, help="steps of linear warm-up")
+    g.add_argument("--lr-num-cycles", type=_int(1, MAX_TRAIN_STEPS), default=1, help="cosine_with_restarts' cycles")
+    g.add_argument("--lr-power", type=_float(0, 100, lo_inclusive=False), default=1.0, help="polynomial's power")
+    g.add_argument(
+        "--ema-decay",
+        type=_float(0, 1, lo_inclusive=False),
+        default=None,
+        help="keep an EMA of the factors: validation and adapter.safetensors use it, checkpoints keep both",
+    )
+    g.add_argument(
+        "--train-batch-size",
+        type=_int(1, MAX_BATCH),
+        default=1,
+        help="samples per step, each with its own timestep, noise (and rank r(t)): of the one image, or "
+        "drawn from --image-dir",
+    )
+    g.add_argument(
+        "--gradient-accumulation-steps", type=_int(1, MAX_BATCH), default=1, help="batches per optimizer step"
+    )
+    g = p.add_argument_group("prompts")
+    g.add_argument(
+        "--instance-prompt",
+        default="a photo of {token} {class}",
+        help="training prompt; {token} and {class} are --token and --class-name. In --image-dir, NAME.txt "
+        "beside NAME.png is that image's caption",
+    )
+    g.add_argument("--class-prompt", default="a photo of {class}", help="prompt of the --prior-dir images")
+    g.add_argument("--caption-dropout", type=unit, default=0.0, help="probability of training on the empty prompt")
+    g = p.add_argument_group("data")
+    g.add_argument("--random-flip", action="store_true", help="train on the images' mirror images too")
+    g.add_argument(
+        "--num-class-images",
+        type=_int(0, MAX_CLASS_IMAGES),
+        default=0,
+        help="sample prior images with the base model (--class-prompt) until --prior-dir holds this many",
+    )
+    g = p.add_argument_group("loss")
+    g.add_argument("--noise-offset", type=_float(0, 10), default=0.0, help="per-channel offset of the noise")
+    g.add_argument(
+        "--snr-gamma", type=_float(0, 1000, lo_inclusive=False), default=None, help="min-SNR weighting (SD, SD-XL)"
+    )
+    g = p.add_argument_group("logging and files")
+    g.add_argument(
+        "--report-to",
+        default="none",
+        choices=REPORT_TO,
+        help="accelerate's trackers, in --out/logs (wandb: if installed)",
+    )
+    g.add_argument("--checkpoints-total-limit", type=_int(1), default=None, help="keep only the newest N checkpoints")
 
 
 def _generate_parser(sub) -> argparse.ArgumentParser:
@@ -229,6 +394,11 @@ def _generate_parser(sub) -> argparse.ArgumentParser:
         default="fp32",
         choices=list(DTYPES),
         help="the pipeline's weights (the adapter stays float32); fp16 needs a GPU",
+    )
+    p.add_argument("--negative-prompt", default=None, help="what guidance steers away from, e.g. 'blurry, lowres'")
+    p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS), help="sampler (default: the model's)")
+    p.add_argument(
+        "--adapter-scale", type=_float(0, 10), default=1.0, help="strength of the adapter's update (0: the base model)"
     )
     p.add_argument("--out", required=True, help="output folder for PNGs and grid.png")
     return p
@@ -371,7 +541,14 @@ def _run_train(args: argparse.Namespace) -> None:
     from .train.loop import TrainConfig, train
 
     opts = _options(args)
-    opts["validation_prompts"] = [p for p in opts["validation_prompts"].split("#") if p.strip()]
+    opts.pop("config")
+    joined = opts.pop("validation_prompts_joined")
+    if joined is not None:
+        print(
+            "tlora train: note: --validation-prompts is deprecated: give --validation-prompt once per prompt",
+            file=sys.stderr,
+        )
+        opts["validation_prompts"] += [p for p in joined.split("#") if p.strip()]
     result = train(TrainConfig(**opts))
     print(f"adapter written to {result.adapter_path}")
 
@@ -436,6 +613,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 def _handled_by(p: argparse.ArgumentParser, run) -> None:
     """`run(args)` runs the command; `flags` maps each option's dest (the library's name for the
     setting) to its flag, for the error messages."""
+    # The flag an error shows for a setting: its action's longest option string; of two actions of one
+    # setting (--method and its old spelling --variant), the one added last.
     flags = {a.dest: max(a.option_strings, key=len) for a in p._actions if a.option_strings}
     p.set_defaults(func=run, flags=flags)
 
@@ -512,9 +691,81 @@ def quiet_third_party() -> None:
             log.addFilter(_ThirdPartyNoise(fragment))
 
 
-def main(argv: list[str] | None = None) -> int:
+class ConfigFileError(Exception):
+    """A --config file that cannot be read or names an unknown option (exit 2, one line)."""
+
+
+def with_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`argv` with `tlora train --config run.toml`'s settings put before the command line's, so that
+    the command line overrides them and each value is checked as if typed: keys are option names
+    (`lr`, `train-batch-size` or `train_batch_size`), flags true/false, repeatable options and
+    --target-modules lists."""
+    if not argv or argv[0] != "train" or not any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    rest, path = [], None
+    it = iter(argv[1:])
+    for a in it:
+        if a == "--config":
+            path = next(it, None)
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    if not path:
+        raise ConfigFileError("argument --config: expected a TOML file")
+    import tomllib
+
     try:
-        args = build_parser().parse_args(argv)
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except OSError as e:
+        raise ConfigFileError(f"argument --config: cannot read {path} ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigFileError(f"argument --config: {path} is not TOML ({e})") from None
+    train = parser._subparsers._group_actions[0].choices["train"]
+    actions = {a.option_strings[0]: a for a in train._actions if a.option_strings and a.dest != "help"}
+    given = {a.split("=", 1)[0] for a in rest if a.startswith("--")}
+    front: list[str] = []
+    for key, value in table.items():
+        flag = "--" + str(key).replace("_", "-")
+        if flag == "--validation-prompts" and isinstance(value, list):
+            flag = "--validation-prompt"  # a list is the repeated option's (the library's name for it)
+        action = actions.get(flag)
+        if action is None or flag == "--config":
+            raise ConfigFileError(f"argument --config: {path}: unknown option {key!r} (see tlora train --help)")
+        if flag in given or (action.dest == "variant" and "--variant" in given):
+            continue  # the command line overrides the file
+        front += _config_tokens(path, key, flag, action, value)
+    return ["train", *front, *rest]
+
+
+def _config_tokens(path: str, key: str, flag: str, action: argparse.Action, value) -> list[str]:
+    where = f"argument --config: {path}: {key}"
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise ConfigFileError(f"{where} must be true or false, got {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [flag if value else "--no-" + flag[2:]]
+        return [flag] if value else []
+    many = isinstance(action, argparse._AppendAction) or action.nargs == "+"
+    values = value if isinstance(value, list) and many else [value]
+    if any(isinstance(v, (dict, list, bool)) for v in values) or not values:
+        raise ConfigFileError(f"{where} must be {'a list of ' if many else 'a '}string or number, got {value!r}")
+    if isinstance(action, argparse._AppendAction):
+        return [t for v in values for t in (flag, str(v))]
+    return [flag, *map(str, values)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        argv = with_config_file(parser, argv)
+    except ConfigFileError as e:
+        print(f"tlora train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        args = parser.parse_args(argv)
     except SystemExit as e:  # argparse's usage errors (exit 2, message printed) and --help (0)
         return e.code if isinstance(e.code, int) else 2
     quiet_third_party()

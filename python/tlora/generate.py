@@ -15,7 +15,7 @@ from .errors import AdapterFileError, ConfigError, about
 from .files.atomic import save_image
 from .files.io import load, read
 from .images import grid
-from .options import MAX_GUIDANCE, MAX_IMAGES, MAX_SAMPLE_STEPS, MAX_SEED
+from .options import MAX_GUIDANCE, MAX_IMAGES, MAX_SAMPLE_STEPS, MAX_SEED, SCHEDULERS
 from .pipelines import check_dtype, check_side, load_pipeline, resolve_device
 from .train.recipes import family_of
 
@@ -35,6 +35,7 @@ def sample_images(
     seed: int = 0,
     size: tuple[int, int] | None = None,
     desc: str = "sample",
+    negative_prompt: str | None = None,
 ) -> list[list[Image.Image]]:
     """n images for each finished prompt (no {} left), seeded per prompt so that methods compare
     on the same noise."""
@@ -48,6 +49,8 @@ def sample_images(
         )
         if size:
             kwargs.update(height=size[0], width=size[1])
+        if negative_prompt:
+            kwargs["negative_prompt"] = negative_prompt
         rows.append(pipe(text, **kwargs).images)
     return rows
 
@@ -63,6 +66,7 @@ def sample_grid(
     seed: int = 0,
     size: tuple[int, int] | None = None,
     label: str = "",
+    negative_prompt: str | None = None,
 ) -> Path:
     """Render n images per prompt ({} -> concept) into `out` as PNGs (each carries its prompt as a PNG
     text chunk, which `tlora evaluate` reads); returns the grid's path: one row per prompt, columns
@@ -71,7 +75,7 @@ def sample_grid(
 
     out.mkdir(parents=True, exist_ok=True)
     texts = [fill(p, concept) for p in prompts]
-    rows = sample_images(pipe, texts, n, steps, guidance, seed, size)
+    rows = sample_images(pipe, texts, n, steps, guidance, seed, size, negative_prompt=negative_prompt)
     for i, row in enumerate(rows):
         info = PngInfo()
         info.add_text("prompt", texts[i])
@@ -96,14 +100,24 @@ def generate(
     width: int | None = None,
     device: str | None = None,
     dtype: str = "fp32",
+    negative_prompt: str | None = None,
+    scheduler: str | None = None,
+    adapter_scale: float = 1.0,
 ) -> Path:
     """Sample `n` images per prompt with the adapter; `{}` in a prompt becomes 'token class' from the
     adapter's metadata. Returns the grid's path.
 
     `device`: "auto" / None (CUDA when available, else the CPU), "cpu", "cuda", "cuda:N";
     `dtype`: the pipeline's weights, "fp32", "fp16" (GPU only) or "bf16" (the adapter stays float32).
+    `negative_prompt`: what classifier-free guidance steers away from; `scheduler`: a sampler of
+    options.SCHEDULERS in place of the model's (one its pipeline takes); `adapter_scale`: the
+    update's strength (0: the base model, 1: as trained).
     A bad setting is a ConfigError or InputError naming it (`fields`: see tlora.errors)."""
     _check_settings(n, steps, guidance, seed, height, width)
+    with about("adapter_scale"):
+        check_float("adapter_scale", adapter_scale, 0.0, 10.0)
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}", field="scheduler")
     dev = resolve_device(device)
     weight_dtype = check_dtype(dtype, dev)
     _, meta = read(adapter)
@@ -117,7 +131,11 @@ def generate(
         fill(p, concept)  # fail early, before loading the model
     pipe = load_pipeline(model, dtype=weight_dtype).to(dev)
     fam = family_of(pipe)
-    load(fam.denoiser, adapter)
+    if scheduler is not None:
+        pipe.scheduler = _scheduler(pipe, scheduler)
+    loaded = load(fam.denoiser, adapter)
+    if adapter_scale != 1.0:
+        _scale_update(loaded, adapter_scale)
     side = fam.default_resolution()
     size = (height or side, width or side) if (height or width) else None
     c = meta["config"]
@@ -132,7 +150,33 @@ def generate(
         seed=seed,
         size=size,
         label=f"{c.get('variant', 'adapter')} rank {c.get('rank', '?')}",
+        negative_prompt=negative_prompt,
     )
+
+
+def _scheduler(pipe, name: str):
+    """Sampler `name` (options.SCHEDULERS) built from the model's scheduler config; one the
+    pipeline's own scheduler does not list as compatible (an epsilon sampler for FLUX) is refused."""
+    import diffusers
+
+    cls_name, kwargs = SCHEDULERS[name]
+    cls = getattr(diffusers, cls_name)
+    if cls not in pipe.scheduler.compatibles and cls is not type(pipe.scheduler):
+        raise ConfigError(
+            f"scheduler {name} does not fit {type(pipe).__name__} (its scheduler is "
+            f"{type(pipe.scheduler).__name__}): choose another --scheduler",
+            field="scheduler",
+        )
+    return cls.from_config(pipe.scheduler.config, **kwargs)
+
+
+def _scale_update(adapter, s: float) -> None:
+    """The update times s, exactly: tlora's lambda and its frozen copy (P L Q - P0 L0 Q0 is linear
+    in both), the LoRA variants' up factor."""
+    with torch.no_grad():
+        for name, t in adapter.state_dict().items():
+            if name.endswith((".lam", ".lam0", ".up")):
+                t.mul_(s)
 
 
 def _check_settings(

@@ -21,6 +21,15 @@ MAX_LR = 1.0  # the learning rate is in (0, MAX_LR]
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # Quantized frozen bases: int8 / int4 through optimum-quanto, nf4 through bitsandbytes (tlora.adapter.quantized).
 QUANTIZE = ("int8", "int4", "nf4")
+# Optimizers of the adapter's factors (tlora.train.optim): torch's AdamW (the paper's), Prodigy
+# (the `prodigyopt` package; the paper's FLUX setting, lr 1) and bitsandbytes' 8-bit AdamW.
+OPTIMIZERS = ("adamw", "prodigy", "adamw8bit")
+# Learning-rate schedules, by diffusers.optimization.get_scheduler's names.
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# Where training reports loss, lr, gradient norm and validation grids (accelerate's trackers).
+REPORT_TO = ("none", "tensorboard", "wandb")
+MAX_BATCH = 1024  # --train-batch-size and --gradient-accumulation-steps
+MAX_CLASS_IMAGES = 100_000
 
 # Sampling (`tlora generate`, and training's validation samples).
 MAX_SAMPLE_STEPS = 1000  # denoising steps
@@ -30,6 +39,16 @@ MAX_GUIDANCE = 100.0
 # names: the recipes read them from here, and `tlora generate --help` shows them.
 SAMPLING_DEFAULTS = {"sd": (25, 7.5), "sdxl": (25, 5.0), "flux": (28, 3.5)}
 FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SD-XL", "flux": "FLUX"}
+# `tlora generate --scheduler`: name -> (diffusers class, settings over the model's scheduler config).
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
 # The pipeline's weights: option value -> torch dtype name.
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

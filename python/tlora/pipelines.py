@@ -165,13 +165,24 @@ def _in_cache(model: str) -> bool:
     return True
 
 
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, quantize: str | None = None):
+def load_pipeline(
+    model: str,
+    dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    vae: str | None = None,
+):
     """Load a supported pipeline from a local folder or a hub id, through `from_pretrained`;
-    `quantize` ("int8", "int4", "nf4": see tlora.adapter.quantized) quantizes the denoiser's Linear layers."""
+    `quantize` ("int8", "int4", "nf4": see tlora.adapter.quantized) quantizes the denoiser's Linear
+    layers; `revision` and `variant` are from_pretrained's (a hub revision; weights NAME.<variant>.safetensors);
+    `vae`: another autoencoder's folder or hub id in place of the model's."""
     from diffusers import DiffusionPipeline
 
     check_model_folder(model)
-    kwargs = {}
+    kwargs = {k: v for k, v in (("revision", revision), ("variant", variant)) if v is not None}
+    if vae is not None:
+        kwargs["vae"] = _load_vae(vae, dtype)
     if quantize is not None:
         from diffusers import PipelineQuantizationConfig
 
@@ -193,6 +204,24 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, quantize: str 
     family_of(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _load_vae(path: str, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
+    except OSError:
+        if Path(path).exists():
+            raise InputError(
+                f"pretrained_vae {path} is not an AutoencoderKL folder (config.json and weights)",
+                field="pretrained_vae",
+            ) from None
+        raise not_cached(path) from None
+    except (TypeError, ValueError, KeyError) as e:
+        raise InputError(
+            f"cannot load pretrained_vae {path}: {type(e).__name__}: {e}"[:300], field="pretrained_vae"
+        ) from None
 
 
 def load_denoiser(model: str) -> nn.Module:

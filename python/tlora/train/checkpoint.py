@@ -5,21 +5,26 @@ A checkpoint is written into a temporary folder and renamed into place as a whol
 named `checkpoint-N` is always complete; a crash or a full disk leaves older checkpoints intact.
 
     adapter.safetensors   the adapter file (tlora.files.io's format, its own checksum)
-    state.safetensors     tensors `state.<i>.<name>` (AdamW's step, exp_avg, exp_avg_sq of the i-th
-                          trainable factor, in `Adapter.parameters()` order), `rng.generator` (the
-                          main process's CPU generator) and, under DDP, `rng.generator.<k>` (process k);
-                          metadata: `optimizer` (JSON: `param_groups`, and `scalars` for non-tensor
-                          state), `step` (decimal) and `checksum` (`tlora.files.io.adapter_checksum` of
-                          these strings and the tensors)
+    state.safetensors     tensors `state.<i>.<name>` (the optimizer's state of the i-th trainable
+                          factor, in `Adapter.parameters()` order: AdamW's exp_avg, exp_avg_sq and
+                          step, Prodigy's, bitsandbytes' 8-bit AdamW's, as tlora.train.optim's
+                          STATE_SCHEMAS lists them), `ema.<i>` (the EMA's factors, with --ema-decay),
+                          `rng.generator` (the main process's CPU generator) and, under DDP,
+                          `rng.generator.<k>` (process k); metadata: `optimizer` (JSON: `kind`,
+                          `param_groups` with infinities as "inf", and `scalars` for non-tensor
+                          state), `scheduler` (JSON: the lr schedule's position), `ema` (JSON: its
+                          step count), `step` (decimal) and `checksum` (`tlora.files.io.adapter_checksum`
+                          of these strings and the tensors)
     state.json            {"step": N}
 
 `read_checkpoint` validates all of it before anything is restored, as tlora.files.io validates adapter
 files: the checksum (a state file written before checksums resumes with a warning; every other
 check still applies), the optimizer description's schema (types and ranges), one state per
-trainable factor with the factor's shape, float32 finite values, exp_avg_sq >= 0, equal per-factor
-step counts of at most the checkpoint's step, the RNG state's size, and the step in state.json
-against the folder's name and the state file. Every refusal is a CheckpointError naming the file
-and the field, ending with what to do.
+trainable factor with its optimizer's tensors (dtype, shape, finite values, second moments >= 0),
+equal per-factor step counts of at most the checkpoint's step, the schedule's position (the
+checkpoint's step), the EMA's factors (shapes, finite) and step count, the RNG state's size, and
+the step in state.json against the folder's name and the state file. Every refusal is a
+CheckpointError naming the file and the field, ending with what to do.
 """
 
 from __future__ import annotations
@@ -44,15 +49,14 @@ from ..files.io import AdapterFile, adapter_checksum, check_regular_file, read_a
 from ..files.io import save as save_adapter
 from ..images import check_input_file
 from ..layer import factors
+from .optim import STATE_SCHEMAS, load_scheduler_state, state_schema
 
 _NAME = re.compile(r"checkpoint-(\d+)$")
 # What a refusal of a checkpoint tells the user to do.
 FIX = "resume from an earlier checkpoint (move this one out of the run folder) or start over with --overwrite"
-# AdamW's state of one trainable factor (train.py's optimizer); amsgrad adds max_exp_avg_sq.
-STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
-AMSGRAD_KEY = "max_exp_avg_sq"
 # AdamW's numeric hyperparameters and their ranges; its other settings are flags (bool or null).
-GROUP_NUMBERS = {"lr": (0.0, 1.0, False), "eps": (0.0, 1.0, False), "weight_decay": (0.0, None, True)}
+# lr >= 0: a schedule (linear, cosine) reaches 0 at the last step.
+GROUP_NUMBERS = {"lr": (0.0, 1.0, True), "eps": (0.0, 1.0, False), "weight_decay": (0.0, None, True)}
 _GENERATOR_STATE = torch.Generator().get_state()  # a CPU generator's state: its size and dtype
 
 
@@ -61,25 +65,63 @@ def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2))
 
 
+@dataclass
+class RunState:
+    """What a checkpoint holds besides the factors, the optimizer's state and the RNG: which
+    optimizer (tlora.train.optim's name), the lr schedule's position (tlora.train.optim.scheduler_state)
+    and the EMA's averaged factors with its step count, or None without an EMA."""
+
+    optimizer: str = "adamw"
+    scheduler: dict[str, Any] | None = None
+    ema: tuple[list[torch.Tensor], int] | None = None
+
+
+def _json_number(value):
+    """Infinite hyperparameters (Prodigy's default growth_rate) as the strings JSON can hold."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def _from_json_number(value):
+    return float(value) if value in ("inf", "-inf") else value
+
+
+def _flat_state(sd: dict) -> dict[int, dict[str, Any]]:
+    """The per-factor states of an optimizer's state_dict, one level deep: bitsandbytes nests its
+    quantization state in a dict of its own (and reads it back flat as well)."""
+    flat = {}
+    for idx, state in sd["state"].items():
+        flat[idx] = {}
+        for key, value in state.items():
+            if isinstance(value, dict):
+                flat[idx].update(value)
+            else:
+                flat[idx][key] = value
+    return flat
+
+
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[list[tuple[str, torch.Tensor]], dict]:
     sd = opt.state_dict()
     tensors, scalars = [], {}
-    for idx, state in sd["state"].items():
+    for idx, state in _flat_state(sd).items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
                 tensors.append((f"state.{idx}.{key}", value.detach().cpu().contiguous()))
             else:
                 scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    groups = [{k: _json_number(v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def optimizer_problem(optimizer: torch.optim.Optimizer) -> str | None:
     """What makes the optimizer's state unfit to checkpoint (non-finite values, a negative second
     moment), or None: the check `save_checkpoint`'s callers run, the same `read_checkpoint` runs."""
-    for idx, state in optimizer.state_dict()["state"].items():
+    for idx, state in _flat_state(optimizer.state_dict()).items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and key != "step":
-                problem = _value_problem(key, value.detach())
+                t = value.detach()
+                problem = _value_problem(key, t, str(t.dtype).removeprefix("torch."))
                 if problem:
                     return f"state {idx} {key} {problem}"
     return None
@@ -93,9 +135,11 @@ def save_checkpoint(
     generator: torch.Generator,
     extra: dict[str, Any],
     generator_states: list[torch.Tensor] | None = None,
+    run: RunState | None = None,
 ) -> Path:
     """`generator_states`: under DDP, every process's generator state (index = process index), so
-    that each process resumes its own random stream."""
+    that each process resumes its own random stream; `run`: the optimizer's name, the schedule, the EMA."""
+    run = run or RunState()
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -103,10 +147,17 @@ def save_checkpoint(
     try:
         save_adapter(adapter, tmp / "adapter.safetensors", extra=extra)
         tensors, meta = _optimizer_tensors(optimizer)
+        meta["kind"] = run.optimizer
         tensors.append(("rng.generator", generator.get_state()))
         for i, state in enumerate(generator_states or []):
             tensors.append((f"rng.generator.{i}", state.cpu().contiguous()))
         strings = {"optimizer": json.dumps(meta, allow_nan=False), "step": str(step)}
+        if run.scheduler is not None:
+            strings["scheduler"] = json.dumps(run.scheduler, allow_nan=False)
+        if run.ema is not None:
+            shadow, ema_step = run.ema
+            tensors += [(f"ema.{i}", t.detach().cpu().contiguous()) for i, t in enumerate(shadow)]
+            strings["ema"] = json.dumps({"optimization_step": ema_step})
         strings["checksum"] = adapter_checksum(tensors, strings)
         write_tensors(tmp / "state.safetensors", tensors, strings)
         write_json(tmp / "state.json", {"step": step})
@@ -137,6 +188,10 @@ class Checkpoint:
     state: dict[int, dict[str, Any]]  # trainable factor index -> AdamW state
     groups: list[dict[str, Any]]
     rng: dict[str, torch.Tensor]  # "rng.generator" and "rng.generator.<k>"
+    optimizer: str = "adamw"  # tlora.train.optim's name of the optimizer (checkpoints before it: adamw)
+    scheduler: dict[str, Any] | None = None  # the lr schedule's position (None: written before schedules)
+    ema: list[torch.Tensor] | None = None  # the EMA's factors, in Adapter.parameters() order
+    ema_step: int = 0
 
 
 def _fail(path: Path, field: str | None, problem: str) -> CheckpointError:
@@ -144,14 +199,19 @@ def _fail(path: Path, field: str | None, problem: str) -> CheckpointError:
     return CheckpointError(f"{where}{problem}: {FIX}")
 
 
-def _value_problem(key: str, t: torch.Tensor) -> str | None:
-    """Why an AdamW moment tensor is not a valid one (None when it is)."""
-    if t.dtype != torch.float32:
-        return f"is {str(t.dtype).removeprefix('torch.')}, not float32"
+def _value_problem(key: str, t: torch.Tensor, dtype: str = "float32", nonneg: bool | None = None) -> str | None:
+    """Why an optimizer state tensor is not a valid one (None when it is): its dtype, finite
+    values, and values >= 0 where `nonneg` (default: every AdamW moment but exp_avg)."""
+    if str(t.dtype).removeprefix("torch.") != dtype:
+        return f"is {str(t.dtype).removeprefix('torch.')}, not {dtype}"
+    if not t.dtype.is_floating_point:
+        return None
     bad = int(t.numel() - torch.isfinite(t).sum())
     if bad:
         return f"holds {bad} non-finite value(s) (NaN or infinity)"
-    if key != "exp_avg" and t.numel() and float(t.min()) < 0:
+    if nonneg is None:
+        nonneg = key in ("exp_avg_sq", "max_exp_avg_sq")
+    if nonneg and t.numel() and float(t.min()) < 0:
         return f"holds negative values (min {float(t.min()):g}); a second moment is >= 0"
     return None
 
@@ -167,12 +227,12 @@ def read_checkpoint(ckpt: Path) -> Checkpoint:
     state_file = ckpt / "state.safetensors"
     tensors, strings, rng = _read_state_file(ckpt, state_file)
     step = _read_step(ckpt, strings)
-    groups, scalars = _read_optimizer(state_file, strings["optimizer"])
+    groups, scalars, kind = _read_optimizer(state_file, strings["optimizer"])
     shapes = _trainable_shapes(f)
     _check_groups(state_file, groups, len(shapes))
-    amsgrad = any(g.get("amsgrad") is True for g in groups)
+    ema_tensors = {k: tensors.pop(k) for k in list(tensors) if k.startswith("ema.")}
     state = _optimizer_state(state_file, tensors, scalars, rng)
-    _check_state(state_file, state, shapes, amsgrad, step)
+    _check_state(state_file, state, shapes, kind, groups, step)
     for key, t in rng.items():
         if t.dtype != torch.uint8 or t.shape != _GENERATOR_STATE.shape:
             raise _fail(
@@ -181,7 +241,70 @@ def read_checkpoint(ckpt: Path) -> Checkpoint:
                 f"is {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}, not a CPU generator's state "
                 f"(uint8 {tuple(_GENERATOR_STATE.shape)})",
             )
-    return Checkpoint(path=ckpt, step=step, adapter=f, state=state, groups=groups, rng=rng)
+    scheduler = _read_scheduler(state_file, strings.get("scheduler"), len(groups), step)
+    ema, ema_step = _read_ema(state_file, ema_tensors, strings.get("ema"), shapes, step)
+    return Checkpoint(
+        path=ckpt,
+        step=step,
+        adapter=f,
+        state=state,
+        groups=groups,
+        rng=rng,
+        optimizer=kind,
+        scheduler=scheduler,
+        ema=ema,
+        ema_step=ema_step,
+    )
+
+
+def _read_scheduler(path: Path, text: str | None, n_groups: int, step: int) -> dict | None:
+    """The lr schedule's position: last_epoch and step_count the checkpoint's step (the schedule steps
+    with the optimizer), one positive base lr per parameter group."""
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or set(data) != {"last_epoch", "base_lrs", "step_count"}:
+            raise ConfigError("must be a JSON object {last_epoch, base_lrs, step_count}")
+        check_int("last_epoch", data["last_epoch"], step, step)
+        check_int("step_count", data["step_count"], step + 1, step + 1)
+        lrs = data["base_lrs"]
+        if not isinstance(lrs, list) or len(lrs) != n_groups:
+            raise ConfigError(f"base_lrs must list one lr per parameter group ({n_groups}), got {lrs!r}"[:300])
+        for lr in lrs:
+            check_float("base_lrs", lr, 0.0, 1.0, lo_inclusive=False)
+    except (ValueError, RecursionError) as e:  # ConfigError is a ValueError
+        raise _fail(path, "scheduler", str(e)) from None
+    return data
+
+
+def _read_ema(
+    path: Path, tensors: dict[str, torch.Tensor], text: str | None, shapes: list[tuple[int, ...]], step: int
+) -> tuple[list[torch.Tensor] | None, int]:
+    """The EMA's factors (`ema.<i>`, one per trainable factor with its shape, float32, finite) and
+    its step count (at most the checkpoint's step)."""
+    if text is None and not tensors:
+        return None, 0
+    try:
+        data = json.loads(text) if text is not None else None
+        if not isinstance(data, dict) or set(data) != {"optimization_step"}:
+            raise ConfigError("ema must be a JSON object {optimization_step} beside the ema.<i> tensors")
+        ema_step = check_int("ema.optimization_step", data["optimization_step"], 0, step)
+    except (ValueError, RecursionError) as e:
+        raise _fail(path, "ema", str(e)) from None
+    want = [f"ema.{i}" for i in range(len(shapes))]
+    if sorted(tensors) != sorted(want):
+        raise _fail(path, "ema", f"holds {len(tensors)} tensors, the adapter has {len(shapes)} trainable factors")
+    shadow = []
+    for key, shape in zip(want, shapes):
+        t = tensors[key]
+        if tuple(t.shape) != shape:
+            raise _fail(path, key, f"has shape {tuple(t.shape)}, its factor {shape}")
+        problem = _value_problem("exp_avg", t)  # float32, finite; any sign
+        if problem:
+            raise _fail(path, key, problem)
+        shadow.append(t)
+    return shadow, ema_step
 
 
 def _read_state_file(
@@ -286,7 +409,7 @@ def _read_step(ckpt: Path, strings: dict[str, str]) -> int:
     return step
 
 
-def _read_optimizer(path: Path, text: str) -> tuple[list[dict], dict]:
+def _read_optimizer(path: Path, text: str) -> tuple[list[dict], dict, str]:
     try:
         meta = json.loads(text)
     except (ValueError, RecursionError) as e:
@@ -298,7 +421,11 @@ def _read_optimizer(path: Path, text: str) -> tuple[list[dict], dict]:
         raise _fail(path, "optimizer.param_groups", "must be a non-empty list of objects")
     if not isinstance(scalars, dict):
         raise _fail(path, "optimizer.scalars", "must be an object")
-    return groups, scalars
+    kind = meta.get("kind", "adamw")
+    if kind not in STATE_SCHEMAS:
+        raise _fail(path, "optimizer.kind", f"must be one of {', '.join(STATE_SCHEMAS)}, got {kind!r}"[:300])
+    groups = [{k: _from_json_number(v) for k, v in g.items()} for g in groups]
+    return groups, scalars, kind
 
 
 def _check_groups(path: Path, groups: list[dict], n_params: int) -> None:
@@ -325,12 +452,12 @@ def _check_groups(path: Path, groups: list[dict], n_params: int) -> None:
         except ConfigError as e:
             raise _fail(path, name, str(e)) from None
         for key, value in g.items():
-            if (
-                key not in GROUP_NUMBERS
-                and key not in ("params", "betas")
-                and not isinstance(value, (bool, type(None)))
-            ):
-                raise _fail(path, f"{name}.{key}", f"must be true, false or null, got {value!r}"[:300])
+            if key in GROUP_NUMBERS or key in ("params", "betas") or isinstance(value, (bool, type(None))):
+                continue
+            # Other optimizers' settings and running values (Prodigy's d, its growth rate, ...).
+            if isinstance(value, (int, float)) and (math.isfinite(value) or key == "growth_rate" and value > 0):
+                continue
+            raise _fail(path, f"{name}.{key}", f"must be true, false, null or a finite number, got {value!r}"[:300])
     if sorted(seen) != list(range(n_params)):
         raise _fail(
             path,
@@ -341,11 +468,17 @@ def _check_groups(path: Path, groups: list[dict], n_params: int) -> None:
 
 
 def _check_state(
-    path: Path, state: dict[int, dict[str, Any]], shapes: list[tuple[int, ...]], amsgrad: bool, step: int
+    path: Path,
+    state: dict[int, dict[str, Any]],
+    shapes: list[tuple[int, ...]],
+    kind: str,
+    groups: list[dict[str, Any]],
+    step: int,
 ) -> None:
-    """AdamW's per-factor state against the factors' `shapes`: the moments' shapes and values,
-    and step counts that agree with each other and do not exceed the checkpoint's `step`."""
-    keys = set(STATE_KEYS) | ({AMSGRAD_KEY} if amsgrad else set())
+    """The optimizer's per-factor state against the factors' `shapes` and optimizer `kind`'s
+    schema (tlora.train.optim.state_schema): each tensor's dtype, shape and values, and step
+    counts that agree with each other and do not exceed the checkpoint's `step`."""
+    group_of = {i: g for g in groups for i in g["params"]}
     counts = set()
     for idx in sorted(state):
         s = state[idx]
@@ -355,15 +488,21 @@ def _check_state(
                 f"state.{idx}",
                 f"belongs to no trainable factor (the adapter has {len(shapes)} trainable factors)",
             )
+        shape = shapes[idx]
+        schema = state_schema(kind, group_of[idx], math.prod(shape))
+        keys = {"step"} | set(schema)
         if set(s) != keys:
             missing, extra = sorted(keys - set(s)), sorted(set(s) - keys)
             what = ", ".join([f"missing {k}" for k in missing] + [f"unknown {k}" for k in extra])
-            raise _fail(path, f"state.{idx}", f"AdamW's state is {', '.join(sorted(keys))} ({what})")
-        for key in sorted(keys - {"step"}):
+            raise _fail(path, f"state.{idx}", f"{kind}'s state is {', '.join(sorted(keys))} ({what})")
+        for key, (dtype, rule, nonneg) in sorted(schema.items()):
             t = s[key]
-            if tuple(t.shape) != shapes[idx]:
-                raise _fail(path, f"state.{idx}.{key}", f"has shape {tuple(t.shape)}, its factor {shapes[idx]}")
-            problem = _value_problem(key, t)
+            if not isinstance(t, torch.Tensor):
+                raise _fail(path, f"state.{idx}.{key}", f"must be a tensor, got {t!r}"[:300])
+            allowed = {"factor": [shape], "flat": [(math.prod(shape),)], "flat_or_zero": [(math.prod(shape),), ()]}
+            if rule is not None and tuple(t.shape) not in allowed[rule]:
+                raise _fail(path, f"state.{idx}.{key}", f"has shape {tuple(t.shape)}, its factor {shape}")
+            problem = _value_problem(key, t, dtype, nonneg)
             if problem:
                 raise _fail(path, f"state.{idx}.{key}", problem)
         count = s["step"]
@@ -392,13 +531,16 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     process_index: int = 0,
+    scheduler=None,
+    ema=None,
+    optimizer_name: str = "adamw",
 ) -> int:
     """Restore adapter weights, optimizer and RNG (this process's own, when the checkpoint has one
     per process) from `ckpt` (a folder, or its `read_checkpoint`); returns its step. Everything is
     read and checked before anything is restored; a checkpoint of another adapter or one missing a
     part is a CheckpointError."""
     cp = ckpt if isinstance(ckpt, Checkpoint) else read_checkpoint(ckpt)
-    _check_fits(cp, adapter, optimizer)
+    _check_fits(cp, adapter, optimizer, optimizer_name, ema is not None)
     state_file = cp.path / "state.safetensors"
     rng = cp.rng.get(f"rng.generator.{process_index}", cp.rng["rng.generator"])
     # Restore into copies first, so that a bad optimizer or RNG state changes nothing.
@@ -407,6 +549,8 @@ def load_checkpoint(
     try:
         optimizer.load_state_dict({"state": cp.state, "param_groups": cp.groups})
         generator.set_state(rng)
+        if scheduler is not None and cp.scheduler is not None:
+            load_scheduler_state(scheduler, cp.scheduler)
     except (ValueError, RuntimeError, TypeError, KeyError, IndexError) as e:
         optimizer.load_state_dict(saved_opt)
         generator.set_state(saved_rng)
@@ -415,13 +559,27 @@ def load_checkpoint(
     with torch.no_grad():
         for k, v in cp.adapter.tensors.items():
             own[k].copy_(v)
+    if ema is not None:
+        ema.load(cp.ema, cp.ema_step)
     return cp.step
 
 
-def _check_fits(cp: Checkpoint, adapter: Adapter, optimizer: torch.optim.Optimizer) -> None:
-    """Checkpoint `cp` belongs to this run: the adapter's settings and tensors, and the
-    optimizer's parameter groups, flags and factor shapes (CheckpointError otherwise)."""
+def _check_fits(
+    cp: Checkpoint, adapter: Adapter, optimizer: torch.optim.Optimizer, optimizer_name: str, ema: bool
+) -> None:
+    """Checkpoint `cp` belongs to this run: the adapter's settings and tensors, the optimizer
+    (which one, its parameter groups, flags and factor shapes) and the EMA (CheckpointError otherwise)."""
     f, path = cp.adapter, cp.path
+    if cp.optimizer != optimizer_name:
+        raise CheckpointError(
+            f"{path} was trained with --optimizer {cp.optimizer}, this run asks for {optimizer_name}: resume with "
+            f"--optimizer {cp.optimizer}, or start a new run (--overwrite or another --out)"
+        )
+    if ema and cp.ema is None:
+        raise CheckpointError(
+            f"{path} has no EMA of the factors (its run had no --ema-decay): resume without --ema-decay, or "
+            "start a new run (--overwrite or another --out)"
+        )
     own, c = adapter.state_dict(), adapter.config
     for field in ("variant", "rank", "min_rank", "rank_exponent", "num_train_timesteps"):
         theirs, ours = getattr(f.config, field), getattr(c, field)
@@ -439,7 +597,8 @@ def _check_fits(cp: Checkpoint, adapter: Adapter, optimizer: torch.optim.Optimiz
         raise _fail(state_file, "optimizer.param_groups", "do not match this run's optimizer (other parameter groups)")
     for i, (g, h) in enumerate(zip(cp.groups, live)):
         for key, value in g.items():
-            if key in h and key not in GROUP_NUMBERS and key not in ("params", "betas") and h[key] != value:
+            flag = isinstance(value, (bool, type(None))) and isinstance(h.get(key), (bool, type(None)))
+            if key in h and flag and h[key] != value:
                 raise _fail(
                     state_file,
                     f"optimizer.param_groups[{i}].{key}",
@@ -447,9 +606,11 @@ def _check_fits(cp: Checkpoint, adapter: Adapter, optimizer: torch.optim.Optimiz
                 )
     # read_checkpoint checked the state against the file's factors; these are this run's.
     params = [p for h in optimizer.param_groups for p in h["params"]]
+    group_of = {i: g for g in cp.groups for i in g["params"]}
     for idx, s in cp.state.items():
+        schema = state_schema(cp.optimizer, group_of[idx], params[idx].numel())
         for key, t in s.items():
-            if key != "step" and tuple(t.shape) != tuple(params[idx].shape):
+            if schema.get(key, (None, None))[1] == "factor" and tuple(t.shape) != tuple(params[idx].shape):
                 raise _fail(
                     state_file,
                     f"state.{idx}.{key}",

@@ -7,6 +7,7 @@ writes files.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -29,14 +30,19 @@ from ..files.atomic import write_atomic
 from ..files.io import save as save_adapter
 from ..images import check_input_file, list_images, load_image, load_mask
 from ..options import (
+    LR_SCHEDULERS,
+    MAX_BATCH,
+    MAX_CLASS_IMAGES,
     MAX_LR,
     MAX_SAMPLE_STEPS,
     MAX_SEED,
     MAX_SIDE,
     MAX_TRAIN_STEPS,
     MIXED_PRECISION,
+    OPTIMIZERS,
     PAPER_STEPS,
     QUANTIZE,
+    REPORT_TO,
     SIDE_STRIDE,
 )
 from ..pipelines import check_dtype, check_side, load_pipeline, resolve_device
@@ -44,6 +50,7 @@ from . import drift
 from .checkpoint import _NAME as CHECKPOINT_NAME
 from .checkpoint import (
     Checkpoint,
+    RunState,
     checkpoints,
     load_checkpoint,
     optimizer_problem,
@@ -51,10 +58,22 @@ from .checkpoint import (
     save_checkpoint,
     write_json,
 )
+from .optim import FactorEMA, apply_schedule, build_optimizer, build_scheduler, scheduler_state
+from .prompts import CLASS_PROMPT, INSTANCE_PROMPT, check_template, fill, image_caption
 from .recipes import Family, family_of
 
 # Files of a run in --out: another run's are refused unless --resume or --overwrite.
-RUN_FILES = ("config.json", "loss.jsonl", "adapter.safetensors")
+# samples/: validation samples of steps without a checkpoint; logs/: the trackers' (--report-to).
+RUN_FILES = (
+    "config.json",
+    "loss.jsonl",
+    "adapter.safetensors",
+    "samples",
+    "logs",
+    drift.DRIFT_LOG,
+    drift.PLOT,
+    drift.BASE_SAMPLES,
+)
 # Settings a resumed run must share with the run it continues (the lr may change: it is applied).
 RESUME_FIXED_TRAIN = ("model", "token", "class_name", "resolution", "seed")
 RESUME_FIXED_ADAPTER = ("variant", "rank", "min_rank", "rank_exponent", "target_modules")
@@ -89,6 +108,44 @@ class TrainConfig:
     device: str | None = None  # "auto" / None: CUDA when available, else the CPU
     overwrite: bool = False  # replace another run's files in `out`
     quantize: str | None = None  # "int8" | "int4" (optimum-quanto) | "nf4" (bitsandbytes): a quantized frozen base
+    # The optimizer (tlora.train.optim) and its hyperparameters, by diffusers' DreamBooth names.
+    optimizer: str = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    prodigy_beta3: float | None = None  # default: sqrt(beta2)
+    prodigy_decouple: bool = True
+    prodigy_use_bias_correction: bool = True
+    prodigy_safeguard_warmup: bool = True
+    max_grad_norm: float | None = None  # clip the factors' gradient norm (the paper's FLUX runs: 1.0)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    ema_decay: float | None = None  # an EMA of the factors: validation and adapter.safetensors use it
+    train_batch_size: int = 1  # timesteps (and noises) per step: of the one image, or images of image_dir
+    gradient_accumulation_steps: int = 1
+    # Prompts (tlora.train.prompts): placeholders {token} and {class}.
+    instance_prompt: str = INSTANCE_PROMPT
+    class_prompt: str = CLASS_PROMPT  # the prior images' prompt
+    caption_dropout: float = 0.0  # probability of training a sample on the empty prompt
+    noise_offset: float = 0.0
+    snr_gamma: float | None = None  # min-SNR weighting of the loss (DDPM families)
+    report_to: str = "none"  # "tensorboard" | "wandb": accelerate's trackers, in out/logs
+    validation_every: int | None = None  # steps between validation samples (default: checkpoint_every)
+    checkpoints_total_limit: int | None = None  # keep only the newest checkpoints
+    # The adapter (tlora.inject's settings).
+    lora_alpha: float | None = None
+    init: str = "last"
+    init_from: str = "random"
+    # The model: a hub revision, diffusers' weights variant ("fp16"), another VAE (folder or hub id).
+    revision: str | None = None
+    weights_variant: str | None = None
+    pretrained_vae: str | None = None
+    # Data: the images' mirror images trained on too; prior images made with the base model up to this count.
+    random_flip: bool = False
+    num_class_images: int = 0
 
     def __post_init__(self) -> None:
         """Each refusal is a ConfigError naming the field (`fields`: see tlora.errors)."""
@@ -109,6 +166,35 @@ class TrainConfig:
                 check_int("validation_steps", self.validation_steps, 1, MAX_SAMPLE_STEPS)
         with about("prior_weight"):
             check_float("prior_weight", self.prior_weight, 0.0)
+        self._check_optimization()
+        for name in ("instance_prompt", "class_prompt"):
+            check_template(name, getattr(self, name))
+        with about("caption_dropout"):
+            check_float("caption_dropout", self.caption_dropout, 0.0, 1.0)
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(
+                f"report_to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}", field="report_to"
+            )
+        for name in ("validation_every", "checkpoints_total_limit"):
+            if getattr(self, name) is not None:
+                with about(name):
+                    check_int(name, getattr(self, name), 1)
+        with about("num_class_images"):
+            check_int("num_class_images", self.num_class_images, 0, MAX_CLASS_IMAGES)
+        if self.num_class_images and not self.prior_dir:
+            raise ConfigError(
+                "num_class_images makes prior images into prior_dir: give prior_dir",
+                field=("num_class_images", "prior_dir"),
+            )
+        if self.random_flip and self.mask:
+            raise ConfigError(
+                "random_flip with a mask is not supported: give one of them", field=("random_flip", "mask")
+            )
+        with about("noise_offset"):
+            check_float("noise_offset", self.noise_offset, 0.0, 10.0)
+        if self.snr_gamma is not None:
+            with about("snr_gamma"):
+                check_float("snr_gamma", self.snr_gamma, 0.0, 1000.0, lo_inclusive=False)
         if (self.image is None) == (self.image_dir is None):
             raise ConfigError(
                 "give exactly one of image (one photo, the paper's setting) or image_dir", field=("image", "image_dir")
@@ -135,6 +221,45 @@ class TrainConfig:
         # The adapter's own settings, validated as inject validates them.
         self.adapter_config()
 
+    def _check_optimization(self) -> None:
+        """The optimizer's, schedule's, EMA's and batch's settings (ConfigError naming the field)."""
+        for name, choices in (("optimizer", OPTIMIZERS), ("lr_scheduler", LR_SCHEDULERS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}", field=name
+                )
+        for name in ("adam_beta1", "adam_beta2", "prodigy_beta3"):
+            value = getattr(self, name)
+            if value is not None:
+                with about(name):
+                    check_float(name, value, 0.0, 1.0)
+                    if value == 1.0:
+                        raise ConfigError(f"{name} must be < 1, got {value!r}")
+        with about("adam_weight_decay"):
+            check_float("adam_weight_decay", self.adam_weight_decay, 0.0, 1.0)
+        with about("adam_epsilon"):
+            check_float("adam_epsilon", self.adam_epsilon, 0.0, 1.0, lo_inclusive=False)
+        for name in ("prodigy_decouple", "prodigy_use_bias_correction", "prodigy_safeguard_warmup"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}", field=name)
+        if self.max_grad_norm is not None:
+            with about("max_grad_norm"):
+                check_float("max_grad_norm", self.max_grad_norm, 0.0, lo_inclusive=False)
+        with about("lr_warmup_steps"):
+            check_int("lr_warmup_steps", self.lr_warmup_steps, 0, MAX_TRAIN_STEPS)
+        with about("lr_num_cycles"):
+            check_int("lr_num_cycles", self.lr_num_cycles, 1, MAX_TRAIN_STEPS)
+        with about("lr_power"):
+            check_float("lr_power", self.lr_power, 0.0, 100.0, lo_inclusive=False)
+        if self.ema_decay is not None:
+            with about("ema_decay"):
+                check_float("ema_decay", self.ema_decay, 0.0, 1.0, lo_inclusive=False)
+                if self.ema_decay == 1.0:
+                    raise ConfigError(f"ema_decay must be < 1 (1 never moves the average), got {self.ema_decay!r}")
+        for name in ("train_batch_size", "gradient_accumulation_steps"):
+            with about(name):
+                check_int(name, getattr(self, name), 1, MAX_BATCH)
+
     def adapter_config(self) -> AdapterConfig:
         return AdapterConfig(
             rank=self.rank,
@@ -142,11 +267,18 @@ class TrainConfig:
             rank_exponent=self.rank_exponent,
             variant=self.variant,
             target_modules=self.target_modules,
+            lora_alpha=self.lora_alpha,
+            init=self.init,
+            init_from=self.init_from,
         )
 
     @property
     def prompt(self) -> str:
-        return f"a photo of {self.token} {self.class_name}"
+        return fill(self.instance_prompt, self.token, self.class_name)
+
+    @property
+    def prior_prompt(self) -> str:
+        return fill(self.class_prompt, self.token, self.class_name)
 
 
 def _check_writable(out: Path) -> None:
@@ -371,6 +503,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     from accelerate import Accelerator
 
     cfg = config or TrainConfig(**kwargs)
+    _check_tracker(cfg.report_to)
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
     weight_dtype = check_dtype(cfg.mixed_precision, device, "mixed_precision")
@@ -378,10 +511,17 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
         torch.cuda.set_device(device.index)
     # accelerate keeps one mixed-precision setting per process: forget the previous run's (the
     # distributed state itself is kept), so that train() can run again with other settings.
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
+    GradientState._reset_state()
+    acc = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        cpu=device.type == "cpu",
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=str(out / "logs"),
+    )
     lock = None
     if acc.is_main_process:
         _check_writable(out)
@@ -397,6 +537,17 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
             os.close(lock)
 
 
+def _check_tracker(report_to: str) -> None:
+    """The tracker's package is installed (wandb is never installed for you: it needs an account)."""
+    import importlib.util
+
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"report_to {report_to} needs the {package} package: pip install {package}", field="report_to"
+        )
+
+
 def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype, resume_from: Checkpoint | None) -> TrainResult:
     run = _Run(cfg, acc, out, weight_dtype)
     c = run.adapter.config
@@ -405,17 +556,22 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype, resume_f
     acc.print(
         f"training {c.variant} rank {c.rank} (r_min {c.min_rank}) for {cfg.steps} steps on {run.fam.name} "
         f"at {run.resolution}x{run.resolution}; device {acc.device}, weights {str(weight_dtype).removeprefix('torch.')}"
-        f" (mixed precision {cfg.mixed_precision}), lr {cfg.lr:g}, seed {cfg.seed}"
+        f" (mixed precision {cfg.mixed_precision}), lr {cfg.lr:g}, seed {cfg.seed}; {cfg.optimizer}, lr schedule "
+        f"{cfg.lr_scheduler}, batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulated"
+        + (f", EMA {cfg.ema_decay:g}" if cfg.ema_decay is not None else "")
     )
     start = run.resume(resume_from)
     bar = tqdm(
         range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not acc.is_local_main_process
     )
+    every = cfg.validation_every or cfg.checkpoint_every
     for step in bar:
         bar.set_postfix(loss=f"{run.step(step):.4f}")
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             run.checkpoint(done)
+        if done % every == 0 or done == cfg.steps:
+            run.validate(done)
     return run.finish()
 
 
@@ -433,7 +589,14 @@ class _Run:
 
     def _prepare(self) -> None:
         cfg, acc = self.cfg, self.acc
-        self.pipe = load_pipeline(cfg.model, dtype=self.weight_dtype, quantize=cfg.quantize).to(acc.device)
+        self.pipe = load_pipeline(
+            cfg.model,
+            dtype=self.weight_dtype,
+            quantize=cfg.quantize,
+            revision=cfg.revision,
+            variant=cfg.weights_variant,
+            vae=cfg.pretrained_vae,
+        ).to(acc.device)
         fam: Family = family_of(self.pipe)
         self.fam = fam
         self.resolution = resolution = cfg.resolution if cfg.resolution is not None else fam.default_resolution()
@@ -441,20 +604,50 @@ class _Run:
         pixels = torch.cat([load_image(p, resolution) for p in paths])
         self.view: drift.OverfittingView | None = None  # drift toward these images, with validation prompts
         self.training_images = [_as_image(p) for p in pixels]
+        if cfg.random_flip:  # each image or its mirror image, with equal chance
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+            paths = paths + paths
 
-        # The images and the prompt never change: encode them once.
+        # The images and the prompts never change: encode them once (the empty prompt too, for caption dropout).
         self.lat_mean, self.lat_std = fam.encode_image(pixels)
-        self.cond = fam.encode_prompt(cfg.prompt, resolution)
+        self.image_prompts = [image_caption(p, cfg) if cfg.image_dir else cfg.prompt for p in paths]
+        prompts = set(self.image_prompts) | ({""} if cfg.caption_dropout else set())
         self.mask = None
         if cfg.mask:
             self.mask = load_mask(cfg.mask, self.lat_mean.shape[-1], images=paths).to(acc.device)
         self.prior = None
+        if cfg.num_class_images:
+            self._make_class_images()
         if cfg.prior_dir:
             prior_pixels = torch.cat([load_image(p, resolution) for p in list_images(cfg.prior_dir)])
-            self.prior = (
-                *fam.encode_image(prior_pixels),
-                fam.encode_prompt(f"a photo of {cfg.class_name}", resolution),
-            )
+            self.prior = (*fam.encode_image(prior_pixels), [cfg.prior_prompt])
+            prompts.add(cfg.prior_prompt)
+        self.conds = {p: fam.encode_prompt(p, resolution) for p in sorted(prompts)}
+        self.cond = self.conds[self.image_prompts[0]]
+        self.snr_weights = None
+        if cfg.snr_gamma is not None:
+            self.snr_weights = min_snr_weights(fam, cfg.snr_gamma)
+
+    def _make_class_images(self) -> None:
+        """Sample the prior images prior_dir lacks (up to num_class_images) with the base model, before
+        the adapter is injected, as DreamBooth's prior preservation does; the main process writes them."""
+        cfg, fam = self.cfg, self.fam
+        folder = Path(cfg.prior_dir)
+        have = len(list_images(folder)) if folder.is_dir() and any(folder.iterdir()) else 0
+        missing = cfg.num_class_images - have
+        if missing > 0 and self.acc.is_main_process:
+            from ..files.atomic import save_image
+            from ..generate import sample_images
+
+            folder.mkdir(parents=True, exist_ok=True)
+            self.acc.print(f"sampling {missing} class images into {folder} ({cfg.prior_prompt!r})")
+            size = (self.resolution, self.resolution)
+            images = sample_images(
+                self.pipe, [cfg.prior_prompt], missing, fam.default_steps, fam.default_guidance, cfg.seed, size
+            )[0]
+            for i, img in enumerate(images):
+                save_image(img, folder / f"class-{have + i:05d}.png")
+        self.acc.wait_for_everyone()
 
     def _build(self) -> None:
         cfg, fam = self.cfg, self.fam
@@ -468,13 +661,20 @@ class _Run:
             rank_exponent=cfg.rank_exponent,
             variant=cfg.variant,
             target_modules=cfg.target_modules,
+            lora_alpha=cfg.lora_alpha,
+            init=cfg.init,
+            init_from=cfg.init_from,
             num_train_timesteps=fam.num_train_timesteps,
             seed=cfg.seed,
         )
         self.adapter.config.extra.update(token=cfg.token, class_name=cfg.class_name, prompt=cfg.prompt, family=fam.name)
-        # Paper settings: AdamW, betas (0.9, 0.999), weight decay 1e-4, constant lr, batch 1.
-        optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4)
+        # Paper settings (the defaults): AdamW, betas (0.9, 0.999), weight decay 1e-4, constant lr, batch 1.
+        params = list(self.adapter.parameters())
+        optimizer = build_optimizer(cfg, params, self.acc.device)
         self.ddp_model, self.optimizer = self.acc.prepare(model, optimizer)
+        # Stepped here once per optimizer step (not prepared: accelerate would step it once per process).
+        self.scheduler = build_scheduler(cfg, self.optimizer.optimizer)
+        self.ema = FactorEMA(params, cfg.ema_decay) if cfg.ema_decay is not None else None
         # Each process draws its own timesteps and noise from a seeded CPU generator whose state is
         # checkpointed, so a resumed run continues the exact same sequence.
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.acc.process_index)
@@ -485,13 +685,24 @@ class _Run:
         cfg, acc = self.cfg, self.acc
         start = 0
         if resume_from is not None:
-            start = load_checkpoint(resume_from, self.adapter, self.optimizer, self.gen, acc.process_index)
+            start = load_checkpoint(
+                resume_from,
+                self.adapter,
+                self.optimizer,
+                self.gen,
+                acc.process_index,
+                scheduler=self.scheduler,
+                ema=self.ema,
+                optimizer_name=cfg.optimizer,
+            )
             self.good = resume_from.path
             acc.print(f"resuming from {self.good} (step {start})")
-            old_lr = self.optimizer.param_groups[0]["lr"]
+            if resume_from.scheduler is None:  # a checkpoint from before schedules: constant lr so far
+                self.scheduler.last_epoch = start
+            old_lr = self.scheduler.base_lrs[0] if resume_from.scheduler else self.optimizer.param_groups[0]["lr"]
+            self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+            apply_schedule(self.scheduler)
             if old_lr != cfg.lr:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = cfg.lr
                 acc.print(
                     f"--lr {cfg.lr:g} differs from the checkpoint's {old_lr:g}: the optimizer continues with {cfg.lr:g}"
                 )
@@ -503,6 +714,10 @@ class _Run:
             _truncate_log(self.loss_log, start)
             if cfg.validation_prompts:
                 self.view = self._overfitting_view(start)
+        if cfg.report_to != "none":
+            # Scalars only (what every tracker's hyperparameter view takes); steps continue from `start`.
+            hparams = {k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
+            acc.init_trackers("tlora", config=hparams)
         return start
 
     def _overfitting_view(self, start: int) -> drift.OverfittingView | None:
@@ -512,7 +727,7 @@ class _Run:
         cfg = self.cfg
         base = self.out / drift.BASE_SAMPLES
         if start == 0:
-            self._validate(base, "base model (step 0)")
+            self._validation_grid(base, "base model (step 0)")
         elif not all((base / f"{i:02d}-0.png").is_file() for i in range(len(cfg.validation_prompts))):
             self.acc.print(f"no base samples in {base}: the drift toward the training image is not tracked")
             return None
@@ -524,12 +739,138 @@ class _Run:
             view.record(0, base)
         return view
 
-    def _validate(self, folder: Path, label: str) -> None:
+    def draw(self, mean, std, prompts: Sequence[str], dropout: float = 0.0):
+        """One batch of `train_batch_size` samples from images of latent distributions `mean`/`std`
+        with their `prompts`: per sample, an image, its noise, its latents and its own timestep (each
+        sample gets the rank r(t) of its own t: T-LoRA's masks are per sample), and the prompt's
+        conditioning, the empty prompt's with probability `dropout`. Returns (latents, noise, t, cond)."""
+        acc, fam, gen, n = self.acc, self.fam, self.gen, self.cfg.train_batch_size
+        idx = torch.randint(0, mean.shape[0], (n,), generator=gen)
+        eps = torch.randn(mean[idx].shape, generator=gen)
+        latents = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(mean.device)
+        t = torch.randint(0, fam.num_train_timesteps, (n,), generator=gen).to(acc.device)
+        chosen = [prompts[i] for i in idx.tolist()]
+        if dropout:
+            dropped = (torch.rand(n, generator=gen) < dropout).tolist()
+            chosen = ["" if d else p for p, d in zip(chosen, dropped)]
+        if self.cfg.noise_offset:
+            eps = eps + self.cfg.noise_offset * torch.randn((*eps.shape[:2], 1, 1), generator=gen)
+        return latents, eps, t, _batched([self.conds[p] for p in chosen])
+
+    def objective(self, latents, eps, t, cond, weight_mask=None) -> torch.Tensor:
+        """The denoising loss of a drawn batch (`draw`); `weight_mask`: only the subject's latents
+        count; with snr_gamma, each sample weighted by min-SNR."""
+        acc, fam, dtype = self.acc, self.fam, self.weight_dtype
+        noised = fam.noise(latents.to(dtype), eps.to(acc.device, dtype), t)
+        with acc.autocast():
+            pred = fam.predict(self.ddp_model, noised, cond)
+        err = F.mse_loss(pred.float(), noised.target.float(), reduction="none")
+        w = None if weight_mask is None else fam.layout(weight_mask.expand_as(latents).float())
+        if self.snr_weights is None:
+            return err.mean() if w is None else (err * w).sum() / w.sum()
+        dims = tuple(range(1, err.dim()))
+        per_sample = err.mean(dims) if w is None else (err * w).sum(dims) / w.sum(dims)
+        return (per_sample * self.snr_weights[t.long()].to(per_sample.device)).mean()
+
+    def _loss(self, mean, std, prompts, weight_mask=None, dropout: float = 0.0) -> torch.Tensor:
+        return self.objective(*self.draw(mean, std, prompts, dropout), weight_mask)
+
+    def step(self, step: int) -> float:
+        """Optimizer step `step + 1` (gradient_accumulation_steps batches), logged to loss.jsonl;
+        returns the loss (every process's mean). A non-finite loss stops training (TrainingError)."""
+        cfg, acc = self.cfg, self.acc
+        tic = time.perf_counter()
+        values = []
+        for _ in range(cfg.gradient_accumulation_steps):
+            with acc.accumulate(self.ddp_model):
+                loss = self._loss(self.lat_mean, self.lat_std, self.image_prompts, self.mask, cfg.caption_dropout)
+                if self.prior is not None:
+                    loss = loss + cfg.prior_weight * self._loss(*self.prior)
+                value = acc.reduce(loss.detach(), reduction="mean").item()
+                if not math.isfinite(value):  # every process sees the same reduced value and stops
+                    raise TrainingError(
+                        f"the loss is {value} at step {step + 1} (lr {cfg.lr:g}): training diverged. "
+                        f"{_last_good(self.good)}"
+                    )
+                values.append(value)
+                acc.backward(loss)
+                grad_norm = None
+                if acc.sync_gradients:
+                    # The norm before clipping (clipping at infinity scales by exactly 1).
+                    limit = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                    grad_norm = float(acc.clip_grad_norm_(self.adapter.parameters(), limit))
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.step()
+        value = sum(values) / len(values)
+        if acc.is_main_process:
+            entry = {"step": step + 1, "loss": value, "seconds": round(time.perf_counter() - tic, 4), "lr": lr}
+            if grad_norm is not None and math.isfinite(grad_norm):
+                entry["grad_norm"] = grad_norm
+            if "d" in self.optimizer.param_groups[0]:  # Prodigy's step size estimate: it steps by d * lr
+                entry["prodigy_d"] = float(self.optimizer.param_groups[0]["d"])
+            with open(self.loss_log, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            self.report({k: v for k, v in entry.items() if k != "step"}, step + 1)
+        return value
+
+    def checkpoint(self, done: int) -> None:
+        """checkpoint-`done` (only finite state is checkpointed): the raw factors, the optimizer,
+        schedule, EMA and RNG state; `checkpoints_total_limit` keeps the newest ones."""
+        acc = self.acc
+        # Every process draws its own timesteps: keep all their RNG states, not just the main one's.
+        gen_states = (
+            list(acc.gather(self.gen.get_state()[None].to(acc.device)).cpu()) if acc.num_processes > 1 else None
+        )
+        acc.wait_for_everyone()
+        _check_finite_state(self.adapter, self.optimizer, done, self.good)
+        if acc.is_main_process:
+            extra = self.adapter.config.extra
+            save_checkpoint(
+                self.out, done, self.adapter, self.optimizer, self.gen, extra, gen_states, self._run_state()
+            )
+            self._prune_checkpoints()
+        self.good = self.out / f"checkpoint-{done}"
+
+    def _run_state(self) -> RunState:
+        ema = None
+        if self.ema is not None:
+            ema = (self.ema.shadow, self.ema.optimization_step)
+        return RunState(optimizer=self.cfg.optimizer, scheduler=scheduler_state(self.scheduler), ema=ema)
+
+    def _prune_checkpoints(self) -> None:
+        limit = self.cfg.checkpoints_total_limit
+        if limit is None:
+            return
+        for old in checkpoints(self.out)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def validate(self, done: int) -> Path | None:
+        """Validation samples at step `done` (the EMA factors when there is an EMA), into
+        checkpoint-`done`/samples when that step was checkpointed, else samples/step-`done`; the
+        grid is reported to the trackers. Every per-validation measurement belongs here."""
+        cfg = self.cfg
+        if not cfg.validation_prompts or not self.acc.is_main_process:
+            return None
+        ckpt = self.out / f"checkpoint-{done}"
+        where = ckpt / "samples" if ckpt.is_dir() else self.out / "samples" / f"step-{done}"
+        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+            label = f"{cfg.variant} rank {cfg.rank}{' EMA' if self.ema is not None else ''}\nstep {done}"
+            grid = self._validation_grid(where, label)
+        self.report_image("validation", grid, done)
+        if self.view is not None:
+            self.report({"drift": self.view.record(done, where)}, done)
+        return grid
+
+    def _validation_grid(self, folder: Path, label: str) -> Path:
         """The validation prompts, one sample each (seeded as every validation is), into `folder`."""
         from ..generate import sample_grid
 
         cfg = self.cfg
-        sample_grid(
+        return sample_grid(
             self.pipe,
             cfg.validation_prompts,
             f"{cfg.token} {cfg.class_name}",
@@ -541,70 +882,34 @@ class _Run:
             label=label,
         )
 
-    def _loss(self, mean, std, c, weight_mask=None) -> torch.Tensor:
-        """The denoising loss of one image of `mean`/`std` (latent distributions) under prompt
-        `c`, at a random timestep; `weight_mask`: only the subject's latents count."""
-        acc, fam, gen, dtype = self.acc, self.fam, self.gen, self.weight_dtype
-        idx = torch.randint(0, mean.shape[0], (1,), generator=gen)
-        eps = torch.randn(mean[idx].shape, generator=gen)
-        latents = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(mean.device)
-        t = torch.randint(0, fam.num_train_timesteps, (1,), generator=gen).to(acc.device)
-        noised = fam.noise(latents.to(dtype), eps.to(acc.device, dtype), t)
-        with acc.autocast():
-            pred = fam.predict(self.ddp_model, noised, c)
-        err = F.mse_loss(pred.float(), noised.target.float(), reduction="none")
-        if weight_mask is None:
-            return err.mean()
-        w = fam.layout(weight_mask.expand_as(latents).float())
-        return (err * w).sum() / w.sum()
+    def report(self, values: dict, step: int) -> None:
+        if self.cfg.report_to != "none":
+            self.acc.log(values, step=step)
 
-    def step(self, step: int) -> float:
-        """Optimizer step `step + 1`, logged to loss.jsonl; returns the loss (every process's mean).
-        A non-finite loss stops training (TrainingError)."""
-        cfg, acc = self.cfg, self.acc
-        tic = time.perf_counter()
-        loss = self._loss(self.lat_mean, self.lat_std, self.cond, self.mask)
-        if self.prior is not None:
-            loss = loss + cfg.prior_weight * self._loss(*self.prior)
-        value = acc.reduce(loss.detach(), reduction="mean").item()
-        if not math.isfinite(value):  # every process sees the same reduced value and stops
-            raise TrainingError(
-                f"the loss is {value} at step {step + 1} (lr {cfg.lr:g}): training diverged. {_last_good(self.good)}"
-            )
-        acc.backward(loss)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if acc.is_main_process:
-            entry = {"step": step + 1, "loss": value, "seconds": round(time.perf_counter() - tic, 4)}
-            with open(self.loss_log, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-        return value
+    def report_image(self, name: str, path: Path, step: int) -> None:
+        if self.cfg.report_to == "none":
+            return
+        import numpy as np
+        from PIL import Image
 
-    def checkpoint(self, done: int) -> None:
-        """checkpoint-`done` (only finite state is checkpointed), with validation samples when asked."""
-        cfg, acc = self.cfg, self.acc
-        # Every process draws its own timesteps: keep all their RNG states, not just the main one's.
-        gen_states = (
-            list(acc.gather(self.gen.get_state()[None].to(acc.device)).cpu()) if acc.num_processes > 1 else None
-        )
-        acc.wait_for_everyone()
-        _check_finite_state(self.adapter, self.optimizer, done, self.good)
-        if acc.is_main_process:
-            extra = self.adapter.config.extra
-            ckpt = save_checkpoint(self.out, done, self.adapter, self.optimizer, self.gen, extra, gen_states)
-            if cfg.validation_prompts:
-                self._validate(ckpt / "samples", f"{cfg.variant} rank {cfg.rank}\nstep {done}")
-                if self.view is not None:
-                    self.view.record(done, ckpt / "samples")
-        self.good = self.out / f"checkpoint-{done}"
+        image = np.asarray(Image.open(path).convert("RGB"))
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({name: image[None]}, step=step, dataformats="NHWC")
+            else:
+                tracker.log_images({name: [image]}, step=step)
 
     def finish(self) -> TrainResult:
-        """The final adapter.safetensors, written by the main process once every process is done."""
+        """The final adapter.safetensors (the EMA factors when there is an EMA), written by the
+        main process once every process is done."""
         self.acc.wait_for_everyone()
         final = self.out / "adapter.safetensors"
         if self.acc.is_main_process:
-            save_adapter(self.adapter, final)
+            with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+                save_adapter(self.adapter, final)
         self.acc.end_training()
+        if self.ema is not None:  # the returned adapter is the saved one
+            self.ema.ema.copy_to(self.ema.params)
         return TrainResult(final, self.adapter, self.pipe)
 
 
@@ -614,6 +919,38 @@ def _as_image(pixels: torch.Tensor):
 
     a = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(a)
+
+
+def _batched(conds: list[dict]) -> dict:
+    """The conditioning of a batch from each sample's (batch 1): tensors joined along the batch;
+    those that are not per sample (FLUX's txt_ids, (seq, 3)) kept once."""
+    if len(conds) == 1:
+        return conds[0]
+    out = {}
+    for key, first in conds[0].items():
+        if isinstance(first, dict):
+            out[key] = _batched([c[key] for c in conds])
+        elif isinstance(first, torch.Tensor) and first.dim() >= 1 and first.shape[0] == 1 and key != "txt_ids":
+            out[key] = torch.cat([c[key] for c in conds])
+        else:
+            out[key] = first
+    return out
+
+
+def min_snr_weights(fam: Family, gamma: float) -> torch.Tensor:
+    """Per timestep, min-SNR-gamma's loss weight (Hang et al. 2023): min(SNR, gamma) / SNR for an
+    epsilon target, / (SNR + 1) for a v target, SNR from diffusers' compute_snr on the training
+    schedule. Families noised otherwise (rectified flow) are refused."""
+    if type(fam).noise is not Family.noise:
+        raise ConfigError(
+            f"snr_gamma weights DDPM-noised losses; {fam.name} trains a flow-matching objective", field="snr_gamma"
+        )
+    from diffusers.training_utils import compute_snr
+
+    sched = fam._ddpm()
+    snr = compute_snr(sched, torch.arange(fam.num_train_timesteps))
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    return clipped / (snr + 1 if sched.config.prediction_type == "v_prediction" else snr)
 
 
 def _truncate_log(path: Path, step: int) -> None:
