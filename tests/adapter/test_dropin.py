@@ -206,7 +206,7 @@ def test_diffusers_refuses_a_tlora_file_alone_and_tlora_names_a_folder_without_o
         tiny_pipeline("sdxl").load_lora_weights(tmp_path / "out")
     (tmp_path / "lora").mkdir()
     (tmp_path / "static.safetensors").rename(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
-    with pytest.raises(tlora.MissingFileError, match=r"without a tlora adapter .*pipe\.load_lora_weights"):
+    with pytest.raises(tlora.AdapterFileError, match=r"is a folder without a tlora adapter .*pipe\.load_lora_weights"):
         tlora.load(tiny_denoiser("sdxl"), tmp_path / "lora")
 
 

@@ -494,9 +494,10 @@ def in_folder(path: Path) -> Path:
         if any(path.glob("pytorch_lora_weights*.safetensors"))
         else ""
     )
-    raise MissingFileError(
-        f"{path} is a folder without a tlora adapter ({FOLDER_FILE}){static}: give the adapter file itself, or "
-        "a folder written by tlora.save_pretrained"
+    raise AdapterFileError(
+        path,
+        f"is a folder without a tlora adapter ({FOLDER_FILE}){static}: give the adapter file itself, or "
+        "a folder written by tlora.save_pretrained",
     )
 
 
