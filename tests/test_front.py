@@ -114,9 +114,20 @@ def test_every_public_name_still_works():
     import tlora.adapter.inject
     import tlora.config
     import tlora.errors
+    import tlora.files.accelerate_hooks
+    import tlora.files.export
+    import tlora.files.folder
     import tlora.files.io
 
-    homes = {"adapter": tlora.adapter.inject, "config": tlora.config, "io": tlora.files.io, "errors": tlora.errors}
+    homes = {
+        "adapter": tlora.adapter.inject,
+        "config": tlora.config,
+        "io": tlora.files.io,
+        "errors": tlora.errors,
+        "export": tlora.files.export,
+        "folder": tlora.files.folder,
+        "accelerate": tlora.files.accelerate_hooks,
+    }
     for name in tlora.__all__:
         value = getattr(tlora, name)
         if name != "__version__":

@@ -34,6 +34,7 @@ LEVELS = {
     "layer.linear": 5,
     "layer": 6,
     "adapter.targets": 7,
+    "adapter.peft_config": 7,  # a peft.LoraConfig as inject's settings
     "adapter.inject": 8,
     "files.foreign.common": 9,  # the parsers' shared checks
     "files.foreign.reference": 9,
@@ -46,6 +47,8 @@ LEVELS = {
     "files.export.peft": 11,
     "files.export.kohya": 11,
     "files.export": 11,  # export, the writers' registry
+    "files.folder": 12,  # save_pretrained: tlora's file and the static LoRA in one folder
+    "files.accelerate_hooks": 13,  # accelerator.save_state / load_state of an adapter
     "train.recipes": 2,  # the families' training recipes (pipelines and generate read them too)
     "train.prompts": 2,  # the training prompts' placeholders and captions
     "train.optim": 2,  # optimizers, lr schedules and the EMA (checkpoint reads their state schemas)

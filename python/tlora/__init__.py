@@ -5,6 +5,12 @@ adapter = tlora.inject(pipe.unet, rank=64)   # ranks follow each forward's times
 tlora.save(pipe.unet, "concept.safetensors")
 tlora.load(other_unet, "concept.safetensors")
 adapter.remove()
+
+In a training script of your own (diffusers' DreamBooth LoRA scripts, README "Using tlora in your
+own training script"):
+tlora.register_accelerate_hooks(accelerator, tlora.inject(unet, lora_config))  # a peft.LoraConfig
+tlora.save_pretrained(unet, out_dir)   # tlora's file + the static LoRA pipe.load_lora_weights reads
+tlora.export(unet, "lora.safetensors", format="kohya")   # a static LoRA at one rank
 """
 
 # The exports load lazily (PEP 562): `import tlora` and `tlora --help` import no torch; the first
@@ -30,6 +36,9 @@ from .errors import (
 if TYPE_CHECKING:
     from .adapter.inject import Adapter, adapter_of, inject, rank_schedule, remove
     from .config import AdapterConfig
+    from .files.accelerate_hooks import register_accelerate_hooks
+    from .files.export import export
+    from .files.folder import save_pretrained
     from .files.io import load, read, save
 
 __version__ = "0.1.0"
@@ -42,6 +51,9 @@ _LAZY = {
     "rank_schedule": "adapter.inject",
     "remove": "adapter.inject",
     "AdapterConfig": "config",
+    "export": "files.export",
+    "register_accelerate_hooks": "files.accelerate_hooks",
+    "save_pretrained": "files.folder",
     "load": "files.io",
     "read": "files.io",
     "save": "files.io",
@@ -70,12 +82,15 @@ __all__ = [
     "Adapter",
     "AdapterConfig",
     "adapter_of",
+    "export",
     "inject",
     "load",
     "rank_schedule",
     "read",
+    "register_accelerate_hooks",
     "remove",
     "save",
+    "save_pretrained",
     "AdapterFileError",
     "CheckpointError",
     "ConfigError",

@@ -18,6 +18,7 @@ from ..errors import ConfigError, ModelMismatchError
 from ..layer import RankState, TLoraLinear, factors
 from ..layer.ops import KERNEL_DEVICES
 from ..layer.ranks import ranks_of_levels
+from .peft_config import inject_options, is_lora_config
 from .quantized import adaptable_linear, dequantized_weight, describe
 from .targets import find_targets, linear_at
 
@@ -56,7 +57,7 @@ def _timestep_tensor(timesteps: Any) -> torch.Tensor:
 
 def inject(
     model: nn.Module,
-    rank: int = 64,
+    rank: int | Any = 64,
     min_rank: int | None = None,
     rank_exponent: float = 1.0,
     variant: str = "tlora",
@@ -74,6 +75,9 @@ def inject(
 ) -> Adapter:
     """Patch the matching `nn.Linear` layers of `model` in place with T-LoRA and return the Adapter.
 
+    - `rank` may instead be a `peft.LoraConfig` (what a LoRA script builds for `add_adapter`):
+      its r, lora_alpha and target_modules are used, and each option T-LoRA does not do (DoRA,
+      dropout, ...) is named in a warning (`tlora.adapter.peft_config`).
     - `rank`, `min_rank` (default rank // 2), `rank_exponent`: the schedule
       r(t) = floor(((T - t)/T)^a (r - r_min)) + r_min with T = `num_train_timesteps`.
     - `variant`: "tlora" (Ortho-LoRA factors + timestep ranks; the paper's method), "vanilla"
@@ -81,8 +85,10 @@ def inject(
       gives Ortho-LoRA for "tlora".
     - `init` ("principal" | "middle" | "last") and `init_from` ("random" | "weight"): which SVD
       triplets initialise P, lambda, Q, of a seeded N(0, 1/r^2) matrix or of the pretrained weight.
-    - `target_modules`: module-name suffixes (default: attention to_q, to_k, to_v, to_out.0 and the
-      joint-attention add_{q,k,v}_proj) or one regular expression over full module paths.
+    - `target_modules`: module-name suffixes or one regular expression over full module paths.
+      Default: the family's (`tlora.adapter.targets.FAMILY_TARGETS`, what diffusers' DreamBooth
+      LoRA scripts adapt: a UNet's attention to_k, to_q, to_v, to_out.0; FLUX's attention of both
+      streams and both feed-forwards), else attention to_q, to_k, to_v, to_out.0 and add_{q,k,v}_proj.
     - `lora_alpha`: scale the update by alpha / rank (default: no scaling, as in the paper).
     - `timestep_convention`: how the model's timestep argument (found from its forward's signature:
       `timestep`, `timesteps`, `t`, ...) maps to the noise level t in 0..T: a name from
@@ -103,6 +109,14 @@ def inject(
 
     The base model's parameters are frozen; the adapter's are float32 and trainable.
     """
+    if is_lora_config(rank):
+        given = [n for n, v in (("lora_alpha", lora_alpha), ("target_modules", target_modules)) if v is not None]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)}: given both in the LoraConfig and as an argument; set them in the LoraConfig"
+            )
+        peft_options = inject_options(rank)
+        rank, lora_alpha, target_modules = (peft_options[k] for k in ("rank", "lora_alpha", "target_modules"))
     config = AdapterConfig(
         rank=rank,
         min_rank=min_rank,
@@ -252,6 +266,8 @@ class Adapter:
         self._hook = model.register_forward_pre_hook(self._on_forward, with_kwargs=True)
         # (always_call: a forward that raises still ends, so later direct layer calls check their folds)
         self._end_hook = model.register_forward_hook(self._on_forward_end, always_call=True)
+        # Hooks registered elsewhere for this adapter (tlora.register_accelerate_hooks), removed with it.
+        self._removal_handles: list = []
         setattr(model, _ATTR, self)
 
     # ---- parameters -------------------------------------------------------------------------
@@ -275,6 +291,43 @@ class Adapter:
             for name, layer in self.layers.items()
             for key, t in zip(layer.factor_names(), layer.factors())
         }
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Write `state_dict` (the keys and shapes of `state_dict()`, every one of them, float
+        values) into the adapter's own tensors, in place: the parameters stay the very objects an
+        optimizer or accelerate holds, on their device, float32. Everything is checked before
+        anything is written; the inference folds of every layer are dropped."""
+        own = self.state_dict()
+        if not isinstance(state_dict, dict):
+            raise ConfigError(f"load_state_dict takes a dict of tensors, got {type(state_dict).__name__}")
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            wrong = [
+                f"{what} {', '.join(keys[:3])}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected))
+                if keys
+            ]
+            raise ModelMismatchError(
+                f"the state dict does not fit this adapter ({'; '.join(wrong)}): it must hold exactly the keys "
+                "of adapter.state_dict()"
+            )
+        for key, t in own.items():
+            given = state_dict[key]
+            if not isinstance(given, torch.Tensor) or not given.is_floating_point():
+                raise ConfigError(f"state dict entry {key} must be a floating-point tensor, got {_what(given)}")
+            if given.shape != t.shape:
+                raise ModelMismatchError(
+                    f"state dict entry {key} has shape {tuple(given.shape)}, expected {tuple(t.shape)}"
+                )
+            bad = factors.bad_values(given.detach())
+            if bad:
+                raise ConfigError(f"state dict entry {key} has {bad}")
+        with torch.no_grad():
+            for key, t in own.items():
+                t.copy_(state_dict[key])  # (a new in-place version: the layers' operand caches see it)
+        for layer in self.layers.values():
+            self.state.fold_cache.drop(layer)
 
     # ---- run options (see `inject`) ----------------------------------------------------------
     @property
@@ -472,6 +525,9 @@ class Adapter:
             )
         self._hook.remove()
         self._end_hook.remove()
+        for handle in self._removal_handles:
+            handle.remove()
+        self._removal_handles.clear()
         self.state.fold_cache.clear()
         for m in self._ckpt_modules:
             func = getattr(m, "_gradient_checkpointing_func", None)
@@ -494,6 +550,10 @@ class Adapter:
             f"Adapter({c.variant}, rank={c.rank}, min_rank={c.min_rank}, layers={len(self.layers)}, "
             f"model={type(self.model).__name__})"
         )
+
+
+def _what(value: Any) -> str:
+    return f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -51,6 +51,21 @@ from .foreign import read_foreign
 
 FORMAT_VERSION = 1
 METADATA_KEY = "tlora"
+# The adapter's name inside a folder (`tlora.save_pretrained`, accelerate's state folders): beside
+# diffusers' pytorch_lora_weights.safetensors, which diffusers' loaders pick over any other file.
+FOLDER_FILE = "tlora_adapter.safetensors"
+# The settings that make two adapters compute the same function of the same factors: a file loads
+# into an existing adapter in place only when these agree.
+IN_PLACE_FIELDS = (
+    "variant",
+    "rank",
+    "min_rank",
+    "rank_exponent",
+    "lora_alpha",
+    "num_train_timesteps",
+    "timestep_scale",
+    "timestep_convention",
+)
 
 
 # ==== writing =====================================================================================
@@ -414,7 +429,10 @@ def load(
     num_train_timesteps: int | None = None,
     reconstruct_base: bool = False,
 ) -> Adapter:
-    """Inject the adapter stored at `path` into `model` and load its weights.
+    """Inject the adapter stored at `path` into `model` and load its weights; into the adapter
+    `model` already has, in place, when the file's settings and modules are that adapter's.
+
+    `path`: a file, or a folder written by `tlora.save_pretrained` (its tlora_adapter.safetensors).
 
     A tlora file is read with `read_adapter`. A safetensors file without tlora metadata is read as
     another tool's T-LoRA checkpoint (the reference code's or LyCORIS's: `tlora.files.foreign`), with
@@ -422,20 +440,27 @@ def load(
     from its metadata; `reconstruct_base` rebuilds the frozen copies that LyCORIS's save_weights
     leaves out. Factors go to `device` (default: each base layer's device).
 
+    Loading in place keeps every parameter the very object it was (an optimizer built on
+    `adapter.parameters()`, or accelerate's prepared model, trains on from the loaded values), on
+    its device: resuming a run. It returns the existing Adapter.
+
     Every name and shape is checked before the model is touched: on any error the model is left
     exactly as it was.
     """
-    path = as_path(path)
+    path = in_folder(as_path(path))
     if device is not None:
         _check_device(path, device)
     raw = read_raw(path)
+    options = {"min_rank": min_rank, "rank_exponent": rank_exponent, "num_train_timesteps": num_train_timesteps}
     existing = adapter_of(model)
     if existing is not None:
-        raise ModelMismatchError(
-            f"cannot load {path}: {type(model).__name__} already has a tlora adapter ({existing.config.variant}, "
-            f"rank {existing.config.rank}); call adapter.remove() (or tlora.remove(model)) first"
-        )
-    options = {"min_rank": min_rank, "rank_exponent": rank_exponent, "num_train_timesteps": num_train_timesteps}
+        given = [k for k, v in {**options, "device": device}.items() if v is not None]
+        if given or reconstruct_base:
+            raise ConfigError(
+                f"{', '.join(given + (['reconstruct_base'] if reconstruct_base else []))}: a load into the adapter "
+                f"{type(model).__name__} already has keeps its settings and devices; leave them out"
+            )
+        return _load_in_place(existing, path, raw)
     modules = dict(model.named_modules())
     if METADATA_KEY not in raw[1]:
         config, per_module = read_foreign(model, modules, path, *raw, reconstruct_base=reconstruct_base, **options)
@@ -454,6 +479,76 @@ def load(
         for name, f in per_module.items()
     }
     return inject_config(model, config, module_names=list(placed), factors=placed)
+
+
+def in_folder(path: Path) -> Path:
+    """`path`, or the adapter file in it when it is a folder (what `tlora.save_pretrained` and the
+    accelerate hooks write)."""
+    if not path.is_dir():
+        return path
+    inside = path / FOLDER_FILE
+    if inside.exists():
+        return inside
+    static = (
+        " (it holds a static diffusers LoRA: load that with pipe.load_lora_weights)"
+        if any(path.glob("pytorch_lora_weights*.safetensors"))
+        else ""
+    )
+    raise AdapterFileError(
+        path,
+        f"is a folder without a tlora adapter ({FOLDER_FILE}){static}: give the adapter file itself, or "
+        "a folder written by tlora.save_pretrained",
+    )
+
+
+def _load_in_place(adapter: Adapter, path: Path, raw) -> Adapter:
+    """Write a tlora file's factors into `adapter` (see `load`), after checking that the file
+    describes this very adapter: its model class, modules and shapes, and settings."""
+    model = adapter.model
+    if METADATA_KEY not in raw[1]:
+        raise ModelMismatchError(
+            f"cannot load {path} into the tlora adapter {type(model).__name__} already has: it is another tool's "
+            "checkpoint, which loads into a model without an adapter only (tlora.load on a fresh model)"
+        )
+
+    def fits_adapter(header: AdapterHeader) -> None:
+        why = []
+        if header.base_model != type(model).__name__:
+            why.append(f"it was made for a {header.base_model}, not a {type(model).__name__}")
+        ours = {n: (layer.out_features, layer.in_features) for n, layer in adapter.layers.items()}
+        if set(header.modules) != set(ours):
+            extra, lacking = sorted(set(header.modules) - set(ours)), sorted(set(ours) - set(header.modules))
+            if extra:
+                why.append(f"it adapts {_modules(len(extra))} the adapter does not (e.g. {extra[0]!r})")
+            if lacking:
+                why.append(f"it lacks {_modules(len(lacking))} the adapter has (e.g. {lacking[0]!r})")
+        else:
+            why += [
+                f"module {n!r} is {header.modules[n][0]} x {header.modules[n][1]} in the file, {o} x {i} here"
+                for n, (o, i) in ours.items()
+                if header.modules[n] != (o, i)
+            ][:1]
+        mine, theirs = adapter.config.to_dict(), header.config.to_dict()
+        why += [f"{k} is {theirs[k]!r} in the file, {mine[k]!r} here" for k in IN_PLACE_FIELDS if theirs[k] != mine[k]]
+        if why:
+            c = adapter.config
+            raise ModelMismatchError(
+                f"cannot load {path}: {type(model).__name__} already has a tlora adapter ({c.variant}, rank "
+                f"{c.rank}) that the file does not fit: {'; '.join(why)}. A file loads into an existing adapter "
+                "(in place, as a resume does) only with its settings and modules; inject with the file's settings "
+                "before building the optimizer, or load the file into a model without an adapter"
+            )
+
+    f = read_adapter(path, before_tensors=fits_adapter, raw=raw)
+    adapter.load_state_dict(f.tensors)
+    # The file's record of how its factors began and what it carries (no effect on the computation).
+    for name in ("init", "init_from", "seed", "target_modules", "extra"):
+        setattr(adapter.config, name, getattr(f.config, name))
+    return adapter
+
+
+def _modules(n: int) -> str:
+    return f"{n} module{'s' if n != 1 else ''}"
 
 
 def _check_device(path: Path, device: Any) -> None:

@@ -1,7 +1,7 @@
 """Tiny, offline, seeded diffusers components and pipelines, for tests (ours and users').
 
 Everything is built from configs (nothing comes from a model hub): the CLIP tokenizers from a
-hand-written vocab.json + merges.txt, the T5 tokenizer from a `tokenizers` WordLevel model. Each
+hand-written vocab.json + merges.txt, the T5 tokenizer (a T5TokenizerFast) from a `tokenizers` Unigram model. Each
 builder is deterministic for a given seed (it draws from a forked RNG, so the caller's global torch
 RNG state is left alone) and returns float32 modules on CPU, small enough that a few denoising
 steps take milliseconds.
@@ -27,6 +27,7 @@ IMAGE_SIZE = 16
 LATENT_SIZE = 8
 TOKENS = 16  # CLIP model_max_length, and the T5 max_sequence_length the FLUX pipeline is called with
 T5_MAX_LENGTH = 32
+CLIP_POSITIONS = 77
 KINDS = ("sd", "sdxl", "flux")
 
 # Denoiser call arguments implied by the configs below.
@@ -66,21 +67,15 @@ _T5_WORDS = ("a", "photo", "of", "the", "dog", "cat", "in", "on", "sks", "painti
 
 
 def tiny_t5_tokenizer(max_length: int = T5_MAX_LENGTH):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """A T5TokenizerFast (what FLUX pipelines ship, and diffusers' FLUX training script loads from
+    tokenizer_2/) over a `tokenizers` Unigram model of whole words: <pad> 0, </s> 1, <unk> 2,
+    then each word of _T5_WORDS as one piece, no sentinel tokens."""
+    from transformers import T5TokenizerFast
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in _T5_WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
-    )
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    for w in dict.fromkeys(_T5_WORDS):
+        vocab.append(("\u2581" + w, -1.0))  # SentencePiece's word-start mark, as in T5's own vocabulary
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
 def t5_vocab_size() -> int:
@@ -100,7 +95,9 @@ def _clip_config(projection_dim: int = 32):
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=TOKENS,
+        # CLIP's own 77 positions: diffusers' FLUX training script pads prompts to 77 tokens; the
+        # tokenizers' model_max_length (TOKENS) is what the pipelines pad to.
+        max_position_embeddings=CLIP_POSITIONS,
         projection_dim=projection_dim,
         hidden_act="gelu",
         layer_norm_eps=1e-5,
