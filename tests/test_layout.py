@@ -25,6 +25,7 @@ LEVELS = {
     "images": 2,
     "demo.concepts": 2,
     "testing.tiny": 2,  # tiny models from configs, for tests and benchmarks
+    "testing.tiny_families": 2,  # the other trained families' tiny pipelines
     "testing.train_inputs": 2,
     "demo.metrics": 3,
     "demo.pretrain": 3,
@@ -46,7 +47,9 @@ LEVELS = {
     "files.export.peft": 11,
     "files.export.kohya": 11,
     "files.export": 11,  # export, the writers' registry
-    "train.recipes": 2,  # the families' training recipes (pipelines and generate read them too)
+    # the families' training recipes, one file each (pipelines and generate read them too)
+    "train.families.base": 8,
+    "train.families": 8,
     "train.checkpoint": 11,
     "evaluate": 11,
     "generate": 12,
@@ -62,6 +65,12 @@ LEVELS = {
     "testing": 0,
     "demo": 0,
 }
+
+
+# each family's recipe file (train/families/NAME.py) sits with the interface it implements
+LEVELS.update(
+    {f"train.families.{p.stem}": 8 for p in (PACKAGE / "train" / "families").glob("*.py") if p.stem != "__init__"}
+)
 
 
 def _module_name(path: Path) -> str:

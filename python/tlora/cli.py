@@ -15,16 +15,19 @@ import math
 import re
 import sys
 
-from .config import MAX_RANK, MAX_TIMESTEPS, MIN_TIMESTEPS, VARIANTS
+from .config import DEFAULT_TARGETS, MAX_RANK, MAX_TIMESTEPS, MIN_TIMESTEPS, VARIANTS
 from .options import (
     DTYPES,
     EXPORT_FORMATS,
     FAMILY_NAMES,
+    FAMILY_SAMPLINGS,
+    FAMILY_TARGETS,
     MAX_GUIDANCE,
     MAX_IMAGES,
     MAX_LR,
     MAX_SAMPLE_STEPS,
     MAX_SEED,
+    MAX_SHIFT,
     MAX_SIDE,
     MAX_TRAIN_STEPS,
     MIXED_PRECISION,
@@ -33,6 +36,7 @@ from .options import (
     QUANTIZE,
     SAMPLING_DEFAULTS,
     SIDE_STRIDE,
+    TIMESTEP_SAMPLINGS,
 )
 
 DESCRIPTION = """\
@@ -102,6 +106,26 @@ def _family_defaults(which: int) -> str:
     return ", ".join(f"{FAMILY_NAMES[f]} {d[which]}" for f, d in SAMPLING_DEFAULTS.items())
 
 
+def _family_samplings() -> str:
+    """ "SD3 logit_normal, others uniform": each family's default timestep sampling."""
+    special = [f"{FAMILY_NAMES[f]} {s}" for f, s in FAMILY_SAMPLINGS.items() if s != "uniform"]
+    return ", ".join([*special, "others uniform"])
+
+
+def _family_targets() -> str:
+    """Each family's default target modules, for the --target-modules help."""
+    by_list: dict[tuple[str, ...], list[str]] = {}
+    for f, targets in FAMILY_TARGETS.items():
+        by_list.setdefault(targets or DEFAULT_TARGETS, []).append(FAMILY_NAMES[f])
+    return "; ".join(f"{', '.join(names)}: {' '.join(t)}" for t, names in by_list.items())
+
+
+def _shift(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    return _float(0, MAX_SHIFT, lo_inclusive=False)(text)
+
+
 class _Defaults(argparse.HelpFormatter):
     """Shows each option's default after its help: every default that is a value (not None, not a
     flag's False, not an empty string or list), unless the help already says it."""
@@ -135,7 +159,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         help="train an adapter from one image",
         description="Train a T-LoRA adapter on one photo of a subject (paper defaults).",
     )
-    p.add_argument("--model", required=True, help="local diffusers folder or hub id (SD 1.x/2.x, SD-XL, FLUX)")
+    p.add_argument(
+        "--model", required=True, help=f"local diffusers folder or hub id ({', '.join(FAMILY_NAMES.values())})"
+    )
     p.add_argument("--image", help="the training photo")
     p.add_argument("--image-dir", help="a folder of photos instead of one")
     p.add_argument("--token", required=True, help="rare word that will name the subject, e.g. sks")
@@ -180,13 +206,32 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--prior-dir", help="class images for DreamBooth prior preservation")
     p.add_argument("--prior-weight", type=_float(0, 1000), default=1.0, help="weight of the prior images' loss")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower steps")
-    p.add_argument("--target-modules", nargs="+", default=None, help="module name suffixes to adapt")
+    p.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=None,
+        help=f"module name suffixes to adapt (default: {_family_targets()})",
+    )
     p.add_argument(
         "--quantize",
         default=None,
         choices=QUANTIZE,
         help="keep the denoiser's Linear layers quantized and frozen: int8/int4 (optimum-quanto), "
         "nf4 (bitsandbytes, GPU)",
+    )
+    p.add_argument(
+        "--timestep-sampling",
+        default=None,
+        choices=TIMESTEP_SAMPLINGS,
+        help="density of the noise levels trained on (default: the family's diffusers script's: "
+        f"{_family_samplings()})",
+    )
+    p.add_argument(
+        "--shift",
+        type=_shift,
+        default=None,
+        help="flow matching: sigma -> k sigma / (1 + (k - 1) sigma); auto: by resolution, as the pipeline "
+        "samples (default: the scheduler's static shift, none with use_dynamic_shifting)",
     )
     return p
 

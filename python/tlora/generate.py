@@ -17,7 +17,7 @@ from .files.io import load, read
 from .images import grid
 from .options import MAX_GUIDANCE, MAX_IMAGES, MAX_SAMPLE_STEPS, MAX_SEED
 from .pipelines import check_dtype, check_side, load_pipeline, resolve_device
-from .train.recipes import family_of
+from .train.families import family_of
 
 
 def fill(prompt: str, concept: str) -> str:
@@ -35,9 +35,10 @@ def sample_images(
     seed: int = 0,
     size: tuple[int, int] | None = None,
     desc: str = "sample",
+    extra: dict | None = None,
 ) -> list[list[Image.Image]]:
     """n images for each finished prompt (no {} left), seeded per prompt so that methods compare
-    on the same noise."""
+    on the same noise; `extra`: more arguments of the pipeline's call (the family's `sample_kwargs`)."""
     rows = []
     for i, text in enumerate(tqdm(texts, desc=desc, leave=False)):
         kwargs = dict(
@@ -45,6 +46,7 @@ def sample_images(
             guidance_scale=guidance,
             num_images_per_prompt=n,
             generator=torch.Generator().manual_seed(seed + i),
+            **(extra or {}),
         )
         if size:
             kwargs.update(height=size[0], width=size[1])
@@ -63,6 +65,7 @@ def sample_grid(
     seed: int = 0,
     size: tuple[int, int] | None = None,
     label: str = "",
+    extra: dict | None = None,
 ) -> Path:
     """Render n images per prompt ({} -> concept) into `out` as PNGs (each carries its prompt as a PNG
     text chunk, which `tlora evaluate` reads); returns the grid's path: one row per prompt, columns
@@ -71,7 +74,7 @@ def sample_grid(
 
     out.mkdir(parents=True, exist_ok=True)
     texts = [fill(p, concept) for p in prompts]
-    rows = sample_images(pipe, texts, n, steps, guidance, seed, size)
+    rows = sample_images(pipe, texts, n, steps, guidance, seed, size, extra=extra)
     for i, row in enumerate(rows):
         info = PngInfo()
         info.add_text("prompt", texts[i])
@@ -132,6 +135,7 @@ def generate(
         seed=seed,
         size=size,
         label=f"{c.get('variant', 'adapter')} rank {c.get('rank', '?')}",
+        extra=fam.sample_kwargs(),
     )
 
 

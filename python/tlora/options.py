@@ -26,10 +26,69 @@ QUANTIZE = ("int8", "int4", "nf4")
 MAX_SAMPLE_STEPS = 1000  # denoising steps
 MAX_IMAGES = 256  # per prompt
 MAX_GUIDANCE = 100.0
-# Each family's sampling defaults, (denoising steps, guidance scale), by tlora.train.recipes' Family
-# names: the recipes read them from here, and `tlora generate --help` shows them.
-SAMPLING_DEFAULTS = {"sd": (25, 7.5), "sdxl": (25, 5.0), "flux": (28, 3.5)}
-FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SD-XL", "flux": "FLUX"}
+# Each family's sampling defaults, (denoising steps, guidance scale), by tlora.train.families' Family
+# names (each its stock pipeline's call defaults): the recipes read them from here, and `tlora
+# generate --help` shows them.
+SAMPLING_DEFAULTS = {
+    "sd": (25, 7.5),
+    "sdxl": (25, 5.0),
+    "flux": (28, 3.5),
+    "sd3": (28, 7.0),
+    "sana": (20, 4.5),
+    "lumina2": (30, 4.0),
+}
+FAMILY_NAMES = {
+    "sd": "SD 1.x/2.x",
+    "sdxl": "SD-XL",
+    "flux": "FLUX",
+    "sd3": "SD3/3.5",
+    "sana": "Sana",
+    "lumina2": "Lumina2",
+}
+# How training draws its noise levels (`--timestep-sampling`): the densities of diffusers'
+# training_utils.compute_density_for_timestep_sampling (its "none" is uniform; sigmoid is the
+# sigmoid of a standard normal, logit_normal's default), and the mode density's scale.
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
+# Each family's default sampling: its diffusers DreamBooth LoRA script's --weighting_scheme
+# (logit_normal for SD3, "none" = uniform for the others).
+FAMILY_SAMPLINGS = {"sd": "uniform", "sdxl": "uniform", "flux": "uniform", "sd3": "logit_normal"}
+# Each family's default target modules: its diffusers DreamBooth LoRA script's list (None: the
+# attention projections, tlora.config.DEFAULT_TARGETS). Here, not in adapter/targets.py, so that
+# `tlora train --help` (torch-free) states them.
+FAMILY_TARGETS: dict[str, tuple[str, ...] | None] = {
+    "sd": None,
+    "sdxl": None,
+    # train_dreambooth_lora_flux.py: attention of both streams and the double blocks' feed-forwards
+    "flux": (
+        "attn.to_k",
+        "attn.to_q",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+    ),
+    # train_dreambooth_lora_sd3.py: attention of both streams
+    "sd3": (
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.to_k",
+        "attn.to_out.0",
+        "attn.to_q",
+        "attn.to_v",
+    ),
+    "sana": ("to_k", "to_q", "to_v"),
+    "lumina2": ("to_k", "to_q", "to_v", "to_out.0"),
+}
+MODE_SCALE = 1.29
+MAX_SHIFT = 1000.0  # flow matching's --shift is in (0, MAX_SHIFT]
 # The pipeline's weights: option value -> torch dtype name.
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

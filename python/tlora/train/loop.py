@@ -32,12 +32,14 @@ from ..options import (
     MAX_LR,
     MAX_SAMPLE_STEPS,
     MAX_SEED,
+    MAX_SHIFT,
     MAX_SIDE,
     MAX_TRAIN_STEPS,
     MIXED_PRECISION,
     PAPER_STEPS,
     QUANTIZE,
     SIDE_STRIDE,
+    TIMESTEP_SAMPLINGS,
 )
 from ..pipelines import check_dtype, check_side, load_pipeline, resolve_device
 from .checkpoint import _NAME as CHECKPOINT_NAME
@@ -50,13 +52,14 @@ from .checkpoint import (
     save_checkpoint,
     write_json,
 )
-from .recipes import Family, family_of
+from .families import Family, family_of
 
 # Files of a run in --out: another run's are refused unless --resume or --overwrite.
 RUN_FILES = ("config.json", "loss.jsonl", "adapter.safetensors")
 # Settings a resumed run must share with the run it continues (the lr may change: it is applied).
-RESUME_FIXED_TRAIN = ("model", "token", "class_name", "resolution", "seed")
-RESUME_FIXED_ADAPTER = ("variant", "rank", "min_rank", "rank_exponent", "target_modules")
+# target_modules as typed: None is the family's default list (tlora.train.families).
+RESUME_FIXED_TRAIN = ("model", "token", "class_name", "resolution", "seed", "target_modules")
+RESUME_FIXED_ADAPTER = ("variant", "rank", "min_rank", "rank_exponent")
 
 
 @dataclass
@@ -88,6 +91,9 @@ class TrainConfig:
     device: str | None = None  # "auto" / None: CUDA when available, else the CPU
     overwrite: bool = False  # replace another run's files in `out`
     quantize: str | None = None  # "int8" | "int4" (optimum-quanto) | "nf4" (bitsandbytes): a quantized frozen base
+    # How noise levels are drawn (None: the family's diffusers script default; see tlora.train.families).
+    timestep_sampling: str | None = None  # uniform | logit_normal | mode | sigmoid
+    shift: float | str | None = None  # flow matching's shift, a number or "auto" (by resolution)
 
     def __post_init__(self) -> None:
         """Each refusal is a ConfigError naming the field (`fields`: see tlora.errors)."""
@@ -118,6 +124,14 @@ class TrainConfig:
                     f"{name} must be one of {', '.join(c for c in choices if c)}, got {getattr(self, name)!r}",
                     field=name,
                 )
+        if self.timestep_sampling is not None and self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ConfigError(
+                f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, got {self.timestep_sampling!r}",
+                field="timestep_sampling",
+            )
+        if self.shift is not None and self.shift != "auto":
+            with about("shift"):
+                check_float("shift", self.shift, 0.0, MAX_SHIFT, lo_inclusive=False)
         for p in self.validation_prompts:
             if "{}" not in p:
                 raise ConfigError(
@@ -218,6 +232,8 @@ def _check_train_setting(key: str, value) -> None:
             check_int(key, value, SIDE_STRIDE, MAX_SIDE)
     elif key == "seed":
         check_int(key, value, 0, MAX_SEED)
+    elif key == "target_modules":
+        AdapterConfig(target_modules=value)
 
 
 def _read_run_config(path: Path) -> tuple[dict, dict]:
@@ -241,6 +257,9 @@ def _read_run_config(path: Path) -> tuple[dict, dict]:
     for key in RESUME_FIXED_TRAIN:
         try:
             if key not in train:
+                if key == "target_modules":  # (a run of a tlora that compared it in the adapter section)
+                    train[key] = adapter.get(key)
+                    continue
                 raise ConfigError("missing")
             _check_train_setting(key, train[key])
         except ConfigError as e:
@@ -403,7 +422,8 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype, resume_f
     # what the run does, not only what was typed.
     acc.print(
         f"training {c.variant} rank {c.rank} (r_min {c.min_rank}) for {cfg.steps} steps on {run.fam.name} "
-        f"at {run.resolution}x{run.resolution}; device {acc.device}, weights {str(weight_dtype).removeprefix('torch.')}"
+        f"at {run.resolution}x{run.resolution}, timesteps {run.fam.sampling_description()}; device {acc.device}, "
+        f"weights {str(weight_dtype).removeprefix('torch.')}"
         f" (mixed precision {cfg.mixed_precision}), lr {cfg.lr:g}, seed {cfg.seed}"
     )
     start = run.resume(resume_from)
@@ -434,6 +454,8 @@ class _Run:
         cfg, acc = self.cfg, self.acc
         self.pipe = load_pipeline(cfg.model, dtype=self.weight_dtype, quantize=cfg.quantize).to(acc.device)
         fam: Family = family_of(self.pipe)
+        with about("timestep_sampling", "shift"):
+            fam.configure_sampling(cfg.timestep_sampling, cfg.shift)
         self.fam = fam
         self.resolution = resolution = cfg.resolution if cfg.resolution is not None else fam.default_resolution()
         paths = [Path(cfg.image)] if cfg.image else list_images(cfg.image_dir)
@@ -464,7 +486,7 @@ class _Run:
             min_rank=cfg.min_rank,
             rank_exponent=cfg.rank_exponent,
             variant=cfg.variant,
-            target_modules=cfg.target_modules,
+            target_modules=cfg.target_modules if cfg.target_modules is not None else fam.default_targets,
             num_train_timesteps=fam.num_train_timesteps,
             seed=cfg.seed,
         )
@@ -507,7 +529,7 @@ class _Run:
         idx = torch.randint(0, mean.shape[0], (1,), generator=gen)
         eps = torch.randn(mean[idx].shape, generator=gen)
         latents = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(mean.device)
-        t = torch.randint(0, fam.num_train_timesteps, (1,), generator=gen).to(acc.device)
+        t = fam.sample_timesteps(gen, 1, self.resolution).to(acc.device)
         noised = fam.noise(latents.to(dtype), eps.to(acc.device, dtype), t)
         with acc.autocast():
             pred = fam.predict(self.ddp_model, noised, c)
@@ -564,6 +586,7 @@ class _Run:
                     seed=cfg.seed,
                     size=(self.resolution, self.resolution),
                     label=f"{cfg.variant} rank {cfg.rank}\nstep {done}",
+                    extra=self.fam.sample_kwargs(),
                 )
         self.good = self.out / f"checkpoint-{done}"
 

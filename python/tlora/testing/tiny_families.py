@@ -1,0 +1,242 @@
+"""Tiny, offline pipelines of the families tlora trains beyond SD, SD-XL and FLUX (tiny.py's),
+built from configs as tiny.py builds its own: 16x16 px images, latents downsampled by 2, one or
+two layers 8-32 wide; tokenizers from the `tokenizers` library (Gemma's and Qwen's as word-level
+models with their special tokens). Deterministic per seed, float32 on CPU.
+
+    pipe = tiny_family_pipeline("sd3")              # StableDiffusion3Pipeline
+    save_tiny_family_pipeline("sana", folder)       # a diffusers folder from_pretrained reads
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .tiny import (
+    _seeded,
+    tiny_clip_text_model_with_projection,
+    tiny_clip_tokenizer,
+    tiny_t5_encoder,
+    tiny_t5_tokenizer,
+    tiny_vae,
+)
+
+_WORDS = ("a", "photo", "of", "the", "dog", "cat", "in", "on", "sks", "painting", "style", "red", ".", ",")
+
+
+def word_tokenizer(specials: dict[str, str], max_length: int, bos: bool = False):
+    """A word-level fast tokenizer over the tests' words: `specials` maps pad / eos / unk / bos
+    (the roles) to their token strings; with `bos`, every sequence starts with the bos token."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for token in specials.values():
+        vocab.setdefault(token, len(vocab))
+    for w in _WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials["unk"]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        b = specials["bos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{b} $A", pair=f"{b} $A $B", special_tokens=[(b, vocab[b])]
+        )
+    roles = {f"{role}_token": token for role, token in specials.items()}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **roles)
+
+
+def _gemma_tokenizer(max_length: int = 512):
+    return word_tokenizer({"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"}, max_length, bos=True)
+
+
+def _gemma2(seed: int, hidden: int):
+    from transformers import Gemma2Config, Gemma2Model
+
+    tok = _gemma_tokenizer()
+    cfg = Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        attn_implementation="eager",
+    )
+    with _seeded(seed):
+        return Gemma2Model(cfg).eval()
+
+
+def _flow(shift: float = 1.0, **kw):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, **kw)
+
+
+# ---- SD3 / 3.5 --------------------------------------------------------------------------------
+
+SD3_CLIP_PROJECTION = 16  # each CLIP's pooled embedding: pooled_projection_dim = 2 x 16
+SD3_JOINT_DIM = 64  # the T5 width; the two CLIPs' 32 + 32 per-token features are padded to it
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    with _seeded(seed):
+        transformer = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=SD3_JOINT_DIM,
+            caption_projection_dim=16,
+            pooled_projection_dim=2 * SD3_CLIP_PROJECTION,
+            pos_embed_max_size=16,
+        ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=_flow(3.0),
+        vae=tiny_vae(seed + 1, flux=True),
+        text_encoder=tiny_clip_text_model_with_projection(seed + 2, SD3_CLIP_PROJECTION),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_clip_text_model_with_projection(seed + 3, SD3_CLIP_PROJECTION),
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(seed + 4, d_model=SD3_JOINT_DIM),
+        tokenizer_3=tiny_t5_tokenizer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---- Sana ---------------------------------------------------------------------------------------
+
+
+def tiny_dc_ae(seed: int = 0):
+    from diffusers import AutoencoderDC
+
+    with _seeded(seed):
+        return AutoencoderDC(
+            in_channels=3,
+            latent_channels=4,
+            attention_head_dim=2,
+            # three stages: a stride of 4, so that Sana's 32 px minimum side gives 8x8 latents
+            encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+            decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+            encoder_block_out_channels=(8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8),
+            encoder_qkv_multiscales=((), (), (5,)),
+            decoder_qkv_multiscales=((), (), (5,)),
+            encoder_layers_per_block=(1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1),
+            downsample_block_type="conv",
+            upsample_block_type="interpolate",
+            decoder_norm_types="rms_norm",
+            decoder_act_fns="silu",
+            scaling_factor=0.41407,
+        ).eval()
+
+
+def tiny_sana_pipeline(seed: int = 0):
+    from diffusers import SanaPipeline, SanaTransformer2DModel
+
+    with _seeded(seed):
+        transformer = SanaTransformer2DModel(
+            patch_size=1,
+            in_channels=4,
+            out_channels=4,
+            num_layers=1,
+            num_attention_heads=2,
+            attention_head_dim=4,
+            num_cross_attention_heads=2,
+            cross_attention_head_dim=4,
+            cross_attention_dim=8,
+            caption_channels=16,
+            sample_size=8,
+        ).eval()
+    pipe = SanaPipeline(
+        tokenizer=_gemma_tokenizer(),
+        text_encoder=_gemma2(seed + 2, 16),
+        vae=tiny_dc_ae(seed + 1),
+        transformer=transformer,
+        scheduler=_flow(3.0),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---- Lumina2 ------------------------------------------------------------------------------------
+
+
+def tiny_stride8_vae(seed: int = 0):
+    """AutoencoderKL with 4 stages (stride 8, what Lumina2's pipeline assumes), FLUX-style shift and scale."""
+    from diffusers import AutoencoderKL
+
+    with _seeded(seed):
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            sample_size=32,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            norm_num_groups=4,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ).eval()
+
+
+def tiny_lumina2_pipeline(seed: int = 0):
+    from diffusers import Lumina2Pipeline, Lumina2Transformer2DModel
+
+    with _seeded(seed):
+        transformer = Lumina2Transformer2DModel(
+            sample_size=4,
+            patch_size=2,
+            in_channels=4,
+            hidden_size=16,
+            num_layers=1,
+            num_refiner_layers=1,
+            num_attention_heads=2,
+            num_kv_heads=2,
+            multiple_of=16,
+            axes_dim_rope=(4, 2, 2),
+            axes_lens=(64, 16, 16),
+            cap_feat_dim=16,
+        ).eval()
+    pipe = Lumina2Pipeline(
+        transformer=transformer,
+        scheduler=_flow(6.0),
+        vae=tiny_stride8_vae(seed + 1),
+        text_encoder=_gemma2(seed + 2, 16),
+        tokenizer=_gemma_tokenizer(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+BUILDERS = {"sd3": tiny_sd3_pipeline, "sana": tiny_sana_pipeline, "lumina2": tiny_lumina2_pipeline}
+FAMILY_KINDS = tuple(BUILDERS)
+
+
+def tiny_family_pipeline(kind: str, seed: int = 0):
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown family {kind!r}: one of {', '.join(FAMILY_KINDS)}")
+    return BUILDERS[kind](seed)
+
+
+def save_tiny_family_pipeline(kind: str, folder, seed: int = 0) -> Path:
+    folder = Path(folder)
+    tiny_family_pipeline(kind, seed).save_pretrained(folder, safe_serialization=True)
+    return folder
