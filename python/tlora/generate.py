@@ -46,10 +46,10 @@ def sample_images(
             guidance_scale=guidance,
             num_images_per_prompt=n,
             generator=torch.Generator().manual_seed(seed + i),
-            **(extra or {}),
         )
         if size:
             kwargs.update(height=size[0], width=size[1])
+        kwargs.update(extra or {})
         rows.append(pipe(text, **kwargs).images)
     return rows
 
@@ -124,6 +124,7 @@ def generate(
     side = fam.default_resolution()
     size = (height or side, width or side) if (height or width) else None
     c = meta["config"]
+    guidance = fam.default_guidance if guidance is None else guidance
     return sample_grid(
         pipe,
         prompts,
@@ -131,11 +132,11 @@ def generate(
         Path(out),
         n=n,
         steps=steps or fam.default_steps,
-        guidance=fam.default_guidance if guidance is None else guidance,
+        guidance=guidance,
         seed=seed,
         size=size,
         label=f"{c.get('variant', 'adapter')} rank {c.get('rank', '?')}",
-        extra=fam.sample_kwargs(),
+        extra=fam.sample_kwargs(guidance),
     )
 
 

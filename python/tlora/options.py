@@ -36,6 +36,7 @@ SAMPLING_DEFAULTS = {
     "sd3": (28, 7.0),
     "sana": (20, 4.5),
     "lumina2": (30, 4.0),
+    "qwenimage": (50, 4.0),  # true_cfg_scale: Qwen-Image is not guidance-distilled
 }
 FAMILY_NAMES = {
     "sd": "SD 1.x/2.x",
@@ -44,6 +45,7 @@ FAMILY_NAMES = {
     "sd3": "SD3/3.5",
     "sana": "Sana",
     "lumina2": "Lumina2",
+    "qwenimage": "Qwen-Image",
 }
 # How training draws its noise levels (`--timestep-sampling`): the densities of diffusers'
 # training_utils.compute_density_for_timestep_sampling (its "none" is uniform; sigmoid is the
@@ -86,6 +88,7 @@ FAMILY_TARGETS: dict[str, tuple[str, ...] | None] = {
     ),
     "sana": ("to_k", "to_q", "to_v"),
     "lumina2": ("to_k", "to_q", "to_v", "to_out.0"),
+    "qwenimage": ("to_k", "to_q", "to_v", "to_out.0"),
 }
 MODE_SCALE = 1.29
 MAX_SHIFT = 1000.0  # flow matching's --shift is in (0, MAX_SHIFT]

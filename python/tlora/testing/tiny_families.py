@@ -226,7 +226,80 @@ def tiny_lumina2_pipeline(seed: int = 0):
     return pipe
 
 
-BUILDERS = {"sd3": tiny_sd3_pipeline, "sana": tiny_sana_pipeline, "lumina2": tiny_lumina2_pipeline}
+# ---- Qwen-Image ---------------------------------------------------------------------------------
+
+
+def _qwen_tokenizer():
+    """Word-level, splitting punctuation off words: the pipeline's chat template then comes to 36
+    tokens, of which it drops its fixed 34 (the real tokenizer's count of the template's head)."""
+    from tokenizers import pre_tokenizers
+
+    tok = word_tokenizer({"pad": "<|endoftext|>", "eos": "<|im_end|>", "unk": "<unk>"}, 1024)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+def tiny_qwenimage_pipeline(seed: int = 0):
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = _qwen_tokenizer()
+    with _seeded(seed):
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=16,
+            out_channels=4,
+            num_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            guidance_embeds=False,
+            axes_dims_rope=(8, 4, 4),
+        ).eval()
+    with _seeded(seed + 1):
+        vae = AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=4,
+            dim_mult=[1, 2, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False, True],
+            latents_mean=[0.1, -0.2, 0.0, 0.3],
+            latents_std=[1.5, 0.8, 1.0, 1.2],
+        ).eval()
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 16,
+            "intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+            "vocab_size": len(tok),
+            "bos_token_id": tok.pad_token_id,
+            "eos_token_id": tok.eos_token_id,
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16,
+        vocab_size=len(tok),
+        bos_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    with _seeded(seed + 2):
+        text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    pipe = QwenImagePipeline(
+        transformer=transformer, vae=vae, scheduler=_flow(), text_encoder=text_encoder, tokenizer=tok
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+BUILDERS = {
+    "sd3": tiny_sd3_pipeline,
+    "sana": tiny_sana_pipeline,
+    "lumina2": tiny_lumina2_pipeline,
+    "qwenimage": tiny_qwenimage_pipeline,
+}
 FAMILY_KINDS = tuple(BUILDERS)
 
 

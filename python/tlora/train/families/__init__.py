@@ -9,12 +9,21 @@ from ...errors import InputError
 from .base import Family, FlowMatching, Noised
 from .flux import Flux
 from .lumina2 import Lumina2
+from .qwenimage import QwenImage
 from .sana import Sana
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-RECIPES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, Flux, StableDiffusion3, Sana, Lumina2)
+RECIPES: tuple[type[Family], ...] = (
+    StableDiffusion,
+    StableDiffusionXL,
+    Flux,
+    StableDiffusion3,
+    Sana,
+    Lumina2,
+    QwenImage,
+)
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in RECIPES}
 RECIPE_OF: dict[str, type[Family]] = {p: f for f in RECIPES for p in f.pipelines}
 SUPPORTED: dict[str, str] = {p: f.name for p, f in RECIPE_OF.items()}

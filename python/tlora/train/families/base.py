@@ -133,8 +133,9 @@ class Family:
     def predict(self, model: nn.Module, noised: Noised, cond: dict[str, Any]) -> torch.Tensor:
         return model(noised.model_input, noised.timestep, return_dict=False, **cond)[0]
 
-    def sample_kwargs(self) -> dict[str, Any]:
-        """Extra arguments of the stock pipeline's call for sampling (none for most families)."""
+    def sample_kwargs(self, guidance: float) -> dict[str, Any]:
+        """Arguments of the stock pipeline's call for sampling beyond steps, guidance_scale, size
+        and seed (none for most families); they replace those of the same name."""
         return {}
 
     def _ddpm(self):

@@ -46,7 +46,7 @@ class Sana(FlowMatching):
         scale = float(getattr(self.denoiser.config, "timestep_scale", 1.0) or 1.0)
         return Noised(noised.model_input, noised.timestep * scale, noised.target)
 
-    def sample_kwargs(self):
+    def sample_kwargs(self, guidance):
         # No resolution binning: images come at the size asked (binning renders at the nearest
         # of its trained aspect ratios and resizes back).
         return {"complex_human_instruction": None, "use_resolution_binning": False}
