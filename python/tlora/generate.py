@@ -50,7 +50,7 @@ def sample_images(
         if size:
             kwargs.update(height=size[0], width=size[1])
         kwargs.update(extra or {})
-        rows.append(pipe(text, **kwargs).images)
+        rows.append(pipe(prompt=text, **kwargs).images)  # (some pipelines take an image first)
     return rows
 
 

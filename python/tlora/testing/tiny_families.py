@@ -294,7 +294,74 @@ def tiny_qwenimage_pipeline(seed: int = 0):
     return pipe
 
 
+# ---- Flux2 [klein] ---------------------------------------------------------------------------------
+
+QWEN_CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0):
+    """Flux2KleinPipeline. Its prompt is the Qwen3 encoder's layers 9, 18 and 27 stacked: the
+    tiny encoder has 28 layers, 8 wide."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = _qwen_tokenizer()
+    tok.chat_template = QWEN_CHAT
+    with _seeded(seed):
+        transformer = Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=24,
+            timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=False,
+        ).eval()
+    with _seeded(seed + 1):
+        vae = AutoencoderKLFlux2(
+            sample_size=16,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            latent_channels=1,
+            norm_num_groups=8,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ).eval()
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=28,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=4,
+        max_position_embeddings=1024,
+        bos_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    with _seeded(seed + 2):
+        text_encoder = Qwen3ForCausalLM(config).eval()
+    pipe = Flux2KleinPipeline(
+        scheduler=_flow(use_dynamic_shifting=True), vae=vae, text_encoder=text_encoder, tokenizer=tok,
+        transformer=transformer,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 BUILDERS = {
+    "flux2": tiny_flux2_klein_pipeline,
     "sd3": tiny_sd3_pipeline,
     "sana": tiny_sana_pipeline,
     "lumina2": tiny_lumina2_pipeline,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from ...errors import InputError
 from .base import Family, FlowMatching, Noised
 from .flux import Flux
+from .flux2 import Flux2
 from .lumina2 import Lumina2
 from .qwenimage import QwenImage
 from .sana import Sana
@@ -23,6 +24,7 @@ RECIPES: tuple[type[Family], ...] = (
     Sana,
     Lumina2,
     QwenImage,
+    Flux2,
 )
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in RECIPES}
 RECIPE_OF: dict[str, type[Family]] = {p: f for f in RECIPES for p in f.pipelines}
