@@ -38,6 +38,7 @@ SAMPLING_DEFAULTS = {
     "lumina2": (30, 4.0),
     "qwenimage": (50, 4.0),  # true_cfg_scale: Qwen-Image is not guidance-distilled
     "flux2": (50, 4.0),
+    "zimage": (50, 5.0),
 }
 FAMILY_NAMES = {
     "sd": "SD 1.x/2.x",
@@ -48,6 +49,7 @@ FAMILY_NAMES = {
     "lumina2": "Lumina2",
     "qwenimage": "Qwen-Image",
     "flux2": "Flux2 (dev, klein)",
+    "zimage": "Z-Image",
 }
 # How training draws its noise levels (`--timestep-sampling`): the densities of diffusers'
 # training_utils.compute_density_for_timestep_sampling (its "none" is uniform; sigmoid is the
@@ -95,6 +97,7 @@ FAMILY_TARGETS: dict[str, tuple[str, ...] | None] = {
     # qkv+mlp input and their attention output (single_transformer_blocks.N.attn.to_out, for every
     # N: the suffix attn.to_out, which in the double blocks names a ModuleList and adapts nothing)
     "flux2": ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj", "attn.to_out"),
+    "zimage": ("to_k", "to_q", "to_v", "to_out.0"),
 }
 MODE_SCALE = 1.29
 MAX_SHIFT = 1000.0  # flow matching's --shift is in (0, MAX_SHIFT]

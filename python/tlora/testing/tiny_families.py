@@ -360,8 +360,55 @@ def tiny_flux2_klein_pipeline(seed: int = 0):
     return pipe
 
 
+# ---- Z-Image ------------------------------------------------------------------------------------
+
+
+def tiny_zimage_pipeline(seed: int = 0):
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tok = _qwen_tokenizer()
+    tok.chat_template = QWEN_CHAT
+    with _seeded(seed):
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            in_channels=4,
+            dim=16,
+            n_layers=1,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            cap_feat_dim=16,
+            axes_dims=[2, 2, 4],
+            axes_lens=[256, 64, 64],
+        ).eval()
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+        bos_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    with _seeded(seed + 2):
+        text_encoder = Qwen3Model(config).eval()
+    pipe = ZImagePipeline(
+        scheduler=_flow(3.0), vae=tiny_vae(seed + 1, flux=True), text_encoder=text_encoder, tokenizer=tok,
+        transformer=transformer,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 BUILDERS = {
     "flux2": tiny_flux2_klein_pipeline,
+    "zimage": tiny_zimage_pipeline,
     "sd3": tiny_sd3_pipeline,
     "sana": tiny_sana_pipeline,
     "lumina2": tiny_lumina2_pipeline,

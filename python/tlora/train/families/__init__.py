@@ -15,6 +15,7 @@ from .sana import Sana
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
+from .zimage import ZImage
 
 RECIPES: tuple[type[Family], ...] = (
     StableDiffusion,
@@ -25,6 +26,7 @@ RECIPES: tuple[type[Family], ...] = (
     Lumina2,
     QwenImage,
     Flux2,
+    ZImage,
 )
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in RECIPES}
 RECIPE_OF: dict[str, type[Family]] = {p: f for f in RECIPES for p in f.pipelines}
