@@ -39,6 +39,9 @@ SAMPLING_DEFAULTS = {
     "qwenimage": (50, 4.0),  # true_cfg_scale: Qwen-Image is not guidance-distilled
     "flux2": (50, 4.0),
     "zimage": (50, 5.0),
+    "chroma": (35, 5.0),
+    "auraflow": (50, 3.5),
+    "pixart": (20, 4.5),
 }
 FAMILY_NAMES = {
     "sd": "SD 1.x/2.x",
@@ -50,6 +53,9 @@ FAMILY_NAMES = {
     "qwenimage": "Qwen-Image",
     "flux2": "Flux2 (dev, klein)",
     "zimage": "Z-Image",
+    "chroma": "Chroma",
+    "auraflow": "AuraFlow",
+    "pixart": "PixArt-Sigma",
 }
 # How training draws its noise levels (`--timestep-sampling`): the densities of diffusers'
 # training_utils.compute_density_for_timestep_sampling (its "none" is uniform; sigmoid is the
@@ -98,7 +104,12 @@ FAMILY_TARGETS: dict[str, tuple[str, ...] | None] = {
     # N: the suffix attn.to_out, which in the double blocks names a ModuleList and adapts nothing)
     "flux2": ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj", "attn.to_out"),
     "zimage": ("to_k", "to_q", "to_v", "to_out.0"),
+    # no diffusers script: Chroma is FLUX.1-derived, FLUX.1's list; AuraFlow and PixArt-Sigma: attention
+    "chroma": None,
+    "auraflow": None,
+    "pixart": None,
 }
+FAMILY_TARGETS["chroma"] = FAMILY_TARGETS["flux"]
 MODE_SCALE = 1.29
 MAX_SHIFT = 1000.0  # flow matching's --shift is in (0, MAX_SHIFT]
 # The pipeline's weights: option value -> torch dtype name.

@@ -406,7 +406,122 @@ def tiny_zimage_pipeline(seed: int = 0):
     return pipe
 
 
+# ---- Chroma, AuraFlow, PixArt-Sigma: one T5-family encoder -------------------------------------
+
+
+def tiny_chroma_pipeline(seed: int = 0):
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel
+
+    with _seeded(seed):
+        transformer = ChromaTransformer2DModel(
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            axes_dims_rope=(4, 4, 8),
+            approximator_num_channels=8,
+            approximator_hidden_dim=16,
+            approximator_layers=1,
+        ).eval()
+    pipe = ChromaPipeline(
+        scheduler=_flow(),
+        vae=tiny_vae(seed + 1, latent_channels=1, flux=True),
+        text_encoder=tiny_t5_encoder(seed + 2, d_model=16),
+        tokenizer=tiny_t5_tokenizer(),
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_umt5_encoder(seed: int = 0, d_model: int = 16):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .tiny import t5_vocab_size
+
+    cfg = UMT5Config(
+        vocab_size=t5_vocab_size(),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    with _seeded(seed):
+        return UMT5EncoderModel(cfg).eval()
+
+
+def tiny_auraflow_pipeline(seed: int = 0):
+    from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel
+
+    with _seeded(seed):
+        transformer = AuraFlowTransformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_mmdit_layers=1,
+            num_single_dit_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            caption_projection_dim=16,
+            out_channels=4,
+            pos_embed_max_size=64,
+        ).eval()
+    pipe = AuraFlowPipeline(
+        tokenizer=tiny_t5_tokenizer(),
+        text_encoder=tiny_umt5_encoder(seed + 2),
+        vae=tiny_vae(seed + 1),
+        transformer=transformer,
+        scheduler=_flow(1.73),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_pixart_sigma_pipeline(seed: int = 0):
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    with _seeded(seed):
+        transformer = PixArtTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,  # learned sigma
+            num_layers=1,
+            cross_attention_dim=16,
+            sample_size=8,
+            patch_size=2,
+            caption_channels=16,
+            use_additional_conditions=False,
+        ).eval()
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tiny_t5_tokenizer(),
+        text_encoder=tiny_t5_encoder(seed + 2, d_model=16),
+        vae=tiny_vae(seed + 1),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(num_train_timesteps=1000),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 BUILDERS = {
+    "chroma": tiny_chroma_pipeline,
+    "auraflow": tiny_auraflow_pipeline,
+    "pixart": tiny_pixart_sigma_pipeline,
     "flux2": tiny_flux2_klein_pipeline,
     "zimage": tiny_zimage_pipeline,
     "sd3": tiny_sd3_pipeline,

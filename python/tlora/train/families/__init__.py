@@ -6,10 +6,13 @@ and one line in RECIPES."""
 from __future__ import annotations
 
 from ...errors import InputError
+from .auraflow import AuraFlow
 from .base import Family, FlowMatching, Noised
+from .chroma import Chroma
 from .flux import Flux
 from .flux2 import Flux2
 from .lumina2 import Lumina2
+from .pixart import PixArtSigma
 from .qwenimage import QwenImage
 from .sana import Sana
 from .sd import StableDiffusion
@@ -27,6 +30,9 @@ RECIPES: tuple[type[Family], ...] = (
     QwenImage,
     Flux2,
     ZImage,
+    Chroma,
+    AuraFlow,
+    PixArtSigma,
 )
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in RECIPES}
 RECIPE_OF: dict[str, type[Family]] = {p: f for f in RECIPES for p in f.pipelines}
