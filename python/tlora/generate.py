@@ -17,7 +17,7 @@ from .files.io import load, read
 from .images import grid
 from .options import MAX_GUIDANCE, MAX_IMAGES, MAX_SAMPLE_STEPS, MAX_SEED
 from .pipelines import check_dtype, check_side, load_pipeline, resolve_device
-from .train.families import family_of
+from .train.families import Family, family_of
 
 
 def fill(prompt: str, concept: str) -> str:
@@ -35,10 +35,11 @@ def sample_images(
     seed: int = 0,
     size: tuple[int, int] | None = None,
     desc: str = "sample",
-    extra: dict | None = None,
+    family: Family | None = None,
 ) -> list[list[Image.Image]]:
     """n images for each finished prompt (no {} left), seeded per prompt so that methods compare
-    on the same noise; `extra`: more arguments of the pipeline's call (the family's `sample_kwargs`)."""
+    on the same noise; `family`: the pipeline's recipe, which calls it (its own arguments, its
+    output's images), else a plain text-to-image call."""
     rows = []
     for i, text in enumerate(tqdm(texts, desc=desc, leave=False)):
         kwargs = dict(
@@ -49,8 +50,10 @@ def sample_images(
         )
         if size:
             kwargs.update(height=size[0], width=size[1])
-        kwargs.update(extra or {})
-        rows.append(pipe(prompt=text, **kwargs).images)  # (some pipelines take an image first)
+        if family is not None:
+            rows.append(family.sample(pipe, text, kwargs))
+        else:
+            rows.append(pipe(prompt=text, **kwargs).images)
     return rows
 
 
@@ -65,7 +68,7 @@ def sample_grid(
     seed: int = 0,
     size: tuple[int, int] | None = None,
     label: str = "",
-    extra: dict | None = None,
+    family: Family | None = None,
 ) -> Path:
     """Render n images per prompt ({} -> concept) into `out` as PNGs (each carries its prompt as a PNG
     text chunk, which `tlora evaluate` reads); returns the grid's path: one row per prompt, columns
@@ -74,7 +77,7 @@ def sample_grid(
 
     out.mkdir(parents=True, exist_ok=True)
     texts = [fill(p, concept) for p in prompts]
-    rows = sample_images(pipe, texts, n, steps, guidance, seed, size, extra=extra)
+    rows = sample_images(pipe, texts, n, steps, guidance, seed, size, family=family)
     for i, row in enumerate(rows):
         info = PngInfo()
         info.add_text("prompt", texts[i])
@@ -136,7 +139,7 @@ def generate(
         seed=seed,
         size=size,
         label=f"{c.get('variant', 'adapter')} rank {c.get('rank', '?')}",
-        extra=fam.sample_kwargs(guidance),
+        family=fam,
     )
 
 

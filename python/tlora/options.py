@@ -42,6 +42,7 @@ SAMPLING_DEFAULTS = {
     "chroma": (35, 5.0),
     "auraflow": (50, 3.5),
     "pixart": (20, 4.5),
+    "wan": (50, 5.0),
 }
 FAMILY_NAMES = {
     "sd": "SD 1.x/2.x",
@@ -56,6 +57,7 @@ FAMILY_NAMES = {
     "chroma": "Chroma",
     "auraflow": "AuraFlow",
     "pixart": "PixArt-Sigma",
+    "wan": "Wan (one frame)",
 }
 # How training draws its noise levels (`--timestep-sampling`): the densities of diffusers'
 # training_utils.compute_density_for_timestep_sampling (its "none" is uniform; sigmoid is the
@@ -108,6 +110,7 @@ FAMILY_TARGETS: dict[str, tuple[str, ...] | None] = {
     "chroma": None,
     "auraflow": None,
     "pixart": None,
+    "wan": None,
 }
 FAMILY_TARGETS["chroma"] = FAMILY_TARGETS["flux"]
 MODE_SCALE = 1.29

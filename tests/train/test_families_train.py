@@ -27,9 +27,10 @@ from tlora.train.loop import TrainConfig, _Run, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ALL = (*KINDS, *FAMILY_KINDS)
-# Image side per family: 16 px, except Sana's (sides divisible by 32; its tiny DC-AE has stride 4)
-# and Lumina2's (the pipeline fixes the autoencoder's stride at 8: 32 px give 4x4 latents).
-SIDE = {"sana": 32, "lumina2": 32}
+# Image side per family: 16 px, except Sana's (sides divisible by 32; its tiny DC-AE has stride 4),
+# Lumina2's (the pipeline fixes the autoencoder's stride at 8) and Wan's (its VAE's stride is 8):
+# 32 px give them 4x4 latents.
+SIDE = {"sana": 32, "lumina2": 32, "wan": 32}
 RANK, MIN_RANK = 4, 1
 
 
@@ -148,3 +149,52 @@ def test_20_steps_lower_the_loss(kind, folders, image, tmp_path):
     before = fixed_batch_loss(fam, image, side)
     assert after < before, f"{kind}: {before:.4f} -> {after:.4f}"
     shutil.rmtree(tmp_path / "run")
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal", "mode"])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_sampling_is_the_diffusers_scripts(sampling, shift):
+    """The noise levels a flow family draws equal what diffusers' DreamBooth scripts draw from the
+    same generator: u from training_utils.compute_density_for_timestep_sampling (the script's
+    defaults: logit mean 0, std 1, mode scale 1.29), indices u * T into the timesteps of the
+    scheduler built with that shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from tlora.testing.tiny_families import tiny_family_pipeline
+
+    pipe = tiny_family_pipeline("sd3")
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    fam = family_of(pipe)
+    fam.configure_sampling(sampling, None)
+    ours = fam.sample_timesteps(torch.Generator().manual_seed(7), 256)
+    scheme = "none" if sampling == "uniform" else sampling
+    u = compute_density_for_timestep_sampling(
+        scheme, 256, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=torch.Generator().manual_seed(7)
+    )
+    theirs = pipe.scheduler.timesteps[(u * 1000).long()]
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-3)
+
+
+def test_sampling_settings_that_do_not_apply_are_refused(folders, image, tmp_path, capsys):
+    def last_line(args):
+        assert cli.main(args) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    sd = train_args(folders["sd"], image, tmp_path / "a", 1, 1, "--shift", "3")
+    assert "--shift applies to flow-matching families" in last_line(sd)
+    sd3 = train_args(folders["sd3"], image, tmp_path / "b", 1, 1, "--shift", "auto")
+    line = last_line(sd3)
+    assert "--shift auto" in line and "use_dynamic_shifting" in line
+    bad = train_args(folders["sd3"], image, tmp_path / "c", 1, 1, "--timestep-sampling", "cosmap")
+    assert cli.main(bad) == 2 and "--timestep-sampling" in capsys.readouterr().err
+
+
+def test_two_expert_wan_is_refused():
+    from tlora.errors import InputError
+    from tlora.testing.tiny_families import tiny_family_pipeline
+
+    pipe = tiny_family_pipeline("wan")
+    pipe.register_modules(transformer_2=pipe.transformer)
+    with pytest.raises(InputError, match="two experts"):
+        family_of(pipe)

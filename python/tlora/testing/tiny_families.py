@@ -518,7 +518,54 @@ def tiny_pixart_sigma_pipeline(seed: int = 0):
     return pipe
 
 
+# ---- Wan (one frame) ----------------------------------------------------------------------------
+
+
+def tiny_wan_pipeline(seed: int = 0):
+    """WanPipeline whose VAE has Wan's strides (8 in space, 4 in time: one frame stays one latent frame)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    with _seeded(seed + 1):
+        vae = AutoencoderKLWan(
+            base_dim=4,
+            z_dim=4,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=[0.1, -0.2, 0.0, 0.3],
+            latents_std=[1.5, 0.8, 1.0, 1.2],
+        ).eval()
+    with _seeded(seed):
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            text_dim=16,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=1,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        ).eval()
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    pipe = WanPipeline(
+        tokenizer=tiny_t5_tokenizer(),
+        text_encoder=tiny_umt5_encoder(seed + 2),
+        vae=vae,
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 BUILDERS = {
+    "wan": tiny_wan_pipeline,
     "chroma": tiny_chroma_pipeline,
     "auraflow": tiny_auraflow_pipeline,
     "pixart": tiny_pixart_sigma_pipeline,

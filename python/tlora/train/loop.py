@@ -586,7 +586,7 @@ class _Run:
                     seed=cfg.seed,
                     size=(self.resolution, self.resolution),
                     label=f"{cfg.variant} rank {cfg.rank}\nstep {done}",
-                    extra=self.fam.sample_kwargs(self.fam.default_guidance),
+                    family=self.fam,
                 )
         self.good = self.out / f"checkpoint-{done}"
 

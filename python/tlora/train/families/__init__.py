@@ -18,6 +18,7 @@ from .sana import Sana
 from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
+from .wan import Wan
 from .zimage import ZImage
 
 RECIPES: tuple[type[Family], ...] = (
@@ -33,6 +34,7 @@ RECIPES: tuple[type[Family], ...] = (
     Chroma,
     AuraFlow,
     PixArtSigma,
+    Wan,
 )
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in RECIPES}
 RECIPE_OF: dict[str, type[Family]] = {p: f for f in RECIPES for p in f.pipelines}

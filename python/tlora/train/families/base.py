@@ -133,6 +133,12 @@ class Family:
     def predict(self, model: nn.Module, noised: Noised, cond: dict[str, Any]) -> torch.Tensor:
         return model(noised.model_input, noised.timestep, return_dict=False, **cond)[0]
 
+    def sample(self, pipe, prompt: str, kwargs: dict[str, Any]) -> list:
+        """The stock pipeline's images for `prompt` under `kwargs` (steps, guidance_scale,
+        num_images_per_prompt, generator, height / width) and the family's `sample_kwargs`."""
+        call = {**kwargs, **self.sample_kwargs(kwargs.get("guidance_scale"))}
+        return pipe(prompt=prompt, **call).images  # (by name: some pipelines take an image first)
+
     def sample_kwargs(self, guidance: float) -> dict[str, Any]:
         """Arguments of the stock pipeline's call for sampling beyond steps, guidance_scale, size
         and seed (none for most families); they replace those of the same name."""
