@@ -43,6 +43,7 @@ SAMPLING_DEFAULTS = {
     "auraflow": (50, 3.5),
     "pixart": (20, 4.5),
     "wan": (50, 5.0),
+    "flux_kontext": (28, 3.5),
 }
 FAMILY_NAMES = {
     "sd": "SD 1.x/2.x",
@@ -58,6 +59,7 @@ FAMILY_NAMES = {
     "auraflow": "AuraFlow",
     "pixart": "PixArt-Sigma",
     "wan": "Wan (one frame)",
+    "flux_kontext": "FLUX.1 Kontext",
 }
 # How training draws its noise levels (`--timestep-sampling`): the densities of diffusers'
 # training_utils.compute_density_for_timestep_sampling (its "none" is uniform; sigmoid is the
@@ -113,6 +115,8 @@ FAMILY_TARGETS: dict[str, tuple[str, ...] | None] = {
     "wan": None,
 }
 FAMILY_TARGETS["chroma"] = FAMILY_TARGETS["flux"]
+# train_dreambooth_lora_flux_kontext.py: FLUX.1's list and the single blocks' MLP input
+FAMILY_TARGETS["flux_kontext"] = (*FAMILY_TARGETS["flux"], "proj_mlp")
 MODE_SCALE = 1.29
 MAX_SHIFT = 1000.0  # flow matching's --shift is in (0, MAX_SHIFT]
 # The pipeline's weights: option value -> torch dtype name.

@@ -564,7 +564,22 @@ def tiny_wan_pipeline(seed: int = 0):
     return pipe
 
 
+# ---- FLUX.1 Kontext -------------------------------------------------------------------------------
+
+
+def tiny_flux_kontext_pipeline(seed: int = 0):
+    """FluxKontextPipeline over tiny.py's FLUX.1 components (Kontext's transformer is FLUX.1's class)."""
+    from diffusers import FluxKontextPipeline
+
+    from .tiny import tiny_flux_pipeline
+
+    pipe = FluxKontextPipeline(**tiny_flux_pipeline(seed).components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 BUILDERS = {
+    "flux_kontext": tiny_flux_kontext_pipeline,
     "wan": tiny_wan_pipeline,
     "chroma": tiny_chroma_pipeline,
     "auraflow": tiny_auraflow_pipeline,

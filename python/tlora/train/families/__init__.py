@@ -11,6 +11,7 @@ from .base import Family, FlowMatching, Noised
 from .chroma import Chroma
 from .flux import Flux
 from .flux2 import Flux2
+from .flux_kontext import FluxKontext
 from .lumina2 import Lumina2
 from .pixart import PixArtSigma
 from .qwenimage import QwenImage
@@ -35,6 +36,7 @@ RECIPES: tuple[type[Family], ...] = (
     AuraFlow,
     PixArtSigma,
     Wan,
+    FluxKontext,
 )
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in RECIPES}
 RECIPE_OF: dict[str, type[Family]] = {p: f for f in RECIPES for p in f.pipelines}
