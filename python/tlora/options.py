@@ -44,6 +44,7 @@ SAMPLING_DEFAULTS = {
     "pixart": (20, 4.5),
     "wan": (50, 5.0),
     "flux_kontext": (28, 3.5),
+    "hidream": (50, 5.0),
 }
 FAMILY_NAMES = {
     "sd": "SD 1.x/2.x",
@@ -60,6 +61,7 @@ FAMILY_NAMES = {
     "pixart": "PixArt-Sigma",
     "wan": "Wan (one frame)",
     "flux_kontext": "FLUX.1 Kontext",
+    "hidream": "HiDream-I1",
 }
 # How training draws its noise levels (`--timestep-sampling`): the densities of diffusers'
 # training_utils.compute_density_for_timestep_sampling (its "none" is uniform; sigmoid is the
@@ -113,6 +115,7 @@ FAMILY_TARGETS: dict[str, tuple[str, ...] | None] = {
     "auraflow": None,
     "pixart": None,
     "wan": None,
+    "hidream": ("to_k", "to_q", "to_v", "to_out"),
 }
 FAMILY_TARGETS["chroma"] = FAMILY_TARGETS["flux"]
 # train_dreambooth_lora_flux_kontext.py: FLUX.1's list and the single blocks' MLP input

@@ -578,7 +578,75 @@ def tiny_flux_kontext_pipeline(seed: int = 0):
     return pipe
 
 
+# ---- HiDream-I1 -----------------------------------------------------------------------------------
+
+
+def tiny_hidream_pipeline(seed: int = 0):
+    """HiDreamImagePipeline. Its CLIPs are called with 128 tokens (so 128 positions here), and it
+    samples at the area of its default size (128 latents a side): the transformer's position table
+    covers 64x64 patches."""
+    from diffusers import HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM
+
+    from .tiny import clip_vocab_size
+
+    clip_tok = tiny_clip_tokenizer(128)
+
+    def clip(s):
+        cfg = CLIPTextConfig(
+            vocab_size=clip_vocab_size(), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=128, projection_dim=8, bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id,
+        )  # fmt: skip
+        with _seeded(s):
+            return CLIPTextModelWithProjection(cfg).eval()
+
+    llama_tok = word_tokenizer(
+        {"pad": "<|eot_id|>", "eos": "<|eot_id|>", "bos": "<|begin_of_text|>", "unk": "<unk>"}, 128
+    )
+    llama_cfg = LlamaConfig(
+        vocab_size=len(llama_tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=llama_tok.bos_token_id,
+        eos_token_id=llama_tok.eos_token_id, pad_token_id=llama_tok.pad_token_id, attn_implementation="eager",
+    )  # fmt: skip
+    with _seeded(seed + 5):
+        llama = LlamaForCausalLM(llama_cfg).eval()
+    with _seeded(seed):
+        transformer = HiDreamImageTransformer2DModel(
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            caption_channels=[16, 16],  # T5 and Llama widths
+            text_emb_dim=16,  # the two CLIP projections, concatenated
+            num_routed_experts=2,
+            num_activated_experts=1,
+            axes_dims_rope=(4, 2, 2),
+            max_resolution=(128, 128),
+            llama_layers=(0, 1),
+        ).eval()
+    pipe = HiDreamImagePipeline(
+        scheduler=_flow(3.0),
+        vae=tiny_vae(seed + 1, flux=True),
+        text_encoder=clip(seed + 2),
+        tokenizer=clip_tok,
+        text_encoder_2=clip(seed + 3),
+        tokenizer_2=tiny_clip_tokenizer(128),
+        text_encoder_3=tiny_t5_encoder(seed + 4, d_model=16),
+        tokenizer_3=tiny_t5_tokenizer(128),
+        text_encoder_4=llama,
+        tokenizer_4=llama_tok,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 BUILDERS = {
+    "hidream": tiny_hidream_pipeline,
     "flux_kontext": tiny_flux_kontext_pipeline,
     "wan": tiny_wan_pipeline,
     "chroma": tiny_chroma_pipeline,

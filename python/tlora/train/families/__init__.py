@@ -12,6 +12,7 @@ from .chroma import Chroma
 from .flux import Flux
 from .flux2 import Flux2
 from .flux_kontext import FluxKontext
+from .hidream import HiDream
 from .lumina2 import Lumina2
 from .pixart import PixArtSigma
 from .qwenimage import QwenImage
@@ -37,6 +38,7 @@ RECIPES: tuple[type[Family], ...] = (
     PixArtSigma,
     Wan,
     FluxKontext,
+    HiDream,
 )
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in RECIPES}
 RECIPE_OF: dict[str, type[Family]] = {p: f for f in RECIPES for p in f.pipelines}
