@@ -48,8 +48,8 @@ LEVELS = {
     "files.export.kohya": 11,
     "files.export": 11,  # export, the writers' registry
     # the families' training recipes, one file each (pipelines and generate read them too)
-    "train.families.base": 8,
-    "train.families": 8,
+    "train.families.base": 2,
+    "train.families": 2,
     "train.checkpoint": 11,
     "evaluate": 11,
     "generate": 12,
@@ -69,7 +69,7 @@ LEVELS = {
 
 # each family's recipe file (train/families/NAME.py) sits with the interface it implements
 LEVELS.update(
-    {f"train.families.{p.stem}": 8 for p in (PACKAGE / "train" / "families").glob("*.py") if p.stem != "__init__"}
+    {f"train.families.{p.stem}": 2 for p in (PACKAGE / "train" / "families").glob("*.py") if p.stem != "__init__"}
 )
 
 

@@ -45,6 +45,7 @@ SAMPLING_DEFAULTS = {
     "wan": (50, 5.0),
     "flux_kontext": (28, 3.5),
     "hidream": (50, 5.0),
+    "krea2": (28, 4.5),
 }
 FAMILY_NAMES = {
     "sd": "SD 1.x/2.x",
@@ -62,6 +63,7 @@ FAMILY_NAMES = {
     "wan": "Wan (one frame)",
     "flux_kontext": "FLUX.1 Kontext",
     "hidream": "HiDream-I1",
+    "krea2": "Krea 2",
 }
 # How training draws its noise levels (`--timestep-sampling`): the densities of diffusers'
 # training_utils.compute_density_for_timestep_sampling (its "none" is uniform; sigmoid is the
@@ -116,6 +118,25 @@ FAMILY_TARGETS: dict[str, tuple[str, ...] | None] = {
     "pixart": None,
     "wan": None,
     "hidream": ("to_k", "to_q", "to_v", "to_out"),
+    # train_dreambooth_lora_krea2.py: every projection of the DiT and its text and time embedders,
+    # but text_fusion.projector: a Linear(num_text_layers, 1) holds no rank above 1 (T-LoRA's factors
+    # are orthonormal, r <= min(in, out))
+    "krea2": (
+        "img_in",
+        "final_layer.linear",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "to_gate",
+        "ff.up",
+        "ff.down",
+        "txt_in.linear_1",
+        "txt_in.linear_2",
+        "time_embed.linear_1",
+        "time_embed.linear_2",
+        "time_mod_proj",
+    ),
 }
 FAMILY_TARGETS["chroma"] = FAMILY_TARGETS["flux"]
 # train_dreambooth_lora_flux_kontext.py: FLUX.1's list and the single blocks' MLP input

@@ -110,6 +110,8 @@ def check_model_folder(path: str) -> None:
     for name, value in spec.items():
         if name.startswith("_") or not isinstance(value, list):  # other values are pipeline options
             continue
+        if not all(v is None or isinstance(v, str) for v in value):
+            continue  # a list-valued option (Krea 2's text_encoder_select_layers), not [library, class]
         if len(value) != 2:
             raise InputError(f"{index}: component {name!r} must be [library, class], got {value!r}")
         if value[0] is None:

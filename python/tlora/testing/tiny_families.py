@@ -645,7 +645,121 @@ def tiny_hidream_pipeline(seed: int = 0):
     return pipe
 
 
+# ---- Flux2 [dev] -----------------------------------------------------------------------------------
+
+# Message contents as Flux2Pipeline formats them: a list of {"type": "text", "text": ...} parts.
+MISTRAL_CHAT = (
+    "{% for m in messages %}[{{ m['role'] }}]{% for part in m['content'] %}{{ part['text'] }} {% endfor %}{% endfor %}"
+)
+
+
+def tiny_flux2_pipeline(seed: int = 0):
+    """Flux2Pipeline with a tiny Mistral 3 (its prompt is layers 10, 20 and 30 stacked: 31
+    layers, 8 wide) and a word-level tokenizer in place of the Pixtral processor (text only)."""
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tok = word_tokenizer({"pad": "<pad>", "eos": "</s>", "bos": "<s>", "unk": "<unk>"}, 1024, bos=True)
+    tok.chat_template = MISTRAL_CHAT
+    config = Mistral3Config(
+        text_config={
+            "model_type": "mistral", "vocab_size": len(tok), "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 31, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 4,
+            "max_position_embeddings": 1024, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+        },
+        vision_config={
+            "model_type": "pixtral", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "head_dim": 4, "image_size": 32, "patch_size": 16,
+        },
+        image_token_index=len(tok) - 1,
+    )  # fmt: skip
+    with _seeded(seed + 2):
+        text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    klein = tiny_flux2_klein_pipeline(seed)
+    with _seeded(seed):
+        from diffusers import Flux2Transformer2DModel
+
+        transformer = Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=24,
+            timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=True,
+        ).eval()
+    pipe = Flux2Pipeline(
+        scheduler=klein.scheduler, vae=klein.vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---- Krea 2 ---------------------------------------------------------------------------------------
+
+
+def tiny_krea2_pipeline(seed: int = 0):
+    """Krea2Pipeline with a 2-layer Qwen3-VL text model whose layers 1 and 2 are the selected taps."""
+    from diffusers import AutoencoderKLQwenImage, Krea2Pipeline, Krea2Transformer2DModel
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    tok = _qwen_tokenizer()
+    with _seeded(seed):
+        transformer = Krea2Transformer2DModel(
+            in_channels=16,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=32,
+            timestep_embed_dim=8,
+            text_hidden_dim=16,
+            num_text_layers=2,
+            text_num_attention_heads=2,
+            text_num_key_value_heads=1,
+            text_intermediate_size=16,
+            num_layerwise_text_blocks=1,
+            num_refiner_text_blocks=1,
+            axes_dims_rope=(4, 2, 2),
+            rope_theta=1000.0,
+        ).eval()
+    with _seeded(seed + 1):
+        vae = AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=4,
+            dim_mult=[1, 2, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False, True],
+            latents_mean=[0.1, -0.2, 0.0, 0.3],
+            latents_std=[1.5, 0.8, 1.0, 1.2],
+        ).eval()
+    config = Qwen3VLConfig(
+        text_config={
+            "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "head_dim": 8, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id,
+            "bos_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        vocab_size=len(tok),
+    )  # fmt: skip
+    with _seeded(seed + 2):
+        text_encoder = Qwen3VLModel(config).eval()
+    scheduler = _flow(use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=6400)
+    pipe = Krea2Pipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer,
+        text_encoder_select_layers=(1, 2),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 BUILDERS = {
+    "krea2": tiny_krea2_pipeline,
+    "flux2_dev": tiny_flux2_pipeline,
     "hidream": tiny_hidream_pipeline,
     "flux_kontext": tiny_flux_kontext_pipeline,
     "wan": tiny_wan_pipeline,

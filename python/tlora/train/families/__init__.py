@@ -13,6 +13,7 @@ from .flux import Flux
 from .flux2 import Flux2
 from .flux_kontext import FluxKontext
 from .hidream import HiDream
+from .krea2 import Krea2
 from .lumina2 import Lumina2
 from .pixart import PixArtSigma
 from .qwenimage import QwenImage
@@ -39,6 +40,7 @@ RECIPES: tuple[type[Family], ...] = (
     Wan,
     FluxKontext,
     HiDream,
+    Krea2,
 )
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in RECIPES}
 RECIPE_OF: dict[str, type[Family]] = {p: f for f in RECIPES for p in f.pipelines}
