@@ -1,8 +1,8 @@
 """Every family tlora trains, end to end on its tiny offline pipeline (tlora.testing.tiny and
 tiny_families: configs only, tokenizers from the `tokenizers` library), saved as a diffusers folder:
-`tlora train --steps 3` then `tlora generate` through the CLI; `--resume` continues bit for bit;
-the ranks every adapted layer uses at each training step equal the paper's r(t) of the noise level
-that step drew; 20 steps lower the denoising loss on a fixed noise / timestep batch.
+`tlora train --steps 3` (with a validation grid) then `tlora generate` through the CLI; `--resume`
+continues bit for bit; the ranks every adapted layer uses at each training step equal the paper's
+r(t) of the noise level that step drew; 20 steps lower the denoising loss on a fixed noise / timestep batch.
 """
 
 from __future__ import annotations
@@ -63,9 +63,11 @@ def _args(kind, folders, image, out, steps, every, *extra):
 @pytest.mark.parametrize("kind", ALL)
 def test_train_3_steps_then_generate_and_resume(kind, folders, image, tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(_args(kind, folders, image, out, 3, 3)) == 0, capsys.readouterr().err
+    validation = ["--validation-prompts", "a {} on a beach", "--validation-steps", "1"]
+    assert cli.main(_args(kind, folders, image, out, 3, 3, *validation)) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "timesteps" in printed and [e["step"] for e in log_entries(out)] == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoint-3" / "samples").iterdir()) == ["00-0.png", "grid.png"]
 
     side = str(SIDE.get(kind, 16))
     gen = tmp_path / "samples"
