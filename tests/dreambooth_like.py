@@ -21,7 +21,7 @@ from peft import LoraConfig
 
 import tlora
 from tlora.testing.tiny import IMAGE_SIZE, sample_kwargs
-from tlora.train.recipes import family_of
+from tlora.train.families import family_of
 
 
 @dataclass

@@ -25,6 +25,7 @@ LEVELS = {
     "images": 2,
     "demo.concepts": 2,
     "testing.tiny": 2,  # tiny models from configs, for tests and benchmarks
+    "testing.tiny_families": 2,  # the other trained families' tiny pipelines
     "testing.train_inputs": 2,
     "demo.metrics": 3,
     "demo.pretrain": 3,
@@ -49,9 +50,11 @@ LEVELS = {
     "files.export": 11,  # export, the writers' registry
     "files.folder": 12,  # save_pretrained: tlora's file and the static LoRA in one folder
     "files.accelerate_hooks": 13,  # accelerator.save_state / load_state of an adapter
-    "train.recipes": 2,  # the families' training recipes (pipelines and generate read them too)
     "train.prompts": 2,  # the training prompts' placeholders and captions
     "train.optim": 2,  # optimizers, lr schedules and the EMA (checkpoint reads their state schemas)
+    # the families' training recipes, one file each (pipelines and generate read them too)
+    "train.families.base": 2,
+    "train.families": 2,
     "train.checkpoint": 11,
     "train.drift": 3,  # the overfitting view: drift toward the training image, its chart (images)
     "evaluate": 11,
@@ -68,6 +71,12 @@ LEVELS = {
     "testing": 0,
     "demo": 0,
 }
+
+
+# each family's recipe file (train/families/NAME.py) sits with the interface it implements
+LEVELS.update(
+    {f"train.families.{p.stem}": 2 for p in (PACKAGE / "train" / "families").glob("*.py") if p.stem != "__init__"}
+)
 
 
 def _module_name(path: Path) -> str:

@@ -15,11 +15,13 @@ import math
 import re
 import sys
 
-from .config import INIT_SOURCES, INITS, MAX_RANK, MAX_TIMESTEPS, MIN_TIMESTEPS, VARIANTS
+from .config import DEFAULT_TARGETS, INIT_SOURCES, INITS, MAX_RANK, MAX_TIMESTEPS, MIN_TIMESTEPS, VARIANTS
 from .options import (
     DTYPES,
     EXPORT_FORMATS,
     FAMILY_NAMES,
+    FAMILY_SAMPLINGS,
+    FAMILY_TARGETS,
     LR_SCHEDULERS,
     MAX_BATCH,
     MAX_CLASS_IMAGES,
@@ -28,6 +30,7 @@ from .options import (
     MAX_LR,
     MAX_SAMPLE_STEPS,
     MAX_SEED,
+    MAX_SHIFT,
     MAX_SIDE,
     MAX_TRAIN_STEPS,
     MIXED_PRECISION,
@@ -39,6 +42,7 @@ from .options import (
     SAMPLING_DEFAULTS,
     SCHEDULERS,
     SIDE_STRIDE,
+    TIMESTEP_SAMPLINGS,
 )
 
 DESCRIPTION = """\
@@ -108,6 +112,26 @@ def _family_defaults(which: int) -> str:
     return ", ".join(f"{FAMILY_NAMES[f]} {d[which]}" for f, d in SAMPLING_DEFAULTS.items())
 
 
+def _family_samplings() -> str:
+    """ "SD3 logit_normal, others uniform": each family's default timestep sampling."""
+    special = [f"{FAMILY_NAMES[f]} {s}" for f, s in FAMILY_SAMPLINGS.items() if s != "uniform"]
+    return ", ".join([*special, "others uniform"])
+
+
+def _family_targets() -> str:
+    """Each family's default target modules, for the --target-modules help."""
+    by_list: dict[tuple[str, ...], list[str]] = {}
+    for f, targets in FAMILY_TARGETS.items():
+        by_list.setdefault(targets or DEFAULT_TARGETS, []).append(FAMILY_NAMES[f])
+    return "; ".join(f"{', '.join(names)}: {' '.join(t)}" for t, names in by_list.items())
+
+
+def _shift(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    return _float(0, MAX_SHIFT, lo_inclusive=False)(text)
+
+
 class _Defaults(argparse.HelpFormatter):
     """Shows each option's default after its help: every default that is a value (not None, not a
     flag's False, not an empty string or list), unless the help already says it."""
@@ -168,7 +192,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         help="a TOML file of these options (lr = 1e-4, train-batch-size = 2, validation-prompt = [...]); "
         "the command line overrides it",
     )
-    p.add_argument("--model", required=True, help="local diffusers folder or hub id (SD 1.x/2.x, SD-XL, FLUX)")
+    p.add_argument(
+        "--model", required=True, help=f"local diffusers folder or hub id ({', '.join(FAMILY_NAMES.values())})"
+    )
     p.add_argument("--image", help="the training photo")
     p.add_argument("--image-dir", help="a folder of photos instead of one")
     p.add_argument("--token", required=True, help="rare word that will name the subject, e.g. sks")
@@ -241,7 +267,12 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--prior-dir", help="class images for DreamBooth prior preservation")
     p.add_argument("--prior-weight", type=_float(0, 1000), default=1.0, help="weight of the prior images' loss")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, slower steps")
-    p.add_argument("--target-modules", nargs="+", default=None, help="module name suffixes to adapt")
+    p.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=None,
+        help=f"module name suffixes to adapt (default: {_family_targets()})",
+    )
     p.add_argument(
         "--quantize",
         default=None,
@@ -267,6 +298,20 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--init", default="last", choices=INITS, help="which SVD triplets initialise P, lambda, Q (tlora)")
     g.add_argument(
         "--init-from", default="random", choices=INIT_SOURCES, help="SVD of a random matrix or of the weight (tlora)"
+    )
+    p.add_argument(
+        "--timestep-sampling",
+        default=None,
+        choices=TIMESTEP_SAMPLINGS,
+        help="density of the noise levels trained on (default: the family's diffusers script's: "
+        f"{_family_samplings()})",
+    )
+    p.add_argument(
+        "--shift",
+        type=_shift,
+        default=None,
+        help="flow matching: sigma -> k sigma / (1 + (k - 1) sigma); auto: by resolution, as the pipeline "
+        "samples (default: the scheduler's static shift, none with use_dynamic_shifting)",
     )
     _optimization_options(p)
     return p

@@ -17,7 +17,7 @@ from .files.io import load, read
 from .images import grid
 from .options import MAX_GUIDANCE, MAX_IMAGES, MAX_SAMPLE_STEPS, MAX_SEED, SCHEDULERS
 from .pipelines import check_dtype, check_side, load_pipeline, resolve_device
-from .train.recipes import family_of
+from .train.families import Family, family_of
 
 
 def fill(prompt: str, concept: str) -> str:
@@ -36,9 +36,11 @@ def sample_images(
     size: tuple[int, int] | None = None,
     desc: str = "sample",
     negative_prompt: str | None = None,
+    family: Family | None = None,
 ) -> list[list[Image.Image]]:
     """n images for each finished prompt (no {} left), seeded per prompt so that methods compare
-    on the same noise."""
+    on the same noise; `family`: the pipeline's recipe, which calls it (its own arguments, its
+    output's images), else a plain text-to-image call."""
     rows = []
     for i, text in enumerate(tqdm(texts, desc=desc, leave=False)):
         kwargs = dict(
@@ -51,7 +53,10 @@ def sample_images(
             kwargs.update(height=size[0], width=size[1])
         if negative_prompt:
             kwargs["negative_prompt"] = negative_prompt
-        rows.append(pipe(text, **kwargs).images)
+        if family is not None:
+            rows.append(family.sample(pipe, text, kwargs))
+        else:
+            rows.append(pipe(prompt=text, **kwargs).images)
     return rows
 
 
@@ -67,6 +72,7 @@ def sample_grid(
     size: tuple[int, int] | None = None,
     label: str = "",
     negative_prompt: str | None = None,
+    family: Family | None = None,
 ) -> Path:
     """Render n images per prompt ({} -> concept) into `out` as PNGs (each carries its prompt as a PNG
     text chunk, which `tlora evaluate` reads); returns the grid's path: one row per prompt, columns
@@ -75,7 +81,7 @@ def sample_grid(
 
     out.mkdir(parents=True, exist_ok=True)
     texts = [fill(p, concept) for p in prompts]
-    rows = sample_images(pipe, texts, n, steps, guidance, seed, size, negative_prompt=negative_prompt)
+    rows = sample_images(pipe, texts, n, steps, guidance, seed, size, negative_prompt=negative_prompt, family=family)
     for i, row in enumerate(rows):
         info = PngInfo()
         info.add_text("prompt", texts[i])
@@ -139,6 +145,7 @@ def generate(
     side = fam.default_resolution()
     size = (height or side, width or side) if (height or width) else None
     c = meta["config"]
+    guidance = fam.default_guidance if guidance is None else guidance
     return sample_grid(
         pipe,
         prompts,
@@ -146,11 +153,12 @@ def generate(
         Path(out),
         n=n,
         steps=steps or fam.default_steps,
-        guidance=fam.default_guidance if guidance is None else guidance,
+        guidance=guidance,
         seed=seed,
         size=size,
         label=f"{c.get('variant', 'adapter')} rank {c.get('rank', '?')}",
         negative_prompt=negative_prompt,
+        family=fam,
     )
 
 

@@ -35,10 +35,140 @@ MAX_CLASS_IMAGES = 100_000
 MAX_SAMPLE_STEPS = 1000  # denoising steps
 MAX_IMAGES = 256  # per prompt
 MAX_GUIDANCE = 100.0
-# Each family's sampling defaults, (denoising steps, guidance scale), by tlora.train.recipes' Family
-# names: the recipes read them from here, and `tlora generate --help` shows them.
-SAMPLING_DEFAULTS = {"sd": (25, 7.5), "sdxl": (25, 5.0), "flux": (28, 3.5)}
-FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SD-XL", "flux": "FLUX"}
+# Each family's sampling defaults, (denoising steps, guidance scale), by tlora.train.families' Family
+# names (each its stock pipeline's call defaults): the recipes read them from here, and `tlora
+# generate --help` shows them.
+SAMPLING_DEFAULTS = {
+    "sd": (25, 7.5),
+    "sdxl": (25, 5.0),
+    "flux": (28, 3.5),
+    "sd3": (28, 7.0),
+    "sana": (20, 4.5),
+    "lumina2": (30, 4.0),
+    "qwenimage": (50, 4.0),  # true_cfg_scale: Qwen-Image is not guidance-distilled
+    "flux2": (50, 4.0),
+    "zimage": (50, 5.0),
+    "chroma": (35, 5.0),
+    "auraflow": (50, 3.5),
+    "pixart": (20, 4.5),
+    "wan": (50, 5.0),
+    "flux_kontext": (28, 3.5),
+    "hidream": (50, 5.0),
+    "krea2": (28, 4.5),
+}
+FAMILY_NAMES = {
+    "sd": "SD 1.x/2.x",
+    "sdxl": "SD-XL",
+    "flux": "FLUX",
+    "sd3": "SD3/3.5",
+    "sana": "Sana",
+    "lumina2": "Lumina2",
+    "qwenimage": "Qwen-Image",
+    "flux2": "Flux2 (dev, klein)",
+    "zimage": "Z-Image",
+    "chroma": "Chroma",
+    "auraflow": "AuraFlow",
+    "pixart": "PixArt-Sigma",
+    "wan": "Wan (one frame)",
+    "flux_kontext": "FLUX.1 Kontext",
+    "hidream": "HiDream-I1",
+    "krea2": "Krea 2",
+}
+# How training draws its noise levels (`--timestep-sampling`): the densities of diffusers'
+# training_utils.compute_density_for_timestep_sampling (its "none" is uniform; sigmoid is the
+# sigmoid of a standard normal, logit_normal's default), and the mode density's scale.
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
+# Each family's default sampling: its diffusers DreamBooth LoRA script's --weighting_scheme
+# (logit_normal for SD3, "none" = uniform for the others).
+FAMILY_SAMPLINGS = {"sd": "uniform", "sdxl": "uniform", "flux": "uniform", "sd3": "logit_normal"}
+# Each family's default target modules: its diffusers DreamBooth LoRA script's list (None: the
+# attention projections, tlora.config.DEFAULT_TARGETS). Here, not in adapter/targets.py, so that
+# `tlora train --help` (torch-free) states them.
+FAMILY_TARGETS: dict[str, tuple[str, ...] | None] = {
+    "sd": None,
+    "sdxl": None,
+    # train_dreambooth_lora_flux.py: attention of both streams and the double blocks' feed-forwards
+    "flux": (
+        "attn.to_k",
+        "attn.to_q",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+    ),
+    # train_dreambooth_lora_sd3.py: attention of both streams
+    "sd3": (
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.to_k",
+        "attn.to_out.0",
+        "attn.to_q",
+        "attn.to_v",
+    ),
+    "sana": ("to_k", "to_q", "to_v"),
+    "lumina2": ("to_k", "to_q", "to_v", "to_out.0"),
+    "qwenimage": ("to_k", "to_q", "to_v", "to_out.0"),
+    # train_dreambooth_lora_flux2(_klein).py: the double blocks' attention, the single blocks' fused
+    # qkv+mlp input and their attention output (single_transformer_blocks.N.attn.to_out, for every
+    # N: the suffix attn.to_out, which in the double blocks names a ModuleList and adapts nothing)
+    "flux2": ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj", "attn.to_out"),
+    "zimage": ("to_k", "to_q", "to_v", "to_out.0"),
+    # no diffusers script: Chroma is FLUX.1-derived, FLUX.1's list; AuraFlow and PixArt-Sigma: attention
+    "chroma": None,
+    "auraflow": None,
+    "pixart": None,
+    "wan": None,
+    "hidream": ("to_k", "to_q", "to_v", "to_out"),
+    # train_dreambooth_lora_krea2.py: every projection of the DiT and its text and time embedders,
+    # but text_fusion.projector: a Linear(num_text_layers, 1) holds no rank above 1 (T-LoRA's factors
+    # are orthonormal, r <= min(in, out))
+    "krea2": (
+        "img_in",
+        "final_layer.linear",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "to_gate",
+        "ff.up",
+        "ff.down",
+        "txt_in.linear_1",
+        "txt_in.linear_2",
+        "time_embed.linear_1",
+        "time_embed.linear_2",
+        "time_mod_proj",
+    ),
+}
+FAMILY_TARGETS["chroma"] = FAMILY_TARGETS["flux"]
+# train_dreambooth_lora_flux_kontext.py: FLUX.1's list and the single blocks' MLP input
+FAMILY_TARGETS["flux_kontext"] = (*FAMILY_TARGETS["flux"], "proj_mlp")
+# The family whose default targets `tlora.inject(denoiser)` takes when none are given (a model
+# without its pipeline: a training script's `unet` / `transformer`), by the denoiser's class (or a
+# base class of it); other classes take tlora.config.DEFAULT_TARGETS. FLUX.1's transformer is
+# also Kontext's: the text-to-image script's list.
+DENOISER_FAMILIES = {
+    "UNet2DConditionModel": "sd",
+    "FluxTransformer2DModel": "flux",
+    "SD3Transformer2DModel": "sd3",
+    "SanaTransformer2DModel": "sana",
+    "Lumina2Transformer2DModel": "lumina2",
+    "QwenImageTransformer2DModel": "qwenimage",
+    "Flux2Transformer2DModel": "flux2",
+    "ZImageTransformer2DModel": "zimage",
+    "ChromaTransformer2DModel": "chroma",
+    "HiDreamImageTransformer2DModel": "hidream",
+    "Krea2Transformer2DModel": "krea2",
+}
+MODE_SCALE = 1.29
+MAX_SHIFT = 1000.0  # flow matching's --shift is in (0, MAX_SHIFT]
 # `tlora generate --scheduler`: name -> (diffusers class, settings over the model's scheduler config).
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),

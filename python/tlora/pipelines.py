@@ -1,5 +1,5 @@
 """Loading a diffusers pipeline (hub id or local folder, one code path) of a family tlora trains
-(train/recipes.py), its denoiser alone, and the checks of devices, dtypes and image sides."""
+(train/families/), its denoiser alone, and the checks of devices, dtypes and image sides."""
 
 from __future__ import annotations
 
@@ -13,23 +13,8 @@ from .config import check_int
 from .errors import ConfigError, InputError, MissingFileError, about
 from .options import DTYPES as DTYPE_NAMES
 from .options import MAX_SIDE, SIDE_STRIDE
-from .train.recipes import SUPPORTED, family_of
+from .train.families import REQUIRED_COMPONENTS, SUPPORTED, family_of
 
-# Components each supported pipeline cannot do without: a folder whose model_index.json names the
-# class but lacks them is another model mislabelled (e.g. an SD 1.x folder called SD-XL).
-REQUIRED_COMPONENTS = {
-    "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-    "StableDiffusionXLPipeline": (
-        "unet",
-        "vae",
-        "text_encoder",
-        "tokenizer",
-        "text_encoder_2",
-        "tokenizer_2",
-        "scheduler",
-    ),
-    "FluxPipeline": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
-}
 DTYPES = {name: getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items()}
 
 
@@ -125,6 +110,8 @@ def check_model_folder(path: str) -> None:
     for name, value in spec.items():
         if name.startswith("_") or not isinstance(value, list):  # other values are pipeline options
             continue
+        if not all(v is None or isinstance(v, str) for v in value):
+            continue  # a list-valued option (Krea 2's text_encoder_select_layers), not [library, class]
         if len(value) != 2:
             raise InputError(f"{index}: component {name!r} must be [library, class], got {value!r}")
         if value[0] is None:

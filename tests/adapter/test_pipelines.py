@@ -419,7 +419,7 @@ def test_saved_tiny_pipeline_loads_back(kind, tmp_path):
     from diffusers import DiffusionPipeline
 
     from tlora.pipelines import load_pipeline
-    from tlora.train.recipes import family_of
+    from tlora.train.families import family_of
 
     folder = save_tiny_pipeline(kind, tmp_path / kind)
     assert (folder / "model_index.json").is_file()

@@ -26,8 +26,8 @@ from tlora.generate import generate
 from tlora.images import MIN_LABELLED_TILE, load_image
 from tlora.testing.tiny import KINDS
 from tlora.testing.train_inputs import train_args
+from tlora.train.families import family_of
 from tlora.train.loop import train
-from tlora.train.recipes import family_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a photo of sks dog"

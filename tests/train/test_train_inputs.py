@@ -58,7 +58,8 @@ def test_train_prints_the_resolved_settings_before_training(models, image, tmp_p
     assert cli.main(train_args(models["sd"], image, tmp_path / "run", 1, 1, "--device", "auto")) == 0
     out = capsys.readouterr().out
     line = (
-        "training tlora rank 4 (r_min 2) for 1 steps on sd at 16x16; device cpu, weights float32 (mixed precision no)"
+        "training tlora rank 4 (r_min 2) for 1 steps on sd at 16x16, timesteps uniform; device cpu, "
+        "weights float32 (mixed precision no)"
     )
     assert line in out, out
     assert out.index(line) < out.index("adapter written to")

@@ -86,7 +86,7 @@ def inject(
     - `init` ("principal" | "middle" | "last") and `init_from` ("random" | "weight"): which SVD
       triplets initialise P, lambda, Q, of a seeded N(0, 1/r^2) matrix or of the pretrained weight.
     - `target_modules`: module-name suffixes or one regular expression over full module paths.
-      Default: the family's (`tlora.adapter.targets.FAMILY_TARGETS`, what diffusers' DreamBooth
+      Default: the family's (`tlora.options.FAMILY_TARGETS`, what diffusers' DreamBooth
       LoRA scripts adapt: a UNet's attention to_k, to_q, to_v, to_out.0; FLUX's attention of both
       streams and both feed-forwards), else attention to_q, to_k, to_v, to_out.0 and add_{q,k,v}_proj.
     - `lora_alpha`: scale the update by alpha / rank (default: no scaling, as in the paper).

@@ -5,7 +5,7 @@ init_lora_weights="gaussian", lora_dropout) then adapts the same modules at the 
 The mapping: r -> rank; lora_alpha -> lora_alpha (the update is scaled by lora_alpha / r, as in
 PEFT; with use_rslora, lora_alpha / sqrt(r), the same number); target_modules -> target_modules
 (suffixes or one regular expression, matched as PEFT matches them; None: the family's default,
-adapter.targets.FAMILY_TARGETS). T-LoRA's update starts at zero as PEFT's default LoRA does, so
+options.FAMILY_TARGETS). T-LoRA's update starts at zero as PEFT's default LoRA does, so
 init_lora_weights True or "gaussian" changes nothing. Options T-LoRA does not have (DoRA,
 dropout, bias training, per-module ranks, ...) are named in a warning and left out.
 """

@@ -10,39 +10,19 @@ from torch import nn
 
 from ..config import DEFAULT_TARGETS
 from ..errors import ConfigError
+from ..options import DENOISER_FAMILIES, FAMILY_TARGETS
 from .quantized import adaptable_linear
-
-# The default target_modules of each family: the module suffixes diffusers' DreamBooth LoRA scripts
-# adapt (examples/dreambooth/train_dreambooth_lora_sdxl.py, train_dreambooth_lora_flux.py), so that
-# tlora in such a script adapts what PEFT did. Keyed by the denoiser class (or a base class of it);
-# other classes take DEFAULT_TARGETS. `tlora train` and `inject` read this one table.
-FAMILY_TARGETS: dict[str, tuple[str, ...]] = {
-    # SD 1.x/2.x and SD-XL: the attention projections (self- and cross-attention)
-    "UNet2DConditionModel": ("to_k", "to_q", "to_v", "to_out.0"),
-    # FLUX.1: both streams' attention, the context stream's output projection, both feed-forwards
-    "FluxTransformer2DModel": (
-        "attn.to_k",
-        "attn.to_q",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_k_proj",
-        "attn.add_q_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "ff.net.0.proj",
-        "ff.net.2",
-        "ff_context.net.0.proj",
-        "ff_context.net.2",
-    ),
-}
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
-    """The target_modules used when none are given: the model family's (FAMILY_TARGETS), else
-    DEFAULT_TARGETS."""
+    """The target_modules used when none are given: the family's of the model's class (the module
+    suffixes its diffusers DreamBooth LoRA script adapts, options.FAMILY_TARGETS, through
+    options.DENOISER_FAMILIES), so that tlora in such a script adapts what PEFT did; else
+    DEFAULT_TARGETS. `tlora train` and `inject` read this one table."""
     for cls in type(model).__mro__:
-        if cls.__name__ in FAMILY_TARGETS:
-            return FAMILY_TARGETS[cls.__name__]
+        family = DENOISER_FAMILIES.get(cls.__name__)
+        if family is not None:
+            return FAMILY_TARGETS.get(family) or DEFAULT_TARGETS
     return DEFAULT_TARGETS
 
 

@@ -121,12 +121,12 @@ def tiny_clip_text_model_with_projection(seed: int = 0, projection_dim: int = SD
         return CLIPTextModelWithProjection(_clip_config(projection_dim)).eval()
 
 
-def tiny_t5_encoder(seed: int = 0):
+def tiny_t5_encoder(seed: int = 0, d_model: int = FLUX_JOINT_DIM):
     from transformers import T5Config, T5EncoderModel
 
     cfg = T5Config(
         vocab_size=t5_vocab_size(),
-        d_model=FLUX_JOINT_DIM,
+        d_model=d_model,
         d_kv=8,
         d_ff=37,
         num_layers=2,

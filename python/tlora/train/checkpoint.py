@@ -428,6 +428,27 @@ def _read_optimizer(path: Path, text: str) -> tuple[list[dict], dict, str]:
     return groups, scalars, kind
 
 
+# Settings that are flags in every optimizer tlora builds (torch's AdamW, Prodigy, bitsandbytes'
+# 8-bit AdamW): a number there is a corrupted file, never a running value.
+GROUP_FLAGS = frozenset(
+    {
+        "amsgrad",
+        "foreach",
+        "maximize",
+        "capturable",
+        "differentiable",
+        "fused",
+        "decoupled_weight_decay",
+        "decouple",
+        "use_bias_correction",
+        "safeguard_warmup",
+        "block_wise",
+        "skip_zeros",
+        "is_paged",
+    }
+)
+
+
 def _check_groups(path: Path, groups: list[dict], n_params: int) -> None:
     """AdamW's parameter groups: together they hold each trainable factor once; hyperparameters in range."""
     seen: list[int] = []
@@ -452,6 +473,8 @@ def _check_groups(path: Path, groups: list[dict], n_params: int) -> None:
         except ConfigError as e:
             raise _fail(path, name, str(e)) from None
         for key, value in g.items():
+            if key in GROUP_FLAGS and not isinstance(value, (bool, type(None))):
+                raise _fail(path, f"{name}.{key}", f"must be true, false or null, got {value!r}"[:300])
             if key in GROUP_NUMBERS or key in ("params", "betas") or isinstance(value, (bool, type(None))):
                 continue
             # Other optimizers' settings and running values (Prodigy's d, its growth rate, ...).
@@ -597,8 +620,9 @@ def _check_fits(
         raise _fail(state_file, "optimizer.param_groups", "do not match this run's optimizer (other parameter groups)")
     for i, (g, h) in enumerate(zip(cp.groups, live)):
         for key, value in g.items():
-            flag = isinstance(value, (bool, type(None))) and isinstance(h.get(key), (bool, type(None)))
-            if key in h and flag and h[key] != value:
+            # a flag of this run's optimizer must be the same flag in the checkpoint
+            flag = isinstance(h.get(key), (bool, type(None)))
+            if key in h and flag and (not isinstance(value, (bool, type(None))) or h[key] != value):
                 raise _fail(
                     state_file,
                     f"optimizer.param_groups[{i}].{key}",

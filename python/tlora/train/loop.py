@@ -36,6 +36,7 @@ from ..options import (
     MAX_LR,
     MAX_SAMPLE_STEPS,
     MAX_SEED,
+    MAX_SHIFT,
     MAX_SIDE,
     MAX_TRAIN_STEPS,
     MIXED_PRECISION,
@@ -44,6 +45,7 @@ from ..options import (
     QUANTIZE,
     REPORT_TO,
     SIDE_STRIDE,
+    TIMESTEP_SAMPLINGS,
 )
 from ..pipelines import check_dtype, check_side, load_pipeline, resolve_device
 from . import drift
@@ -58,9 +60,9 @@ from .checkpoint import (
     save_checkpoint,
     write_json,
 )
+from .families import Family, family_of
 from .optim import FactorEMA, apply_schedule, build_optimizer, build_scheduler, scheduler_state
 from .prompts import CLASS_PROMPT, INSTANCE_PROMPT, check_template, fill, image_caption
-from .recipes import Family, family_of
 
 # Files of a run in --out: another run's are refused unless --resume or --overwrite.
 # samples/: validation samples of steps without a checkpoint; logs/: the trackers' (--report-to).
@@ -75,8 +77,9 @@ RUN_FILES = (
     drift.BASE_SAMPLES,
 )
 # Settings a resumed run must share with the run it continues (the lr may change: it is applied).
-RESUME_FIXED_TRAIN = ("model", "token", "class_name", "resolution", "seed")
-RESUME_FIXED_ADAPTER = ("variant", "rank", "min_rank", "rank_exponent", "target_modules")
+# target_modules as typed: None is the family's default list (tlora.train.families).
+RESUME_FIXED_TRAIN = ("model", "token", "class_name", "resolution", "seed", "target_modules")
+RESUME_FIXED_ADAPTER = ("variant", "rank", "min_rank", "rank_exponent")
 
 
 @dataclass
@@ -146,6 +149,9 @@ class TrainConfig:
     # Data: the images' mirror images trained on too; prior images made with the base model up to this count.
     random_flip: bool = False
     num_class_images: int = 0
+    # How noise levels are drawn (None: the family's diffusers script default; see tlora.train.families).
+    timestep_sampling: str | None = None  # uniform | logit_normal | mode | sigmoid
+    shift: float | str | None = None  # flow matching's shift, a number or "auto" (by resolution)
 
     def __post_init__(self) -> None:
         """Each refusal is a ConfigError naming the field (`fields`: see tlora.errors)."""
@@ -205,6 +211,14 @@ class TrainConfig:
                     f"{name} must be one of {', '.join(c for c in choices if c)}, got {getattr(self, name)!r}",
                     field=name,
                 )
+        if self.timestep_sampling is not None and self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ConfigError(
+                f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, got {self.timestep_sampling!r}",
+                field="timestep_sampling",
+            )
+        if self.shift is not None and self.shift != "auto":
+            with about("shift"):
+                check_float("shift", self.shift, 0.0, MAX_SHIFT, lo_inclusive=False)
         for p in self.validation_prompts:
             if "{}" not in p:
                 raise ConfigError(
@@ -351,6 +365,8 @@ def _check_train_setting(key: str, value) -> None:
             check_int(key, value, SIDE_STRIDE, MAX_SIDE)
     elif key == "seed":
         check_int(key, value, 0, MAX_SEED)
+    elif key == "target_modules":
+        AdapterConfig(target_modules=value)
 
 
 def _read_run_config(path: Path) -> tuple[dict, dict]:
@@ -374,6 +390,9 @@ def _read_run_config(path: Path) -> tuple[dict, dict]:
     for key in RESUME_FIXED_TRAIN:
         try:
             if key not in train:
+                if key == "target_modules":  # (a run of a tlora that compared it in the adapter section)
+                    train[key] = adapter.get(key)
+                    continue
                 raise ConfigError("missing")
             _check_train_setting(key, train[key])
         except ConfigError as e:
@@ -555,7 +574,8 @@ def _train(cfg: TrainConfig, acc, out: Path, weight_dtype: torch.dtype, resume_f
     # what the run does, not only what was typed.
     acc.print(
         f"training {c.variant} rank {c.rank} (r_min {c.min_rank}) for {cfg.steps} steps on {run.fam.name} "
-        f"at {run.resolution}x{run.resolution}; device {acc.device}, weights {str(weight_dtype).removeprefix('torch.')}"
+        f"at {run.resolution}x{run.resolution}, timesteps {run.fam.sampling_description()}; device {acc.device}, "
+        f"weights {str(weight_dtype).removeprefix('torch.')}"
         f" (mixed precision {cfg.mixed_precision}), lr {cfg.lr:g}, seed {cfg.seed}; {cfg.optimizer}, lr schedule "
         f"{cfg.lr_scheduler}, batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulated"
         + (f", EMA {cfg.ema_decay:g}" if cfg.ema_decay is not None else "")
@@ -598,6 +618,8 @@ class _Run:
             vae=cfg.pretrained_vae,
         ).to(acc.device)
         fam: Family = family_of(self.pipe)
+        with about("timestep_sampling", "shift"):
+            fam.configure_sampling(cfg.timestep_sampling, cfg.shift)
         self.fam = fam
         self.resolution = resolution = cfg.resolution if cfg.resolution is not None else fam.default_resolution()
         paths = [Path(cfg.image)] if cfg.image else list_images(cfg.image_dir)
@@ -660,7 +682,7 @@ class _Run:
             min_rank=cfg.min_rank,
             rank_exponent=cfg.rank_exponent,
             variant=cfg.variant,
-            target_modules=cfg.target_modules,
+            target_modules=cfg.target_modules if cfg.target_modules is not None else fam.default_targets,
             lora_alpha=cfg.lora_alpha,
             init=cfg.init,
             init_from=cfg.init_from,
@@ -748,7 +770,7 @@ class _Run:
         idx = torch.randint(0, mean.shape[0], (n,), generator=gen)
         eps = torch.randn(mean[idx].shape, generator=gen)
         latents = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(mean.device)
-        t = torch.randint(0, fam.num_train_timesteps, (n,), generator=gen).to(acc.device)
+        t = fam.sample_timesteps(gen, n, self.resolution).to(acc.device)
         chosen = [prompts[i] for i in idx.tolist()]
         if dropout:
             dropped = (torch.rand(n, generator=gen) < dropout).tolist()
@@ -880,6 +902,7 @@ class _Run:
             seed=cfg.seed,
             size=(self.resolution, self.resolution),
             label=label,
+            family=self.fam,
         )
 
     def report(self, values: dict, step: int) -> None:
