@@ -2,11 +2,14 @@
 
 tlora links libtorch through the Rust crate tch, and each tch release pins one libtorch version
 (torch-sys checks it at build time). One source tree builds for each supported torch through its
-own manifest: ./Cargo.toml (tch 0.26) and torch-2.11/Cargo.toml (tch 0.24), which shares ../src.
+own manifest: ./Cargo.toml (tch 0.26), torch-2.11/Cargo.toml (tch 0.24) and torch-2.10/Cargo.toml
+(tch 0.23), which share ../src.
 
     python tools/torch_build.py manifest         # the manifest for the installed torch, or exit 2
+    python tools/torch_build.py build-env        # NAME=VALUE lines the build of that torch needs
     python tools/torch_build.py requirement      # the wheel's torch requirement, e.g. torch==2.13.0
-    python tools/torch_build.py check-manifests  # both manifests agree apart from tch / pyo3-tch
+    python tools/torch_build.py supported        # the supported torch releases, newest first
+    python tools/torch_build.py check-manifests  # the manifests agree apart from tch / pyo3-tch
     python tools/torch_build.py finish-wheel W   # pin torch in W's metadata, point its rpath at torch
 
 Run it with the Python whose torch the build is for (the Makefile uses the venv's).
@@ -24,14 +27,29 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# torch release -> (manifest relative to the repository root, the tch version that pins it).
+
+class Build(NamedTuple):
+    manifest: str  # relative to the repository root
+    tch: str  # the tch (and pyo3-tch) release the manifest names
+    env: tuple[str, ...] = ()  # NAME=VALUE settings the cargo build of this torch needs
+
+
+# torch release -> how tlora builds against it.
 SUPPORTED = {
-    "2.13.0": ("Cargo.toml", "0.26.0"),
-    "2.11.0": ("torch-2.11/Cargo.toml", "0.24.0"),
+    "2.13.0": Build("Cargo.toml", "0.26.0"),
+    "2.11.0": Build("torch-2.11/Cargo.toml", "0.24.0"),
+    "2.10.0": Build("torch-2.10/Cargo.toml", "0.23.0"),
+    # crates.io has no tch for torch 2.12: tch 0.26 (generated for 2.13) compiles against 2.12's
+    # headers once torch-sys's version check is bypassed, and the wheel passes the other torches'
+    # tests. Its own target folder: torch-sys's C++ wrapper built against 2.13 must not be reused.
+    "2.12.0": Build("Cargo.toml", "0.26.0", ("LIBTORCH_BYPASS_VERSION_CHECK=1", "CARGO_TARGET_DIR=target/torch-2.12")),
 }
+# Releases tried and refused, with what was measured (the refusal message quotes it).
+REFUSED: dict[str, str] = {}
 # Lines that may differ between the manifests: the torch binding versions and the file layout.
 VERSION_SPECIFIC = re.compile(r'^(tch|pyo3-tch) = |^path = "\.\./src/lib\.rs"$|^autobenches = ')
 
@@ -52,18 +70,32 @@ def installed_torch() -> str:
     return torch.__version__.split("+", 1)[0]
 
 
+def _release_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def supported_versions() -> list[str]:
+    return sorted(SUPPORTED, key=_release_key, reverse=True)
+
+
 def supported_list() -> str:
-    return ", ".join(f"torch {v}" for v in sorted(SUPPORTED))
+    return ", ".join(f"torch {v}" for v in supported_versions())
+
+
+def build_for(version: str) -> Build:
+    if version not in SUPPORTED:
+        why = f" ({REFUSED[version]})" if version in REFUSED else ""
+        pins = " or ".join(f"torch=={v}" for v in supported_versions())
+        raise BuildError(
+            f"tlora builds against {supported_list()} (each tch release pins one libtorch); the "
+            f"installed torch is {version}{why}. Install a supported one (pip install {pins}) next to "
+            f"this Python ({sys.executable}) and build again."
+        )
+    return SUPPORTED[version]
 
 
 def manifest_for(version: str) -> Path:
-    if version not in SUPPORTED:
-        raise BuildError(
-            f"tlora builds against {supported_list()} (each tch release pins one libtorch); the "
-            f"installed torch is {version}. Install a supported one (pip install torch==2.13.0 or "
-            f"torch==2.11.0) next to this Python ({sys.executable}) and build again."
-        )
-    return ROOT / SUPPORTED[version][0]
+    return ROOT / build_for(version).manifest
 
 
 def requirement(version: str) -> str:
@@ -83,18 +115,20 @@ def check_manifests() -> None:
             lines.append(line)
         return lines
 
-    main, other = relevant(ROOT / "Cargo.toml"), relevant(ROOT / "torch-2.11/Cargo.toml")
-    # The main manifest also carries the benches and their dev-dependency; the 2.11 one needs none.
-    extra_main = [line for line in main if line not in other]
+    main = relevant(ROOT / "Cargo.toml")
+    # The main manifest also carries the benches and their dev-dependency; the others need none.
     allowed = {"[[bench]]", 'name = "kernels"', "harness = false"}
-    unexpected = [line for line in extra_main if line not in allowed and not line.startswith("criterion")]
-    missing = [line for line in other if line not in main]
-    if unexpected or missing:
-        raise BuildError(
-            "Cargo.toml and torch-2.11/Cargo.toml drifted apart (only tch / pyo3-tch may differ): "
-            f"only in Cargo.toml: {unexpected}; only in torch-2.11/Cargo.toml: {missing}"
-        )
-    for version, (manifest, tch) in SUPPORTED.items():
+    for manifest in sorted({build.manifest for build in SUPPORTED.values()} - {"Cargo.toml"}):
+        other = relevant(ROOT / manifest)
+        extra_main = [line for line in main if line not in other]
+        unexpected = [line for line in extra_main if line not in allowed and not line.startswith("criterion")]
+        missing = [line for line in other if line not in main]
+        if unexpected or missing:
+            raise BuildError(
+                f"Cargo.toml and {manifest} drifted apart (only tch / pyo3-tch may differ): "
+                f"only in Cargo.toml: {unexpected}; only in {manifest}: {missing}"
+            )
+    for version, (manifest, tch, _env) in SUPPORTED.items():
         text = (ROOT / manifest).read_text()
         for crate in ("tch", "pyo3-tch"):
             if not re.search(rf'^{crate} = .*"{re.escape(tch)}"', text, re.M):
@@ -157,6 +191,10 @@ def main(argv: list[str]) -> int:
     try:
         if argv[:1] == ["manifest"]:
             print(manifest_for(installed_torch()).relative_to(ROOT))
+        elif argv[:1] == ["build-env"]:
+            print("\n".join(build_for(installed_torch()).env))
+        elif argv[:1] == ["supported"]:
+            print(" ".join(supported_versions()))
         elif argv[:1] == ["requirement"]:
             print(requirement(installed_torch()))
         elif argv[:1] == ["check-manifests"]:
