@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,6 @@ class DriftTracker:
     training_images: Sequence[Image.Image]
     base_samples: Sequence[Image.Image]
     log: Path | None = None
-    history: list[tuple[int, list[float]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._photos = [pixels(t) for t in self.training_images]
@@ -71,7 +70,6 @@ class DriftTracker:
         """The mean drift of `samples` (validation at `step`), appended to the log; returns it."""
         values = self.drifts(samples)
         mean = float(np.mean(values))
-        self.history.append((step, values))
         if self.log is not None:
             entry = {"step": step, "drift": [round(v, 6) for v in values], "mean": round(mean, 6)}
             with open(self.log, "a") as f:
@@ -131,9 +129,18 @@ def plot(
     return stack(panels)
 
 
+def _sample_file(folder: Path, prompt: int) -> Path:
+    """The first sample of prompt number `prompt` as generate.sample_grid names it."""
+    return folder / f"{prompt:02d}-0.png"
+
+
+def has_samples(folder: Path, count: int) -> bool:
+    return all(_sample_file(folder, i).is_file() for i in range(count))
+
+
 def read_samples(folder: Path, count: int) -> list[Image.Image]:
     """The first sample of each of `count` prompts that generate.sample_grid wrote into `folder`."""
-    return [Image.open(folder / f"{i:02d}-0.png").convert("RGB") for i in range(count)]
+    return [Image.open(_sample_file(folder, i)).convert("RGB") for i in range(count)]
 
 
 def truncate(path: Path, step: int) -> None:

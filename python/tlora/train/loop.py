@@ -750,7 +750,7 @@ class _Run:
         base = self.out / drift.BASE_SAMPLES
         if start == 0:
             self._validation_grid(base, "base model (step 0)")
-        elif not all((base / f"{i:02d}-0.png").is_file() for i in range(len(cfg.validation_prompts))):
+        elif not drift.has_samples(base, len(cfg.validation_prompts)):
             self.acc.print(f"no base samples in {base}: the drift toward the training image is not tracked")
             return None
         drift.truncate(self.out / drift.DRIFT_LOG, start)
