@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from tlora.cli import main
 from tlora.errors import InputError, MissingFileError
-from tlora.evaluate import Encoders, evaluate, markdown, paper_prompts, parse_colour
+from tlora.evaluate import Encoders, evaluate, markdown, parse_colour, prompt_templates
 from tlora.images import MIN_LABELLED_TILE, grid, label_font
+from tlora.prompt_sets import PROMPT_SETS
 from tlora.testing.tiny import save_tiny_clip, save_tiny_dino
 
 
@@ -152,10 +153,18 @@ def test_prompt_sources(scorers, tmp_path):
     manifest.write_text('{"file": "00-0.png", "prompt": "x one"}\n{"file": "02-0.png", "prompt": "x two"}\n')
     rep = evaluate(gen, [ref], prompts=manifest, encoders=enc)
     assert [r["prompt"] for r in rep["per_image"]] == ["x one", "x two"]
-    assert len(paper_prompts("object")) == len(paper_prompts("live")) == 25
+    assert len(prompt_templates("object")) == len(prompt_templates("live")) == 25
     assert (
-        len(set(paper_prompts("object")) | set(paper_prompts("live"))) == 35
+        len(set(prompt_templates("object")) | set(prompt_templates("live"))) == 35
     )  # 15 shared (10 scenes, 5 recolourings) + 10 + 10
+    # the paper's sets (Appendix A): the base prompt, 25 context and 6 complex prompts; 170 images
+    for name in ("paper-object", "paper-live"):
+        groups = {g.name: (len(g.templates), g.images) for g in PROMPT_SETS[name].groups}
+        assert groups == {"base": (1, 15), "context": (25, 5), "complex": (6, 5)}
+        assert PROMPT_SETS[name].images == 170 and len(set(prompt_templates(name))) == 32
+        assert prompt_templates(name)[0] == "a photo of {}" and all("{}" in t for t in prompt_templates(name))
+    rep = evaluate(gen, [ref], prompt_set="paper-live", concept="dog", encoders=enc)
+    assert [r["prompt"] for r in rep["per_image"]] == ["a photo of dog", "a red dog"]
     assert "| a dog in the jungle | 1 |" in markdown(
         evaluate(gen, [ref], prompt_set="live", concept="dog", encoders=enc)
     )

@@ -153,7 +153,7 @@ def test_parser_choices_and_limits_are_the_librarys():
     assert tlora.files.export.FORMATS is options.EXPORT_FORMATS
     assert tuple(tlora.files.export.WRITERS) == options.EXPORT_FORMATS  # a writer for each choice, no other
     assert tuple(tlora.pipelines.DTYPES) == tuple(options.DTYPES)
-    assert tuple(tlora.evaluate.PAPER_PROMPTS) == options.PROMPT_SETS
+    assert tuple(tlora.prompt_sets.PROMPT_SETS) == options.PROMPT_SETS
     assert set(options.PAPER_STEPS) == set(config.VARIANTS)
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices

@@ -15,6 +15,7 @@ LEVELS = {
     # demo/'s world and tokenizer are plain data, also used by testing/ (the tiny CLIP's vocabulary)
     "errors": 1,
     "options": 1,  # the options' choices and limits, for the parser and the library
+    "prompt_sets": 1,  # evaluation prompt sets, plain data
     "timesteps": 1,
     "files.atomic": 1,
     "demo.world": 1,
@@ -59,6 +60,7 @@ LEVELS = {
     "train.drift": 3,  # the overfitting view: drift toward the training image, its chart (images)
     "evaluate": 11,
     "generate": 12,
+    "protocol": 13,  # the paper's evaluation in one call: generate, then evaluate
     "train.loop": 13,
     "demo.evaluate": 13,
     "demo.run": 13,

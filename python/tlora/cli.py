@@ -14,8 +14,10 @@ import logging
 import math
 import re
 import sys
+from pathlib import Path
 
 from .config import DEFAULT_TARGETS, INIT_SOURCES, INITS, MAX_RANK, MAX_TIMESTEPS, MIN_TIMESTEPS, VARIANTS
+from .errors import InputError
 from .options import (
     DTYPES,
     EXPORT_FORMATS,
@@ -520,7 +522,18 @@ def _evaluate_parser(sub) -> argparse.ArgumentParser:
         "image, its background masked when --mask is given) and CLIP-T (cosine to the prompt). "
         "Writes evaluation.json and evaluation.md (per prompt and overall mean).",
     )
-    p.add_argument("--generated", required=True, help="folder of generated images (grid.png is skipped)")
+    p.add_argument(
+        "--generated",
+        default=None,
+        help="folder of generated images to score (grid.png is skipped); or --adapter to sample them first",
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="sample --prompt-set with this adapter on --model into OUT/generated first, then score it "
+        "(the paper's protocol in one command with --prompt-set paper-object / paper-live)",
+    )
+    p.add_argument("--model", default=None, help="with --adapter: the base model it was trained on")
     p.add_argument(
         "--reference",
         dest="references",
@@ -550,7 +563,8 @@ def _evaluate_parser(sub) -> argparse.ArgumentParser:
         "--prompt-set",
         choices=PROMPT_SETS,
         default=None,
-        help="the 25 DreamBooth context prompts (object or live subject); file NN-*.png has prompt NN",
+        help="object / live: DreamBooth's 25 context prompts; paper-object / paper-live: the T-LoRA paper's "
+        "(a photo of {} x15, 25 context and 6 complex prompts x5); file NN-*.png has prompt NN",
     )
     p.add_argument("--concept", help="what replaces {} in --prompt-set, e.g. 'dog' or 'sks dog'")
     p.add_argument(
@@ -561,8 +575,19 @@ def _evaluate_parser(sub) -> argparse.ArgumentParser:
         default=[],
         help="word removed from prompts before CLIP-T, e.g. sks",
     )
+    p.add_argument(
+        "--steps", type=_int(1, MAX_SAMPLE_STEPS), default=None, help="with --adapter: denoising steps (the family's)"
+    )
+    p.add_argument("--guidance", type=_float(0, MAX_GUIDANCE), default=None, help="with --adapter: guidance scale")
+    p.add_argument("--seed", type=SEED, default=0, help="with --adapter: prompt i of the set is sampled from seed + i")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="with --adapter: the pipeline's weights")
     p.add_argument("--device", default="cpu", help="cpu (default), auto (CUDA when available), cuda or cuda:N")
-    p.add_argument("--out", required=True, help="output folder for evaluation.json and evaluation.md")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder for evaluation.json and evaluation.md (with --adapter: generated/, protocol.json "
+        "and protocol.md)",
+    )
     return p
 
 
@@ -651,8 +676,44 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     opts = _options(args)
     out = opts.pop("out")
     opts["mask_fill"] = parse_colour(opts["mask_fill"])
+    sampling = {k: opts.pop(k) for k in ("adapter", "model", "steps", "guidance", "seed", "dtype")}
+    if sampling["adapter"] is not None:
+        _run_protocol(opts, sampling, out)
+        return
+    if opts["generated"] is None:
+        raise InputError(
+            "give --generated (a folder of images to score) or --adapter with --model and --prompt-set "
+            "(sample the set, then score it)",
+            field="generated",
+        )
+    given = [k for k in ("model", "steps", "guidance") if sampling[k] is not None]
+    if given:
+        raise InputError(f"{given[0]} samples images: it needs adapter (or leave it out)", field=(given[0], "adapter"))
     report = evaluate(**opts)
     print(markdown(report) + f"written to {', '.join(map(str, write_report(report, out)))}")
+
+
+def _run_protocol(opts: dict, sampling: dict, out: str) -> None:
+    from .protocol import markdown, run
+
+    if opts.pop("generated") is not None:
+        raise InputError(
+            "give --generated (score a folder) or --adapter (sample, then score), not both", field="generated"
+        )
+    if sampling["model"] is None or opts["prompt_set"] is None:
+        raise InputError(
+            "adapter samples a prompt set: give model (the base model) and prompt_set (e.g. paper-object)",
+            field=("model", "prompt_set"),
+        )
+    for k in ("prompts", "concept"):
+        if opts.pop(k) is not None:
+            raise InputError(f"{k} is read from the adapter and the prompt set with adapter: leave it out", field=k)
+    if opts.pop("drop_words"):
+        raise InputError(
+            "with adapter, the concept's token is dropped before CLIP-T: leave drop_words out", field="drop_words"
+        )
+    report = run(out=out, **sampling, **opts)
+    print(markdown(report) + f"written to {Path(out) / 'protocol.json'} and {Path(out) / 'protocol.md'}")
 
 
 def _handled_by(p: argparse.ArgumentParser, run) -> None:

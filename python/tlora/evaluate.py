@@ -19,8 +19,9 @@ CLIPProcessor, and AutoModel + AutoImageProcessor for DINO (Dinov2Model, or ViTM
 
 Prompts of generated images, first found wins: a manifest given with `prompts=` (JSON object
 {file name: prompt}, JSON list of {"file", "prompt"}, or JSONL of such objects); the "prompt" text
-chunk `tlora generate` writes into each PNG; a prompt set (`prompt_set="live"|"object"`, the 25
-DreamBooth context prompts) indexed by the "NN-" prefix `tlora generate` gives its files.
+chunk `tlora generate` writes into each PNG; a prompt set (`prompt_set=`, tlora.prompt_sets: DreamBooth's
+"object" / "live", the T-LoRA paper's "paper-object" / "paper-live") indexed by the "NN-" prefix
+`tlora generate` gives its files. `tlora.protocol` generates and scores a whole set in one call.
 """
 
 from __future__ import annotations
@@ -39,54 +40,7 @@ from PIL import Image
 from .errors import InputError, MissingFileError
 from .files.atomic import write_atomic
 from .images import IMAGE_SUFFIXES, _open, check_input_file, subject_mask, to_rgb
-from .options import PROMPT_SETS
-
-# The context prompts of DreamBooth's evaluation (Ruiz et al. 2023), which the T-LoRA paper uses:
-# 25 per concept, one list for objects and one for live subjects (pets). {} is "token class".
-_SHARED = (
-    "a {} in the jungle",
-    "a {} in the snow",
-    "a {} on the beach",
-    "a {} on a cobblestone street",
-    "a {} on top of pink fabric",
-    "a {} on top of a wooden floor",
-    "a {} with a city in the background",
-    "a {} with a mountain in the background",
-    "a {} with a blue house in the background",
-    "a {} on top of a purple rug in a forest",
-)
-_RECOLOUR = ("a red {}", "a purple {}", "a shiny {}", "a wet {}", "a cube shaped {}")
-_OBJECT, _LIVE = PROMPT_SETS  # the sets' names (tlora.options)
-PAPER_PROMPTS = {
-    _OBJECT: _SHARED
-    + (
-        "a {} with a wheat field in the background",
-        "a {} with a tree and autumn leaves in the background",
-        "a {} with the Eiffel Tower in the background",
-        "a {} floating on top of water",
-        "a {} floating in an ocean of milk",
-        "a {} on top of green grass with sunflowers around it",
-        "a {} on top of a mirror",
-        "a {} on top of the sidewalk in a crowded street",
-        "a {} on top of a dirt road",
-        "a {} on top of a white rug",
-    )
-    + _RECOLOUR,
-    _LIVE: _SHARED
-    + (
-        "a {} wearing a red hat",
-        "a {} wearing a santa hat",
-        "a {} wearing a rainbow scarf",
-        "a {} wearing a black top hat and a monocle",
-        "a {} in a chef outfit",
-        "a {} in a firefighter outfit",
-        "a {} in a police outfit",
-        "a {} wearing pink glasses",
-        "a {} wearing a yellow shirt",
-        "a {} in a purple wizard outfit",
-    )
-    + _RECOLOUR,
-}
+from .prompt_sets import PROMPT_SETS
 
 CLIP_TYPES = ("clip",)
 DINO_TYPES = ("dinov2", "dinov2_with_registers", "vit")
@@ -94,11 +48,12 @@ SKIPPED_FILES = ("grid.png",)  # the overview `tlora generate` writes next to th
 METRICS = ("clip_i", "clip_t", "dino")
 
 
-def paper_prompts(kind: str) -> list[str]:
-    """The 25 DreamBooth context prompts for "object" or "live" subjects, with {} for the concept."""
-    if kind not in PAPER_PROMPTS:
-        raise InputError(f"unknown prompt set {kind!r}: use one of {sorted(PAPER_PROMPTS)}", field="prompt_set")
-    return list(PAPER_PROMPTS[kind])
+def prompt_templates(name: str) -> list[str]:
+    """The prompts of set `name` (tlora.prompt_sets: "object", "live", "paper-object", "paper-live"),
+    with {} for the concept, in file order (NN-*.png has prompt NN)."""
+    if name not in PROMPT_SETS:
+        raise InputError(f"unknown prompt set {name!r}: use one of {sorted(PROMPT_SETS)}", field="prompt_set")
+    return PROMPT_SETS[name].templates
 
 
 # ---- models -----------------------------------------------------------------------------------
@@ -367,7 +322,7 @@ def _prompts_for(
                 f"prompt manifest {manifest} names {len(unknown)} file(s) not in the folder "
                 f"(e.g. {unknown[0]}): its entries and the generated images do not match"
             )
-    templates = paper_prompts(prompt_set) if prompt_set else None
+    templates = prompt_templates(prompt_set) if prompt_set else None
     if templates and not concept:
         raise InputError(
             "prompt_set needs concept, the words that replace {} (e.g. 'dog' or 'sks dog')",
@@ -411,7 +366,7 @@ def evaluate(
     dict that `write_report` saves. `drop_words` are removed from prompts before CLIP-T (e.g. the
     rare token "sks", which CLIP's text encoder does not know). A bad input is an InputError (or
     MissingFileError) naming the setting (`fields`: see tlora.errors)."""
-    refs = _references(references, masks, mask_fill)
+    refs = reference_images(references, masks, mask_fill)
     files = _generated_files(generated)
     images = [_open(f, "generated image") for f in files]  # keep .info (PNG text) for the prompts
     texts = _prompts_for(files, images, prompts, prompt_set, concept)
@@ -438,7 +393,7 @@ def evaluate(
     return _report(files, texts, scores, clip, dino, references, masks, mask_fill, drop_words)
 
 
-def _references(
+def reference_images(
     references: Sequence[str | Path], masks: Sequence[str | Path] | None, mask_fill: tuple[int, int, int]
 ) -> list[Image.Image]:
     """The reference images in RGB, each with its background filled (`masked_reference`) when masks are given."""

@@ -4,6 +4,7 @@ an adapter injected, write PNGs and one grid."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -120,6 +121,70 @@ def generate(
     update's strength (0: the base model, 1: as trained).
     A bad setting is a ConfigError or InputError naming it (`fields`: see tlora.errors)."""
     _check_settings(n, steps, guidance, seed, height, width)
+    concept = adapter_concept(adapter)
+    for p in prompts:
+        fill(p, concept)  # fail early, before loading the model
+    s = prepare(model, adapter, steps, guidance, height, width, device, dtype, scheduler, adapter_scale)
+    return s.grid(prompts, Path(out), n=n, seed=seed, negative_prompt=negative_prompt)
+
+
+def adapter_concept(adapter: str, meta: dict | None = None) -> str:
+    """'token class' from the adapter file's metadata (`meta`: the file's, when already read), what
+    {} in a prompt becomes."""
+    if meta is None:
+        _, meta = read(adapter)
+    extra = meta["config"].get("extra", {})
+    if "token" not in extra:
+        raise ConfigError(f"{adapter} has no concept token in its metadata; write the concept into the prompt yourself")
+    if not all(isinstance(extra.get(k), str) and extra[k].strip() for k in ("token", "class_name")):
+        raise AdapterFileError(adapter, "token and class_name must be non-empty strings", field="config.extra")
+    return f"{extra['token']} {extra['class_name']}"
+
+
+@dataclass
+class Sampler:
+    """A stock pipeline with the adapter loaded and the sampling settings resolved (the family's
+    defaults where none was given): `grid` renders prompts with it, as often as needed."""
+
+    pipe: object
+    family: Family
+    concept: str
+    steps: int
+    guidance: float
+    size: tuple[int, int] | None
+    label: str
+
+    def grid(self, prompts, out: Path, n: int = 1, seed: int = 0, negative_prompt: str | None = None) -> Path:
+        return sample_grid(
+            self.pipe,
+            prompts,
+            self.concept,
+            out,
+            n=n,
+            steps=self.steps,
+            guidance=self.guidance,
+            seed=seed,
+            size=self.size,
+            label=self.label,
+            negative_prompt=negative_prompt,
+            family=self.family,
+        )
+
+
+def prepare(
+    model: str,
+    adapter: str,
+    steps: int | None = None,
+    guidance: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    device: str | None = None,
+    dtype: str = "fp32",
+    scheduler: str | None = None,
+    adapter_scale: float = 1.0,
+) -> Sampler:
+    """Load the pipeline once, the adapter into its denoiser (settings as in `generate`)."""
+    _check_settings(1, steps, guidance, 0, height, width)
     with about("adapter_scale"):
         check_float("adapter_scale", adapter_scale, 0.0, 10.0)
     if scheduler is not None and scheduler not in SCHEDULERS:
@@ -127,14 +192,7 @@ def generate(
     dev = resolve_device(device)
     weight_dtype = check_dtype(dtype, dev)
     _, meta = read(adapter)
-    extra = meta["config"].get("extra", {})
-    if "token" not in extra:
-        raise ConfigError(f"{adapter} has no concept token in its metadata; write the concept into the prompt yourself")
-    if not all(isinstance(extra.get(k), str) and extra[k].strip() for k in ("token", "class_name")):
-        raise AdapterFileError(adapter, "token and class_name must be non-empty strings", field="config.extra")
-    concept = f"{extra['token']} {extra['class_name']}"
-    for p in prompts:
-        fill(p, concept)  # fail early, before loading the model
+    concept = adapter_concept(adapter, meta)
     pipe = load_pipeline(model, dtype=weight_dtype).to(dev)
     fam = family_of(pipe)
     if scheduler is not None:
@@ -145,20 +203,14 @@ def generate(
     side = fam.default_resolution()
     size = (height or side, width or side) if (height or width) else None
     c = meta["config"]
-    guidance = fam.default_guidance if guidance is None else guidance
-    return sample_grid(
+    return Sampler(
         pipe,
-        prompts,
+        fam,
         concept,
-        Path(out),
-        n=n,
         steps=steps or fam.default_steps,
-        guidance=guidance,
-        seed=seed,
+        guidance=fam.default_guidance if guidance is None else guidance,
         size=size,
         label=f"{c.get('variant', 'adapter')} rank {c.get('rank', '?')}",
-        negative_prompt=negative_prompt,
-        family=fam,
     )
 
 

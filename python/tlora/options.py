@@ -184,5 +184,5 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 # Static LoRA formats `tlora export` writes (tlora.files.export).
 EXPORT_FORMATS = ("diffusers", "peft", "kohya")
-# DreamBooth's context prompt sets (tlora.evaluate.PAPER_PROMPTS).
-PROMPT_SETS = ("object", "live")
+# Evaluation prompt sets (tlora.prompt_sets): DreamBooth's and the T-LoRA paper's, for objects and pets.
+PROMPT_SETS = ("object", "live", "paper-object", "paper-live")
