@@ -134,7 +134,10 @@ def main(args: Args) -> Outcome:
             optimizer.zero_grad()
         losses.append(loss.item())
         global_step += 1
-        if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+        if global_step % args.checkpointing_steps == 0:
+            # On every process, as accelerate asks (each writes its own random state; tlora's hook
+            # and accelerate write the rest from the main process only). The diffusers scripts call
+            # it on the main process alone, which loses the other processes' random states.
             accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
         if global_step % (args.validation_epochs * args.steps_per_epoch) == 0:
             # the stock pipeline around the training denoiser, the adapter's r(t) live
