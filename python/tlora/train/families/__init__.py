@@ -13,6 +13,7 @@ from .flux import Flux
 from .flux2 import Flux2
 from .flux_kontext import FluxKontext
 from .hidream import HiDream
+from .ideogram4 import Ideogram4
 from .krea2 import Krea2
 from .lumina2 import Lumina2
 from .pixart import PixArtSigma
@@ -41,6 +42,7 @@ RECIPES: tuple[type[Family], ...] = (
     FluxKontext,
     HiDream,
     Krea2,
+    Ideogram4,
 )
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in RECIPES}
 RECIPE_OF: dict[str, type[Family]] = {p: f for f in RECIPES for p in f.pipelines}
