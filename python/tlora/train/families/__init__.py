@@ -48,6 +48,7 @@ FAMILIES: dict[str, type[Family]] = {f.name: f for f in RECIPES}
 RECIPE_OF: dict[str, type[Family]] = {p: f for f in RECIPES for p in f.pipelines}
 SUPPORTED: dict[str, str] = {p: f.name for p, f in RECIPE_OF.items()}
 REQUIRED_COMPONENTS: dict[str, tuple[str, ...]] = {p: f.components for p, f in RECIPE_OF.items()}
+REFUSED_COMPONENTS: dict[str, dict[str, str]] = {p: f.refused_components for p, f in RECIPE_OF.items()}
 
 
 def family_of(pipe) -> Family:
