@@ -25,7 +25,7 @@ import math
 import torch
 
 from ...errors import ConfigError
-from ...options import SAMPLING_DEFAULTS, TIMESTEP_SAMPLINGS
+from ...options import SAMPLING_DEFAULTS
 from .base import FlowMatching, density_sample
 
 LOGIT_STD = 1.5  # the script's --logit_std (the pipeline's sampling std)
@@ -57,25 +57,23 @@ class Ideogram4(FlowMatching):
         return 2048  # the pipeline's default size (the script trains at --resolution 512 unless told)
 
     def configure_sampling(self, sampling, shift):
-        if sampling is not None and sampling not in TIMESTEP_SAMPLINGS:
-            raise ConfigError(
-                f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, got {sampling!r}",
-                field="timestep_sampling",
-            )
-        self.sampling = sampling or self.default_sampling
-        self.shift = shift  # None: by resolution for logit_normal, none for the others; "auto": by resolution
+        # "auto" needs no use_dynamic_shifting here: the resolution-aware mean is the family's own
+        super().configure_sampling(sampling, None if shift == "auto" else shift)
+        self.shift = shift
+
+    def _by_resolution(self) -> bool:
+        """Whether the shift follows the resolution: --shift auto, or logit_normal's default."""
+        return self.shift == "auto" or (self.shift is None and self.sampling == "logit_normal")
 
     def shift_at(self, resolution):
-        by_resolution = self.shift == "auto" or (self.shift is None and self.sampling == "logit_normal")
-        if by_resolution:
+        if self._by_resolution():
             return (resolution or self.default_resolution()) / BASE_SIDE  # e^mu, mu = 0.5 log(pixels / 512^2)
         return 1.0 if self.shift is None else float(self.shift)
 
     def sampling_description(self):
         std = f" (std {LOGIT_STD:g})" if self.sampling == "logit_normal" else ""
-        if self.shift == "auto" or (self.shift is None and self.sampling == "logit_normal"):
-            return f"{self.sampling}{std}, shift by resolution (side / {BASE_SIDE})"
-        return f"{self.sampling}{std}, shift {self.shift_at(None):g}"
+        shift = f"by resolution (side / {BASE_SIDE})" if self._by_resolution() else f"{self.shift_at(None):g}"
+        return f"{self.sampling}{std}, shift {shift}"
 
     def sample_timesteps(self, gen, n=1, resolution=None):
         k = self.shift_at(resolution)
