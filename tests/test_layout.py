@@ -57,6 +57,7 @@ LEVELS = {
     "train.families.base": 2,
     "train.families": 2,
     "train.checkpoint": 11,
+    "train.run_folder": 12,  # the output folder's run files, its lock, and what --resume checks
     "train.drift": 3,  # the overfitting view: drift toward the training image, its chart (images)
     "evaluate": 11,
     "generate": 12,

@@ -313,7 +313,8 @@ def _train_parser(sub) -> argparse.ArgumentParser:
         type=_shift,
         default=None,
         help="flow matching: sigma -> k sigma / (1 + (k - 1) sigma); auto: by resolution, as the pipeline "
-        "samples (default: the scheduler's static shift, none with use_dynamic_shifting)",
+        "samples (default: the scheduler's static shift, none with use_dynamic_shifting; Ideogram4's logit_normal: "
+        "by resolution, side / 512, as its script)",
     )
     _optimization_options(p)
     return p

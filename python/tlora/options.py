@@ -55,6 +55,7 @@ SAMPLING_DEFAULTS = {
     "flux_kontext": (28, 3.5),
     "hidream": (50, 5.0),
     "krea2": (28, 4.5),
+    "ideogram4": (48, 7.0),  # its guidance_schedule: 7.0, then 3.0 for the last 3 steps
 }
 FAMILY_NAMES = {
     "sd": "SD 1.x/2.x",
@@ -73,14 +74,22 @@ FAMILY_NAMES = {
     "flux_kontext": "FLUX.1 Kontext",
     "hidream": "HiDream-I1",
     "krea2": "Krea 2",
+    "ideogram4": "Ideogram4",
 }
 # How training draws its noise levels (`--timestep-sampling`): the densities of diffusers'
 # training_utils.compute_density_for_timestep_sampling (its "none" is uniform; sigmoid is the
 # sigmoid of a standard normal, logit_normal's default), and the mode density's scale.
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode", "sigmoid")
 # Each family's default sampling: its diffusers DreamBooth LoRA script's --weighting_scheme
-# (logit_normal for SD3, "none" = uniform for the others).
-FAMILY_SAMPLINGS = {"sd": "uniform", "sdxl": "uniform", "flux": "uniform", "sd3": "logit_normal"}
+# (logit_normal for SD3 and Ideogram4, whose logit mean follows the resolution; "none" = uniform
+# for the others).
+FAMILY_SAMPLINGS = {
+    "sd": "uniform",
+    "sdxl": "uniform",
+    "flux": "uniform",
+    "sd3": "logit_normal",
+    "ideogram4": "logit_normal",
+}
 # Each family's default target modules: its diffusers DreamBooth LoRA script's list (None: the
 # attention projections, tlora.config.DEFAULT_TARGETS). Here, not in adapter/targets.py, so that
 # `tlora train --help` (torch-free) states them.
@@ -146,6 +155,8 @@ FAMILY_TARGETS: dict[str, tuple[str, ...] | None] = {
         "time_embed.linear_2",
         "time_mod_proj",
     ),
+    # train_dreambooth_lora_ideogram4.py: attention and the SwiGLU feed-forward (w1, w2, w3)
+    "ideogram4": ("to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"),
 }
 FAMILY_TARGETS["chroma"] = FAMILY_TARGETS["flux"]
 # train_dreambooth_lora_flux_kontext.py: FLUX.1's list and the single blocks' MLP input
@@ -166,6 +177,7 @@ DENOISER_FAMILIES = {
     "ChromaTransformer2DModel": "chroma",
     "HiDreamImageTransformer2DModel": "hidream",
     "Krea2Transformer2DModel": "krea2",
+    "Ideogram4Transformer2DModel": "ideogram4",
 }
 MODE_SCALE = 1.29
 MAX_SHIFT = 1000.0  # flow matching's --shift is in (0, MAX_SHIFT]

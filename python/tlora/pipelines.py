@@ -13,7 +13,7 @@ from .config import check_int
 from .errors import ConfigError, InputError, MissingFileError, about
 from .options import DTYPES as DTYPE_NAMES
 from .options import MAX_SIDE, SIDE_STRIDE
-from .train.families import REQUIRED_COMPONENTS, SUPPORTED, family_of
+from .train.families import REFUSED_COMPONENTS, REQUIRED_COMPONENTS, SUPPORTED, family_of
 
 DTYPES = {name: getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items()}
 
@@ -78,16 +78,17 @@ def check_side(field: str, value: int) -> int:
     return int(value)
 
 
-def check_model_folder(path: str) -> None:
+def check_model_folder(path: str) -> dict | None:
     """For a local diffusers folder, name any component that model_index.json lists but the
-    folder lacks (diffusers' own error for this is hard to read)."""
+    folder lacks (diffusers' own error for this is hard to read); returns its model_index.json
+    (None for a hub id)."""
     root = Path(path)
     if not root.exists():
         if path.startswith((".", "/", "~")) or path.count("/") != 1:
             raise MissingFileError(
                 f"model folder {path} does not exist (and it is not a hub id like 'org/name')", field="model"
             )
-        return  # a hub id: diffusers resolves it
+        return None  # a hub id: diffusers resolves it
     if not root.is_dir():
         raise InputError(
             f"model {root} is not a folder: give a diffusers model folder (with model_index.json) or a hub id",
@@ -127,6 +128,7 @@ def check_model_folder(path: str) -> None:
             f"{index} says {cls} but lists no {', '.join(missing)}: the folder holds another kind of "
             "model (is _class_name right?)"
         )
+    return spec
 
 
 def not_cached(model: str) -> InputError:
@@ -166,7 +168,10 @@ def load_pipeline(
     `vae`: another autoencoder's folder or hub id in place of the model's."""
     from diffusers import DiffusionPipeline
 
-    check_model_folder(model)
+    spec = check_model_folder(model)
+    for name, why in REFUSED_COMPONENTS[spec["_class_name"]].items() if spec else ():
+        if isinstance(spec.get(name), list) and spec[name][0] is not None:  # refused before the weights load
+            raise InputError(f"{model}: {why}", field="model")
     kwargs = {k: v for k, v in (("revision", revision), ("variant", variant)) if v is not None}
     if vae is not None:
         kwargs["vae"] = _load_vae(vae, dtype)

@@ -195,11 +195,28 @@ def test_sampling_settings_that_do_not_apply_are_refused(folders, image, tmp_pat
     assert cli.main(bad) == 2 and "--timestep-sampling" in capsys.readouterr().err
 
 
-def test_two_expert_wan_is_refused():
+def test_two_expert_wan_is_refused(folders, image, tmp_path, capsys, monkeypatch):
+    """A Wan 2.2 A14B (transformer_2) is refused with the reason and the fix: as a pipeline, and
+    as a folder from its model_index.json, before any weights load."""
+    import json
+
+    import diffusers
+
     from tlora.errors import InputError
     from tlora.testing.tiny_families import tiny_family_pipeline
 
     pipe = tiny_family_pipeline("wan")
     pipe.register_modules(transformer_2=pipe.transformer)
-    with pytest.raises(InputError, match="two experts"):
+    with pytest.raises(InputError, match="two experts") as refused:
         family_of(pipe)
+    assert "high-noise expert only" in str(refused.value) and "single-transformer Wan" in str(refused.value)
+
+    folder = tmp_path / "wan-a14b"
+    shutil.copytree(folders["wan"], folder)
+    shutil.copytree(folder / "transformer", folder / "transformer_2")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "transformer_2": index["transformer"]}))
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", None)  # loading would fail differently
+    assert cli.main(train_args(folder, image, tmp_path / "run", 1, 1)) == 2
+    err = capsys.readouterr().err
+    assert "two experts" in err and "TI2V-5B" in err and "high-noise expert only" in err, err

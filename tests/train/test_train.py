@@ -215,6 +215,7 @@ def test_cli_train_validation_prompts_and_resume_continues_log(models, image, tm
     assert drift_steps == [0, 3, 6]
     text = (out / "loss.jsonl").read_text()
 
-    # Resuming a finished run trains nothing and leaves the log as it was.
-    assert cli.main(train_args(models["sd"], image, out, 6, 3, "--resume")) == 0
+    # Resuming a finished run (with its settings, validation prompts included) trains nothing and
+    # leaves the log as it was.
+    assert cli.main(train_args(models["sd"], image, out, 6, 3, *prompts, "--resume")) == 0
     assert (out / "loss.jsonl").read_text() == text

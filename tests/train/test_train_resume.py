@@ -224,6 +224,11 @@ def test_out_holding_another_run_needs_resume_or_overwrite(models, image, traine
         ("--min-rank", "1", "--min-rank was 2, now 1"),
         ("--variant", "vanilla", "--variant was 'tlora', now 'vanilla'"),
         ("--seed", "5", "--seed was 0, now 5"),
+        # the sampling settings: how noise levels are drawn, and the validation samples
+        ("--timestep-sampling", "mode", "--timestep-sampling was unset (the default), now 'mode'"),
+        ("--shift", "3", "--shift was unset (the default), now 3.0"),
+        ("--validation-prompt", "a {} on a beach", "--validation-prompt was [], now ['a {} on a beach']"),
+        ("--validation-steps", "4", "--validation-steps was unset (the default), now 4"),
     ],
 )
 def test_resume_refuses_settings_it_cannot_honour(flag, value, fragment, models, image, trained, tmp_path, capsys):
@@ -232,6 +237,30 @@ def test_resume_refuses_settings_it_cannot_honour(flag, value, fragment, models,
     rc, message = _cli(args, capsys)
     assert rc == 2 and "--resume cannot continue the run" in message and fragment in message, message
     assert not (out / "checkpoint-3").exists()
+
+
+def test_resume_keeps_the_recorded_sampling_settings(models, image, trained, tmp_path, capsys):
+    """A run that recorded sampling settings resumes with the same ones and is refused without
+    them (a changed value names its flag); a run recorded before such a setting existed took its
+    default, and resumes with it."""
+    out = tmp_path / "run"
+    sampling = ["--timestep-sampling", "mode", "--validation-prompt", "a {} in snow", "--validation-steps", "2"]
+    assert cli.main(train_args(models["sd"], image, out, 1, 1, *sampling)) == 0
+    rc, message = _cli(train_args(models["sd"], image, out, 2, 1, "--resume"), capsys)
+    assert rc == 2 and "--timestep-sampling was 'mode', now unset (the default)" in message, message
+    assert "--validation-prompt was ['a {} in snow'], now []" in message and "--validation-steps was 2" in message
+    assert cli.main(train_args(models["sd"], image, out, 2, 1, "--resume", *sampling)) == 0
+    assert "timesteps mode" in capsys.readouterr().out
+
+    old = _copy_run(trained, tmp_path / "old")
+    config = json.loads((old / "config.json").read_text())
+    for key in ("timestep_sampling", "shift", "validation_prompts", "validation_steps"):
+        del config["train"][key]
+    (old / "config.json").write_text(json.dumps(config))
+    rc, message = _cli(train_args(models["sd"], image, old, 3, 1, "--resume", "--timestep-sampling", "mode"), capsys)
+    assert rc == 2 and "--timestep-sampling was unset (the default), now 'mode'" in message, message
+    assert cli.main(train_args(models["sd"], image, old, 3, 1, "--resume")) == 0
+    assert (old / "checkpoint-3").is_dir()
 
 
 def test_resume_with_another_model_is_refused(models, image, trained, tmp_path, capsys):

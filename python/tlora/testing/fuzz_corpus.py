@@ -749,10 +749,18 @@ def resume_cases(run: Path) -> list[ResumeCase]:
         ("seed", -1),
         ("seed", 1.5),
         ("seed", True),
+        ("timestep_sampling", "cosmap"),
+        ("shift", 0),
+        ("shift", "x"),
+        ("validation_prompts", "a {}"),
+        ("validation_prompts", [1]),
+        ("validation_steps", 0),
     ):
         add(f"config train.{key} {value!r}", cfg, _edit_json(cfg, _set("train", key, value)))
     for key in ("model", "seed"):
         add(f"config train.{key} missing", cfg, _edit_json(cfg, _drop("train", key)))
+    for key in ("timestep_sampling", "validation_prompts"):  # a run from before the setting: its default
+        add(f"config train.{key} missing", cfg, _edit_json(cfg, _drop("train", key)), False)
     for key, value in (
         ("rank", "4"),
         ("rank", 0),

@@ -302,10 +302,30 @@ QWEN_CHAT = (
 )
 
 
+def tiny_flux2_vae(seed: int = 0, latent_channels: int = 1):
+    """AutoencoderKLFlux2 of stride 2; its batch norm covers the 2x2 patches' 4 x latent_channels channels."""
+    from diffusers import AutoencoderKLFlux2
+
+    with _seeded(seed):
+        return AutoencoderKLFlux2(
+            sample_size=16,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=8,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ).eval()
+
+
 def tiny_flux2_klein_pipeline(seed: int = 0):
     """Flux2KleinPipeline. Its prompt is the Qwen3 encoder's layers 9, 18 and 27 stacked: the
     tiny encoder has 28 layers, 8 wide."""
-    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = _qwen_tokenizer()
@@ -323,20 +343,7 @@ def tiny_flux2_klein_pipeline(seed: int = 0):
             axes_dims_rope=(4, 4, 4, 4),
             guidance_embeds=False,
         ).eval()
-    with _seeded(seed + 1):
-        vae = AutoencoderKLFlux2(
-            sample_size=16,
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            latent_channels=1,
-            norm_num_groups=8,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ).eval()
+    vae = tiny_flux2_vae(seed + 1)
     config = Qwen3Config(
         vocab_size=len(tok),
         hidden_size=8,
@@ -757,7 +764,61 @@ def tiny_krea2_pipeline(seed: int = 0):
     return pipe
 
 
+# ---- Ideogram 4 ------------------------------------------------------------------------------------
+
+# Qwen3-VL's chat template as the pipeline calls it: a user message of {"type": "text"} parts.
+QWEN_VL_CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for part in m['content'] %}{{ part['text'] }}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_ideogram4_pipeline(seed: int = 0):
+    """Ideogram4Pipeline. Its prompt is 13 tapped layers of Qwen3-VL (0, 3, ..., 33, 35): the tiny
+    text model has 36 layers, 8 wide (features 13 x 8), with 3-axis rotary sections (2, 1, 1); the
+    VAE's batch-norm statistics are set away from 0 / 1 so that the normalisation is exercised."""
+    import torch
+    from diffusers import Ideogram4Pipeline, Ideogram4Transformer2DModel
+    from diffusers.pipelines.ideogram4.pipeline_ideogram4 import QWEN3_VL_ACTIVATION_LAYERS
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    tok = _qwen_tokenizer()
+    tok.chat_template = QWEN_VL_CHAT
+    width, taps = 8, QWEN3_VL_ACTIVATION_LAYERS
+    config = Qwen3VLConfig(
+        text_config={
+            "hidden_size": width, "intermediate_size": 16, "num_hidden_layers": max(taps) + 1,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": len(tok),
+            "pad_token_id": tok.pad_token_id, "bos_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 8},
+        vocab_size=len(tok),
+    )  # fmt: skip
+    with _seeded(seed + 2):
+        text_encoder = Qwen3VLModel(config).eval()
+
+    def transformer(s):
+        with _seeded(s):
+            return Ideogram4Transformer2DModel(
+                in_channels=8, num_layers=1, attention_head_dim=8, num_attention_heads=2, intermediate_size=32,
+                adaln_dim=8, llm_features_dim=len(taps) * width, rope_theta=10000, mrope_section=(2, 1, 1),
+            ).eval()  # fmt: skip
+
+    vae = tiny_flux2_vae(seed + 1, latent_channels=2)
+    with _seeded(seed + 4), torch.no_grad():
+        vae.bn.running_mean.copy_(0.2 * torch.randn(vae.bn.num_features))
+        vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.num_features))
+    pipe = Ideogram4Pipeline(
+        scheduler=_flow(), vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer(seed),
+        unconditional_transformer=transformer(seed + 3),
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 BUILDERS = {
+    "ideogram4": tiny_ideogram4_pipeline,
     "krea2": tiny_krea2_pipeline,
     "flux2_dev": tiny_flux2_pipeline,
     "hidream": tiny_hidream_pipeline,

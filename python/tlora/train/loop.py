@@ -8,13 +8,11 @@ writes files.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +23,9 @@ from tqdm.auto import tqdm
 
 from ..adapter.inject import Adapter, inject
 from ..config import AdapterConfig, check_float, check_int
-from ..errors import CheckpointError, ConfigError, TloraError, TrainingError, about
-from ..files.atomic import write_atomic
+from ..errors import ConfigError, TrainingError, about
 from ..files.io import save as save_adapter
-from ..images import check_input_file, list_images, load_image, load_mask
+from ..images import list_images, load_image, load_mask
 from ..options import (
     LR_SCHEDULERS,
     MAX_BATCH,
@@ -37,49 +34,29 @@ from ..options import (
     MAX_SAMPLE_STEPS,
     MAX_SEED,
     MAX_SHIFT,
-    MAX_SIDE,
     MAX_TRAIN_STEPS,
     MIXED_PRECISION,
     OPTIMIZERS,
     PAPER_STEPS,
     QUANTIZE,
     REPORT_TO,
-    SIDE_STRIDE,
     TIMESTEP_SAMPLINGS,
 )
 from ..pipelines import check_dtype, check_side, load_pipeline, resolve_device
 from . import drift
-from .checkpoint import _NAME as CHECKPOINT_NAME
 from .checkpoint import (
     Checkpoint,
     RunState,
     checkpoints,
     load_checkpoint,
     optimizer_problem,
-    read_checkpoint,
     save_checkpoint,
     write_json,
 )
 from .families import Family, family_of
 from .optim import FactorEMA, apply_schedule, build_optimizer, build_scheduler, scheduler_state
 from .prompts import CLASS_PROMPT, INSTANCE_PROMPT, check_template, fill, image_caption
-
-# Files of a run in --out: another run's are refused unless --resume or --overwrite.
-# samples/: validation samples of steps without a checkpoint; logs/: the trackers' (--report-to).
-RUN_FILES = (
-    "config.json",
-    "loss.jsonl",
-    "adapter.safetensors",
-    "samples",
-    "logs",
-    drift.DRIFT_LOG,
-    drift.PLOT,
-    drift.BASE_SAMPLES,
-)
-# Settings a resumed run must share with the run it continues (the lr may change: it is applied).
-# target_modules as typed: None is the family's default list (tlora.train.families).
-RESUME_FIXED_TRAIN = ("model", "token", "class_name", "resolution", "seed", "target_modules")
-RESUME_FIXED_ADAPTER = ("variant", "rank", "min_rank", "rank_exponent")
+from .run_folder import check_writable, checkpoint_to_resume, lock_out, prepare_out, truncate_log
 
 
 @dataclass
@@ -295,200 +272,6 @@ class TrainConfig:
         return fill(self.class_prompt, self.token, self.class_name)
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".tlora-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"output folder {out} is not writable ({e.strerror}): choose another --out") from None
-
-
-def _lock_out(out: Path) -> int:
-    """An exclusive lock on the output folder itself (flock on its descriptor: no lock file to
-    leave behind), held until the run ends; a second run into the same folder is refused."""
-    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise CheckpointError(
-            f"another tlora run is writing to {out}: wait for it to finish or choose another --out"
-        ) from None
-    return fd
-
-
-def _prepare_out(out: Path, cfg: TrainConfig) -> None:
-    """Refuse an --out that holds another run unless --resume (same settings) or --overwrite
-    (its run files are removed)."""
-    found = sorted(p.name for p in out.iterdir() if p.name in RUN_FILES or CHECKPOINT_NAME.match(p.name))
-    if not found:
-        return
-    if cfg.overwrite:
-        for name in found:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        return
-    if not cfg.resume:
-        raise CheckpointError(
-            f"{out} holds another run ({', '.join(found[:4])}{' ...' if len(found) > 4 else ''}): pass --resume to "
-            "continue it, --overwrite to replace it, or choose another --out"
-        )
-    _read_log(out / "loss.jsonl")  # refused now if malformed, before anything is written
-    if not (out / "config.json").exists():
-        return  # checkpoints without config.json: load_checkpoint still checks the adapter
-    before_train, before_adapter = _read_run_config(out / "config.json")
-    now_train = json.loads(json.dumps(asdict(cfg)))
-    now_adapter = cfg.adapter_config().to_dict()
-    changed = [
-        (k, before_train[k], now_train[k])
-        for k in RESUME_FIXED_TRAIN
-        if _same_setting(k, before_train[k]) != _same_setting(k, now_train[k])
-    ]
-    changed += [(k, a, now_adapter[k]) for k in RESUME_FIXED_ADAPTER if (a := before_adapter[k]) != now_adapter[k]]
-    if changed:
-        what = "; ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, a, b in changed)
-        raise CheckpointError(
-            f"--resume cannot continue the run in {out} with other settings ({what}): "
-            "resume with its settings, or start a new run (--overwrite or another --out)"
-        )
-
-
-def _check_train_setting(key: str, value) -> None:
-    """The type and range of a RESUME_FIXED_TRAIN setting read from config.json (ConfigError)."""
-    if key in ("model", "token", "class_name"):
-        if not isinstance(value, str) or not value.strip():
-            raise ConfigError(f"must be a non-empty string, got {value!r}")
-    elif key == "resolution":
-        if value is not None:
-            check_int(key, value, SIDE_STRIDE, MAX_SIDE)
-    elif key == "seed":
-        check_int(key, value, 0, MAX_SEED)
-    elif key == "target_modules":
-        AdapterConfig(target_modules=value)
-
-
-def _read_run_config(path: Path) -> tuple[dict, dict]:
-    """config.json's train and adapter sections, each field that --resume compares checked for
-    type and range (the adapter section as adapter files' configs are); CheckpointError otherwise."""
-    fix = "cannot check that --resume continues the same run: fix the file, or start over with --overwrite"
-    try:
-        check_input_file(path, "run config", kind="a JSON file")
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except TloraError as e:
-        raise CheckpointError(f"{e}: {fix}") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}): {fix}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must be a JSON object with train and adapter sections: {fix}")
-    for section in ("train", "adapter"):
-        if not isinstance(data.get(section), dict):
-            got = "missing" if section not in data else f"must be a JSON object, got {data[section]!r}"[:200]
-            raise CheckpointError(f"{path}: {section}: {got}: {fix}")
-    train, adapter = data["train"], data["adapter"]
-    for key in RESUME_FIXED_TRAIN:
-        try:
-            if key not in train:
-                if key == "target_modules":  # (a run of a tlora that compared it in the adapter section)
-                    train[key] = adapter.get(key)
-                    continue
-                raise ConfigError("missing")
-            _check_train_setting(key, train[key])
-        except ConfigError as e:
-            raise CheckpointError(f"{path}: train.{key}: {e}: {fix}") from None
-    missing = [k for k in RESUME_FIXED_ADAPTER if k not in adapter]
-    if missing:
-        raise CheckpointError(f"{path}: adapter.{missing[0]}: missing: {fix}")
-    try:
-        adapter = AdapterConfig.from_dict(adapter).to_dict()
-    except (ConfigError, TypeError, ValueError, OverflowError) as e:
-        raise CheckpointError(f"{path}: adapter: {e}: {fix}") from None
-    return train, adapter
-
-
-def _read_log(path: Path) -> list[tuple[int, str]]:
-    """loss.jsonl's entries as (step, line): JSON objects with an integer step >= 1 (increasing),
-    a finite loss and seconds >= 0; a malformed line is a CheckpointError naming the file and
-    line. A last line without its newline that is not JSON was cut short by a killed run (it
-    logs steps after the last checkpoint): it is dropped."""
-    if not path.exists():
-        return []
-    fix = "fix or delete that line, or start over with --overwrite"
-    try:
-        check_input_file(path, "loss log", kind="a JSONL file")
-        text = path.read_bytes().decode("utf-8")
-    except TloraError as e:
-        raise CheckpointError(f"{e}: start over with --overwrite") from None
-    except UnicodeDecodeError as e:
-        line = e.object[: e.start].count(b"\n") + 1
-        raise CheckpointError(f"{path} line {line}: is not UTF-8 text: {fix}") from None
-    lines = text.split("\n")
-    entries: list[tuple[int, str]] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            if n == len(lines):  # no newline after it: a write cut short
-                break
-            raise CheckpointError(f"{path} line {n}: is not JSON ({type(e).__name__}: {e}): {fix}") from None
-        try:
-            if not isinstance(entry, dict):
-                raise ConfigError(f"must be a JSON object {{step, loss, seconds}}, got {line.strip()[:80]!r}")
-            for key in ("step", "loss"):
-                if key not in entry:
-                    raise ConfigError(f"{key} missing")
-            step = check_int("step", entry["step"], 1)
-            check_float("loss", entry["loss"], 0.0)
-            if "seconds" in entry:
-                check_float("seconds", entry["seconds"], 0.0)
-            if entries and step <= entries[-1][0]:
-                raise ConfigError(f"step {step} follows step {entries[-1][0]}: steps increase")
-        except ConfigError as e:
-            raise CheckpointError(f"{path} line {n}: {e}: {fix}") from None
-        entries.append((step, line))
-    return entries
-
-
-def _checkpoint_to_resume(out: Path, cfg: TrainConfig) -> Checkpoint | None:
-    """The newest checkpoint in `out`, validated (`read_checkpoint`), or None when there is none.
-    A refusal names the newest earlier checkpoint that validates, if any."""
-    found = checkpoints(out)
-    if not found:
-        return None
-    try:
-        cp = read_checkpoint(found[-1])
-    except CheckpointError as e:
-        earlier = next((p for p in reversed(found[:-1]) if _validates(p)), None)
-        raise CheckpointError(f"{e}; {earlier} validates" if earlier else str(e)) from None
-    if cp.step > cfg.steps:
-        raise CheckpointError(
-            f"{cp.path / 'state.json'}: step {cp.step} is beyond this run's --steps {cfg.steps}: give --steps "
-            f"above {cp.step} to train on (its adapter is {cp.path / 'adapter.safetensors'}), or start over "
-            "with --overwrite"
-        )
-    return cp
-
-
-def _validates(ckpt: Path) -> bool:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a missing checksum's warning: said for the one resumed from
-        try:
-            read_checkpoint(ckpt)
-        except CheckpointError:
-            return False
-    return True
-
-
-def _same_setting(key: str, value):
-    """A setting in comparable form (model folders by their real path)."""
-    if key == "model" and isinstance(value, str) and os.path.exists(value):
-        return os.path.realpath(value)
-    return value
-
-
 def _check_finite_state(adapter: Adapter, optimizer, step: int, good: Path | None) -> None:
     """Refuse to checkpoint non-finite factors or optimizer state: a checkpoint that is written is a good one."""
     for name, p in adapter.named_parameters():
@@ -543,13 +326,13 @@ def train(config: TrainConfig | None = None, **kwargs) -> TrainResult:
     )
     lock = None
     if acc.is_main_process:
-        _check_writable(out)
-        lock = _lock_out(out)
+        check_writable(out)
+        lock = lock_out(out)
     try:
         if acc.is_main_process:
-            _prepare_out(out, cfg)
+            prepare_out(out, cfg)
         # Validated before the model loads: a checkpoint that cannot be resumed fails at once.
-        resume_from = _checkpoint_to_resume(out, cfg) if cfg.resume else None
+        resume_from = checkpoint_to_resume(out, cfg) if cfg.resume else None
         return _train(cfg, acc, out, weight_dtype, resume_from)
     finally:
         if lock is not None:
@@ -702,7 +485,7 @@ class _Run:
         self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + self.acc.process_index)
 
     def resume(self, resume_from: Checkpoint | None) -> int:
-        """Restore `resume_from` (validated by `_checkpoint_to_resume`, or None: a new run) and
+        """Restore `resume_from` (validated by `checkpoint_to_resume`, or None: a new run) and
         write the run's config.json and its loss log up to that step; returns the step to start from."""
         cfg, acc = self.cfg, self.acc
         start = 0
@@ -733,7 +516,7 @@ class _Run:
         if acc.is_main_process:
             config = {"train": asdict(cfg), "adapter": self.adapter.config.to_dict(), "resolution": self.resolution}
             write_json(self.out / "config.json", config)
-            _truncate_log(self.loss_log, start)
+            truncate_log(self.loss_log, start)
             if cfg.validation_prompts:
                 self.view = self._overfitting_view(start)
         if cfg.report_to != "none":
@@ -974,11 +757,3 @@ def min_snr_weights(fam: Family, gamma: float) -> torch.Tensor:
     snr = compute_snr(sched, torch.arange(fam.num_train_timesteps))
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
     return clipped / (snr + 1 if sched.config.prediction_type == "v_prediction" else snr)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep only the loss entries up to `step` (a resumed run rewrites what came after)."""
-    if not path.exists():
-        return
-    keep = [line for s, line in _read_log(path) if s <= step]
-    write_atomic(path, "".join(line + "\n" for line in keep))

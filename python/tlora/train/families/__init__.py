@@ -13,6 +13,7 @@ from .flux import Flux
 from .flux2 import Flux2
 from .flux_kontext import FluxKontext
 from .hidream import HiDream
+from .ideogram4 import Ideogram4
 from .krea2 import Krea2
 from .lumina2 import Lumina2
 from .pixart import PixArtSigma
@@ -41,11 +42,13 @@ RECIPES: tuple[type[Family], ...] = (
     FluxKontext,
     HiDream,
     Krea2,
+    Ideogram4,
 )
 FAMILIES: dict[str, type[Family]] = {f.name: f for f in RECIPES}
 RECIPE_OF: dict[str, type[Family]] = {p: f for f in RECIPES for p in f.pipelines}
 SUPPORTED: dict[str, str] = {p: f.name for p, f in RECIPE_OF.items()}
 REQUIRED_COMPONENTS: dict[str, tuple[str, ...]] = {p: f.components for p, f in RECIPE_OF.items()}
+REFUSED_COMPONENTS: dict[str, dict[str, str]] = {p: f.refused_components for p, f in RECIPE_OF.items()}
 
 
 def family_of(pipe) -> Family:

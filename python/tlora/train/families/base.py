@@ -50,6 +50,9 @@ class Family:
     label = ""  # what the README and --help call the family
     pipelines: tuple[str, ...] = ()  # diffusers pipeline classes this recipe trains
     components: tuple[str, ...] = ()  # what such a folder cannot do without
+    # Components whose presence the recipe cannot train (-> why, and what to train instead): a
+    # folder listing one is refused from its model_index.json, before anything loads.
+    refused_components: dict[str, str] = {}
     denoiser_name = "unet"
     objective = "DDPM (epsilon / v, the scheduler's prediction_type)"
     default_steps, default_guidance = SAMPLING_DEFAULTS["sdxl"]

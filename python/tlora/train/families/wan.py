@@ -1,8 +1,9 @@
 """Wan 2.1 / 2.2 text-to-video (WanPipeline), trained on the image as a one-frame clip: rectified
 flow on the Wan VAE's latents (B, C, 1, h, w), normalised by its per-channel latents_mean /
 latents_std; UMT5 prompt states; the transformer takes sigma * 1000. Sampling renders one frame.
-A two-expert pipeline (Wan 2.2 A14B: transformer_2 for the low-noise steps) is refused: one
-adapter would train only the high-noise expert. No diffusers DreamBooth script: tlora's default
+A two-expert pipeline (Wan 2.2 A14B: transformer_2 for the low-noise steps) is refused, from its
+model_index.json before anything loads: one adapter would train only the high-noise expert. No
+diffusers DreamBooth script: tlora's default
 targets (the attention projections); the scheduler's flow_shift as the shift."""
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ from ...errors import InputError
 from ...options import SAMPLING_DEFAULTS
 from .base import FlowMatching
 
+# Why a Wan 2.2 A14B is refused, and what to train instead.
+TWO_EXPERTS = (
+    "its WanPipeline has two experts (Wan 2.2 A14B: transformer for the high-noise steps, transformer_2 for "
+    "those below boundary_ratio x 1000), and tlora trains one denoiser: the adapter would train the high-noise "
+    "expert only and the low-noise steps would sample without it; train a single-transformer Wan (2.1, or "
+    "2.2 TI2V-5B) instead"
+)
+
 
 class Wan(FlowMatching):
     name = "wan"
@@ -21,13 +30,11 @@ class Wan(FlowMatching):
     components = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
     timestep_form = "timesteps"
     default_steps, default_guidance = SAMPLING_DEFAULTS["wan"]
+    refused_components = {"transformer_2": TWO_EXPERTS}
 
     def __init__(self, pipe):
         if getattr(pipe, "transformer_2", None) is not None:
-            raise InputError(
-                "this WanPipeline has two experts (transformer_2, Wan 2.2 A14B): tlora trains one denoiser; "
-                "use a single-transformer Wan (2.1, 2.2 TI2V-5B)"
-            )
+            raise InputError(f"this pipeline: {TWO_EXPERTS}")
         super().__init__(pipe)
 
     def default_resolution(self):
