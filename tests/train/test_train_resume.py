@@ -229,6 +229,15 @@ def test_out_holding_another_run_needs_resume_or_overwrite(models, image, traine
         ("--shift", "3", "--shift was unset (the default), now 3.0"),
         ("--validation-prompt", "a {} on a beach", "--validation-prompt was [], now ['a {} on a beach']"),
         ("--validation-steps", "4", "--validation-steps was unset (the default), now 4"),
+        # every other setting that shapes the training: the optimizer's (its betas would come back
+        # from the checkpoint), the data's, the loss's, the EMA's
+        ("--adam-beta2", "0.99", "--adam-beta2 was 0.999, now 0.99"),
+        ("--adam-weight-decay", "0.5", "--adam-weight-decay was 0.0001, now 0.5"),
+        ("--noise-offset", "0.1", "--noise-offset was 0.0, now 0.1"),
+        ("--train-batch-size", "2", "--train-batch-size was 1, now 2"),
+        ("--instance-prompt", "a {token} toy", "--instance-prompt was 'a photo of {token} {class}', now"),
+        ("--ema-decay", "0.9", "--ema-decay was unset (the default), now 0.9"),
+        ("--lr-scheduler", "cosine", "--lr-scheduler was 'constant', now 'cosine'"),
     ],
 )
 def test_resume_refuses_settings_it_cannot_honour(flag, value, fragment, models, image, trained, tmp_path, capsys):
@@ -261,6 +270,18 @@ def test_resume_keeps_the_recorded_sampling_settings(models, image, trained, tmp
     assert rc == 2 and "--timestep-sampling was unset (the default), now 'mode'" in message, message
     assert cli.main(train_args(models["sd"], image, old, 3, 1, "--resume")) == 0
     assert (old / "checkpoint-3").is_dir()
+
+
+def test_resume_may_change_how_long_how_often_and_where(models, image, trained, tmp_path, capsys):
+    """What resume may change (run_folder.RESUME_CHANGEABLE) it takes; a setting recorded before it
+    existed (deleted from config.json here) took its default, so the default resumes."""
+    out = _copy_run(trained, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    del config["train"]["noise_offset"]
+    (out / "config.json").write_text(json.dumps(config))
+    extra = ["--resume", "--gradient-checkpointing", "--checkpoints-total-limit", "2", "--validation-every", "5"]
+    assert cli.main(train_args(models["sd"], image, out, 4, 2, *extra)) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_resume_with_another_model_is_refused(models, image, trained, tmp_path, capsys):

@@ -41,6 +41,27 @@ RUN_FILES = (
 RESUME_FIXED_SAMPLING = ("timestep_sampling", "shift", "validation_prompts", "validation_steps")
 RESUME_FIXED_TRAIN = ("model", "token", "class_name", "resolution", "seed", "target_modules", *RESUME_FIXED_SAMPLING)
 RESUME_FIXED_ADAPTER = ("variant", "rank", "min_rank", "rank_exponent")
+# What a resumed run may change: how long and how often (steps, checkpoints, validation), the lr (it
+# is applied and reported), where and how fast it runs (device, mixed precision, gradient
+# checkpointing), where it reports, and the command's own switches. Every other setting of
+# TrainConfig shapes the training (data, prompts, noise, loss, optimizer, schedule, EMA, base
+# weights) and must be the run's: a change is refused, never silently ignored (the optimizer's
+# betas, for one, would come back from the checkpoint). The settings above are checked for type
+# and range; the rest are compared as recorded, a run recorded before one existed took its default.
+RESUME_CHANGEABLE = (
+    "out",
+    "resume",
+    "overwrite",
+    "steps",
+    "lr",
+    "checkpoint_every",
+    "checkpoints_total_limit",
+    "validation_every",
+    "device",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "report_to",
+)
 # The command line's name of a setting, where it is not --NAME (the repeatable option's).
 FLAGS = {"validation_prompts": "--validation-prompt"}
 
@@ -89,18 +110,20 @@ def prepare_out(out: Path, cfg) -> None:
     if not (out / "config.json").exists():
         return  # checkpoints without config.json: load_checkpoint still checks the adapter
     defaults = {
-        f.name: f.default_factory() if f.default is MISSING else f.default
+        f.name: json.loads(json.dumps(f.default_factory() if f.default is MISSING else f.default))
         for f in fields(cfg)
-        if f.name in RESUME_FIXED_SAMPLING
+        if f.default is not MISSING or f.default_factory is not MISSING
     }
     before_train, before_adapter = _read_run_config(out / "config.json", defaults)
     now_train = json.loads(json.dumps(asdict(cfg)))
-    now_adapter = cfg.adapter_config().to_dict()
+    others = set(RESUME_FIXED_TRAIN) | set(RESUME_CHANGEABLE) | set(RESUME_FIXED_ADAPTER)  # (the adapter's: below)
+    fixed = [*RESUME_FIXED_TRAIN, *(k for k in now_train if k not in others)]
     changed = [
-        (k, before_train[k], now_train[k])
-        for k in RESUME_FIXED_TRAIN
-        if _same_setting(k, before_train[k]) != _same_setting(k, now_train[k])
+        (k, before_train.get(k, defaults.get(k)), now_train[k])
+        for k in fixed
+        if _same_setting(k, before_train.get(k, defaults.get(k))) != _same_setting(k, now_train[k])
     ]
+    now_adapter = cfg.adapter_config().to_dict()
     changed += [(k, a, now_adapter[k]) for k in RESUME_FIXED_ADAPTER if (a := before_adapter[k]) != now_adapter[k]]
     if changed:
         what = "; ".join(f"{_flag(k)} was {_shown(a)}, now {_shown(b)}" for k, a, b in changed)
