@@ -382,9 +382,18 @@ def test_resume_refuses_bad_schedule_ema_and_optimizer_state(edit, fragment, mod
 def test_resume_refuses_another_optimizer_or_a_missing_ema(models, image, trained, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(trained, out)
-    rc, message = _cli(train_args(models["sd"], image, out, 4, 2, "--optimizer", "prodigy", "--resume"), capsys)
+    prodigy = train_args(models["sd"], image, out, 4, 2, "--optimizer", "prodigy", "--resume")
+    ema = train_args(models["sd"], image, out, 4, 2, "--ema-decay", "0.9", "--resume")
+    # the run's config.json says so first
+    rc, message = _cli(prodigy, capsys)
+    assert rc == 2 and "--optimizer was 'adamw', now 'prodigy'" in message, message
+    rc, message = _cli(ema, capsys)
+    assert rc == 2 and "--ema-decay was unset (the default), now 0.9" in message, message
+    # without it, the checkpoint itself
+    (out / "config.json").unlink()
+    rc, message = _cli(prodigy, capsys)
     assert rc == 2 and "was trained with --optimizer adamw, this run asks for prodigy" in message, message
-    rc, message = _cli(train_args(models["sd"], image, out, 4, 2, "--ema-decay", "0.9", "--resume"), capsys)
+    rc, message = _cli(ema, capsys)
     assert rc == 2 and "has no EMA of the factors" in message, message
 
 
