@@ -20,17 +20,13 @@ from train_runs import assert_same_tensors, log_entries
 from tlora import cli
 from tlora.images import load_image
 from tlora.testing.tiny import KINDS, save_tiny_pipeline
-from tlora.testing.tiny_families import FAMILY_KINDS, save_tiny_family_pipeline
+from tlora.testing.tiny_families import FAMILY_KINDS, save_tiny_family_pipeline, train_side
 from tlora.testing.train_inputs import train_args
 from tlora.train.families import family_of
 from tlora.train.loop import TrainConfig, _Run, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ALL = (*KINDS, *FAMILY_KINDS)
-# Image side per family: 16 px, except Sana's (sides divisible by 32; its tiny DC-AE has stride 4),
-# Lumina2's (the pipeline fixes the autoencoder's stride at 8) and Wan's (its VAE's stride is 8):
-# 32 px give them 4x4 latents.
-SIDE = {"sana": 32, "lumina2": 32, "wan": 32}
 # HiDream's pipeline renders at the area of its default size whatever the size asked (256 px here).
 SAMPLED_SIDE = {"hidream": 256}
 RANK, MIN_RANK = 4, 1
@@ -55,7 +51,7 @@ def folders(tmp_path_factory):
 
 
 def _args(kind, folders, image, out, steps, every, *extra):
-    side = str(SIDE.get(kind, 16))
+    side = str(train_side(kind))
     args = train_args(folders[kind], image, out, steps, every, "--min-rank", str(MIN_RANK), *extra)
     return [side if a == "16" and args[i - 1] == "--resolution" else a for i, a in enumerate(args)]
 
@@ -69,7 +65,7 @@ def test_train_3_steps_then_generate_and_resume(kind, folders, image, tmp_path, 
     assert "timesteps" in printed and [e["step"] for e in log_entries(out)] == [1, 2, 3]
     assert sorted(p.name for p in (out / "checkpoint-3" / "samples").iterdir()) == ["00-0.png", "grid.png"]
 
-    side = str(SIDE.get(kind, 16))
+    side = str(train_side(kind))
     gen = tmp_path / "samples"
     rc = cli.main(
         ["generate", "--model", str(folders[kind]), "--adapter", str(out / "adapter.safetensors")]
@@ -95,7 +91,7 @@ def _run(kind, folders, image, out, **kw) -> _Run:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    side = SIDE.get(kind, 16)
+    side = train_side(kind)
     cfg = TrainConfig(
         model=str(folders[kind]), image=str(image), token="sks", class_name="dog", out=str(out),
         rank=RANK, min_rank=MIN_RANK, lr=3e-2, resolution=side, device="cpu", **kw,
@@ -143,7 +139,7 @@ def fixed_batch_loss(fam, image, side, n: int = 16) -> float:
 
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_20_steps_lower_the_loss(kind, folders, image, tmp_path):
-    side = SIDE.get(kind, 16)
+    side = train_side(kind)
     result = train(
         model=str(folders[kind]), image=str(image), token="sks", class_name="dog", out=str(tmp_path / "run"),
         rank=RANK, lr=3e-2, steps=20, checkpoint_every=20, resolution=side, device="cpu",

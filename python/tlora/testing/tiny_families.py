@@ -835,6 +835,14 @@ BUILDERS = {
     "qwenimage": tiny_qwenimage_pipeline,
 }
 FAMILY_KINDS = tuple(BUILDERS)
+# The image side a tiny family trains at: 16 px, except Sana's (sides divisible by 32; its tiny
+# DC-AE has stride 4), Lumina2's (the pipeline fixes the autoencoder's stride at 8) and Wan's (its
+# VAE's stride is 8): 32 px give them 4x4 latents.
+TRAIN_SIDE = {"sana": 32, "lumina2": 32, "wan": 32}
+
+
+def train_side(kind: str) -> int:
+    return TRAIN_SIDE.get(kind, 16)
 
 
 def tiny_family_pipeline(kind: str, seed: int = 0):
