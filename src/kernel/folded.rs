@@ -10,9 +10,11 @@
 //!
 //! ```text
 //! T-LoRA  y = x (W + P L M Q - P0 L0 M Q0)^T + b
-//!         G = grad^T ((x Q^T) * m):  dP = G L,  dlam = sum_o P * G;   dQ = ((grad P L) * m)^T x
-//! LoRA    y = x (W + B M A)^T + b:   dB = grad^T ((x A^T) * m),      dA = ((grad B) * m)^T x
+//!         G = grad^T ((x Q^T) * m):  dP = G L,  dlam = sum_o P * G;   dQ = (grad (P L * m))^T x
+//! LoRA    y = x (W + B M A)^T + b:   dB = grad^T ((x A^T) * m),      dA = (grad (B * m))^T x
 //! ```
+//!
+//! (P L * m is the difference of U * M's two blocks, B * m is U * M: the forward's scaled U serves.)
 //!
 //! That is 2 r (in + out) per token plus the folds (the forward's, and the backward's refold: the
 //! folded weights are not kept, they would cost the layer's weight again per sample).
@@ -164,29 +166,21 @@ pub fn folded_backward(
     } else {
         None
     };
-    // The trainable product's factors in the compute dtype: (Q, P L) for T-LoRA, (A, B) for LoRA.
-    let (down, up, wants_up, wants_down) = match f {
-        Factors::TLora { p, lam, .. } => {
-            let up = if needs[3] { Some(cast(&p.f_mul(&lam.f_unsqueeze(0)?)?, x.kind())?) } else { None };
-            (ops.d.f_narrow(0, 0, r)?, up, needs[1] || needs[2], needs[3])
-        }
-        Factors::LoRA { .. } => (ops.d.shallow_clone(), Some(ops.u.shallow_clone()), needs[2], needs[1]),
-    };
-    // The first block of the mask, shaped to broadcast over x-shaped intermediates.
-    let m1 = match mask {
-        Some(m) => Some(mask_for(&m.f_narrow(1, 0, r)?, x, r)?),
-        None => None,
-    };
-    let masked = |mut t: Tensor| -> Result<Tensor> {
-        if let Some(m) = &m1 {
-            let _ = t.f_mul_(m)?;
-        }
-        Ok(t.f_reshape([rows, r])?)
+    // The trainable product's down factor (Q for T-LoRA, A for LoRA) in the compute dtype, and
+    // its up factor with the mask in it, from U * M: for T-LoRA the blocks' difference
+    // (P L - P0 L0) m - (-P0 L0) m = P L m, for LoRA B m itself.
+    let down = ops.d.f_narrow(0, 0, r)?;
+    let (wants_up, wants_down, down_slot) = match f {
+        Factors::TLora { .. } => (needs[1] || needs[2], needs[3], 2),
+        Factors::LoRA { .. } => (needs[2], needs[1], 0),
     };
     let mut factors: [Option<Tensor>; 3] = [None, None, None];
     if wants_up {
-        let h = masked(x.f_matmul(&down.f_tr()?)?)?;
-        let g_mat = grad_x.f_reshape([rows, out_f])?.f_tr()?.f_mm(&h)?;
+        let mut h = x.f_matmul(&down.f_tr()?)?;
+        if let Some(m) = mask {
+            let _ = h.f_mul_(&mask_for(&m.f_narrow(1, 0, r)?, x, r)?)?;
+        }
+        let g_mat = grad_x.f_reshape([rows, out_f])?.f_tr()?.f_mm(&h.f_reshape([rows, r])?)?;
         match f {
             Factors::TLora { p, lam, .. } => {
                 let g_mat = cast(&g_mat, p.kind())?;
@@ -194,17 +188,20 @@ pub fn folded_backward(
                     factors[0] = Some(g_mat.f_mul(&lam.f_unsqueeze(0)?)?);
                 }
                 if needs[2] {
-                    factors[1] = Some(Tensor::f_einsum("or,or->r", &[&g_mat, *p], None::<&[i64]>)?);
+                    factors[1] = Some(g_mat.f_mul(*p)?.f_sum_dim_intlist(0i64, false, None::<Kind>)?);
                 }
             }
             Factors::LoRA { .. } => factors[1] = Some(g_mat),
         }
     }
     if wants_down {
-        let gq = masked(grad_x.f_matmul(up.as_ref().expect("the up factor when the down one trains"))?)?;
-        let g_down = gq.f_tr()?.f_mm(&x.f_reshape([rows, in_f])?)?;
-        let slot = if matches!(f, Factors::TLora { .. }) { 2 } else { 0 };
-        factors[slot] = Some(g_down);
+        let last = um.dim() as i64 - 1;
+        let up_m = match f {
+            Factors::TLora { .. } => um.f_narrow(last, 0, r)?.f_sub(&um.f_narrow(last, r, r)?)?,
+            Factors::LoRA { .. } => um.shallow_clone(),
+        };
+        let gq = if per_sample { grad_x.f_reshape([um.size()[0], -1, out_f])?.f_bmm(&up_m)? } else { grad_x.f_matmul(&up_m)? };
+        factors[down_slot] = Some(gq.f_reshape([rows, r])?.f_tr()?.f_mm(&x.f_reshape([rows, in_f])?)?);
     }
     Ok(Grads { input, factors })
 }
