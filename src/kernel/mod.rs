@@ -394,8 +394,20 @@ pub fn lowrank_backward(
         Factors::LoRA { .. } => (needs[1], needs[2]),
     };
     // dL/dh, masked (in x's shape, so that a per-sample mask broadcasts over the tokens): feeds
-    // the input's gradient and D's.
-    let gh = if needs[0] || trains_d {
+    // the input's gradient and D's. Without the input's gradient (a frozen text encoder's states
+    // entering cross-attention), T-LoRA's Q needs only gh's first block minus its second,
+    // grad (U_1 - U_2) masked: a product at width r instead of 2r.
+    let q_only = matches!(f, Factors::TLora { .. }) && !needs[0];
+    let gq_direct = if q_only && trains_d {
+        let mut gq = grad_x.f_matmul(&ops.u.f_narrow(1, 0, r)?.f_sub(&ops.u.f_narrow(1, r, r)?)?)?;
+        if let Some(m) = mask {
+            let _ = gq.f_mul_(&mask_for(&m.f_narrow(1, 0, r)?, x, r)?)?;
+        }
+        Some(gq.f_reshape([rows, r])?)
+    } else {
+        None
+    };
+    let gh = if !q_only && (needs[0] || trains_d) {
         let mut gh = grad_x.f_matmul(&ops.u)?;
         if let Some(m) = mask {
             let _ = gh.f_mul_(&mask_for(m, x, w)?)?;
@@ -426,9 +438,14 @@ pub fn lowrank_backward(
             }
             if needs[3] {
                 // D = [Q; Q0 - Q]: Q's gradient is the first block's minus the second's.
-                let gh = gh.as_ref().unwrap();
-                let last = gh.dim() as i64 - 1;
-                let gq = gh.f_narrow(last, 0, r)?.f_sub(&gh.f_narrow(last, r, r)?)?.f_reshape([rows, r])?;
+                let gq = match (gq_direct, &gh) {
+                    (Some(gq), _) => gq,
+                    (None, Some(gh)) => {
+                        let last = gh.dim() as i64 - 1;
+                        gh.f_narrow(last, 0, r)?.f_sub(&gh.f_narrow(last, r, r)?)?.f_reshape([rows, r])?
+                    }
+                    (None, None) => bail!("internal: Q's gradient without dL/dh"),
+                };
                 factors[2] = Some(gq.f_tr()?.f_mm(&x2)?);
             }
         }

@@ -106,6 +106,12 @@ fn ortho_forward_and_backward_match_dense_autograd() {
         assert!(max_rel(grads.factors[0].as_ref().unwrap(), &pr.grad()) < 1e-12, "dP {ranks:?}");
         assert!(max_rel(grads.factors[1].as_ref().unwrap(), &lr.grad()) < 1e-12, "dlam {ranks:?}");
         assert!(max_rel(grads.factors[2].as_ref().unwrap(), &qr.grad()) < 1e-12, "dQ {ranks:?}");
+        // Without the input's gradient, Q's comes from a narrower product: the same values.
+        let no_x = lowrank_backward(&gout, &x, &h, &ops, Some(&m), &w.factors(), [false, true, true, true]).unwrap();
+        assert!(no_x.input.is_none());
+        for (i, want) in [pr.grad(), lr.grad(), qr.grad()].iter().enumerate() {
+            assert!(max_rel(no_x.factors[i].as_ref().unwrap(), want) < 1e-12, "factor {i} without dx, {ranks:?}");
+        }
     }
 }
 
