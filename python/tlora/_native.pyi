@@ -225,7 +225,7 @@ def folded_forward(
     d: torch.Tensor,
     u: torch.Tensor,
     mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     A training call with the masked update folded into the base weight: y = x W_b^T + bias with
     W_b = weight + (U * m_b) D, one folded weight per mask row (one for a shared mask or none).
@@ -240,8 +240,9 @@ def folded_forward(
         mask: The (B or 1, w) rank mask, scale included, or None for all ones.
 
     Returns:
-        (y, um): y (..., out) in x's dtype, and U * M ((out x w), or (B x out x w) for a
-        per-sample mask), which `folded_backward` refolds from.
+        (y, um, folded): y (..., out) in x's dtype, U * M ((out x w), or (B x out x w) for a
+        per-sample mask) and the folded weights ((out x in) or (B x out x in)), which
+        `folded_backward` takes, or refolds from U * M.
 
     Raises:
         ValueError: If a dtype is not float32 / float64, or any shape, dtype or device disagrees
@@ -253,6 +254,7 @@ def folded_backward(
     x: torch.Tensor,
     weight: torch.Tensor,
     um: torch.Tensor,
+    kept: torch.Tensor | None,
     d: torch.Tensor,
     u: torch.Tensor,
     mask: torch.Tensor | None,
@@ -268,6 +270,7 @@ def folded_backward(
         x: The forward's input.
         weight: The forward's base weight.
         um: The U * M the forward returned.
+        kept: The folded weights the forward returned, or None to refold them from um.
         d: The forward's D.
         u: The forward's U.
         mask: The forward's mask, or None.
@@ -281,11 +284,13 @@ def folded_backward(
         ValueError: If any shape, dtype or device disagrees (the message names which).
     """
 
-def fold_pays(tokens: int, in_features: int, out_features: int) -> bool:
+def fold_plan(tokens: int, in_features: int, out_features: int) -> bool | None:
     """
-    Whether a training call with `tokens` tokens per folded weight (per sample with per-sample
-    ranks, the whole batch with shared ones) costs less folded (`folded_forward`) than factored
-    (`lowrank_forward`): 3 tokens (in + out) > 4 in out.
+    How a training call with `tokens` tokens per folded weight (per sample with per-sample ranks,
+    the whole batch with shared ones) runs: None factored (`lowrank_forward`); True or False
+    folded (`folded_forward`), True keeping the folded weights for the backward (where
+    out_features <= tokens: no larger than the input rows they serve). Folded where
+    3 tokens (in + out) > 2 folds in out, folds = 1 when kept, else 2.
     """
 
 def dense_update(factors: Sequence[torch.Tensor], rank: int | None, scale: float) -> torch.Tensor:

@@ -16,9 +16,10 @@
 //!
 //! (P L * m is the difference of U * M's two blocks, B * m is U * M: the forward's scaled U serves.)
 //!
-//! That is 2 r (in + out) per token plus the folds (the forward's, and the backward's refold: the
-//! folded weights are not kept, they would cost the layer's weight again per sample).
-//! [`fold_pays`] says when this is the cheaper way. Only for float32 and float64: in half precision
+//! That is 2 r (in + out) per token plus the fold, and a second fold in the backward where the
+//! folded weights are not kept from the forward: they are kept where they are no larger than the
+//! input rows they serve (out <= tokens per fold), so that keeping them costs at most what the
+//! saved input does. [`fold_plan`] says when folding is the cheaper way, and whether to keep. Only for float32 and float64: in half precision
 //! the folded weight would round the update to 2^-8 of the weight's size, the very loss the
 //! difference form of the operands exists to avoid (mod.rs), so half-precision calls stay factored.
 //! Shapes are fixed as in the factored path: the ranks are the mask's data, whatever they are.
@@ -27,11 +28,15 @@ use super::{cast, check_input, mask_for, Factors, Grads, Operands};
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
-/// Whether a training call of `tokens` tokens per fold (per sample with per-sample ranks, the
-/// whole batch with shared ones) is cheaper folded: 2 r (in + out) per token plus two folds of
-/// out * in * 2r against 5 r (in + out) per token, i.e. 3 tokens (in + out) > 4 in out.
-pub fn fold_pays(tokens: i64, in_f: i64, out_f: i64) -> bool {
-    3 * tokens * (in_f + out_f) > 4 * in_f * out_f
+/// How a training call of `tokens` tokens per fold (per sample with per-sample ranks, the whole
+/// batch with shared ones) runs: None factored; Some(keep) folded, keeping the folded weights for
+/// the backward when they are no larger than the input rows they serve (out <= tokens). Folded
+/// costs 2 r (in + out) per token plus one fold of out * in * 2r (two without keeping), factored
+/// 5 r (in + out) per token: folded when 3 tokens (in + out) > 2 folds in out.
+pub fn fold_plan(tokens: i64, in_f: i64, out_f: i64) -> Option<bool> {
+    let keep = out_f <= tokens;
+    let folds = if keep { 1 } else { 2 };
+    (3 * tokens * (in_f + out_f) > 2 * folds * in_f * out_f).then_some(keep)
 }
 
 /// Whether `kind` is a dtype the folded path computes in (float32, float64).
@@ -88,14 +93,15 @@ fn lead_with(x: &Tensor, last: i64) -> Vec<i64> {
 }
 
 /// Forward: y = x W_b^T + bias with W_b = W + (U * m_b) D (one weight for all samples when the
-/// mask is shared or absent). Returns (y, U * M), what [`folded_backward`] refolds from.
+/// mask is shared or absent). Returns (y, U * M, W_b): [`folded_backward`] takes W_b, or refolds
+/// it from U * M.
 pub fn folded_forward(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     ops: &Operands,
     mask: Option<&Tensor>,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Tensor)> {
     let ds = ops.d.size();
     ensure!(ds.len() == 2 && ops.u.dim() == 2 && ops.u.size()[1] == ds[0], "operands have shapes {ds:?} and {:?}", ops.u.size());
     let (w, in_f, out_f) = (ds[0], ds[1], ops.u.size()[0]);
@@ -114,12 +120,12 @@ pub fn folded_forward(
         };
         y3.f_reshape(lead_with(x, out_f).as_slice())?
     };
-    Ok((y, um))
+    Ok((y, um, wb))
 }
 
-/// Backward of [`folded_forward`] given the gradient of y and the U * M it returned: gradients for
-/// the input and the trainable factors as `needs` = (input, factor 0, 1, 2) asks (the base weight,
-/// its bias and the frozen factors get none).
+/// Backward of [`folded_forward`] given the gradient of y, the U * M it returned and its W_b if
+/// kept: gradients for the input and the trainable factors as `needs` = (input, factor 0, 1, 2)
+/// asks (the base weight, its bias and the frozen factors get none).
 // One parameter per operand the backward reads.
 #[allow(clippy::too_many_arguments)]
 pub fn folded_backward(
@@ -127,6 +133,7 @@ pub fn folded_backward(
     x: &Tensor,
     weight: &Tensor,
     um: &Tensor,
+    kept: Option<&Tensor>,
     ops: &Operands,
     mask: Option<&Tensor>,
     f: &Factors,
@@ -157,7 +164,14 @@ pub fn folded_backward(
     );
     let grad_x = cast(grad, x.kind())?.f_reshape(lead_with(x, out_f).as_slice())?;
     let input = if needs[0] {
-        let wb = folded(weight, um, &ops.d)?;
+        let wb = match kept {
+            Some(wb) => {
+                let want: &[i64] = if per_sample { &[um.size()[0], out_f, in_f] } else { &[out_f, in_f] };
+                ensure!(wb.size() == want && wb.kind() == x.kind(), "kept folded weights have shape {:?}, expected {want:?}", wb.size());
+                wb.shallow_clone()
+            }
+            None => folded(weight, um, &ops.d)?,
+        };
         Some(if per_sample {
             grad_x.f_reshape([um.size()[0], -1, out_f])?.f_bmm(&wb)?.f_reshape(x.size().as_slice())?
         } else {

@@ -33,7 +33,7 @@
 //! form, float32), and [`dense_update`] is the update as a weight matrix. In float32 and float64, a
 //! training call with many tokens per sample folds the masked update into the weight instead
 //! (folded.rs: [`folded_forward`], [`folded_backward`]), which costs less than the factored
-//! product when [`fold_pays`].
+//! product ([`fold_plan`]).
 
 mod folded;
 
@@ -41,7 +41,7 @@ use crate::ranks;
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 
-pub use folded::{fold_pays, folded_backward, folded_forward, folds_in};
+pub use folded::{fold_plan, folded_backward, folded_forward, folds_in};
 
 /// The adapter factors of one layer, all float32 (float64 in tests), on one device. The variants
 /// are named as the Python side names the factor sets (`tlora.factors.TLORA` and `LORA`).

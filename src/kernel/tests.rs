@@ -314,9 +314,12 @@ fn folded_training_matches_dense_autograd() {
             let m = if full { None } else { Some(&m) };
             let bias = if with_bias { Some(&bias) } else { None };
             let ops = lowrank_operands(&f, None, Kind::Double, None).unwrap();
-            let (y, um) = folded_forward(&x, &weight, bias, &ops, m).unwrap();
+            let (y, um, wb) = folded_forward(&x, &weight, bias, &ops, m).unwrap();
             let gout = seeded(&[b, n, out_f], 96);
-            let grads = folded_backward(&gout, &x, &weight, &um, &ops, m, &f, [true; 4]).unwrap();
+            let grads = folded_backward(&gout, &x, &weight, &um, None, &ops, m, &f, [true; 4]).unwrap();
+            // With the forward's folded weights kept: the same gradients.
+            let kept = folded_backward(&gout, &x, &weight, &um, Some(&wb), &ops, m, &f, [true; 4]).unwrap();
+            assert!(max_rel(kept.input.as_ref().unwrap(), grads.input.as_ref().unwrap()) < 1e-14);
 
             let xr = x.detach().set_requires_grad(true);
             let (yref, trained) = if tlora {
@@ -340,7 +343,7 @@ fn folded_training_matches_dense_autograd() {
                 assert!(max_rel(grads.factors[i].as_ref().unwrap(), &t.grad()) < 1e-12, "factor {i}, ranks {ranks:?}, tlora {tlora}");
             }
             // Only what was asked for.
-            let g = folded_backward(&gout, &x, &weight, &um, &ops, m, &f, [false, false, false, true]).unwrap();
+            let g = folded_backward(&gout, &x, &weight, &um, None, &ops, m, &f, [false, false, false, true]).unwrap();
             assert!(g.input.is_none() && g.factors[0].is_none() && g.factors[1].is_none() && g.factors[2].is_some() == tlora);
         }
     }
@@ -348,8 +351,8 @@ fn folded_training_matches_dense_autograd() {
 
 #[test]
 fn folding_pays_with_many_tokens_per_weight_only() {
-    assert!(fold_pays(1024, 128, 128) && fold_pays(256, 256, 256));
-    assert!(!fold_pays(77, 256, 128) && !fold_pays(1, 640, 640));
+    assert_eq!((fold_plan(1024, 128, 128), fold_plan(256, 256, 256), fold_plan(200, 256, 256)), (Some(true), Some(true), Some(false)));
+    assert_eq!((fold_plan(77, 256, 128), fold_plan(1, 640, 640)), (None, None));
     assert!(folds_in(Kind::Float) && folds_in(Kind::Double) && !folds_in(Kind::BFloat16) && !folds_in(Kind::Half));
     let w = TLoraWeights::new(6, 5, 3, 97, 0.1, Kind::Double);
     let ops = lowrank_operands(&w.factors(), None, Kind::BFloat16, None).unwrap();

@@ -27,15 +27,15 @@ def _case_inputs(case, seed=None):
 
 
 @pytest.mark.parametrize("case", F64_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(F64_CASES)])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_folded_linear_float64(case, with_bias):
+@pytest.mark.parametrize("with_bias,keep", [(True, False), (False, False), (True, True)])
+def test_folded_linear_float64(case, with_bias, keep):
     variant, in_f, out_f, r, ranks, scale, prefix = case
     f, weight, bias, x, gen = _case_inputs(case)
     bias = bias if with_bias else None
     trainable = TRAINABLE[variant]
     for k in trainable:
         f[k].requires_grad_(True)
-    out = folded_linear(x, weight, bias, [f[k] for k in ORDER[variant]], ranks, scale)
+    out = folded_linear(x, weight, bias, [f[k] for k in ORDER[variant]], ranks, scale, keep)
     assert out.dtype == torch.float64 and out.shape == (*prefix, out_f)
     g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     grads = torch.autograd.grad((out * g).sum(), [x, *(f[k] for k in trainable)])
@@ -57,10 +57,12 @@ def test_folded_gradcheck(case):
     frozen = [k for k in ORDER[variant] if k not in trainable]
     inputs = (x, *(f[k].requires_grad_(True) for k in trainable))
 
-    def fn(x, *train):
-        return folded_linear(x, weight, bias, [*train, *(f[k] for k in frozen)], case[4], case[5])
+    for keep in (False, True):
 
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+        def fn(x, *train, keep=keep):
+            return folded_linear(x, weight, bias, [*train, *(f[k] for k in frozen)], case[4], case[5], keep)
+
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def test_folded_path_trains_no_base_weight():
@@ -95,7 +97,7 @@ def test_folded_and_factored_calls_agree(variant, timesteps, monkeypatch):
     results = []
     for fold in (True, False):
         if not fold:
-            monkeypatch.setattr(tlora._native, "fold_pays", lambda *a: False)
+            monkeypatch.setattr(tlora._native, "fold_plan", lambda *a: None)
         xg = x.clone().requires_grad_(True)
         out = model(xg, t)
         assert _folded(out) == fold

@@ -257,7 +257,8 @@ class TLoraLinear(nn.Module):
         """The training call with the masked update folded into the weight, x (W + (U * M) D)^T + b
         (src/kernel/folded.rs), or None where the factored path runs: half precision or autocast
         (the folded weight would round the update away), a base layer that is not a plain frozen
-        nn.Linear, or too few tokens per folded weight for the fold to pay (`_native.fold_pays`)."""
+        nn.Linear, or too few tokens per folded weight for the fold to pay (`_native.fold_plan`, which
+        also says whether the backward keeps the folded weights or refolds them)."""
         if not _plain_linear(base):
             return None
         w, b = base._parameters["weight"], base._parameters["bias"]
@@ -276,10 +277,11 @@ class TLoraLinear(nn.Module):
             return None
         mask = self.state.mask(device, dtype)
         folds = 1 if mask is None else mask.shape[0]  # one folded weight per mask row
-        if not _native.fold_pays(x.numel() // (in_f * folds), in_f, out_f):
+        keep = _native.fold_plan(x.numel() // (in_f * folds), in_f, out_f)
+        if keep is None:
             return None
         d, u = self._operands(factors, dtype, device)
-        return FoldedUpdate.apply(x, w, b, mask, d, u, n_trainable(factors), *factors)
+        return FoldedUpdate.apply(x, w, b, mask, d, u, keep, n_trainable(factors), *factors)
 
     def _compiled_forward(self, x: torch.Tensor, factors: list[torch.Tensor], base: nn.Module) -> torch.Tensor:
         """The update as custom ops that torch.compile traces, the mask an input of the graph."""

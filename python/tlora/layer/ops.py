@@ -88,46 +88,52 @@ def folded_linear(
     factors: list[torch.Tensor],
     ranks: list[int] | None = None,
     scale: float = 1.0,
+    keep: bool = False,
 ) -> torch.Tensor:
     """x (W + dW)^T + b at `ranks` (as `lowrank_update` takes them) through the folded training
     path, differentiable in x and the trainable factors (the weight and bias are frozen): what a
-    float32 TLoraLinear computes in training when the fold pays (`_native.fold_pays`)."""
+    float32 TLoraLinear computes in training when the fold pays (`_native.fold_plan`); `keep`: the
+    backward uses the forward's folded weights instead of refolding."""
     rank = rank_of(factors)
     if ranks is not None:
         ranks = check_ranks(ranks, rank)
     blocks = 2 if is_tlora(factors) else 1
     mask = rank_mask(ranks, rank, blocks, scale, x.device, x.dtype)
     d, u = _native.lowrank_operands(list(factors), None, DTYPE_NAMES[x.dtype])
-    return FoldedUpdate.apply(x, weight, bias, mask, d, u, n_trainable(factors), *factors)
+    return FoldedUpdate.apply(x, weight, bias, mask, d, u, keep, n_trainable(factors), *factors)
 
 
 class FoldedUpdate(torch.autograd.Function):
     """x (W + (U * M) D)^T + b, one folded weight per mask row, differentiable in x and the
-    trainable factors; the backward refolds from U * M rather than keeping the folded weights
-    (they would cost the layer's weight again per sample)."""
+    trainable factors; the backward uses the folded weights when `keep` (where they are no larger
+    than the input rows they serve) and refolds them from U * M otherwise."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mask, d, u, n_trainable, *factors):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, mask, d, u, keep, n_trainable, *factors):  # type: ignore[override]
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise ConfigError("the folded path trains no base weight or bias: freeze them (requires_grad_(False))")
-        y, um = _native.folded_forward(x, weight, bias, d, u, mask)
-        ctx.save_for_backward(x, um)
+        y, um, folded = _native.folded_forward(x, weight, bias, d, u, mask)
+        if keep:
+            ctx.save_for_backward(x, um, folded)
+        else:
+            ctx.save_for_backward(x, um)
         ctx.weight, ctx.mask, ctx.d, ctx.u, ctx.factors, ctx.n_trainable = weight, mask, d, u, factors, n_trainable
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        x, um = ctx.saved_tensors
+        x, um, *kept = ctx.saved_tensors
         needs = ctx.needs_input_grad
         n = ctx.n_trainable
-        wanted = [needs[0]] + [needs[7 + i] for i in range(n)] + [False] * (3 - n)
+        wanted = [needs[0]] + [needs[8 + i] for i in range(n)] + [False] * (3 - n)
         if not any(wanted):
-            return (None,) * (7 + len(ctx.factors))
-        args = (grad, x, ctx.weight, um, ctx.d, ctx.u, ctx.mask, list(ctx.factors), wanted)
+            return (None,) * (8 + len(ctx.factors))
+        folded = kept[0] if kept else None
+        args = (grad, x, ctx.weight, um, folded, ctx.d, ctx.u, ctx.mask, list(ctx.factors), wanted)
         gx, *gf = _native.folded_backward(*args)
         gf = [g if g is None or g.dtype == f.dtype else g.to(f.dtype) for g, f in zip(gf[:n], ctx.factors)]
-        return (gx, None, None, None, None, None, None, *gf, *([None] * (len(ctx.factors) - n)))
+        return (gx, None, None, None, None, None, None, None, *gf, *([None] * (len(ctx.factors) - n)))
 
 
 # ---- torch.compile ----------------------------------------------------------------------------
