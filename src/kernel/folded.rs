@@ -19,9 +19,10 @@
 //! That is 2 r (in + out) per token plus the fold, and a second fold in the backward where the
 //! folded weights are not kept from the forward: they are kept where they are no larger than the
 //! input rows they serve (out <= tokens per fold), so that keeping them costs at most what the
-//! saved input does. [`fold_plan`] says when folding is the cheaper way, and whether to keep. Only for float32 and float64: in half precision
-//! the folded weight would round the update to 2^-8 of the weight's size, the very loss the
-//! difference form of the operands exists to avoid (mod.rs), so half-precision calls stay factored.
+//! saved input does. [`fold_plan`] says when folding is the cheaper way, and whether to keep.
+//! Only for float32 and float64: in half precision the folded weight would round the update to
+//! 2^-8 of the weight's size, the very loss the difference form of the operands exists to avoid
+//! (mod.rs), so half-precision calls stay factored.
 //! Shapes are fixed as in the factored path: the ranks are the mask's data, whatever they are.
 
 use super::{cast, check_input, mask_for, Factors, Grads, Operands};
