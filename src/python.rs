@@ -189,6 +189,61 @@ fn lowrank_backward(
     Ok((g.input.map(PyTensor), a.map(PyTensor), b.map(PyTensor), c.map(PyTensor)))
 }
 
+/// (y, U * M, W_b): the base layer's output with the update folded into its weight,
+/// y = x W_b^T + bias, W_b = W + (U * M) D, one folded weight per mask row (float32 and float64).
+#[pyfunction]
+#[pyo3(signature = (x, weight, bias, d, u, mask=None))]
+fn folded_forward(
+    py: Python<'_>,
+    x: PyTensor,
+    weight: PyTensor,
+    bias: Option<PyTensor>,
+    d: PyTensor,
+    u: PyTensor,
+    mask: Option<PyTensor>,
+) -> PyResult<(PyTensor, PyTensor, PyTensor)> {
+    let (x, weight, bias, mask) = (x.0, weight.0, bias.map(|t| t.0), mask.map(|t| t.0));
+    let ops = kernel::Operands { d: d.0, u: u.0 };
+    let (y, um, wb) = run(py, move || kernel::folded_forward(&x, &weight, bias.as_ref(), &ops, mask.as_ref()))?;
+    Ok((PyTensor(y), PyTensor(um), PyTensor(wb)))
+}
+
+/// Gradients (input, factor 0, 1, 2) of `folded_forward`; `needs` says which to compute.
+#[pyfunction]
+#[pyo3(signature = (grad, x, weight, um, kept, d, u, mask, factors, needs))]
+// One Rust parameter per Python parameter (plus the GIL token): the Python signature sets the count.
+#[allow(clippy::too_many_arguments)]
+fn folded_backward(
+    py: Python<'_>,
+    grad: PyTensor,
+    x: PyTensor,
+    weight: PyTensor,
+    um: PyTensor,
+    kept: Option<PyTensor>,
+    d: PyTensor,
+    u: PyTensor,
+    mask: Option<PyTensor>,
+    factors: Vec<PyTensor>,
+    needs: [bool; 4],
+) -> PyResult<Grads4> {
+    let (grad, x, weight, um, kept, factors) = (grad.0, x.0, weight.0, um.0, kept.map(|t| t.0), owned(factors));
+    let (ops, mask) = (kernel::Operands { d: d.0, u: u.0 }, mask.map(|t| t.0));
+    let g = run(py, move || {
+        let f = kernel::Factors::from_slice(&factors)?;
+        kernel::folded_backward(&grad, &x, &weight, &um, kept.as_ref(), &ops, mask.as_ref(), &f, needs)
+    })?;
+    let [a, b, c] = g.factors;
+    Ok((g.input.map(PyTensor), a.map(PyTensor), b.map(PyTensor), c.map(PyTensor)))
+}
+
+/// How a training call of `tokens` tokens per folded weight runs: None factored
+/// (`lowrank_forward`); True / False folded (`folded_forward`), keeping the folded weights for the
+/// backward or not.
+#[pyfunction]
+fn fold_plan(tokens: i64, in_features: i64, out_features: i64) -> Option<bool> {
+    kernel::fold_plan(tokens, in_features, out_features)
+}
+
 /// The dense weight update (out x in) at one rank (None: full rank).
 #[pyfunction]
 #[pyo3(signature = (factors, rank, scale))]
@@ -254,6 +309,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lowrank_operands, m)?)?;
     m.add_function(wrap_pyfunction!(lowrank_forward, m)?)?;
     m.add_function(wrap_pyfunction!(lowrank_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(folded_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(folded_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(fold_plan, m)?)?;
     m.add_function(wrap_pyfunction!(dense_update, m)?)?;
     m.add_function(wrap_pyfunction!(fold_weight, m)?)?;
     m.add_function(wrap_pyfunction!(save_file, m)?)?;

@@ -218,6 +218,81 @@ def lowrank_backward(
             with the factors, the operands or x (the message names which).
     """
 
+def folded_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    d: torch.Tensor,
+    u: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    A training call with the masked update folded into the base weight: y = x W_b^T + bias with
+    W_b = weight + (U * m_b) D, one folded weight per mask row (one for a shared mask or none).
+    Float32 and float64 only (in half precision the fold would round the update away).
+
+    Arguments:
+        x: The input (..., in); with a per-sample mask its first dimension is the batch.
+        weight: The base layer's weight (out x in), x's dtype and device.
+        bias: The base layer's bias (out,), or None.
+        d: The operands' D (w x in), as `lowrank_operands` gives it.
+        u: The operands' U (out x w).
+        mask: The (B or 1, w) rank mask, scale included, or None for all ones.
+
+    Returns:
+        (y, um, folded): y (..., out) in x's dtype, U * M ((out x w), or (B x out x w) for a
+        per-sample mask) and the folded weights ((out x in) or (B x out x in)), which
+        `folded_backward` takes, or refolds from U * M.
+
+    Raises:
+        ValueError: If a dtype is not float32 / float64, or any shape, dtype or device disagrees
+            (the message names which).
+    """
+
+def folded_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    um: torch.Tensor,
+    kept: torch.Tensor | None,
+    d: torch.Tensor,
+    u: torch.Tensor,
+    mask: torch.Tensor | None,
+    factors: Sequence[torch.Tensor],
+    needs: Sequence[bool],
+) -> _Grads:
+    """
+    The gradients of `folded_forward` for the input and the trainable factors (the weight, its
+    bias and the frozen factors get none), at full rank: the masked ranks get exactly zero.
+
+    Arguments:
+        grad: The gradient of y (..., out), the same rows as x.
+        x: The forward's input.
+        weight: The forward's base weight.
+        um: The U * M the forward returned.
+        kept: The folded weights the forward returned, or None to refold them from um.
+        d: The forward's D.
+        u: The forward's U.
+        mask: The forward's mask, or None.
+        factors: The factors the operands were built from (6 T-LoRA or 2 LoRA).
+        needs: 4 flags, as for `lowrank_backward`.
+
+    Returns:
+        (dx, d0, d1, d2) as `lowrank_backward` returns them.
+
+    Raises:
+        ValueError: If any shape, dtype or device disagrees (the message names which).
+    """
+
+def fold_plan(tokens: int, in_features: int, out_features: int) -> bool | None:
+    """
+    How a training call with `tokens` tokens per folded weight (per sample with per-sample ranks,
+    the whole batch with shared ones) runs: None factored (`lowrank_forward`); True or False
+    folded (`folded_forward`), True keeping the folded weights for the backward (where
+    out_features <= tokens: no larger than the input rows they serve). Folded where
+    3 tokens (in + out) > 2 folds in out, folds = 1 when kept, else 2.
+    """
+
 def dense_update(factors: Sequence[torch.Tensor], rank: int | None, scale: float) -> torch.Tensor:
     """
     The adapter's update at one rank as a weight matrix, scale included: for T-LoRA

@@ -30,11 +30,18 @@
 //! ranks get exactly zero).
 //!
 //! [`fold_weight`] folds the update at one rank into the base weight for inference (same difference
-//! form, float32), and [`dense_update`] is the update as a weight matrix.
+//! form, float32), and [`dense_update`] is the update as a weight matrix. In float32 and float64, a
+//! training call with many tokens per sample folds the masked update into the weight instead
+//! (folded.rs: [`folded_forward`], [`folded_backward`]), which costs less than the factored
+//! product ([`fold_plan`]).
+
+mod folded;
 
 use crate::ranks;
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
+
+pub use folded::{fold_plan, folded_backward, folded_forward, folds_in};
 
 /// The adapter factors of one layer, all float32 (float64 in tests), on one device. The variants
 /// are named as the Python side names the factor sets (`tlora.factors.TLORA` and `LORA`).
@@ -387,8 +394,20 @@ pub fn lowrank_backward(
         Factors::LoRA { .. } => (needs[1], needs[2]),
     };
     // dL/dh, masked (in x's shape, so that a per-sample mask broadcasts over the tokens): feeds
-    // the input's gradient and D's.
-    let gh = if needs[0] || trains_d {
+    // the input's gradient and D's. Without the input's gradient (a frozen text encoder's states
+    // entering cross-attention), T-LoRA's Q needs only gh's first block minus its second,
+    // grad (U_1 - U_2) masked: a product at width r instead of 2r.
+    let q_only = matches!(f, Factors::TLora { .. }) && !needs[0];
+    let gq_direct = if q_only && trains_d {
+        let mut gq = grad_x.f_matmul(&ops.u.f_narrow(1, 0, r)?.f_sub(&ops.u.f_narrow(1, r, r)?)?)?;
+        if let Some(m) = mask {
+            let _ = gq.f_mul_(&mask_for(&m.f_narrow(1, 0, r)?, x, r)?)?;
+        }
+        Some(gq.f_reshape([rows, r])?)
+    } else {
+        None
+    };
+    let gh = if !q_only && (needs[0] || trains_d) {
         let mut gh = grad_x.f_matmul(&ops.u)?;
         if let Some(m) = mask {
             let _ = gh.f_mul_(&mask_for(m, x, w)?)?;
@@ -413,15 +432,20 @@ pub fn lowrank_backward(
                     factors[0] = Some(g_mat.f_mul(&lam.f_unsqueeze(0)?)?);
                 }
                 if needs[2] {
-                    // sum_o P_oj G_oj as one batched product (r dot products of length out).
-                    factors[1] = Some(Tensor::f_einsum("or,or->r", &[&g_mat, *p], None::<&[i64]>)?);
+                    // sum_o P_oj G_oj: a product and a column sum (an einsum costs three times their dispatch).
+                    factors[1] = Some(g_mat.f_mul(*p)?.f_sum_dim_intlist(0i64, false, None::<Kind>)?);
                 }
             }
             if needs[3] {
                 // D = [Q; Q0 - Q]: Q's gradient is the first block's minus the second's.
-                let gh = gh.as_ref().unwrap();
-                let last = gh.dim() as i64 - 1;
-                let gq = gh.f_narrow(last, 0, r)?.f_sub(&gh.f_narrow(last, r, r)?)?.f_reshape([rows, r])?;
+                let gq = match (gq_direct, &gh) {
+                    (Some(gq), _) => gq,
+                    (None, Some(gh)) => {
+                        let last = gh.dim() as i64 - 1;
+                        gh.f_narrow(last, 0, r)?.f_sub(&gh.f_narrow(last, r, r)?)?.f_reshape([rows, r])?
+                    }
+                    (None, None) => bail!("internal: Q's gradient without dL/dh"),
+                };
                 factors[2] = Some(gq.f_tr()?.f_mm(&x2)?);
             }
         }

@@ -106,6 +106,12 @@ fn ortho_forward_and_backward_match_dense_autograd() {
         assert!(max_rel(grads.factors[0].as_ref().unwrap(), &pr.grad()) < 1e-12, "dP {ranks:?}");
         assert!(max_rel(grads.factors[1].as_ref().unwrap(), &lr.grad()) < 1e-12, "dlam {ranks:?}");
         assert!(max_rel(grads.factors[2].as_ref().unwrap(), &qr.grad()) < 1e-12, "dQ {ranks:?}");
+        // Without the input's gradient, Q's comes from a narrower product: the same values.
+        let no_x = lowrank_backward(&gout, &x, &h, &ops, Some(&m), &w.factors(), [false, true, true, true]).unwrap();
+        assert!(no_x.input.is_none());
+        for (i, want) in [pr.grad(), lr.grad(), qr.grad()].iter().enumerate() {
+            assert!(max_rel(no_x.factors[i].as_ref().unwrap(), want) < 1e-12, "factor {i} without dx, {ranks:?}");
+        }
     }
 }
 
@@ -287,4 +293,70 @@ fn one_compute_dtype_rule() {
     let use_one = "is not supported: use float32, float16, bfloat16 or float64";
     assert_eq!(compute_kind("int8").unwrap_err().to_string(), format!("compute dtype \"int8\" {use_one}"));
     assert_eq!(check_compute_kind(Kind::Int64, "input dtype").unwrap_err().to_string(), format!("input dtype Int64 {use_one}"));
+}
+
+#[test]
+fn folded_training_matches_dense_autograd() {
+    // Per-sample, shared and absent masks; T-LoRA and LoRA; with and without a bias.
+    let (b, n, in_f, out_f, r) = (3, 4, 7, 6, 4);
+    let w = TLoraWeights::new(out_f, in_f, r, 90, 0.3, Kind::Double);
+    let (down, up) = (seeded(&[r, in_f], 91), seeded(&[out_f, r], 92));
+    let weight = seeded(&[out_f, in_f], 93);
+    let bias = seeded(&[out_f], 94);
+    for ranks in [vec![4, 1, 3], vec![2], vec![4]] {
+        // (full rank at scale 1: no mask)
+        let full = ranks == [4];
+        let scale = if full { 1.0 } else { 0.75 };
+        for (tlora, with_bias) in [(true, true), (true, false), (false, true)] {
+            let f = if tlora { w.factors() } else { Factors::LoRA { down: &down, up: &up } };
+            let x = seeded(&[b, n, in_f], 95);
+            let m = mask(&ranks, r, if tlora { 2 } else { 1 }, scale, Kind::Double);
+            let m = if full { None } else { Some(&m) };
+            let bias = if with_bias { Some(&bias) } else { None };
+            let ops = lowrank_operands(&f, None, Kind::Double, None).unwrap();
+            let (y, um, wb) = folded_forward(&x, &weight, bias, &ops, m).unwrap();
+            let gout = seeded(&[b, n, out_f], 96);
+            let grads = folded_backward(&gout, &x, &weight, &um, None, &ops, m, &f, [true; 4]).unwrap();
+            // With the forward's folded weights kept: the same gradients.
+            let kept = folded_backward(&gout, &x, &weight, &um, Some(&wb), &ops, m, &f, [true; 4]).unwrap();
+            assert!(max_rel(kept.input.as_ref().unwrap(), grads.input.as_ref().unwrap()) < 1e-14);
+
+            let xr = x.detach().set_requires_grad(true);
+            let (yref, trained) = if tlora {
+                let (pr, lr, qr) =
+                    (w.p.detach().set_requires_grad(true), w.lam.detach().set_requires_grad(true), w.q.detach().set_requires_grad(true));
+                (reference(&xr, &ranks, |k| w.dense(k, &pr, &lr, &qr), scale), vec![pr, lr, qr])
+            } else {
+                let (dr, ur) = (down.detach().set_requires_grad(true), up.detach().set_requires_grad(true));
+                let mk = |k: i64| {
+                    let mk = Tensor::arange(r, (Kind::Int64, Device::Cpu)).lt(k).to_kind(Kind::Double);
+                    (&ur * mk.unsqueeze(0)).matmul(&dr)
+                };
+                (reference(&xr, &ranks, mk, scale), vec![dr, ur])
+            };
+            let base = xr.matmul(&weight.tr()) + bias.map_or_else(|| Tensor::zeros([out_f], F64), |t| t.shallow_clone());
+            let yref = yref + base;
+            assert!(max_rel(&y, &yref) < 1e-12, "forward, ranks {ranks:?}, tlora {tlora}");
+            (&yref * &gout).sum(Kind::Double).backward();
+            assert!(max_rel(grads.input.as_ref().unwrap(), &xr.grad()) < 1e-12, "dx {ranks:?}");
+            for (i, t) in trained.iter().enumerate() {
+                assert!(max_rel(grads.factors[i].as_ref().unwrap(), &t.grad()) < 1e-12, "factor {i}, ranks {ranks:?}, tlora {tlora}");
+            }
+            // Only what was asked for.
+            let g = folded_backward(&gout, &x, &weight, &um, None, &ops, m, &f, [false, false, false, true]).unwrap();
+            assert!(g.input.is_none() && g.factors[0].is_none() && g.factors[1].is_none() && g.factors[2].is_some() == tlora);
+        }
+    }
+}
+
+#[test]
+fn folding_pays_with_many_tokens_per_weight_only() {
+    assert_eq!((fold_plan(1024, 128, 128), fold_plan(256, 256, 256), fold_plan(200, 256, 256)), (Some(true), Some(true), Some(false)));
+    assert_eq!((fold_plan(77, 256, 128), fold_plan(1, 640, 640)), (None, None));
+    assert!(folds_in(Kind::Float) && folds_in(Kind::Double) && !folds_in(Kind::BFloat16) && !folds_in(Kind::Half));
+    let w = TLoraWeights::new(6, 5, 3, 97, 0.1, Kind::Double);
+    let ops = lowrank_operands(&w.factors(), None, Kind::BFloat16, None).unwrap();
+    let x = seeded(&[2, 5], 98).to_kind(Kind::BFloat16);
+    let err = folded_forward(&x, &seeded(&[6, 5], 99).to_kind(Kind::BFloat16), None, &ops, None).err().unwrap();
+    assert!(err.to_string().contains("float32 or float64"), "{err}");
 }

@@ -115,6 +115,11 @@ CASES = [
     ("vanilla", 16, 40, 12, 3, 3.0, None, 3, 2, False),
     ("lora", 24, 16, 8, None, 1.0, 16.0, 4, 5, True),
     ("lora", 10, 30, 10, None, 1.0, None, 2, 4, True),
+    # Many tokens per sample: training folds the update into the weight, per sample
+    # (src/kernel/folded.rs); the cases above fold with a shared timestep where the batch is long enough.
+    ("tlora", 24, 16, 8, 2, 1.0, None, 3, 40, True),
+    ("vanilla", 16, 20, 6, 2, 2.0, 4.0, 2, 30, False),
+    ("lora", 12, 10, 4, None, 1.0, 8.0, 2, 30, True),
 ]
 
 

@@ -11,6 +11,10 @@ For T-LoRA the operands are the difference form, D = [Q; Q0 - Q], U = [P Λ - P0
 (src/kernel/mod.rs explains why: no cancellation in half precision); they are written once per
 call into two buffers the layer keeps per compute dtype.
 
+A float32 (or float64) training call with many tokens per sample folds the masked update into the
+weight instead, y = x (W + (U * M) D)^T + b, one folded weight per mask row, which costs less
+than the factored product there (src/kernel/folded.rs; `_folded_training_forward` says when).
+
 Inference adds a fast path: when no gradient is needed and the ranks are known on the host, the
 update at rank k is folded into the weight, W_k = W + dW_k, and y = x W_k^T + b costs what the bare
 layer costs. Folded weights live in the adapter's `FoldCache` (folds.py), which owns them; the layer
@@ -33,7 +37,7 @@ from torch import nn
 from .. import _native
 from ..config import AdapterConfig
 from .factors import FROZEN, LORA, is_tlora, n_trainable, names, trainable
-from .ops import COMPUTE_DTYPES, DTYPE_NAMES, Update, check_compute_dtype, update_op
+from .ops import COMPUTE_DTYPES, DTYPE_NAMES, FOLDED_DTYPES, FoldedUpdate, Update, check_compute_dtype, update_op
 from .ranks import RankState
 
 
@@ -184,6 +188,9 @@ class TLoraLinear(nn.Module):
         )
         if training:  # the factors are about to change
             self.state.fold_cache.drop(self)
+            y = self._folded_training_forward(x, factors, base)
+            if y is not None:
+                return y
         elif self.state.fast_path:
             y = self._folded_forward(x, factors, base)
             if y is not None:
@@ -245,6 +252,36 @@ class TLoraLinear(nn.Module):
         d, u = _native.lowrank_operands(factors, self._frozen[1], DTYPE_NAMES[dtype], bufs.d, bufs.u, bufs.write_frozen)
         bufs.write_frozen = False
         return d, u
+
+    def _folded_training_forward(self, x: torch.Tensor, factors: list[torch.Tensor], base: nn.Module):
+        """The training call with the masked update folded into the weight, x (W + (U * M) D)^T + b
+        (src/kernel/folded.rs), or None where the factored path runs: half precision or autocast
+        (the folded weight would round the update away), a base layer that is not a plain frozen
+        nn.Linear, or too few tokens per folded weight for the fold to pay (`_native.fold_plan`, which
+        also says whether the backward keeps the folded weights or refolds them)."""
+        if not _plain_linear(base):
+            return None
+        w, b = base._parameters["weight"], base._parameters["bias"]
+        dtype, device = x.dtype, x.device
+        out_f, in_f = w.shape
+        if (
+            dtype not in FOLDED_DTYPES
+            or w.dtype != dtype
+            or w.requires_grad
+            or (b is not None and (b.requires_grad or b.dtype != dtype))
+            or x.dim() == 0
+            or x.shape[-1] != in_f
+            or device != w.device
+            or torch.is_autocast_enabled(device.type)
+        ):
+            return None
+        mask = self.state.mask(device, dtype)
+        folds = 1 if mask is None else mask.shape[0]  # one folded weight per mask row
+        keep = _native.fold_plan(x.numel() // (in_f * folds), in_f, out_f)
+        if keep is None:
+            return None
+        d, u = self._operands(factors, dtype, device)
+        return FoldedUpdate.apply(x, w, b, mask, d, u, keep, n_trainable(factors), *factors)
 
     def _compiled_forward(self, x: torch.Tensor, factors: list[torch.Tensor], base: nn.Module) -> torch.Tensor:
         """The update as custom ops that torch.compile traces, the mask an input of the graph."""

@@ -1,7 +1,9 @@
 """The update `((x D^T) * M) U^T` as autograd and torch.compile know it: an autograd Function for
 eager runs, custom ops with fake kernels and a registered backward for compiled ones, both over
 the native kernels (src/kernel), and `lowrank_update`, the same as a plain function of x and the
-factors.
+factors. `FoldedUpdate` (and `folded_linear`, its plain function) is the eager training call with
+the update folded into the base weight, x (W + (U * M) D)^T + b, in float32 and float64
+(src/kernel/folded.rs).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from .ranks import rank_mask
 # The dtypes the kernels compute in, by the names the native functions take (src/kernel: `compute_kind`).
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 COMPUTE_DTYPES = tuple(DTYPE_NAMES)
+# The dtypes a training call may fold the update into the weight in (src/kernel/folded.rs:
+# `folds_in`): in half precision the folded weight would round the update away.
+FOLDED_DTYPES = (torch.float32, torch.float64)
 # The devices the kernels run on: the CPU and CUDA devices (the policy of src/kernel's
 # `is_kernel_device`; the native code refuses tensors and device names elsewhere: MPS, meta, ...).
 KERNEL_DEVICES = ("cpu", "cuda")
@@ -74,6 +79,61 @@ class Update(torch.autograd.Function):
         gx, *gf = _native.lowrank_backward(grad, x, h, ctx.d, ctx.u, ctx.mask, list(ctx.factors), wanted)
         gf = [g if g is None or g.dtype == f.dtype else g.to(f.dtype) for g, f in zip(gf[:n], ctx.factors)]
         return head + (gx, None, None, None, None, *gf, *([None] * (len(ctx.factors) - n)))
+
+
+def folded_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    factors: list[torch.Tensor],
+    ranks: list[int] | None = None,
+    scale: float = 1.0,
+    keep: bool = False,
+) -> torch.Tensor:
+    """x (W + dW)^T + b at `ranks` (as `lowrank_update` takes them) through the folded training
+    path, differentiable in x and the trainable factors (the weight and bias are frozen): what a
+    float32 TLoraLinear computes in training when the fold pays (`_native.fold_plan`); `keep`: the
+    backward uses the forward's folded weights instead of refolding."""
+    rank = rank_of(factors)
+    if ranks is not None:
+        ranks = check_ranks(ranks, rank)
+    blocks = 2 if is_tlora(factors) else 1
+    mask = rank_mask(ranks, rank, blocks, scale, x.device, x.dtype)
+    d, u = _native.lowrank_operands(list(factors), None, DTYPE_NAMES[x.dtype])
+    return FoldedUpdate.apply(x, weight, bias, mask, d, u, keep, n_trainable(factors), *factors)
+
+
+class FoldedUpdate(torch.autograd.Function):
+    """x (W + (U * M) D)^T + b, one folded weight per mask row, differentiable in x and the
+    trainable factors; the backward uses the folded weights when `keep` (where they are no larger
+    than the input rows they serve) and refolds them from U * M otherwise."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, d, u, keep, n_trainable, *factors):  # type: ignore[override]
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise ConfigError("the folded path trains no base weight or bias: freeze them (requires_grad_(False))")
+        y, um, folded = _native.folded_forward(x, weight, bias, d, u, mask)
+        if keep:
+            ctx.save_for_backward(x, um, folded)
+        else:
+            ctx.save_for_backward(x, um)
+        ctx.weight, ctx.mask, ctx.d, ctx.u, ctx.factors, ctx.n_trainable = weight, mask, d, u, factors, n_trainable
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        x, um, *kept = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        n = ctx.n_trainable
+        wanted = [needs[0]] + [needs[8 + i] for i in range(n)] + [False] * (3 - n)
+        if not any(wanted):
+            return (None,) * (8 + len(ctx.factors))
+        folded = kept[0] if kept else None
+        args = (grad, x, ctx.weight, um, folded, ctx.d, ctx.u, ctx.mask, list(ctx.factors), wanted)
+        gx, *gf = _native.folded_backward(*args)
+        gf = [g if g is None or g.dtype == f.dtype else g.to(f.dtype) for g, f in zip(gf[:n], ctx.factors)]
+        return (gx, None, None, None, None, None, None, None, *gf, *([None] * (len(ctx.factors) - n)))
 
 
 # ---- torch.compile ----------------------------------------------------------------------------
