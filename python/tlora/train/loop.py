@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapter.inject import Adapter, inject
-from ..config import AdapterConfig, check_float, check_int
+from ..config import DEFAULT_RANK_BOUNDARY, SCHEDULE_OPTIONS, AdapterConfig, check_float, check_int
 from ..errors import CheckpointError, ConfigError, TloraError, TrainingError, about
 from ..files.atomic import write_atomic
 from ..files.io import save as save_adapter
@@ -79,7 +79,7 @@ RUN_FILES = (
 # Settings a resumed run must share with the run it continues (the lr may change: it is applied).
 # target_modules as typed: None is the family's default list (tlora.train.families).
 RESUME_FIXED_TRAIN = ("model", "token", "class_name", "resolution", "seed", "target_modules")
-RESUME_FIXED_ADAPTER = ("variant", "rank", "min_rank", "rank_exponent")
+RESUME_FIXED_ADAPTER = ("variant", "rank", "min_rank", "rank_exponent", *SCHEDULE_OPTIONS)
 
 
 @dataclass
@@ -93,6 +93,9 @@ class TrainConfig:
     rank: int = 64
     min_rank: int | None = None
     rank_exponent: float = 1.0
+    rank_schedule: str = "power"  # the shape of r(t): power (the paper's), cosine, step
+    rank_boundary: float = DEFAULT_RANK_BOUNDARY  # the step shape's boundary, a fraction of T
+    rank_scaling: str = "none"  # "rank": the update at rank r(t) scaled by r / r(t)
     steps: int | None = None  # paper: 800 for tlora, 500 for vanilla and lora
     lr: float = 1e-4
     resolution: int | None = None  # default: the model's native resolution
@@ -279,6 +282,9 @@ class TrainConfig:
             rank=self.rank,
             min_rank=self.min_rank,
             rank_exponent=self.rank_exponent,
+            rank_schedule=self.rank_schedule,
+            rank_boundary=self.rank_boundary,
+            rank_scaling=self.rank_scaling,
             variant=self.variant,
             target_modules=self.target_modules,
             lora_alpha=self.lora_alpha,
@@ -397,7 +403,9 @@ def _read_run_config(path: Path) -> tuple[dict, dict]:
             _check_train_setting(key, train[key])
         except ConfigError as e:
             raise CheckpointError(f"{path}: train.{key}: {e}: {fix}") from None
-    missing = [k for k in RESUME_FIXED_ADAPTER if k not in adapter]
+    # (SCHEDULE_OPTIONS are absent in runs of a tlora before them, which trained with their
+    # defaults: AdapterConfig.from_dict fills those in)
+    missing = [k for k in RESUME_FIXED_ADAPTER if k not in adapter and k not in SCHEDULE_OPTIONS]
     if missing:
         raise CheckpointError(f"{path}: adapter.{missing[0]}: missing: {fix}")
     try:
@@ -681,6 +689,9 @@ class _Run:
             rank=cfg.rank,
             min_rank=cfg.min_rank,
             rank_exponent=cfg.rank_exponent,
+            rank_schedule=cfg.rank_schedule,
+            rank_boundary=cfg.rank_boundary,
+            rank_scaling=cfg.rank_scaling,
             variant=cfg.variant,
             target_modules=cfg.target_modules if cfg.target_modules is not None else fam.default_targets,
             lora_alpha=cfg.lora_alpha,
