@@ -67,7 +67,9 @@ fn owned(tensors: Vec<PyTensor>) -> Vec<Tensor> {
 /// r(t) for every timestep: an int64 CPU tensor of the same shape. `shape` is the adapter's
 /// `rank_schedule` ("power", "cosine", "step"), `rank_boundary` the step shape's boundary (a fraction of T).
 #[pyfunction]
-#[pyo3(signature = (timesteps, rank, min_rank, rank_exponent, num_train_timesteps, shape="power", rank_boundary=schedule::DEFAULT_BOUNDARY))]
+// rank_boundary's default is schedule::DEFAULT_BOUNDARY, written as a literal so that the signature
+// Python shows (and tests/test_layout.py compares with the stub) holds the number.
+#[pyo3(signature = (timesteps, rank, min_rank, rank_exponent, num_train_timesteps, shape="power", rank_boundary=0.875))]
 // One Rust parameter per Python parameter (plus the GIL token): the Python signature sets the count.
 #[allow(clippy::too_many_arguments)]
 fn rank_schedule(

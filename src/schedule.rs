@@ -63,7 +63,8 @@ impl std::str::FromStr for Shape {
     }
 }
 
-/// The step schedule's default boundary: 875 of T = 1000.
+/// The step schedule's default boundary: 875 of T = 1000 (also a literal in python.rs's signature
+/// and in tlora.config's DEFAULT_RANK_BOUNDARY).
 pub const DEFAULT_BOUNDARY: f64 = 0.875;
 
 /// Parameters of the rank schedule.

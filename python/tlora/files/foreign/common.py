@@ -134,9 +134,8 @@ def rank_settings(path: Path, meta: dict[str, str], min_rank, rank_exponent, num
     if t is not None:
         out["num_train_timesteps"] = t
     out.update({k: found[k] for k in _NAME_KEYS if k in found})
-    boundary = pick(None, _BOUNDARY_KEYS, float)
-    if boundary is not None:
-        out["rank_boundary"] = boundary
+    if any(k in found for k in _BOUNDARY_KEYS):
+        out["rank_boundary"] = pick(None, _BOUNDARY_KEYS, float)
     return out
 
 
