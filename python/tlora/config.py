@@ -142,7 +142,8 @@ class AdapterConfig:
         """The update's multiplier at rank k: `scale`, times r / k under rank_scaling "rank" (so
         that a timestep's fewer active ranks are not relatively weaker). The one rule the masks,
         the folded weights and the exports use."""
-        return self.scale * self.rank / k if self.rank_scaling == "rank" else self.scale
+        # (at k = r exactly `scale`, as the full-rank mask holds it: (scale * r) / r can round off it)
+        return self.scale * self.rank / k if self.rank_scaling == "rank" and k != self.rank else self.scale
 
     @property
     def masked(self) -> bool:

@@ -110,8 +110,8 @@ def rank_mask(
     """The (B or 1, blocks * rank) mask, scale included, for host ranks (a list; None: full rank)
     or a (B,) rank tensor on the device; None where it would be all ones. Entry (b, j) is set when
     rank j mod `rank` is below sample b's rank k_b, to `scale`, or under rank_scaling "rank" to
-    scale * rank / k_b (`AdapterConfig.scale_at`, computed in float64 in that order on both paths,
-    then rounded once to `dtype`)."""
+    scale * rank / k_b (`AdapterConfig.scale_at`: scale itself at k_b = rank, else computed in
+    float64 in that order on both paths, then rounded once to `dtype`)."""
     if cols is None:
         cols = torch.arange(rank, device=device).repeat(blocks)
     width = rank * blocks
@@ -124,7 +124,7 @@ def rank_mask(
             k = torch.tensor([[ranks[0]]], device=device)
         else:
             k = torch.tensor(ranks, device=device).unsqueeze(1)
-        row_scale = (scale * rank / k.to(torch.float64)).to(dtype)
+        row_scale = torch.where(k == rank, scale, scale * rank / k.to(torch.float64)).to(dtype)
         return (cols.unsqueeze(0) < k).to(dtype) * row_scale
     if isinstance(ranks, torch.Tensor):
         m = (cols.unsqueeze(0) < ranks.to(device).reshape(-1, 1)).to(dtype)
