@@ -224,6 +224,8 @@ def test_out_holding_another_run_needs_resume_or_overwrite(models, image, traine
         ("--min-rank", "1", "--min-rank was 2, now 1"),
         ("--variant", "vanilla", "--variant was 'tlora', now 'vanilla'"),
         ("--seed", "5", "--seed was 0, now 5"),
+        ("--rank-schedule", "cosine", "--rank-schedule was 'power', now 'cosine'"),
+        ("--rank-scaling", "rank", "--rank-scaling was 'none', now 'rank'"),
     ],
 )
 def test_resume_refuses_settings_it_cannot_honour(flag, value, fragment, models, image, trained, tmp_path, capsys):
