@@ -2,12 +2,18 @@
 Vanilla T-LoRA, Ortho-LoRA and T-LoRA across ranks, concepts and seeds.
 
     python benches/quality.py [--ranks 4 8 16 32] [--concepts ...] [--seeds 0 1 2] [--workers 2]
+    python benches/quality.py --variants [NAME ...] [--ranks 8] [--seeds 0]
+
 
 Each cell fine-tunes the bundled toy model on one concept image (tlora.demo.evaluate.finetune),
 samples every evaluation prompt and scores the pixels. Results go to bench-results/quality.json,
 quality.md (mean ± std over concepts x seeds) and quality.png (fidelity against alignment).
 quality.md also has paired differences (T-LoRA minus LoRA on the same concept, rank and seed), a
-per-concept table and every run. Runs resume: finished cells are read back from quality.json. With
+per-concept table and every run. --variants compares T-LoRA with variants of its schedule and
+scaling (VARIANTS below, each an adapter option) instead of the four methods, written to
+variants.json / variants.md: paired differences against T-LoRA (same concept, rank, seed) with 95 %
+t intervals, and which variant wins (alignment up with the interval above zero, fidelity down by at
+most 0.01). Runs resume: finished cells are read back from quality.json. With
 --workers N, N processes each fine-tune one cell at a time on one thread (on a 2-core machine two
 workers finish about 1.8x as many cells per hour as one two-thread process: the tiny model's steps
 are dominated by per-op overhead).
@@ -23,17 +29,37 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
+from overfitting import paired as paired_interval
+
 from tlora.demo.concepts import CONCEPTS, concept
 from tlora.demo.evaluate import METHODS, TOY_LR, TOY_STEPS, finetune
 
 KEYS = ("fidelity", "alignment", "diversity")
+# Variants of T-LoRA (min_rank r // 2, the power law with a = 1, no rank scaling), by name: the
+# adapter options each changes, as a function of the rank.
+VARIANTS = {
+    "power a=0.5": lambda r: {"rank_exponent": 0.5},
+    "power a=2": lambda r: {"rank_exponent": 2.0},
+    "cosine": lambda r: {"rank_schedule": "cosine"},
+    "step t_b=875": lambda r: {"rank_schedule": "step", "rank_boundary": 0.875},
+    "scaling rank": lambda r: {"rank_scaling": "rank"},
+    # The control: the paper says r_min = r / 4 "often struggles".
+    "min_rank=r/4": lambda r: {"min_rank": max(1, r // 4)},
+}
+# A variant wins when its alignment rises with the 95 % interval above zero and its fidelity falls
+# by at most this much.
+FIDELITY_TOLERANCE = 0.01
 # The toy UNet's attention layers are 32 and 64 wide: rank 32 is already full rank in the first block.
 MAX_TOY_RANK = 32
 
 
 def run_cell(method: str, rank: int, name: str, seed: int, steps: int, lr: float, n: int) -> dict:
+    """One fine-tune: a method of METHODS, or a variant of VARIANTS (T-LoRA with its options)."""
+    base, options = ("T-LoRA", VARIANTS[method](rank)) if method in VARIANTS else (method, None)
     with tempfile.TemporaryDirectory() as tmp:
-        run = finetune(concept(name), method, Path(tmp), rank=rank, steps=steps, lr=lr, seed=seed, n=n)
+        run = finetune(
+            concept(name), base, Path(tmp), rank=rank, steps=steps, lr=lr, seed=seed, n=n, adapter_options=options
+        )
     return {"method": method, "rank": rank, "concept": name, "seed": seed, "scores": run.scores, "seconds": run.seconds}
 
 
@@ -101,6 +127,55 @@ def per_concept(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def variant_table(cells: list[dict]) -> str:
+    """Each variant minus T-LoRA on the same concept, rank and seed: mean differences with their 95 %
+    t intervals, and the verdict."""
+    by = {(c["method"], c["rank"], c["concept"], c["seed"]): c["scores"] for c in cells}
+    lines = [
+        "| variant | rank | pairs | Δ fidelity (95 % interval) | Δ alignment (95 % interval) | Δ diversity "
+        "| aligns better | wins |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in VARIANTS:
+        for r in sorted({c["rank"] for c in cells}):
+            keys = [k for k in by if k[0] == name and k[1] == r and ("T-LoRA", *k[1:]) in by]
+            if not keys:
+                continue
+            ours = [by[k] for k in keys]
+            theirs = [by[("T-LoRA", *k[1:])] for k in keys]
+            d = {key: paired_interval([x[key] for x in ours], [y[key] for y in theirs]) for key in KEYS}
+            better = sum(x["alignment"] > y["alignment"] for x, y in zip(ours, theirs))
+            (df, hf), (da, ha) = d["fidelity"], d["alignment"]
+            wins = da - ha > 0 and df >= -FIDELITY_TOLERANCE
+            lines.append(
+                f"| {name} | {r} | {len(keys)} | {df:+.3f} ± {hf:.3f} | {da:+.3f} ± {ha:.3f} "
+                f"| {d['diversity'][0]:+.3f} ± {d['diversity'][1]:.3f} | {better} of {len(keys)} | "
+                f"{'yes' if wins else 'no'} |"
+            )
+    return "\n".join(lines)
+
+
+def variant_report(cells: list[dict], settings: dict) -> str:
+    means = ["| variant | rank | fidelity | alignment | diversity | n |", "|---|---|---|---|---|---|"]
+    for name in ("T-LoRA", *VARIANTS):
+        for r in sorted({c["rank"] for c in cells}):
+            sel = [c["scores"] for c in cells if c["method"] == name and c["rank"] == r]
+            if sel:
+                cols = " | ".join(f"{statistics.mean(s[k] for s in sel):.3f}" for k in KEYS)
+                means.append(f"| {name} | {r} | {cols} | {len(sel)} |")
+    runs = "\n".join(
+        f"- {c['method']}, {c['rank']}, {c['concept']}, {c['seed']}: {c['scores']['fidelity']:.3f} / "
+        f"{c['scores']['alignment']:.3f} / {c['scores']['diversity']:.3f}"
+        for c in sorted(cells, key=lambda c: (c["concept"], c["rank"], c["seed"], c["method"]))
+    )
+    return (
+        f"Settings: {settings}; {len(cells)} runs.\n\n"
+        f"Means over concepts x seeds:\n\n" + "\n".join(means) + "\n\n"
+        f"Each variant minus T-LoRA (same concept, rank, seed), mean ± 95 % t half-width:\n\n{variant_table(cells)}\n\n"
+        f"Every run (variant, rank, concept, seed: fidelity / alignment / diversity):\n\n{runs}\n"
+    )
+
+
 def report(cells: list[dict], settings: dict) -> str:
     runs = "\n".join(
         f"- {c['method']}, {c['rank']}, {c['concept']}, {c['seed']}: {c['scores']['fidelity']:.3f} / "
@@ -149,6 +224,13 @@ def main() -> None:
     ap.add_argument("--concepts", nargs="+", default=sorted(CONCEPTS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=None,
+        choices=list(VARIANTS),
+        help="compare T-LoRA with these variants (none named: all) instead of the methods",
+    )
     ap.add_argument("--steps", type=int, default=TOY_STEPS)
     ap.add_argument("--lr", type=float, default=TOY_LR)
     ap.add_argument("-n", type=int, default=2, help="samples per prompt")
@@ -163,7 +245,9 @@ def main() -> None:
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    store = out / "quality.json"
+    variants = args.variants is not None
+    methods = ["T-LoRA", *(args.variants or VARIANTS)] if variants else args.methods
+    store = out / ("variants.json" if variants else "quality.json")
     settings = {"steps": args.steps, "lr": args.lr, "n": args.n}
     cells = []
     if store.exists():
@@ -180,7 +264,7 @@ def main() -> None:
         for seed in args.seeds
         for name in args.concepts
         for r in args.ranks
-        for method in args.methods
+        for method in methods
         if (method, r, name, seed) not in done
     ]
     print(f"{len(done)} runs in {store}, {len(todo)} to go", flush=True)
@@ -200,9 +284,11 @@ def main() -> None:
             futures = [pool.submit(run_cell, *key, args.steps, args.lr, args.n) for key in todo]
             for f in as_completed(futures):
                 record(f.result())
-    md = report(cells, settings)
-    (out / "quality.md").write_text(md)
+    md = variant_report(cells, settings) if variants else report(cells, settings)
+    (out / ("variants.md" if variants else "quality.md")).write_text(md)
     print(md)
+    if variants:
+        return
     try:
         plot(cells, out / "quality.png")
     except ImportError:

@@ -46,6 +46,25 @@ def rank_at(t: float, rank: int, min_rank: int, num_train_timesteps: int = 1000,
         return int(mpmath.floor(value + mpmath.mpf("1e-40"))) + min_rank
 
 
+def cosine_rank_at(t: float, rank: int, min_rank: int, num_train_timesteps: int = 1000) -> int:
+    """The cosine schedule floor(cos(pi t / 2T) * (r - r_min)) + r_min from the timestep's exact binary
+    value, to 60 digits: a value within 1e-40 of an integer is that integer (Niven: d cos(pi t / 2T)
+    is one only where the cosine is 1, 1/2 or 0; the 60-digit error is far below 1e-40, and any
+    other value is far further from an integer)."""
+    import mpmath
+
+    frac = Fraction(t) / num_train_timesteps
+    with mpmath.workdps(60):
+        value = mpmath.cos(mpmath.pi / 2 * mpmath.mpf(frac.numerator) / frac.denominator) * (rank - min_rank)
+        return int(mpmath.floor(value + mpmath.mpf("1e-40"))) + min_rank
+
+
+def step_rank_at(t: float, rank: int, min_rank: int, num_train_timesteps: int = 1000, boundary: float = 0.875) -> int:
+    """The step schedule: r below the boundary t_b, r_min from it on, with t_b = boundary * T exactly
+    (in rationals; the schedule's float64 product equals it for the boundaries the tests use)."""
+    return rank if Fraction(t) < Fraction(boundary) * num_train_timesteps else min_rank
+
+
 def layer_factors(layer) -> dict[str, torch.Tensor]:
     """The layer's six factors, detached."""
     return {n: getattr(layer, n).detach() for n in FACTORS}

@@ -64,8 +64,14 @@ fn owned(tensors: Vec<PyTensor>) -> Vec<Tensor> {
     tensors.into_iter().map(|t| t.0).collect()
 }
 
-/// r(t) for every timestep: an int64 CPU tensor of the same shape.
+/// r(t) for every timestep: an int64 CPU tensor of the same shape. `shape` is the adapter's
+/// `rank_schedule` ("power", "cosine", "step"), `rank_boundary` the step shape's boundary (a fraction of T).
 #[pyfunction]
+// rank_boundary's default is schedule::DEFAULT_BOUNDARY, written as a literal so that the signature
+// Python shows (and tests/test_layout.py compares with the stub) holds the number.
+#[pyo3(signature = (timesteps, rank, min_rank, rank_exponent, num_train_timesteps, shape="power", rank_boundary=0.875))]
+// One Rust parameter per Python parameter (plus the GIL token): the Python signature sets the count.
+#[allow(clippy::too_many_arguments)]
 fn rank_schedule(
     py: Python<'_>,
     timesteps: PyTensor,
@@ -73,9 +79,12 @@ fn rank_schedule(
     min_rank: i64,
     rank_exponent: f64,
     num_train_timesteps: i64,
+    shape: &str,
+    rank_boundary: f64,
 ) -> PyResult<PyTensor> {
     let t = timesteps.0;
-    run(py, move || schedule::rank_schedule(&t, rank, min_rank, rank_exponent, num_train_timesteps)).map(PyTensor)
+    let shape = shape.to_string();
+    run(py, move || schedule::rank_schedule(&t, (rank, min_rank, rank_exponent, num_train_timesteps), &shape, rank_boundary)).map(PyTensor)
 }
 
 /// (P, lam, Q), float32 on `device` ("cpu", "cuda[:N]"; default the CPU): the exact SVD

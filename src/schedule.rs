@@ -1,18 +1,32 @@
 //! The timestep-dependent rank of T-LoRA.
 //!
-//! r(t) = floor(((T - t) / T)^a * (r - r_min)) + r_min, so r(0) = r and r(T) = r_min: the noisiest
-//! timesteps, which set layout and background and overfit most, get the fewest ranks.
+//! The paper's schedule ("power", the default): r(t) = floor(((T - t) / T)^a * (r - r_min)) + r_min,
+//! so r(0) = r and r(T) = r_min: the noisiest timesteps, which set layout and background and overfit
+//! most, get the fewest ranks. Two other shapes are options of the adapter (`rank_schedule`):
+//! - "cosine": r(t) = floor(cos(pi t / 2T) * (r - r_min)) + r_min (r at t = 0, r_min at t = T; it
+//!   keeps more ranks than the linear rule over the low-noise half and drops faster near T);
+//! - "step": r(t) = r for t < b T, r_min for t >= b T, with b = `rank_boundary` in (0, 1] (0.875:
+//!   the boundary 875 of T = 1000 other trainers use, scaled with T).
 //!
 //! The floor sits exactly on the integers that integer timesteps often produce ((T - t)(r - r_min)/T
 //! is an integer at t = 420 for r = 128, r_min = 28), where a float product can land on either side.
 //! So the rule is exact arithmetic where it can be, and one snapped float rule where it cannot; the
 //! device path (`layer.ranks.ranks_of_levels` in Python, tensor ops on the timestep's device) follows the
-//! same two rules, so training on one path and sampling on the other uses the same ranks:
-//! - a = 1: r(t) = r - ceil(t (r - r_min) / T), computed exactly from the float's binary value.
-//! - a != 1: floor(((T - t) / T)^a (r - r_min) + SNAP) in float64. Products of integer timesteps
+//! same rules, so training on one path and sampling on the other uses the same ranks:
+//! - power, a = 1: r(t) = r - ceil(t (r - r_min) / T), computed exactly from the float's binary value.
+//! - power, a != 1: floor(((T - t) / T)^a (r - r_min) + SNAP) in float64. Products of integer timesteps
 //!   that are integers stay on them (float error ~1e-13 is far below SNAP), and distinct products
 //!   of integer timesteps lie much further apart than SNAP (at least 1/T^2 for a = 2, about
 //!   1/(2 T r) for a = 1/2), so no integer step changes rank by it.
+//! - cosine: floor(cos(pi t / 2T) (r - r_min) + SNAP) in float64. By Niven's theorem the only
+//!   rational values of cos(pi q) for rational q in [0, 1/2] are 1, 1/2 and 0, so (r - r_min) cos(pi t / 2T)
+//!   is an integer only at t = 0, t = T and (for even r - r_min) t = 2T/3, where the snap keeps the
+//!   float value (within ~1e-15 (r - r_min) of it, whichever libm) on the integer. Every other value
+//!   lies further than 1e-6 below the next integer for the parameters the tests scan (T = 1000 with
+//!   every r - r_min up to 128, and smaller T), far above float error and SNAP, so the host and the
+//!   device (another cos implementation) agree there; `cosine_snap_is_safe` checks that margin.
+//! - step: t < fl(b T) in float64: one correctly rounded product and an exact comparison, the
+//!   same bits on every IEEE machine (integer timesteps are exact in float64).
 
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
@@ -22,6 +36,36 @@ pub const SNAP: f64 = 1e-9;
 
 /// The largest T accepted (the Python config's limit too).
 pub const MAX_TIMESTEPS: i64 = 1_000_000_000;
+
+/// The schedule's shape, by the names an adapter file stores (`rank_schedule`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// The paper's ((T - t) / T)^a law, a = `rank_exponent`.
+    Power,
+    /// cos(pi t / 2T).
+    Cosine,
+    /// Full rank below the boundary `rank_boundary` * T, r_min from it on.
+    Step,
+}
+
+/// The shapes' names, in the order the error message lists them.
+pub const SHAPES: [&str; 3] = ["power", "cosine", "step"];
+
+impl std::str::FromStr for Shape {
+    type Err = anyhow::Error;
+    fn from_str(name: &str) -> Result<Self> {
+        Ok(match name {
+            "power" => Shape::Power,
+            "cosine" => Shape::Cosine,
+            "step" => Shape::Step,
+            other => bail!("unknown rank_schedule {other:?}: choose one of {}", SHAPES.join(", ")),
+        })
+    }
+}
+
+/// The step schedule's default boundary: 875 of T = 1000 (also a literal in python.rs's signature
+/// and in tlora.config's DEFAULT_RANK_BOUNDARY).
+pub const DEFAULT_BOUNDARY: f64 = 0.875;
 
 /// Parameters of the rank schedule.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -34,6 +78,10 @@ pub struct RankSchedule {
     pub rank_exponent: f64,
     /// Number of training timesteps T (1000 for DDPM), an integer in 1..=MAX_TIMESTEPS.
     pub num_train_timesteps: i64,
+    /// The shape of r(t) (the paper's power law by default).
+    pub shape: Shape,
+    /// The step shape's boundary as a fraction of T, in (0, 1].
+    pub rank_boundary: f64,
 }
 
 /// ceil(t * d / big_t), exactly, for a finite t in [0, big_t], d >= 0 and big_t >= 1.
@@ -73,7 +121,15 @@ impl RankSchedule {
         if !(1..=MAX_TIMESTEPS).contains(&num_train_timesteps) {
             bail!("num_train_timesteps must be an integer in 1..={MAX_TIMESTEPS}, got {num_train_timesteps}");
         }
-        Ok(Self { rank, min_rank, rank_exponent, num_train_timesteps })
+        Ok(Self { rank, min_rank, rank_exponent, num_train_timesteps, shape: Shape::Power, rank_boundary: DEFAULT_BOUNDARY })
+    }
+
+    /// The same parameters with another shape (and the step shape's boundary, a fraction of T).
+    pub fn with_shape(self, shape: Shape, rank_boundary: f64) -> Result<Self> {
+        if !(rank_boundary.is_finite() && rank_boundary > 0.0 && rank_boundary <= 1.0) {
+            bail!("rank_boundary must be a fraction of T in (0, 1] (0.875: 875 of 1000), got {rank_boundary}");
+        }
+        Ok(Self { shape, rank_boundary, ..self })
     }
 
     /// The rank for one timestep.
@@ -86,11 +142,23 @@ impl RankSchedule {
             bail!("timestep {t} is outside [0, {big_t}] (num_train_timesteps = {big_t})");
         }
         let d = self.rank - self.min_rank;
-        let k = if self.rank_exponent == 1.0 {
-            d - ceil_mul_div(t, d, big_t)
-        } else {
-            let frac = ((big_t as f64 - t) / big_t as f64).powf(self.rank_exponent);
-            ((frac * d as f64 + SNAP).floor() as i64).min(d)
+        let k = match self.shape {
+            Shape::Power if self.rank_exponent == 1.0 => d - ceil_mul_div(t, d, big_t),
+            Shape::Power => {
+                let frac = ((big_t as f64 - t) / big_t as f64).powf(self.rank_exponent);
+                ((frac * d as f64 + SNAP).floor() as i64).min(d)
+            }
+            Shape::Cosine => {
+                let frac = (std::f64::consts::FRAC_PI_2 * (t / big_t as f64)).cos();
+                ((frac * d as f64 + SNAP).floor() as i64).clamp(0, d)
+            }
+            Shape::Step => {
+                if t < self.rank_boundary * big_t as f64 {
+                    d
+                } else {
+                    0
+                }
+            }
         };
         Ok(k + self.min_rank)
     }
@@ -107,10 +175,11 @@ impl RankSchedule {
 }
 
 /// r(t) for every timestep (any shape, real dtype, CPU or CUDA): an int64 CPU tensor of the same
-/// shape, after checking the parameters and every timestep.
-pub fn rank_schedule(timesteps: &Tensor, rank: i64, min_rank: i64, rank_exponent: f64, num_train_timesteps: i64) -> Result<Tensor> {
+/// shape, after checking the parameters and every timestep. `shape` is a `rank_schedule` name.
+pub fn rank_schedule(timesteps: &Tensor, schedule: (i64, i64, f64, i64), shape: &str, rank_boundary: f64) -> Result<Tensor> {
     crate::kernel::check_device(timesteps, "the timestep tensor")?;
-    RankSchedule::new(rank, min_rank, rank_exponent, num_train_timesteps)?.ranks(timesteps)
+    let (rank, min_rank, rank_exponent, num_train_timesteps) = schedule;
+    RankSchedule::new(rank, min_rank, rank_exponent, num_train_timesteps)?.with_shape(shape.parse()?, rank_boundary)?.ranks(timesteps)
 }
 
 #[cfg(test)]
@@ -218,6 +287,60 @@ mod tests {
         assert!(RankSchedule::new(8, 4, 0.0, 1000).is_err());
         assert!(RankSchedule::new(8, 4, f64::NAN, 1000).is_err());
         assert!(RankSchedule::new(8, 4, 1.0, 0).is_err());
+    }
+
+    #[test]
+    fn cosine_table() {
+        // floor(cos(pi t / 2000) * 6) + 2, by hand: cos(pi/3) = 1/2 exactly at t = 2000/3 (not an
+        // integer step); t = 500: cos(pi/4) 6 = 4.24; t = 900: cos(0.45 pi) 6 = 0.94.
+        let s = RankSchedule::new(8, 2, 1.0, 1000).unwrap().with_shape(Shape::Cosine, DEFAULT_BOUNDARY).unwrap();
+        for (t, r) in [(0.0, 8), (1.0, 7), (500.0, 6), (900.0, 2), (1000.0, 2)] {
+            assert_eq!(s.rank_at(t).unwrap(), r, "t = {t}");
+        }
+        // T = 3: cos(pi/3) d = d / 2, an integer for even d, at the integer step t = 2.
+        let s = RankSchedule::new(10, 2, 1.0, 3).unwrap().with_shape(Shape::Cosine, DEFAULT_BOUNDARY).unwrap();
+        assert_eq!([0.0, 1.0, 2.0, 3.0].map(|t| s.rank_at(t).unwrap()), [10, 8, 6, 2]);
+    }
+
+    #[test]
+    fn cosine_snap_is_safe() {
+        // At every integer step, d cos(pi t / 2T) is either an integer (Niven: only at t = 0, T and
+        // t = 2T/3 with d even), computed within float error of it, or further than 1e-6 below the
+        // next integer, so SNAP decides nothing else and any libm's cos gives the same floor.
+        for big_t in [1000i64, 999, 7, 3, 6, 30] {
+            for d in 1..=128i64 {
+                for t in 0..=big_t {
+                    let v = (std::f64::consts::FRAC_PI_2 * (t as f64 / big_t as f64)).cos() * d as f64;
+                    let gap = v.ceil() - v;
+                    let near = (v - v.round()).abs() < 1e-12;
+                    let integer_step = t == 0 || t == big_t || (3 * t == 2 * big_t && d % 2 == 0);
+                    assert_eq!(near, integer_step, "T {big_t}, d {d}, t {t}: v = {v}");
+                    assert!(near || gap > 1e-6, "T {big_t}, d {d}, t {t}: {gap} below an integer");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn step_table() {
+        let s = RankSchedule::new(8, 2, 1.0, 1000).unwrap().with_shape(Shape::Step, DEFAULT_BOUNDARY).unwrap();
+        for (t, r) in [(0.0, 8), (874.0, 8), (874.999, 8), (875.0, 2), (999.0, 2), (1000.0, 2)] {
+            assert_eq!(s.rank_at(t).unwrap(), r, "t = {t}");
+        }
+        // The boundary scales with T: 0.875 * 8 = 7.
+        let s = RankSchedule::new(8, 2, 1.0, 8).unwrap().with_shape(Shape::Step, DEFAULT_BOUNDARY).unwrap();
+        assert_eq!([6.0, 7.0, 8.0].map(|t| s.rank_at(t).unwrap()), [8, 2, 2]);
+        let s = RankSchedule::new(8, 2, 1.0, 1000).unwrap().with_shape(Shape::Step, 1.0).unwrap();
+        assert_eq!([999.0, 1000.0].map(|t| s.rank_at(t).unwrap()), [8, 2]);
+    }
+
+    #[test]
+    fn bad_shapes() {
+        assert!("linear".parse::<Shape>().unwrap_err().to_string().contains("power, cosine, step"));
+        let s = RankSchedule::new(8, 2, 1.0, 1000).unwrap();
+        for b in [0.0, -0.5, 1.5, f64::NAN, f64::INFINITY] {
+            assert!(s.with_shape(Shape::Step, b).unwrap_err().to_string().contains("rank_boundary"), "{b}");
+        }
     }
 
     #[test]

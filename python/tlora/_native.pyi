@@ -28,18 +28,28 @@ import torch
 _Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 def rank_schedule(
-    timesteps: torch.Tensor, rank: int, min_rank: int, rank_exponent: float, num_train_timesteps: int
+    timesteps: torch.Tensor,
+    rank: int,
+    min_rank: int,
+    rank_exponent: float,
+    num_train_timesteps: int,
+    shape: str = "power",
+    rank_boundary: float = 0.875,
 ) -> torch.Tensor:
     """
-    The timestep-dependent rank r(t) = floor(((T - t) / T)^rank_exponent * (rank - min_rank)) + min_rank,
-    so that r(0) = rank and r(T) = min_rank.
+    The timestep-dependent rank r(t), from r(0) = rank to r(T) = min_rank: for shape "power",
+    floor(((T - t) / T)^rank_exponent * (rank - min_rank)) + min_rank; "cosine",
+    floor(cos(pi t / 2T) * (rank - min_rank)) + min_rank; "step", rank for t < rank_boundary * T
+    and min_rank from there (src/schedule.rs).
 
     Arguments:
         timesteps: Timesteps t in [0, T], any shape, any real dtype, on the CPU or a CUDA device.
         rank: The maximum rank r (at t = 0), >= 1.
         min_rank: The minimum rank (at t = T), in 1..=rank.
-        rank_exponent: The schedule's exponent (1: linear), finite and > 0.
+        rank_exponent: The power schedule's exponent (1: linear), finite and > 0.
         num_train_timesteps: T, an integer in 1..=10**9.
+        shape: The schedule's shape: "power", "cosine" or "step".
+        rank_boundary: The step shape's boundary as a fraction of T, in (0, 1].
 
     Returns:
         The ranks, an int64 tensor of the shape of `timesteps`, on the CPU.

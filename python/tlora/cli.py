@@ -16,7 +16,18 @@ import re
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_TARGETS, INIT_SOURCES, INITS, MAX_RANK, MAX_TIMESTEPS, MIN_TIMESTEPS, VARIANTS
+from .config import (
+    DEFAULT_RANK_BOUNDARY,
+    DEFAULT_TARGETS,
+    INIT_SOURCES,
+    INITS,
+    MAX_RANK,
+    MAX_TIMESTEPS,
+    MIN_TIMESTEPS,
+    RANK_SCALINGS,
+    RANK_SCHEDULES,
+    VARIANTS,
+)
 from .errors import InputError
 from .options import (
     DTYPES,
@@ -220,7 +231,29 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--rank", type=_int(1, MAX_RANK), default=64, help="adapter rank r (at t = 0)")
     p.add_argument("--min-rank", type=_int(1, MAX_RANK), default=None, help="rank at t = T (default rank // 2)")
     p.add_argument(
-        "--rank-exponent", type=_float(0, 1000, lo_inclusive=False), default=1.0, help="shape of r(t) between the ranks"
+        "--rank-exponent",
+        type=_float(0, 1000, lo_inclusive=False),
+        default=1.0,
+        help="exponent a of the power schedule r(t) = floor(((T - t)/T)^a (r - r_min)) + r_min",
+    )
+    p.add_argument(
+        "--rank-schedule",
+        choices=RANK_SCHEDULES,
+        default="power",
+        help="shape of r(t): power (the paper's, with --rank-exponent), cosine (floor(cos(pi t / 2T) (r - r_min)) "
+        "+ r_min) or step (r below --rank-boundary, r_min from it)",
+    )
+    p.add_argument(
+        "--rank-boundary",
+        type=_float(0, 1, lo_inclusive=False),
+        default=DEFAULT_RANK_BOUNDARY,
+        help="the step schedule's boundary as a fraction of T (default 0.875: full rank for t < 875 of 1000)",
+    )
+    p.add_argument(
+        "--rank-scaling",
+        choices=RANK_SCALINGS,
+        default="none",
+        help="none (the paper's: one scale at every rank) or rank (the update at rank r(t) scaled by r / r(t))",
     )
     p.add_argument("--steps", type=_int(1, MAX_TRAIN_STEPS), default=None, help=f"default {_paper_steps()}")
     p.add_argument("--lr", type=_float(0, MAX_LR, lo_inclusive=False), default=1e-4, help="learning rate (AdamW)")
@@ -637,6 +670,17 @@ def _run_info(args: argparse.Namespace) -> None:
     f = read_adapter(args.adapter)
     n = sum(t.numel() for k, t in f.tensors.items() if not k.endswith(("0",)))
     print(json.dumps({k: v for k, v in f.meta.items() if k != "modules"}, indent=2))
+    c = f.config
+    if c.masked:
+        shape = {
+            "power": f"power (a = {c.rank_exponent:g})",
+            "cosine": "cosine",
+            "step": f"step (full rank for t < {c.rank_boundary:g} T)",
+        }[c.rank_schedule]
+        print(
+            f"r(t): {shape}, rank {c.rank} at t = 0 to {c.min_rank} at t = {c.num_train_timesteps}; "
+            f"rank scaling: {c.rank_scaling}"
+        )
     print(f"{len(f.modules)} adapted modules, {n:,} trainable values")
 
 

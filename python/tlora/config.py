@@ -15,6 +15,15 @@ from .errors import ConfigError
 VARIANTS = ("tlora", "vanilla", "lora")
 INITS = ("principal", "middle", "last")
 INIT_SOURCES = ("random", "weight")
+# The shapes of r(t) (src/schedule.rs): the paper's power law first, the default.
+RANK_SCHEDULES = ("power", "cosine", "step")
+# How the update is scaled at a timestep's rank r(t) < r: "none" (the paper and its reference code:
+# the same alpha / r at every rank) or "rank" (alpha / r times r / r(t), per sample).
+RANK_SCALINGS = ("none", "rank")
+# The step schedule's default boundary as a fraction of T: full rank for t < 875 of 1000.
+DEFAULT_RANK_BOUNDARY = 0.875
+# The config fields of those choices (absent from files written before them: the defaults).
+SCHEDULE_OPTIONS = ("rank_schedule", "rank_boundary", "rank_scaling")
 
 # Bounds that keep every derived number finite (scale = alpha / rank, seeds in 64 bits).
 MAX_RANK = 65536
@@ -38,6 +47,9 @@ class AdapterConfig:
     rank: int = 64
     min_rank: int | None = None
     rank_exponent: float = 1.0
+    rank_schedule: str = "power"
+    rank_boundary: float = DEFAULT_RANK_BOUNDARY
+    rank_scaling: str = "none"
     variant: str = "tlora"
     init: str = "last"
     init_from: str = "random"
@@ -65,6 +77,23 @@ class AdapterConfig:
         if self.variant == "lora" and self.min_rank != self.rank:
             raise ConfigError("variant 'lora' has no timestep mask: leave min_rank unset (or equal to rank)")
         _check_positive("rank_exponent", self.rank_exponent)
+        if self.rank_schedule not in RANK_SCHEDULES:
+            raise ConfigError(
+                f"unknown rank_schedule {self.rank_schedule!r}: choose one of {', '.join(RANK_SCHEDULES)}"
+            )
+        self.rank_boundary = check_float(
+            "rank_boundary (the step schedule's boundary, a fraction of T: 0.875 is 875 of 1000)",
+            self.rank_boundary,
+            0.0,
+            1.0,
+            lo_inclusive=False,
+        )
+        if self.rank_scaling not in RANK_SCALINGS:
+            raise ConfigError(f"unknown rank_scaling {self.rank_scaling!r}: choose one of {', '.join(RANK_SCALINGS)}")
+        if self.variant == "lora" and (self.rank_schedule, self.rank_scaling) != ("power", "none"):
+            raise ConfigError(
+                "variant 'lora' has no timestep mask: leave rank_schedule and rank_scaling unset (power, none)"
+            )
         if self.init not in INITS:
             raise ConfigError(f"unknown init {self.init!r}: choose one of {', '.join(INITS)}")
         if self.init_from not in INIT_SOURCES:
@@ -108,6 +137,13 @@ class AdapterConfig:
     def scale(self) -> float:
         """The update's multiplier: lora_alpha / rank, or 1 (the paper's setting) without alpha."""
         return 1.0 if self.lora_alpha is None else self.lora_alpha / self.rank
+
+    def scale_at(self, k: int) -> float:
+        """The update's multiplier at rank k: `scale`, times r / k under rank_scaling "rank" (so
+        that a timestep's fewer active ranks are not relatively weaker). The one rule the masks,
+        the folded weights and the exports use."""
+        # (at k = r exactly `scale`, as the full-rank mask holds it: (scale * r) / r can round off it)
+        return self.scale * self.rank / k if self.rank_scaling == "rank" and k != self.rank else self.scale
 
     @property
     def masked(self) -> bool:

@@ -269,6 +269,28 @@ def test_import_reads_rank_settings_from_metadata(tmp_path):
     assert rel(run("sdxl", target, [999, 600]), run("sdxl", source, [999, 600])) < TOL
 
 
+def test_import_reads_schedule_options_under_tlora_names(tmp_path):
+    """A foreign file naming the schedule's shape and scaling (tlora's keys) imports with them; an
+    unknown value is refused naming it; without them, the paper's power law and no rank scaling."""
+    source = tiny_denoiser("sdxl")
+    adapter = tlora.inject(source, rank=R, min_rank=1, rank_schedule="step", rank_boundary=0.5, rank_scaling="rank")
+    perturb(adapter)
+    path = tmp_path / "ref.safetensors"
+    meta = {"min_rank": "1", "rank_schedule": "step", "rank_boundary": "0.5", "rank_scaling": "rank"}
+    save_file(reference_layout(adapter), str(path), metadata=meta)
+    target = tiny_denoiser("sdxl")
+    imported = tlora.load(target, path)
+    c = imported.config
+    assert (c.rank_schedule, c.rank_boundary, c.rank_scaling) == ("step", 0.5, "rank")
+    assert rel(run("sdxl", target, [999, 100]), run("sdxl", source, [999, 100])) < TOL
+    save_file(reference_layout(adapter), str(path), metadata={**meta, "rank_schedule": "linear"})
+    with pytest.raises(tlora.AdapterFileError, match="unknown rank_schedule 'linear'"):
+        tlora.load(tiny_denoiser("sdxl"), path)
+    save_file(reference_layout(adapter), str(path), metadata={"min_rank": "1"})
+    c = tlora.load(tiny_denoiser("sdxl"), path).config
+    assert (c.rank_schedule, c.rank_scaling) == ("power", "none")
+
+
 def test_import_reads_or_refuses_sd_scripts_network_args(tmp_path):
     """sd-scripts keeps the settings in the JSON `ss_network_args`; one Python cannot parse (an
     integer of 5000 digits, nesting too deep) raised a bare ValueError / RecursionError."""

@@ -238,6 +238,8 @@ def test_out_holding_another_run_needs_resume_or_overwrite(models, image, traine
         ("--instance-prompt", "a {token} toy", "--instance-prompt was 'a photo of {token} {class}', now"),
         ("--ema-decay", "0.9", "--ema-decay was unset (the default), now 0.9"),
         ("--lr-scheduler", "cosine", "--lr-scheduler was 'constant', now 'cosine'"),
+        ("--rank-schedule", "cosine", "--rank-schedule was 'power', now 'cosine'"),
+        ("--rank-scaling", "rank", "--rank-scaling was 'none', now 'rank'"),
     ],
 )
 def test_resume_refuses_settings_it_cannot_honour(flag, value, fragment, models, image, trained, tmp_path, capsys):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import _native, timesteps
-from ..config import AdapterConfig, check_ranks, is_int, rank_limit_error
+from ..config import DEFAULT_RANK_BOUNDARY, AdapterConfig, check_ranks, is_int, rank_limit_error
 from ..errors import ConfigError, ModelMismatchError
 from ..layer import RankState, TLoraLinear, factors
 from ..layer.ops import KERNEL_DEVICES
@@ -27,10 +27,18 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def rank_schedule(
-    timesteps, rank: int, min_rank: int, rank_exponent: float = 1.0, num_train_timesteps: int = 1000
+    timesteps,
+    rank: int,
+    min_rank: int,
+    rank_exponent: float = 1.0,
+    num_train_timesteps: int = 1000,
+    shape: str = "power",
+    rank_boundary: float = DEFAULT_RANK_BOUNDARY,
 ) -> torch.Tensor:
-    """r(t) = floor(((T - t) / T)^a * (r - r_min)) + r_min for each timestep: an int64 CPU tensor
-    (exact at every timestep: see src/schedule.rs)."""
+    """r(t) for each timestep: an int64 CPU tensor (exact at every timestep: see src/schedule.rs).
+    `shape` (an adapter's `rank_schedule`): "power", the paper's floor(((T - t) / T)^a * (r - r_min))
+    + r_min; "cosine", floor(cos(pi t / 2T) * (r - r_min)) + r_min; "step", r for t < rank_boundary * T
+    and r_min from there."""
     # Types here (a bool, a float rank or an integer past 64 bits is no setting); ranges in ranks.rs.
     ints = {"rank": rank, "min_rank": min_rank, "num_train_timesteps": num_train_timesteps}
     for name, value in ints.items():
@@ -38,8 +46,21 @@ def rank_schedule(
             raise ConfigError(f"{name} must be an integer (64-bit), got {value!r}")
     if isinstance(rank_exponent, bool) or not isinstance(rank_exponent, numbers.Real):
         raise ConfigError(f"rank_exponent must be a finite number > 0, got {rank_exponent!r}")
+    if not isinstance(shape, str):
+        raise ConfigError(f"the schedule's shape must be a name (power, cosine, step), got {shape!r}")
+    if isinstance(rank_boundary, bool) or not isinstance(rank_boundary, numbers.Real):
+        raise ConfigError(f"rank_boundary must be a fraction of T in (0, 1], got {rank_boundary!r}")
     t = _timestep_tensor(timesteps)
-    return _native.rank_schedule(t, int(rank), int(min_rank), float(rank_exponent), int(num_train_timesteps))
+    return _native.rank_schedule(
+        t, int(rank), int(min_rank), float(rank_exponent), int(num_train_timesteps), shape, float(rank_boundary)
+    )
+
+
+def config_ranks(level: Any, c: AdapterConfig) -> torch.Tensor:
+    """r(t) of adapter config `c` at noise levels `level` (on the host): `rank_schedule` with its settings."""
+    return rank_schedule(
+        level, c.rank, c.min_rank, c.rank_exponent, c.num_train_timesteps, c.rank_schedule, c.rank_boundary
+    )
 
 
 def _timestep_tensor(timesteps: Any) -> torch.Tensor:
@@ -72,6 +93,9 @@ def inject(
     fast_path: bool = True,
     fold_cache_bytes: int | None = None,
     host_ranks: bool | None = None,
+    rank_schedule: str = "power",
+    rank_boundary: float = DEFAULT_RANK_BOUNDARY,
+    rank_scaling: str = "none",
 ) -> Adapter:
     """Patch the matching `nn.Linear` layers of `model` in place with T-LoRA and return the Adapter.
 
@@ -80,6 +104,11 @@ def inject(
       dropout, ...) is named in a warning (`tlora.adapter.peft_config`).
     - `rank`, `min_rank` (default rank // 2), `rank_exponent`: the schedule
       r(t) = floor(((T - t)/T)^a (r - r_min)) + r_min with T = `num_train_timesteps`.
+    - `rank_schedule`: the shape of r(t): "power" (the paper's, above; the default), "cosine"
+      (floor(cos(pi t / 2T) (r - r_min)) + r_min) or "step" (r for t < `rank_boundary` * T, r_min
+      from there; `rank_boundary` is a fraction of T, default 0.875: 875 of 1000).
+    - `rank_scaling`: "none" (the paper's: the same scale at every rank) or "rank" (the update at
+      rank r(t) scaled by r / r(t), per sample, so that fewer active ranks are not relatively weaker).
     - `variant`: "tlora" (Ortho-LoRA factors + timestep ranks; the paper's method), "vanilla"
       (LoRA factors + timestep ranks) or "lora" (no mask). `min_rank=rank` turns the mask off, which
       gives Ortho-LoRA for "tlora".
@@ -121,6 +150,9 @@ def inject(
         rank=rank,
         min_rank=min_rank,
         rank_exponent=rank_exponent,
+        rank_schedule=rank_schedule,
+        rank_boundary=rank_boundary,
+        rank_scaling=rank_scaling,
         variant=variant,
         init=init,
         init_from=init_from,
@@ -378,7 +410,7 @@ class Adapter:
         level = self.noise_level(t).detach().cpu()
         if level.dim() == 2:
             level = level.amax(dim=1)
-        ranks = rank_schedule(level, c.rank, c.min_rank, c.rank_exponent, c.num_train_timesteps)
+        ranks = config_ranks(level, c)
         values = ranks.tolist()
         return values[:1] if all(v == values[0] for v in values) else values
 
@@ -414,7 +446,9 @@ class Adapter:
             level = torch.nan_to_num(level, nan=float(c.num_train_timesteps))
         level = level.clamp(0, c.num_train_timesteps)
         level = level.amax(dim=1) if level.dim() == 2 else level.reshape(-1)
-        return ranks_of_levels(level, c.rank, c.min_rank, c.rank_exponent, c.num_train_timesteps)
+        return ranks_of_levels(
+            level, c.rank, c.min_rank, c.rank_exponent, c.num_train_timesteps, c.rank_schedule, c.rank_boundary
+        )
 
     def _find_timestep(self, args: tuple, kwargs: dict):
         if self._timestep_arg is not None:

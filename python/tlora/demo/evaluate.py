@@ -103,8 +103,11 @@ def finetune(
     n: int = 4,
     sample_steps: int = 25,
     guidance: float = 5.0,
+    adapter_options: dict | None = None,
 ) -> Run:
-    """Train `method` on the concept's one image, then sample and score the evaluation prompts."""
+    """Train `method` on the concept's one image, then sample and score the evaluation prompts.
+    `adapter_options` (TrainConfig's names: min_rank, rank_exponent, rank_schedule, rank_boundary,
+    rank_scaling) replace the method's own, for the variants benches/quality.py compares."""
     import time
 
     from ..errors import CheckpointError
@@ -132,6 +135,7 @@ def finetune(
         checkpoint_every=max(1, steps // TOY_CHECKPOINTS),
         seed=seed,
     )
+    settings.update(adapter_options or {})
     tic = time.perf_counter()
     # The demo owns its folder: an interrupted fine-tune (checkpoints, no adapter file yet) resumes;
     # anything else there (a finished run, a run killed before its first checkpoint, other settings)

@@ -371,7 +371,7 @@ class TLoraLinear(nn.Module):
         """W + dW_k in `dtype`, computed in float32 (float64 for double models) and rounded once."""
         with torch.no_grad():
             folded = _native.fold_weight(
-                w.detach(), [f.detach() for f in factors], None if k == self.config.rank else k, self.config.scale
+                w.detach(), [f.detach() for f in factors], None if k == self.config.rank else k, self.config.scale_at(k)
             )
             return folded.to(dtype)
 

@@ -12,7 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _native
-from ..config import check_ranks
+from ..config import RANK_SCALINGS, check_ranks
 from ..errors import ConfigError
 from .factors import is_tlora, n_trainable, rank_of
 from .ranks import rank_mask
@@ -36,17 +36,24 @@ def check_compute_dtype(dtype: torch.dtype) -> None:
 
 
 def lowrank_update(
-    x: torch.Tensor, factors: list[torch.Tensor], ranks: list[int] | None = None, scale: float = 1.0
+    x: torch.Tensor,
+    factors: list[torch.Tensor],
+    ranks: list[int] | None = None,
+    scale: float = 1.0,
+    rank_scaling: str = "none",
 ) -> torch.Tensor:
     """The adapter's output for x at `ranks` (None: full rank; one, or one per sample), as a
     differentiable function of x and the trainable factors (in the kernels' order: T-LoRA's
-    p, lam, q, p0, lam0, q0, or LoRA's down, up). What a TLoraLinear adds to its base layer."""
+    p, lam, q, p0, lam0, q0, or LoRA's down, up). What a TLoraLinear adds to its base layer.
+    `rank_scaling` "rank" multiplies sample b's update by rank / ranks[b] (`AdapterConfig.scale_at`)."""
     rank = rank_of(factors)
     if ranks is not None:
         ranks = check_ranks(ranks, rank)
     check_compute_dtype(x.dtype)
     blocks = 2 if is_tlora(factors) else 1
-    mask = rank_mask(ranks, rank, blocks, scale, x.device, x.dtype)
+    if rank_scaling not in RANK_SCALINGS:
+        raise ConfigError(f"unknown rank_scaling {rank_scaling!r}: choose one of {', '.join(RANK_SCALINGS)}")
+    mask = rank_mask(ranks, rank, blocks, scale, x.device, x.dtype, rank_scaling=rank_scaling)
     d, u = _native.lowrank_operands(list(factors), None, DTYPE_NAMES[x.dtype])
     return Update.apply(None, x, mask, d, u, n_trainable(factors), *factors)
 

@@ -5,9 +5,11 @@ from them (`RankState`, `rank_mask`), and r(t) as tensor ops on the timestep's d
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ..config import AdapterConfig
+from ..config import DEFAULT_RANK_BOUNDARY, AdapterConfig
 from .folds import FoldCache
 
 
@@ -25,6 +27,7 @@ class RankState:
         self.rank = config.rank
         self.blocks = 2 if config.variant == "tlora" else 1
         self.scale = config.scale
+        self.rank_scaling = config.rank_scaling
         self.masked = config.masked
         self.ranks: list[int] | None = None
         self.rank_tensor: torch.Tensor | None = None
@@ -89,7 +92,9 @@ class RankState:
 
     def _build(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         ranks = self.rank_tensor if self.rank_tensor is not None else self.ranks
-        return rank_mask(ranks, self.rank, self.blocks, self.scale, device, dtype, self._cols(device))
+        return rank_mask(
+            ranks, self.rank, self.blocks, self.scale, device, dtype, self._cols(device), self.rank_scaling
+        )
 
 
 def rank_mask(
@@ -100,13 +105,27 @@ def rank_mask(
     device: torch.device,
     dtype: torch.dtype,
     cols: torch.Tensor | None = None,
+    rank_scaling: str = "none",
 ) -> torch.Tensor | None:
     """The (B or 1, blocks * rank) mask, scale included, for host ranks (a list; None: full rank)
     or a (B,) rank tensor on the device; None where it would be all ones. Entry (b, j) is set when
-    rank j mod `rank` is below sample b's rank."""
+    rank j mod `rank` is below sample b's rank k_b, to `scale`, or under rank_scaling "rank" to
+    scale * rank / k_b (`AdapterConfig.scale_at`: scale itself at k_b = rank, else computed in
+    float64 in that order on both paths, then rounded once to `dtype`)."""
     if cols is None:
         cols = torch.arange(rank, device=device).repeat(blocks)
     width = rank * blocks
+    if rank_scaling == "rank" and ranks is not None:
+        if isinstance(ranks, torch.Tensor):
+            k = ranks.to(device).reshape(-1, 1)
+        elif all(k >= rank for k in ranks):
+            return rank_mask(None, rank, blocks, scale, device, dtype, cols)
+        elif all(k == ranks[0] for k in ranks):
+            k = torch.tensor([[ranks[0]]], device=device)
+        else:
+            k = torch.tensor(ranks, device=device).unsqueeze(1)
+        row_scale = torch.where(k == rank, scale, scale * rank / k.to(torch.float64)).to(dtype)
+        return (cols.unsqueeze(0) < k).to(dtype) * row_scale
     if isinstance(ranks, torch.Tensor):
         m = (cols.unsqueeze(0) < ranks.to(device).reshape(-1, 1)).to(dtype)
     elif ranks is None or all(k >= rank for k in ranks):
@@ -123,14 +142,29 @@ def rank_mask(
 RANK_SNAP = 1e-9
 
 
-def ranks_of_levels(level: torch.Tensor, rank: int, min_rank: int, rank_exponent: float, num_train_timesteps: int):
+def ranks_of_levels(
+    level: torch.Tensor,
+    rank: int,
+    min_rank: int,
+    rank_exponent: float,
+    num_train_timesteps: int,
+    rank_schedule: str = "power",
+    rank_boundary: float = DEFAULT_RANK_BOUNDARY,
+):
     """r(t) for noise levels t in [0, T] as tensor ops on their device (no host synchronisation):
     (same shape) int64. The device twin of the native `rank_schedule`, rule for rule (see
-    src/schedule.rs): for a = 1, r - ceil(t (r - r_min) / T) exactly (integer levels in integers;
-    float ones in float64, exact when t (r - r_min) is, as it is for every float32 level); for
-    a != 1, floor(((T - t) / T)^a (r - r_min) + RANK_SNAP) in float64."""
+    src/schedule.rs, whose module comment gives the reasoning for each float rule): power, a = 1:
+    r - ceil(t (r - r_min) / T) exactly (integer levels in integers; float ones in float64, exact
+    when t (r - r_min) is, as it is for every float32 level); power, a != 1: floor(((T - t) / T)^a
+    (r - r_min) + RANK_SNAP) in float64; cosine: floor(cos(pi/2 * (t / T)) (r - r_min) + RANK_SNAP)
+    in float64; step: r where t < fl(rank_boundary * T) in float64, else r_min."""
     d, big_t = rank - min_rank, num_train_timesteps
     wide = torch.float64  # (the kernels' devices, CPU and CUDA, have it)
+    if rank_schedule == "step":
+        return torch.where(level.to(wide) < rank_boundary * big_t, rank, min_rank).long()
+    if rank_schedule == "cosine":
+        frac = torch.cos((math.pi / 2) * (level.to(wide) / big_t))
+        return torch.floor(frac * d + RANK_SNAP).long().clamp(min=0, max=d) + min_rank
     if rank_exponent == 1.0:
         if not level.is_floating_point():
             ceil = (level.long() * d + (big_t - 1)) // big_t

@@ -239,6 +239,13 @@ def build(valid: bytes) -> list[Case]:
         ("rank_exponent", float("inf")),
         ("rank_exponent", 0),
         ("rank_exponent", "1"),
+        ("rank_schedule", "linear"),
+        ("rank_schedule", None),
+        ("rank_boundary", 0),
+        ("rank_boundary", 1.5),
+        ("rank_boundary", "0.5"),
+        ("rank_scaling", "alpha"),
+        ("rank_scaling", True),
         ("lora_alpha", float("inf")),
         ("lora_alpha", float("nan")),
         ("lora_alpha", -1),
@@ -768,6 +775,8 @@ def resume_cases(run: Path) -> list[ResumeCase]:
         ("min_rank", 99),
         ("variant", "dora"),
         ("rank_exponent", float("nan")),
+        ("rank_schedule", "linear"),
+        ("rank_scaling", "alpha"),
         ("target_modules", 5),
     ):
         add(f"config adapter.{key} {value!r}", cfg, _edit_json(cfg, _set("adapter", key, value)))

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from ..adapter.inject import Adapter
-from ..config import check_float, check_int
+from ..config import SCHEDULE_OPTIONS, check_float, check_int
 from ..errors import CheckpointError, ConfigError, TloraError
 from ..files.atomic import write_atomic
 from ..files.io import AdapterFile, adapter_checksum, check_regular_file, read_adapter, read_raw, write_tensors
@@ -604,7 +604,7 @@ def _check_fits(
             "start a new run (--overwrite or another --out)"
         )
     own, c = adapter.state_dict(), adapter.config
-    for field in ("variant", "rank", "min_rank", "rank_exponent", "num_train_timesteps"):
+    for field in ("variant", "rank", "min_rank", "rank_exponent", *SCHEDULE_OPTIONS, "num_train_timesteps"):
         theirs, ours = getattr(f.config, field), getattr(c, field)
         if theirs != ours:
             raise CheckpointError(

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..adapter.inject import Adapter, inject
-from ..config import AdapterConfig, check_float, check_int
+from ..config import DEFAULT_RANK_BOUNDARY, AdapterConfig, check_float, check_int
 from ..errors import ConfigError, TrainingError, about
 from ..files.io import save as save_adapter
 from ..images import list_images, load_image, load_mask
@@ -70,6 +70,9 @@ class TrainConfig:
     rank: int = 64
     min_rank: int | None = None
     rank_exponent: float = 1.0
+    rank_schedule: str = "power"  # the shape of r(t): power (the paper's), cosine, step
+    rank_boundary: float = DEFAULT_RANK_BOUNDARY  # the step shape's boundary, a fraction of T
+    rank_scaling: str = "none"  # "rank": the update at rank r(t) scaled by r / r(t)
     steps: int | None = None  # paper: 800 for tlora, 500 for vanilla and lora
     lr: float = 1e-4
     resolution: int | None = None  # default: the model's native resolution
@@ -256,6 +259,9 @@ class TrainConfig:
             rank=self.rank,
             min_rank=self.min_rank,
             rank_exponent=self.rank_exponent,
+            rank_schedule=self.rank_schedule,
+            rank_boundary=self.rank_boundary,
+            rank_scaling=self.rank_scaling,
             variant=self.variant,
             target_modules=self.target_modules,
             lora_alpha=self.lora_alpha,
@@ -464,6 +470,9 @@ class _Run:
             rank=cfg.rank,
             min_rank=cfg.min_rank,
             rank_exponent=cfg.rank_exponent,
+            rank_schedule=cfg.rank_schedule,
+            rank_boundary=cfg.rank_boundary,
+            rank_scaling=cfg.rank_scaling,
             variant=cfg.variant,
             target_modules=cfg.target_modules if cfg.target_modules is not None else fam.default_targets,
             lora_alpha=cfg.lora_alpha,

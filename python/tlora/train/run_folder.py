@@ -12,7 +12,7 @@ import warnings
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
-from ..config import AdapterConfig, check_float, check_int
+from ..config import SCHEDULE_OPTIONS, AdapterConfig, check_float, check_int
 from ..errors import CheckpointError, ConfigError, TloraError
 from ..files.atomic import write_atomic
 from ..images import check_input_file
@@ -40,7 +40,7 @@ RUN_FILES = (
 # existed ran with its default.
 RESUME_FIXED_SAMPLING = ("timestep_sampling", "shift", "validation_prompts", "validation_steps")
 RESUME_FIXED_TRAIN = ("model", "token", "class_name", "resolution", "seed", "target_modules", *RESUME_FIXED_SAMPLING)
-RESUME_FIXED_ADAPTER = ("variant", "rank", "min_rank", "rank_exponent")
+RESUME_FIXED_ADAPTER = ("variant", "rank", "min_rank", "rank_exponent", *SCHEDULE_OPTIONS)
 # What a resumed run may change: how long and how often (steps, checkpoints, validation), the lr (it
 # is applied and reported), where and how fast it runs (device, mixed precision, gradient
 # checkpointing), where it reports, and the command's own switches. Every other setting of
@@ -199,7 +199,9 @@ def _read_run_config(path: Path, defaults: dict) -> tuple[dict, dict]:
             _check_train_setting(key, train[key])
         except ConfigError as e:
             raise CheckpointError(f"{path}: train.{key}: {e}: {fix}") from None
-    missing = [k for k in RESUME_FIXED_ADAPTER if k not in adapter]
+    # (SCHEDULE_OPTIONS are absent in runs of a tlora before them, which trained with their
+    # defaults: AdapterConfig.from_dict fills those in)
+    missing = [k for k in RESUME_FIXED_ADAPTER if k not in adapter and k not in SCHEDULE_OPTIONS]
     if missing:
         raise CheckpointError(f"{path}: adapter.{missing[0]}: missing: {fix}")
     try:

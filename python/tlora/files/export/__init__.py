@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...adapter.inject import Adapter, adapter_of, rank_schedule
+from ...adapter.inject import Adapter, adapter_of, config_ranks
 from ...config import AdapterConfig, check_float, check_rank
 from ...errors import ConfigError, TloraError
 from ...layer import factors
@@ -135,6 +135,9 @@ def _export_metadata(
         "adapter_rank": config.rank,
         "lora_rank": lora_rank,
         "timestep": timestep,
+        # The scale baked into B: alpha / r, times r / k under rank_scaling "rank".
+        "rank_scaling": config.rank_scaling,
+        "scale": config.scale_at(k),
         "base_model": base_model,
         "note": note,
     }
@@ -190,11 +193,7 @@ def _export_rank(config: AdapterConfig, timestep: float | None, rank: int | None
         timestep = check_float("timestep (on the training scale 0..num_train_timesteps)", timestep, 0, T)
         if not config.masked:
             return r
-        return int(
-            rank_schedule(
-                torch.tensor([float(timestep)], dtype=torch.float64), r, config.min_rank, config.rank_exponent, T
-            )[0]
-        )
+        return int(config_ranks(torch.tensor([float(timestep)], dtype=torch.float64), config)[0])
     return r
 
 

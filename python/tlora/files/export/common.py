@@ -15,8 +15,9 @@ from ...layer import factors
 def bake(
     tensors: dict[str, torch.Tensor], name: str, config: AdapterConfig, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of module `name` at rank k: the LoRA with B @ A = the adapter's update, scale included."""
-    s = config.scale
+    """(A, B) of module `name` at rank k: the LoRA with B @ A = the adapter's update at rank k,
+    scale included (`scale_at(k)`: under rank_scaling "rank" the r / k the mask holds)."""
+    s = config.scale_at(k)
     if config.variant == "tlora":
         p, lam, q, p0, lam0, q0 = (tensors[f"{name}.{f}"].double() for f in factors.TLORA)
         frozen = p0[:, :k] * lam0[:k]

@@ -21,6 +21,10 @@ from ...layer import factors
 _MIN_RANK_KEYS = ("min_rank", "tlora_min_rank")
 _EXPONENT_KEYS = ("rank_exponent", "tlora_alpha", "alpha_rank_scale")
 _T_KEYS = ("num_train_timesteps",)
+# The schedule's shape and scaling under tlora's names (other tools store neither: their files are
+# the paper's power law without rank scaling, the defaults); checked by AdapterConfig.
+_NAME_KEYS = ("rank_schedule", "rank_scaling")
+_BOUNDARY_KEYS = ("rank_boundary",)
 
 
 def check_tensors(path: Path, source: str, modules: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -129,6 +133,9 @@ def rank_settings(path: Path, meta: dict[str, str], min_rank, rank_exponent, num
     t = pick(num_train_timesteps, _T_KEYS, int)
     if t is not None:
         out["num_train_timesteps"] = t
+    out.update({k: found[k] for k in _NAME_KEYS if k in found})
+    if any(k in found for k in _BOUNDARY_KEYS):
+        out["rank_boundary"] = pick(None, _BOUNDARY_KEYS, float)
     return out
 
 
