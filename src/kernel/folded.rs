@@ -203,7 +203,7 @@ pub fn folded_backward(
                     factors[0] = Some(g_mat.f_mul(&lam.f_unsqueeze(0)?)?);
                 }
                 if needs[2] {
-                    factors[1] = Some(g_mat.f_mul(*p)?.f_sum_dim_intlist(0i64, false, None::<Kind>)?);
+                    factors[1] = Some(g_mat.f_mul(p)?.f_sum_dim_intlist(0i64, false, None::<Kind>)?);
                 }
             }
             Factors::LoRA { .. } => factors[1] = Some(g_mat),

@@ -433,7 +433,7 @@ pub fn lowrank_backward(
                 }
                 if needs[2] {
                     // sum_o P_oj G_oj: a product and a column sum (an einsum costs three times their dispatch).
-                    factors[1] = Some(g_mat.f_mul(*p)?.f_sum_dim_intlist(0i64, false, None::<Kind>)?);
+                    factors[1] = Some(g_mat.f_mul(p)?.f_sum_dim_intlist(0i64, false, None::<Kind>)?);
                 }
             }
             if needs[3] {
