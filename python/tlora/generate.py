@@ -121,10 +121,11 @@ def generate(
     update's strength (0: the base model, 1: as trained).
     A bad setting is a ConfigError or InputError naming it (`fields`: see tlora.errors)."""
     _check_settings(n, steps, guidance, seed, height, width)
-    concept = adapter_concept(adapter)
+    _, meta = read(adapter)
+    concept = adapter_concept(adapter, meta)
     for p in prompts:
         fill(p, concept)  # fail early, before loading the model
-    s = prepare(model, adapter, steps, guidance, height, width, device, dtype, scheduler, adapter_scale)
+    s = prepare(model, adapter, steps, guidance, height, width, device, dtype, scheduler, adapter_scale, meta)
     return s.grid(prompts, Path(out), n=n, seed=seed, negative_prompt=negative_prompt)
 
 
@@ -182,8 +183,10 @@ def prepare(
     dtype: str = "fp32",
     scheduler: str | None = None,
     adapter_scale: float = 1.0,
+    meta: dict | None = None,
 ) -> Sampler:
-    """Load the pipeline once, the adapter into its denoiser (settings as in `generate`)."""
+    """Load the pipeline once, the adapter into its denoiser (settings as in `generate`; `meta`:
+    the adapter file's metadata when the caller has read it already)."""
     _check_settings(1, steps, guidance, 0, height, width)
     with about("adapter_scale"):
         check_float("adapter_scale", adapter_scale, 0.0, 10.0)
@@ -191,7 +194,8 @@ def prepare(
         raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}", field="scheduler")
     dev = resolve_device(device)
     weight_dtype = check_dtype(dtype, dev)
-    _, meta = read(adapter)
+    if meta is None:
+        _, meta = read(adapter)
     concept = adapter_concept(adapter, meta)
     pipe = load_pipeline(model, dtype=weight_dtype).to(dev)
     fam = family_of(pipe)

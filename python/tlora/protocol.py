@@ -66,7 +66,9 @@ def run(
         folder = out / "generated" / group.name
         if not _complete(folder, group, concept):
             if sampler is None:
-                sampler = prepare(model, adapter, steps, guidance, device=device, dtype=dtype, scheduler=scheduler)
+                sampler = prepare(
+                    model, adapter, steps, guidance, device=device, dtype=dtype, scheduler=scheduler, meta=meta
+                )
             sampler.grid(group.templates, folder, n=group.images, seed=seed + first)
         folders.append(folder)
         first += len(group.templates)

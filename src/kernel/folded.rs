@@ -25,7 +25,7 @@
 //! (mod.rs), so half-precision calls stay factored.
 //! Shapes are fixed as in the factored path: the ranks are the mask's data, whatever they are.
 
-use super::{cast, check_input, mask_for, Factors, Grads, Operands};
+use super::{cast, check_input, check_operands, mask_for, p_lam_grads, Factors, Grads, Operands};
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
@@ -140,15 +140,7 @@ pub fn folded_backward(
     f: &Factors,
     needs: [bool; 4],
 ) -> Result<Grads> {
-    let (r, in_f, out_f) = f.dims()?;
-    let w = f.width()?;
-    ensure!(
-        ops.d.size() == [w, in_f] && ops.u.size() == [out_f, w],
-        "operands have shapes {:?} and {:?}, expected [{w}, {in_f}] and [{out_f}, {w}]",
-        ops.d.size(),
-        ops.u.size()
-    );
-    check_input(x, ops, in_f)?;
+    let (r, in_f, out_f, w) = check_operands(x, ops, f)?;
     check_weight(weight, None, x, in_f, out_f)?;
     let per_sample = um.dim() == 3;
     ensure!(
@@ -199,12 +191,7 @@ pub fn folded_backward(
         match f {
             Factors::TLora { p, lam, .. } => {
                 let g_mat = cast(&g_mat, p.kind())?;
-                if needs[1] {
-                    factors[0] = Some(g_mat.f_mul(&lam.f_unsqueeze(0)?)?);
-                }
-                if needs[2] {
-                    factors[1] = Some(g_mat.f_mul(p)?.f_sum_dim_intlist(0i64, false, None::<Kind>)?);
-                }
+                p_lam_grads(&g_mat, p, lam, needs, &mut factors)?;
             }
             Factors::LoRA { .. } => factors[1] = Some(g_mat),
         }

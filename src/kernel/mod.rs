@@ -287,6 +287,33 @@ fn check_input(x: &Tensor, ops: &Operands, in_f: i64) -> Result<()> {
     Ok(())
 }
 
+/// The operands fit the factors and the input: (r, in_features, out_features, operand width).
+fn check_operands(x: &Tensor, ops: &Operands, f: &Factors) -> Result<(i64, i64, i64, i64)> {
+    let (r, in_f, out_f) = f.dims()?;
+    let w = f.width()?;
+    ensure!(
+        ops.d.size() == [w, in_f] && ops.u.size() == [out_f, w],
+        "operands have shapes {:?} and {:?}, expected [{w}, {in_f}] and [{out_f}, {w}]",
+        ops.d.size(),
+        ops.u.size()
+    );
+    check_input(x, ops, in_f)?;
+    Ok((r, in_f, out_f, w))
+}
+
+/// T-LoRA's P and lam gradients from G = grad^T h over U's trainable block P diag(lam):
+/// dP = G diag(lam), dlam_j = sum_o P_oj G_oj (a product and a column sum: an einsum costs three
+/// times their dispatch); `needs[1]`, `needs[2]` say which.
+fn p_lam_grads(g_mat: &Tensor, p: &Tensor, lam: &Tensor, needs: [bool; 4], factors: &mut [Option<Tensor>]) -> Result<()> {
+    if needs[1] {
+        factors[0] = Some(g_mat.f_mul(&lam.f_unsqueeze(0)?)?);
+    }
+    if needs[2] {
+        factors[1] = Some(g_mat.f_mul(p)?.f_sum_dim_intlist(0i64, false, None::<Kind>)?);
+    }
+    Ok(())
+}
+
 /// The mask shaped to broadcast over an intermediate like `x`'s: (B, 1, ..., 1, w).
 fn mask_for(mask: &Tensor, x: &Tensor, w: i64) -> Result<Tensor> {
     ensure!(mask.dim() == 2 && mask.size()[1] == w, "the rank mask has shape {:?}, expected (batch, {w})", mask.size());
@@ -362,15 +389,7 @@ pub fn lowrank_backward(
     f: &Factors,
     needs: [bool; 4],
 ) -> Result<Grads> {
-    let (r, in_f, out_f) = f.dims()?;
-    let w = f.width()?;
-    ensure!(
-        ops.d.size() == [w, in_f] && ops.u.size() == [out_f, w],
-        "operands have shapes {:?} and {:?}, expected [{w}, {in_f}] and [{out_f}, {w}]",
-        ops.d.size(),
-        ops.u.size()
-    );
-    check_input(x, ops, in_f)?;
+    let (r, in_f, out_f, w) = check_operands(x, ops, f)?;
     ensure!(
         h.size().last() == Some(&w) && h.kind() == x.kind(),
         "saved intermediate has shape {:?} ({:?}), expected (..., {w})",
@@ -428,13 +447,7 @@ pub fn lowrank_backward(
                 // dP = G diag(lam) and dlam_j = sum_o P_oj G_oj (scale and mask are in h).
                 // (in the factors' dtype: one cast for half-precision inputs)
                 let g_mat = cast(&grad2.f_tr()?.f_mm(&h2.f_narrow(1, 0, r)?)?, p.kind())?;
-                if needs[1] {
-                    factors[0] = Some(g_mat.f_mul(&lam.f_unsqueeze(0)?)?);
-                }
-                if needs[2] {
-                    // sum_o P_oj G_oj: a product and a column sum (an einsum costs three times their dispatch).
-                    factors[1] = Some(g_mat.f_mul(p)?.f_sum_dim_intlist(0i64, false, None::<Kind>)?);
-                }
+                p_lam_grads(&g_mat, p, lam, needs, &mut factors)?;
             }
             if needs[3] {
                 // D = [Q; Q0 - Q]: Q's gradient is the first block's minus the second's.
