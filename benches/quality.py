@@ -8,15 +8,18 @@ Vanilla T-LoRA, Ortho-LoRA and T-LoRA across ranks, concepts and seeds.
 Each cell fine-tunes the bundled toy model on one concept image (tlora.demo.evaluate.finetune),
 samples every evaluation prompt and scores the pixels. Results go to bench-results/quality.json,
 quality.md (mean ± std over concepts x seeds) and quality.png (fidelity against alignment).
-quality.md also has paired differences (T-LoRA minus LoRA on the same concept, rank and seed), a
-per-concept table and every run. --variants compares T-LoRA with variants of its schedule and
-scaling (VARIANTS below, each an adapter option) instead of the four methods, written to
-variants.json / variants.md: paired differences against T-LoRA (same concept, rank, seed) with 95 %
-t intervals, and which variant wins (alignment up with the interval above zero, fidelity down by at
-most 0.01). Runs resume: finished cells are read back from quality.json. With
---workers N, N processes each fine-tune one cell at a time on one thread (on a 2-core machine two
-workers finish about 1.8x as many cells per hour as one two-thread process: the tiny model's steps
-are dominated by per-op overhead).
+quality.md also has paired differences with 95 % t intervals (T-LoRA minus LoRA and the other
+COMPARISONS, on the same concept, rank and seed, per rank and over all ranks), a per-concept table
+and every run. --variants compares T-LoRA with variants of its schedule and scaling (VARIANTS
+below, each an adapter option) instead of the four methods, written to variants.json /
+variants.md: paired differences against T-LoRA (same concept, rank, seed) with 95 % t intervals,
+and which variant wins (alignment up with the interval above zero, fidelity down by at most 0.01);
+T-LoRA's own runs are taken from quality.json in the same --out when its settings match. Runs
+resume: finished cells are read back from the store. The thread count is a setting (one per
+worker with --workers N > 1, torch's default with one process): float sums round differently with
+it, so a store holds runs of one count. With --workers N, N processes each fine-tune one cell at a
+time on one thread (on a 2-core machine two workers finish about 1.8x as many cells per hour as one
+two-thread process: the tiny model's steps are dominated by per-op overhead).
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
+import torch
 from overfitting import paired as paired_interval
 
 from tlora.demo.concepts import CONCEPTS, concept
 from tlora.demo.evaluate import METHODS, TOY_LR, TOY_STEPS, finetune
+from tlora.files.atomic import write_atomic
 
 KEYS = ("fidelity", "alignment", "diversity")
 # Variants of T-LoRA (min_rank r // 2, the power law with a = 1, no rank scaling), by name: the
@@ -64,8 +69,6 @@ def run_cell(method: str, rank: int, name: str, seed: int, steps: int, lr: float
 
 
 def _one_thread() -> None:
-    import torch
-
     torch.set_num_threads(1)
 
 
@@ -86,26 +89,39 @@ def table(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The paired comparisons the report lists, each "a minus b": what masking adds (over LoRA, and over
+# Ortho-LoRA's init), what the orthogonal init adds (alone, and under the mask), and both at once.
+COMPARISONS = (
+    ("T-LoRA", "LoRA"),
+    ("Vanilla T-LoRA", "LoRA"),
+    ("Ortho-LoRA", "LoRA"),
+    ("T-LoRA", "Ortho-LoRA"),
+    ("T-LoRA", "Vanilla T-LoRA"),
+)
+
+
 def paired(cells: list[dict], a: str = "T-LoRA", b: str = "LoRA") -> str:
-    """a minus b on the same concept, rank and seed: the per-run differences separate the methods
-    better than the means, whose spread is mostly the concepts'."""
+    """a minus b on the same concept, rank and seed, per rank and over all ranks: mean differences
+    with their 95 % t intervals (the per-run differences separate the methods better than the
+    means, whose spread is mostly the concepts')."""
     by = {(c["method"], c["rank"], c["concept"], c["seed"]): c["scores"] for c in cells}
-    lines = [f"| rank | Δ fidelity ({a} − {b}) | Δ alignment | {a} aligns better |", "|---|---|---|---|"]
-    for r in sorted({c["rank"] for c in cells}):
-        pairs = [(by[k], by[(b, *k[1:])]) for k in by if k[0] == a and k[1] == r and (b, *k[1:]) in by]
-        if not pairs:
+    lines = [
+        f"| rank | pairs | Δ fidelity ({a} − {b}) | Δ alignment | Δ diversity | {a} aligns better |",
+        "|---|---|---|---|---|---|",
+    ]
+    ranks = sorted({c["rank"] for c in cells})
+    for r in [*ranks, None]:
+        keys = [k for k in by if k[0] == a and (r is None or k[1] == r) and (b, *k[1:]) in by]
+        if len(keys) < 2:
             continue
-        df = [x["fidelity"] - y["fidelity"] for x, y in pairs]
-        da = [x["alignment"] - y["alignment"] for x, y in pairs]
-
-        def sd(v):
-            return statistics.stdev(v) if len(v) > 1 else 0.0
-
-        wins = sum(d > 0 for d in da)
-        lines.append(
-            f"| {r} | {statistics.mean(df):+.3f} ± {sd(df):.3f} | {statistics.mean(da):+.3f} ± {sd(da):.3f} "
-            f"| {wins} of {len(pairs)} |"
-        )
+        ours, theirs = [by[k] for k in keys], [by[(b, *k[1:])] for k in keys]
+        cols = []
+        for key in KEYS:
+            mean, half = paired_interval([x[key] for x in ours], [y[key] for y in theirs])
+            cols.append(f"{mean:+.3f} ± {half:.3f}")
+        better = sum(x["alignment"] > y["alignment"] for x, y in zip(ours, theirs))
+        label = "all" if r is None else str(r)
+        lines.append(f"| {label} | {len(keys)} | " + " | ".join(cols) + f" | {better} of {len(keys)} |")
     return "\n".join(lines)
 
 
@@ -185,7 +201,9 @@ def report(cells: list[dict], settings: dict) -> str:
     return (
         f"Settings: {settings}; {len(cells)} runs.\n\n"
         f"Mean ± std over concepts x seeds:\n\n{table(cells)}\n\n"
-        f"Paired differences (same concept, rank, seed):\n\n{paired(cells)}\n\n"
+        "Paired differences (same concept, rank and seed), mean ± 95 % t half-width:\n\n"
+        + "\n\n".join(f"{a} minus {b}:\n\n{paired(cells, a, b)}" for a, b in COMPARISONS)
+        + "\n\n"
         f"Fidelity / alignment per concept (mean over ranks and seeds):\n\n{per_concept(cells)}\n\n"
         f"Every run (method, rank, concept, seed: fidelity / alignment / diversity):\n\n{runs}\n"
     )
@@ -248,16 +266,39 @@ def main() -> None:
     variants = args.variants is not None
     methods = ["T-LoRA", *(args.variants or VARIANTS)] if variants else args.methods
     store = out / ("variants.json" if variants else "quality.json")
-    settings = {"steps": args.steps, "lr": args.lr, "n": args.n}
+    # Workers run one thread each; one process runs torch's default. Float sums round differently
+    # with the thread count and 800 steps carry the difference on, so runs of other counts are not
+    # mixed into a store (nor T-LoRA's runs shared between the two stores).
+    threads = 1 if args.workers > 1 else torch.get_num_threads()
+    settings = {"steps": args.steps, "lr": args.lr, "n": args.n, "threads": threads}
+
+    def read_store(path: Path) -> tuple[dict, list[dict]]:
+        saved = json.loads(path.read_text())
+        return {k: saved.get(k) for k in settings}, saved["cells"]
+
     cells = []
     if store.exists():
-        saved = json.loads(store.read_text())
-        if {k: saved[k] for k in settings} != settings:
+        held, cells = read_store(store)
+        if held != settings:
             ap.error(
-                f"{store} holds runs with { ({k: saved[k] for k in settings}) }, not {settings}: "
-                "pass the same --steps/--lr/-n to resume, or another --out"
+                f"{store} holds runs with {held}, not {settings}: pass the same --steps/--lr/-n "
+                "(and --workers 1 or more than 1, as they ran: threads) to resume, or another --out"
             )
-        cells = saved["cells"]
+    quality = out / "quality.json"
+    if variants and quality.exists():
+        # T-LoRA's runs in the variant grid are the quality grid's: the same call, the same settings.
+        held, theirs = read_store(quality)
+        have = {(c["method"], c["rank"], c["concept"], c["seed"]) for c in cells}
+        shared = [
+            c
+            for c in theirs
+            if c["method"] == "T-LoRA" and (c["method"], c["rank"], c["concept"], c["seed"]) not in have
+        ]
+        if held == settings:
+            cells += shared
+            print(f"{len(shared)} T-LoRA runs taken from {quality}", flush=True)
+        else:
+            print(f"{quality} holds runs with {held}, not {settings}: T-LoRA is run again", flush=True)
     done = {(c["method"], c["rank"], c["concept"], c["seed"]) for c in cells}
     todo = [
         (method, r, name, seed)
@@ -272,9 +313,7 @@ def main() -> None:
     def record(cell: dict) -> None:
         cells.append(cell)
         print(json.dumps(cell), flush=True)
-        tmp = store.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({**settings, "cells": cells}, indent=1))
-        tmp.replace(store)
+        write_atomic(store, json.dumps({**settings, "cells": cells}, indent=1))
 
     if args.workers <= 1:
         for key in todo:
@@ -285,7 +324,7 @@ def main() -> None:
             for f in as_completed(futures):
                 record(f.result())
     md = variant_report(cells, settings) if variants else report(cells, settings)
-    (out / ("variants.md" if variants else "quality.md")).write_text(md)
+    write_atomic(out / ("variants.md" if variants else "quality.md"), md)
     print(md)
     if variants:
         return
