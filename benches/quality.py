@@ -152,10 +152,12 @@ def variant_table(cells: list[dict]) -> str:
         "| aligns better | wins |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    ranks = sorted({c["rank"] for c in cells})
     for name in VARIANTS:
-        for r in sorted({c["rank"] for c in cells}):
-            keys = [k for k in by if k[0] == name and k[1] == r and ("T-LoRA", *k[1:]) in by]
-            if not keys:
+        # Per rank (a default changes only on a win at every rank), then over all ranks.
+        for r in [*ranks, None] if len(ranks) > 1 else ranks:
+            keys = [k for k in by if k[0] == name and (r is None or k[1] == r) and ("T-LoRA", *k[1:]) in by]
+            if len(keys) < 2:
                 continue
             ours = [by[k] for k in keys]
             theirs = [by[("T-LoRA", *k[1:])] for k in keys]
@@ -164,7 +166,7 @@ def variant_table(cells: list[dict]) -> str:
             (df, hf), (da, ha) = d["fidelity"], d["alignment"]
             wins = da - ha > 0 and df >= -FIDELITY_TOLERANCE
             lines.append(
-                f"| {name} | {r} | {len(keys)} | {df:+.3f} ± {hf:.3f} | {da:+.3f} ± {ha:.3f} "
+                f"| {name} | {'all' if r is None else r} | {len(keys)} | {df:+.3f} ± {hf:.3f} | {da:+.3f} ± {ha:.3f} "
                 f"| {d['diversity'][0]:+.3f} ± {d['diversity'][1]:.3f} | {better} of {len(keys)} | "
                 f"{'yes' if wins else 'no'} |"
             )
